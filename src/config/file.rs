@@ -1,0 +1,506 @@
+//! The TOML front end.
+//!
+//! The document is walked by hand over the spanned tree of the `toml` parser
+//! rather than through serde, so that one pass can report *every* problem
+//! (serde stops at the first) and each with its line and column.
+
+use std::ops::Range;
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::{
+    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, MAX_WORKERS, Problem, Rule,
+    check_listen, check_name, check_netns, check_protocol, check_rules, check_upstream,
+    parse_duration,
+};
+use crate::netns::NsRef;
+
+const TOP_KEYS: &[&str] = &["workers", "proxy"];
+const RULE_KEYS: &[&str] = &[
+    "name",
+    "protocol",
+    "listen",
+    "netns",
+    "upstream",
+    "upstream_netns",
+    "connect_timeout",
+    "backlog",
+];
+
+/// Parses and checks a TOML configuration; `origin` names it in messages
+/// (usually the file path).
+pub fn parse_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let mut cx = Cx {
+        text,
+        origin,
+        problems: Vec::new(),
+    };
+    let finish = |cx: Cx<'_>, rules: &[(Rule, String)]| {
+        // Problems in file order; cross-rule ones after them.
+        let mut found = cx.problems;
+        found.sort_by_key(|(at, _)| *at);
+        let mut problems: Vec<Problem> = found.into_iter().map(|(_, p)| p).collect();
+        check_rules(rules, &mut problems);
+        problems
+    };
+    let doc = match DeTable::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            cx.problem(
+                span,
+                None,
+                None,
+                format!("TOML syntax error: {}", e.message().trim_end()),
+            );
+            return Err(ConfigError::Invalid(finish(cx, &[])));
+        }
+    };
+    let doc = doc.get_ref();
+
+    let mut workers = None;
+    let mut rules = Vec::new();
+    let mut saw_proxy = false;
+    for (key, value) in doc.iter() {
+        match key.get_ref().as_ref() {
+            "workers" => {
+                workers = cx
+                    .integer(value, None, "workers", 1, MAX_WORKERS as i64)
+                    .map(|n| n as usize)
+            }
+            "proxy" => {
+                saw_proxy = true;
+                match value.get_ref() {
+                    DeValue::Array(items) if items.iter().all(|t| t.get_ref().is_table()) => {
+                        for (i, item) in items.iter().enumerate() {
+                            if let DeValue::Table(t) = item.get_ref() {
+                                if let Some(r) = cx.rule(i, item.span(), t) {
+                                    rules.push(r);
+                                }
+                            }
+                        }
+                    }
+                    _ => cx.problem(
+                        value.span(),
+                        None,
+                        Some("proxy"),
+                        "`proxy` must be an array of tables: write each rule under its own [[proxy]] header"
+                            .into(),
+                    ),
+                }
+            }
+            other => cx.unknown_key(key, None, other, TOP_KEYS),
+        }
+    }
+    if !saw_proxy {
+        cx.problem(
+            0..0,
+            None,
+            None,
+            "no rules: add at least one [[proxy]] table".into(),
+        );
+    }
+    let problems = finish(cx, &rules);
+    if problems.is_empty() {
+        Ok(Config {
+            workers,
+            rules: rules.into_iter().map(|(r, _)| r).collect(),
+        })
+    } else {
+        Err(ConfigError::Invalid(problems))
+    }
+}
+
+struct Cx<'a> {
+    text: &'a str,
+    origin: &'a str,
+    /// Each problem with the byte offset it is at, to sort them into file order.
+    problems: Vec<(usize, Problem)>,
+}
+
+impl Cx<'_> {
+    fn location(&self, span: Range<usize>) -> String {
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("{}:{line}:{col}", self.origin)
+    }
+
+    fn problem(
+        &mut self,
+        span: Range<usize>,
+        rule: Option<&str>,
+        key: Option<&str>,
+        message: String,
+    ) {
+        let at = span.start;
+        self.problems.push((
+            at,
+            Problem {
+                location: self.location(span),
+                rule: rule.map(str::to_owned),
+                key: key.map(str::to_owned),
+                message,
+            },
+        ));
+    }
+
+    fn unknown_key(
+        &mut self,
+        key: &Spanned<std::borrow::Cow<'_, str>>,
+        rule: Option<&str>,
+        name: &str,
+        known: &[&str],
+    ) {
+        self.problem(
+            key.span(),
+            rule,
+            None,
+            format!(
+                "unknown key `{name}` (expected one of: {})",
+                known.join(", ")
+            ),
+        );
+    }
+
+    fn string<'v>(
+        &mut self,
+        v: &'v Spanned<DeValue<'_>>,
+        rule: Option<&str>,
+        key: &str,
+    ) -> Option<&'v str> {
+        match v.get_ref() {
+            DeValue::String(s) => Some(s.as_ref()),
+            other => {
+                self.problem(
+                    v.span(),
+                    rule,
+                    Some(key),
+                    format!(
+                        "expected a string, found {} {}",
+                        article(other.type_str()),
+                        other.type_str()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn integer(
+        &mut self,
+        v: &Spanned<DeValue<'_>>,
+        rule: Option<&str>,
+        key: &str,
+        min: i64,
+        max: i64,
+    ) -> Option<i64> {
+        let DeValue::Integer(i) = v.get_ref() else {
+            let t = v.get_ref().type_str();
+            self.problem(
+                v.span(),
+                rule,
+                Some(key),
+                format!("expected an integer, found {} {t}", article(t)),
+            );
+            return None;
+        };
+        match i64::from_str_radix(i.as_str(), i.radix()) {
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                self.problem(
+                    v.span(),
+                    rule,
+                    Some(key),
+                    format!("must be between {min} and {max}, got {}", i.as_str()),
+                );
+                None
+            }
+        }
+    }
+
+    /// Applies a shared check to a string value, reporting its message here.
+    fn checked<T>(
+        &mut self,
+        v: &Spanned<DeValue<'_>>,
+        rule: Option<&str>,
+        key: &str,
+        check: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let s = self.string(v, rule, key)?;
+        match check(s) {
+            Ok(t) => Some(t),
+            Err(msg) => {
+                self.problem(v.span(), rule, Some(key), msg);
+                None
+            }
+        }
+    }
+
+    /// Reads one `[[proxy]]` table; `None` if anything in it was wrong.
+    fn rule(
+        &mut self,
+        index: usize,
+        span: Range<usize>,
+        t: &DeTable<'_>,
+    ) -> Option<(Rule, String)> {
+        let before = self.problems.len();
+        let label = match t.get("name").map(|v| v.get_ref()) {
+            Some(DeValue::String(s)) if check_name(s).is_ok() => s.to_string(),
+            _ => format!("#{}", index + 1),
+        };
+        let rule = Some(label.as_str());
+        let header = self.location(span.clone());
+
+        for (key, _) in t.iter() {
+            let k: &str = key.get_ref();
+            if !RULE_KEYS.contains(&k) {
+                self.unknown_key(key, rule, k, RULE_KEYS);
+            }
+        }
+        let required = |cx: &mut Self, key: &str| {
+            let v = t.get(key);
+            if v.is_none() {
+                cx.problem(
+                    span.clone(),
+                    rule,
+                    None,
+                    format!("missing required key `{key}`"),
+                );
+            }
+            v
+        };
+        let name_v = required(self, "name");
+        let protocol_v = required(self, "protocol");
+        let listen_v = required(self, "listen");
+        let netns_v = required(self, "netns");
+        let upstream_v = required(self, "upstream");
+
+        let name = name_v.and_then(|v| self.checked(v, rule, "name", check_name));
+        let name_loc = name_v.map(|v| self.location(v.span()));
+        let protocol = protocol_v.and_then(|v| self.checked(v, rule, "protocol", check_protocol));
+        let listen = listen_v.and_then(|v| self.checked(v, rule, "listen", check_listen));
+        let upstream = upstream_v.and_then(|v| self.checked(v, rule, "upstream", check_upstream));
+        let netns = netns_v.and_then(|v| self.netns_list(v, rule));
+        let upstream_netns = match t.get("upstream_netns") {
+            Some(v) => self.checked(v, rule, "upstream_netns", check_netns),
+            None => Some(NsRef::Host),
+        };
+        let connect_timeout = match t.get("connect_timeout") {
+            Some(v) => match v.get_ref() {
+                DeValue::Integer(_) => self
+                    .integer(v, rule, "connect_timeout", 1, 86_400)
+                    .map(|s| std::time::Duration::from_secs(s as u64)),
+                _ => self.checked(v, rule, "connect_timeout", parse_duration),
+            },
+            None => Some(DEFAULT_CONNECT_TIMEOUT),
+        };
+        let backlog = match t.get("backlog") {
+            Some(v) => self
+                .integer(v, rule, "backlog", 1, 65_535)
+                .map(|n| n as u32),
+            None => Some(DEFAULT_BACKLOG),
+        };
+
+        if self.problems.len() != before {
+            return None;
+        }
+        Some((
+            Rule {
+                name: name?,
+                protocol: protocol?,
+                listen: listen?,
+                netns: netns?,
+                upstream: upstream?,
+                upstream_netns: upstream_netns?,
+                connect_timeout: connect_timeout?,
+                backlog: backlog?,
+                origin: header,
+            },
+            name_loc?,
+        ))
+    }
+
+    /// `netns = ["host", "ns1"]`, or a single string.
+    fn netns_list(&mut self, v: &Spanned<DeValue<'_>>, rule: Option<&str>) -> Option<Vec<NsRef>> {
+        let items: Vec<&Spanned<DeValue<'_>>> = match v.get_ref() {
+            DeValue::Array(a) => a.iter().collect(),
+            DeValue::String(_) => vec![v],
+            other => {
+                let t = other.type_str();
+                self.problem(
+                    v.span(),
+                    rule,
+                    Some("netns"),
+                    format!(
+                        "expected a list of namespaces such as [\"host\", \"ns1\"], found {} {t}",
+                        article(t)
+                    ),
+                );
+                return None;
+            }
+        };
+        if items.is_empty() {
+            self.problem(v.span(), rule, Some("netns"), "the list is empty: name at least one namespace (\"host\" for the one nsproxy runs in)".into());
+            return None;
+        }
+        let mut out: Vec<NsRef> = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let key = format!("netns[{i}]");
+            match self.checked(item, rule, &key, check_netns) {
+                Some(r) if out.contains(&r) => {
+                    self.problem(
+                        item.span(),
+                        rule,
+                        Some(&key),
+                        format!("namespace \"{r}\" is listed twice"),
+                    );
+                    ok = false;
+                }
+                Some(r) => out.push(r),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+}
+
+fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse_toml(text, "t.toml") {
+            Ok(c) => panic!("expected problems, got {c:?}"),
+            Err(e) => e.problems().iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    const GOOD: &str = r#"
+workers = 2
+[[proxy]]
+name = "hello"
+protocol = "tcp"
+listen = "[::]:8000"
+netns = ["host", "ns1", "ns2"]
+upstream = "127.0.0.1:9000"
+upstream_netns = "host"
+"#;
+
+    #[test]
+    fn reference_config_parses() {
+        let c = parse_toml(GOOD, "t.toml").unwrap();
+        assert_eq!(c.workers, Some(2));
+        let r = &c.rules[0];
+        assert_eq!(r.name, "hello");
+        assert_eq!(r.listen, "[::]:8000".parse().unwrap());
+        assert_eq!(
+            r.netns,
+            vec![
+                NsRef::Host,
+                NsRef::Named("ns1".into()),
+                NsRef::Named("ns2".into())
+            ]
+        );
+        assert_eq!(r.upstream_netns, NsRef::Host);
+        assert_eq!(r.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(r.origin, "t.toml:3:1");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let text = GOOD
+            .replace("workers = 2", "workers = 2\nwrokers = 3")
+            .replace(
+                "upstream_netns = \"host\"",
+                "upstream_netns = \"host\"\nlisten_port = 9",
+            );
+        assert_eq!(
+            problems(&text),
+            vec![
+                "t.toml:3:1: unknown key `wrokers` (expected one of: workers, proxy)",
+                "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog)",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let text = r#"
+[[proxy]]
+name = "a b"
+protocol = "http"
+listen = "8000"
+netns = ["ns1", "bad/name", "pid:x", "ns1"]
+upstream = "localhost:9000"
+upstream_netns = ""
+connect_timeout = "soon"
+backlog = 0
+"#;
+        assert_eq!(
+            problems(text),
+            vec![
+                "t.toml:3:8: rule #1: `name`: invalid rule name \"a b\": ' ' is not allowed (use letters, digits, '-', '_' and '.')",
+                "t.toml:4:12: rule #1: `protocol`: unknown protocol \"http\": expected \"tcp\"",
+                "t.toml:5:10: rule #1: `listen`: invalid listen address \"8000\": expected IP:PORT, such as 0.0.0.0:8000, 127.0.0.1:8000 or [::]:8000",
+                "t.toml:6:17: rule #1: `netns[1]`: \"bad/name\" is not a valid namespace name: a name under /run/netns has no '/' and is not \".\" or \"..\" (for a path, start it with '/')",
+                "t.toml:6:29: rule #1: `netns[2]`: \"pid:x\" is not a valid pid: expected \"pid:\" followed by a process id such as pid:1234",
+                "t.toml:6:38: rule #1: `netns[3]`: namespace \"ns1\" is listed twice",
+                "t.toml:7:12: rule #1: `upstream`: invalid upstream address \"localhost:9000\": expected IP:PORT such as 127.0.0.1:9000 or [::1]:9000 (host names are not resolved)",
+                "t.toml:8:18: rule #1: `upstream_netns`: empty namespace reference: use \"host\", a name under /run/netns, an absolute path or \"pid:PID\"",
+                "t.toml:9:19: rule #1: `connect_timeout`: invalid duration \"soon\": expected a number with a unit, such as 500ms, 5s or 2m",
+                "t.toml:10:11: rule #1: `backlog`: must be between 1 and 65535, got 0",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_names_and_binds() {
+        let text = format!("{GOOD}\n{}", GOOD.replace("workers = 2", ""));
+        assert_eq!(
+            problems(&text),
+            vec![
+                "t.toml:14:8: rule hello: `name`: duplicate rule name \"hello\" (first used at t.toml:3:1)",
+                "t.toml:13:1: rule hello: `listen`: tcp [::]:8000 in namespace \"host\" is already used by rule hello",
+                "t.toml:13:1: rule hello: `listen`: tcp [::]:8000 in namespace \"ns1\" is already used by rule hello",
+                "t.toml:13:1: rule hello: `listen`: tcp [::]:8000 in namespace \"ns2\" is already used by rule hello",
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_keys_wrong_types_and_syntax() {
+        assert_eq!(
+            problems("[[proxy]]\nname = \"x\"\nnetns = 3\nlisten = 8000\n"),
+            vec![
+                "t.toml:1:1: rule x: missing required key `protocol`",
+                "t.toml:1:1: rule x: missing required key `upstream`",
+                "t.toml:3:9: rule x: `netns`: expected a list of namespaces such as [\"host\", \"ns1\"], found an integer",
+                "t.toml:4:10: rule x: `listen`: expected a string, found an integer",
+            ]
+        );
+        assert_eq!(
+            problems("workers = 0\n[[proxy]]\n")[0],
+            "t.toml:1:11: `workers`: must be between 1 and 256, got 0"
+        );
+        assert_eq!(
+            problems(""),
+            vec!["t.toml:1:1: no rules: add at least one [[proxy]] table"]
+        );
+        assert!(problems("[[proxy]\n")[0].starts_with("t.toml:1:"));
+        assert_eq!(
+            problems("[proxy]\nname = \"a\"\n")[0],
+            "t.toml:1:1: `proxy`: `proxy` must be an array of tables: write each rule under its own [[proxy]] header"
+        );
+    }
+}

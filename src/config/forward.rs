@@ -1,0 +1,178 @@
+//! The one-line form for ad-hoc use: `nsproxy forward SPEC...`.
+
+use super::{
+    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, Problem, Rule, check_listen,
+    check_netns, check_protocol, check_rules, check_upstream,
+};
+use crate::netns::NsRef;
+
+/// The syntax of one forward spec, for help texts and error messages.
+pub const FORWARD_SYNTAX: &str = "PROTO:LISTEN[@NS,NS...]=UPSTREAM[@NS]";
+
+/// Parses forward specs such as `tcp:[::]:8000@host,ns1,ns2=127.0.0.1:9000@host`.
+///
+/// A listen side without `@` listens in `host`; an upstream without `@`
+/// connects from `host`. Rules are named `forward-1`, `forward-2`, ...
+pub fn parse_forward(specs: &[String], workers: Option<usize>) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+    let mut rules = Vec::new();
+    if specs.is_empty() {
+        problems.push(Problem {
+            location: "command line".into(),
+            rule: None,
+            key: None,
+            message: format!("no forward given: expected {FORWARD_SYNTAX}"),
+        });
+    }
+    for (i, spec) in specs.iter().enumerate() {
+        let location = format!("argument {} (\"{spec}\")", i + 1);
+        let name = format!("forward-{}", i + 1);
+        match parse_one(spec) {
+            Ok(parts) => {
+                let mut bad = |key: &str, message: String| {
+                    problems.push(Problem {
+                        location: location.clone(),
+                        rule: Some(name.clone()),
+                        key: Some(key.into()),
+                        message,
+                    })
+                };
+                let protocol = check_protocol(parts.proto).map_err(|m| bad("protocol", m));
+                let listen = check_listen(parts.listen).map_err(|m| bad("listen", m));
+                let upstream = check_upstream(parts.upstream).map_err(|m| bad("upstream", m));
+                let upstream_netns = parts
+                    .upstream_ns
+                    .map_or(Ok(NsRef::Host), check_netns)
+                    .map_err(|m| bad("upstream_netns", m));
+                let mut netns: Vec<NsRef> = Vec::new();
+                let mut netns_ok = true;
+                for (j, s) in parts.listen_ns.iter().enumerate() {
+                    match check_netns(s) {
+                        Ok(r) if netns.contains(&r) => {
+                            bad(
+                                &format!("netns[{j}]"),
+                                format!("namespace \"{r}\" is listed twice"),
+                            );
+                            netns_ok = false;
+                        }
+                        Ok(r) => netns.push(r),
+                        Err(m) => {
+                            bad(&format!("netns[{j}]"), m);
+                            netns_ok = false;
+                        }
+                    }
+                }
+                if let (Ok(protocol), Ok(listen), Ok(upstream), Ok(upstream_netns), true) =
+                    (protocol, listen, upstream, upstream_netns, netns_ok)
+                {
+                    rules.push((
+                        Rule {
+                            name,
+                            protocol,
+                            listen,
+                            netns,
+                            upstream,
+                            upstream_netns,
+                            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                            backlog: DEFAULT_BACKLOG,
+                            origin: location.clone(),
+                        },
+                        location,
+                    ));
+                }
+            }
+            Err(message) => problems.push(Problem {
+                location,
+                rule: None,
+                key: None,
+                message,
+            }),
+        }
+    }
+    check_rules(&rules, &mut problems);
+    if problems.is_empty() {
+        Ok(Config {
+            workers,
+            rules: rules.into_iter().map(|(r, _)| r).collect(),
+        })
+    } else {
+        Err(ConfigError::Invalid(problems))
+    }
+}
+
+struct Parts<'a> {
+    proto: &'a str,
+    listen: &'a str,
+    listen_ns: Vec<&'a str>,
+    upstream: &'a str,
+    upstream_ns: Option<&'a str>,
+}
+
+fn parse_one(spec: &str) -> Result<Parts<'_>, String> {
+    let shape = || format!("expected {FORWARD_SYNTAX}, e.g. tcp:[::]:8000@ns1,ns2=127.0.0.1:9000");
+    let (proto, rest) = spec
+        .split_once(':')
+        .ok_or_else(|| format!("no protocol: {}", shape()))?;
+    let (listen_side, upstream_side) = rest
+        .split_once('=')
+        .ok_or_else(|| format!("no '=' between listen and upstream: {}", shape()))?;
+    let (listen, listen_ns) = match listen_side.rsplit_once('@') {
+        Some((addr, list)) => (addr, list.split(',').collect()),
+        None => (listen_side, vec!["host"]),
+    };
+    let (upstream, upstream_ns) = match upstream_side.rsplit_once('@') {
+        Some((addr, ns)) => (addr, Some(ns)),
+        None => (upstream_side, None),
+    };
+    Ok(Parts {
+        proto,
+        listen,
+        listen_ns,
+        upstream,
+        upstream_ns,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(specs: &[&str]) -> Result<Config, Vec<String>> {
+        let specs: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
+        parse_forward(&specs, None)
+            .map_err(|e| e.problems().iter().map(|p| p.to_string()).collect())
+    }
+
+    #[test]
+    fn full_and_short_forms() {
+        let c = parse(&[
+            "tcp:[::]:8000@host,ns1,/proc/1/ns/net=127.0.0.1:9000@pid:1",
+            "tcp:127.0.0.1:7000=[::1]:7001",
+        ])
+        .unwrap();
+        let r = &c.rules[0];
+        assert_eq!(r.name, "forward-1");
+        assert_eq!(r.netns.len(), 3);
+        assert_eq!(r.upstream_netns, NsRef::Pid(1));
+        assert_eq!(c.rules[1].netns, vec![NsRef::Host]);
+        assert_eq!(c.rules[1].upstream_netns, NsRef::Host);
+    }
+
+    #[test]
+    fn errors_name_the_argument() {
+        assert_eq!(
+            parse(&["tcp:[::]:8000@ns1"]).unwrap_err(),
+            vec![
+                "argument 1 (\"tcp:[::]:8000@ns1\"): no '=' between listen and upstream: expected PROTO:LISTEN[@NS,NS...]=UPSTREAM[@NS], e.g. tcp:[::]:8000@ns1,ns2=127.0.0.1:9000"
+            ]
+        );
+        assert_eq!(
+            parse(&["tcp:1.2.3.4:1=127.0.0.1:0@a/b"]).unwrap_err(),
+            vec![
+                "argument 1 (\"tcp:1.2.3.4:1=127.0.0.1:0@a/b\"): rule forward-1: `upstream`: invalid upstream address \"127.0.0.1:0\": port 0 cannot be connected to",
+                "argument 1 (\"tcp:1.2.3.4:1=127.0.0.1:0@a/b\"): rule forward-1: `upstream_netns`: \"a/b\" is not a valid namespace name: a name under /run/netns has no '/' and is not \".\" or \"..\" (for a path, start it with '/')",
+            ]
+        );
+        assert_eq!(parse(&[]).unwrap_err().len(), 1);
+    }
+}

@@ -1,0 +1,300 @@
+//! The configuration: what to listen on, where, and where to forward to.
+//!
+//! Two front ends produce the same [`Config`]: a TOML file ([`load`],
+//! [`parse_toml`]) and the one-line command-line form ([`parse_forward`]).
+//! Both check every value with the same functions and report *every* problem
+//! at once, each naming where it is (file:line:column or argument), the rule
+//! and the key, and quoting the offending value.
+
+mod file;
+mod forward;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::netns::NsRef;
+
+pub use file::parse_toml;
+pub use forward::{FORWARD_SYNTAX, parse_forward};
+
+/// Default for [`Rule::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for [`Rule::backlog`].
+pub const DEFAULT_BACKLOG: u32 = 1024;
+/// Largest accepted `workers` value; more threads than this only cost memory.
+pub const MAX_WORKERS: usize = 256;
+
+/// A whole configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Forwarding threads; `None` means one per CPU.
+    pub workers: Option<usize>,
+    pub rules: Vec<Rule>,
+}
+
+/// One forwarding rule: listen on `listen` in every namespace of `netns`,
+/// forward each connection to `upstream` from inside `upstream_netns`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// Unique; names the rule in logs, status and metrics.
+    pub name: String,
+    pub protocol: Protocol,
+    /// The address to bind inside each listen namespace.
+    pub listen: SocketAddr,
+    /// The namespaces to listen in; no two entries are textually equal.
+    pub netns: Vec<NsRef>,
+    pub upstream: SocketAddr,
+    /// The namespace upstream connections are made from.
+    pub upstream_netns: NsRef,
+    /// How long an upstream connect may take before the client is dropped.
+    pub connect_timeout: Duration,
+    /// `listen(2)` backlog.
+    pub backlog: u32,
+    /// Where the rule was written ("nsproxy.toml:12" or "argument 1"), for messages.
+    pub origin: String,
+}
+
+/// The transport a rule proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+        })
+    }
+}
+
+/// One thing wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `FILE:LINE:COLUMN`, or `argument N` for the command-line form.
+    pub location: String,
+    /// The rule's name (or `#N` when it has none yet).
+    pub rule: Option<String>,
+    /// The key, such as `listen` or `netns[2]`.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.location)?;
+        if let Some(rule) = &self.rule {
+            write!(f, "rule {rule}: ")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, "`{key}`: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", list(.0))]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    /// The individual problems (empty for a read error).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid(p) => p,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+}
+
+fn list(problems: &[Problem]) -> String {
+    let n = problems.len();
+    let mut s = format!(
+        "invalid configuration ({n} problem{}):",
+        if n == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        s.push_str("\n  ");
+        s.push_str(&p.to_string());
+    }
+    s
+}
+
+/// Reads and checks a TOML config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_toml(&text, &path.display().to_string())
+}
+
+// ---- value checks shared by both front ends; each returns a message ----
+
+pub(crate) fn check_name(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("rule name is empty".into());
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-_.".contains(*c)))
+    {
+        return Err(format!(
+            "invalid rule name \"{s}\": {c:?} is not allowed (use letters, digits, '-', '_' and '.')"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+pub(crate) fn check_protocol(s: &str) -> Result<Protocol, String> {
+    match s {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" | "sctp" => Err(format!(
+            "protocol \"{s}\" is not supported by this version yet (supported: tcp)"
+        )),
+        _ => Err(format!("unknown protocol \"{s}\": expected \"tcp\"")),
+    }
+}
+
+pub(crate) fn check_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>().map_err(|_| {
+        format!(
+            "invalid listen address \"{s}\": expected IP:PORT, such as 0.0.0.0:8000, 127.0.0.1:8000 or [::]:8000"
+        )
+    })
+}
+
+pub(crate) fn check_upstream(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s.parse().map_err(|_| {
+        format!(
+            "invalid upstream address \"{s}\": expected IP:PORT such as 127.0.0.1:9000 or [::1]:9000 (host names are not resolved)"
+        )
+    })?;
+    if addr.port() == 0 {
+        return Err(format!(
+            "invalid upstream address \"{s}\": port 0 cannot be connected to"
+        ));
+    }
+    if addr.ip().is_unspecified() {
+        return Err(format!(
+            "invalid upstream address \"{s}\": {} is the wildcard address, name the upstream's real address",
+            addr.ip()
+        ));
+    }
+    Ok(addr)
+}
+
+pub(crate) fn check_netns(s: &str) -> Result<NsRef, String> {
+    s.parse::<NsRef>().map_err(|e| e.to_string())
+}
+
+/// Parses "5s", "250ms", "2m" (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!("invalid duration \"{s}\": expected a number with a unit, such as 500ms, 5s or 2m")
+    };
+    let s_trim = s.trim();
+    let split = s_trim
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s_trim.len());
+    let (num, unit) = s_trim.split_at(split);
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(bad()),
+    };
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err(format!(
+            "invalid duration \"{s}\": must be more than 0 and at most 24h"
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Checks that hold across rules; appends problems.
+pub(crate) fn check_rules(rules: &[(Rule, String)], problems: &mut Vec<Problem>) {
+    // (location of the name) per rule; the first use of a name or a
+    // (protocol, namespace, address) wins, later ones are reported.
+    let mut names: std::collections::HashMap<&str, &str> = Default::default();
+    let mut binds: std::collections::HashMap<(Protocol, &NsRef, SocketAddr), &str> =
+        Default::default();
+    for (rule, name_loc) in rules {
+        if let Some(first) = names.insert(&rule.name, &rule.origin) {
+            problems.push(Problem {
+                location: name_loc.clone(),
+                rule: Some(rule.name.clone()),
+                key: Some("name".into()),
+                message: format!(
+                    "duplicate rule name \"{}\" (first used at {first})",
+                    rule.name
+                ),
+            });
+            names.insert(&rule.name, first);
+        }
+        for ns in &rule.netns {
+            if let Some(other) = binds.get(&(rule.protocol, ns, rule.listen)) {
+                problems.push(Problem {
+                    location: rule.origin.clone(),
+                    rule: Some(rule.name.clone()),
+                    key: Some("listen".into()),
+                    message: format!(
+                        "{} {} in namespace \"{ns}\" is already used by rule {other}",
+                        rule.protocol, rule.listen
+                    ),
+                });
+            } else {
+                binds.insert((rule.protocol, ns, rule.listen), &rule.name);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn upstream_needs_a_real_address() {
+        assert!(check_upstream("127.0.0.1:9000").is_ok());
+        assert!(check_upstream("[::1]:9000").is_ok());
+        assert!(
+            check_upstream("localhost:9000")
+                .unwrap_err()
+                .contains("not resolved")
+        );
+        assert!(
+            check_upstream("127.0.0.1:0")
+                .unwrap_err()
+                .contains("port 0")
+        );
+        assert!(
+            check_upstream("0.0.0.0:80")
+                .unwrap_err()
+                .contains("wildcard")
+        );
+    }
+}

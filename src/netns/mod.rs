@@ -1,0 +1,188 @@
+//! Network namespaces: naming them, identifying them, and creating sockets
+//! inside them from one dedicated thread.
+//!
+//! A socket belongs to the network namespace its creating thread was in when
+//! `socket(2)` ran, and stays there for life. So nsproxy never moves a
+//! worker thread: it asks the [`Switcher`] thread for a socket in namespace X,
+//! and then binds, listens, connects and relays with that socket from any
+//! thread, in the home namespace, like any other socket.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use nsproxy::netns::{NsRef, SocketSpec, Switcher};
+//!
+//! let switcher = Switcher::spawn()?;
+//! let ns = switcher.resolve(&"ns1".parse::<NsRef>()?).await?;
+//! let addr = "127.0.0.1:8000".parse()?;
+//! let socket = switcher.socket(ns, SocketSpec::tcp(&addr)).await?;
+//! socket.set_reuse_address(true)?;
+//! socket.bind(&addr.into())?;
+//! socket.listen(128)?;
+//! // `socket` now listens inside ns1; hand it to tokio with TcpListener::from_std.
+//! # Ok(()) }
+//! ```
+
+mod nsfs;
+mod reference;
+mod switcher;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+pub use reference::{NETNS_RUN_DIR, NsId, NsRef, NsRefError};
+pub use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::oneshot;
+
+/// What kind of socket to create: the arguments of `socket(2)`.
+///
+/// The socket is always created non-blocking and close-on-exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketSpec {
+    pub domain: Domain,
+    pub ty: Type,
+    pub protocol: Option<Protocol>,
+}
+
+impl SocketSpec {
+    /// A TCP socket of the family of `addr`.
+    pub fn tcp(addr: &SocketAddr) -> Self {
+        SocketSpec {
+            domain: Domain::for_address(*addr),
+            ty: Type::STREAM,
+            protocol: Some(Protocol::TCP),
+        }
+    }
+
+    /// A UDP socket of the family of `addr`.
+    pub fn udp(addr: &SocketAddr) -> Self {
+        SocketSpec {
+            domain: Domain::for_address(*addr),
+            ty: Type::DGRAM,
+            protocol: Some(Protocol::UDP),
+        }
+    }
+}
+
+/// Errors from resolving a namespace reference or creating a socket in one.
+#[derive(Debug, thiserror::Error)]
+pub enum NsError {
+    #[error("namespace \"{reference}\" not found: {} does not exist{}", path.display(), not_found_hint(reference))]
+    NotFound { reference: NsRef, path: PathBuf },
+    #[error("cannot open namespace \"{reference}\" ({}): {source}", path.display())]
+    Open {
+        reference: NsRef,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(
+        "\"{reference}\" is not a network namespace: {} is on {fs}, not nsfs (expected a name under /run/netns, /proc/PID/ns/net, or a bind mount of one)",
+        path.display()
+    )]
+    NotNsfs {
+        reference: NsRef,
+        path: PathBuf,
+        fs: String,
+    },
+    #[error("\"{reference}\" is a {kind} namespace ({}), not a network namespace", path.display())]
+    WrongKind {
+        reference: NsRef,
+        path: PathBuf,
+        kind: &'static str,
+    },
+    #[error("cannot enter namespace {ns}: {source}{}", enter_hint(source))]
+    Enter { ns: NsId, source: io::Error },
+    #[error("cannot create a socket in namespace {ns}: {source}")]
+    Socket { ns: NsId, source: io::Error },
+    #[error("namespace {ns} is not open (resolve a reference to it first)")]
+    NotOpen { ns: NsId },
+    #[error("the namespace thread has stopped")]
+    Stopped,
+}
+
+fn not_found_hint(r: &NsRef) -> String {
+    match r {
+        NsRef::Named(n) => format!(" (create it with `ip netns add {n}`)"),
+        NsRef::Pid(p) => format!(" (is process {p} running?)"),
+        _ => String::new(),
+    }
+}
+
+fn enter_hint(e: &io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::EPERM) {
+        " (switching namespaces needs CAP_SYS_ADMIN: run nsproxy as root or grant it that capability)"
+    } else {
+        ""
+    }
+}
+
+/// A handle to the namespace-switching thread. Cheap to clone; the thread
+/// exits when the last handle is dropped.
+#[derive(Clone, Debug)]
+pub struct Switcher {
+    tx: mpsc::Sender<switcher::Request>,
+    home: NsId,
+}
+
+impl Switcher {
+    /// Starts the thread. Its home namespace is the calling thread's current
+    /// namespace; call this before anything else could have moved the thread.
+    pub fn spawn() -> io::Result<Self> {
+        let (tx, home) = switcher::spawn()?;
+        Ok(Switcher { tx, home })
+    }
+
+    /// The namespace nsproxy started in (`host`).
+    pub fn home(&self) -> NsId {
+        self.home
+    }
+
+    /// Resolves a reference to a namespace identity and keeps that namespace's
+    /// fd open until [`Switcher::release`].
+    ///
+    /// Names are looked up again on every call: `ip netns del x; ip netns add x`
+    /// makes a new namespace under the old name.
+    pub async fn resolve(&self, reference: &NsRef) -> Result<NsId, NsError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(switcher::Request::Resolve {
+            reference: reference.clone(),
+            reply,
+        })?;
+        rx.await.map_err(|_| NsError::Stopped)?
+    }
+
+    /// Like [`Switcher::resolve`], for callers outside an async runtime.
+    pub fn resolve_blocking(&self, reference: &NsRef) -> Result<NsId, NsError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(switcher::Request::Resolve {
+            reference: reference.clone(),
+            reply,
+        })?;
+        rx.blocking_recv().map_err(|_| NsError::Stopped)?
+    }
+
+    /// Creates a socket inside namespace `ns` (resolved earlier).
+    pub async fn socket(&self, ns: NsId, spec: SocketSpec) -> Result<Socket, NsError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(switcher::Request::Socket { ns, spec, reply })?;
+        rx.await.map_err(|_| NsError::Stopped)?
+    }
+
+    /// Like [`Switcher::socket`], for callers outside an async runtime.
+    pub fn socket_blocking(&self, ns: NsId, spec: SocketSpec) -> Result<Socket, NsError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(switcher::Request::Socket { ns, spec, reply })?;
+        rx.blocking_recv().map_err(|_| NsError::Stopped)?
+    }
+
+    /// Closes the cached fd of `ns`, so that the kernel can free the namespace
+    /// once nothing else holds it. The home namespace is never released.
+    pub fn release(&self, ns: NsId) {
+        let _ = self.send(switcher::Request::Release { ns });
+    }
+
+    fn send(&self, req: switcher::Request) -> Result<(), NsError> {
+        self.tx.send(req).map_err(|_| NsError::Stopped)
+    }
+}

@@ -1,0 +1,133 @@
+//! Opening a namespace file and proving it is a network namespace.
+//!
+//! Opening is all it takes to hold a namespace alive, so an opened file is
+//! kept (cached by the switcher) only as long as a rule needs it.
+
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use super::NsId;
+
+/// `statfs.f_type` of the nsfs pseudo file system (linux/magic.h).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+/// `ioctl(fd, NS_GET_NSTYPE)` (linux/nsfs.h, since Linux 4.11): `_IO(0xb7, 0x3)`.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// What is wrong with a file that was supposed to be a network namespace.
+#[derive(Debug)]
+pub(crate) enum Problem {
+    /// The path does not exist.
+    Missing,
+    /// It could not be opened (permissions, ...).
+    Open(io::Error),
+    /// It is on another file system; carries `f_type`.
+    NotNsfs(i64),
+    /// It is a namespace, but of another kind ("uts", "mnt", ...).
+    WrongKind(&'static str),
+    /// fstatfs / ioctl / fstat failed.
+    Inspect(io::Error),
+}
+
+/// Opens `path` (O_RDONLY | O_CLOEXEC) and checks that it is a network namespace.
+pub(crate) fn open_netns(path: &Path) -> Result<(File, NsId), Problem> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => Problem::Missing,
+            _ => Problem::Open(e),
+        })?;
+    let id = inspect(&file)?;
+    Ok((file, id))
+}
+
+/// Checks an open file: nsfs, of kind "net"; returns its identity.
+pub(crate) fn inspect(file: &File) -> Result<NsId, Problem> {
+    let fd = file.as_raw_fd();
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `fd` is open for the duration of the call (borrowed from `file`)
+    // and `st` points to writable memory of the right size.
+    if unsafe { libc::fstatfs(fd, st.as_mut_ptr()) } != 0 {
+        return Err(Problem::Inspect(io::Error::last_os_error()));
+    }
+    // SAFETY: fstatfs succeeded, so it filled the struct.
+    let f_type = unsafe { st.assume_init() }.f_type as i64;
+    if f_type != NSFS_MAGIC {
+        return Err(Problem::NotNsfs(f_type));
+    }
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the open fd.
+    let kind = unsafe { libc::ioctl(fd, NS_GET_NSTYPE as _) };
+    if kind < 0 {
+        return Err(Problem::Inspect(io::Error::last_os_error()));
+    }
+    if kind != libc::CLONE_NEWNET {
+        return Err(Problem::WrongKind(kind_name(kind)));
+    }
+    let meta = file.metadata().map_err(Problem::Inspect)?;
+    Ok(NsId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
+}
+
+fn kind_name(kind: libc::c_int) -> &'static str {
+    match kind {
+        libc::CLONE_NEWNS => "mount",
+        libc::CLONE_NEWUTS => "uts",
+        libc::CLONE_NEWIPC => "ipc",
+        libc::CLONE_NEWUSER => "user",
+        libc::CLONE_NEWPID => "pid",
+        libc::CLONE_NEWCGROUP => "cgroup",
+        0x80 => "time",
+        _ => "unknown",
+    }
+}
+
+/// A readable name for common `f_type` values, for error messages.
+pub(crate) fn fs_name(f_type: i64) -> String {
+    match f_type {
+        0x0102_1994 => "tmpfs".into(),
+        0xef53 => "ext2/3/4".into(),
+        0x9fa0 => "proc".into(),
+        0x6265_6572 => "sysfs".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683e => "btrfs".into(),
+        0x794c_7630 => "overlayfs".into(),
+        0x1373 => "devfs".into(),
+        0x0102_1997 => "9p".into(),
+        other => format!("file system type {other:#x}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_namespace_is_a_network_namespace() {
+        let (_f, id) = open_netns(Path::new("/proc/self/ns/net")).expect("own netns");
+        assert!(id.ino > 0);
+    }
+
+    #[test]
+    fn other_kinds_and_files_are_refused() {
+        assert!(matches!(
+            open_netns(Path::new("/proc/self/ns/uts")),
+            Err(Problem::WrongKind("uts"))
+        ));
+        assert!(matches!(
+            open_netns(Path::new("/proc/self/status")),
+            Err(Problem::NotNsfs(_))
+        ));
+        assert!(matches!(
+            open_netns(Path::new("/nonexistent/nsproxy")),
+            Err(Problem::Missing)
+        ));
+    }
+}

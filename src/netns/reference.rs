@@ -1,0 +1,157 @@
+//! How a namespace is named ([`NsRef`]) and what it is ([`NsId`]).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// Where `ip netns add NAME` pins named namespaces.
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+
+/// A reference to a network namespace, as an operator writes it.
+///
+/// A reference is only a way to find a namespace: two references can name the
+/// same namespace (`ns1` and `/run/netns/ns1`), and a name can point at a
+/// different namespace tomorrow. What a reference resolves to is an [`NsId`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NsRef {
+    /// `host`: the namespace nsproxy started in.
+    Host,
+    /// `NAME`: a namespace pinned under `/run/netns/NAME` (what `ip netns add` makes).
+    Named(String),
+    /// An absolute path to any nsfs file: a CNI bind mount, `/proc/PID/ns/net`, ...
+    Path(PathBuf),
+    /// `pid:PID`: the namespace of a running process (`/proc/PID/ns/net`).
+    Pid(u32),
+}
+
+/// Why a namespace reference could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NsRefError {
+    #[error(
+        "empty namespace reference: use \"host\", a name under /run/netns, an absolute path or \"pid:PID\""
+    )]
+    Empty,
+    #[error(
+        "\"{0}\" is not a valid pid: expected \"pid:\" followed by a process id such as pid:1234"
+    )]
+    BadPid(String),
+    #[error(
+        "\"{0}\" is not a valid namespace name: a name under /run/netns has no '/' and is not \".\" or \"..\" (for a path, start it with '/')"
+    )]
+    BadName(String),
+}
+
+impl NsRef {
+    /// The file that holds this namespace, or `None` for [`NsRef::Host`]
+    /// (the home namespace is captured when the switcher starts).
+    pub fn path(&self) -> Option<PathBuf> {
+        match self {
+            NsRef::Host => None,
+            NsRef::Named(name) => Some(Path::new(NETNS_RUN_DIR).join(name)),
+            NsRef::Path(p) => Some(p.clone()),
+            NsRef::Pid(pid) => Some(PathBuf::from(format!("/proc/{pid}/ns/net"))),
+        }
+    }
+}
+
+impl FromStr for NsRef {
+    type Err = NsRefError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err(NsRefError::Empty);
+        }
+        if s == "host" {
+            return Ok(NsRef::Host);
+        }
+        if let Some(pid) = s.strip_prefix("pid:") {
+            return match pid.parse::<u32>() {
+                Ok(p) if p > 0 => Ok(NsRef::Pid(p)),
+                _ => Err(NsRefError::BadPid(s.to_owned())),
+            };
+        }
+        if s.starts_with('/') {
+            return Ok(NsRef::Path(PathBuf::from(s)));
+        }
+        if s.contains('/') || s.contains('\0') || s == "." || s == ".." {
+            return Err(NsRefError::BadName(s.to_owned()));
+        }
+        Ok(NsRef::Named(s.to_owned()))
+    }
+}
+
+impl fmt::Display for NsRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NsRef::Host => f.write_str("host"),
+            NsRef::Named(n) => f.write_str(n),
+            NsRef::Path(p) => write!(f, "{}", p.display()),
+            NsRef::Pid(p) => write!(f, "pid:{p}"),
+        }
+    }
+}
+
+/// The identity of a network namespace: the device and inode of its nsfs file.
+///
+/// Two references that resolve to the same `NsId` are the same namespace. The
+/// inode is what `ip netns identify`, `lsns` and `/proc/PID/ns/net`'s link
+/// text (`net:[4026531840]`) show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl fmt::Display for NsId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "net:[{}]", self.ino)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!("host".parse(), Ok(NsRef::Host));
+        assert_eq!("ns1".parse(), Ok(NsRef::Named("ns1".into())));
+        assert_eq!(
+            "/proc/1/ns/net".parse(),
+            Ok(NsRef::Path("/proc/1/ns/net".into()))
+        );
+        assert_eq!("pid:42".parse(), Ok(NsRef::Pid(42)));
+    }
+
+    #[test]
+    fn rejects_bad_references() {
+        assert_eq!("".parse::<NsRef>(), Err(NsRefError::Empty));
+        assert_eq!(
+            "pid:x".parse::<NsRef>(),
+            Err(NsRefError::BadPid("pid:x".into()))
+        );
+        assert_eq!(
+            "pid:0".parse::<NsRef>(),
+            Err(NsRefError::BadPid("pid:0".into()))
+        );
+        assert_eq!(
+            "a/b".parse::<NsRef>(),
+            Err(NsRefError::BadName("a/b".into()))
+        );
+        assert_eq!("..".parse::<NsRef>(), Err(NsRefError::BadName("..".into())));
+    }
+
+    #[test]
+    fn paths_and_display_round_trip() {
+        for s in ["host", "ns1", "/var/run/netns/x", "pid:7"] {
+            let r: NsRef = s.parse().unwrap();
+            assert_eq!(r.to_string(), s);
+        }
+        assert_eq!(
+            NsRef::Named("a".into()).path(),
+            Some(PathBuf::from("/run/netns/a"))
+        );
+        assert_eq!(NsRef::Pid(9).path(), Some(PathBuf::from("/proc/9/ns/net")));
+        assert_eq!(NsRef::Host.path(), None);
+    }
+}

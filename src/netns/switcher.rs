@@ -1,0 +1,200 @@
+//! The one thread that switches network namespaces.
+//!
+//! Nothing else in the process calls `setns`: `.clippy.toml` forbids it and
+//! this module alone allows it. The thread is a plain OS thread started from
+//! the home namespace. It owns every cached namespace fd, does
+//! `setns(target)` → `socket()` → `setns(home)` synchronously for each
+//! request, and hands the socket back. It never awaits, never spawns and never
+//! blocks on anything but its request channel, so a switched thread never runs
+//! code that assumes the home namespace.
+//!
+//! Requests that arrive together are served in one batch: consecutive socket
+//! requests for the same namespace share one switch in, and the thread returns
+//! home before it does anything else and whenever the queue runs dry.
+
+#![allow(unsafe_code)]
+#![allow(clippy::disallowed_methods)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+
+use socket2::Socket;
+use tokio::sync::oneshot;
+
+use super::nsfs::{self, Problem};
+use super::{NsError, NsId, NsRef, SocketSpec};
+
+pub(super) enum Request {
+    Resolve {
+        reference: NsRef,
+        reply: oneshot::Sender<Result<NsId, NsError>>,
+    },
+    Socket {
+        ns: NsId,
+        spec: SocketSpec,
+        reply: oneshot::Sender<Result<Socket, NsError>>,
+    },
+    Release {
+        ns: NsId,
+    },
+}
+
+/// Starts the thread; returns the home namespace's identity once the thread
+/// has captured it.
+pub(super) fn spawn() -> io::Result<(mpsc::Sender<Request>, NsId)> {
+    let (tx, rx) = mpsc::channel();
+    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("nsproxy-netns".into())
+        .spawn(move || {
+            // The thread's own namespace is home: it inherited it from the
+            // thread that spawned it.
+            let home = nsfs::open_netns("/proc/thread-self/ns/net".as_ref());
+            let (file, id) = match home {
+                Ok(v) => v,
+                Err(p) => {
+                    let _ = ready_tx.send(Err(io::Error::other(format!(
+                        "cannot open this thread's own network namespace (/proc/thread-self/ns/net): {p:?}"
+                    ))));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(id));
+            Thread::new(file, id).serve(rx);
+        })?;
+    let home = ready_rx
+        .recv()
+        .map_err(|_| io::Error::other("namespace thread exited during start-up"))??;
+    Ok((tx, home))
+}
+
+struct Thread {
+    home: NsId,
+    /// Where this thread is right now; equal to `home` between batches.
+    current: NsId,
+    /// One open fd per namespace a caller resolved and did not release.
+    /// Holding it keeps the namespace alive, which is why `Release` exists.
+    cache: HashMap<NsId, File>,
+}
+
+impl Thread {
+    fn new(home_file: File, home: NsId) -> Self {
+        let mut cache = HashMap::new();
+        cache.insert(home, home_file);
+        Thread {
+            home,
+            current: home,
+            cache,
+        }
+    }
+
+    fn serve(mut self, rx: mpsc::Receiver<Request>) {
+        while let Ok(first) = rx.recv() {
+            let mut next = Some(first);
+            while let Some(req) = next {
+                match req {
+                    Request::Socket { ns, spec, reply } => {
+                        // A dropped receiver drops (closes) the socket: nobody leaks it.
+                        let _ = reply.send(self.socket_in(ns, spec));
+                    }
+                    Request::Resolve { reference, reply } => {
+                        self.go_home();
+                        let _ = reply.send(self.resolve(&reference));
+                    }
+                    Request::Release { ns } => {
+                        self.go_home();
+                        if ns != self.home {
+                            self.cache.remove(&ns);
+                        }
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            self.go_home();
+        }
+    }
+
+    fn resolve(&mut self, reference: &NsRef) -> Result<NsId, NsError> {
+        let Some(path) = reference.path() else {
+            return Ok(self.home);
+        };
+        let (file, id) = nsfs::open_netns(&path).map_err(|p| match p {
+            Problem::Missing => NsError::NotFound {
+                reference: reference.clone(),
+                path: path.clone(),
+            },
+            Problem::Open(source) => NsError::Open {
+                reference: reference.clone(),
+                path: path.clone(),
+                source,
+            },
+            Problem::NotNsfs(f_type) => NsError::NotNsfs {
+                reference: reference.clone(),
+                path: path.clone(),
+                fs: nsfs::fs_name(f_type),
+            },
+            Problem::WrongKind(kind) => NsError::WrongKind {
+                reference: reference.clone(),
+                path: path.clone(),
+                kind,
+            },
+            Problem::Inspect(source) => NsError::Open {
+                reference: reference.clone(),
+                path: path.clone(),
+                source,
+            },
+        })?;
+        // Keep the first fd of a namespace; a second reference to it adds nothing.
+        self.cache.entry(id).or_insert(file);
+        Ok(id)
+    }
+
+    fn socket_in(&mut self, ns: NsId, spec: SocketSpec) -> Result<Socket, NsError> {
+        if ns != self.current {
+            let Some(file) = self.cache.get(&ns) else {
+                return Err(NsError::NotOpen { ns });
+            };
+            // SAFETY: the fd is open (owned by the cache entry) for the whole
+            // call; setns only changes this thread's network namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(NsError::Enter {
+                    ns,
+                    source: io::Error::last_os_error(),
+                });
+            }
+            self.current = ns;
+        }
+        // socket2 adds SOCK_CLOEXEC itself.
+        Socket::new(spec.domain, spec.ty.nonblocking(), spec.protocol)
+            .map_err(|source| NsError::Socket { ns, source })
+    }
+
+    /// Returns to the home namespace, or ends the process.
+    fn go_home(&mut self) {
+        if self.current == self.home {
+            return;
+        }
+        let home = self
+            .cache
+            .get(&self.home)
+            .expect("home fd is never released");
+        // SAFETY: as in `socket_in`.
+        if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            let err = io::Error::last_os_error();
+            // Every later socket would be born in namespace `current`, which
+            // is somebody else's network: a security bug, not an error to
+            // recover from.
+            let msg = format!(
+                "nsproxy: FATAL: cannot switch the namespace thread back to its home namespace {} from {}: {err}; aborting so that no socket is created in the wrong namespace",
+                self.home, self.current
+            );
+            tracing::error!("{msg}");
+            eprintln!("{msg}");
+            std::process::abort();
+        }
+        self.current = self.home;
+    }
+}
