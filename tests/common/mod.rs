@@ -1,0 +1,459 @@
+//! Test harness: namespaces that clean up after themselves, sockets inside
+//! them, and the nsproxy binary as a separate process.
+//!
+//! Every namespace a test makes has a unique name (`nspt-PID-N-tag`) and is
+//! deleted when its guard drops, also when the test panics. Traffic stays on
+//! loopback inside those namespaces. Every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use nsproxy::netns::{NsId, NsRef, SocketSpec, Switcher};
+
+/// Longest any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn unique(tag: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // Interface and netns names have no length issue here, but keep it short.
+    format!("nspt-{}-{n}-{tag}", std::process::id())
+}
+
+/// True when the test may run. Without root it prints why it skips, and
+/// under `NSPROXY_REQUIRE_ROOT=1` a skip is a failure.
+pub fn root_or_skip(test: &str) -> bool {
+    // The effective uid from /proc keeps the tests free of unsafe code.
+    let euid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        })
+        .unwrap_or_default();
+    if euid == "0" {
+        return true;
+    }
+    if std::env::var("NSPROXY_REQUIRE_ROOT").as_deref() == Ok("1") {
+        panic!(
+            "{test}: needs root (network namespaces), and NSPROXY_REQUIRE_ROOT=1 forbids skipping"
+        );
+    }
+    eprintln!("SKIPPED {test}: needs root to create network namespaces");
+    false
+}
+
+fn ip(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// A network namespace made for one test, removed on drop.
+pub struct TestNs {
+    name: String,
+}
+
+impl TestNs {
+    /// Creates `nspt-PID-N-tag` with `lo` up.
+    pub fn new(tag: &str) -> TestNs {
+        let name = unique(tag);
+        ip(&["netns", "add", &name]).expect("ip netns add");
+        let ns = TestNs { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]).expect("lo up");
+        ns
+    }
+
+    /// Creates `n` namespaces, several at a time.
+    pub fn many(tag: &str, n: usize) -> Vec<TestNs> {
+        let names: Vec<String> = (0..n).map(|i| unique(&format!("{tag}{i}"))).collect();
+        let mut out = Vec::with_capacity(n);
+        for chunk in names.chunks(25) {
+            let handles: Vec<_> = chunk
+                .iter()
+                .cloned()
+                .map(|name| {
+                    std::thread::spawn(move || {
+                        ip(&["netns", "add", &name])?;
+                        let ns = TestNs { name };
+                        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+                        Ok(ns)
+                    })
+                })
+                .collect();
+            // Collect every guard before failing, so each made namespace is removed.
+            let made: Vec<io::Result<TestNs>> =
+                handles.into_iter().map(|h| h.join().unwrap()).collect();
+            for m in made {
+                out.push(m.expect("ip netns add / lo up"));
+            }
+        }
+        out
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn reference(&self) -> NsRef {
+        NsRef::Named(self.name.clone())
+    }
+
+    /// Resolves this namespace in the test process's switcher.
+    pub fn id(&self) -> NsId {
+        switcher()
+            .resolve_blocking(&self.reference())
+            .expect("resolve test namespace")
+    }
+
+    /// Adds an address to this namespace's `lo` (e.g. "127.0.0.2/8").
+    pub fn add_lo_addr(&self, cidr: &str) {
+        ip(&["-n", &self.name, "addr", "add", cidr, "dev", "lo"]).expect("ip addr add");
+    }
+
+    /// A blocking TCP listener inside this namespace.
+    pub fn tcp_listen(&self, addr: &str) -> TcpListener {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let s = switcher()
+            .socket_blocking(self.id(), SocketSpec::tcp(&addr))
+            .expect("socket in test namespace");
+        s.set_nonblocking(false).unwrap();
+        s.set_reuse_address(true).unwrap();
+        if addr.is_ipv6() {
+            s.set_only_v6(false).unwrap();
+        }
+        s.bind(&addr.into()).expect("bind in test namespace");
+        s.listen(128).unwrap();
+        s.into()
+    }
+
+    /// One TCP connection attempt from inside this namespace.
+    pub fn tcp_connect(&self, addr: &str) -> io::Result<TcpStream> {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let s = switcher()
+            .socket_blocking(self.id(), SocketSpec::tcp(&addr))
+            .map_err(io::Error::other)?;
+        s.set_nonblocking(false)?;
+        s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        let s: TcpStream = s.into();
+        s.set_read_timeout(Some(WAIT))?;
+        s.set_write_timeout(Some(WAIT))?;
+        Ok(s)
+    }
+
+    /// Connects from inside this namespace, retrying until something listens
+    /// (bounded by [`WAIT`]).
+    pub fn tcp_connect_when_ready(&self, addr: &str) -> TcpStream {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.tcp_connect(addr) {
+                Ok(s) => return s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!(
+                    "nothing listens on {addr} in {} after {WAIT:?}: {e}",
+                    self.name
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!(
+                "warning: could not remove test namespace {}: {e}",
+                self.name
+            );
+        }
+    }
+}
+
+/// The test process's own namespace thread (tests never call setns).
+pub fn switcher() -> &'static Switcher {
+    static S: OnceLock<Switcher> = OnceLock::new();
+    S.get_or_init(|| Switcher::spawn().expect("switcher"))
+}
+
+/// Serves every connection on `l` with `f`, one thread per connection, until
+/// the process ends.
+pub fn serve<F>(l: TcpListener, f: F)
+where
+    F: Fn(TcpStream) + Send + Sync + Clone + 'static,
+{
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(conn) = conn else { return };
+            let f = f.clone();
+            std::thread::spawn(move || f(conn));
+        }
+    });
+}
+
+/// Answers `reply` to every connection, then closes it.
+pub fn hello_server(l: TcpListener, reply: &'static str) {
+    serve(l, move |mut c| {
+        let _ = c.write_all(reply.as_bytes());
+    });
+}
+
+/// Echoes until EOF, then closes.
+pub fn echo_server(l: TcpListener) {
+    serve(l, |mut c| {
+        let mut r = c.try_clone().unwrap();
+        let _ = io::copy(&mut r, &mut c);
+    });
+}
+
+pub fn read_all(s: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    s.read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// FNV-1a 64: a checksum without extra dependencies.
+#[derive(Clone, Copy)]
+pub struct Fnv(pub u64);
+impl Fnv {
+    pub fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    pub fn update(&mut self, data: &[u8]) {
+        for b in data {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+pub fn checksum(data: &[u8]) -> u64 {
+    let mut h = Fnv::new();
+    h.update(data);
+    h.0
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+impl TempDir {
+    pub fn new() -> TempDir {
+        let p = std::env::temp_dir().join(unique("dir"));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn file(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, contents).unwrap();
+        p
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_nsproxy")
+}
+
+/// The nsproxy binary running as its own process, started inside `host` (so
+/// that `host` in its config means that test namespace). Killed on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Daemon {
+    /// `nsproxy run --config <config> --log-format json` plus `extra` args.
+    pub fn run(host: &TestNs, config: &str, extra: &[&str]) -> Daemon {
+        let dir = TempDir::new();
+        let cfg = dir.file("nsproxy.toml", config);
+        let mut args = vec!["run", "--config", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Daemon::spawn(host, dir, &args)
+    }
+
+    /// Any nsproxy subcommand, started inside `host`.
+    pub fn command(host: &TestNs, args: &[&str]) -> Daemon {
+        Daemon::spawn(host, TempDir::new(), args)
+    }
+
+    fn spawn(host: &TestNs, dir: TempDir, args: &[&str]) -> Daemon {
+        let log = dir.0.join("stderr.log");
+        let err = std::fs::File::create(&log).unwrap();
+        // `ip netns exec` execs the binary (same pid) after entering `host`.
+        let child = Command::new("ip")
+            .args(["netns", "exec", host.name(), bin(), "--log-format", "json"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("spawn nsproxy");
+        Daemon {
+            child: Some(child),
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the log contains `needle`; returns the log.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            if Instant::now() > deadline {
+                panic!("log never contained {needle:?} within {WAIT:?}; log:\n{log}");
+            }
+            if self.exited() {
+                panic!(
+                    "nsproxy exited while waiting for {needle:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// True once the process has ended (a zombie not yet reaped counts).
+    pub fn exited(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/status", self.pid())) {
+            Ok(s) => s
+                .lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z')),
+            Err(_) => true,
+        }
+    }
+
+    /// Waits (bounded) until `needle` occurs `n` times in the log.
+    pub fn wait_log_count(&self, needle: &str, n: usize) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= n {
+                return log;
+            }
+            if Instant::now() > deadline {
+                panic!("log never had {n} x {needle:?} within {WAIT:?}; log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the daemon reports it is ready.
+    pub fn wait_ready(&self) -> String {
+        self.wait_log("\"ready: ")
+    }
+
+    /// The `Threads:` line of /proc/PID/status.
+    pub fn threads(&self) -> usize {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        wait_exit(&mut child)
+    }
+
+    /// Waits (bounded) for the process to exit by itself.
+    pub fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let status = wait_exit(&mut child);
+        (status, self.log())
+    }
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("nsproxy did not exit within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs nsproxy to completion (outside any test namespace) and returns
+/// (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nsproxy");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

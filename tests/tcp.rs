@@ -1,0 +1,370 @@
+//! TCP end to end: the nsproxy binary as its own process, real namespaces,
+//! real sockets.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn config(rules: &str) -> String {
+    format!("workers = 2\n{rules}")
+}
+
+fn rule(name: &str, listen: &str, netns: &[&str], upstream: &str, upstream_netns: &str) -> String {
+    let list: Vec<String> = netns.iter().map(|n| format!("\"{n}\"")).collect();
+    format!(
+        "[[proxy]]\nname = \"{name}\"\nprotocol = \"tcp\"\nlisten = \"{listen}\"\nnetns = [{}]\nupstream = \"{upstream}\"\nupstream_netns = \"{upstream_netns}\"\nconnect_timeout = \"2s\"\n",
+        list.join(", ")
+    )
+}
+
+#[test]
+fn reference_scenario_host_ns1_ns2_answer() {
+    if !root_or_skip("reference_scenario_host_ns1_ns2_answer") {
+        return;
+    }
+    let host = TestNs::new("host");
+    let (ns1, ns2) = (TestNs::new("ns1"), TestNs::new("ns2"));
+    hello_server(host.tcp_listen("127.0.0.1:9000"), "hello\n");
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "hello",
+            "[::]:8000",
+            &["host", ns1.name(), ns2.name()],
+            "127.0.0.1:9000",
+            "host",
+        )),
+        &[],
+    );
+    d.wait_ready();
+    for ns in [&host, &ns1, &ns2] {
+        for addr in ["127.0.0.1:8000", "[::1]:8000"] {
+            let mut c = ns
+                .tcp_connect(addr)
+                .unwrap_or_else(|e| panic!("{addr} in {}: {e}", ns.name()));
+            assert_eq!(
+                read_all(&mut c).unwrap(),
+                b"hello\n",
+                "{addr} in {}",
+                ns.name()
+            );
+        }
+    }
+    let log = d.wait_log_count("connection closed", 6);
+    // Every connection line names rule, namespace, peer and upstream.
+    let closed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connection closed"))
+        .collect();
+    assert_eq!(closed.len(), 6, "{log}");
+    for l in &closed {
+        for field in [
+            "\"rule\":\"hello\"",
+            "\"netns\":",
+            "\"upstream\":\"127.0.0.1:9000\"",
+            "\"bytes_to_client\":6",
+        ] {
+            assert!(l.contains(field), "{field} missing in {l}");
+        }
+        assert!(
+            l.contains("\"peer\":\"127.0.0.1:") || l.contains("\"peer\":\"[::1]:"),
+            "{l}"
+        );
+    }
+    assert!(log.contains(&format!("\"netns\":\"{}\"", ns2.name())));
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn sixteen_mib_each_way_across_namespaces() {
+    if !root_or_skip("sixteen_mib_each_way_across_namespaces") {
+        return;
+    }
+    const LEN: usize = 16 << 20;
+    let (host, client_ns, server_ns) = (TestNs::new("h"), TestNs::new("c"), TestNs::new("s"));
+    let to_server = random_bytes(LEN, 1);
+    let to_client = random_bytes(LEN, 2);
+    let (want_at_server, want_at_client) = (checksum(&to_server), checksum(&to_client));
+
+    let listener = server_ns.tcp_listen("127.0.0.1:9000");
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        let mut w = c.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            w.write_all(&to_client).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        });
+        let got = read_all(&mut c).unwrap();
+        sender.join().unwrap();
+        (got.len(), checksum(&got))
+    });
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "bulk",
+            "127.0.0.1:7000",
+            &[client_ns.name()],
+            "127.0.0.1:9000",
+            server_ns.name(),
+        )),
+        &[],
+    );
+    d.wait_ready();
+    let mut c = client_ns.tcp_connect("127.0.0.1:7000").unwrap();
+    let mut w = c.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        w.write_all(&to_server).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let got = read_all(&mut c).unwrap();
+    sender.join().unwrap();
+    assert_eq!((got.len(), checksum(&got)), (LEN, want_at_client));
+    assert_eq!(server.join().unwrap(), (LEN, want_at_server));
+    let log = d.wait_log("connection closed");
+    assert!(
+        log.contains(&format!("\"bytes_from_client\":{LEN}")),
+        "{log}"
+    );
+    assert!(log.contains(&format!("\"bytes_to_client\":{LEN}")), "{log}");
+}
+
+#[test]
+fn half_close_passes_fin_and_keeps_the_other_direction() {
+    if !root_or_skip("half_close_passes_fin_and_keeps_the_other_direction") {
+        return;
+    }
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    // The server answers only after it has seen the client's FIN.
+    serve(b.tcp_listen("127.0.0.1:9000"), |mut c| {
+        let got = read_all(&mut c).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        c.write_all(format!("got {} bytes after your FIN", got.len()).as_bytes())
+            .unwrap();
+    });
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "hc",
+            "127.0.0.1:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            b.name(),
+        )),
+        &[],
+    );
+    d.wait_ready();
+    let mut c = a.tcp_connect("127.0.0.1:7000").unwrap();
+    c.write_all(b"12345").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut c).unwrap(), b"got 5 bytes after your FIN");
+}
+
+#[test]
+fn refused_upstream_closes_the_client_promptly_and_others_keep_serving() {
+    if !root_or_skip("refused_upstream_closes_the_client_promptly_and_others_keep_serving") {
+        return;
+    }
+    let (host, a) = (TestNs::new("h"), TestNs::new("a"));
+    hello_server(host.tcp_listen("127.0.0.1:9001"), "alive\n");
+    let cfg = config(&format!(
+        "{}{}",
+        rule(
+            "dead",
+            "127.0.0.1:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            "host"
+        ),
+        rule(
+            "alive",
+            "127.0.0.1:7001",
+            &[a.name()],
+            "127.0.0.1:9001",
+            "host"
+        )
+    ));
+    let d = Daemon::run(&host, &cfg, &[]);
+    d.wait_ready();
+    for _ in 0..3 {
+        let mut c = a.tcp_connect("127.0.0.1:7000").unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 16];
+        // Reset (or at worst EOF), well before any timeout.
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => {}
+            Ok(n) => panic!("got {n} bytes from a dead upstream"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let mut ok = a.tcp_connect("127.0.0.1:7001").unwrap();
+        assert_eq!(read_all(&mut ok).unwrap(), b"alive\n");
+    }
+    let log = d.wait_log("upstream connect failed");
+    assert!(log.contains("connection refused"), "{log}");
+    assert!(log.contains("\"rule\":\"dead\""), "{log}");
+}
+
+#[test]
+fn two_hundred_namespaces_with_a_fixed_thread_count() {
+    if !root_or_skip("two_hundred_namespaces_with_a_fixed_thread_count") {
+        return;
+    }
+    let host = TestNs::new("h");
+    let spaces = TestNs::many("m", 200);
+    echo_server(host.tcp_listen("127.0.0.1:9000"));
+    let names: Vec<&str> = spaces.iter().map(|n| n.name()).collect();
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "many",
+            "127.0.0.1:7000",
+            &names,
+            "127.0.0.1:9000",
+            "host",
+        )),
+        &[],
+    );
+    let log = d.wait_ready();
+    assert!(log.contains("ready: 200 of 200 binding(s)"), "{log}");
+    // main + 2 workers + the namespace thread
+    assert_eq!(d.threads(), 4);
+    // Hold a connection open in every namespace at once, then use each.
+    let mut conns: Vec<_> = spaces
+        .iter()
+        .map(|ns| ns.tcp_connect("127.0.0.1:7000").unwrap())
+        .collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        let msg = format!("namespace {i}\n");
+        c.write_all(msg.as_bytes()).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+    assert_eq!(d.threads(), 4, "threads grew with 200 open connections");
+    drop(conns);
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn one_bad_binding_never_stops_the_others() {
+    if !root_or_skip("one_bad_binding_never_stops_the_others") {
+        return;
+    }
+    let (host, busy, fine) = (TestNs::new("h"), TestNs::new("busy"), TestNs::new("fine"));
+    hello_server(host.tcp_listen("127.0.0.1:9000"), "ok\n");
+    let _occupied = busy.tcp_listen("127.0.0.1:7000");
+    let missing = format!("{}-missing", fine.name());
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "r",
+            "127.0.0.1:7000",
+            &[busy.name(), &missing, "/etc/hostname", fine.name()],
+            "127.0.0.1:9000",
+            "host",
+        )),
+        &[],
+    );
+    let log = d.wait_ready();
+    assert!(log.contains("ready: 1 of 4 binding(s)"), "{log}");
+    assert!(
+        log.contains("cannot listen on 127.0.0.1:7000: Address already in use"),
+        "{log}"
+    );
+    assert!(log.contains(&format!("namespace \\\"{missing}\\\" not found: /run/netns/{missing} does not exist (create it with `ip netns add {missing}`)")), "{log}");
+    assert!(
+        log.contains("\\\"/etc/hostname\\\" is not a network namespace: /etc/hostname is on"),
+        "{log}"
+    );
+    let mut c = fine.tcp_connect("127.0.0.1:7000").unwrap();
+    assert_eq!(read_all(&mut c).unwrap(), b"ok\n");
+}
+
+#[test]
+fn nothing_listening_is_an_error_exit() {
+    if !root_or_skip("nothing_listening_is_an_error_exit") {
+        return;
+    }
+    let host = TestNs::new("h");
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "r",
+            "127.0.0.1:7000",
+            &["nspt-does-not-exist"],
+            "127.0.0.1:9000",
+            "host",
+        )),
+        &[],
+    );
+    let (status, log) = d.wait_exit();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("no listener could be started (1 binding(s) failed"),
+        "{log}"
+    );
+}
+
+#[test]
+fn forward_command_line_form() {
+    if !root_or_skip("forward_command_line_form") {
+        return;
+    }
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    hello_server(b.tcp_listen("[::1]:9000"), "from b\n");
+    let spec = format!("tcp:[::]:7000@{},host=[::1]:9000@{}", a.name(), b.name());
+    let d = Daemon::command(&host, &["forward", "--workers", "1", &spec]);
+    d.wait_ready();
+    for ns in [&a, &host] {
+        let mut c = ns.tcp_connect("127.0.0.1:7000").unwrap();
+        assert_eq!(read_all(&mut c).unwrap(), b"from b\n");
+    }
+    assert_eq!(d.threads(), 3);
+}
+
+#[test]
+fn graceful_shutdown_lets_open_connections_finish() {
+    if !root_or_skip("graceful_shutdown_lets_open_connections_finish") {
+        return;
+    }
+    let (host, a) = (TestNs::new("h"), TestNs::new("a"));
+    echo_server(host.tcp_listen("127.0.0.1:9000"));
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "g",
+            "127.0.0.1:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            "host",
+        )),
+        &["--drain-timeout", "10s"],
+    );
+    d.wait_ready();
+    let mut c = a.tcp_connect("127.0.0.1:7000").unwrap();
+    c.write_all(b"before").unwrap();
+    let mut buf = [0u8; 6];
+    c.read_exact(&mut buf).unwrap();
+    let pid = d.pid();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    d.wait_log("draining 1 connection(s)");
+    // New connections are refused; the open one still relays.
+    assert!(a.tcp_connect("127.0.0.1:7000").is_err());
+    c.write_all(b"after!").unwrap();
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"after!");
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut c).unwrap(), b"");
+    let (status, log) = d.wait_exit();
+    assert!(status.success(), "{log}");
+}
