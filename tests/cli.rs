@@ -1,0 +1,161 @@
+//! The command line: `check` and bad input, with the exact messages users see.
+
+mod common;
+
+use common::*;
+
+const GOOD: &str = r#"
+[[proxy]]
+name = "hello"
+protocol = "tcp"
+listen = "[::]:8000"
+netns = ["host"]
+upstream = "127.0.0.1:9000"
+"#;
+
+#[test]
+fn check_accepts_a_valid_config() {
+    let dir = TempDir::new();
+    let f = dir.file("ok.toml", GOOD);
+    let (code, out, err) = run_cli(&["check", "--config", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!("{}: OK: 1 rule(s), 1 binding(s)\n", f.display())
+    );
+}
+
+#[test]
+fn check_lists_every_problem_with_file_line_and_key() {
+    let dir = TempDir::new();
+    let text = r#"workers = 2
+colour = "blue"
+
+[[proxy]]
+name = "web"
+protocol = "tcp"
+listen = "0.0.0.0:80:80"
+netns = ["host", "ns/1"]
+upstream = "db.local:5432"
+
+[[proxy]]
+name = "web"
+protocol = "tcp"
+listen = "0.0.0.0:81"
+netns = ["host"]
+upstream = "127.0.0.1:0"
+"#;
+    let f = dir.file("bad.toml", text);
+    let p = f.display().to_string();
+    let (code, out, err) = run_cli(&["check", "--config", &p]);
+    assert_eq!(code, 1);
+    assert_eq!(out, "");
+    // The second rule is invalid itself, so it is not also reported as a
+    // duplicate name (check_reports_duplicate_rule_names covers that).
+    assert_eq!(
+        err,
+        format!(
+            "{p}: invalid configuration (5 problems):
+  {p}:2:1: unknown key `colour` (expected one of: workers, proxy)
+  {p}:7:10: rule web: `listen`: invalid listen address \"0.0.0.0:80:80\": expected IP:PORT, such as 0.0.0.0:8000, 127.0.0.1:8000 or [::]:8000
+  {p}:8:18: rule web: `netns[1]`: \"ns/1\" is not a valid namespace name: a name under /run/netns has no '/' and is not \".\" or \"..\" (for a path, start it with '/')
+  {p}:9:12: rule web: `upstream`: invalid upstream address \"db.local:5432\": expected IP:PORT such as 127.0.0.1:9000 or [::1]:9000 (host names are not resolved)
+  {p}:16:12: rule web: `upstream`: invalid upstream address \"127.0.0.1:0\": port 0 cannot be connected to
+"
+        )
+    );
+}
+
+#[test]
+fn check_reports_duplicate_rule_names() {
+    let dir = TempDir::new();
+    let f = dir.file(
+        "dup.toml",
+        &format!("{GOOD}{}", GOOD.replace("8000", "8001")),
+    );
+    let p = f.display().to_string();
+    let (code, _, err) = run_cli(&["check", "--config", &p]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        format!(
+            "{p}: invalid configuration (1 problem):\n  {p}:10:8: rule hello: `name`: duplicate rule name \"hello\" (first used at {p}:2:1)\n"
+        )
+    );
+}
+
+#[test]
+fn check_toml_syntax_error_names_the_line() {
+    let dir = TempDir::new();
+    let f = dir.file("syntax.toml", "[[proxy]]\nname = \"a\nprotocol = \"tcp\"\n");
+    let p = f.display().to_string();
+    let (code, _, err) = run_cli(&["check", "--config", &p]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("{p}:2:")) && err.contains("TOML syntax error"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_warns_about_namespaces_that_are_not_there() {
+    let dir = TempDir::new();
+    let text = GOOD.replace(
+        "netns = [\"host\"]",
+        "netns = [\"host\", \"nspt-never-created\", \"/etc/hostname\", \"/proc/self/ns/uts\"]",
+    );
+    let f = dir.file("ns.toml", &text);
+    let p = f.display().to_string();
+    let (code, out, err) = run_cli(&["check", "--config", &p]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("OK: 1 rule(s), 4 binding(s), 3 namespace warning(s)"),
+        "{out}"
+    );
+    assert!(err.contains(&format!("warning: {p}:2:1: rule hello: `netns`: namespace \"nspt-never-created\" not found: /run/netns/nspt-never-created does not exist (create it with `ip netns add nspt-never-created`)")), "{err}");
+    assert!(
+        err.contains("`netns`: \"/etc/hostname\" is not a network namespace: /etc/hostname is on "),
+        "{err}"
+    );
+    assert!(err.contains("`netns`: \"/proc/self/ns/uts\" is a uts namespace (/proc/self/ns/uts), not a network namespace"), "{err}");
+
+    let (code, _, err) = run_cli(&["check", "--strict", "--config", &p]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("error: ") && err.contains("3 namespace problem(s)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let (code, _, err) = run_cli(&["check", "--config", "/nonexistent/nsproxy.toml"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "cannot read config file /nonexistent/nsproxy.toml: No such file or directory"
+        ),
+        "{err}"
+    );
+    let (code, _, err) = run_cli(&["run", "--config", "/nonexistent/nsproxy.toml"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("cannot read config file /nonexistent/nsproxy.toml"),
+        "{err}"
+    );
+}
+
+#[test]
+fn forward_rejects_bad_specs_with_the_argument_named() {
+    let (code, _, err) = run_cli(&[
+        "forward",
+        "tcp:[::]:8000@ns1",
+        "tcp:127.0.0.1:1=[::1]:2@pid:zero",
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("argument 1 (\"tcp:[::]:8000@ns1\"): no '=' between listen and upstream"),
+        "{err}"
+    );
+    assert!(err.contains("argument 2 (\"tcp:127.0.0.1:1=[::1]:2@pid:zero\"): rule forward-2: `upstream_netns`: \"pid:zero\" is not a valid pid"), "{err}");
+}

@@ -1,0 +1,153 @@
+//! The library API used directly, without the binary.
+
+mod common;
+
+use std::io::Write;
+use std::sync::atomic::Ordering::Relaxed;
+
+use common::*;
+use nsproxy::config::parse_toml;
+use nsproxy::netns::{NsError, NsRef, SocketSpec, Switcher};
+use nsproxy::server::{BindingState, DEFAULT_DRAIN_TIMEOUT, Server};
+
+#[test]
+fn references_to_one_namespace_are_one_identity() {
+    if !root_or_skip("references_to_one_namespace_are_one_identity") {
+        return;
+    }
+    let ns = TestNs::new("ident");
+    let sw = Switcher::spawn().unwrap();
+    let by_name = sw.resolve_blocking(&ns.reference()).unwrap();
+    let by_path = sw
+        .resolve_blocking(&NsRef::Path(format!("/run/netns/{}", ns.name()).into()))
+        .unwrap();
+    assert_eq!(by_name, by_path);
+    let own_pid = NsRef::Pid(std::process::id());
+    assert_eq!(sw.resolve_blocking(&own_pid).unwrap(), sw.home());
+    assert_eq!(sw.resolve_blocking(&NsRef::Host).unwrap(), sw.home());
+    assert_ne!(by_name, sw.home());
+}
+
+#[test]
+fn non_namespace_files_are_refused_clearly() {
+    let sw = Switcher::spawn().unwrap();
+    let err = sw
+        .resolve_blocking(&NsRef::Path("/etc/hostname".into()))
+        .unwrap_err();
+    assert!(matches!(err, NsError::NotNsfs { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("\"/etc/hostname\" is not a network namespace: /etc/hostname is on "),
+        "{err}"
+    );
+    let err = sw
+        .resolve_blocking(&NsRef::Path("/proc/self/ns/mnt".into()))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "\"/proc/self/ns/mnt\" is a mount namespace (/proc/self/ns/mnt), not a network namespace"
+    );
+    let err = sw.resolve_blocking(&NsRef::Pid(u32::MAX - 1)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "namespace \"pid:{0}\" not found: /proc/{0}/ns/net does not exist (is process {0} running?)",
+            u32::MAX - 1
+        )
+    );
+}
+
+#[test]
+fn sockets_are_born_in_the_namespace_asked_for() {
+    if !root_or_skip("sockets_are_born_in_the_namespace_asked_for") {
+        return;
+    }
+    let (a, b) = (TestNs::new("a"), TestNs::new("b"));
+    let sw = Switcher::spawn().unwrap();
+    let (ia, ib) = (
+        sw.resolve_blocking(&a.reference()).unwrap(),
+        sw.resolve_blocking(&b.reference()).unwrap(),
+    );
+    let addr = "127.0.0.1:7000".parse().unwrap();
+    // The same address bound in two namespaces, from one process: only
+    // possible if each socket lives in its own namespace.
+    let la = sw.socket_blocking(ia, SocketSpec::tcp(&addr)).unwrap();
+    let lb = sw.socket_blocking(ib, SocketSpec::tcp(&addr)).unwrap();
+    for l in [&la, &lb] {
+        l.bind(&addr.into()).unwrap();
+        l.listen(8).unwrap();
+    }
+    // A's listener answers in A; the test process's own namespace has none.
+    assert!(a.tcp_connect("127.0.0.1:7000").is_ok());
+    assert!(b.tcp_connect("127.0.0.1:7000").is_ok());
+    assert!(std::net::TcpStream::connect("127.0.0.1:7000").is_err());
+    drop(la);
+    assert!(a.tcp_connect("127.0.0.1:7000").is_err());
+    assert!(b.tcp_connect("127.0.0.1:7000").is_ok());
+}
+
+#[test]
+fn server_api_reports_every_binding_and_counts_traffic() {
+    if !root_or_skip("server_api_reports_every_binding_and_counts_traffic") {
+        return;
+    }
+    let (a, b) = (TestNs::new("a"), TestNs::new("b"));
+    echo_server(b.tcp_listen("127.0.0.1:9000"));
+    let cfg = format!(
+        "[[proxy]]\nname = \"lib\"\nprotocol = \"tcp\"\nlisten = \"127.0.0.1:0\"\nnetns = [\"{a}\", \"/run/netns/{a}\", \"nspt-none\"]\nupstream = \"127.0.0.1:9000\"\nupstream_netns = \"{b}\"\n",
+        a = a.name(),
+        b = b.name()
+    );
+    let config = parse_toml(&cfg, "inline").unwrap();
+    let rt = nsproxy::runtime::build(1).unwrap();
+    rt.block_on(async {
+        let server = Server::start(&config, Switcher::spawn().unwrap(), DEFAULT_DRAIN_TIMEOUT).await;
+        let states: Vec<_> = server.bindings().iter().map(|s| s.state.clone()).collect();
+        let BindingState::Listening { local } = states[0] else {
+            panic!("{states:?}")
+        };
+        assert_ne!(local.port(), 0, "the real port is reported");
+        assert_eq!(states[1], BindingState::SameNamespaceAs { other: a.reference() });
+        assert!(
+            matches!(&states[2], BindingState::Failed { reason } if reason.starts_with("namespace \"nspt-none\" not found")),
+            "{states:?}"
+        );
+        assert_eq!(server.listening(), 1);
+
+        let addr = local.to_string();
+        let payload = random_bytes(100_000, 7);
+        // Blocking client work runs on its own thread; the server's tasks
+        // run on the runtime's worker meanwhile.
+        let echoed = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let mut c = a.tcp_connect(&addr).unwrap();
+                    let mut w = c.try_clone().unwrap();
+                    let payload = &payload;
+                    let sender = scope.spawn(move || {
+                        w.write_all(payload).unwrap();
+                        w.shutdown(std::net::Shutdown::Write).unwrap();
+                    });
+                    let got = read_all(&mut c).unwrap();
+                    sender.join().unwrap();
+                    got
+                })
+                .join()
+                .unwrap()
+        });
+        assert_eq!(checksum(&echoed), checksum(&payload));
+        let stats = &server.bindings()[0].binding.as_ref().unwrap().stats;
+        // Counters are added when the connection closes; poll briefly.
+        for _ in 0..200 {
+            if stats.bytes_out.load(Relaxed) == payload.len() as u64 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(stats.accepted.load(Relaxed), 1);
+        assert_eq!(stats.bytes_in.load(Relaxed), payload.len() as u64);
+        assert_eq!(stats.bytes_out.load(Relaxed), payload.len() as u64);
+        assert_eq!(stats.active.load(Relaxed), 0);
+        server.shutdown().await;
+    });
+}
