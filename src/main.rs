@@ -136,8 +136,10 @@ fn init_logging(format: LogFormat, level: &str) {
             eprintln!("nsproxy: bad --log-level {level:?} ({e}); using info");
             EnvFilter::new("info")
         });
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

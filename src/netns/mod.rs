@@ -26,6 +26,7 @@ mod nsfs;
 mod reference;
 mod switcher;
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -101,6 +102,13 @@ pub enum NsError {
     Stopped,
 }
 
+/// `socket(2)` on the calling thread, with the flags every nsproxy socket gets.
+pub(crate) fn socket_here(ns: NsId, spec: SocketSpec) -> Result<Socket, NsError> {
+    // socket2 adds SOCK_CLOEXEC itself.
+    Socket::new(spec.domain, spec.ty.nonblocking(), spec.protocol)
+        .map_err(|source| NsError::Socket { ns, source })
+}
+
 fn not_found_hint(r: &NsRef) -> String {
     match r {
         NsRef::Named(n) => format!(" (create it with `ip netns add {n}`)"),
@@ -163,14 +171,42 @@ impl Switcher {
     }
 
     /// Creates a socket inside namespace `ns` (resolved earlier).
-    pub async fn socket(&self, ns: NsId, spec: SocketSpec) -> Result<Socket, NsError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(switcher::Request::Socket { ns, spec, reply })?;
-        rx.await.map_err(|_| NsError::Stopped)?
+    ///
+    /// A socket for the home namespace is created right here on the calling
+    /// thread, without a trip to the namespace thread: every thread but that
+    /// one is always home (nothing else in nsproxy calls `setns`, and a
+    /// program embedding this library must not move the threads it calls
+    /// from either).
+    ///
+    /// The request is queued when this is called, not when the future is
+    /// first polled, so that many requests made before awaiting any of them
+    /// reach the namespace thread together and share its switches.
+    pub fn socket(
+        &self,
+        ns: NsId,
+        spec: SocketSpec,
+    ) -> impl Future<Output = Result<Socket, NsError>> + Send + 'static {
+        let queued = if ns == self.home {
+            Err(socket_here(ns, spec))
+        } else {
+            let (reply, rx) = oneshot::channel();
+            self.send(switcher::Request::Socket { ns, spec, reply })
+                .map(|()| rx)
+                .map_err(Err)
+        };
+        async move {
+            match queued {
+                Ok(rx) => rx.await.map_err(|_| NsError::Stopped)?,
+                Err(done) => done,
+            }
+        }
     }
 
     /// Like [`Switcher::socket`], for callers outside an async runtime.
     pub fn socket_blocking(&self, ns: NsId, spec: SocketSpec) -> Result<Socket, NsError> {
+        if ns == self.home {
+            return socket_here(ns, spec);
+        }
         let (reply, rx) = oneshot::channel();
         self.send(switcher::Request::Socket { ns, spec, reply })?;
         rx.blocking_recv().map_err(|_| NsError::Stopped)?

@@ -57,6 +57,8 @@ pub(crate) fn inspect(file: &File) -> Result<NsId, Problem> {
         return Err(Problem::Inspect(io::Error::last_os_error()));
     }
     // SAFETY: fstatfs succeeded, so it filled the struct.
+    // (`f_type` is i64 on x86_64 but narrower elsewhere, hence the cast.)
+    #[allow(clippy::unnecessary_cast)]
     let f_type = unsafe { st.assume_init() }.f_type as i64;
     if f_type != NSFS_MAGIC {
         return Err(Problem::NotNsfs(f_type));

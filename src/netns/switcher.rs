@@ -167,9 +167,7 @@ impl Thread {
             }
             self.current = ns;
         }
-        // socket2 adds SOCK_CLOEXEC itself.
-        Socket::new(spec.domain, spec.ty.nonblocking(), spec.protocol)
-            .map_err(|source| NsError::Socket { ns, source })
+        super::socket_here(ns, spec)
     }
 
     /// Returns to the home namespace, or ends the process.
