@@ -2,7 +2,7 @@
 //!
 //! Everything here works on a [`Binding`]: one rule in one namespace, with the
 //! sockets already resolved to namespace identities. Sockets come from the
-//! [`Switcher`](crate::netns::Switcher); nothing here switches namespaces.
+//! [`Switcher`]; nothing here switches namespaces.
 
 pub mod tcp;
 

@@ -313,12 +313,24 @@ impl Daemon {
         Daemon::spawn(host, TempDir::new(), args)
     }
 
+    /// Like [`Daemon::command`], with nsproxy started through `wrapper`
+    /// (a command that execs its arguments, such as `prlimit ... --`).
+    pub fn wrapped(host: &TestNs, wrapper: &[&str], args: &[&str]) -> Daemon {
+        Daemon::spawn_with(host, TempDir::new(), wrapper, args)
+    }
+
     fn spawn(host: &TestNs, dir: TempDir, args: &[&str]) -> Daemon {
+        Daemon::spawn_with(host, dir, &[], args)
+    }
+
+    fn spawn_with(host: &TestNs, dir: TempDir, wrapper: &[&str], args: &[&str]) -> Daemon {
         let log = dir.0.join("stderr.log");
         let err = std::fs::File::create(&log).unwrap();
         // `ip netns exec` execs the binary (same pid) after entering `host`.
         let child = Command::new("ip")
-            .args(["netns", "exec", host.name(), bin(), "--log-format", "json"])
+            .args(["netns", "exec", host.name()])
+            .args(wrapper)
+            .args([bin(), "--log-format", "json"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
