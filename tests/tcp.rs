@@ -377,18 +377,38 @@ fn running_out_of_fds_pauses_accepts_instead_of_spinning() {
     let (host, a) = (TestNs::new("h"), TestNs::new("a"));
     echo_server(host.tcp_listen("127.0.0.1:9000"));
     let dir = TempDir::new();
-    let cfg = dir.file("fd.toml", &config(&rule("fd", "127.0.0.1:7000", &[a.name()], "127.0.0.1:9000", "host")));
+    let cfg = dir.file(
+        "fd.toml",
+        &config(&rule(
+            "fd",
+            "127.0.0.1:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            "host",
+        )),
+    );
     // A hard limit of 48 fds: a few dozen connections exhaust it.
-    let d = Daemon::wrapped(&host, &["prlimit", "--nofile=48:48", "--"], &["run", "--config", cfg.to_str().unwrap()]);
+    let d = Daemon::wrapped(
+        &host,
+        &["prlimit", "--nofile=48:48", "--"],
+        &["run", "--config", cfg.to_str().unwrap()],
+    );
     d.wait_ready();
-    let conns: Vec<_> = (0..40).map(|_| a.tcp_connect("127.0.0.1:7000").unwrap()).collect();
+    let conns: Vec<_> = (0..40)
+        .map(|_| a.tcp_connect("127.0.0.1:7000").unwrap())
+        .collect();
     let log = d.wait_log("pausing accepts");
     assert!(log.contains("accept failed: Too many open files"), "{log}");
-    // Backing off, not spinning: a bounded number of attempts while the
-    // limit is hit (a spinning loop logs thousands within this second).
+    // Backing off, not spinning: a spinning accept loop fails thousands of
+    // times a second. (Each accept that does succeed resets the pause, and
+    // its connection is reset when no fd is left for the upstream socket, so
+    // the count is not simply log2 of the time.)
     std::thread::sleep(Duration::from_secs(1));
     let attempts = d.log().matches("pausing accepts").count();
-    assert!(attempts <= 12, "{attempts} accept attempts in about a second");
+    assert!(
+        attempts <= 100,
+        "{attempts} failed accepts in about a second"
+    );
     // Once fds are free again, the waiting connections are served.
     drop(conns);
     let mut c = a.tcp_connect_when_ready("127.0.0.1:7000");
