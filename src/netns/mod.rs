@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod discovery;
 mod nsfs;
 mod reference;
 mod switcher;

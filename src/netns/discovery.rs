@@ -1,0 +1,322 @@
+//! Following the named namespaces in `/run/netns` as they come and go.
+//!
+//! `ip netns add NAME` first creates an empty placeholder file and only then
+//! bind-mounts the namespace onto it, and no inotify event marks the mount.
+//! So a new name is "pending" until its file is an nsfs mount. Instead of
+//! retrying, we wait on `/proc/self/mountinfo`, which the kernel marks
+//! readable-with-priority (POLLPRI) whenever the mount table changes, and
+//! then look at the pending names again. `ip netns del` unmounts and unlinks,
+//! which inotify reports. Nothing here polls on a timer.
+//!
+//! While `/run/netns` does not exist, its parent is watched for its creation.
+
+#![allow(unsafe_code)]
+
+use std::collections::{BTreeSet, VecDeque};
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io::{self, Read, Seek};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use super::nsfs;
+
+/// A change in the set of named namespaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NsEvent {
+    /// `/run/netns/NAME` is now a network namespace.
+    Appeared(String),
+    /// `/run/netns/NAME` is gone (or no longer a namespace).
+    Gone(String),
+}
+
+/// Watches a directory of namespace pins (normally `/run/netns`).
+pub struct Discovery {
+    dir: PathBuf,
+    inotify: AsyncFd<OwnedFd>,
+    /// Watch descriptor of `dir`, when it exists.
+    dir_wd: Option<i32>,
+    /// Watch descriptor of the parent, while `dir` does not exist.
+    parent_wd: Option<i32>,
+    mountinfo: AsyncFd<File>,
+    /// Names whose file exists and is a namespace.
+    known: BTreeSet<String>,
+    /// Names whose file exists but is not (yet) a namespace.
+    pending: BTreeSet<String>,
+    queue: VecDeque<NsEvent>,
+}
+
+const DIR_MASK: u32 = libc::IN_CREATE
+    | libc::IN_DELETE
+    | libc::IN_MOVED_FROM
+    | libc::IN_MOVED_TO
+    | libc::IN_DELETE_SELF
+    | libc::IN_MOVE_SELF
+    | libc::IN_ONLYDIR;
+const PARENT_MASK: u32 = libc::IN_CREATE | libc::IN_MOVED_TO | libc::IN_ONLYDIR;
+
+impl Discovery {
+    /// Starts watching `dir`. The namespaces already there are reported as
+    /// [`NsEvent::Appeared`] by the first calls to [`Discovery::next`]. Must
+    /// be called inside a tokio runtime.
+    pub fn start(dir: &Path) -> io::Result<Discovery> {
+        // SAFETY: plain syscall; the returned fd is checked and owned below.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh fd that nothing else owns.
+        let inotify = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the OwnedFd stays open, and its fd unchanged, for as long
+        // as the AsyncFd owns it.
+        let inotify = unsafe { AsyncFd::register_with_interest(inotify, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        let mountinfo = File::open("/proc/self/mountinfo")?;
+        // SAFETY: as above; `drain_mountinfo` only seeks and reads the File.
+        let mountinfo = unsafe { AsyncFd::register_with_interest(mountinfo, Interest::PRIORITY) }
+            .map_err(|e| e.into_parts().1)?;
+        let mut d = Discovery {
+            dir: dir.to_owned(),
+            inotify,
+            dir_wd: None,
+            parent_wd: None,
+            mountinfo,
+            known: BTreeSet::new(),
+            pending: BTreeSet::new(),
+            queue: VecDeque::new(),
+        };
+        // Consume the mount table once, so that only later changes wake us.
+        d.drain_mountinfo()?;
+        d.watch_dir()?;
+        Ok(d)
+    }
+
+    /// The names known to be namespaces right now.
+    pub fn known(&self) -> impl Iterator<Item = &str> {
+        self.known.iter().map(String::as_str)
+    }
+
+    /// Waits for the next change.
+    pub async fn next(&mut self) -> io::Result<NsEvent> {
+        loop {
+            if let Some(e) = self.queue.pop_front() {
+                return Ok(e);
+            }
+            tokio::select! {
+                guard = self.inotify.readable() => {
+                    let mut guard = guard?;
+                    guard.clear_ready();
+                    drop(guard);
+                    self.read_inotify()?;
+                }
+                guard = self.mountinfo.ready(Interest::PRIORITY) => {
+                    let mut guard = guard?;
+                    guard.clear_ready();
+                    drop(guard);
+                    self.drain_mountinfo()?;
+                    self.recheck_pending();
+                }
+            }
+        }
+    }
+
+    /// Watches `dir` if it exists (and scans it), else its parent.
+    fn watch_dir(&mut self) -> io::Result<()> {
+        match self.add_watch(&self.dir.clone(), DIR_MASK) {
+            Ok(wd) => {
+                self.dir_wd = Some(wd);
+                if let Some(p) = self.parent_wd.take() {
+                    self.rm_watch(p);
+                }
+                self.rescan();
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let parent = self.dir.parent().unwrap_or(Path::new("/")).to_owned();
+                self.parent_wd = Some(self.add_watch(&parent, PARENT_MASK)?);
+                // It may have appeared between the two calls.
+                if self.dir.is_dir() {
+                    return self.watch_dir();
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn add_watch(&self, path: &Path, mask: u32) -> io::Result<i32> {
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with NUL"))?;
+        // SAFETY: the inotify fd is open and `c` is a valid C string.
+        let wd = unsafe {
+            libc::inotify_add_watch(self.inotify.get_ref().as_raw_fd(), c.as_ptr(), mask)
+        };
+        if wd < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(wd)
+        }
+    }
+
+    fn rm_watch(&self, wd: i32) {
+        // SAFETY: removing a watch from our own inotify fd; errors are harmless.
+        unsafe { libc::inotify_rm_watch(self.inotify.get_ref().as_raw_fd(), wd) };
+    }
+
+    /// Compares the directory with what we know, queueing the differences.
+    fn rescan(&mut self) {
+        let mut now_known = BTreeSet::new();
+        let mut now_pending = BTreeSet::new();
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                if is_netns(&e.path()) {
+                    now_known.insert(name);
+                } else {
+                    now_pending.insert(name);
+                }
+            }
+        }
+        for gone in self.known.difference(&now_known) {
+            self.queue.push_back(NsEvent::Gone(gone.clone()));
+        }
+        for new in now_known.difference(&self.known) {
+            self.queue.push_back(NsEvent::Appeared(new.clone()));
+        }
+        self.known = now_known;
+        self.pending = now_pending;
+    }
+
+    fn recheck_pending(&mut self) {
+        let ready: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|n| is_netns(&self.dir.join(n)))
+            .cloned()
+            .collect();
+        for name in ready {
+            self.pending.remove(&name);
+            self.known.insert(name.clone());
+            self.queue.push_back(NsEvent::Appeared(name));
+        }
+    }
+
+    fn created(&mut self, name: String) {
+        if self.known.contains(&name) {
+            return;
+        }
+        if is_netns(&self.dir.join(&name)) {
+            self.pending.remove(&name);
+            self.known.insert(name.clone());
+            self.queue.push_back(NsEvent::Appeared(name));
+        } else {
+            self.pending.insert(name);
+        }
+    }
+
+    fn removed(&mut self, name: &str) {
+        self.pending.remove(name);
+        if self.known.remove(name) {
+            self.queue.push_back(NsEvent::Gone(name.to_owned()));
+        }
+    }
+
+    fn read_inotify(&mut self) -> io::Result<()> {
+        // Room for many events; each is 16 bytes plus a NUL-padded name.
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: reading into a buffer we own, of the length given.
+            let n = unsafe {
+                libc::read(
+                    self.inotify.get_ref().as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    return Ok(());
+                }
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let mut off = 0usize;
+            let n = n as usize;
+            while off + HEADER <= n {
+                let wd = i32::from_ne_bytes(buf[off..off + 4].try_into().unwrap());
+                let mask = u32::from_ne_bytes(buf[off + 4..off + 8].try_into().unwrap());
+                let len = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap()) as usize;
+                let raw = &buf[off + HEADER..(off + HEADER + len).min(n)];
+                let name = raw.split(|b| *b == 0).next().unwrap_or(&[]);
+                let name = OsStr::from_bytes(name).to_str().map(str::to_owned);
+                off += HEADER + len;
+                self.on_event(wd, mask, name);
+            }
+        }
+    }
+
+    fn on_event(&mut self, wd: i32, mask: u32, name: Option<String>) {
+        if mask & libc::IN_Q_OVERFLOW != 0 {
+            // Events were lost: start over from what is really there.
+            self.rescan();
+            return;
+        }
+        if Some(wd) == self.parent_wd {
+            let dir_name = self.dir.file_name().and_then(|n| n.to_str());
+            if name.as_deref() == dir_name && mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
+                let _ = self.watch_dir();
+            }
+            return;
+        }
+        if Some(wd) != self.dir_wd {
+            return;
+        }
+        if mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_IGNORED) != 0 {
+            // The directory itself went away: everything in it is gone.
+            if mask & libc::IN_IGNORED == 0 {
+                if let Some(wd) = self.dir_wd {
+                    self.rm_watch(wd);
+                }
+            }
+            self.dir_wd = None;
+            let all: Vec<String> = self.known.iter().cloned().collect();
+            for n in all {
+                self.removed(&n);
+            }
+            self.pending.clear();
+            let _ = self.watch_dir();
+            return;
+        }
+        let Some(name) = name else { return };
+        if mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0 {
+            self.created(name);
+        } else if mask & (libc::IN_DELETE | libc::IN_MOVED_FROM) != 0 {
+            self.removed(&name);
+        }
+    }
+
+    /// Reads the mount table to its end, which re-arms its POLLPRI.
+    fn drain_mountinfo(&mut self) -> io::Result<()> {
+        let f = self.mountinfo.get_mut();
+        f.rewind()?;
+        let mut sink = [0u8; 16 * 1024];
+        while f.read(&mut sink)? > 0 {}
+        Ok(())
+    }
+}
+
+/// Size of `struct inotify_event` without its name.
+const HEADER: usize = 16;
+
+fn is_netns(path: &Path) -> bool {
+    matches!(nsfs::open_netns(path), Ok(_))
+}
