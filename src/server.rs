@@ -14,9 +14,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, Protocol};
+use crate::config::Config;
 use crate::netns::{NsId, NsRef, Switcher};
-use crate::proxy::{Binding, BindingStats, tcp};
+use crate::proxy::{Binding, BindingStats, Listener};
 
 /// Default time connections get to finish after shutdown begins.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -118,9 +118,7 @@ impl Server {
                                 stats: BindingStats::default(),
                             });
                             opening.spawn(async move {
-                                let listener = match binding.rule.protocol {
-                                    Protocol::Tcp => tcp::listen(&binding).await,
-                                };
+                                let listener = Listener::open(&binding).await;
                                 (index, binding, listener)
                             });
                         }
@@ -145,12 +143,13 @@ impl Server {
             });
             match listener {
                 Ok((listener, local)) => {
-                    info!(rule = %binding.rule.name, netns = %binding.netns, listen = %local,
+                    info!(rule = %binding.rule.name, protocol = %binding.rule.protocol,
+                        netns = %binding.netns, listen = %local,
                         upstream = %binding.rule.upstream, upstream_netns = %binding.rule.upstream_netns,
                         "listening");
                     status.state = BindingState::Listening { local };
                     status.binding = Some(binding.clone());
-                    listeners.spawn(tcp::serve(binding, listener, shutdown.subscribe(), drain));
+                    listeners.spawn(listener.serve(binding, shutdown.subscribe(), drain));
                 }
                 Err(e) => {
                     error!(rule = %binding.rule.name, netns = %binding.netns, listen = %binding.rule.listen,
@@ -189,12 +188,13 @@ impl Server {
         &self.switcher
     }
 
-    /// Stops accepting everywhere, lets open connections finish for up to the
-    /// drain timeout, then closes what is left.
+    /// Stops accepting everywhere, lets open TCP connections finish for up
+    /// to the drain timeout, then closes what is left. UDP sessions close at
+    /// once: a datagram protocol has no connection for a client to finish.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         info!(
-            "shutting down: no new connections; open ones get up to {:?}",
+            "shutting down: no new connections; open TCP connections get up to {:?}, UDP sessions close now",
             self.drain
         );
         while self.listeners.join_next().await.is_some() {}

@@ -10,9 +10,9 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, MAX_WORKERS, Problem, Rule,
-    check_listen, check_name, check_netns, check_protocol, check_rules, check_upstream,
-    parse_duration,
+    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_UDP_IDLE_TIMEOUT,
+    DEFAULT_UDP_MAX_SESSIONS, MAX_UDP_SESSIONS, MAX_WORKERS, Problem, Protocol, Rule, check_listen,
+    check_name, check_netns, check_protocol, check_rules, check_upstream, parse_duration,
 };
 use crate::netns::NsRef;
 
@@ -26,6 +26,28 @@ const RULE_KEYS: &[&str] = &[
     "upstream_netns",
     "connect_timeout",
     "backlog",
+    "udp_idle_timeout",
+    "udp_max_sessions",
+];
+/// Keys that mean something for one protocol only, and why, for the message
+/// that a rule of the other protocol gets.
+const PROTOCOL_KEYS: &[(&str, Protocol, &str)] = &[
+    (
+        "connect_timeout",
+        Protocol::Tcp,
+        "a UDP upstream socket is connected without a handshake",
+    ),
+    ("backlog", Protocol::Tcp, "UDP has no listen queue"),
+    (
+        "udp_idle_timeout",
+        Protocol::Udp,
+        "a TCP connection ends when its peers close it",
+    ),
+    (
+        "udp_max_sessions",
+        Protocol::Udp,
+        "TCP connections are not capped per rule",
+    ),
 ];
 
 /// Parses and checks a TOML configuration; `origin` names it in messages
@@ -288,12 +310,7 @@ impl Cx<'_> {
             None => Some(NsRef::Host),
         };
         let connect_timeout = match t.get("connect_timeout") {
-            Some(v) => match v.get_ref() {
-                DeValue::Integer(_) => self
-                    .integer(v, rule, "connect_timeout", 1, 86_400)
-                    .map(|s| std::time::Duration::from_secs(s as u64)),
-                _ => self.checked(v, rule, "connect_timeout", parse_duration),
-            },
+            Some(v) => self.duration(v, rule, "connect_timeout"),
             None => Some(DEFAULT_CONNECT_TIMEOUT),
         };
         let backlog = match t.get("backlog") {
@@ -302,6 +319,30 @@ impl Cx<'_> {
                 .map(|n| n as u32),
             None => Some(DEFAULT_BACKLOG),
         };
+        let udp_idle_timeout = match t.get("udp_idle_timeout") {
+            Some(v) => self.duration(v, rule, "udp_idle_timeout"),
+            None => Some(DEFAULT_UDP_IDLE_TIMEOUT),
+        };
+        let udp_max_sessions = match t.get("udp_max_sessions") {
+            Some(v) => self
+                .integer(v, rule, "udp_max_sessions", 1, MAX_UDP_SESSIONS as i64)
+                .map(|n| n as usize),
+            None => Some(DEFAULT_UDP_MAX_SESSIONS),
+        };
+        if let Some(protocol) = protocol {
+            for (key, only, why) in PROTOCOL_KEYS {
+                if let (Some(v), true) = (t.get(*key), protocol != *only) {
+                    self.problem(
+                        v.span(),
+                        rule,
+                        Some(key),
+                        format!(
+                            "only applies to {only} rules, and this rule is {protocol} ({why}): remove it"
+                        ),
+                    );
+                }
+            }
+        }
 
         if self.problems.len() != before {
             return None;
@@ -316,10 +357,27 @@ impl Cx<'_> {
                 upstream_netns: upstream_netns?,
                 connect_timeout: connect_timeout?,
                 backlog: backlog?,
+                udp_idle_timeout: udp_idle_timeout?,
+                udp_max_sessions: udp_max_sessions?,
                 origin: header,
             },
             name_loc?,
         ))
+    }
+
+    /// A duration as a string ("250ms", "5s", "2m") or whole seconds.
+    fn duration(
+        &mut self,
+        v: &Spanned<DeValue<'_>>,
+        rule: Option<&str>,
+        key: &str,
+    ) -> Option<std::time::Duration> {
+        match v.get_ref() {
+            DeValue::Integer(_) => self
+                .integer(v, rule, key, 1, 86_400)
+                .map(|s| std::time::Duration::from_secs(s as u64)),
+            _ => self.checked(v, rule, key, parse_duration),
+        }
     }
 
     /// `netns = ["host", "ns1"]`, or a single string.
@@ -429,7 +487,7 @@ upstream_netns = "host"
             problems(&text),
             vec![
                 "t.toml:3:1: unknown key `wrokers` (expected one of: workers, proxy)",
-                "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog)",
+                "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog, udp_idle_timeout, udp_max_sessions)",
             ]
         );
     }
@@ -451,7 +509,7 @@ backlog = 0
             problems(text),
             vec![
                 "t.toml:3:8: rule #1: `name`: invalid rule name \"a b\": ' ' is not allowed (use letters, digits, '-', '_' and '.')",
-                "t.toml:4:12: rule #1: `protocol`: unknown protocol \"http\": expected \"tcp\"",
+                "t.toml:4:12: rule #1: `protocol`: unknown protocol \"http\": expected \"tcp\" or \"udp\"",
                 "t.toml:5:10: rule #1: `listen`: invalid listen address \"8000\": expected IP:PORT, such as 0.0.0.0:8000, 127.0.0.1:8000 or [::]:8000",
                 "t.toml:6:17: rule #1: `netns[1]`: \"bad/name\" is not a valid namespace name: a name under /run/netns has no '/' and is not \".\" or \"..\" (for a path, start it with '/')",
                 "t.toml:6:29: rule #1: `netns[2]`: \"pid:x\" is not a valid pid: expected \"pid:\" followed by a process id such as pid:1234",
@@ -474,6 +532,72 @@ backlog = 0
                 "t.toml:13:1: rule hello: `listen`: tcp [::]:8000 in namespace \"host\" is already used by rule hello",
                 "t.toml:13:1: rule hello: `listen`: tcp [::]:8000 in namespace \"ns1\" is already used by rule hello",
                 "t.toml:13:1: rule hello: `listen`: tcp [::]:8000 in namespace \"ns2\" is already used by rule hello",
+            ]
+        );
+    }
+
+    #[test]
+    fn udp_rules_and_their_keys() {
+        let udp = GOOD.replace("\"tcp\"", "\"udp\"");
+        let c = parse_toml(&udp, "t.toml").unwrap();
+        let r = &c.rules[0];
+        assert_eq!(r.protocol, Protocol::Udp);
+        assert_eq!(r.udp_idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT);
+        assert_eq!(r.udp_max_sessions, DEFAULT_UDP_MAX_SESSIONS);
+        let tuned = udp.replace(
+            "upstream_netns = \"host\"",
+            "upstream_netns = \"host\"\nudp_idle_timeout = \"1500ms\"\nudp_max_sessions = 7",
+        );
+        let r = &parse_toml(&tuned, "t.toml").unwrap().rules[0];
+        assert_eq!(r.udp_idle_timeout, std::time::Duration::from_millis(1500));
+        assert_eq!(r.udp_max_sessions, 7);
+        let r = &parse_toml(
+            &udp.replace(
+                "name = \"hello\"",
+                "name = \"hello\"\nudp_idle_timeout = 30",
+            ),
+            "t.toml",
+        )
+        .unwrap()
+        .rules[0];
+        assert_eq!(r.udp_idle_timeout, std::time::Duration::from_secs(30));
+        // TCP and UDP may share an address and port.
+        let both = format!(
+            "{GOOD}\n{}",
+            udp.replace("workers = 2", "").replace("hello", "hello-udp")
+        );
+        assert_eq!(parse_toml(&both, "t.toml").unwrap().rules.len(), 2);
+    }
+
+    #[test]
+    fn keys_of_the_other_protocol_are_refused() {
+        let tcp = GOOD.replace(
+            "upstream_netns = \"host\"",
+            "upstream_netns = \"host\"\nudp_idle_timeout = \"5s\"\nudp_max_sessions = 0",
+        );
+        assert_eq!(
+            problems(&tcp),
+            vec![
+                "t.toml:10:20: rule hello: `udp_idle_timeout`: only applies to udp rules, and this rule is tcp (a TCP connection ends when its peers close it): remove it",
+                "t.toml:11:20: rule hello: `udp_max_sessions`: must be between 1 and 1000000, got 0",
+                "t.toml:11:20: rule hello: `udp_max_sessions`: only applies to udp rules, and this rule is tcp (TCP connections are not capped per rule): remove it",
+            ]
+        );
+        let udp = GOOD.replace("\"tcp\"", "\"udp\"").replace(
+            "upstream_netns = \"host\"",
+            "upstream_netns = \"host\"\nconnect_timeout = 3\nbacklog = 10",
+        );
+        assert_eq!(
+            problems(&udp),
+            vec![
+                "t.toml:10:19: rule hello: `connect_timeout`: only applies to tcp rules, and this rule is udp (a UDP upstream socket is connected without a handshake): remove it",
+                "t.toml:11:11: rule hello: `backlog`: only applies to tcp rules, and this rule is udp (UDP has no listen queue): remove it",
+            ]
+        );
+        assert_eq!(
+            problems(&GOOD.replace("\"tcp\"", "\"sctp\"")),
+            vec![
+                "t.toml:5:12: rule hello: `protocol`: protocol \"sctp\" is not supported by this version yet (supported: tcp, udp)"
             ]
         );
     }

@@ -1,18 +1,21 @@
 //! The one-line form for ad-hoc use: `nsproxy forward SPEC...`.
 
 use super::{
-    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, Problem, Rule, check_listen,
-    check_netns, check_protocol, check_rules, check_upstream,
+    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_UDP_IDLE_TIMEOUT,
+    DEFAULT_UDP_MAX_SESSIONS, Problem, Rule, check_listen, check_netns, check_protocol,
+    check_rules, check_upstream,
 };
 use crate::netns::NsRef;
 
 /// The syntax of one forward spec, for help texts and error messages.
 pub const FORWARD_SYNTAX: &str = "PROTO:LISTEN[@NS,NS...]=UPSTREAM[@NS]";
 
-/// Parses forward specs such as `tcp:[::]:8000@host,ns1,ns2=127.0.0.1:9000@host`.
+/// Parses forward specs such as `tcp:[::]:8000@host,ns1,ns2=127.0.0.1:9000@host`
+/// or `udp:0.0.0.0:53@ns1=10.0.0.53:53@dns`.
 ///
 /// A listen side without `@` listens in `host`; an upstream without `@`
 /// connects from `host`. Rules are named `forward-1`, `forward-2`, ...
+/// Settings a spec cannot express keep their defaults.
 pub fn parse_forward(specs: &[String], workers: Option<usize>) -> Result<Config, ConfigError> {
     let mut problems = Vec::new();
     let mut rules = Vec::new();
@@ -75,6 +78,8 @@ pub fn parse_forward(specs: &[String], workers: Option<usize>) -> Result<Config,
                             upstream_netns,
                             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                             backlog: DEFAULT_BACKLOG,
+                            udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
+                            udp_max_sessions: DEFAULT_UDP_MAX_SESSIONS,
                             origin: location.clone(),
                         },
                         location,
@@ -156,6 +161,27 @@ mod tests {
         assert_eq!(r.upstream_netns, NsRef::Pid(1));
         assert_eq!(c.rules[1].netns, vec![NsRef::Host]);
         assert_eq!(c.rules[1].upstream_netns, NsRef::Host);
+    }
+
+    #[test]
+    fn udp_forwards() {
+        let c = parse(&[
+            "udp:[::]:53@ns1,pid:1=10.0.0.53:53@dns",
+            "tcp:[::]:53@ns1=10.0.0.53:53@dns",
+        ])
+        .unwrap();
+        let r = &c.rules[0];
+        assert_eq!(r.protocol, crate::config::Protocol::Udp);
+        assert_eq!(r.netns, vec![NsRef::Named("ns1".into()), NsRef::Pid(1)]);
+        assert_eq!(r.upstream_netns, NsRef::Named("dns".into()));
+        assert_eq!(r.udp_idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT);
+        assert_eq!(r.udp_max_sessions, DEFAULT_UDP_MAX_SESSIONS);
+        assert_eq!(
+            parse(&["sctp:[::]:1=127.0.0.1:2"]).unwrap_err(),
+            vec![
+                "argument 1 (\"sctp:[::]:1=127.0.0.1:2\"): rule forward-1: `protocol`: protocol \"sctp\" is not supported by this version yet (supported: tcp, udp)"
+            ]
+        );
     }
 
     #[test]

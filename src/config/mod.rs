@@ -23,6 +23,24 @@ pub use forward::{FORWARD_SYNTAX, parse_forward};
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for [`Rule::backlog`].
 pub const DEFAULT_BACKLOG: u32 = 1024;
+/// Default for [`Rule::udp_idle_timeout`].
+///
+/// UDP has no end-of-session signal, so a session ends after this long
+/// without a datagram in either direction. A minute outlasts the retries of
+/// request/response protocols (DNS, NTP, RADIUS) and the keepalives of
+/// tunnels (WireGuard sends one every 25 s), so a live exchange keeps its
+/// session (and its upstream source port); it is still short enough that
+/// one-shot clients do not hold an fd each for long. Linux conntrack uses
+/// 30 s for one-way UDP flows and 120 s for two-way ones; this sits between.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default for [`Rule::udp_max_sessions`]. Each session holds one fd (its
+/// upstream socket), a task and a small queue. 10 000 per binding is room
+/// for busy request/response traffic, while a client sweeping source ports
+/// cannot take every fd nsproxy has (the hard `RLIMIT_NOFILE`, which nsproxy
+/// raises itself to; lower the cap where that limit is small).
+pub const DEFAULT_UDP_MAX_SESSIONS: usize = 10_000;
+/// Largest accepted `udp_max_sessions`.
+pub const MAX_UDP_SESSIONS: usize = 1_000_000;
 /// Largest accepted `workers` value; more threads than this only cost memory.
 pub const MAX_WORKERS: usize = 256;
 
@@ -52,6 +70,12 @@ pub struct Rule {
     pub connect_timeout: Duration,
     /// `listen(2)` backlog.
     pub backlog: u32,
+    /// UDP: a client's session ends after this long without a datagram in
+    /// either direction.
+    pub udp_idle_timeout: Duration,
+    /// UDP: most client sessions at once in each namespace the rule listens
+    /// in; datagrams from further new clients are dropped and counted.
+    pub udp_max_sessions: usize,
     /// Where the rule was written ("nsproxy.toml:12" or "argument 1"), for messages.
     pub origin: String,
 }
@@ -60,12 +84,14 @@ pub struct Rule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
     Tcp,
+    Udp,
 }
 
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
         })
     }
 }
@@ -159,10 +185,13 @@ pub(crate) fn check_name(s: &str) -> Result<String, String> {
 pub(crate) fn check_protocol(s: &str) -> Result<Protocol, String> {
     match s {
         "tcp" => Ok(Protocol::Tcp),
-        "udp" | "sctp" => Err(format!(
-            "protocol \"{s}\" is not supported by this version yet (supported: tcp)"
+        "udp" => Ok(Protocol::Udp),
+        "sctp" => Err(format!(
+            "protocol \"{s}\" is not supported by this version yet (supported: tcp, udp)"
         )),
-        _ => Err(format!("unknown protocol \"{s}\": expected \"tcp\"")),
+        _ => Err(format!(
+            "unknown protocol \"{s}\": expected \"tcp\" or \"udp\""
+        )),
     }
 }
 

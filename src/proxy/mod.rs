@@ -1,17 +1,24 @@
-//! Listeners and relays, one module per protocol.
+//! Listeners and relays, one module per protocol: [`tcp`] (a relay per
+//! connection) and [`udp`] (a session per client address; its raw
+//! `recvmsg`/`sendmsg` calls live in `udp_sys`).
 //!
 //! Everything here works on a [`Binding`]: one rule in one namespace, with the
 //! sockets already resolved to namespace identities. Sockets come from the
 //! [`Switcher`]; nothing here switches namespaces.
 
 pub mod tcp;
+pub mod udp;
+mod udp_sys;
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
-use crate::config::Rule;
+use tokio::sync::watch;
+
+use crate::config::{Protocol, Rule};
 use crate::netns::{NsError, NsId, NsRef, Switcher};
 
 /// One rule in one namespace: the unit that listens, counts and is reported.
@@ -28,7 +35,10 @@ pub struct Binding {
     pub stats: BindingStats,
 }
 
-/// Counters of one binding, updated by its listener and connections.
+/// Counters of one binding, updated by its listener and connections (TCP)
+/// or sessions (UDP). Every datagram nsproxy drops is counted in exactly one
+/// of the `dropped_*`, `truncated` or `send_errors` counters (drops on
+/// session sockets' own receive buffers, a kernel matter, excepted).
 #[derive(Debug, Default)]
 pub struct BindingStats {
     /// Connections accepted.
@@ -39,10 +49,88 @@ pub struct BindingStats {
     pub connect_failed: AtomicU64,
     /// accept(2) failures (resource exhaustion, aborted handshakes).
     pub accept_errors: AtomicU64,
-    /// Bytes from clients to the upstream, counted when a connection closes.
+    /// Bytes from clients to the upstream: TCP counts them when a connection
+    /// closes, UDP as each datagram is sent.
     pub bytes_in: AtomicU64,
-    /// Bytes from the upstream to clients, counted when a connection closes.
+    /// Bytes from the upstream to clients: TCP counts them when a connection
+    /// closes, UDP as each datagram is sent.
     pub bytes_out: AtomicU64,
+
+    /// UDP: datagrams from clients sent on to the upstream.
+    pub datagrams_in: AtomicU64,
+    /// UDP: datagrams from the upstream sent back to their client.
+    pub datagrams_out: AtomicU64,
+    /// UDP: sessions (one per client address and port) started.
+    pub sessions_created: AtomicU64,
+    /// UDP: sessions open right now.
+    pub sessions_active: AtomicU64,
+    /// UDP: sessions ended by `udp_idle_timeout`.
+    pub sessions_expired: AtomicU64,
+    /// UDP: sessions that ended at once because their upstream socket could
+    /// not be created or connected; the datagrams waiting for it are counted
+    /// in `send_errors`.
+    pub sessions_failed: AtomicU64,
+    /// UDP: datagrams from new clients dropped because the binding already
+    /// had `udp_max_sessions` sessions.
+    pub dropped_at_cap: AtomicU64,
+    /// UDP: datagrams dropped because their session's queue to the upstream
+    /// was full (the upstream socket could not send as fast as the client).
+    pub dropped_queue_full: AtomicU64,
+    /// UDP: datagrams (either direction) larger than the receive buffer;
+    /// dropped, never passed on cut short.
+    pub truncated: AtomicU64,
+    /// UDP: datagrams (either direction) a send failed for, and so dropped.
+    pub send_errors: AtomicU64,
+    /// UDP: "port unreachable" reports (ECONNREFUSED) on session sockets:
+    /// nothing listened on the upstream port. The session stays.
+    pub upstream_refused: AtomicU64,
+    /// UDP: receive errors: on the listening socket (the kernel short of
+    /// memory), or ICMP errors other than "port unreachable" (such as "host
+    /// unreachable") on session sockets, which keep their session.
+    pub recv_errors: AtomicU64,
+    /// UDP: datagrams the kernel dropped before nsproxy could read them,
+    /// because the listening socket's receive buffer was full (as reported
+    /// by `SO_RXQ_OVFL`, with the next datagram that got through).
+    pub dropped_by_kernel: AtomicU64,
+}
+
+/// A binding's open listening socket, of the binding's protocol.
+#[derive(Debug)]
+pub(crate) enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Udp(tokio::net::UdpSocket),
+}
+
+impl Listener {
+    /// Creates, binds and (TCP) listens on the socket for `b` in its namespace.
+    pub(crate) async fn open(b: &Binding) -> Result<Listener, ListenError> {
+        match b.rule.protocol {
+            Protocol::Tcp => tcp::listen(b).await.map(Listener::Tcp),
+            Protocol::Udp => udp::listen(b).await.map(Listener::Udp),
+        }
+    }
+
+    /// The address actually bound (the real port when the rule said 0).
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr(),
+            Listener::Udp(s) => s.local_addr(),
+        }
+    }
+
+    /// Serves until `shutdown` turns true. TCP connections then get up to
+    /// `drain` to finish; UDP sessions end at once.
+    pub(crate) async fn serve(
+        self,
+        b: Arc<Binding>,
+        shutdown: watch::Receiver<bool>,
+        drain: Duration,
+    ) {
+        match self {
+            Listener::Tcp(l) => tcp::serve(b, l, shutdown, drain).await,
+            Listener::Udp(s) => udp::serve(b, s, shutdown).await,
+        }
+    }
 }
 
 /// Why a binding could not listen.

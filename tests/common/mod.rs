@@ -469,3 +469,142 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+// ---------------------------------------------------------------------------
+// UDP helpers (added for tests/udp.rs; nothing above depends on them).
+// ---------------------------------------------------------------------------
+
+impl TestNs {
+    /// A blocking UDP socket bound to `addr` inside this namespace, with
+    /// [`WAIT`] as its read timeout. `[::]` is dual-stack.
+    pub fn udp_bind(&self, addr: &str) -> std::net::UdpSocket {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let s = switcher()
+            .socket_blocking(self.id(), SocketSpec::udp(&addr))
+            .expect("socket in test namespace");
+        s.set_nonblocking(false).unwrap();
+        if addr.is_ipv6() && addr.ip().is_unspecified() {
+            s.set_only_v6(false).unwrap();
+        }
+        s.bind(&addr.into()).expect("bind in test namespace");
+        let s: std::net::UdpSocket = s.into();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s
+    }
+
+    /// A UDP client inside this namespace, connected to `to` from an
+    /// ephemeral port on the loopback address of `to`'s family; replies
+    /// from any other address are dropped by the kernel.
+    pub fn udp_client(&self, to: &str) -> std::net::UdpSocket {
+        let to: SocketAddr = to.parse().unwrap();
+        let s = self.udp_bind(if to.is_ipv4() {
+            "127.0.0.1:0"
+        } else {
+            "[::1]:0"
+        });
+        s.connect(to).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
+    /// A process (`sleep`) inside this namespace, so that `pid:PID` names
+    /// it; killed on drop.
+    pub fn process(&self) -> NsProcess {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sleep", "600"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sleep in test namespace");
+        // `ip netns exec` enters the namespace, then execs sleep in place:
+        // once the process is called "sleep", it is in there.
+        let pid = child.id();
+        let deadline = Instant::now() + WAIT;
+        while std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map_or(true, |c| c.trim() != "sleep")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "sleep never entered {}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        NsProcess(child)
+    }
+}
+
+/// A process living in a test namespace; killed on drop.
+pub struct NsProcess(Child);
+
+impl NsProcess {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for NsProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Echoes every datagram to its sender, on its own thread, until the
+/// process ends. Its receive buffer is as large as the kernel allows, so
+/// that bursts from many clients are not dropped before it reads them.
+pub fn udp_echo_server(s: std::net::UdpSocket) {
+    s.set_read_timeout(None).unwrap();
+    let _ = socket2::SockRef::from(&s).set_recv_buffer_size(4 << 20);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+}
+
+/// Sends `msg` on a connected socket and returns the first datagram back
+/// (or the error, such as a timeout).
+pub fn udp_round_trip(c: &std::net::UdpSocket, msg: &[u8]) -> io::Result<Vec<u8>> {
+    c.send(msg)?;
+    let mut buf = vec![0u8; 65536];
+    let n = c.recv(&mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+impl Daemon {
+    /// Open fds of the daemon (entries of /proc/PID/fd).
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+
+    /// Resident memory of the daemon in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> usize {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Waits (bounded) until `f()` holds, polling; panics with `what`.
+    pub fn wait_until(&self, what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !f() {
+            if Instant::now() > deadline {
+                panic!("{what}: not within {WAIT:?}; log:\n{}", self.log());
+            }
+            if self.exited() {
+                panic!(
+                    "nsproxy exited while waiting for {what}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

@@ -1,0 +1,706 @@
+//! UDP: a listening socket per binding, and a session per client.
+//!
+//! A session belongs to one client address and port. It owns an upstream
+//! socket created in the rule's upstream namespace and connected to the
+//! upstream, so the upstream's replies arrive on that socket and go back to
+//! exactly that client, and the upstream sees one stable source port per
+//! client. Each datagram is passed on whole, or dropped and counted: never
+//! cut short, merged or split.
+//!
+//! ```text
+//! client ─► listening socket ─► listener task ─queue─► session task ─► upstream socket ─► upstream
+//! client ◄─ listening socket ◄──────────────────────── session task ◄─ upstream socket ◄─ upstream
+//!           (sendmsg from the address the client sent to)
+//! ```
+//!
+//! The listener task only receives, looks the client up and queues the
+//! datagram without waiting, so a slow or dead upstream stalls nobody but
+//! its own session: when a session's queue is full, the datagram is
+//! dropped and counted. Replies leave the listening socket from the
+//! address the client's datagram was sent to (`IP_PKTINFO` /
+//! `IPV6_PKTINFO` with `recvmsg`/`sendmsg`, in the private `udp_sys`
+//! module), which matters for a wildcard listener on a namespace with
+//! several addresses.
+//!
+//! A session ends after `udp_idle_timeout` without a datagram in either
+//! direction, and its task, queue and socket go with it. At most
+//! `udp_max_sessions` sessions exist per binding; a datagram from a further
+//! new client is dropped, counted and logged. A "port unreachable" answer
+//! from the upstream (ECONNREFUSED) is counted and logged and the session
+//! stays until it is idle: the upstream may come back, and the client keeps
+//! its upstream source port. At shutdown sessions end at once.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::udp_sys::{self, ReplyFrom};
+use super::{Binding, ListenError};
+use crate::netns::{NsError, SocketSpec};
+
+/// Receive buffer size, both directions: larger than any UDP payload short
+/// of an IPv6 jumbogram (65,507 bytes over IPv4, 65,527 over IPv6), so a
+/// datagram that does not fit is reported as truncated rather than cut.
+/// One buffer per worker thread, not per session: 10,000 idle sessions do
+/// not each hold 64 KiB.
+const RECV_BUF: usize = 64 * 1024;
+/// Socket receive buffer asked for on listening sockets, so that a burst
+/// from many clients waits in the kernel instead of being dropped there.
+/// The kernel caps it at `net.core.rmem_max` (twice that, in fact).
+const LISTEN_RCVBUF: usize = 4 << 20;
+/// Datagrams a session may have waiting for its upstream socket...
+const QUEUE_LEN: usize = 64;
+/// ...and the bytes they may hold together, so that 10,000 sessions with a
+/// stuck upstream cannot hold 64 × 64 KiB each.
+const QUEUE_BYTES: usize = 256 * 1024;
+// A new session's queue always has room for its first datagram.
+const _: () = assert!(QUEUE_BYTES >= RECV_BUF);
+/// After the first warning of a kind, further ones in this interval are
+/// counted and logged together at its end.
+const REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// How long sessions get at shutdown to finish the send they are in.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Pause after receiving on the listening socket failed: first, longest.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Creates the listening socket for `b` in its namespace.
+pub(crate) async fn listen(b: &Binding) -> Result<UdpSocket, ListenError> {
+    let addr = b.rule.listen;
+    let socket = b.switcher.socket(b.ns, SocketSpec::udp(&addr)).await?;
+    let at = |source: io::Error| ListenError::Socket { addr, source };
+    // No SO_REUSEADDR: on UDP it would let a second socket share the port
+    // and take some of its datagrams, instead of failing with "in use".
+    let dual_stack = addr.is_ipv6() && addr.ip().is_unspecified();
+    if dual_stack {
+        // `[::]` means both families, whatever net.ipv6.bindv6only says.
+        socket.set_only_v6(false).map_err(at)?;
+    }
+    udp_sys::enable_pktinfo(socket.as_fd(), addr.is_ipv6(), dual_stack).map_err(at)?;
+    if let Err(e) = udp_sys::enable_drop_count(socket.as_fd()) {
+        debug!(listen = %addr, "cannot count the kernel's drops (SO_RXQ_OVFL): {e}");
+    }
+    if let Err(e) = socket.set_recv_buffer_size(LISTEN_RCVBUF) {
+        debug!(listen = %addr, "cannot enlarge the receive buffer: {e}");
+    }
+    socket
+        .bind(&addr.into())
+        .map_err(|source| ListenError::Bind { addr, source })?;
+    UdpSocket::from_std(std::net::UdpSocket::from(socket)).map_err(at)
+}
+
+/// Receives and relays until `shutdown` turns true, then ends every session.
+pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket, mut shutdown: watch::Receiver<bool>) {
+    let shared = Arc::new(Shared {
+        ipv6: b.rule.listen.is_ipv6(),
+        warnings: Arc::new(Warnings::new(&b)),
+        b,
+        socket,
+        sessions: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(0),
+    });
+    let b = &shared.b;
+    let mut tasks = JoinSet::new();
+    let mut backoff = BACKOFF_MIN;
+    // The kernel's running count of drops, as last reported.
+    let mut kernel_drops = 0u32;
+    loop {
+        tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = done {
+                    error!(rule = %b.rule.name, netns = %b.netns, "UDP session task failed: {e}");
+                }
+            }
+            r = shared.socket.async_io(Interest::READABLE, || recv_from_client(&shared.socket)) => match r {
+                Ok((meta, data)) => {
+                    backoff = BACKOFF_MIN;
+                    if let Some(total) = meta.kernel_drops {
+                        let new = total.wrapping_sub(kernel_drops);
+                        kernel_drops = total;
+                        if new > 0 {
+                            b.stats.dropped_by_kernel.fetch_add(u64::from(new), Relaxed);
+                            shared.warnings.warn(Warn::KernelDrops, || format!(
+                                "the kernel dropped {new} datagram(s) for {}: the socket's receive buffer was full (raise net.core.rmem_max to allow a larger one)",
+                                b.rule.listen
+                            ));
+                        }
+                    }
+                    if meta.truncated {
+                        b.stats.truncated.fetch_add(1, Relaxed);
+                        shared.warnings.warn(Warn::Truncated, || format!(
+                            "dropped a {}-byte datagram from {}: larger than the {RECV_BUF}-byte buffer",
+                            meta.len, canonical(meta.peer)
+                        ));
+                        continue;
+                    }
+                    dispatch(&shared, &mut tasks, meta.peer, Datagram { data, reply_from: meta.reply_from });
+                }
+                Err(e) => {
+                    // An unconnected socket gets no ICMP errors, so this is
+                    // the kernel short of memory (or something stranger):
+                    // pause rather than spin on it.
+                    b.stats.recv_errors.fetch_add(1, Relaxed);
+                    shared.warnings.warn(Warn::RecvFailed, || format!(
+                        "receiving on {} failed: {e}; pausing this listener for {backoff:?}",
+                        b.rule.listen
+                    ));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            },
+        }
+    }
+
+    // Closing every queue tells each session to end; it logs what it moved.
+    let open = {
+        let mut sessions = shared.lock_sessions();
+        let n = sessions.len();
+        sessions.clear();
+        n
+    };
+    if open > 0 {
+        info!(rule = %b.rule.name, netns = %b.netns, "listener closed; ending {open} UDP session(s)");
+    }
+    let ended = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if ended.is_err() {
+        tasks.shutdown().await;
+    }
+}
+
+/// Completes once shutdown was requested (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Shows IPv4 clients of a dual-stack listener as 1.2.3.4, not ::ffff:1.2.3.4.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// What one binding's listener task and its sessions share.
+struct Shared {
+    b: Arc<Binding>,
+    /// The listening socket: the listener task receives on it; sessions send
+    /// their replies with it, so that replies come from the listen port.
+    socket: UdpSocket,
+    /// The listening socket's family, which decides the packet-info form.
+    ipv6: bool,
+    /// Live sessions by client address. Locked briefly and never across an
+    /// await. Queueing a datagram and deciding that a session is idle both
+    /// happen under this lock, so no datagram is queued to a session that
+    /// is ending.
+    sessions: Mutex<HashMap<SocketAddr, Entry>>,
+    /// Tells a session apart from a later one of the same client.
+    next_id: AtomicU64,
+    warnings: Arc<Warnings>,
+}
+
+impl Shared {
+    fn lock_sessions(&self) -> MutexGuard<'_, HashMap<SocketAddr, Entry>> {
+        // A panic elsewhere cannot leave the map half-updated: every
+        // change is a single insert, remove or clear.
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Removes session `id` of `peer` if nothing waits in its queue; false
+    /// if a datagram arrived meanwhile (the session is not idle after all).
+    fn remove_if_idle(&self, peer: SocketAddr, id: u64, rx: &mpsc::Receiver<Datagram>) -> bool {
+        let mut sessions = self.lock_sessions();
+        if !rx.is_empty() {
+            return false;
+        }
+        forget(&mut sessions, peer, id);
+        true
+    }
+}
+
+/// Removes session `id` of `peer` from the map (a later session of the same
+/// client is left alone), and gives back the room a past burst of sessions
+/// took: a HashMap never shrinks by itself.
+fn forget(sessions: &mut HashMap<SocketAddr, Entry>, peer: SocketAddr, id: u64) {
+    if sessions.get(&peer).is_some_and(|e| e.id == id) {
+        sessions.remove(&peer);
+    }
+    if sessions.capacity() > 1024 && sessions.len() < sessions.capacity() / 8 {
+        sessions.shrink_to(sessions.len() * 2);
+    }
+}
+
+/// The listener's handle on one session.
+struct Entry {
+    id: u64,
+    tx: mpsc::Sender<Datagram>,
+    /// Bytes waiting in the queue, against [`QUEUE_BYTES`].
+    queued: Arc<AtomicUsize>,
+}
+
+impl Entry {
+    /// Queues `d` without waiting.
+    fn offer(&self, d: Datagram) -> Result<(), mpsc::error::TrySendError<Datagram>> {
+        let len = d.data.len();
+        if self.queued.fetch_add(len, Relaxed) + len > QUEUE_BYTES {
+            self.queued.fetch_sub(len, Relaxed);
+            return Err(mpsc::error::TrySendError::Full(d));
+        }
+        self.tx.try_send(d).inspect_err(|_| {
+            self.queued.fetch_sub(len, Relaxed);
+        })
+    }
+}
+
+/// A client's datagram on its way to the upstream.
+struct Datagram {
+    data: Box<[u8]>,
+    /// Where the client sent it, which is where replies must come from.
+    reply_from: Option<ReplyFrom>,
+}
+
+thread_local! {
+    /// Each worker thread's receive buffer (see [`RECV_BUF`]).
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; RECV_BUF].into_boxed_slice());
+}
+
+/// One datagram from the listening socket, copied out at its own size (or
+/// nothing, when it was truncated).
+fn recv_from_client(socket: &UdpSocket) -> io::Result<(udp_sys::Received, Box<[u8]>)> {
+    SCRATCH.with_borrow_mut(|buf| {
+        let meta = udp_sys::recv_from_to(socket.as_fd(), buf)?;
+        let data = if meta.truncated {
+            Box::default()
+        } else {
+            buf[..meta.len].into()
+        };
+        Ok((meta, data))
+    })
+}
+
+/// What a session socket received.
+enum Reply {
+    Data(Box<[u8]>),
+    /// A datagram of this many bytes did not fit and was dropped.
+    Truncated(usize),
+}
+
+fn recv_from_upstream(socket: &UdpSocket) -> io::Result<Reply> {
+    SCRATCH.with_borrow_mut(|buf| {
+        let len = udp_sys::recv_connected(socket.as_fd(), buf)?;
+        Ok(if len > buf.len() {
+            Reply::Truncated(len)
+        } else {
+            Reply::Data(buf[..len].into())
+        })
+    })
+}
+
+/// Hands a client's datagram to its session, starting one if needed.
+fn dispatch(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, peer: SocketAddr, d: Datagram) {
+    let b = &shared.b;
+    let mut sessions = shared.lock_sessions();
+    let offered = match sessions.get(&peer) {
+        Some(e) => e.offer(d),
+        None => Err(mpsc::error::TrySendError::Closed(d)),
+    };
+    let d = match offered {
+        Ok(()) => return,
+        Err(mpsc::error::TrySendError::Full(d)) => {
+            drop(sessions);
+            b.stats.dropped_queue_full.fetch_add(1, Relaxed);
+            shared.warnings.warn(Warn::QueueFull, || {
+                format!(
+                    "dropped a {}-byte datagram from {}: its session's queue to the upstream is full",
+                    d.data.len(),
+                    canonical(peer)
+                )
+            });
+            return;
+        }
+        Err(mpsc::error::TrySendError::Closed(d)) => {
+            // A new client, or (only after a bug killed a session task) a
+            // closed queue: start a fresh session.
+            sessions.remove(&peer);
+            d
+        }
+    };
+    let max = b.rule.udp_max_sessions;
+    if sessions.len() >= max {
+        drop(sessions);
+        b.stats.dropped_at_cap.fetch_add(1, Relaxed);
+        shared.warnings.warn(Warn::AtCap, || {
+            format!(
+                "session limit reached (udp_max_sessions = {max}): dropped a datagram from new client {}",
+                canonical(peer)
+            )
+        });
+        return;
+    }
+    let (tx, rx) = mpsc::channel(QUEUE_LEN);
+    let id = shared.next_id.fetch_add(1, Relaxed);
+    let entry = Entry {
+        id,
+        tx,
+        queued: Arc::new(AtomicUsize::new(0)),
+    };
+    let queued = entry.queued.clone();
+    if entry.offer(d).is_err() {
+        unreachable!("an empty queue has room for one datagram (QUEUE_BYTES >= RECV_BUF)");
+    }
+    sessions.insert(peer, entry);
+    drop(sessions);
+
+    b.stats.sessions_created.fetch_add(1, Relaxed);
+    // Made here, not in the task: a task aborted before its first poll
+    // still drops it.
+    let active = Active::new(b.clone());
+    let span = info_span!(
+        "udp_session",
+        rule = %b.rule.name,
+        netns = %b.netns,
+        peer = %canonical(peer),
+        upstream = %b.rule.upstream,
+    );
+    tasks.spawn(session(shared.clone(), peer, id, rx, queued, active).instrument(span));
+}
+
+/// Counts a session in `sessions_active` for as long as it lives.
+struct Active(Arc<Binding>);
+
+impl Active {
+    fn new(b: Arc<Binding>) -> Active {
+        b.stats.sessions_active.fetch_add(1, Relaxed);
+        Active(b)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.stats.sessions_active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Why a session could not get its upstream socket.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("{0}")]
+    Socket(#[from] NsError),
+    #[error("cannot connect a UDP socket to {to} in the upstream namespace: {source}")]
+    Connect { to: SocketAddr, source: io::Error },
+    #[error("cannot register the upstream socket: {0}")]
+    Register(io::Error),
+}
+
+async fn open_upstream(b: &Binding) -> Result<UdpSocket, UpstreamError> {
+    let to = b.rule.upstream;
+    let socket = b
+        .switcher
+        .socket(b.upstream_ns, SocketSpec::udp(&to))
+        .await?;
+    // UDP connect sends nothing: it fixes the peer (replies from anyone
+    // else are dropped by the kernel) and picks the source address and port.
+    socket
+        .connect(&to.into())
+        .map_err(|source| UpstreamError::Connect { to, source })?;
+    UdpSocket::from_std(std::net::UdpSocket::from(socket)).map_err(UpstreamError::Register)
+}
+
+/// What one session moved, for its closing log line.
+#[derive(Default)]
+struct Moved {
+    datagrams_from_client: u64,
+    datagrams_to_client: u64,
+    bytes_from_client: u64,
+    bytes_to_client: u64,
+}
+
+async fn session(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    id: u64,
+    mut rx: mpsc::Receiver<Datagram>,
+    queued: Arc<AtomicUsize>,
+    _active: Active,
+) {
+    let b = &shared.b;
+    let started = Instant::now();
+    let upstream = match open_upstream(b).await {
+        Ok(s) => s,
+        Err(e) => {
+            b.stats.sessions_failed.fetch_add(1, Relaxed);
+            // Out of the map first, so that nothing more is queued; then
+            // count what was.
+            forget(&mut shared.lock_sessions(), peer, id);
+            rx.close();
+            let mut lost = 0;
+            while rx.try_recv().is_ok() {
+                lost += 1;
+            }
+            b.stats.send_errors.fetch_add(lost, Relaxed);
+            shared.warnings.warn(Warn::NoUpstream, || {
+                format!("cannot start a session: {e}; dropped {lost} datagram(s) from the client")
+            });
+            return;
+        }
+    };
+    debug!("session opened");
+    let idle = b.rule.udp_idle_timeout;
+    let mut moved = Moved::default();
+    let mut reply_from = None;
+    let mut last = Instant::now();
+    let timer = tokio::time::sleep_until(last + idle);
+    tokio::pin!(timer);
+    let end = loop {
+        tokio::select! {
+            d = rx.recv() => {
+                // The listener dropped the queue: it is closing (shutdown,
+                // or its binding was removed).
+                let Some(d) = d else { break "the listener closed" };
+                last = Instant::now();
+                queued.fetch_sub(d.data.len(), Relaxed);
+                reply_from = d.reply_from.or(reply_from);
+                if to_upstream(&shared, &upstream, &d.data).await {
+                    moved.datagrams_from_client += 1;
+                    moved.bytes_from_client += d.data.len() as u64;
+                }
+            }
+            r = upstream.async_io(Interest::READABLE, || recv_from_upstream(&upstream)) => match r {
+                Ok(Reply::Data(data)) => {
+                    last = Instant::now();
+                    if to_client(&shared, peer, reply_from, &data).await {
+                        moved.datagrams_to_client += 1;
+                        moved.bytes_to_client += data.len() as u64;
+                    }
+                }
+                Ok(Reply::Truncated(len)) => {
+                    last = Instant::now();
+                    b.stats.truncated.fetch_add(1, Relaxed);
+                    shared.warnings.warn(Warn::Truncated, || format!(
+                        "dropped a {len}-byte datagram from the upstream: larger than the {RECV_BUF}-byte buffer"
+                    ));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => refused(&shared, "receiving"),
+                Err(e) => {
+                    // Other ICMP errors (host or network unreachable) end
+                    // here too; the session stays, like for "refused".
+                    b.stats.recv_errors.fetch_add(1, Relaxed);
+                    shared.warnings.warn(Warn::RecvFailed, || format!(
+                        "receiving from the upstream failed: {e}"
+                    ));
+                }
+            },
+            () = &mut timer => {
+                let deadline = last + idle;
+                if Instant::now() < deadline {
+                    timer.as_mut().reset(deadline);
+                } else if shared.remove_if_idle(peer, id, &rx) {
+                    b.stats.sessions_expired.fetch_add(1, Relaxed);
+                    break "idle";
+                } else {
+                    // A datagram arrived just as the session went idle.
+                    last = Instant::now();
+                    timer.as_mut().reset(last + idle);
+                }
+            }
+        }
+    };
+    info!(
+        datagrams_from_client = moved.datagrams_from_client,
+        datagrams_to_client = moved.datagrams_to_client,
+        bytes_from_client = moved.bytes_from_client,
+        bytes_to_client = moved.bytes_to_client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "session closed: {end}"
+    );
+}
+
+/// Counts and logs a "port unreachable" report for a session socket.
+fn refused(shared: &Shared, doing: &str) {
+    shared.b.stats.upstream_refused.fetch_add(1, Relaxed);
+    shared.warnings.warn(Warn::Refused, || {
+        format!(
+            "upstream {} refused ({doing}: nothing listens on that port); the session stays open",
+            shared.b.rule.upstream
+        )
+    });
+}
+
+/// Sends a client's datagram to the upstream; true if it went.
+async fn to_upstream(shared: &Shared, upstream: &UdpSocket, data: &[u8]) -> bool {
+    let b = &shared.b;
+    let mut result = upstream.send(data).await;
+    if matches!(&result, Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED)) {
+        // The error was a report about an earlier datagram, which the
+        // kernel hands to the next call on the socket; this one was not
+        // sent yet. Reading the report cleared it: try once more.
+        refused(shared, "sending");
+        result = upstream.send(data).await;
+    }
+    match result {
+        Ok(_) => {
+            b.stats.datagrams_in.fetch_add(1, Relaxed);
+            b.stats.bytes_in.fetch_add(data.len() as u64, Relaxed);
+            true
+        }
+        Err(e) => {
+            b.stats.send_errors.fetch_add(1, Relaxed);
+            shared.warnings.warn(Warn::SendFailed, || {
+                format!(
+                    "dropped a {}-byte datagram to the upstream: {e}",
+                    data.len()
+                )
+            });
+            false
+        }
+    }
+}
+
+/// Sends an upstream datagram to the client from the address the client
+/// last sent to; true if it went.
+async fn to_client(
+    shared: &Shared,
+    peer: SocketAddr,
+    from: Option<ReplyFrom>,
+    data: &[u8],
+) -> bool {
+    let b = &shared.b;
+    let sent = shared
+        .socket
+        .async_io(Interest::WRITABLE, || {
+            udp_sys::send_to_from(shared.socket.as_fd(), data, peer, from, shared.ipv6)
+        })
+        .await;
+    match sent {
+        Ok(_) => {
+            b.stats.datagrams_out.fetch_add(1, Relaxed);
+            b.stats.bytes_out.fetch_add(data.len() as u64, Relaxed);
+            true
+        }
+        Err(e) => {
+            b.stats.send_errors.fetch_add(1, Relaxed);
+            let from = from.map_or_else(|| "any address".to_owned(), |f| f.ip.to_string());
+            shared.warnings.warn(Warn::SendFailed, || {
+                format!(
+                    "dropped a {}-byte datagram to the client (sent from {from}): {e}",
+                    data.len()
+                )
+            });
+            false
+        }
+    }
+}
+
+/// The kinds of warning a UDP binding rate-limits, each on its own.
+#[derive(Debug, Clone, Copy)]
+enum Warn {
+    AtCap,
+    QueueFull,
+    Truncated,
+    SendFailed,
+    Refused,
+    NoUpstream,
+    RecvFailed,
+    KernelDrops,
+}
+
+impl Warn {
+    const COUNT: usize = 8;
+
+    /// Names the events of this kind in the periodic count.
+    fn events(self) -> &'static str {
+        match self {
+            Warn::AtCap => "datagram(s) from new clients dropped at the session limit",
+            Warn::QueueFull => "datagram(s) dropped because a session's queue was full",
+            Warn::Truncated => "oversized datagram(s) dropped",
+            Warn::SendFailed => "datagram(s) dropped because a send failed",
+            Warn::Refused => "\"port unreachable\" report(s) from the upstream",
+            Warn::NoUpstream => "session(s) that could not open their upstream socket",
+            Warn::RecvFailed => "receive error(s)",
+            Warn::KernelDrops => {
+                "report(s) of datagrams dropped by the kernel (see dropped_by_kernel)"
+            }
+        }
+    }
+}
+
+/// Rate-limited warnings of one binding. The first warning of a kind is
+/// logged at once, with its details; later ones within [`REPORT_INTERVAL`]
+/// are counted, and the count is logged when the interval ends. So a flood
+/// of drops costs one line per kind per interval, and none goes unlogged.
+struct Warnings {
+    rule: String,
+    netns: String,
+    windows: [Mutex<Window>; Warn::COUNT],
+}
+
+#[derive(Default)]
+struct Window {
+    /// A warning was logged and its interval has not ended yet.
+    open: bool,
+    /// Events since then, not yet logged.
+    suppressed: u64,
+}
+
+impl Warnings {
+    fn new(b: &Binding) -> Warnings {
+        Warnings {
+            rule: b.rule.name.clone(),
+            netns: b.netns.to_string(),
+            windows: Default::default(),
+        }
+    }
+
+    fn window(&self, kind: Warn) -> MutexGuard<'_, Window> {
+        self.windows[kind as usize]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Logs `message()` now, or counts it for the next report.
+    fn warn(self: &Arc<Self>, kind: Warn, message: impl FnOnce() -> String) {
+        {
+            let mut w = self.window(kind);
+            if w.open {
+                w.suppressed += 1;
+                return;
+            }
+            w.open = true;
+        }
+        warn!(rule = %self.rule, netns = %self.netns,
+            "{}; more of these are counted and reported every {REPORT_INTERVAL:?}", message());
+        // Lives only while warnings of this kind keep coming, and holds
+        // nothing but the counts (no socket).
+        let me = self.clone();
+        tokio::spawn(async move { me.report(kind).await });
+    }
+
+    async fn report(&self, kind: Warn) {
+        loop {
+            tokio::time::sleep(REPORT_INTERVAL).await;
+            let n = {
+                let mut w = self.window(kind);
+                if w.suppressed == 0 {
+                    w.open = false;
+                    return;
+                }
+                std::mem::take(&mut w.suppressed)
+            };
+            warn!(rule = %self.rule, netns = %self.netns, count = n,
+                "{n} more {} in the last {REPORT_INTERVAL:?}", kind.events());
+        }
+    }
+}

@@ -1,0 +1,786 @@
+//! UDP end to end: the nsproxy binary as its own process (and, once, the
+//! library in this process), real namespaces, real sockets.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn config(rules: &str) -> String {
+    format!("workers = 2\n{rules}")
+}
+
+/// A `protocol = "udp"` rule; `extra` adds keys such as udp_idle_timeout.
+fn rule(
+    name: &str,
+    listen: &str,
+    netns: &[&str],
+    upstream: &str,
+    upstream_netns: &str,
+    extra: &str,
+) -> String {
+    let list: Vec<String> = netns.iter().map(|n| format!("\"{n}\"")).collect();
+    format!(
+        "[[proxy]]\nname = \"{name}\"\nprotocol = \"udp\"\nlisten = \"{listen}\"\nnetns = [{}]\nupstream = \"{upstream}\"\nupstream_netns = \"{upstream_netns}\"\n{extra}\n",
+        list.join(", ")
+    )
+}
+
+/// main + 2 workers + the namespace thread.
+const THREADS: usize = 4;
+
+/// Stops the daemon with SIGTERM, checks it exits cleanly, returns its log.
+fn stop(d: Daemon) -> String {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &d.pid().to_string()])
+        .status();
+    let (status, log) = d.wait_exit();
+    assert!(status.success(), "{log}");
+    log
+}
+
+#[test]
+fn every_namespace_reference_and_address_family() {
+    if !root_or_skip("every_namespace_reference_and_address_family") {
+        return;
+    }
+    let host = TestNs::new("h");
+    let (named, by_path, by_pid) = (TestNs::new("n"), TestNs::new("p"), TestNs::new("pid"));
+    let up = TestNs::new("up");
+    let resident = by_pid.process();
+    udp_echo_server(up.udp_bind("127.0.0.1:9000"));
+    udp_echo_server(up.udp_bind("[::1]:9001"));
+    udp_echo_server(host.udp_bind("127.0.0.1:9002"));
+    let pid_ref = format!("pid:{}", resident.pid());
+    let path_ref = format!("/run/netns/{}", by_path.name());
+    let up_path = format!("/run/netns/{}", up.name());
+    let d = Daemon::run(
+        &host,
+        &config(&format!(
+            "{}{}{}",
+            rule(
+                "dual",
+                "[::]:8000",
+                &["host", named.name(), &path_ref, &pid_ref],
+                "127.0.0.1:9000",
+                up.name(),
+                "",
+            ),
+            rule(
+                "v4-to-v6",
+                "127.0.0.1:8001",
+                &[named.name()],
+                "[::1]:9001",
+                &up_path,
+                ""
+            ),
+            rule(
+                "v6-to-host",
+                "[::1]:8002",
+                &[named.name()],
+                "127.0.0.1:9002",
+                "host",
+                ""
+            ),
+        )),
+        &[],
+    );
+    let log = d.wait_ready();
+    assert!(log.contains("ready: 6 of 6 binding(s)"), "{log}");
+    let mut n = 0;
+    for ns in [&host, &named, &by_path, &by_pid] {
+        for to in ["127.0.0.1:8000", "[::1]:8000"] {
+            let c = ns.udp_client(to);
+            let msg = format!("to {to} from {}", ns.name());
+            let back = udp_round_trip(&c, msg.as_bytes())
+                .unwrap_or_else(|e| panic!("{to} in {}: {e}", ns.name()));
+            assert_eq!(back, msg.as_bytes());
+            n += 1;
+        }
+    }
+    for to in ["127.0.0.1:8001", "[::1]:8002"] {
+        let c = named.udp_client(to);
+        assert_eq!(udp_round_trip(&c, b"x").unwrap(), b"x", "{to}");
+        n += 1;
+    }
+    assert_eq!(n, 10);
+    let log = stop(d);
+    // Each session logs what it moved when it ends (here: at shutdown),
+    // and IPv4 clients of the dual-stack listener show as plain IPv4.
+    assert_eq!(log.matches("session closed").count(), 10, "{log}");
+    assert!(log.contains("\"peer\":\"127.0.0.1:"), "{log}");
+    assert!(log.contains("\"peer\":\"[::1]:"), "{log}");
+    assert!(!log.contains("::ffff:"), "{log}");
+    assert!(log.contains("\"protocol\":\"udp\""), "{log}");
+}
+
+#[test]
+fn forward_command_line_form() {
+    if !root_or_skip("forward_command_line_form_udp") {
+        return;
+    }
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    udp_echo_server(b.udp_bind("[::1]:9000"));
+    let spec = format!("udp:[::]:7000@{},host=[::1]:9000@{}", a.name(), b.name());
+    let d = Daemon::command(&host, &["forward", "--workers", "1", &spec]);
+    d.wait_ready();
+    for ns in [&a, &host] {
+        for to in ["127.0.0.1:7000", "[::1]:7000"] {
+            let c = ns.udp_client(to);
+            assert_eq!(udp_round_trip(&c, b"via cli").unwrap(), b"via cli");
+        }
+    }
+    assert_eq!(d.threads(), 3);
+}
+
+#[test]
+fn two_hundred_clients_each_get_only_their_own_replies() {
+    if !root_or_skip("two_hundred_clients_each_get_only_their_own_replies") {
+        return;
+    }
+    const CLIENTS: usize = 200;
+    const EACH: usize = 100;
+    let (host, clients, server) = (TestNs::new("h"), TestNs::new("c"), TestNs::new("s"));
+    let echo = server.udp_bind("127.0.0.1:9000");
+    echo.set_read_timeout(None).unwrap();
+    udp_echo_server(echo);
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "many",
+            "127.0.0.1:7000",
+            &[clients.name()],
+            "127.0.0.1:9000",
+            server.name(),
+            "",
+        )),
+        &[],
+    );
+    d.wait_ready();
+    // Scoped threads: all are joined (and the namespace guard outlives
+    // them) even when one of them panics.
+    let failed: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                let ns = &clients;
+                scope.spawn(move || -> Result<(), String> {
+                    let c = ns.udp_client("127.0.0.1:7000");
+                    for j in 0..EACH {
+                        // Sizes vary so that a mixed-up reply cannot match by length.
+                        let mut msg = format!("client {i} datagram {j} ").into_bytes();
+                        msg.extend(random_bytes((i * 7 + j * 13) % 1200, (i * EACH + j) as u64));
+                        let back = udp_round_trip(&c, &msg)
+                            .map_err(|e| format!("client {i} datagram {j}: {e}"))?;
+                        if back != msg {
+                            return Err(format!("client {i} datagram {j}: got another reply"));
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .filter_map(|w| match w.join() {
+                Ok(r) => r.err(),
+                Err(_) => Some("a client thread panicked".into()),
+            })
+            .collect()
+    });
+    assert!(failed.is_empty(), "{failed:#?}\nlog:\n{}", d.log());
+    assert_eq!(d.threads(), THREADS, "threads grew with {CLIENTS} sessions");
+}
+
+#[test]
+fn boundaries_and_the_largest_datagrams_pass_intact() {
+    if !root_or_skip("boundaries_and_the_largest_datagrams_pass_intact") {
+        return;
+    }
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    let echo4 = b.udp_bind("127.0.0.1:9000");
+    let echo6 = b.udp_bind("[::1]:9000");
+    for s in [&echo4, &echo6] {
+        s2(s).set_recv_buffer_size(4 << 20).unwrap();
+    }
+    udp_echo_server(echo4);
+    udp_echo_server(echo6);
+    let d = Daemon::run(
+        &host,
+        &config(&format!(
+            "{}{}",
+            rule(
+                "v4",
+                "127.0.0.1:7000",
+                &[a.name()],
+                "127.0.0.1:9000",
+                b.name(),
+                ""
+            ),
+            rule("v6", "[::1]:7000", &[a.name()], "[::1]:9000", b.name(), ""),
+        )),
+        &[],
+    );
+    d.wait_ready();
+    // The largest UDP payloads: 65,535 minus the IPv4 (20) and UDP (8)
+    // headers, and minus the UDP header alone for IPv6.
+    for (to, sizes) in [
+        (
+            "127.0.0.1:7000",
+            &[0, 1, 1472, 1473, 9000, 65_000, 65_507][..],
+        ),
+        ("[::1]:7000", &[0, 1, 1452, 1453, 65_000, 65_527][..]),
+    ] {
+        let c = a.udp_client(to);
+        s2(&c).set_recv_buffer_size(4 << 20).unwrap();
+        // One at a time: each comes back whole.
+        for &len in sizes {
+            let msg = random_bytes(len, len as u64 + 1);
+            let back =
+                udp_round_trip(&c, &msg).unwrap_or_else(|e| panic!("{len} bytes to {to}: {e}"));
+            assert_eq!((back.len(), checksum(&back)), (len, checksum(&msg)), "{to}");
+        }
+        // Back to back: neither merged nor split, in order.
+        for &len in sizes {
+            c.send(&random_bytes(len, len as u64 + 2)).unwrap();
+        }
+        let mut buf = vec![0u8; 70_000];
+        for &len in sizes {
+            let n = c
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("{len} bytes to {to}: {e}"));
+            assert_eq!(n, len, "{to}");
+            assert_eq!(
+                checksum(&buf[..n]),
+                checksum(&random_bytes(len, len as u64 + 2))
+            );
+        }
+    }
+}
+
+/// socket2's view of a std socket, for options std lacks.
+fn s2(s: &UdpSocket) -> socket2::SockRef<'_> {
+    socket2::SockRef::from(s)
+}
+
+#[test]
+fn five_thousand_idle_sessions_expire_and_free_everything() {
+    if !root_or_skip("five_thousand_idle_sessions_expire_and_free_everything") {
+        return;
+    }
+    const SESSIONS: usize = 5000;
+    const BATCH: usize = 250;
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    let echo = b.udp_bind("127.0.0.1:9000");
+    s2(&echo).set_recv_buffer_size(4 << 20).unwrap();
+    udp_echo_server(echo);
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "idle",
+            "127.0.0.1:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            b.name(),
+            "udp_idle_timeout = \"2s\"",
+        )),
+        &[],
+    );
+    d.wait_ready();
+    let (fds, threads) = (d.fds(), d.threads());
+    assert_eq!(threads, THREADS);
+
+    // Four rounds: memory may grow in the first (allocator arenas, maps
+    // sized for 5000 sessions) but not from round to round after that.
+    let mut rss_after = Vec::new();
+    for round in 1..=4 {
+        let mut peak = 0;
+        let started = Instant::now();
+        // Each client socket is a new source port, so a new session. All
+        // stay open until every session exists, or a new socket could get
+        // the port of a closed one whose session still lives.
+        let mut all = Vec::with_capacity(SESSIONS);
+        for batch in 0..SESSIONS / BATCH {
+            let clients: Vec<UdpSocket> =
+                (0..BATCH).map(|_| a.udp_client("127.0.0.1:7000")).collect();
+            for (i, c) in clients.iter().enumerate() {
+                c.send(format!("{batch}/{i}").as_bytes()).unwrap();
+            }
+            let mut buf = [0u8; 64];
+            for (i, c) in clients.iter().enumerate() {
+                let n = c
+                    .recv(&mut buf)
+                    .unwrap_or_else(|e| panic!("round {round} batch {batch} client {i}: {e}"));
+                assert_eq!(&buf[..n], format!("{batch}/{i}").as_bytes());
+            }
+            peak = peak.max(d.fds());
+            all.extend(clients);
+        }
+        eprintln!(
+            "round {round}: {SESSIONS} sessions in {:?}",
+            started.elapsed()
+        );
+        drop(all);
+        assert_eq!(
+            d.threads(),
+            THREADS,
+            "threads grew with {SESSIONS} sessions"
+        );
+        // Sessions hold an fd each; most of them are still open here.
+        assert!(
+            peak >= fds + SESSIONS / 2,
+            "peak {peak} fds, baseline {fds}"
+        );
+        d.wait_log_count("session closed: idle", round * SESSIONS);
+        d.wait_until("fds back to the baseline", || d.fds() == fds);
+        assert_eq!(d.threads(), THREADS);
+        rss_after.push(d.rss_kib());
+    }
+    // A leaked session (task, queue, timer: a few KiB) would add well over
+    // 10 MiB per round; allocator noise stays within a few MiB.
+    assert!(
+        rss_after[3] <= rss_after[1] + 8 * 1024,
+        "resident memory after each round (KiB): {rss_after:?}"
+    );
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn session_cap_drops_datagrams_of_new_clients_and_says_so() {
+    if !root_or_skip("session_cap_drops_datagrams_of_new_clients_and_says_so") {
+        return;
+    }
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    udp_echo_server(b.udp_bind("127.0.0.1:9000"));
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "capped",
+            "127.0.0.1:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            b.name(),
+            "udp_max_sessions = 2\nudp_idle_timeout = \"1s\"",
+        )),
+        &[],
+    );
+    d.wait_ready();
+    let (c1, c2, c3) = (
+        a.udp_client("127.0.0.1:7000"),
+        a.udp_client("127.0.0.1:7000"),
+        a.udp_client("127.0.0.1:7000"),
+    );
+    assert_eq!(udp_round_trip(&c1, b"one").unwrap(), b"one");
+    assert_eq!(udp_round_trip(&c2, b"two").unwrap(), b"two");
+    c3.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let e = udp_round_trip(&c3, b"three").unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+    let log = d.wait_log("session limit reached (udp_max_sessions = 2)");
+    let c3_port = c3.local_addr().unwrap().port();
+    assert!(
+        log.contains(&format!("new client 127.0.0.1:{c3_port}")),
+        "{log}"
+    );
+    // The sessions at the cap still work.
+    assert_eq!(udp_round_trip(&c1, b"one again").unwrap(), b"one again");
+    // Once they expire there is room again.
+    d.wait_log_count("session closed: idle", 2);
+    c3.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(udp_round_trip(&c3, b"three").unwrap(), b"three");
+}
+
+#[test]
+fn datagrams_the_kernel_drops_are_counted_too() {
+    if !root_or_skip("datagrams_the_kernel_drops_are_counted_too") {
+        return;
+    }
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    udp_echo_server(b.udp_bind("127.0.0.1:9000"));
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "flood",
+            "127.0.0.1:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            b.name(),
+            "",
+        )),
+        &[],
+    );
+    d.wait_ready();
+    let signal = |sig: &str| {
+        let _ = std::process::Command::new("kill")
+            .args([sig, &d.pid().to_string()])
+            .status();
+    };
+    // With nsproxy stopped, 40 MB of datagrams overflow any receive buffer
+    // the kernel allows (8 MiB here at most, with rmem_max at 4 MiB).
+    signal("-STOP");
+    let flood = a.udp_client("127.0.0.1:7000");
+    let payload = [0u8; 1400];
+    for _ in 0..30_000 {
+        flood.send(&payload).unwrap();
+    }
+    signal("-CONT");
+    // The count comes with the next datagram the kernel does queue.
+    let c = a.udp_client("127.0.0.1:7000");
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let answered = (0..100).any(|_| udp_round_trip(&c, b"after").is_ok());
+    assert!(answered, "{}", d.log());
+    let log = d.wait_log("the kernel dropped");
+    assert!(
+        log.contains("the socket's receive buffer was full"),
+        "{log}"
+    );
+}
+
+#[test]
+fn replies_come_from_the_address_the_client_sent_to() {
+    if !root_or_skip("replies_come_from_the_address_the_client_sent_to") {
+        return;
+    }
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    a.add_lo_addr("127.0.0.2/8");
+    a.add_lo_addr("::2/128");
+    udp_echo_server(b.udp_bind("127.0.0.1:9000"));
+    let d = Daemon::run(
+        &host,
+        &config(&format!(
+            "{}{}",
+            rule(
+                "any4",
+                "0.0.0.0:7000",
+                &[a.name()],
+                "127.0.0.1:9000",
+                b.name(),
+                ""
+            ),
+            rule(
+                "dual",
+                "[::]:7001",
+                &[a.name()],
+                "127.0.0.1:9000",
+                b.name(),
+                ""
+            ),
+        )),
+        &[],
+    );
+    d.wait_ready();
+    // Unconnected clients, so that a reply from any address is received
+    // and its source can be checked. Routing alone would answer from
+    // 127.0.0.1 (the primary address) and ::1 (the client's own).
+    let cases = [
+        ("127.0.0.1:0", "127.0.0.2:7000"),
+        ("127.0.0.1:0", "127.0.0.1:7000"),
+        ("127.0.0.1:0", "127.0.0.2:7001"),
+        ("[::1]:0", "[::2]:7001"),
+        ("[::1]:0", "[::1]:7001"),
+    ];
+    for (from, to) in cases {
+        let c = a.udp_bind(from);
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let to: SocketAddr = to.parse().unwrap();
+        for i in 0..3 {
+            c.send_to(format!("hello {i}").as_bytes(), to).unwrap();
+            let mut buf = [0u8; 32];
+            let (n, source) = c
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("{to}: {e}"));
+            assert_eq!(&buf[..n], format!("hello {i}").as_bytes());
+            assert_eq!(
+                source, to,
+                "the reply to a datagram for {to} came from {source}"
+            );
+        }
+    }
+    // A connected client (which drops replies from anywhere else) works too.
+    let c = a.udp_client("127.0.0.2:7000");
+    assert_eq!(udp_round_trip(&c, b"connected").unwrap(), b"connected");
+}
+
+#[test]
+fn ipv6_everywhere() {
+    if !root_or_skip("ipv6_everywhere") {
+        return;
+    }
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    udp_echo_server(b.udp_bind("[::1]:9000"));
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "six",
+            "[::1]:7000",
+            &[a.name(), "host"],
+            "[::1]:9000",
+            b.name(),
+            "",
+        )),
+        &[],
+    );
+    d.wait_ready();
+    for ns in [&a, &host] {
+        let c = ns.udp_client("[::1]:7000");
+        for i in 0..20 {
+            let msg = random_bytes(100 + i * 50, i as u64);
+            assert_eq!(udp_round_trip(&c, &msg).unwrap(), msg);
+        }
+    }
+    let log = stop(d);
+    assert_eq!(log.matches("session closed").count(), 2, "{log}");
+    assert!(log.contains("\"peer\":\"[::1]:"), "{log}");
+    assert!(log.contains("\"upstream\":\"[::1]:9000\""), "{log}");
+    assert!(log.contains("\"datagrams_to_client\":20"), "{log}");
+}
+
+#[test]
+fn refused_upstream_keeps_the_listener_and_the_session() {
+    if !root_or_skip("refused_upstream_keeps_the_listener_and_the_session") {
+        return;
+    }
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    udp_echo_server(b.udp_bind("127.0.0.1:9001"));
+    let d = Daemon::run(
+        &host,
+        &config(&format!(
+            "{}{}",
+            rule(
+                "dead",
+                "127.0.0.1:7000",
+                &[a.name()],
+                "127.0.0.1:9000",
+                b.name(),
+                ""
+            ),
+            rule(
+                "alive",
+                "127.0.0.1:7001",
+                &[a.name()],
+                "127.0.0.1:9001",
+                b.name(),
+                ""
+            ),
+        )),
+        &[],
+    );
+    d.wait_ready();
+    let dead = a.udp_client("127.0.0.1:7000");
+    dead.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    // Every datagram gets "port unreachable" back, which the session sees
+    // as ECONNREFUSED on its next receive or send.
+    for i in 0..20 {
+        assert!(udp_round_trip(&dead, format!("{i}").as_bytes()).is_err());
+    }
+    let log = d.wait_log("nothing listens on that port");
+    assert!(log.contains("\"rule\":\"dead\""), "{log}");
+    let other = a.udp_client("127.0.0.1:7000");
+    let alive = a.udp_client("127.0.0.1:7001");
+    assert_eq!(
+        udp_round_trip(&alive, b"still here").unwrap(),
+        b"still here"
+    );
+    // The upstream comes back: the same client (the same session, still
+    // open) and a new one both get answers.
+    udp_echo_server(b.udp_bind("127.0.0.1:9000"));
+    dead.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(udp_round_trip(&dead, b"back").unwrap(), b"back");
+    assert_eq!(udp_round_trip(&other, b"new").unwrap(), b"new");
+    assert!(!d.log().contains("session closed"), "{}", d.log());
+}
+
+#[test]
+fn a_slow_upstream_answer_delays_no_other_client() {
+    if !root_or_skip("a_slow_upstream_answer_delays_no_other_client") {
+        return;
+    }
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    // Answers "slow..." datagrams after two seconds, others at once.
+    let server = b.udp_bind("127.0.0.1:9000");
+    server.set_read_timeout(None).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = server.recv_from(&mut buf) {
+            let msg = buf[..n].to_vec();
+            let s = server.try_clone().unwrap();
+            if msg.starts_with(b"slow") {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_secs(2));
+                    let _ = s.send_to(&msg, from);
+                });
+            } else {
+                let _ = s.send_to(&msg, from);
+            }
+        }
+    });
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "mixed",
+            "127.0.0.1:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            b.name(),
+            "",
+        )),
+        &[],
+    );
+    d.wait_ready();
+    let slow = a.udp_client("127.0.0.1:7000");
+    for i in 0..50 {
+        slow.send(format!("slow {i}").as_bytes()).unwrap();
+    }
+    let fast = a.udp_client("127.0.0.1:7000");
+    let started = Instant::now();
+    for i in 0..50 {
+        let msg = format!("fast {i}");
+        assert_eq!(
+            udp_round_trip(&fast, msg.as_bytes()).unwrap(),
+            msg.as_bytes()
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    // The slow answers arrive later, all of them, to their own client.
+    let mut buf = [0u8; 64];
+    let mut got = 0;
+    while got < 50 {
+        let n = slow.recv(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"slow"));
+        got += 1;
+    }
+}
+
+#[test]
+fn shutdown_ends_sessions_at_once() {
+    if !root_or_skip("shutdown_ends_sessions_at_once") {
+        return;
+    }
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    udp_echo_server(b.udp_bind("127.0.0.1:9000"));
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "bye",
+            "127.0.0.1:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            b.name(),
+            "",
+        )),
+        &["--drain-timeout", "30s"],
+    );
+    d.wait_ready();
+    let c = a.udp_client("127.0.0.1:7000");
+    assert_eq!(udp_round_trip(&c, b"hi").unwrap(), b"hi");
+    let started = Instant::now();
+    let log = stop(d);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(log.contains("ending 1 UDP session(s)"), "{log}");
+    assert!(log.contains("session closed: the listener closed"), "{log}");
+}
+
+/// The library in this process: counters and tokio tasks, which the binary
+/// does not show, go back to zero when sessions end.
+#[test]
+fn counters_and_tasks_in_process() {
+    if !root_or_skip("counters_and_tasks_in_process") {
+        return;
+    }
+    let (a, b) = (TestNs::new("a"), TestNs::new("b"));
+    udp_echo_server(b.udp_bind("127.0.0.1:9000"));
+    let cfg = nsproxy::config::parse_toml(
+        &config(&format!(
+            "{}{}",
+            rule(
+                "open",
+                "127.0.0.1:7000",
+                &[a.name()],
+                "127.0.0.1:9000",
+                b.name(),
+                "udp_idle_timeout = \"4s\""
+            ),
+            rule(
+                "capped",
+                "127.0.0.1:7001",
+                &[a.name()],
+                "127.0.0.1:9000",
+                b.name(),
+                "udp_max_sessions = 5"
+            ),
+        )),
+        "test",
+    )
+    .unwrap();
+    let rt = nsproxy::runtime::build(2).unwrap();
+    let tasks = || rt.metrics().num_alive_tasks();
+    let server = rt.block_on(nsproxy::server::Server::start(
+        &cfg,
+        switcher().clone(),
+        Duration::from_secs(1),
+    ));
+    assert_eq!(server.listening(), 2);
+    let stats = |i: usize| server.bindings()[i].binding.clone().unwrap();
+    let (open, capped) = (stats(0), stats(1));
+    let baseline = tasks();
+
+    let clients: Vec<UdpSocket> = (0..300).map(|_| a.udp_client("127.0.0.1:7000")).collect();
+    for (i, c) in clients.iter().enumerate() {
+        let msg = format!("{i}");
+        assert_eq!(udp_round_trip(c, msg.as_bytes()).unwrap(), msg.as_bytes());
+    }
+    let s = &open.stats;
+    assert_eq!(s.sessions_created.load(Relaxed), 300);
+    assert_eq!(s.datagrams_in.load(Relaxed), 300);
+    // (The idle timeout is long enough for all 300 to be alive still.)
+    assert_eq!(s.sessions_active.load(Relaxed), 300);
+    assert!(tasks() >= baseline + 300, "{} tasks", tasks());
+    let deadline = Instant::now() + WAIT;
+    while s.sessions_active.load(Relaxed) > 0 || tasks() > baseline {
+        assert!(
+            Instant::now() < deadline,
+            "{} sessions, {} tasks (baseline {baseline}) left",
+            s.sessions_active.load(Relaxed),
+            tasks()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.sessions_expired.load(Relaxed), 300);
+    // (Counted just after the send, so possibly after the client had it.)
+    assert_eq!(s.datagrams_out.load(Relaxed), 300);
+
+    // Eight clients, five sessions: three datagrams dropped and counted.
+    let clients: Vec<UdpSocket> = (0..8).map(|_| a.udp_client("127.0.0.1:7001")).collect();
+    let mut answered = 0;
+    for c in &clients {
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        if udp_round_trip(c, b"?").is_ok() {
+            answered += 1;
+        }
+    }
+    let s = &capped.stats;
+    assert_eq!(answered, 5);
+    assert_eq!(s.dropped_at_cap.load(Relaxed), 3);
+    assert_eq!(s.sessions_active.load(Relaxed), 5);
+    for counter in [&s.truncated, &s.send_errors, &s.dropped_queue_full] {
+        assert_eq!(counter.load(Relaxed), 0);
+    }
+
+    rt.block_on(server.shutdown());
+    assert_eq!(s.sessions_active.load(Relaxed), 0);
+    // The listening sockets are gone: the port can be bound again.
+    let _again = a.udp_bind("127.0.0.1:7001");
+}
