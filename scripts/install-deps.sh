@@ -8,6 +8,17 @@ declare -A NEED=(
     [ip]=iproute2
     [cc]=gcc
     [kill]=procps
+    # The tests: nsenter (util-linux) and ss (iproute2) look at sockets in
+    # deleted namespaces; promtool validates the metrics.
+    [nsenter]=util-linux
+    [promtool]=prometheus
+    # The SCTP tests' VM (scripts/sctp-vm.sh): qemu, a busybox initramfs,
+    # the kernel's module tools, and lz4 for its kernel image.
+    [qemu-system-x86_64]=qemu-system-x86
+    [busybox]=busybox-static
+    [cpio]=cpio
+    [modprobe]=kmod
+    [lz4]=lz4
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
@@ -19,6 +30,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+# The VM's kernel comes from apt (linux-image-cloud-amd64): apt needs its
+# package lists, unless a kernel is cached already.
+if [ -z "$(ls /var/tmp/nsproxy-sctp-vm/kernel 2>/dev/null)" ] &&
+    ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    echo "install-deps: apt-get update (for the SCTP test VM's kernel)"
+    apt-get update -q
 fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "install-deps: cargo not found: install a Rust toolchain (1.85 or newer, e.g. from https://rustup.rs)" >&2

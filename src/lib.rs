@@ -1,5 +1,5 @@
-//! nsproxy: listen on and proxy TCP ports inside many Linux network
-//! namespaces from one process with a small, fixed number of threads.
+//! nsproxy: listen on and proxy TCP, UDP and SCTP ports inside many Linux
+//! network namespaces from one process with a small, fixed number of threads.
 //!
 //! A socket belongs to the network namespace its creating thread was in at
 //! `socket(2)` time, and stays there for life. One dedicated thread
@@ -11,18 +11,33 @@
 //!   switches namespaces (the only `setns` in the process).
 //! - [`config`]: the configuration model, its TOML and command-line front
 //!   ends, and validation that reports every problem with its location.
-//! - [`proxy`]: listeners and relays per protocol ([`proxy::tcp`]).
+//! - [`proxy`]: listeners and relays per protocol ([`proxy::tcp`],
+//!   [`proxy::udp`]).
 //! - [`server`]: turns a [`config::Config`] into running bindings (one rule in
-//!   one namespace each), reports their state, and shuts them down.
+//!   one namespace each), follows namespaces as they come and go, applies
+//!   reloads as a difference, reports state, and shuts down gracefully.
 //! - [`runtime`]: the tokio runtime with a fixed thread count.
+//! - [`sctp`]: kernel SCTP through a thin layer over libc (socket options,
+//!   `recvmsg`/`sendmsg` with stream id and PPID, notifications).
+//! - [`status`]: the snapshot behind `nsproxy status`, the API and metrics.
+//! - [`control`]: the HTTP/JSON control API on a unix socket, and its client.
+//! - [`metrics`]: Prometheus text exposition.
+//! - [`systemd`]: readiness notifications (`sd_notify`).
 //!
-//! The `nsproxy` binary is a thin command-line layer over [`server::run`].
+//! The `nsproxy` binary is a thin command-line layer over [`server::Server`]:
+//! it parses arguments, sets up logging, signals, the control socket and the
+//! metrics endpoint.
 
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod control;
+pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod runtime;
+pub mod sctp;
 pub mod server;
+pub mod status;
 mod sys;
+pub mod systemd;

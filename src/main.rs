@@ -8,8 +8,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use nsproxy::config::{self, Config, FORWARD_SYNTAX};
 use nsproxy::netns::{NsRef, Switcher};
-use nsproxy::{runtime, server};
-use tracing::{info, warn};
+use nsproxy::server::{Options, Server};
+use nsproxy::{control, metrics, runtime, status, systemd};
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -44,9 +45,26 @@ enum Command {
         /// Forwarding threads (overrides `workers` in the file; default: one per CPU).
         #[arg(long)]
         workers: Option<usize>,
-        /// How long open connections may take to finish after SIGTERM/SIGINT.
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
-        drain_timeout: Duration,
+        /// How long open connections may take to finish after SIGTERM/SIGINT
+        /// (overrides `drain_timeout` in the file; default 5s).
+        #[arg(long, value_parser = parse_duration)]
+        drain_timeout: Option<Duration>,
+        /// The control socket (overrides `control_socket`; "" turns the API off).
+        #[arg(long, value_parser = parse_path)]
+        control_socket: Option<PathBuf>,
+    },
+    /// Show every rule in every namespace of the running daemon.
+    Status {
+        /// Machine-readable JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
+    },
+    /// Make the running daemon re-read its config file (like SIGHUP).
+    Reload {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        control_socket: PathBuf,
     },
     /// Check a config file: print every problem, exit non-zero if there is one.
     Check {
@@ -69,8 +87,11 @@ enum Command {
         #[arg(long, value_parser = parse_duration)]
         connect_timeout: Option<Duration>,
         /// How long open connections may take to finish after SIGTERM/SIGINT.
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
-        drain_timeout: Duration,
+        #[arg(long, value_parser = parse_duration)]
+        drain_timeout: Option<Duration>,
+        /// The control socket ("" turns the API off).
+        #[arg(long, value_parser = parse_path)]
+        control_socket: Option<PathBuf>,
     },
 }
 
@@ -88,6 +109,11 @@ Examples:
   # two forwards in one process
   nsproxy forward 'tcp:0.0.0.0:80@web=10.0.0.2:80@edge' 'tcp:[::1]:22=[::1]:22@pid:4242'";
 
+/// A path, where "" is allowed (it means "off").
+fn parse_path(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     config::parse_duration(s)
 }
@@ -97,12 +123,38 @@ fn main() -> ExitCode {
     init_logging(cli.log_format, &cli.log_level);
     match cli.command {
         Command::Check { config, strict } => check(&config, strict),
+        Command::Status {
+            json,
+            control_socket,
+        } => client(|| async move {
+            let s = control::status(&control_socket).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", status::table(&s));
+            }
+            Ok(())
+        }),
+        Command::Reload { control_socket } => client(|| async move {
+            let r = control::reload(&control_socket).await?;
+            println!(
+                "reloaded: {} added, {} removed, {} replaced, {} unchanged",
+                r.added, r.removed, r.replaced, r.unchanged
+            );
+            Ok(())
+        }),
         Command::Run {
             config,
             workers,
             drain_timeout,
+            control_socket,
         } => match config::load(&config) {
-            Ok(c) => serve(c, workers, drain_timeout),
+            Ok(mut c) => {
+                c.workers = workers.or(c.workers);
+                c.drain_timeout = drain_timeout.or(c.drain_timeout);
+                c.control_socket = control_socket.or(c.control_socket);
+                serve(c, Some(config))
+            }
             Err(e) => {
                 eprintln!("nsproxy: {}: {e}", config.display());
                 ExitCode::from(2)
@@ -113,12 +165,15 @@ fn main() -> ExitCode {
             workers,
             connect_timeout,
             drain_timeout,
+            control_socket,
         } => match config::parse_forward(&specs, workers) {
             Ok(mut c) => {
                 if let Some(t) = connect_timeout {
                     c.rules.iter_mut().for_each(|r| r.connect_timeout = t);
                 }
-                serve(c, None, drain_timeout)
+                c.drain_timeout = drain_timeout;
+                c.control_socket = control_socket;
+                serve(c, None)
             }
             Err(e) => {
                 eprintln!("nsproxy: {e}\n(syntax: {FORWARD_SYNTAX}; see nsproxy forward --help)");
@@ -147,18 +202,18 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
-fn serve(config: Config, workers: Option<usize>, drain: Duration) -> ExitCode {
-    match try_serve(config, workers, drain) {
+fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
+    match try_serve(config, path) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            error!("{e:#}");
             eprintln!("nsproxy: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn try_serve(config: Config, workers: Option<usize>, drain: Duration) -> anyhow::Result<()> {
+fn try_serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     match runtime::raise_fd_limit() {
         Ok(n) => info!("open file limit: {n}"),
         Err(e) => warn!(
@@ -168,31 +223,148 @@ fn try_serve(config: Config, workers: Option<usize>, drain: Duration) -> anyhow:
     // Started first, from the main thread, so that its home is the namespace
     // nsproxy was started in.
     let switcher = Switcher::spawn().context("cannot start the namespace thread")?;
-    let workers = workers
-        .or(config.workers)
+    let workers = config
+        .workers
         .unwrap_or_else(runtime::default_workers)
         .clamp(1, config::MAX_WORKERS);
     let rt = runtime::build(workers).context("cannot start the runtime")?;
-    info!(workers, home = %switcher.home(), "nsproxy {} starting", env!("CARGO_PKG_VERSION"));
+    info!(workers, home = %switcher.home(), pid = std::process::id(), "nsproxy {} starting", env!("CARGO_PKG_VERSION"));
     rt.block_on(async {
-        let stop = stop_signal().context("cannot install signal handlers")?;
-        server::run(&config, switcher, drain, stop).await?;
+        let mut signals = Signals::new().context("cannot install signal handlers")?;
+        let options = Options {
+            drain: config.drain_timeout.unwrap_or(nsproxy::server::DEFAULT_DRAIN_TIMEOUT),
+            config_path: path,
+            workers,
+            ..Options::default()
+        };
+        let socket_path = match &config.control_socket {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+            None => Some(PathBuf::from(control::DEFAULT_SOCKET)),
+        };
+        let metrics_addr = config.metrics_listen;
+        let rules = config.rules.len();
+        // A pattern may match namespaces made later: then there is reason to wait.
+        let has_pattern = config
+            .rules
+            .iter()
+            .any(|r| r.netns.iter().any(|n| matches!(n, NsRef::Glob(_))));
+        let server = Server::start(config, switcher, options).await;
+
+        let st = server.status().await;
+        let count = |state: &str| st.bindings.iter().filter(|b| b.state == state).count();
+        let (listening, waiting, failed) = (count("listening"), count("waiting"), count("failed"));
+        if listening == 0 && waiting == 0 && !has_pattern {
+            server.shutdown().await;
+            anyhow::bail!(
+                "no listener could be started ({} binding(s) failed; see the errors above)",
+                st.bindings.len()
+            );
+        }
+
+        let mut control_path = None;
+        if let Some(p) = socket_path {
+            match control::bind(&p).await {
+                Ok(l) => {
+                    info!("control API on {}", p.display());
+                    tokio::spawn(control::serve(l, server.commands()));
+                    control_path = Some(p);
+                }
+                Err(e) => error!("{e}; the control API (nsproxy status, nsproxy reload) is off"),
+            }
+        }
+        if let Some(addr) = metrics_addr {
+            match metrics::bind(addr).await {
+                Ok(l) => {
+                    info!("metrics on http://{}/metrics", l.local_addr().unwrap_or(addr));
+                    tokio::spawn(metrics::serve(l, server.commands()));
+                }
+                Err(e) => error!("{e}; metrics are off"),
+            }
+        }
+
+        info!(
+            "ready: {listening} of {} binding(s) listening, {waiting} waiting for their namespace, {failed} failed, across {rules} rule(s)",
+            st.bindings.len()
+        );
+        if let Err(e) = systemd::notify("READY=1") {
+            warn!("cannot notify systemd: {e}");
+        }
+        loop {
+            match signals.next().await {
+                Signal::Reload => {
+                    info!("SIGHUP received: reloading");
+                    // The outcome is logged by the server.
+                    let _ = server.reload(None).await;
+                }
+                Signal::Stop(name) => {
+                    info!("{name} received");
+                    break;
+                }
+            }
+        }
+        server.shutdown().await;
+        if let Some(p) = control_path {
+            let _ = std::fs::remove_file(p);
+        }
         info!("stopped");
         Ok(())
     })
 }
 
-/// Completes on the first SIGTERM or SIGINT.
-fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
+enum Signal {
+    Reload,
+    Stop(&'static str),
+}
+
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = term.recv() => info!("SIGTERM received"),
-            _ = int.recv() => info!("SIGINT received"),
+            _ = self.hup.recv() => Signal::Reload,
+            _ = self.term.recv() => Signal::Stop("SIGTERM"),
+            _ = self.int.recv() => Signal::Stop("SIGINT"),
         }
-    })
+    }
+}
+
+/// Runs a control-API client call on a small runtime of its own.
+fn client<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nsproxy: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nsproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn check(path: &std::path::Path, strict: bool) -> ExitCode {

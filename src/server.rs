@@ -1,236 +1,791 @@
-//! Turns a configuration into running bindings, and stops them.
+//! Turns a configuration into running bindings and keeps them matched to
+//! the configuration and to the namespaces that exist, as both change.
 //!
-//! A binding is one rule in one namespace. Each binding succeeds or fails on
-//! its own: a missing namespace, a port in use or a permission error is
-//! reported for that rule and namespace, and every other binding serves.
+//! A *binding* is one rule in one namespace. The [`Server`] is an actor: one
+//! task owns every binding and reacts to three kinds of input, one at a time:
+//! namespaces appearing and vanishing ([`Discovery`]), reloads, and status
+//! requests. Each binding succeeds or fails on its own: a missing namespace
+//! makes it wait, a port in use or a permission error fails it, and every
+//! other binding serves.
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{error, info, warn};
 
-use crate::config::Config;
-use crate::netns::{NsId, NsRef, Switcher};
-use crate::proxy::{Binding, BindingStats, Listener};
+use crate::config::{self, Config, OnDelete, Rule};
+use crate::control::Command;
+use crate::netns::discovery::{Discovery, NsEvent};
+use crate::netns::{NETNS_RUN_DIR, NsError, NsId, NsRef, Switcher};
+use crate::proxy::{Binding, BindingStats, ListenError, Listener};
+use crate::status::{BindingReport, Counters, ReloadReport, Status};
+use crate::systemd;
 
 /// Default time connections get to finish after shutdown begins.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What became of one rule in one namespace.
+/// How a [`Server`] runs, besides its configuration.
 #[derive(Debug, Clone)]
-pub struct BindingStatus {
-    pub rule: String,
-    /// The namespace reference as written in the rule.
-    pub netns: NsRef,
-    pub state: BindingState,
-    /// The live binding (counters), when it is listening.
-    pub binding: Option<Arc<Binding>>,
+pub struct Options {
+    /// How long connections may take to finish when their binding closes
+    /// gracefully (shutdown, reload, `on_netns_delete = "drain"`).
+    pub drain: Duration,
+    /// The config file that a reload without a new config re-reads.
+    pub config_path: Option<PathBuf>,
+    /// The directory of named namespaces to follow (`/run/netns`).
+    pub netns_dir: PathBuf,
+    /// Forwarding threads, for the status report.
+    pub workers: usize,
 }
 
-/// The state of a binding.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BindingState {
-    /// Listening on this local address (the real port when the rule said 0).
-    Listening { local: SocketAddr },
-    /// Not listening, and why.
-    Failed { reason: String },
-    /// The reference names a namespace the rule already listens in under
-    /// another reference; it is served once.
-    SameNamespaceAs { other: NsRef },
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            drain: DEFAULT_DRAIN_TIMEOUT,
+            config_path: None,
+            netns_dir: PathBuf::from(NETNS_RUN_DIR),
+            workers: crate::runtime::default_workers(),
+        }
+    }
 }
 
-/// The running proxy.
+/// The running proxy: a handle to the task that owns every binding.
 pub struct Server {
-    bindings: Vec<BindingStatus>,
-    shutdown: watch::Sender<bool>,
-    listeners: JoinSet<()>,
-    switcher: Switcher,
-    drain: Duration,
+    commands: mpsc::Sender<Command>,
+    control: mpsc::Sender<Control>,
+    task: JoinHandle<()>,
+}
+
+enum Control {
+    Reload(
+        Option<Config>,
+        oneshot::Sender<Result<ReloadReport, String>>,
+    ),
+    Bindings(oneshot::Sender<Vec<Arc<Binding>>>),
+    Shutdown(oneshot::Sender<()>),
 }
 
 impl Server {
-    /// Opens every binding of `config`; never fails as a whole (see
-    /// [`Server::bindings`] for what did not work). Must run inside a tokio
-    /// runtime. `drain` is how long connections may take to finish once
-    /// shutdown begins.
-    pub async fn start(config: &Config, switcher: Switcher, drain: Duration) -> Server {
-        let (shutdown, _) = watch::channel(false);
-        let mut statuses = Vec::new();
-        let mut opening = JoinSet::new();
-        for rule in &config.rules {
-            let rule = Arc::new(rule.clone());
-            let upstream_ns = match switcher.resolve(&rule.upstream_netns).await {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    error!(rule = %rule.name, upstream_netns = %rule.upstream_netns,
-                        "rule cannot forward: upstream namespace: {e}");
-                    None
-                }
-            };
-            let mut seen: HashMap<NsId, NsRef> = HashMap::new();
-            for netns in &rule.netns {
-                let index = statuses.len();
-                let mut status = BindingStatus {
-                    rule: rule.name.clone(),
-                    netns: netns.clone(),
-                    state: BindingState::Failed {
-                        reason: String::new(),
-                    },
-                    binding: None,
-                };
-                let Some(upstream_ns) = upstream_ns else {
-                    status.state = BindingState::Failed {
-                        reason: format!(
-                            "upstream namespace \"{}\" is not available",
-                            rule.upstream_netns
-                        ),
-                    };
-                    statuses.push(status);
-                    continue;
-                };
-                match switcher.resolve(netns).await {
-                    Err(e) => {
-                        error!(rule = %rule.name, netns = %netns, listen = %rule.listen, "not listening: {e}");
-                        status.state = BindingState::Failed {
-                            reason: e.to_string(),
-                        };
+    /// Opens every binding of `config` and starts following namespaces;
+    /// returns once the initial bindings are listening, waiting or failed.
+    /// Never fails as a whole (see [`Server::status`]). Must run inside a
+    /// tokio runtime.
+    pub async fn start(config: Config, switcher: Switcher, options: Options) -> Server {
+        let discovery = match Discovery::start(&options.netns_dir) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                error!(
+                    "cannot follow namespaces in {}: {e}; names that appear later will not be served",
+                    options.netns_dir.display()
+                );
+                None
+            }
+        };
+        let mut sup = Supervisor {
+            rules: Vec::new(),
+            config: config.clone(),
+            switcher,
+            options,
+            started: Instant::now(),
+            discovery,
+            entries: HashMap::new(),
+            by_ns: HashMap::new(),
+            refs: HashMap::new(),
+        };
+        // Namespaces already there are known before the first reconcile, so
+        // that globs see them at once.
+        sup.drain_discovery();
+        sup.apply(config).await;
+        let (commands, command_rx) = mpsc::channel(64);
+        let (control, control_rx) = mpsc::channel(8);
+        let task = tokio::spawn(sup.run(command_rx, control_rx));
+        Server {
+            commands,
+            control,
+            task,
+        }
+    }
+
+    /// A channel for status requests and reloads, for the control API and
+    /// the metrics endpoint.
+    pub fn commands(&self) -> mpsc::Sender<Command> {
+        self.commands.clone()
+    }
+
+    /// A snapshot of every binding.
+    pub async fn status(&self) -> Status {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Status(tx)).await;
+        rx.await
+            .expect("the server task answers while the Server exists")
+    }
+
+    /// The bindings that are listening, in the order of [`Server::status`],
+    /// with their live counters.
+    pub async fn bindings(&self) -> Vec<Arc<Binding>> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.control.send(Control::Bindings(tx)).await;
+        rx.await.unwrap_or_default()
+    }
+
+    /// Applies `config`, or re-reads the config file when `None`. An invalid
+    /// config changes nothing and is returned as the error.
+    pub async fn reload(&self, config: Option<Config>) -> Result<ReloadReport, String> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.control.send(Control::Reload(config, tx)).await;
+        rx.await.map_err(|_| "the server has stopped".to_owned())?
+    }
+
+    /// Stops accepting everywhere, lets open connections finish for up to the
+    /// drain timeout, closes what is left, and releases every namespace.
+    pub async fn shutdown(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.control.send(Control::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+/// (rule name, namespace reference): a rule with a glob has one key per
+/// matching name.
+type Key = (String, NsRef);
+
+struct Entry {
+    rule: Arc<Rule>,
+    netns: NsRef,
+    state: State,
+}
+
+enum State {
+    Listening {
+        live: Live,
+        local: SocketAddr,
+    },
+    /// The namespace (or the upstream namespace) does not exist yet; opened
+    /// when discovery reports it.
+    Waiting(String),
+    Failed(String),
+    SameAs(NsRef),
+}
+
+struct Live {
+    binding: Arc<Binding>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+struct Supervisor {
+    /// The rules of `config`, shared with the bindings made from them.
+    rules: Vec<Arc<Rule>>,
+    config: Config,
+    switcher: Switcher,
+    options: Options,
+    started: Instant,
+    discovery: Option<Discovery>,
+    entries: HashMap<Key, Entry>,
+    /// (rule, namespace) → the reference it listens under: finds a second
+    /// reference to a namespace the rule already serves.
+    by_ns: HashMap<(String, NsId), NsRef>,
+    /// How many open bindings use each namespace (listen or upstream side):
+    /// at zero, the cached namespace fd is released so the kernel can free
+    /// a deleted namespace.
+    refs: HashMap<NsId, usize>,
+}
+
+/// What an attempt to open one binding needs.
+struct Opening {
+    key: Key,
+    rule: Arc<Rule>,
+    /// A binding of the same key was just closed: its port may take a moment
+    /// to be released.
+    replacing: bool,
+}
+
+impl Supervisor {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut control: mpsc::Receiver<Control>,
+    ) {
+        loop {
+            tokio::select! {
+                Some(cmd) = commands.recv() => match cmd {
+                    Command::Status(reply) => { let _ = reply.send(self.status()); }
+                    Command::Reload(reply) => { let _ = reply.send(self.reload(None).await); }
+                },
+                msg = control.recv() => match msg {
+                    Some(Control::Reload(config, reply)) => { let _ = reply.send(self.reload(config).await); }
+                    Some(Control::Bindings(reply)) => { let _ = reply.send(self.live_bindings()); }
+                    Some(Control::Shutdown(reply)) => {
+                        self.shutdown().await;
+                        let _ = reply.send(());
+                        return;
                     }
-                    Ok(ns) => {
-                        if let Some(other) = seen.get(&ns) {
-                            warn!(rule = %rule.name, netns = %netns,
-                                "\"{netns}\" is the same namespace ({ns}) as \"{other}\"; listening there once");
-                            status.state = BindingState::SameNamespaceAs {
-                                other: other.clone(),
-                            };
-                        } else {
-                            seen.insert(ns, netns.clone());
-                            let binding = Arc::new(Binding {
+                    None => { self.shutdown().await; return; }
+                },
+                event = next_event(&mut self.discovery) => match event {
+                    Ok(e) => {
+                        let mut batch = vec![e];
+                        // Take whatever else is already known, to open in one go.
+                        batch.extend(self.ready_events());
+                        self.on_events(batch).await;
+                    }
+                    Err(e) => {
+                        error!("following {} failed: {e}; namespaces that appear from now on will not be served until a reload", self.options.netns_dir.display());
+                        self.discovery = None;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Events discovery has already queued (after a start or a batch).
+    fn ready_events(&mut self) -> Vec<NsEvent> {
+        let mut out = Vec::new();
+        if let Some(d) = self.discovery.as_mut() {
+            while let Some(e) = d.try_next() {
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    fn drain_discovery(&mut self) {
+        let _ = self.ready_events();
+    }
+
+    fn known_names(&self) -> Vec<String> {
+        self.discovery
+            .as_ref()
+            .map(|d| d.known().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    async fn reload(&mut self, config: Option<Config>) -> Result<ReloadReport, String> {
+        let _ = systemd::notify(&systemd::reloading_message());
+        let result = match config {
+            Some(c) => Ok(c),
+            None => match &self.options.config_path {
+                Some(p) => config::load(p).map_err(|e| format!("{}: {e}", p.display())),
+                None => Err("no config file to re-read (started without --config)".to_owned()),
+            },
+        };
+        let outcome = match result {
+            Ok(new) => {
+                let r = self.apply(new).await;
+                info!(
+                    added = r.added,
+                    removed = r.removed,
+                    replaced = r.replaced,
+                    unchanged = r.unchanged,
+                    "config reloaded"
+                );
+                Ok(r)
+            }
+            Err(e) => {
+                error!("reload rejected, the running config keeps serving: {e}");
+                Err(e)
+            }
+        };
+        let _ = systemd::notify("READY=1");
+        outcome
+    }
+
+    /// Makes the bindings match `config`: what is new opens, what is gone
+    /// closes (draining), what changed is replaced, the rest is untouched.
+    async fn apply(&mut self, new: Config) -> ReloadReport {
+        if !self.rules.is_empty() {
+            if new.workers != self.config.workers {
+                warn!("`workers` changed: takes effect at the next restart");
+            }
+            if new.control_socket != self.config.control_socket
+                || new.metrics_listen != self.config.metrics_listen
+            {
+                warn!(
+                    "`control_socket` / `metrics_listen` changed: take effect at the next restart"
+                );
+            }
+        }
+        self.rules = new.rules.iter().cloned().map(Arc::new).collect();
+        self.config = new;
+        let names = self.known_names();
+        let mut desired: Vec<(Key, Arc<Rule>)> = Vec::new();
+        let mut seen: std::collections::HashSet<Key> = Default::default();
+        for rule in &self.rules {
+            for sel in &rule.netns {
+                let refs: Vec<NsRef> = match sel {
+                    NsRef::Glob(_) => names
+                        .iter()
+                        .filter(|n| sel.matches(n))
+                        .map(|n| NsRef::Named(n.clone()))
+                        .collect(),
+                    other => vec![other.clone()],
+                };
+                for r in refs {
+                    let key = (rule.name.clone(), r);
+                    if seen.insert(key.clone()) {
+                        desired.push((key, rule.clone()));
+                    }
+                }
+            }
+        }
+        let mut report = ReloadReport::default();
+        let gone: Vec<Key> = self
+            .entries
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.close(&key, OnDelete::Drain, "removed from the config");
+            self.entries.remove(&key);
+            report.removed += 1;
+        }
+        let mut opening = Vec::new();
+        for (key, rule) in desired {
+            match self.entries.get(&key) {
+                Some(e) if same_rule(&e.rule, &rule) => {
+                    report.unchanged += 1;
+                    let retry = !matches!(e.state, State::Listening { .. });
+                    // Share the new Arc so that later comparisons are cheap.
+                    if let Some(e) = self.entries.get_mut(&key) {
+                        e.rule = rule.clone();
+                    }
+                    if retry {
+                        opening.push(Opening {
+                            key,
+                            rule,
+                            replacing: false,
+                        });
+                    }
+                }
+                Some(_) => {
+                    self.close(&key, OnDelete::Drain, "its rule changed");
+                    report.replaced += 1;
+                    opening.push(Opening {
+                        key,
+                        rule,
+                        replacing: true,
+                    });
+                }
+                None => {
+                    report.added += 1;
+                    opening.push(Opening {
+                        key,
+                        rule,
+                        replacing: false,
+                    });
+                }
+            }
+        }
+        self.open_many(opening).await;
+        report
+    }
+
+    async fn on_events(&mut self, events: Vec<NsEvent>) {
+        let mut opening = Vec::new();
+        for event in events {
+            match event {
+                NsEvent::Appeared(name) => {
+                    let named = NsRef::Named(name.clone());
+                    for rule in self.rules.clone() {
+                        let listens_there =
+                            rule.netns.iter().any(|s| *s == named || s.matches(&name));
+                        let key = (rule.name.clone(), named.clone());
+                        if listens_there && !self.entries.contains_key(&key) {
+                            opening.push(Opening {
+                                key,
                                 rule: rule.clone(),
-                                netns: netns.clone(),
-                                ns,
-                                upstream_ns,
-                                switcher: switcher.clone(),
-                                stats: BindingStats::default(),
+                                replacing: false,
                             });
-                            opening.spawn(async move {
-                                let listener = Listener::open(&binding).await;
-                                (index, binding, listener)
-                            });
+                        } else if listens_there {
+                            if let Some(Entry {
+                                state: State::Waiting(_),
+                                ..
+                            }) = self.entries.get(&key)
+                            {
+                                opening.push(Opening {
+                                    key,
+                                    rule: rule.clone(),
+                                    replacing: false,
+                                });
+                            }
+                        }
+                        if rule.upstream_netns == named {
+                            // Everything of this rule that waited for its upstream.
+                            for (k, e) in &self.entries {
+                                if k.0 == rule.name
+                                    && matches!(e.state, State::Waiting(_))
+                                    && k.1 != named
+                                {
+                                    opening.push(Opening {
+                                        key: k.clone(),
+                                        rule: rule.clone(),
+                                        replacing: false,
+                                    });
+                                }
+                            }
                         }
                     }
                 }
-                statuses.push(status);
+                NsEvent::Gone(name) => {
+                    let named = NsRef::Named(name.clone());
+                    let affected: Vec<Key> = self
+                        .entries
+                        .iter()
+                        .filter(|(k, e)| k.1 == named || e.rule.upstream_netns == named)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for key in affected {
+                        let Some(e) = self.entries.get(&key) else {
+                            continue;
+                        };
+                        let rule = e.rule.clone();
+                        let upstream_side = key.1 != named;
+                        let why = if upstream_side {
+                            format!("upstream namespace \"{name}\" was deleted")
+                        } else {
+                            format!("namespace \"{name}\" was deleted")
+                        };
+                        self.close(&key, rule.on_netns_delete, &why);
+                        let from_glob = !upstream_side && !rule.netns.contains(&named);
+                        if from_glob {
+                            self.entries.remove(&key);
+                        } else if let Some(e) = self.entries.get_mut(&key) {
+                            e.state =
+                                State::Waiting(format!("{why}; waiting for it to exist again"));
+                        }
+                    }
+                }
             }
         }
+        // A name that came and went within one batch: only open what still waits.
+        opening.retain(|o| {
+            !matches!(
+                self.entries.get(&o.key),
+                Some(Entry {
+                    state: State::Listening { .. },
+                    ..
+                })
+            )
+        });
+        opening.sort_by(|a, b| a.key.cmp(&b.key));
+        opening.dedup_by(|a, b| a.key == b.key);
+        self.open_many(opening).await;
+    }
 
-        let mut listeners = JoinSet::new();
-        while let Some(done) = opening.join_next().await {
-            let (index, binding, listener) = done.expect("opening a listener does not panic");
-            let status = &mut statuses[index];
-            let listener = listener.and_then(|l| {
-                let local = l
-                    .local_addr()
-                    .map_err(|source| crate::proxy::ListenError::Socket {
-                        addr: binding.rule.listen,
-                        source,
-                    })?;
+    /// Resolves `r` and counts one more user of its namespace.
+    async fn acquire(&mut self, r: &NsRef) -> Result<NsId, NsError> {
+        let id = self.switcher.resolve(r).await?;
+        *self.refs.entry(id).or_default() += 1;
+        Ok(id)
+    }
+
+    /// Counts one user less; the last one releases the cached fd.
+    fn unacquire(&mut self, id: NsId) {
+        if let Some(n) = self.refs.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.refs.remove(&id);
+                self.switcher.release(id);
+            }
+        }
+    }
+
+    /// Closes the binding of `key` if it listens; the entry stays (callers
+    /// decide its new state).
+    fn close(&mut self, key: &Key, policy: OnDelete, why: &str) {
+        let Some(entry) = self.entries.get_mut(key) else {
+            return;
+        };
+        let old = std::mem::replace(&mut entry.state, State::Waiting(why.to_owned()));
+        let State::Listening { live, .. } = old else {
+            return;
+        };
+        let b = &live.binding;
+        match policy {
+            OnDelete::Close => {
+                info!(rule = %b.rule.name, netns = %b.netns, "closing the listener and its connections: {why}");
+                // Dropping the serve task drops the listener and every
+                // connection or session it owns.
+                live.task.abort();
+            }
+            OnDelete::Drain => {
+                info!(rule = %b.rule.name, netns = %b.netns, "closing the listener, open connections drain: {why}");
+                let _ = live.stop.send(true);
+            }
+        }
+        self.by_ns.remove(&(b.rule.name.clone(), b.ns));
+        let (ns, up) = (b.ns, b.upstream_ns);
+        self.unacquire(ns);
+        self.unacquire(up);
+    }
+
+    /// Resolves and opens bindings; the listeners are created concurrently
+    /// so that their namespace switches are batched.
+    async fn open_many(&mut self, opening: Vec<Opening>) {
+        let mut pending = JoinSet::new();
+        for Opening {
+            key,
+            rule,
+            replacing,
+        } in opening
+        {
+            let netns = key.1.clone();
+            let state = match self.prepare(&rule, &netns).await {
+                Ok(binding) => {
+                    self.by_ns
+                        .insert((rule.name.clone(), binding.ns), netns.clone());
+                    pending.spawn(async move {
+                        let listener = open_listener(&binding, replacing).await;
+                        (binding, listener)
+                    });
+                    State::Waiting("opening".into())
+                }
+                Err(state) => state,
+            };
+            match &state {
+                State::Waiting(reason) if reason != "opening" => {
+                    warn!(rule = %rule.name, netns = %netns, listen = %rule.listen, "waiting: {reason}");
+                }
+                State::Failed(reason) => {
+                    error!(rule = %rule.name, netns = %netns, listen = %rule.listen, "not listening: {reason}");
+                }
+                State::SameAs(other) => {
+                    warn!(rule = %rule.name, netns = %netns, "\"{netns}\" is the same namespace as \"{other}\"; listening there once");
+                }
+                _ => {}
+            }
+            self.entries.insert(key, Entry { rule, netns, state });
+        }
+        while let Some(done) = pending.join_next().await {
+            let (binding, listener) = done.expect("opening a listener does not panic");
+            let key = (binding.rule.name.clone(), binding.netns.clone());
+            let result = listener.and_then(|l| {
+                let local = l.local_addr().map_err(|source| ListenError::Socket {
+                    addr: binding.rule.listen,
+                    source,
+                })?;
                 Ok((l, local))
             });
-            match listener {
+            let state = match result {
                 Ok((listener, local)) => {
-                    info!(rule = %binding.rule.name, protocol = %binding.rule.protocol,
-                        netns = %binding.netns, listen = %local,
-                        upstream = %binding.rule.upstream, upstream_netns = %binding.rule.upstream_netns,
+                    info!(rule = %binding.rule.name, protocol = %binding.rule.protocol, netns = %binding.netns,
+                        listen = %local, upstream = %binding.rule.upstream, upstream_netns = %binding.rule.upstream_netns,
                         "listening");
-                    status.state = BindingState::Listening { local };
-                    status.binding = Some(binding.clone());
-                    listeners.spawn(listener.serve(binding, shutdown.subscribe(), drain));
+                    let (stop, stop_rx) = watch::channel(false);
+                    let task =
+                        tokio::spawn(listener.serve(binding.clone(), stop_rx, self.options.drain));
+                    State::Listening {
+                        live: Live {
+                            binding,
+                            stop,
+                            task,
+                        },
+                        local,
+                    }
                 }
                 Err(e) => {
-                    error!(rule = %binding.rule.name, netns = %binding.netns, listen = %binding.rule.listen,
-                        "not listening: {e}");
-                    status.state = BindingState::Failed {
-                        reason: e.to_string(),
-                    };
+                    error!(rule = %binding.rule.name, netns = %binding.netns, listen = %binding.rule.listen, "not listening: {e}");
+                    self.by_ns.remove(&(binding.rule.name.clone(), binding.ns));
+                    self.unacquire(binding.ns);
+                    self.unacquire(binding.upstream_ns);
+                    State::Failed(e.to_string())
+                }
+            };
+            if let Some(entry) = self.entries.get_mut(&key) {
+                entry.state = state;
+            }
+        }
+    }
+
+    /// Resolves both namespaces of a binding; the error is the state the
+    /// binding takes instead.
+    async fn prepare(&mut self, rule: &Arc<Rule>, netns: &NsRef) -> Result<Arc<Binding>, State> {
+        let upstream_ns = match self.acquire(&rule.upstream_netns).await {
+            Ok(id) => id,
+            Err(
+                e @ NsError::NotFound {
+                    reference: NsRef::Named(_),
+                    ..
+                },
+            ) => {
+                return Err(State::Waiting(format!("upstream namespace: {e}")));
+            }
+            Err(e) => return Err(State::Failed(format!("upstream namespace: {e}"))),
+        };
+        let ns = match self.acquire(netns).await {
+            Ok(id) => id,
+            Err(e) => {
+                self.unacquire(upstream_ns);
+                return Err(match e {
+                    NsError::NotFound {
+                        reference: NsRef::Named(_),
+                        ..
+                    } => State::Waiting(e.to_string()),
+                    _ => State::Failed(e.to_string()),
+                });
+            }
+        };
+        if let Some(other) = self.by_ns.get(&(rule.name.clone(), ns)) {
+            if other != netns {
+                let other = other.clone();
+                self.unacquire(ns);
+                self.unacquire(upstream_ns);
+                return Err(State::SameAs(other));
+            }
+        }
+        Ok(Arc::new(Binding {
+            rule: rule.clone(),
+            netns: netns.clone(),
+            ns,
+            upstream_ns,
+            switcher: self.switcher.clone(),
+            stats: BindingStats::default(),
+        }))
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = systemd::notify("STOPPING=1");
+        info!(
+            "shutting down: no new connections; open TCP connections get up to {:?}, UDP sessions close now",
+            self.options.drain
+        );
+        let keys: Vec<Key> = self.entries.keys().cloned().collect();
+        let mut tasks = Vec::new();
+        for key in keys {
+            if let Some(Entry {
+                state: State::Listening { .. },
+                ..
+            }) = self.entries.get(&key)
+            {
+                if let Some(e) = self.entries.remove(&key) {
+                    if let State::Listening { live, .. } = e.state {
+                        let _ = live.stop.send(true);
+                        tasks.push(live.task);
+                        self.unacquire(live.binding.ns);
+                        self.unacquire(live.binding.upstream_ns);
+                    }
                 }
             }
         }
-        Server {
-            bindings: statuses,
-            shutdown,
-            listeners,
-            switcher,
-            drain,
+        for t in tasks {
+            let _ = t.await;
         }
     }
 
-    /// Every (rule, namespace) pair of the configuration and what became of it,
-    /// in configuration order.
-    pub fn bindings(&self) -> &[BindingStatus] {
-        &self.bindings
+    fn live_bindings(&self) -> Vec<Arc<Binding>> {
+        self.sorted_entries()
+            .into_iter()
+            .filter_map(|e| match &e.state {
+                State::Listening { live, .. } => Some(live.binding.clone()),
+                _ => None,
+            })
+            .collect()
     }
 
-    /// How many bindings are listening.
-    pub fn listening(&self) -> usize {
-        self.bindings
+    /// Entries in configuration order (rule, then namespace reference).
+    fn sorted_entries(&self) -> Vec<&Entry> {
+        let position: HashMap<&str, usize> = self
+            .rules
             .iter()
-            .filter(|b| matches!(b.state, BindingState::Listening { .. }))
-            .count()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), i))
+            .collect();
+        let mut entries: Vec<(&Key, &Entry)> = self.entries.iter().collect();
+        entries.sort_by(|a, b| {
+            let pa = position.get(a.0.0.as_str()).copied().unwrap_or(usize::MAX);
+            let pb = position.get(b.0.0.as_str()).copied().unwrap_or(usize::MAX);
+            (pa, a.0.1.to_string()).cmp(&(pb, b.0.1.to_string()))
+        });
+        entries.into_iter().map(|(_, e)| e).collect()
     }
 
-    /// The switcher this server creates its sockets with.
-    pub fn switcher(&self) -> &Switcher {
-        &self.switcher
-    }
-
-    /// Stops accepting everywhere, lets open TCP connections finish for up
-    /// to the drain timeout, then closes what is left. UDP sessions close at
-    /// once: a datagram protocol has no connection for a client to finish.
-    pub async fn shutdown(mut self) {
-        let _ = self.shutdown.send(true);
-        info!(
-            "shutting down: no new connections; open TCP connections get up to {:?}, UDP sessions close now",
-            self.drain
-        );
-        while self.listeners.join_next().await.is_some() {}
+    fn status(&self) -> Status {
+        let bindings = self
+            .sorted_entries()
+            .into_iter()
+            .map(|e| {
+                let (state, reason, local, counters) = match &e.state {
+                    State::Listening { live, local } => (
+                        "listening",
+                        None,
+                        Some(local.to_string()),
+                        Counters::from_stats(&live.binding.stats),
+                    ),
+                    State::Waiting(r) => ("waiting", Some(r.clone()), None, Counters::default()),
+                    State::Failed(r) => ("failed", Some(r.clone()), None, Counters::default()),
+                    State::SameAs(o) => (
+                        "same_namespace",
+                        Some(format!("same namespace as \"{o}\", served there")),
+                        None,
+                        Counters::default(),
+                    ),
+                };
+                BindingReport {
+                    rule: e.rule.name.clone(),
+                    protocol: e.rule.protocol.to_string(),
+                    netns: e.netns.to_string(),
+                    state: state.into(),
+                    reason,
+                    listen: e.rule.listen.to_string(),
+                    local,
+                    upstream: e.rule.upstream.to_string(),
+                    upstream_netns: e.rule.upstream_netns.to_string(),
+                    counters,
+                }
+            })
+            .collect();
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            workers: self.options.workers,
+            config: self
+                .options
+                .config_path
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            namespaces_known: self.discovery.as_ref().map_or(0, |d| d.known().count()),
+            bindings,
+        }
     }
 }
 
-/// Why [`run`] gave up.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("no listener could be started ({0} binding(s) failed; see the errors above)")]
-    NothingListening(usize),
+async fn next_event(d: &mut Option<Discovery>) -> io::Result<NsEvent> {
+    match d {
+        Some(d) => d.next().await,
+        None => std::future::pending().await,
+    }
 }
 
-/// Runs `config` until `shutdown` completes, then shuts down gracefully.
-///
-/// Fails only when not a single binding could listen: with nothing to serve
-/// and no way yet to add namespaces at run time, staying up would hide the
-/// problem.
-pub async fn run(
-    config: &Config,
-    switcher: Switcher,
-    drain: Duration,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), RunError> {
-    let server = Server::start(config, switcher, drain).await;
-    let total = server.bindings().len();
-    let up = server.listening();
-    if up == 0 {
-        server.shutdown().await;
-        return Err(RunError::NothingListening(total));
+/// Rules are the same when everything but where they were written is.
+fn same_rule(a: &Rule, b: &Rule) -> bool {
+    let mut b = b.clone();
+    b.origin.clone_from(&a.origin);
+    *a == b
+}
+
+/// Opens a listener; when replacing a binding of the same address, waits
+/// (bounded) for the old listener to be closed by its task.
+async fn open_listener(b: &Binding, replacing: bool) -> Result<Listener, ListenError> {
+    let mut tries = 0;
+    loop {
+        match Listener::open(b).await {
+            Err(ListenError::Bind { source, .. })
+                if replacing && tries < 100 && source.raw_os_error() == Some(libc::EADDRINUSE) =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => return other,
+        }
     }
-    info!(
-        "ready: {up} of {total} binding(s) listening across {} rule(s)",
-        config.rules.len()
-    );
-    shutdown.await;
-    server.shutdown().await;
-    Ok(())
 }

@@ -727,13 +727,17 @@ fn counters_and_tasks_in_process() {
     let rt = nsproxy::runtime::build(2).unwrap();
     let tasks = || rt.metrics().num_alive_tasks();
     let server = rt.block_on(nsproxy::server::Server::start(
-        &cfg,
+        cfg,
         switcher().clone(),
-        Duration::from_secs(1),
+        nsproxy::server::Options {
+            drain: Duration::from_secs(1),
+            ..Default::default()
+        },
     ));
-    assert_eq!(server.listening(), 2);
-    let stats = |i: usize| server.bindings()[i].binding.clone().unwrap();
-    let (open, capped) = (stats(0), stats(1));
+    let live = rt.block_on(server.bindings());
+    assert_eq!(live.len(), 2);
+    let (open, capped) = (live[0].clone(), live[1].clone());
+    drop(live);
     let baseline = tasks();
 
     let clients: Vec<UdpSocket> = (0..300).map(|_| a.udp_client("127.0.0.1:7000")).collect();

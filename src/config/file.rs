@@ -10,13 +10,21 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_UDP_IDLE_TIMEOUT,
-    DEFAULT_UDP_MAX_SESSIONS, MAX_UDP_SESSIONS, MAX_WORKERS, Problem, Protocol, Rule, check_listen,
-    check_name, check_netns, check_protocol, check_rules, check_upstream, parse_duration,
+    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCTP_STREAMS,
+    DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_UDP_MAX_SESSIONS, MAX_UDP_SESSIONS, MAX_WORKERS, OnDelete,
+    Problem, Protocol, Rule, check_listen, check_name, check_netns, check_on_delete,
+    check_protocol, check_rules, check_sctp_addr, check_sctp_listen_addrs, check_upstream,
+    check_upstream_netns, parse_duration,
 };
 use crate::netns::NsRef;
 
-const TOP_KEYS: &[&str] = &["workers", "proxy"];
+const TOP_KEYS: &[&str] = &[
+    "workers",
+    "control_socket",
+    "metrics_listen",
+    "drain_timeout",
+    "proxy",
+];
 const RULE_KEYS: &[&str] = &[
     "name",
     "protocol",
@@ -28,25 +36,50 @@ const RULE_KEYS: &[&str] = &[
     "backlog",
     "udp_idle_timeout",
     "udp_max_sessions",
+    "on_netns_delete",
+    "sctp_streams",
+    "sctp_listen_addrs",
+    "sctp_upstream_addrs",
+    "sctp_source_addrs",
 ];
-/// Keys that mean something for one protocol only, and why, for the message
-/// that a rule of the other protocol gets.
-const PROTOCOL_KEYS: &[(&str, Protocol, &str)] = &[
+/// Keys that mean something for some protocols only, and why, for the
+/// message that a rule of another protocol gets.
+const PROTOCOL_KEYS: &[(&str, &[Protocol], &str)] = &[
     (
         "connect_timeout",
-        Protocol::Tcp,
+        &[Protocol::Tcp, Protocol::Sctp],
         "a UDP upstream socket is connected without a handshake",
     ),
-    ("backlog", Protocol::Tcp, "UDP has no listen queue"),
+    (
+        "backlog",
+        &[Protocol::Tcp, Protocol::Sctp],
+        "UDP has no listen queue",
+    ),
     (
         "udp_idle_timeout",
-        Protocol::Udp,
-        "a TCP connection ends when its peers close it",
+        &[Protocol::Udp],
+        "a connection or association ends when its peers close it",
     ),
     (
         "udp_max_sessions",
-        Protocol::Udp,
-        "TCP connections are not capped per rule",
+        &[Protocol::Udp],
+        "connections and associations are not capped per rule",
+    ),
+    ("sctp_streams", &[Protocol::Sctp], "only SCTP has streams"),
+    (
+        "sctp_listen_addrs",
+        &[Protocol::Sctp],
+        "only SCTP is multi-homed",
+    ),
+    (
+        "sctp_upstream_addrs",
+        &[Protocol::Sctp],
+        "only SCTP is multi-homed",
+    ),
+    (
+        "sctp_source_addrs",
+        &[Protocol::Sctp],
+        "only SCTP is multi-homed",
     ),
 ];
 
@@ -82,6 +115,9 @@ pub fn parse_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let doc = doc.get_ref();
 
     let mut workers = None;
+    let mut control_socket = None;
+    let mut metrics_listen = None;
+    let mut drain_timeout = None;
     let mut rules = Vec::new();
     let mut saw_proxy = false;
     for (key, value) in doc.iter() {
@@ -91,6 +127,15 @@ pub fn parse_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
                     .integer(value, None, "workers", 1, MAX_WORKERS as i64)
                     .map(|n| n as usize)
             }
+            "control_socket" => {
+                control_socket = cx
+                    .string(value, None, "control_socket")
+                    .map(std::path::PathBuf::from)
+            }
+            "metrics_listen" => {
+                metrics_listen = cx.checked(value, None, "metrics_listen", check_listen)
+            }
+            "drain_timeout" => drain_timeout = cx.duration(value, None, "drain_timeout"),
             "proxy" => {
                 saw_proxy = true;
                 match value.get_ref() {
@@ -127,6 +172,9 @@ pub fn parse_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
     if problems.is_empty() {
         Ok(Config {
             workers,
+            control_socket,
+            metrics_listen,
+            drain_timeout,
             rules: rules.into_iter().map(|(r, _)| r).collect(),
         })
     } else {
@@ -306,7 +354,7 @@ impl Cx<'_> {
         let upstream = upstream_v.and_then(|v| self.checked(v, rule, "upstream", check_upstream));
         let netns = netns_v.and_then(|v| self.netns_list(v, rule));
         let upstream_netns = match t.get("upstream_netns") {
-            Some(v) => self.checked(v, rule, "upstream_netns", check_netns),
+            Some(v) => self.checked(v, rule, "upstream_netns", check_upstream_netns),
             None => Some(NsRef::Host),
         };
         let connect_timeout = match t.get("connect_timeout") {
@@ -329,15 +377,39 @@ impl Cx<'_> {
                 .map(|n| n as usize),
             None => Some(DEFAULT_UDP_MAX_SESSIONS),
         };
+        let on_netns_delete = match t.get("on_netns_delete") {
+            Some(v) => self.checked(v, rule, "on_netns_delete", check_on_delete),
+            None => Some(OnDelete::default()),
+        };
+        let sctp_streams = match t.get("sctp_streams") {
+            Some(v) => self.streams(v, rule),
+            None => Some(DEFAULT_SCTP_STREAMS),
+        };
+        let addrs = |cx: &mut Self, key: &str| match t.get(key) {
+            Some(v) => cx.ip_list(v, rule, key),
+            None => Some(Vec::new()),
+        };
+        let sctp_listen_addrs = addrs(self, "sctp_listen_addrs");
+        let sctp_upstream_addrs = addrs(self, "sctp_upstream_addrs");
+        let sctp_source_addrs = addrs(self, "sctp_source_addrs");
+        if let (Some(l), Some(extra), Some(v)) =
+            (listen, &sctp_listen_addrs, t.get("sctp_listen_addrs"))
+        {
+            if let Err(m) = check_sctp_listen_addrs(l, extra) {
+                self.problem(v.span(), rule, Some("sctp_listen_addrs"), m);
+            }
+        }
         if let Some(protocol) = protocol {
             for (key, only, why) in PROTOCOL_KEYS {
-                if let (Some(v), true) = (t.get(*key), protocol != *only) {
+                if let (Some(v), false) = (t.get(*key), only.contains(&protocol)) {
+                    let only: Vec<String> = only.iter().map(|p| p.to_string()).collect();
                     self.problem(
                         v.span(),
                         rule,
                         Some(key),
                         format!(
-                            "only applies to {only} rules, and this rule is {protocol} ({why}): remove it"
+                            "only applies to {} rules, and this rule is {protocol} ({why}): remove it",
+                            only.join(" and ")
                         ),
                     );
                 }
@@ -359,6 +431,11 @@ impl Cx<'_> {
                 backlog: backlog?,
                 udp_idle_timeout: udp_idle_timeout?,
                 udp_max_sessions: udp_max_sessions?,
+                sctp_streams: sctp_streams?,
+                sctp_listen_addrs: sctp_listen_addrs?,
+                sctp_upstream_addrs: sctp_upstream_addrs?,
+                sctp_source_addrs: sctp_source_addrs?,
+                on_netns_delete: on_netns_delete?,
                 origin: header,
             },
             name_loc?,
@@ -378,6 +455,99 @@ impl Cx<'_> {
                 .map(|s| std::time::Duration::from_secs(s as u64)),
             _ => self.checked(v, rule, key, parse_duration),
         }
+    }
+
+    /// `sctp_streams = 32` (both ways) or `sctp_streams = { in = 64, out = 16 }`.
+    fn streams(
+        &mut self,
+        v: &Spanned<DeValue<'_>>,
+        rule: Option<&str>,
+    ) -> Option<crate::sctp::Streams> {
+        const MAX: i64 = u16::MAX as i64;
+        match v.get_ref() {
+            DeValue::Integer(_) => {
+                self.integer(v, rule, "sctp_streams", 1, MAX)
+                    .map(|n| crate::sctp::Streams {
+                        outbound: n as u16,
+                        max_inbound: n as u16,
+                    })
+            }
+            DeValue::Table(t) => {
+                let mut streams = DEFAULT_SCTP_STREAMS;
+                let mut ok = true;
+                for (key, value) in t.iter() {
+                    let k: &str = key.get_ref();
+                    let field = match k {
+                        "in" => &mut streams.max_inbound,
+                        "out" => &mut streams.outbound,
+                        other => {
+                            self.unknown_key(
+                                key,
+                                rule,
+                                &format!("sctp_streams.{other}"),
+                                &["in", "out"],
+                            );
+                            ok = false;
+                            continue;
+                        }
+                    };
+                    match self.integer(value, rule, &format!("sctp_streams.{k}"), 1, MAX) {
+                        Some(n) => *field = n as u16,
+                        None => ok = false,
+                    }
+                }
+                ok.then_some(streams)
+            }
+            other => {
+                let t = other.type_str();
+                self.problem(
+                    v.span(),
+                    rule,
+                    Some("sctp_streams"),
+                    format!(
+                        "expected a stream count (1 to 65535) or a table such as {{ in = 64, out = 16 }}, found {} {t}",
+                        article(t)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A list of IP addresses, such as `["10.0.0.2", "fd00::2"]`.
+    fn ip_list(
+        &mut self,
+        v: &Spanned<DeValue<'_>>,
+        rule: Option<&str>,
+        key: &str,
+    ) -> Option<Vec<std::net::IpAddr>> {
+        let DeValue::Array(items) = v.get_ref() else {
+            let t = v.get_ref().type_str();
+            self.problem(
+                v.span(),
+                rule,
+                Some(key),
+                format!(
+                    "expected a list of IP addresses such as [\"10.0.0.2\", \"fd00::2\"], found {} {t}",
+                    article(t)
+                ),
+            );
+            return None;
+        };
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let k = format!("{key}[{i}]");
+            match self.checked(item, rule, &k, check_sctp_addr) {
+                Some(ip) if out.contains(&ip) => {
+                    self.problem(item.span(), rule, Some(&k), format!("{ip} is listed twice"));
+                    ok = false;
+                }
+                Some(ip) => out.push(ip),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
     }
 
     /// `netns = ["host", "ns1"]`, or a single string.
@@ -486,8 +656,8 @@ upstream_netns = "host"
         assert_eq!(
             problems(&text),
             vec![
-                "t.toml:3:1: unknown key `wrokers` (expected one of: workers, proxy)",
-                "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog, udp_idle_timeout, udp_max_sessions)",
+                "t.toml:3:1: unknown key `wrokers` (expected one of: workers, control_socket, metrics_listen, drain_timeout, proxy)",
+                "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog, udp_idle_timeout, udp_max_sessions, on_netns_delete, sctp_streams, sctp_listen_addrs, sctp_upstream_addrs, sctp_source_addrs)",
             ]
         );
     }
@@ -509,7 +679,7 @@ backlog = 0
             problems(text),
             vec![
                 "t.toml:3:8: rule #1: `name`: invalid rule name \"a b\": ' ' is not allowed (use letters, digits, '-', '_' and '.')",
-                "t.toml:4:12: rule #1: `protocol`: unknown protocol \"http\": expected \"tcp\" or \"udp\"",
+                "t.toml:4:12: rule #1: `protocol`: unknown protocol \"http\": expected \"tcp\", \"udp\" or \"sctp\"",
                 "t.toml:5:10: rule #1: `listen`: invalid listen address \"8000\": expected IP:PORT, such as 0.0.0.0:8000, 127.0.0.1:8000 or [::]:8000",
                 "t.toml:6:17: rule #1: `netns[1]`: \"bad/name\" is not a valid namespace name: a name under /run/netns has no '/' and is not \".\" or \"..\" (for a path, start it with '/')",
                 "t.toml:6:29: rule #1: `netns[2]`: \"pid:x\" is not a valid pid: expected \"pid:\" followed by a process id such as pid:1234",
@@ -578,9 +748,9 @@ backlog = 0
         assert_eq!(
             problems(&tcp),
             vec![
-                "t.toml:10:20: rule hello: `udp_idle_timeout`: only applies to udp rules, and this rule is tcp (a TCP connection ends when its peers close it): remove it",
+                "t.toml:10:20: rule hello: `udp_idle_timeout`: only applies to udp rules, and this rule is tcp (a connection or association ends when its peers close it): remove it",
                 "t.toml:11:20: rule hello: `udp_max_sessions`: must be between 1 and 1000000, got 0",
-                "t.toml:11:20: rule hello: `udp_max_sessions`: only applies to udp rules, and this rule is tcp (TCP connections are not capped per rule): remove it",
+                "t.toml:11:20: rule hello: `udp_max_sessions`: only applies to udp rules, and this rule is tcp (connections and associations are not capped per rule): remove it",
             ]
         );
         let udp = GOOD.replace("\"tcp\"", "\"udp\"").replace(
@@ -590,14 +760,95 @@ backlog = 0
         assert_eq!(
             problems(&udp),
             vec![
-                "t.toml:10:19: rule hello: `connect_timeout`: only applies to tcp rules, and this rule is udp (a UDP upstream socket is connected without a handshake): remove it",
-                "t.toml:11:11: rule hello: `backlog`: only applies to tcp rules, and this rule is udp (UDP has no listen queue): remove it",
+                "t.toml:10:19: rule hello: `connect_timeout`: only applies to tcp and sctp rules, and this rule is udp (a UDP upstream socket is connected without a handshake): remove it",
+                "t.toml:11:11: rule hello: `backlog`: only applies to tcp and sctp rules, and this rule is udp (UDP has no listen queue): remove it",
             ]
         );
         assert_eq!(
-            problems(&GOOD.replace("\"tcp\"", "\"sctp\"")),
+            problems(&GOOD.replace(
+                "upstream_netns = \"host\"",
+                "upstream_netns = \"host\"\nsctp_streams = 8\nsctp_source_addrs = []"
+            )),
             vec![
-                "t.toml:5:12: rule hello: `protocol`: protocol \"sctp\" is not supported by this version yet (supported: tcp, udp)"
+                "t.toml:10:16: rule hello: `sctp_streams`: only applies to sctp rules, and this rule is tcp (only SCTP has streams): remove it",
+                "t.toml:11:21: rule hello: `sctp_source_addrs`: only applies to sctp rules, and this rule is tcp (only SCTP is multi-homed): remove it",
+            ]
+        );
+    }
+
+    #[test]
+    fn sctp_rules_and_their_keys() {
+        let sctp = GOOD.replace("\"tcp\"", "\"sctp\"");
+        let r = &parse_toml(&sctp, "t.toml").unwrap().rules[0];
+        assert_eq!(r.protocol, Protocol::Sctp);
+        assert_eq!(r.sctp_streams, crate::sctp::Streams::MAX);
+        assert!(r.sctp_listen_addrs.is_empty() && r.sctp_source_addrs.is_empty());
+
+        let text = sctp
+            .replace("[::]:8000", "[fd00::1]:38412")
+            .replace(
+                "upstream_netns = \"host\"",
+                "upstream_netns = \"host\"\nsctp_streams = { in = 64, out = 16 }\nsctp_listen_addrs = [\"10.0.0.2\", \"fd00::2\"]\nsctp_upstream_addrs = [\"127.0.0.2\"]\nsctp_source_addrs = [\"127.0.0.3\", \"::1\"]",
+            );
+        let r = &parse_toml(&text, "t.toml").unwrap().rules[0];
+        assert_eq!(
+            r.sctp_streams,
+            crate::sctp::Streams {
+                outbound: 16,
+                max_inbound: 64
+            }
+        );
+        let ips = |v: &[&str]| -> Vec<std::net::IpAddr> {
+            v.iter().map(|s| s.parse().unwrap()).collect()
+        };
+        assert_eq!(r.sctp_listen_addrs, ips(&["10.0.0.2", "fd00::2"]));
+        assert_eq!(r.sctp_upstream_addrs, ips(&["127.0.0.2"]));
+        assert_eq!(r.sctp_source_addrs, ips(&["127.0.0.3", "::1"]));
+        assert_eq!(
+            parse_toml(
+                &sctp.replace("upstream_netns = \"host\"", "sctp_streams = 7"),
+                "t.toml"
+            )
+            .unwrap()
+            .rules[0]
+                .sctp_streams,
+            crate::sctp::Streams {
+                outbound: 7,
+                max_inbound: 7
+            }
+        );
+
+        let bad = sctp.replace(
+            "upstream_netns = \"host\"",
+            "sctp_streams = { in = 0, both = 3 }\nsctp_listen_addrs = [\"10.0.0.2\", \"10.0.0.2:5\", \"0.0.0.0\"]\nsctp_upstream_addrs = \"127.0.0.2\"",
+        );
+        assert_eq!(
+            problems(&bad),
+            vec![
+                "t.toml:9:23: rule hello: `sctp_streams.in`: must be between 1 and 65535, got 0",
+                "t.toml:9:26: rule hello: unknown key `sctp_streams.both` (expected one of: in, out)",
+                "t.toml:10:34: rule hello: `sctp_listen_addrs[1]`: invalid address \"10.0.0.2:5\": expected an IP address such as 10.0.0.2 or fd00::2 (the port is the rule's)",
+                "t.toml:10:48: rule hello: `sctp_listen_addrs[2]`: invalid address \"0.0.0.0\": name one unicast address of an interface",
+                "t.toml:11:23: rule hello: `sctp_upstream_addrs`: expected a list of IP addresses such as [\"10.0.0.2\", \"fd00::2\"], found a string",
+            ]
+        );
+        let wildcard = sctp.replace(
+            "upstream_netns = \"host\"",
+            "sctp_listen_addrs = [\"10.0.0.2\"]",
+        );
+        assert_eq!(
+            problems(&wildcard),
+            vec![
+                "t.toml:9:21: rule hello: `sctp_listen_addrs`: `listen` is the wildcard ::, which already binds every address: name one address in `listen` and the others here",
+            ]
+        );
+        let v4 = wildcard
+            .replace("[::]:8000", "10.0.0.1:8000")
+            .replace("\"10.0.0.2\"", "\"fd00::2\"");
+        assert_eq!(
+            problems(&v4),
+            vec![
+                "t.toml:9:21: rule hello: `sctp_listen_addrs`: fd00::2 is IPv6, and `listen` 10.0.0.1:8000 makes an IPv4 socket: listen on an IPv6 address (its socket carries IPv4 too) or list IPv4 addresses only",
             ]
         );
     }

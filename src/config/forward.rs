@@ -1,9 +1,9 @@
 //! The one-line form for ad-hoc use: `nsproxy forward SPEC...`.
 
 use super::{
-    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_UDP_IDLE_TIMEOUT,
-    DEFAULT_UDP_MAX_SESSIONS, Problem, Rule, check_listen, check_netns, check_protocol,
-    check_rules, check_upstream,
+    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCTP_STREAMS,
+    DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_UDP_MAX_SESSIONS, OnDelete, Problem, Rule, check_listen,
+    check_netns, check_protocol, check_rules, check_upstream, check_upstream_netns,
 };
 use crate::netns::NsRef;
 
@@ -45,7 +45,7 @@ pub fn parse_forward(specs: &[String], workers: Option<usize>) -> Result<Config,
                 let upstream = check_upstream(parts.upstream).map_err(|m| bad("upstream", m));
                 let upstream_netns = parts
                     .upstream_ns
-                    .map_or(Ok(NsRef::Host), check_netns)
+                    .map_or(Ok(NsRef::Host), check_upstream_netns)
                     .map_err(|m| bad("upstream_netns", m));
                 let mut netns: Vec<NsRef> = Vec::new();
                 let mut netns_ok = true;
@@ -80,6 +80,11 @@ pub fn parse_forward(specs: &[String], workers: Option<usize>) -> Result<Config,
                             backlog: DEFAULT_BACKLOG,
                             udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
                             udp_max_sessions: DEFAULT_UDP_MAX_SESSIONS,
+                            sctp_streams: DEFAULT_SCTP_STREAMS,
+                            sctp_listen_addrs: Vec::new(),
+                            sctp_upstream_addrs: Vec::new(),
+                            sctp_source_addrs: Vec::new(),
+                            on_netns_delete: OnDelete::default(),
                             origin: location.clone(),
                         },
                         location,
@@ -98,6 +103,9 @@ pub fn parse_forward(specs: &[String], workers: Option<usize>) -> Result<Config,
     if problems.is_empty() {
         Ok(Config {
             workers,
+            control_socket: None,
+            metrics_listen: None,
+            drain_timeout: None,
             rules: rules.into_iter().map(|(r, _)| r).collect(),
         })
     } else {
@@ -176,12 +184,11 @@ mod tests {
         assert_eq!(r.upstream_netns, NsRef::Named("dns".into()));
         assert_eq!(r.udp_idle_timeout, DEFAULT_UDP_IDLE_TIMEOUT);
         assert_eq!(r.udp_max_sessions, DEFAULT_UDP_MAX_SESSIONS);
-        assert_eq!(
-            parse(&["sctp:[::]:1=127.0.0.1:2"]).unwrap_err(),
-            vec![
-                "argument 1 (\"sctp:[::]:1=127.0.0.1:2\"): rule forward-1: `protocol`: protocol \"sctp\" is not supported by this version yet (supported: tcp, udp)"
-            ]
-        );
+        let c = parse(&["sctp:[::]:38412@ns1,/run/netns/x=127.0.0.1:38412@core"]).unwrap();
+        let r = &c.rules[0];
+        assert_eq!(r.protocol, crate::config::Protocol::Sctp);
+        assert_eq!(r.upstream_netns, NsRef::Named("core".into()));
+        assert_eq!(r.sctp_streams, DEFAULT_SCTP_STREAMS);
     }
 
     #[test]

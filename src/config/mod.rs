@@ -10,11 +10,12 @@ mod file;
 mod forward;
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::netns::NsRef;
+use crate::sctp::Streams;
 
 pub use file::parse_toml;
 pub use forward::{FORWARD_SYNTAX, parse_forward};
@@ -41,6 +42,13 @@ pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_UDP_MAX_SESSIONS: usize = 10_000;
 /// Largest accepted `udp_max_sessions`.
 pub const MAX_UDP_SESSIONS: usize = 1_000_000;
+/// Default for [`Rule::sctp_streams`]: 65535 each way, the protocol's
+/// maximum, as the reference deployment used. An association gets the
+/// smaller of what each end offers, so this never limits a peer; the
+/// kernel's own default (10 outbound) breaks peers that use higher stream
+/// ids. The kernel sets up state for every stream an association ends up
+/// with, so lower it where many associations with few streams are relayed.
+pub const DEFAULT_SCTP_STREAMS: Streams = Streams::MAX;
 /// Largest accepted `workers` value; more threads than this only cost memory.
 pub const MAX_WORKERS: usize = 256;
 
@@ -49,6 +57,14 @@ pub const MAX_WORKERS: usize = 256;
 pub struct Config {
     /// Forwarding threads; `None` means one per CPU.
     pub workers: Option<usize>,
+    /// The control API's unix socket; `None` means the default
+    /// ([`crate::control::DEFAULT_SOCKET`]), an empty path turns it off.
+    pub control_socket: Option<PathBuf>,
+    /// Where Prometheus metrics are served (in the home namespace); off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long connections may take to finish when their listener closes
+    /// gracefully; `None` means the default of 5 s.
+    pub drain_timeout: Option<Duration>,
     pub rules: Vec<Rule>,
 }
 
@@ -76,8 +92,45 @@ pub struct Rule {
     /// UDP: most client sessions at once in each namespace the rule listens
     /// in; datagrams from further new clients are dropped and counted.
     pub udp_max_sessions: usize,
+    /// What happens to connections and sessions when a namespace the rule
+    /// listens in (or connects from) is deleted.
+    pub on_netns_delete: OnDelete,
+    /// SCTP: the stream counts both legs ask for (`SCTP_INITMSG`).
+    pub sctp_streams: Streams,
+    /// SCTP: more local addresses the listener binds besides `listen`'s
+    /// (multi-homing, `sctp_bindx`), with `listen`'s port. Only these and
+    /// `listen` are advertised to clients.
+    pub sctp_listen_addrs: Vec<IpAddr>,
+    /// SCTP: more addresses of the upstream besides `upstream`'s, with its
+    /// port (multi-homing, `sctp_connectx`).
+    pub sctp_upstream_addrs: Vec<IpAddr>,
+    /// SCTP: local addresses upstream associations bind in `upstream_netns`.
+    /// Empty: the kernel binds, and advertises to the upstream, every
+    /// address of that namespace.
+    pub sctp_source_addrs: Vec<IpAddr>,
     /// Where the rule was written ("nsproxy.toml:12" or "argument 1"), for messages.
     pub origin: String,
+}
+
+/// `on_netns_delete`: what a deleted namespace does to open connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnDelete {
+    /// Close the listener and every connection and session at once, so that
+    /// nothing of nsproxy's keeps the namespace alive (the default).
+    #[default]
+    Close,
+    /// Close the listener; let connections finish for up to the drain
+    /// timeout. They keep the namespace alive until they end.
+    Drain,
+}
+
+impl fmt::Display for OnDelete {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OnDelete::Close => "close",
+            OnDelete::Drain => "drain",
+        })
+    }
 }
 
 /// The transport a rule proxies.
@@ -85,6 +138,7 @@ pub struct Rule {
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl fmt::Display for Protocol {
@@ -92,6 +146,7 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
         })
     }
 }
@@ -186,11 +241,9 @@ pub(crate) fn check_protocol(s: &str) -> Result<Protocol, String> {
     match s {
         "tcp" => Ok(Protocol::Tcp),
         "udp" => Ok(Protocol::Udp),
-        "sctp" => Err(format!(
-            "protocol \"{s}\" is not supported by this version yet (supported: tcp, udp)"
-        )),
+        "sctp" => Ok(Protocol::Sctp),
         _ => Err(format!(
-            "unknown protocol \"{s}\": expected \"tcp\" or \"udp\""
+            "unknown protocol \"{s}\": expected \"tcp\", \"udp\" or \"sctp\""
         )),
     }
 }
@@ -223,8 +276,61 @@ pub(crate) fn check_upstream(s: &str) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
+/// One address of an SCTP multi-homing list: an IP, no port.
+pub(crate) fn check_sctp_addr(s: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = s.parse().map_err(|_| {
+        format!("invalid address \"{s}\": expected an IP address such as 10.0.0.2 or fd00::2 (the port is the rule's)")
+    })?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(format!(
+            "invalid address \"{s}\": name one unicast address of an interface"
+        ));
+    }
+    Ok(ip)
+}
+
+/// Checks the SCTP keys against the rule's addresses: extra listen
+/// addresses need a specific `listen` of a family that can carry them.
+pub(crate) fn check_sctp_listen_addrs(listen: SocketAddr, extra: &[IpAddr]) -> Result<(), String> {
+    if extra.is_empty() {
+        return Ok(());
+    }
+    if listen.ip().is_unspecified() {
+        return Err(format!(
+            "`listen` is the wildcard {}, which already binds every address: name one address in `listen` and the others here",
+            listen.ip()
+        ));
+    }
+    if let (true, Some(v6)) = (listen.is_ipv4(), extra.iter().find(|a| a.is_ipv6())) {
+        return Err(format!(
+            "{v6} is IPv6, and `listen` {listen} makes an IPv4 socket: listen on an IPv6 address (its socket carries IPv4 too) or list IPv4 addresses only"
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_netns(s: &str) -> Result<NsRef, String> {
     s.parse::<NsRef>().map_err(|e| e.to_string())
+}
+
+/// Like [`check_netns`], but one namespace: a pattern cannot be connected from.
+pub(crate) fn check_upstream_netns(s: &str) -> Result<NsRef, String> {
+    match check_netns(s)? {
+        NsRef::Glob(g) => Err(format!(
+            "\"{g}\" is a pattern: upstream connections are made from one namespace, name it exactly"
+        )),
+        r => Ok(r),
+    }
+}
+
+pub(crate) fn check_on_delete(s: &str) -> Result<OnDelete, String> {
+    match s {
+        "close" => Ok(OnDelete::Close),
+        "drain" => Ok(OnDelete::Drain),
+        _ => Err(format!(
+            "invalid on_netns_delete \"{s}\": expected \"close\" or \"drain\""
+        )),
+    }
 }
 
 /// Parses "5s", "250ms", "2m" (a bare number is seconds).

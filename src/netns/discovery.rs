@@ -100,6 +100,11 @@ impl Discovery {
         self.known.iter().map(String::as_str)
     }
 
+    /// A change that is already known, without waiting.
+    pub fn try_next(&mut self) -> Option<NsEvent> {
+        self.queue.pop_front()
+    }
+
     /// Waits for the next change.
     pub async fn next(&mut self) -> io::Result<NsEvent> {
         loop {
@@ -318,5 +323,5 @@ impl Discovery {
 const HEADER: usize = 16;
 
 fn is_netns(path: &Path) -> bool {
-    matches!(nsfs::open_netns(path), Ok(_))
+    nsfs::open_netns(path).is_ok()
 }

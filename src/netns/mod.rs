@@ -65,6 +65,16 @@ impl SocketSpec {
             protocol: Some(Protocol::UDP),
         }
     }
+
+    /// A one-to-one style (`SOCK_STREAM`) SCTP socket of the family of `addr`.
+    /// An IPv6 one also carries IPv4 (unless `IPV6_V6ONLY` is set).
+    pub fn sctp(addr: &SocketAddr) -> Self {
+        SocketSpec {
+            domain: Domain::for_address(*addr),
+            ty: Type::STREAM,
+            protocol: Some(Protocol::from(libc::IPPROTO_SCTP)),
+        }
+    }
 }
 
 /// Errors from resolving a namespace reference or creating a socket in one.
@@ -97,6 +107,8 @@ pub enum NsError {
     Enter { ns: NsId, source: io::Error },
     #[error("cannot create a socket in namespace {ns}: {source}")]
     Socket { ns: NsId, source: io::Error },
+    #[error("\"{reference}\" is a pattern over /run/netns names, not one namespace")]
+    Pattern { reference: NsRef },
     #[error("namespace {ns} is not open (resolve a reference to it first)")]
     NotOpen { ns: NsId },
     #[error("the namespace thread has stopped")]

@@ -22,6 +22,10 @@ pub enum NsRef {
     Path(PathBuf),
     /// `pid:PID`: the namespace of a running process (`/proc/PID/ns/net`).
     Pid(u32),
+    /// A shell-style pattern over the names in `/run/netns` (`tenant-*`,
+    /// `*`): every matching namespace, as names come and go. Only valid
+    /// where a rule listens, never as an upstream namespace.
+    Glob(String),
 }
 
 /// Why a namespace reference could not be parsed.
@@ -35,6 +39,8 @@ pub enum NsRefError {
         "\"{0}\" is not a valid pid: expected \"pid:\" followed by a process id such as pid:1234"
     )]
     BadPid(String),
+    #[error("\"{0}\" is not a valid pattern: a '[' has no closing ']'")]
+    BadGlob(String),
     #[error(
         "\"{0}\" is not a valid namespace name: a name under /run/netns has no '/' and is not \".\" or \"..\" (for a path, start it with '/')"
     )]
@@ -46,7 +52,7 @@ impl NsRef {
     /// (the home namespace is captured when the switcher starts).
     pub fn path(&self) -> Option<PathBuf> {
         match self {
-            NsRef::Host => None,
+            NsRef::Host | NsRef::Glob(_) => None,
             NsRef::Named(name) => Some(Path::new(NETNS_RUN_DIR).join(name)),
             NsRef::Path(p) => Some(p.clone()),
             NsRef::Pid(pid) => Some(PathBuf::from(format!("/proc/{pid}/ns/net"))),
@@ -76,6 +82,11 @@ impl FromStr for NsRef {
         if s.contains('/') || s.contains('\0') || s == "." || s == ".." {
             return Err(NsRefError::BadName(s.to_owned()));
         }
+        if s.contains(['*', '?', '[']) {
+            return glob_is_valid(s)
+                .then(|| NsRef::Glob(s.to_owned()))
+                .ok_or_else(|| NsRefError::BadGlob(s.to_owned()));
+        }
         Ok(NsRef::Named(s.to_owned()))
     }
 }
@@ -87,8 +98,106 @@ impl fmt::Display for NsRef {
             NsRef::Named(n) => f.write_str(n),
             NsRef::Path(p) => write!(f, "{}", p.display()),
             NsRef::Pid(p) => write!(f, "pid:{p}"),
+            NsRef::Glob(g) => f.write_str(g),
         }
     }
+}
+
+impl NsRef {
+    /// For a [`NsRef::Glob`], whether `name` matches it; other references
+    /// never match by pattern.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            NsRef::Glob(p) => glob_match(p.as_bytes(), name.as_bytes()),
+            _ => false,
+        }
+    }
+}
+
+fn glob_is_valid(p: &str) -> bool {
+    let b = p.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'[' {
+            match b[i + 1..].iter().skip(1).position(|c| *c == b']') {
+                Some(off) => i += off + 2,
+                None => return false,
+            }
+        }
+        i += 1;
+    }
+    true
+}
+
+/// fnmatch(3) without flags: `*`, `?`, `[abc]`, `[a-z]`, `[!x]`.
+fn glob_match(p: &[u8], s: &[u8]) -> bool {
+    // Iterative with one backtrack point for the last `*`: linear enough for
+    // namespace names, and no recursion blow-up on `*****`.
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() {
+            match p[pi] {
+                b'*' => {
+                    star = Some((pi, si));
+                    pi += 1;
+                    continue;
+                }
+                b'?' => {
+                    pi += 1;
+                    si += 1;
+                    continue;
+                }
+                b'[' => {
+                    if let Some((matched, next)) = class(&p[pi..], s[si]) {
+                        if matched {
+                            pi += next;
+                            si += 1;
+                            continue;
+                        }
+                    }
+                }
+                c if c == s[si] => {
+                    pi += 1;
+                    si += 1;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        match star {
+            Some((sp, ss)) => {
+                pi = sp + 1;
+                si = ss + 1;
+                star = Some((sp, ss + 1));
+            }
+            None => return false,
+        }
+    }
+    p[pi..].iter().all(|c| *c == b'*')
+}
+
+/// Matches `c` against the class at the start of `p` (which starts with
+/// `[`); returns (matched, length of the class) or None if unterminated.
+fn class(p: &[u8], c: u8) -> Option<(bool, usize)> {
+    let mut i = 1;
+    let negate = matches!(p.get(i), Some(b'!' | b'^'));
+    if negate {
+        i += 1;
+    }
+    let mut matched = false;
+    let mut first = true;
+    while i < p.len() && (p[i] != b']' || first) {
+        first = false;
+        if i + 2 < p.len() && p[i + 1] == b'-' && p[i + 2] != b']' {
+            matched |= p[i] <= c && c <= p[i + 2];
+            i += 3;
+        } else {
+            matched |= p[i] == c;
+            i += 1;
+        }
+    }
+    (i < p.len()).then_some((matched != negate, i + 1))
 }
 
 /// The identity of a network namespace: the device and inode of its nsfs file.
@@ -139,6 +248,27 @@ mod tests {
             Err(NsRefError::BadName("a/b".into()))
         );
         assert_eq!("..".parse::<NsRef>(), Err(NsRefError::BadName("..".into())));
+    }
+
+    #[test]
+    fn globs() {
+        let g = |p: &str| p.parse::<NsRef>().unwrap();
+        assert_eq!(g("tenant-*"), NsRef::Glob("tenant-*".into()));
+        assert!(g("tenant-*").matches("tenant-1"));
+        assert!(g("tenant-*").matches("tenant-"));
+        assert!(!g("tenant-*").matches("tenant"));
+        assert!(g("*").matches("anything"));
+        assert!(g("a?c").matches("abc") && !g("a?c").matches("ac"));
+        assert!(g("ns[0-9]").matches("ns7") && !g("ns[0-9]").matches("nsx"));
+        assert!(g("ns[!0-9]").matches("nsx") && !g("ns[!0-9]").matches("ns1"));
+        assert!(g("*-*-x").matches("a-b-c-x"));
+        assert!(!g("**a").matches("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"));
+        assert!(!NsRef::Named("x".into()).matches("x"));
+        assert_eq!(
+            "ns[0-".parse::<NsRef>(),
+            Err(NsRefError::BadGlob("ns[0-".into()))
+        );
+        assert_eq!(g("t*").to_string(), "t*");
     }
 
     #[test]

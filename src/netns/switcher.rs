@@ -118,8 +118,16 @@ impl Thread {
     }
 
     fn resolve(&mut self, reference: &NsRef) -> Result<NsId, NsError> {
-        let Some(path) = reference.path() else {
-            return Ok(self.home);
+        let path = match reference {
+            NsRef::Host => return Ok(self.home),
+            NsRef::Glob(_) => {
+                return Err(NsError::Pattern {
+                    reference: reference.clone(),
+                });
+            }
+            _ => reference
+                .path()
+                .expect("named, path and pid references have a path"),
         };
         let (file, id) = nsfs::open_netns(&path).map_err(|p| match p {
             Problem::Missing => NsError::NotFound {

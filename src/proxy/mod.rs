@@ -1,11 +1,14 @@
 //! Listeners and relays, one module per protocol: [`tcp`] (a relay per
-//! connection) and [`udp`] (a session per client address; its raw
-//! `recvmsg`/`sendmsg` calls live in `udp_sys`).
+//! connection), [`udp`] (a session per client address; its raw
+//! `recvmsg`/`sendmsg` calls live in `udp_sys`) and [`sctp`] (a message relay
+//! per association, over the [`crate::sctp`] syscall layer).
 //!
 //! Everything here works on a [`Binding`]: one rule in one namespace, with the
 //! sockets already resolved to namespace identities. Sockets come from the
 //! [`Switcher`]; nothing here switches namespaces.
 
+pub mod sctp;
+mod splice;
 pub mod tcp;
 pub mod udp;
 mod udp_sys;
@@ -49,11 +52,9 @@ pub struct BindingStats {
     pub connect_failed: AtomicU64,
     /// accept(2) failures (resource exhaustion, aborted handshakes).
     pub accept_errors: AtomicU64,
-    /// Bytes from clients to the upstream: TCP counts them when a connection
-    /// closes, UDP as each datagram is sent.
+    /// Bytes from clients to the upstream, counted as they are sent.
     pub bytes_in: AtomicU64,
-    /// Bytes from the upstream to clients: TCP counts them when a connection
-    /// closes, UDP as each datagram is sent.
+    /// Bytes from the upstream to clients, counted as they are sent.
     pub bytes_out: AtomicU64,
 
     /// UDP: datagrams from clients sent on to the upstream.
@@ -92,6 +93,19 @@ pub struct BindingStats {
     /// because the listening socket's receive buffer was full (as reported
     /// by `SO_RXQ_OVFL`, with the next datagram that got through).
     pub dropped_by_kernel: AtomicU64,
+
+    /// SCTP: messages from clients sent on to the upstream, counted when an
+    /// association closes.
+    pub messages_in: AtomicU64,
+    /// SCTP: messages from the upstream sent on to clients, counted when an
+    /// association closes.
+    pub messages_out: AtomicU64,
+    /// SCTP: messages dropped because their stream id is not open toward the
+    /// other side (the other association has fewer outbound streams).
+    pub unknown_stream: AtomicU64,
+    /// SCTP: messages dropped because they were larger than nsproxy
+    /// reassembles, or than the other leg's send buffer could be made.
+    pub oversized: AtomicU64,
 }
 
 /// A binding's open listening socket, of the binding's protocol.
@@ -99,6 +113,7 @@ pub struct BindingStats {
 pub(crate) enum Listener {
     Tcp(tokio::net::TcpListener),
     Udp(tokio::net::UdpSocket),
+    Sctp(sctp::SctpListener),
 }
 
 impl Listener {
@@ -107,6 +122,7 @@ impl Listener {
         match b.rule.protocol {
             Protocol::Tcp => tcp::listen(b).await.map(Listener::Tcp),
             Protocol::Udp => udp::listen(b).await.map(Listener::Udp),
+            Protocol::Sctp => sctp::listen(b).await.map(Listener::Sctp),
         }
     }
 
@@ -115,11 +131,13 @@ impl Listener {
         match self {
             Listener::Tcp(l) => l.local_addr(),
             Listener::Udp(s) => s.local_addr(),
+            Listener::Sctp(l) => l.local_addr(),
         }
     }
 
-    /// Serves until `shutdown` turns true. TCP connections then get up to
-    /// `drain` to finish; UDP sessions end at once.
+    /// Serves until `shutdown` turns true. TCP connections and SCTP
+    /// associations then get up to `drain` to finish; UDP sessions end at
+    /// once.
     pub(crate) async fn serve(
         self,
         b: Arc<Binding>,
@@ -129,6 +147,7 @@ impl Listener {
         match self {
             Listener::Tcp(l) => tcp::serve(b, l, shutdown, drain).await,
             Listener::Udp(s) => udp::serve(b, s, shutdown).await,
+            Listener::Sctp(l) => sctp::serve(b, l, shutdown, drain).await,
         }
     }
 }
@@ -138,6 +157,10 @@ impl Listener {
 pub enum ListenError {
     #[error("{0}")]
     Ns(#[from] NsError),
+    #[error(
+        "SCTP is not available in this kernel: {0} (load the module with `modprobe sctp`; on Ubuntu it ships in `linux-modules-extra-$(uname -r)`; check it is not blacklisted in /etc/modprobe.d; other rules are not affected)"
+    )]
+    SctpUnavailable(io::Error),
     #[error("cannot listen on {addr}: {source}{}", bind_hint(source))]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("cannot set up the socket for {addr}: {source}")]

@@ -12,13 +12,17 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicU64;
+
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{Binding, ListenError};
+use super::splice::Pipe;
+use super::{Binding, BindingStats, ListenError};
 use crate::netns::{NsError, SocketSpec};
 
 /// Size of each direction's relay buffer.
@@ -134,9 +138,7 @@ async fn handle(b: Arc<Binding>, client: TcpStream) {
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let r = relay(client, upstream).await;
-    b.stats.bytes_in.fetch_add(r.client_to_upstream, Relaxed);
-    b.stats.bytes_out.fetch_add(r.upstream_to_client, Relaxed);
+    let r = relay(client, upstream, &b.stats).await;
     info!(
         bytes_from_client = r.client_to_upstream,
         bytes_to_client = r.upstream_to_client,
@@ -228,31 +230,135 @@ enum PumpError {
     Write(io::Error),
 }
 
-/// Copies `from` to `to` until EOF, then sends FIN on `to`.
-async fn pump<R, W>(from: &mut R, to: &mut W, moved: &mut u64) -> Result<(), PumpError>
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
+/// How the bytes of a direction are moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// splice(2) through a pipe: no copy into user space.
+    Splice,
+    /// read into a buffer, write from it.
+    Copy,
+}
+
+/// splice unless `NSPROXY_TCP_SPLICE=0` (for comparing the two in benchmarks).
+fn mode() -> Mode {
+    static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("NSPROXY_TCP_SPLICE").as_deref() {
+        Ok("0" | "off" | "false") => Mode::Copy,
+        _ => Mode::Splice,
+    })
+}
+
+/// Moves `from` → `to` until EOF, then sends FIN on `to`. `moved` counts
+/// for the close log, `total` for the binding's live counters.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &mut u64,
+    total: &AtomicU64,
+) -> Result<(), PumpError> {
+    if mode() == Mode::Splice {
+        match splice_pump(from, to, moved, total).await {
+            // Nothing moved yet and splice cannot serve this pair of sockets:
+            // fall back to copying.
+            Err(PumpError::Read(e)) if *moved == 0 && e.raw_os_error() == Some(libc::EINVAL) => {}
+            other => return other,
+        }
+    }
+    copy_pump(from, to, moved, total).await
+}
+
+async fn copy_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &mut u64,
+    total: &AtomicU64,
+) -> Result<(), PumpError> {
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
-        let n = from.read(&mut buf).await.map_err(PumpError::Read)?;
+        let n = loop {
+            from.readable().await.map_err(PumpError::Read)?;
+            match from.try_read(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => break r.map_err(PumpError::Read)?,
+            }
+        };
         if n == 0 {
-            return to.shutdown().await.map_err(PumpError::Write);
+            return shutdown_write(to).map_err(PumpError::Write);
         }
-        to.write_all(&buf[..n]).await.map_err(PumpError::Write)?;
-        *moved += n as u64;
+        let mut data = &buf[..n];
+        while !data.is_empty() {
+            to.writable().await.map_err(PumpError::Write)?;
+            match to.try_write(data) {
+                Ok(k) => {
+                    data = &data[k..];
+                    *moved += k as u64;
+                    total.fetch_add(k as u64, Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(PumpError::Write(e)),
+            }
+        }
     }
 }
 
+async fn splice_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    moved: &mut u64,
+    total: &AtomicU64,
+) -> Result<(), PumpError> {
+    let pipe = Pipe::take().map_err(PumpError::Read)?;
+    let mut in_pipe = 0usize;
+    let result = async {
+        loop {
+            let n = loop {
+                from.readable().await.map_err(PumpError::Read)?;
+                match from.try_io(Interest::READABLE, || {
+                    pipe.fill(from.as_raw_fd(), pipe.size)
+                }) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    r => break r.map_err(PumpError::Read)?,
+                }
+            };
+            if n == 0 {
+                return shutdown_write(to).map_err(PumpError::Write);
+            }
+            in_pipe = n;
+            while in_pipe > 0 {
+                to.writable().await.map_err(PumpError::Write)?;
+                match to.try_io(Interest::WRITABLE, || pipe.drain(to.as_raw_fd(), in_pipe)) {
+                    Ok(k) => {
+                        in_pipe -= k;
+                        *moved += k as u64;
+                        total.fetch_add(k as u64, Relaxed);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(PumpError::Write(e)),
+                }
+            }
+        }
+    }
+    .await;
+    pipe.give_back(in_pipe == 0);
+    result
+}
+
+fn shutdown_write(s: &TcpStream) -> io::Result<()> {
+    SockRef::from(s).shutdown(std::net::Shutdown::Write)
+}
+
 /// Relays both ways until both directions finished or one failed.
-pub(crate) async fn relay(mut client: TcpStream, mut upstream: TcpStream) -> RelayResult {
+/// Bytes are added to `stats` as they move, so that counters of long
+/// connections are live.
+pub(crate) async fn relay(
+    client: TcpStream,
+    upstream: TcpStream,
+    stats: &BindingStats,
+) -> RelayResult {
     let (mut c2u, mut u2c) = (0u64, 0u64);
     let end = {
-        let (mut cr, mut cw) = client.split();
-        let (mut ur, mut uw) = upstream.split();
-        let mut up = std::pin::pin!(pump(&mut cr, &mut uw, &mut c2u));
-        let mut down = std::pin::pin!(pump(&mut ur, &mut cw, &mut u2c));
+        let mut up = std::pin::pin!(pump(&client, &upstream, &mut c2u, &stats.bytes_in));
+        let mut down = std::pin::pin!(pump(&upstream, &client, &mut u2c, &stats.bytes_out));
         let (mut up_done, mut down_done) = (false, false);
         loop {
             tokio::select! {

@@ -71,6 +71,8 @@ fn ip(args: &[&str]) -> io::Result<()> {
 /// A network namespace made for one test, removed on drop.
 pub struct TestNs {
     name: String,
+    /// Made by this guard (and so removed by it), or only adopted.
+    owned: bool,
 }
 
 impl TestNs {
@@ -78,7 +80,7 @@ impl TestNs {
     pub fn new(tag: &str) -> TestNs {
         let name = unique(tag);
         ip(&["netns", "add", &name]).expect("ip netns add");
-        let ns = TestNs { name };
+        let ns = TestNs { name, owned: true };
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]).expect("lo up");
         ns
     }
@@ -94,7 +96,7 @@ impl TestNs {
                 .map(|name| {
                     std::thread::spawn(move || {
                         ip(&["netns", "add", &name])?;
-                        let ns = TestNs { name };
+                        let ns = TestNs { name, owned: true };
                         ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
                         Ok(ns)
                     })
@@ -108,6 +110,14 @@ impl TestNs {
             }
         }
         out
+    }
+
+    /// A handle on a namespace made elsewhere; dropping it removes nothing.
+    pub fn adopt(name: &str) -> TestNs {
+        TestNs {
+            name: name.to_owned(),
+            owned: false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -181,6 +191,9 @@ impl TestNs {
 
 impl Drop for TestNs {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         if let Err(e) = ip(&["netns", "del", &self.name]) {
             eprintln!(
                 "warning: could not remove test namespace {}: {e}",
@@ -295,6 +308,7 @@ pub fn bin() -> &'static str {
 pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
+    control: PathBuf,
     _dir: TempDir,
 }
 
@@ -316,22 +330,51 @@ impl Daemon {
     /// Like [`Daemon::command`], with nsproxy started through `wrapper`
     /// (a command that execs its arguments, such as `prlimit ... --`).
     pub fn wrapped(host: &TestNs, wrapper: &[&str], args: &[&str]) -> Daemon {
-        Daemon::spawn_with(host, TempDir::new(), wrapper, args)
+        Daemon::spawn_with(host, TempDir::new(), wrapper, args, &[])
+    }
+
+    /// Like [`Daemon::run`], with extra environment variables.
+    pub fn run_env(host: &TestNs, config: &str, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let dir = TempDir::new();
+        let cfg = dir.file("nsproxy.toml", config);
+        let mut args = vec!["run", "--config", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Daemon::spawn_with(host, dir, &[], &args, env)
+    }
+
+    /// The config file a [`Daemon::run`] daemon reads (rewrite it, then reload).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.0.join("nsproxy.toml")
     }
 
     fn spawn(host: &TestNs, dir: TempDir, args: &[&str]) -> Daemon {
-        Daemon::spawn_with(host, dir, &[], args)
+        Daemon::spawn_with(host, dir, &[], args, &[])
     }
 
-    fn spawn_with(host: &TestNs, dir: TempDir, wrapper: &[&str], args: &[&str]) -> Daemon {
+    fn spawn_with(
+        host: &TestNs,
+        dir: TempDir,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let log = dir.0.join("stderr.log");
         let err = std::fs::File::create(&log).unwrap();
+        // Each daemon gets a control socket of its own, so that parallel
+        // tests never meet at the default path.
+        let control = dir.0.join("control.sock");
+        let mut args: Vec<&str> = args.to_vec();
+        let serving = matches!(args.first(), Some(&"run" | &"forward"));
+        if serving && !args.contains(&"--control-socket") {
+            args.splice(1..1, ["--control-socket", control.to_str().unwrap()]);
+        }
         // `ip netns exec` execs the binary (same pid) after entering `host`.
         let child = Command::new("ip")
             .args(["netns", "exec", host.name()])
             .args(wrapper)
             .args([bin(), "--log-format", "json"])
-            .args(args)
+            .args(&args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -340,8 +383,22 @@ impl Daemon {
         Daemon {
             child: Some(child),
             log,
+            control,
             _dir: dir,
         }
+    }
+
+    /// The daemon's control socket.
+    pub fn control_socket(&self) -> &str {
+        self.control.to_str().unwrap()
+    }
+
+    /// Runs `nsproxy ARGS --control-socket <this daemon's>` (status, reload)
+    /// and returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all = args.to_vec();
+        all.extend(["--control-socket", self.control_socket()]);
+        run_cli(&all)
     }
 
     pub fn pid(&self) -> u32 {
@@ -405,14 +462,27 @@ impl Daemon {
 
     /// The `Threads:` line of /proc/PID/status.
     pub fn threads(&self) -> usize {
+        self.status_field("Threads:")
+    }
+
+    fn status_field(&self, name: &str) -> usize {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
+            .find_map(|l| l.strip_prefix(name))
             .unwrap()
             .trim()
             .parse()
             .unwrap()
+    }
+
+    /// Sends a signal by name (HUP, TERM, ...).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{sig}");
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
@@ -427,7 +497,15 @@ impl Daemon {
     /// Waits (bounded) for the process to exit by itself.
     pub fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
         let mut child = self.child.take().unwrap();
-        let status = wait_exit(&mut child);
+        let log = self.log.clone();
+        let status =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait_exit(&mut child)))
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "log:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    )
+                });
         (status, self.log())
     }
 }
@@ -440,7 +518,7 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("nsproxy did not exit within {WAIT:?}");
+            panic!("nsproxy (pid {}) did not exit within {WAIT:?}", child.id());
         }
         std::thread::sleep(Duration::from_millis(20));
     }

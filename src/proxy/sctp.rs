@@ -1,0 +1,647 @@
+//! SCTP: a one-to-one style listener per binding, and a relay per association.
+//!
+//! Each accepted association gets an upstream association opened from the
+//! rule's upstream namespace (bounded by `connect_timeout`), then a relay in
+//! both directions that moves *messages*, not bytes:
+//!
+//! ```text
+//!  client ══assoc══► listener (ns) ─accept─► relay task ══assoc══► upstream (upstream_netns)
+//!                 recvmsg until MSG_EOR + SCTP_RCVINFO ─► sendmsg + SCTP_SNDINFO (same sid, PPID, unordered)
+//! ```
+//!
+//! - A message arriving in pieces (partial delivery, or larger than the
+//!   buffer) is put together until `MSG_EOR` and sent on as one message;
+//!   the sending leg's send buffer grows to hold it (SCTP refuses a message
+//!   larger than the send buffer). A message larger than [`MAX_MESSAGE`] is
+//!   dropped, counted in `oversized` and logged.
+//! - Both legs ask for the rule's stream counts (`SCTP_INITMSG`, by default
+//!   the maximum, 65535 each way). A message on a stream the other leg does
+//!   not have is dropped, counted in `unknown_stream` and logged.
+//! - Notifications are consumed (logged at debug), never relayed.
+//! - A graceful shutdown (SHUTDOWN) from one side becomes a graceful shutdown
+//!   of the other leg; an abort, or any error, aborts the other leg (close
+//!   with `SO_LINGER` 0, which sends ABORT).
+//!
+//! Sockets are non-blocking and driven by tokio's reactor through `AsyncFd`,
+//! so no thread ever waits in accept, connect, send or receive.
+
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use socket2::{SockAddr, Socket};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::{Binding, ListenError};
+use crate::config::Rule;
+use crate::netns::{NsError, SocketSpec};
+use crate::sctp::{self, AssocState, Events, Notification, Reassembler, Received, SndInfo};
+
+/// Each direction's buffer at rest; it grows for larger messages.
+const BUF_INITIAL: usize = 64 * 1024;
+/// The largest message nsproxy puts together; a larger one is read, dropped
+/// and reported (holding it would cost unbounded memory per association).
+pub const MAX_MESSAGE: usize = 16 << 20;
+/// Accept back-off after running out of fds or memory: first and longest pause.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The notifications both legs subscribe to: enough to log why an
+/// association ended and to notice an aborted partial delivery.
+const EVENTS: Events = Events {
+    association: true,
+    shutdown: true,
+    partial_delivery: true,
+    peer_error: true,
+};
+
+/// A binding's listening SCTP socket.
+#[derive(Debug)]
+pub(crate) struct SctpListener {
+    fd: AsyncFd<Socket>,
+}
+
+impl SctpListener {
+    /// The primary bound address (the real port when the rule said 0).
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+        to_socket_addr(self.fd.get_ref().local_addr()?)
+    }
+}
+
+fn to_socket_addr(a: SockAddr) -> io::Result<SocketAddr> {
+    a.as_socket()
+        .ok_or_else(|| io::Error::other("not an IP socket address"))
+}
+
+/// Turns "no SCTP in this kernel" into its own error; other socket errors
+/// stay as they are.
+fn socket_error(e: NsError) -> ListenError {
+    match e {
+        NsError::Socket { source, .. } if sctp::is_unsupported(&source) => {
+            ListenError::SctpUnavailable(source)
+        }
+        e => ListenError::Ns(e),
+    }
+}
+
+/// The options both legs get before they listen or connect. Set on the
+/// listener, they are inherited by every association it accepts.
+fn configure(s: &Socket, rule: &Rule) -> io::Result<()> {
+    sctp::set_init(s, rule.sctp_streams)?;
+    sctp::set_nodelay(s, true)?;
+    sctp::set_recv_rcvinfo(s, true)?;
+    sctp::subscribe(s, EVENTS)
+}
+
+/// `addr` in the family of a socket: an IPv4 address on an IPv6 socket
+/// becomes IPv4-mapped, as `bind`/`connect` want it.
+fn in_family(addr: SocketAddr, v6: bool) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(a) if v6 => SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), a.port()),
+        a => a,
+    }
+}
+
+/// Creates the listening socket for `binding` in its namespace: bound to
+/// `listen` plus any `sctp_listen_addrs` (multi-homing), with the rule's
+/// stream counts.
+pub(crate) async fn listen(b: &Binding) -> Result<SctpListener, ListenError> {
+    let addr = b.rule.listen;
+    let socket = b
+        .switcher
+        .socket(b.ns, SocketSpec::sctp(&addr))
+        .await
+        .map_err(socket_error)?;
+    let at = |source: io::Error| ListenError::Socket { addr, source };
+    socket.set_reuse_address(true).map_err(at)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // `[::]` means both families, whatever net.ipv6.bindv6only says.
+        socket.set_only_v6(false).map_err(at)?;
+    }
+    configure(&socket, &b.rule).map_err(at)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|source| ListenError::Bind { addr, source })?;
+    if !b.rule.sctp_listen_addrs.is_empty() {
+        let port = to_socket_addr(socket.local_addr().map_err(at)?)
+            .map_err(at)?
+            .port();
+        let extra: Vec<SocketAddr> = b
+            .rule
+            .sctp_listen_addrs
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, port))
+            .collect();
+        sctp::bindx(&socket, &extra).map_err(|source| ListenError::Bind {
+            addr: extra[0],
+            source,
+        })?;
+    }
+    socket
+        .listen(b.rule.backlog.min(i32::MAX as u32) as i32)
+        .map_err(|source| ListenError::Bind { addr, source })?;
+    Ok(SctpListener {
+        fd: sctp::register(socket).map_err(at)?,
+    })
+}
+
+/// Accepts until `shutdown` turns true, then lets associations drain for up
+/// to `drain` and aborts the rest.
+pub(crate) async fn serve(
+    b: Arc<Binding>,
+    listener: SctpListener,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let mut assocs = JoinSet::new();
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            Some(_) = assocs.join_next(), if !assocs.is_empty() => {}
+            accepted = accept(&listener) => match accepted {
+                Ok((client, peer)) => {
+                    backoff = BACKOFF_MIN;
+                    b.stats.accepted.fetch_add(1, Relaxed);
+                    let span = info_span!(
+                        "assoc",
+                        rule = %b.rule.name,
+                        netns = %b.netns,
+                        peer = %canonical(peer),
+                        upstream = %b.rule.upstream,
+                    );
+                    assocs.spawn(handle(b.clone(), client).instrument(span));
+                }
+                Err(e) if is_resource_exhaustion(&e) => {
+                    b.stats.accept_errors.fetch_add(1, Relaxed);
+                    warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                        "accept failed: {e}; pausing accepts for {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                Err(e) => {
+                    b.stats.accept_errors.fetch_add(1, Relaxed);
+                    debug!(rule = %b.rule.name, netns = %b.netns, "accept failed: {e}");
+                }
+            },
+        }
+    }
+    drop(listener);
+    let open = assocs.len();
+    if open > 0 {
+        info!(rule = %b.rule.name, netns = %b.netns, "listener closed; draining {open} association(s) for up to {drain:?}");
+        let drained =
+            tokio::time::timeout(drain, async { while assocs.join_next().await.is_some() {} })
+                .await;
+        if drained.is_err() {
+            warn!(rule = %b.rule.name, netns = %b.netns, "closing {} association(s) still open after {drain:?}", assocs.len());
+            assocs.shutdown().await;
+        }
+    }
+}
+
+/// One accepted association, registered with the reactor.
+async fn accept(l: &SctpListener) -> io::Result<(AsyncFd<Socket>, SocketAddr)> {
+    let (s, peer) = l.fd.async_io(Interest::READABLE, |s| s.accept()).await?;
+    s.set_nonblocking(true)?;
+    let peer = to_socket_addr(peer)?;
+    Ok((sctp::register(s)?, peer))
+}
+
+/// Completes once shutdown was requested (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Shows IPv4 clients of a dual-stack listener as 1.2.3.4, not ::ffff:1.2.3.4.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// Closes with ABORT instead of a graceful SHUTDOWN once the fd is dropped.
+fn abort(s: &AsyncFd<Socket>) {
+    let _ = s.get_ref().set_linger(Some(Duration::ZERO));
+}
+
+async fn handle(b: Arc<Binding>, client: AsyncFd<Socket>) {
+    let started = Instant::now();
+    b.stats.active.fetch_add(1, Relaxed);
+    let _active = Active(&b);
+    let upstream = match connect(&b).await {
+        Ok(s) => s,
+        Err(e) => {
+            b.stats.connect_failed.fetch_add(1, Relaxed);
+            warn!("upstream connect failed: {e}; aborting the client association");
+            abort(&client);
+            return;
+        }
+    };
+    let r = relay(&b, client, upstream).await;
+    b.stats.bytes_in.fetch_add(r.up.bytes, Relaxed);
+    b.stats.bytes_out.fetch_add(r.down.bytes, Relaxed);
+    b.stats.messages_in.fetch_add(r.up.messages, Relaxed);
+    b.stats.messages_out.fetch_add(r.down.messages, Relaxed);
+    info!(
+        messages_from_client = r.up.messages,
+        messages_to_client = r.down.messages,
+        bytes_from_client = r.up.bytes,
+        bytes_to_client = r.down.bytes,
+        dropped_from_client = r.up.dropped,
+        dropped_to_client = r.down.dropped,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "association closed: {}",
+        r.end
+    );
+}
+
+/// Decrements the active count however `handle` ends (including abort).
+struct Active<'a>(&'a Binding);
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.stats.active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Why an upstream association could not be set up.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("{0}")]
+    Socket(#[from] NsError),
+    #[error("cannot set up the upstream socket: {0}")]
+    Setup(io::Error),
+    #[error("{} after {:?}", describe(.0), .1)]
+    Connect(io::Error, Duration),
+    #[error("no answer within {0:?} (connect_timeout)")]
+    Timeout(Duration),
+}
+
+fn describe(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "association refused (nothing listens there)".into(),
+        Some(libc::ENETUNREACH) => "network unreachable from the upstream namespace".into(),
+        Some(libc::EHOSTUNREACH) => "host unreachable from the upstream namespace".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Opens the upstream association from the upstream namespace: bound to
+/// `sctp_source_addrs` if any (otherwise the kernel uses, and advertises,
+/// every address of that namespace), and connected to `upstream` plus
+/// `sctp_upstream_addrs` (`sctp_connectx`).
+async fn connect(b: &Binding) -> Result<AsyncFd<Socket>, ConnectError> {
+    let rule = &b.rule;
+    let port = rule.upstream.port();
+    let peers: Vec<SocketAddr> = std::iter::once(rule.upstream)
+        .chain(
+            rule.sctp_upstream_addrs
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, port)),
+        )
+        .collect();
+    let v6 = sctp::needs_ipv6(
+        peers
+            .iter()
+            .map(|a| a.ip())
+            .chain(rule.sctp_source_addrs.iter().copied()),
+    );
+    let family = if v6 {
+        SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 0)
+    } else {
+        SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0)
+    };
+    let socket = b
+        .switcher
+        .socket(b.upstream_ns, SocketSpec::sctp(&family))
+        .await?;
+    configure(&socket, rule).map_err(ConnectError::Setup)?;
+    if let Some((first, rest)) = rule.sctp_source_addrs.split_first() {
+        let first = in_family(SocketAddr::new(*first, 0), v6);
+        socket.bind(&first.into()).map_err(ConnectError::Setup)?;
+        let rest: Vec<SocketAddr> = rest.iter().map(|ip| SocketAddr::new(*ip, 0)).collect();
+        sctp::bindx(&socket, &rest).map_err(ConnectError::Setup)?;
+    }
+    let fd = sctp::register(socket).map_err(ConnectError::Setup)?;
+    let started = Instant::now();
+    let initiated = if peers.len() == 1 {
+        fd.get_ref().connect(&in_family(peers[0], v6).into())
+    } else {
+        sctp::connectx(fd.get_ref(), &peers)
+    };
+    match initiated {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(ConnectError::Connect(e, started.elapsed())),
+    }
+    match tokio::time::timeout(rule.connect_timeout, connected(&fd)).await {
+        Ok(Ok(())) => Ok(fd),
+        Ok(Err(e)) => Err(ConnectError::Connect(e, started.elapsed())),
+        Err(_) => Err(ConnectError::Timeout(rule.connect_timeout)),
+    }
+}
+
+/// Waits until a non-blocking connect has finished: the association is up
+/// (writable, with a peer) or failed (`SO_ERROR`).
+async fn connected(fd: &AsyncFd<Socket>) -> io::Result<()> {
+    loop {
+        let mut ready = fd.ready(Interest::WRITABLE | Interest::ERROR).await?;
+        if let Some(e) = fd.get_ref().take_error()? {
+            return Err(e);
+        }
+        if fd.get_ref().peer_addr().is_ok() {
+            return Ok(());
+        }
+        ready.clear_ready();
+    }
+}
+
+/// What one direction moved.
+#[derive(Debug, Default, Clone, Copy)]
+struct Flow {
+    messages: u64,
+    bytes: u64,
+    /// Messages that could not be sent on: a stream the other leg does not
+    /// have, or the other leg had already shut down.
+    dropped: u64,
+    /// Of those, on a stream the other leg does not have (the first is logged).
+    unknown_stream: u64,
+}
+
+/// How a relay ended.
+#[derive(Debug)]
+enum End {
+    /// Both sides shut down gracefully.
+    Closed,
+    /// One side aborted or failed; the other side was aborted.
+    Aborted(&'static str, io::Error),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Closed => f.write_str("both sides shut down"),
+            End::Aborted(what, e) => write!(f, "{what}: {e}; the other side was aborted"),
+        }
+    }
+}
+
+struct RelayResult {
+    /// Client to upstream.
+    up: Flow,
+    /// Upstream to client.
+    down: Flow,
+    end: End,
+}
+
+/// How one direction stopped.
+enum PumpEnd {
+    /// The sending side shut down gracefully.
+    Shutdown,
+    /// Reading from the sending side failed: it aborted, or the association
+    /// was lost.
+    Read(io::Error),
+    /// Sending to the other side failed for another reason than its own
+    /// shutdown.
+    Write(io::Error),
+}
+
+/// One side of the relay.
+struct Leg<'a> {
+    fd: &'a AsyncFd<Socket>,
+    /// "client" or "upstream", for logs.
+    name: &'static str,
+}
+
+/// Relays messages both ways until both sides shut down, or one fails.
+async fn relay(b: &Binding, client: AsyncFd<Socket>, upstream: AsyncFd<Socket>) -> RelayResult {
+    let (mut up, mut down) = (Flow::default(), Flow::default());
+    let c = Leg {
+        fd: &client,
+        name: "client",
+    };
+    let u = Leg {
+        fd: &upstream,
+        name: "upstream",
+    };
+    if let (Ok(cs), Ok(us)) = (
+        sctp::status(client.get_ref()),
+        sctp::status(upstream.get_ref()),
+    ) {
+        debug!(
+            client_streams_in = cs.inbound_streams,
+            client_streams_out = cs.outbound_streams,
+            upstream_streams_in = us.inbound_streams,
+            upstream_streams_out = us.outbound_streams,
+            "association up"
+        );
+    }
+    let end = {
+        let mut to_upstream = std::pin::pin!(pump(b, &c, &u, &mut up));
+        let mut to_client = std::pin::pin!(pump(b, &u, &c, &mut down));
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            tokio::select! {
+                r = &mut to_upstream, if !up_done => match r {
+                    PumpEnd::Shutdown => {
+                        up_done = true;
+                        // SCTP has no half-close: a SHUTDOWN ends both
+                        // directions once in-flight messages are delivered.
+                        let _ = upstream.get_ref().shutdown(std::net::Shutdown::Write);
+                    }
+                    PumpEnd::Read(e) => break End::Aborted("client aborted or failed", e),
+                    PumpEnd::Write(e) => break End::Aborted("upstream send failed", e),
+                },
+                r = &mut to_client, if !down_done => match r {
+                    PumpEnd::Shutdown => {
+                        down_done = true;
+                        let _ = client.get_ref().shutdown(std::net::Shutdown::Write);
+                    }
+                    PumpEnd::Read(e) => break End::Aborted("upstream aborted or failed", e),
+                    PumpEnd::Write(e) => break End::Aborted("client send failed", e),
+                },
+            }
+            if up_done && down_done {
+                break End::Closed;
+            }
+        }
+    };
+    if let End::Aborted(..) = end {
+        abort(&client);
+        abort(&upstream);
+    }
+    RelayResult { up, down, end }
+}
+
+/// True for send errors that mean the receiving association is shutting
+/// down (or gone): its own direction's pump reports how it ended.
+fn is_closing(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPIPE | libc::ESHUTDOWN | libc::ENOTCONN)
+    )
+}
+
+/// Moves whole messages from `from` to `to` until `from` shuts down or fails.
+async fn pump(b: &Binding, from: &Leg<'_>, to: &Leg<'_>, flow: &mut Flow) -> PumpEnd {
+    let mut reasm = Reassembler::new(BUF_INITIAL, MAX_MESSAGE);
+    // The other leg's outbound stream count, refreshed when a send says
+    // EINVAL (streams can be added during an association).
+    let mut streams = sctp::status(to.fd.get_ref())
+        .map(|s| s.outbound_streams)
+        .unwrap_or(u16::MAX);
+    let mut lost = false;
+    // Set once `to` refused a send because it is shutting down: messages
+    // still arriving are read (so closing does not turn into an ABORT) and
+    // dropped.
+    let mut to_closing = false;
+    loop {
+        let got = from
+            .fd
+            .async_io(Interest::READABLE, |s| {
+                loop {
+                    if let Some(r) = reasm.recv_once(s)? {
+                        return Ok(r);
+                    }
+                }
+            })
+            .await;
+        let info = match got {
+            Ok(Received::Data(info)) => info,
+            Ok(Received::Notification(n)) => {
+                debug!(side = from.name, "notification: {n}");
+                match n {
+                    Notification::AssocChange {
+                        state: AssocState::CommLost | AssocState::CantStart,
+                        ..
+                    } => lost = true,
+                    // The end of a shutdown this side began (nsproxy passed
+                    // one on): no EOF follows on such a socket, only ENOTCONN.
+                    Notification::AssocChange {
+                        state: AssocState::ShutdownComplete,
+                        ..
+                    } => return PumpEnd::Shutdown,
+                    _ => {}
+                }
+                continue;
+            }
+            Ok(Received::Oversized { len, info }) => {
+                b.stats.oversized.fetch_add(1, Relaxed);
+                warn!(
+                    "message of {len} bytes from the {} on stream {} dropped: larger than {MAX_MESSAGE} bytes, the most nsproxy reassembles",
+                    from.name, info.sid
+                );
+                flow.dropped += 1;
+                continue;
+            }
+            Ok(Received::Eof) if lost => {
+                return PumpEnd::Read(io::Error::from_raw_os_error(libc::ECONNRESET));
+            }
+            Ok(Received::Eof) => return PumpEnd::Shutdown,
+            // The association completed a shutdown this side began.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) && !lost => {
+                return PumpEnd::Shutdown;
+            }
+            Err(e) => return PumpEnd::Read(e),
+        };
+        let msg = reasm.message();
+        if to_closing {
+            flow.dropped += 1;
+            continue;
+        }
+        if info.sid >= streams {
+            unknown_stream(b, from, to, info.sid, streams, flow);
+            continue;
+        }
+        let mut sent = send(to, msg, &info).await;
+        if matches!(&sent, Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE)) {
+            // Larger than the send buffer: SCTP sends messages whole, so
+            // the buffer must grow to hold it.
+            match sctp::fit_send_buffer(to.fd.get_ref(), msg.len()) {
+                Ok(true) => sent = send(to, msg, &info).await,
+                Ok(false) | Err(_) => {
+                    b.stats.oversized.fetch_add(1, Relaxed);
+                    warn!(
+                        "message of {} bytes from the {} on stream {} dropped: larger than the {} send buffer can be made (net.core.wmem_max; SO_SNDBUFFORCE needs CAP_NET_ADMIN)",
+                        msg.len(),
+                        from.name,
+                        info.sid,
+                        to.name
+                    );
+                    flow.dropped += 1;
+                    continue;
+                }
+            }
+        }
+        match sent {
+            Ok(_) => {
+                flow.messages += 1;
+                flow.bytes += msg.len() as u64;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // The stream counts may have changed; only a stream the
+                // association does not have is a dropped message.
+                streams = sctp::status(to.fd.get_ref())
+                    .map(|s| s.outbound_streams)
+                    .unwrap_or(streams);
+                if info.sid >= streams {
+                    unknown_stream(b, from, to, info.sid, streams, flow);
+                } else {
+                    return PumpEnd::Write(e);
+                }
+            }
+            Err(e) if is_closing(&e) => {
+                debug!(
+                    "{} is shutting down ({e}); dropping what {} still sends",
+                    to.name, from.name
+                );
+                to_closing = true;
+                flow.dropped += 1;
+            }
+            Err(e) => return PumpEnd::Write(e),
+        }
+    }
+}
+
+/// Sends one whole message, waiting (in the reactor) for room.
+async fn send(to: &Leg<'_>, msg: &[u8], info: &sctp::RcvInfo) -> io::Result<usize> {
+    to.fd
+        .async_io(Interest::WRITABLE, |s| {
+            sctp::send(s, msg, &SndInfo::relay(info))
+        })
+        .await
+}
+
+/// Reports a message on a stream the other side does not have: counted,
+/// logged for the first one of each direction, and dropped.
+fn unknown_stream(
+    b: &Binding,
+    from: &Leg<'_>,
+    to: &Leg<'_>,
+    sid: u16,
+    streams: u16,
+    flow: &mut Flow,
+) {
+    b.stats.unknown_stream.fetch_add(1, Relaxed);
+    if flow.unknown_stream == 0 {
+        warn!(
+            "message from the {} on stream {sid} dropped: the {} association has only {streams} outbound stream(s) (ids 0..{}); raise sctp_streams or the peer's stream count. Further drops are counted in the close line",
+            from.name,
+            to.name,
+            streams.saturating_sub(1)
+        );
+    }
+    flow.unknown_stream += 1;
+    flow.dropped += 1;
+}

@@ -1,0 +1,327 @@
+//! The raw calls: `setsockopt`/`getsockopt` at level `SOL_SCTP`, and
+//! `recvmsg`/`sendmsg` with one SCTP control message each.
+//!
+//! This is the only unsafe code of the SCTP layer. The structures mirror the
+//! kernel's UAPI header `<linux/sctp.h>` (stable ABI); libc 0.2 exports none of
+//! them for Linux, so they are declared here with their sizes checked at
+//! compile time against the C layout.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem::{self, size_of};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr;
+
+use libc::{c_int, c_void, socklen_t};
+
+/// Socket option level of SCTP (`SOL_SCTP`, equal to `IPPROTO_SCTP`).
+pub(super) const SOL_SCTP: c_int = libc::IPPROTO_SCTP;
+
+// Socket options (<linux/sctp.h>).
+pub(super) const SCTP_INITMSG: c_int = 2;
+pub(super) const SCTP_NODELAY: c_int = 3;
+pub(super) const SCTP_EVENTS: c_int = 11;
+pub(super) const SCTP_STATUS: c_int = 14;
+pub(super) const SCTP_RECVRCVINFO: c_int = 32;
+pub(super) const SCTP_SOCKOPT_BINDX_ADD: c_int = 100;
+pub(super) const SCTP_SOCKOPT_CONNECTX: c_int = 110;
+pub(super) const SCTP_GET_PEER_ADDRS: c_int = 108;
+pub(super) const SCTP_GET_LOCAL_ADDRS: c_int = 109;
+
+// Control message types (`cmsg_type` at level `SOL_SCTP`).
+const SCTP_SNDINFO: c_int = 2;
+const SCTP_RCVINFO: c_int = 3;
+
+/// `struct sctp_initmsg`: stream counts and INIT retries for new associations.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct SctpInitmsg {
+    pub num_ostreams: u16,
+    pub max_instreams: u16,
+    pub max_attempts: u16,
+    pub max_init_timeo: u16,
+}
+
+/// `struct sctp_sndinfo` (RFC 6458 5.3.4), sent as an `SCTP_SNDINFO` cmsg.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct SctpSndinfo {
+    pub snd_sid: u16,
+    pub snd_flags: u16,
+    pub snd_ppid: u32,
+    pub snd_context: u32,
+    pub snd_assoc_id: i32,
+}
+
+/// `struct sctp_rcvinfo` (RFC 6458 5.3.5), received as an `SCTP_RCVINFO`
+/// cmsg once `SCTP_RECVRCVINFO` is on.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct SctpRcvinfo {
+    pub rcv_sid: u16,
+    pub rcv_ssn: u16,
+    pub rcv_flags: u16,
+    pub rcv_ppid: u32,
+    pub rcv_tsn: u32,
+    pub rcv_cumtsn: u32,
+    pub rcv_context: u32,
+    pub rcv_assoc_id: i32,
+}
+
+/// The first eight fields of `struct sctp_event_subscribe`, one byte per
+/// notification type. The struct grew over kernel versions (14 bytes in 6.1);
+/// the kernel accepts any prefix of it and leaves the rest as it was, so this
+/// prefix works on every kernel with SCTP.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct SctpEventSubscribe {
+    pub data_io: u8,
+    pub association: u8,
+    pub address: u8,
+    pub send_failure: u8,
+    pub peer_error: u8,
+    pub shutdown: u8,
+    pub partial_delivery: u8,
+    pub adaptation_layer: u8,
+}
+
+/// `struct sctp_paddrinfo` (packed, aligned to 4), part of [`SctpStatus`].
+#[repr(C, packed(4))]
+#[derive(Clone, Copy)]
+pub(super) struct SctpPaddrinfo {
+    pub assoc_id: i32,
+    pub address: libc::sockaddr_storage,
+    pub state: i32,
+    pub cwnd: u32,
+    pub srtt: u32,
+    pub rto: u32,
+    pub mtu: u32,
+}
+
+/// `struct sctp_status`. `getsockopt(SCTP_STATUS)` wants the whole of it
+/// (176 bytes) or fails with `EINVAL`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(super) struct SctpStatus {
+    pub assoc_id: i32,
+    pub state: i32,
+    pub rwnd: u32,
+    pub unackdata: u16,
+    pub penddata: u16,
+    pub instrms: u16,
+    pub outstrms: u16,
+    pub fragmentation_point: u32,
+    pub primary: SctpPaddrinfo,
+}
+
+impl Default for SctpStatus {
+    fn default() -> Self {
+        // SAFETY: every field is an integer or a byte array (sockaddr_storage),
+        // for which all-zero bytes are a valid value.
+        unsafe { mem::zeroed() }
+    }
+}
+
+// The C layouts, as the kernel's headers define them on x86-64 and aarch64.
+const _: () = assert!(size_of::<SctpInitmsg>() == 8);
+const _: () = assert!(size_of::<SctpSndinfo>() == 16);
+const _: () = assert!(size_of::<SctpRcvinfo>() == 28);
+const _: () = assert!(size_of::<SctpEventSubscribe>() == 8);
+const _: () = assert!(size_of::<SctpPaddrinfo>() == 152);
+const _: () = assert!(size_of::<SctpStatus>() == 176);
+
+fn cvt(ret: c_int) -> io::Result<c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `setsockopt(fd, SOL_SCTP, name, bytes)`; returns the call's result, which
+/// `SCTP_SOCKOPT_CONNECTX` uses for the new association's id.
+pub(super) fn setsockopt_bytes(fd: BorrowedFd<'_>, name: c_int, bytes: &[u8]) -> io::Result<c_int> {
+    let len =
+        socklen_t::try_from(bytes.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: the fd is open for the borrow's lifetime; the kernel reads
+    // exactly `len` bytes from a live slice of that length.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            SOL_SCTP,
+            name,
+            bytes.as_ptr().cast::<c_void>(),
+            len,
+        )
+    })
+}
+
+/// `setsockopt(fd, level, name, &value)` for a plain-old-data value.
+pub(super) fn setsockopt<T: Copy>(
+    fd: BorrowedFd<'_>,
+    level: c_int,
+    name: c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: the fd is open for the borrow's lifetime; the kernel reads
+    // size_of::<T>() bytes from a live reference to a T. Every T used here is
+    // a #[repr(C)] struct of integers or a c_int.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast::<c_void>(),
+            size_of::<T>() as socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// `getsockopt(fd, SOL_SCTP, name)` into a value that starts as `value` (some
+/// options read an association id from it first).
+pub(super) fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, name: c_int, mut value: T) -> io::Result<T> {
+    let mut len = size_of::<T>() as socklen_t;
+    // SAFETY: the fd is open; the kernel writes at most `len` bytes into the
+    // live `value`, whose type (integers only) is valid for any bytes.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            SOL_SCTP,
+            name,
+            (&mut value as *mut T).cast::<c_void>(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
+}
+
+/// `getsockopt(fd, SOL_SCTP, name)` into a byte buffer whose start the
+/// caller filled in; returns how many bytes the kernel wrote.
+pub(super) fn getsockopt_bytes(
+    fd: BorrowedFd<'_>,
+    name: c_int,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let mut len =
+        socklen_t::try_from(buf.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: the fd is open; the kernel reads and writes at most `len`
+    // bytes of the live, writable `buf`.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            SOL_SCTP,
+            name,
+            buf.as_mut_ptr().cast::<c_void>(),
+            &mut len,
+        )
+    })?;
+    Ok(len as usize)
+}
+
+/// Control-message space, aligned for `cmsghdr`. Room for an `SCTP_RCVINFO`
+/// and an `SCTP_NXTINFO` (should anything turn the latter on).
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 128]);
+
+/// What one `recvmsg` returned.
+pub(super) struct RawRecv {
+    pub len: usize,
+    pub flags: c_int,
+    pub rcvinfo: Option<SctpRcvinfo>,
+}
+
+/// One `recvmsg(fd, buf)`; never blocks on a non-blocking fd.
+pub(super) fn recvmsg(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<RawRecv> {
+    let mut cbuf = CmsgBuf([0; 128]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast::<c_void>(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.0.as_mut_ptr().cast::<c_void>();
+    msg.msg_controllen = cbuf.0.len() as _;
+    // SAFETY: `msg` points at one iovec over the live, writable `buf` and at
+    // the live `cbuf`; the kernel writes within their stated lengths.
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut rcvinfo = None;
+    // SAFETY: `msg` was filled in by a successful recvmsg: msg_control and
+    // msg_controllen describe the control messages written into `cbuf`, which
+    // is alive and aligned for cmsghdr. CMSG_FIRSTHDR/NXTHDR stay within that
+    // length, and the payload is read unaligned only after checking that the
+    // cmsg is long enough for a sctp_rcvinfo.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let hdr = &*c;
+            if hdr.cmsg_level == SOL_SCTP
+                && hdr.cmsg_type == SCTP_RCVINFO
+                && hdr.cmsg_len as usize >= libc::CMSG_LEN(size_of::<SctpRcvinfo>() as u32) as usize
+            {
+                rcvinfo = Some(ptr::read_unaligned(
+                    libc::CMSG_DATA(c).cast::<SctpRcvinfo>(),
+                ));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(RawRecv {
+        len: n as usize,
+        flags: msg.msg_flags,
+        rcvinfo,
+    })
+}
+
+/// One `sendmsg(fd, data)` with an `SCTP_SNDINFO` cmsg: the whole of `data`
+/// as one message. `MSG_NOSIGNAL`: a closed association gives `EPIPE`, not
+/// `SIGPIPE`.
+pub(super) fn sendmsg(fd: BorrowedFd<'_>, data: &[u8], info: &SctpSndinfo) -> io::Result<usize> {
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    const SPACE: usize = unsafe { libc::CMSG_SPACE(size_of::<SctpSndinfo>() as u32) } as usize;
+    let mut cbuf = CmsgBuf([0; 128]);
+    const _: () = assert!(SPACE <= 128);
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast::<c_void>(),
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.0.as_mut_ptr().cast::<c_void>();
+    msg.msg_controllen = SPACE as _;
+    // SAFETY: msg_control points at `cbuf` (aligned, SPACE <= its length), so
+    // CMSG_FIRSTHDR returns a non-null header inside it with room for a
+    // sctp_sndinfo after it, written unaligned. sendmsg only reads `data`
+    // (the iovec's mutable pointer type is the C signature's, not a write).
+    let n = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = SOL_SCTP;
+        (*c).cmsg_type = SCTP_SNDINFO;
+        (*c).cmsg_len = libc::CMSG_LEN(size_of::<SctpSndinfo>() as u32) as _;
+        ptr::write_unaligned(libc::CMSG_DATA(c).cast::<SctpSndinfo>(), *info);
+        libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Registers `socket` with the current tokio runtime's reactor.
+pub(super) fn register(
+    socket: socket2::Socket,
+) -> io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
+    // SAFETY: a socket2::Socket owns its fd: the fd stays open, and
+    // `as_raw_fd` returns that same fd, until the Socket is dropped, which
+    // only the AsyncFd does (when it is dropped or gives the Socket back).
+    unsafe { tokio::io::unix::AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)
+}

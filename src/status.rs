@@ -1,0 +1,188 @@
+//! What the daemon reports about itself: the model behind `nsproxy status`,
+//! the control API's JSON and the Prometheus metrics.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
+
+use serde::{Deserialize, Serialize};
+
+use crate::proxy::BindingStats;
+
+/// A snapshot of the whole daemon.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    /// Forwarding threads.
+    pub workers: usize,
+    /// The config file, when the daemon runs from one (`reload` re-reads it).
+    pub config: Option<String>,
+    /// Names under /run/netns that are network namespaces right now.
+    pub namespaces_known: usize,
+    /// Every rule × namespace, in configuration order.
+    pub bindings: Vec<BindingReport>,
+}
+
+/// One rule in one namespace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BindingReport {
+    pub rule: String,
+    pub protocol: String,
+    /// The namespace reference (a name matched by a glob appears as that name).
+    pub netns: String,
+    /// `listening`, `waiting` (for the namespace to exist), `failed` or
+    /// `same_namespace` (served under another reference).
+    pub state: String,
+    /// Why it is not listening, for `waiting`, `failed` and `same_namespace`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+    /// The configured listen address.
+    pub listen: String,
+    /// The bound address (the real port when `listen` said 0).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub local: Option<String>,
+    pub upstream: String,
+    pub upstream_netns: String,
+    pub counters: Counters,
+}
+
+/// A binding's counters (see [`BindingStats`] for what each means).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counters {
+    pub connections_accepted: u64,
+    pub connections_active: u64,
+    pub connect_failed: u64,
+    pub accept_errors: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    pub sessions_created: u64,
+    pub sessions_active: u64,
+    pub sessions_expired: u64,
+    pub sessions_failed: u64,
+    pub dropped_at_cap: u64,
+    pub dropped_queue_full: u64,
+    pub dropped_by_kernel: u64,
+    pub truncated: u64,
+    pub send_errors: u64,
+    pub upstream_refused: u64,
+    pub recv_errors: u64,
+}
+
+impl Counters {
+    /// Reads every counter of `s`.
+    pub fn from_stats(s: &BindingStats) -> Counters {
+        Counters {
+            connections_accepted: s.accepted.load(Relaxed),
+            connections_active: s.active.load(Relaxed),
+            connect_failed: s.connect_failed.load(Relaxed),
+            accept_errors: s.accept_errors.load(Relaxed),
+            bytes_in: s.bytes_in.load(Relaxed),
+            bytes_out: s.bytes_out.load(Relaxed),
+            datagrams_in: s.datagrams_in.load(Relaxed),
+            datagrams_out: s.datagrams_out.load(Relaxed),
+            sessions_created: s.sessions_created.load(Relaxed),
+            sessions_active: s.sessions_active.load(Relaxed),
+            sessions_expired: s.sessions_expired.load(Relaxed),
+            sessions_failed: s.sessions_failed.load(Relaxed),
+            dropped_at_cap: s.dropped_at_cap.load(Relaxed),
+            dropped_queue_full: s.dropped_queue_full.load(Relaxed),
+            dropped_by_kernel: s.dropped_by_kernel.load(Relaxed),
+            truncated: s.truncated.load(Relaxed),
+            send_errors: s.send_errors.load(Relaxed),
+            upstream_refused: s.upstream_refused.load(Relaxed),
+            recv_errors: s.recv_errors.load(Relaxed),
+        }
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Bindings opened because a rule or namespace is new.
+    pub added: usize,
+    /// Bindings closed because their rule or namespace is gone.
+    pub removed: usize,
+    /// Bindings whose rule changed: closed and opened again.
+    pub replaced: usize,
+    /// Bindings left alone, their sockets and connections untouched.
+    pub unchanged: usize,
+}
+
+/// `nsproxy status` as a readable table.
+pub fn table(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "nsproxy {} (pid {}), up {}s, {} worker(s), {} namespace(s) in /run/netns{}",
+        s.version,
+        s.pid,
+        s.uptime_secs,
+        s.workers,
+        s.namespaces_known,
+        s.config
+            .as_ref()
+            .map(|c| format!(", config {c}"))
+            .unwrap_or_default()
+    );
+    let head = [
+        "RULE",
+        "PROTO",
+        "NETNS",
+        "STATE",
+        "LOCAL",
+        "UPSTREAM",
+        "ACTIVE",
+        "TOTAL",
+        "BYTES IN",
+        "BYTES OUT",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![head.iter().map(|h| h.to_string()).collect()];
+    for b in &s.bindings {
+        let c = &b.counters;
+        let (active, total) = if b.protocol == "udp" {
+            (c.sessions_active, c.sessions_created)
+        } else {
+            (c.connections_active, c.connections_accepted)
+        };
+        let state = match &b.reason {
+            Some(r) => format!("{}: {r}", b.state),
+            None => b.state.clone(),
+        };
+        rows.push(vec![
+            b.rule.clone(),
+            b.protocol.clone(),
+            b.netns.clone(),
+            state,
+            b.local.clone().unwrap_or_else(|| "-".into()),
+            format!("{}@{}", b.upstream, b.upstream_netns),
+            active.to_string(),
+            total.to_string(),
+            c.bytes_in.to_string(),
+            c.bytes_out.to_string(),
+        ]);
+    }
+    // The state column may carry a long reason: keep it last-but-wide by
+    // padding only the columns before it.
+    let widths: Vec<usize> = (0..head.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| {
+                if i == 3 {
+                    // state with reason: not padded past 40 characters
+                    format!("{cell:<w$}", w = widths[i].min(40))
+                } else {
+                    format!("{cell:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}

@@ -1,0 +1,744 @@
+//! SCTP end to end, on a kernel with SCTP: every SCTP test is in this one
+//! binary, because `scripts/test.sh` runs it inside a VM (one boot per
+//! binary; see `scripts/sctp-vm.sh`). On a host without SCTP each test prints
+//! why it skips; inside the VM (`SCTPVM=1`) nothing may skip.
+//!
+//! Peers are blocking SCTP sockets in test namespaces, made through
+//! nsproxy's own SCTP layer; nsproxy runs as its own process.
+
+#[path = "sctp_vm/harness.rs"]
+mod harness;
+
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use harness::*;
+use nsproxy::sctp::{self, SndInfo, Streams, UNORDERED};
+
+fn config(rules: &str) -> String {
+    format!("workers = 2\n{rules}")
+}
+
+fn rule(name: &str, listen: &str, netns: &[&str], upstream: &str, upstream_netns: &str) -> String {
+    let list: Vec<String> = netns.iter().map(|n| format!("\"{n}\"")).collect();
+    format!(
+        "[[proxy]]\nname = \"{name}\"\nprotocol = \"sctp\"\nlisten = \"{listen}\"\nnetns = [{}]\nupstream = \"{upstream}\"\nupstream_netns = \"{upstream_netns}\"\nconnect_timeout = \"2s\"\n",
+        list.join(", ")
+    )
+}
+
+/// Client namespace, server namespace and nsproxy's own namespace, with an
+/// nsproxy forwarding `127.0.0.1:7000` in the client's to `127.0.0.1:9000`
+/// in the server's.
+struct Setup {
+    client: Ns,
+    _server: Ns,
+    daemon: Daemon,
+    _host: Ns,
+}
+
+impl Setup {
+    /// `listener` is made before nsproxy starts, so it is ready for it.
+    fn new(server_listen: impl FnOnce(&Ns) -> io::Result<()>, extra: &str) -> Setup {
+        let (host, client, server) = (Ns::new("h"), Ns::new("c"), Ns::new("s"));
+        server_listen(&server).unwrap();
+        let daemon = Daemon::run(
+            &host,
+            &config(&format!(
+                "{}{extra}",
+                rule(
+                    "sctp",
+                    "127.0.0.1:7000",
+                    &[client.name()],
+                    "127.0.0.1:9000",
+                    server.name()
+                )
+            )),
+        );
+        daemon.wait_ready();
+        Setup {
+            client,
+            _server: server,
+            daemon,
+            _host: host,
+        }
+    }
+
+    fn connect(&self) -> nsproxy::netns::Socket {
+        self.client.sctp_connect("127.0.0.1:7000").unwrap()
+    }
+}
+
+fn with_echo(ns: &Ns) -> io::Result<()> {
+    echo_server(ns.sctp_listen("127.0.0.1:9000"));
+    Ok(())
+}
+
+/// The layer itself, without nsproxy: stream id, PPID and the unordered flag
+/// arrive as sent, the association's streams are as asked, notifications are
+/// told apart from data.
+#[test]
+fn sctp_layer_keeps_stream_ppid_and_flags() {
+    if !sctp_or_skip("sctp_layer_keeps_stream_ppid_and_flags") {
+        return;
+    }
+    let ns = Ns::new("raw");
+    let l = ns.sctp_listen_with(
+        "127.0.0.1:9000",
+        Streams {
+            outbound: 20,
+            max_inbound: 30,
+        },
+        &[],
+    );
+    sctp::subscribe(
+        &l,
+        sctp::Events {
+            association: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let c = ns
+        .sctp_connect_with(
+            "127.0.0.1:9000",
+            Streams {
+                outbound: 25,
+                max_inbound: 12,
+            },
+        )
+        .unwrap();
+    let (s, _) = l.accept().unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    // Each direction gets the smaller of what its sender offers and its
+    // receiver accepts.
+    let st = sctp::status(&c).unwrap();
+    assert_eq!((st.outbound_streams, st.inbound_streams), (25, 12));
+    let st = sctp::status(&s).unwrap();
+    assert_eq!((st.outbound_streams, st.inbound_streams), (12, 25));
+    // Stream 30 is beyond the 25 the client has.
+    let err = send(&c, b"x", 30, 1).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+
+    send(&c, b"ordered", 24, 0x0102_0304).unwrap();
+    send_with(
+        &c,
+        b"unordered",
+        &SndInfo {
+            sid: 3,
+            flags: UNORDERED,
+            ppid: 7,
+            ..SndInfo::default()
+        },
+    )
+    .unwrap();
+    // The accepted socket saw COMM_UP first (inherited subscription).
+    let mut r = sctp::Reassembler::new(4, 1 << 20);
+    match r.recv_blocking(&s).unwrap() {
+        sctp::Received::Notification(sctp::Notification::AssocChange { state, .. }) => {
+            assert_eq!(state, sctp::AssocState::CommUp)
+        }
+        other => panic!("expected COMM_UP, got {other:?}"),
+    }
+    // A 4-byte buffer grows: the message arrives whole all the same.
+    let m = recv(&s).unwrap().unwrap();
+    assert_eq!(
+        (
+            m.data.as_slice(),
+            m.info.sid,
+            m.info.ppid,
+            m.info.flags & UNORDERED
+        ),
+        (&b"ordered"[..], 24, 0x0102_0304, 0)
+    );
+    let m = recv(&s).unwrap().unwrap();
+    assert_eq!(
+        (
+            m.data.as_slice(),
+            m.info.sid,
+            m.info.ppid,
+            m.info.flags & UNORDERED
+        ),
+        (&b"unordered"[..], 3, 7, UNORDERED)
+    );
+    let peers = sctp::peer_addrs(&c).unwrap();
+    assert_eq!(peers, vec!["127.0.0.1:9000".parse::<SocketAddr>().unwrap()]);
+    c.shutdown(Shutdown::Write).unwrap();
+    assert!(recv(&s).unwrap().is_none(), "EOF after the peer's SHUTDOWN");
+}
+
+/// What one side sent: `count` messages over 10 streams, stream `sid`
+/// with PPID `ppid_base + sid`, stream 9 unordered.
+fn message(dir: &str, i: usize) -> (Vec<u8>, u16) {
+    let sid = (i % 10) as u16;
+    let mut data = format!("{dir} stream {sid} message {}|", i / 10).into_bytes();
+    // Sizes vary from a few bytes to about 3 KiB.
+    data.extend(random_bytes((i * 37) % 3000, i as u64));
+    (data, sid)
+}
+
+fn send_all(s: &nsproxy::netns::Socket, dir: &str, n: usize, ppid_base: u32) {
+    for i in 0..n {
+        let (data, sid) = message(dir, i);
+        let flags = if sid == 9 { UNORDERED } else { 0 };
+        send_with(
+            s,
+            &data,
+            &SndInfo {
+                sid,
+                flags,
+                ppid: ppid_base + u32::from(sid),
+                ..SndInfo::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{dir}: sending message {i}: {e}"));
+    }
+}
+
+/// Receives `n` messages and checks each: whole, on its stream, with its
+/// PPID and flag, and in order within each ordered stream.
+fn check_all(s: &nsproxy::netns::Socket, dir: &str, n: usize, ppid_base: u32) {
+    let mut next = [0usize; 10];
+    let mut unordered = std::collections::BTreeSet::new();
+    for k in 0..n {
+        let m = recv(s)
+            .unwrap_or_else(|e| panic!("{dir}: receiving message {k}: {e}"))
+            .unwrap_or_else(|| panic!("{dir}: end after {k} of {n} messages"));
+        let sid = m.info.sid as usize;
+        assert!(sid < 10, "{dir}: stream {sid}");
+        assert_eq!(
+            m.info.ppid,
+            ppid_base + sid as u32,
+            "{dir}: PPID on stream {sid}"
+        );
+        let seq = if sid == 9 {
+            assert_eq!(m.info.flags & UNORDERED, UNORDERED, "{dir}: unordered flag");
+            let head =
+                String::from_utf8_lossy(&m.data[..m.data.iter().position(|&b| b == b'|').unwrap()])
+                    .into_owned();
+            let seq: usize = head.rsplit(' ').next().unwrap().parse().unwrap();
+            assert!(
+                unordered.insert(seq),
+                "{dir}: unordered message {seq} twice"
+            );
+            seq
+        } else {
+            assert_eq!(m.info.flags & UNORDERED, 0, "{dir}: ordered stream {sid}");
+            let seq = next[sid];
+            next[sid] += 1;
+            seq
+        };
+        let (want, _) = message(dir, seq * 10 + sid);
+        assert!(
+            m.data == want,
+            "{dir}: stream {sid} message {seq} differs (in order, whole)"
+        );
+    }
+}
+
+#[test]
+fn thousand_messages_over_ten_streams_each_way() {
+    if !sctp_or_skip("thousand_messages_over_ten_streams_each_way") {
+        return;
+    }
+    const N: usize = 1000;
+    let (tx, rx) = mpsc::channel();
+    let setup = Setup::new(
+        |ns| {
+            let l = ns.sctp_listen("127.0.0.1:9000");
+            std::thread::spawn(move || {
+                let (s, _) = l.accept().unwrap();
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                let w = s.try_clone().unwrap();
+                let sender = std::thread::spawn(move || send_all(&w, "down", N, 200));
+                check_all(&s, "up", N, 100);
+                sender.join().unwrap();
+                // Wait for the client's SHUTDOWN before closing.
+                let _ = tx.send(recv(&s).map(|m| m.is_none()));
+            });
+            Ok(())
+        },
+        "",
+    );
+    let c = setup.connect();
+    let w = c.try_clone().unwrap();
+    let sender = std::thread::spawn(move || send_all(&w, "up", N, 100));
+    check_all(&c, "down", N, 200);
+    sender.join().unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert!(
+        rx.recv_timeout(WAIT).unwrap().unwrap(),
+        "server saw the end"
+    );
+    assert!(recv(&c).unwrap().is_none());
+    let log = setup.daemon.wait_log("association closed");
+    assert!(
+        log.contains(&format!("\"messages_from_client\":{N}")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("\"messages_to_client\":{N}")),
+        "{log}"
+    );
+    assert!(log.contains("both sides shut down"), "{log}");
+}
+
+#[test]
+fn a_message_larger_than_the_socket_buffer_arrives_whole() {
+    if !sctp_or_skip("a_message_larger_than_the_socket_buffer_arrives_whole") {
+        return;
+    }
+    let setup = Setup::new(with_echo, "");
+    let c = setup.connect();
+    let rcvbuf = c.recv_buffer_size().unwrap();
+    // Larger than a receive buffer (nsproxy's legs have the same default),
+    // so every receiver gets it by partial delivery, and nsproxy must put it
+    // together and grow its send buffer. Not much larger: the VM emulates
+    // its CPU, and moves only a few MB/s.
+    let len = rcvbuf * 3 / 2;
+    let big = random_bytes(len, 7);
+    let w = c.try_clone().unwrap();
+    let sent = big.clone();
+    let sender = std::thread::spawn(move || send(&w, &sent, 5, 0xdead_beef));
+    let m = recv(&c).unwrap().expect("the echo");
+    sender.join().unwrap().unwrap();
+    assert_eq!((m.info.sid, m.info.ppid), (5, 0xdead_beef));
+    assert_eq!(m.data.len(), len);
+    assert!(m.data == big, "content differs");
+    assert!(
+        m.pieces > 1,
+        "{len} bytes (receive buffer {rcvbuf}) arrived in one piece: no partial delivery happened"
+    );
+}
+
+#[test]
+fn sixty_four_kib_messages_both_ways() {
+    if !sctp_or_skip("sixty_four_kib_messages_both_ways") {
+        return;
+    }
+    const N: usize = 64;
+    let setup = Setup::new(with_echo, "");
+    let c = setup.connect();
+    let w = c.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for i in 0..N {
+            send(
+                &w,
+                &random_bytes(64 * 1024, i as u64),
+                (i % 4) as u16,
+                i as u32,
+            )
+            .unwrap();
+        }
+    });
+    for i in 0..N {
+        let m = recv(&c).unwrap().expect("echo");
+        // Each stream is ordered; across streams order may differ.
+        assert_eq!(m.data.len(), 64 * 1024);
+        let i_sent = m.info.ppid as usize;
+        assert_eq!(m.info.sid as usize, i_sent % 4, "message {i}");
+        assert!(
+            m.data == random_bytes(64 * 1024, i_sent as u64),
+            "message {i_sent} differs"
+        );
+    }
+    sender.join().unwrap();
+}
+
+#[test]
+fn a_client_shutdown_reaches_the_server_gracefully() {
+    if !sctp_or_skip("a_client_shutdown_reaches_the_server_gracefully") {
+        return;
+    }
+    let (tx, rx) = mpsc::channel();
+    let setup = Setup::new(
+        |ns| {
+            serve(ns.sctp_listen("127.0.0.1:9000"), move |s| {
+                let mut got = 0;
+                let end = loop {
+                    match recv(&s) {
+                        Ok(Some(_)) => got += 1,
+                        Ok(None) => break "shutdown".to_string(),
+                        Err(e) => break format!("error: {e}"),
+                    }
+                };
+                let _ = tx.send((got, end));
+            });
+            Ok(())
+        },
+        "",
+    );
+    let c = setup.connect();
+    for i in 0..3 {
+        send(&c, b"bye soon", i, 1).unwrap();
+    }
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(rx.recv_timeout(WAIT).unwrap(), (3, "shutdown".to_string()));
+    assert!(
+        recv(&c).unwrap().is_none(),
+        "the client's association ends gracefully too"
+    );
+    let log = setup.daemon.wait_log("association closed");
+    assert!(log.contains("both sides shut down"), "{log}");
+}
+
+#[test]
+fn a_server_shutdown_reaches_the_client_gracefully() {
+    if !sctp_or_skip("a_server_shutdown_reaches_the_client_gracefully") {
+        return;
+    }
+    let setup = Setup::new(
+        |ns| {
+            serve(ns.sctp_listen("127.0.0.1:9000"), |s| {
+                send(&s, b"one", 1, 11).unwrap();
+                send(&s, b"two", 2, 22).unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+                // Stay until the peer completes the shutdown.
+                while let Ok(Some(_)) = recv(&s) {}
+            });
+            Ok(())
+        },
+        "",
+    );
+    let c = setup.connect();
+    let m = recv(&c).unwrap().unwrap();
+    assert_eq!(
+        (m.data.as_slice(), m.info.sid, m.info.ppid),
+        (&b"one"[..], 1, 11)
+    );
+    let m = recv(&c).unwrap().unwrap();
+    assert_eq!(
+        (m.data.as_slice(), m.info.sid, m.info.ppid),
+        (&b"two"[..], 2, 22)
+    );
+    assert!(recv(&c).unwrap().is_none(), "graceful end, not an abort");
+    setup.daemon.wait_log("both sides shut down");
+}
+
+fn is_abort(r: io::Result<Option<Msg>>) -> bool {
+    matches!(r, Err(e) if e.raw_os_error() == Some(libc::ECONNRESET))
+}
+
+#[test]
+fn a_client_abort_aborts_the_server_side() {
+    if !sctp_or_skip("a_client_abort_aborts_the_server_side") {
+        return;
+    }
+    let (tx, rx) = mpsc::channel();
+    let setup = Setup::new(
+        |ns| {
+            serve(ns.sctp_listen("127.0.0.1:9000"), move |s| {
+                let first = recv(&s).map(|m| m.map(|m| m.data));
+                let then = recv(&s);
+                let _ = tx.send((first.ok().flatten(), format!("{then:?}"), is_abort(then)));
+            });
+            Ok(())
+        },
+        "",
+    );
+    let c = setup.connect();
+    send(&c, b"then I abort", 0, 0).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    c.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(c);
+    let (first, then, aborted) = rx.recv_timeout(WAIT).unwrap();
+    assert_eq!(first.as_deref(), Some(&b"then I abort"[..]));
+    assert!(aborted, "the server saw {then}, not an abort");
+    let log = setup.daemon.wait_log("association closed");
+    assert!(log.contains("client aborted"), "{log}");
+}
+
+#[test]
+fn a_server_abort_aborts_the_client_side() {
+    if !sctp_or_skip("a_server_abort_aborts_the_client_side") {
+        return;
+    }
+    let setup = Setup::new(
+        |ns| {
+            serve(ns.sctp_listen("127.0.0.1:9000"), |s| {
+                let _ = recv(&s);
+                s.set_linger(Some(Duration::ZERO)).unwrap();
+            });
+            Ok(())
+        },
+        "",
+    );
+    let c = setup.connect();
+    send(&c, b"abort me", 0, 0).unwrap();
+    let then = recv(&c);
+    assert!(
+        matches!(&then, Err(e) if e.raw_os_error() == Some(libc::ECONNRESET)),
+        "the client saw {:?}, not an abort",
+        then.map(|m| m.map(|m| m.data))
+    );
+    let log = setup.daemon.wait_log("association closed");
+    assert!(log.contains("upstream aborted"), "{log}");
+}
+
+#[test]
+fn a_refused_upstream_aborts_the_client_and_others_keep_serving() {
+    if !sctp_or_skip("a_refused_upstream_aborts_the_client_and_others_keep_serving") {
+        return;
+    }
+    let (host, a) = (Ns::new("h"), Ns::new("a"));
+    echo_server(host.sctp_listen("127.0.0.1:9001"));
+    let d = Daemon::run(
+        &host,
+        &config(&format!(
+            "{}{}",
+            rule(
+                "dead",
+                "127.0.0.1:7000",
+                &[a.name()],
+                "127.0.0.1:9000",
+                "host"
+            ),
+            rule(
+                "alive",
+                "127.0.0.1:7001",
+                &[a.name()],
+                "127.0.0.1:9001",
+                "host"
+            )
+        )),
+    );
+    d.wait_ready();
+    for _ in 0..3 {
+        let c = a.sctp_connect("127.0.0.1:7000").unwrap();
+        let started = Instant::now();
+        let r = recv(&c);
+        assert!(is_abort(r), "expected an abort");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let ok = a.sctp_connect("127.0.0.1:7001").unwrap();
+        send(&ok, b"alive?", 1, 2).unwrap();
+        assert_eq!(recv(&ok).unwrap().unwrap().data, b"alive?");
+    }
+    let log = d.wait_log("upstream connect failed");
+    assert!(log.contains("association refused"), "{log}");
+    assert!(log.contains("\"rule\":\"dead\""), "{log}");
+}
+
+#[test]
+fn a_hundred_namespaces_with_a_fixed_thread_count() {
+    if !sctp_or_skip("a_hundred_namespaces_with_a_fixed_thread_count") {
+        return;
+    }
+    let host = Ns::new("h");
+    let spaces = Ns::many("m", 100);
+    echo_server(host.sctp_listen("127.0.0.1:9000"));
+    let names: Vec<&str> = spaces.iter().map(|n| n.name()).collect();
+    // Few streams: an association whose ends both offer 65535 streams
+    // costs the kernel about 2 MiB per socket, and the VM is small.
+    let d = Daemon::run(
+        &host,
+        &config(&format!(
+            "{}sctp_streams = 16\n",
+            rule("many", "127.0.0.1:7000", &names, "127.0.0.1:9000", "host")
+        )),
+    );
+    let log = d.wait_ready();
+    assert!(log.contains("ready: 100 of 100 binding(s)"), "{log}");
+    // main + 2 workers + the namespace thread
+    assert_eq!(d.threads(), 4);
+    let conns: Vec<_> = spaces
+        .iter()
+        .map(|ns| ns.sctp_connect("127.0.0.1:7000").unwrap())
+        .collect();
+    for (i, c) in conns.iter().enumerate() {
+        let msg = format!("namespace {i}");
+        send(c, msg.as_bytes(), (i % 7) as u16, i as u32).unwrap();
+        let m = recv(c).unwrap().unwrap();
+        assert_eq!(
+            (m.data, m.info.sid, m.info.ppid),
+            (msg.into_bytes(), (i % 7) as u16, i as u32)
+        );
+    }
+    assert_eq!(d.threads(), 4, "100 open associations add no thread");
+}
+
+#[test]
+fn ipv6_and_dual_stack() {
+    if !sctp_or_skip("ipv6_and_dual_stack") {
+        return;
+    }
+    let (host, a, b) = (Ns::new("h"), Ns::new("a"), Ns::new("b"));
+    echo_server(b.sctp_listen("[::1]:9000"));
+    let d = Daemon::run(
+        &host,
+        &config(&format!(
+            "{}{}",
+            rule("v6", "[::1]:7000", &[a.name()], "[::1]:9000", b.name()),
+            rule("dual", "[::]:7001", &[a.name()], "[::1]:9000", b.name())
+        )),
+    );
+    d.wait_ready();
+    for addr in ["[::1]:7000", "[::1]:7001", "127.0.0.1:7001"] {
+        let c = a.sctp_connect(addr).unwrap();
+        send(&c, addr.as_bytes(), 4, 6).unwrap();
+        let m = recv(&c).unwrap().unwrap();
+        assert_eq!(
+            (m.data.as_slice(), m.info.sid, m.info.ppid),
+            (addr.as_bytes(), 4, 6),
+            "{addr}"
+        );
+    }
+    let log = d.wait_log_count("association", 3);
+    assert!(
+        log.contains("\"peer\":\"127.0.0.1:"),
+        "IPv4 client of [::] shown as IPv4: {log}"
+    );
+}
+
+#[test]
+fn multi_homing_binds_and_connects_only_the_given_addresses() {
+    if !sctp_or_skip("multi_homing_binds_and_connects_only_the_given_addresses") {
+        return;
+    }
+    let (host, a, b) = (Ns::new("h"), Ns::new("a"), Ns::new("b"));
+    for addr in ["127.0.0.2/8", "127.0.0.3/8"] {
+        a.add_lo_addr(addr);
+    }
+    for addr in ["127.0.0.4/8", "127.0.0.5/8", "127.0.0.9/8"] {
+        host.add_lo_addr(addr);
+    }
+    for addr in ["127.0.0.6/8", "127.0.0.7/8"] {
+        b.add_lo_addr(addr);
+    }
+    let (tx, rx) = mpsc::channel();
+    serve(b.sctp_listen("0.0.0.0:9000"), move |s| {
+        let peers = sctp::peer_addrs(&s).unwrap();
+        let _ = tx.send(peers);
+        while let Ok(Some(m)) = recv(&s) {
+            let _ = send_with(&s, &m.data, &SndInfo::relay(&m.info));
+        }
+    });
+    let d = Daemon::run(
+        &host,
+        &config(&format!(
+            "{}sctp_listen_addrs = [\"127.0.0.2\"]\nsctp_upstream_addrs = [\"127.0.0.7\"]\nsctp_source_addrs = [\"127.0.0.4\", \"127.0.0.5\"]\n",
+            rule(
+                "mh",
+                "127.0.0.1:7000",
+                &[a.name()],
+                "127.0.0.6:9000",
+                b.name()
+            )
+        )),
+    );
+    d.wait_ready();
+    let c = a.sctp_connect("127.0.0.2:7000").unwrap();
+    send(&c, b"multi", 1, 1).unwrap();
+    assert_eq!(recv(&c).unwrap().unwrap().data, b"multi");
+    let mut seen = sctp::peer_addrs(&c).unwrap();
+    seen.sort();
+    let want: Vec<SocketAddr> = vec![
+        "127.0.0.1:7000".parse().unwrap(),
+        "127.0.0.2:7000".parse().unwrap(),
+    ];
+    assert_eq!(
+        seen, want,
+        "the client sees exactly the listener's addresses (not 127.0.0.3)"
+    );
+    let mut upstream_saw = rx.recv_timeout(WAIT).unwrap();
+    upstream_saw.sort();
+    let ips: Vec<String> = upstream_saw.iter().map(|a| a.ip().to_string()).collect();
+    assert_eq!(
+        ips,
+        ["127.0.0.4", "127.0.0.5"],
+        "the upstream sees exactly sctp_source_addrs (not 127.0.0.1 or .9)"
+    );
+}
+
+#[test]
+fn a_stream_the_upstream_lacks_is_reported_and_others_flow() {
+    if !sctp_or_skip("a_stream_the_upstream_lacks_is_reported_and_others_flow") {
+        return;
+    }
+    let setup = Setup::new(
+        |ns| {
+            echo_server(ns.sctp_listen_with(
+                "127.0.0.1:9000",
+                Streams {
+                    outbound: 5,
+                    max_inbound: 5,
+                },
+                &[],
+            ));
+            Ok(())
+        },
+        "",
+    );
+    let c = setup.connect();
+    send(&c, b"on stream 7", 7, 1).unwrap();
+    send(&c, b"on stream 4", 4, 2).unwrap();
+    let m = recv(&c).unwrap().unwrap();
+    assert_eq!((m.data.as_slice(), m.info.sid), (&b"on stream 4"[..], 4));
+    let log = setup.daemon.wait_log("on stream 7 dropped");
+    assert!(log.contains("has only 5 outbound stream(s)"), "{log}");
+    c.shutdown(Shutdown::Write).unwrap();
+    let log = setup.daemon.wait_log("association closed");
+    assert!(log.contains("\"dropped_from_client\":1"), "{log}");
+}
+
+#[test]
+fn stream_counts_are_configurable() {
+    if !sctp_or_skip("stream_counts_are_configurable") {
+        return;
+    }
+    let setup = Setup::new(with_echo, "sctp_streams = { in = 40, out = 30 }\n");
+    let c = setup.client.sctp_connect("127.0.0.1:7000").unwrap();
+    let st = sctp::status(&c).unwrap();
+    // The client's outbound streams are capped by nsproxy's inbound 40; its
+    // inbound streams are nsproxy's outbound 30.
+    assert_eq!((st.outbound_streams, st.inbound_streams), (40, 30));
+}
+
+#[test]
+fn the_forward_form_and_every_kind_of_namespace_reference() {
+    if !sctp_or_skip("the_forward_form_and_every_kind_of_namespace_reference") {
+        return;
+    }
+    let (host, named, by_path, by_pid, by_proc) = (
+        Ns::new("h"),
+        Ns::new("n"),
+        Ns::new("p"),
+        Ns::new("i"),
+        Ns::new("r"),
+    );
+    echo_server(host.sctp_listen("127.0.0.1:9000"));
+    // A process living in `by_pid` and `by_proc`, for pid:PID and /proc paths.
+    let mut sleepers: Vec<_> = [&by_pid, &by_proc]
+        .iter()
+        .map(|ns| {
+            ns.command("sleep")
+                .arg("120")
+                .spawn()
+                .expect("sleep in a namespace")
+        })
+        .collect();
+    let spec = format!(
+        "sctp:127.0.0.1:7000@{},{},pid:{},/proc/{}/ns/net,host=127.0.0.1:9000",
+        named.name(),
+        by_path.path().display(),
+        sleepers[0].id(),
+        sleepers[1].id()
+    );
+    let d = Daemon::command(&host, &["forward", &spec]);
+    let log = d.wait_ready();
+    assert!(log.contains("ready: 5 of 5 binding(s)"), "{log}");
+    for ns in [&named, &by_path, &by_pid, &by_proc, &host] {
+        let c = ns.sctp_connect("127.0.0.1:7000").unwrap();
+        send(&c, ns.name().as_bytes(), 2, 3).unwrap();
+        assert_eq!(recv(&c).unwrap().unwrap().data, ns.name().as_bytes());
+    }
+    for s in &mut sleepers {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+}
