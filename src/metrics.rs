@@ -105,6 +105,12 @@ const SERIES: &[Series] = &[
         |c| c.dropped_queue_full,
     ),
     (
+        "nsproxy_udp_dropped_by_kernel_total",
+        "counter",
+        "UDP datagrams the kernel dropped because a listening socket's receive buffer was full.",
+        |c| c.dropped_by_kernel,
+    ),
+    (
         "nsproxy_udp_truncated_total",
         "counter",
         "UDP datagrams dropped because they were larger than the buffer.",
@@ -127,6 +133,30 @@ const SERIES: &[Series] = &[
         "counter",
         "Receive errors on UDP listening sockets.",
         |c| c.recv_errors,
+    ),
+    (
+        "nsproxy_sctp_messages_in_total",
+        "counter",
+        "SCTP messages from clients sent to the upstream.",
+        |c| c.messages_in,
+    ),
+    (
+        "nsproxy_sctp_messages_out_total",
+        "counter",
+        "SCTP messages from the upstream sent to clients.",
+        |c| c.messages_out,
+    ),
+    (
+        "nsproxy_sctp_unknown_stream_total",
+        "counter",
+        "SCTP messages dropped because their stream does not exist on the other leg.",
+        |c| c.unknown_stream,
+    ),
+    (
+        "nsproxy_sctp_oversized_total",
+        "counter",
+        "SCTP messages dropped because they were too large to relay.",
+        |c| c.oversized,
     ),
 ];
 

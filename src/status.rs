@@ -69,6 +69,10 @@ pub struct Counters {
     pub send_errors: u64,
     pub upstream_refused: u64,
     pub recv_errors: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub unknown_stream: u64,
+    pub oversized: u64,
 }
 
 impl Counters {
@@ -94,6 +98,10 @@ impl Counters {
             send_errors: s.send_errors.load(Relaxed),
             upstream_refused: s.upstream_refused.load(Relaxed),
             recv_errors: s.recv_errors.load(Relaxed),
+            messages_in: s.messages_in.load(Relaxed),
+            messages_out: s.messages_out.load(Relaxed),
+            unknown_stream: s.unknown_stream.load(Relaxed),
+            oversized: s.oversized.load(Relaxed),
         }
     }
 }

@@ -41,35 +41,27 @@ fn hello_when_ready(ns: &TestNs, addr: &str) -> Vec<u8> {
 fn holds_namespace(pid: u32, ns_file: &File) -> Vec<String> {
     let ino = ns_file.metadata().unwrap().ino();
     let mut found = Vec::new();
+    // Namespace fds, by what they are (an fd opened through /run/netns/X
+    // reads as that path, not as net:[...]).
     for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .flatten()
     {
-        if let Ok(target) = std::fs::read_link(e.path()) {
-            if target.to_string_lossy() == format!("net:[{ino}]") {
+        if let Ok(m) = std::fs::metadata(e.path()) {
+            let link = std::fs::read_link(e.path()).unwrap_or_default();
+            if m.ino() == ino && !link.to_string_lossy().starts_with("socket:") {
                 found.push(format!(
                     "fd {} -> {}",
                     e.file_name().to_string_lossy(),
-                    target.display()
+                    link.display()
                 ));
             }
         }
     }
-    // Sockets: list every socket in that namespace with its owners.
-    use std::os::fd::AsRawFd;
-    let path = format!("/proc/{}/fd/{}", std::process::id(), ns_file.as_raw_fd());
-    let out = Command::new("nsenter")
-        .args([&format!("--net={path}"), "ss", "-H", "-a", "-p", "-t", "-u"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ss: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        if line.contains(&format!("pid={pid},")) {
-            found.push(format!("socket: {line}"));
+    // Sockets, checked by the namespace each belongs to (SIOCGSKNS).
+    for (fd, ns) in socket_namespaces(pid) {
+        if ns == ino {
+            found.push(format!("socket {fd}"));
         }
     }
     found
@@ -508,11 +500,9 @@ fn drain_policy_keeps_open_connections_after_deletion() {
     c.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"still");
     let held = holds_namespace(d.pid(), &pin);
-    assert!(
-        held.iter().all(|h| h.starts_with("socket:")),
-        "only the connection may hold it: {held:?}"
-    );
-    assert!(!held.iter().any(|h| h.contains("LISTEN")), "{held:?}");
+    // Only the relayed connection's socket: not the listener, not the fd.
+    assert_eq!(held.len(), 1, "only the connection may hold it: {held:?}");
+    assert!(held[0].starts_with("socket"), "{held:?}");
     // Once the client is done, nothing holds the namespace any more.
     drop(c);
     d.wait_until("namespace released after the connection ended", || {
@@ -550,4 +540,42 @@ fn udp_sessions_close_when_their_namespace_is_deleted() {
     d.wait_until("session sockets closed", || {
         d.fds() + 20 <= fds_with_sessions
     });
+}
+
+#[test]
+fn deleting_the_upstream_namespace_releases_it_and_its_socket_pool() {
+    if !root_or_skip("deleting_the_upstream_namespace_releases_it_and_its_socket_pool") {
+        return;
+    }
+    let (host, a, up) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("up"));
+    echo_server(up.tcp_listen("127.0.0.1:9000"));
+    let d = Daemon::run(
+        &host,
+        &header(&tcp_rule(
+            "u",
+            "127.0.0.1:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            up.name(),
+        )),
+        &[],
+    );
+    d.wait_ready();
+    // A few connections fill the pool of upstream sockets made ahead in `up`.
+    for _ in 0..3 {
+        let mut c = a.tcp_connect("127.0.0.1:7000").unwrap();
+        c.write_all(b"p").unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+    }
+    let pin = File::open(format!("/run/netns/{}", up.name())).unwrap();
+    d.wait_until("pool filled", || holds_namespace(d.pid(), &pin).len() > 3);
+    drop(up);
+    d.wait_until("upstream namespace released", || {
+        holds_namespace(d.pid(), &pin).is_empty()
+    });
+    d.wait_log("upstream namespace");
+    // The rule waits for its upstream namespace now.
+    let (_, out, _) = d.cli(&["status", "--json"]);
+    assert!(out.contains("\"state\": \"waiting\""), "{out}");
 }

@@ -27,11 +27,13 @@ mod nsfs;
 mod reference;
 mod switcher;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 pub use reference::{NETNS_RUN_DIR, NsId, NsRef, NsRefError};
 pub use socket2::{Domain, Protocol, Socket, Type};
@@ -144,6 +146,63 @@ fn enter_hint(e: &io::Error) -> &'static str {
 pub struct Switcher {
     tx: mpsc::Sender<switcher::Request>,
     home: NsId,
+    /// Sockets made ahead of need for [`Switcher::pooled_socket`].
+    pool: Arc<Pool>,
+}
+
+/// Upstream sockets created ahead of time, per (namespace, kind of socket),
+/// so that accepting a connection never waits behind the namespace thread.
+#[derive(Debug, Default)]
+pub(crate) struct Pool {
+    slots: Mutex<HashMap<PoolKey, Slot>>,
+}
+
+/// (namespace, domain, type, protocol)
+type PoolKey = (NsId, i32, i32, i32);
+
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    ready: Vec<Socket>,
+    /// A refill request is on its way to the namespace thread.
+    refilling: bool,
+}
+
+/// A slot is refilled up to `POOL_TARGET` sockets once it holds fewer than
+/// `POOL_LOW`: one switch into the namespace then pays for many sockets.
+const POOL_TARGET: usize = 32;
+const POOL_LOW: usize = 8;
+
+fn pool_key(ns: NsId, spec: &SocketSpec) -> PoolKey {
+    (
+        ns,
+        i32::from(spec.domain),
+        i32::from(spec.ty),
+        spec.protocol.map_or(0, i32::from),
+    )
+}
+
+impl Pool {
+    /// Called by the namespace thread with the sockets of a refill.
+    pub(crate) fn refilled(&self, ns: NsId, spec: &SocketSpec, made: Vec<Socket>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        // A slot removed by `release` meanwhile: the sockets are dropped.
+        if let Some(slot) = slots.get_mut(&pool_key(ns, spec)) {
+            slot.ready.extend(made);
+            slot.refilling = false;
+        }
+    }
+}
+
+/// Pre-created upstream sockets unless `NSPROXY_UPSTREAM_POOL=0` (for
+/// measuring the difference).
+fn pool_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("NSPROXY_UPSTREAM_POOL").as_deref(),
+            Ok("0" | "off" | "false")
+        )
+    })
 }
 
 impl Switcher {
@@ -151,7 +210,11 @@ impl Switcher {
     /// namespace; call this before anything else could have moved the thread.
     pub fn spawn() -> io::Result<Self> {
         let (tx, home) = switcher::spawn()?;
-        Ok(Switcher { tx, home })
+        Ok(Switcher {
+            tx,
+            home,
+            pool: Arc::default(),
+        })
     }
 
     /// The namespace nsproxy started in (`host`).
@@ -215,6 +278,44 @@ impl Switcher {
         }
     }
 
+    /// Like [`Switcher::socket`], but from a pool of sockets made ahead of
+    /// time in `ns`, for upstream connections: the first call for a
+    /// (namespace, kind) waits for the namespace thread, later ones take a
+    /// ready socket while the pool refills in the background. The pool is
+    /// dropped with [`Switcher::release`], so it never keeps a namespace alive.
+    pub fn pooled_socket(
+        &self,
+        ns: NsId,
+        spec: SocketSpec,
+    ) -> impl Future<Output = Result<Socket, NsError>> + Send + 'static {
+        let ready = if ns != self.home && pool_enabled() {
+            let mut slots = self.pool.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = slots.entry(pool_key(ns, &spec)).or_default();
+            let ready = slot.ready.pop();
+            if slot.ready.len() < POOL_LOW && !slot.refilling {
+                let n = POOL_TARGET - slot.ready.len();
+                let refill = switcher::Request::Refill {
+                    ns,
+                    spec,
+                    n,
+                    pool: self.pool.clone(),
+                };
+                slot.refilling = self.send(refill).is_ok();
+            }
+            ready
+        } else {
+            None
+        };
+        let fallback = ready.is_none().then(|| self.socket(ns, spec));
+        async move {
+            match (ready, fallback) {
+                (Some(s), _) => Ok(s),
+                (None, Some(f)) => f.await,
+                (None, None) => unreachable!("a socket or a request"),
+            }
+        }
+    }
+
     /// Like [`Switcher::socket`], for callers outside an async runtime.
     pub fn socket_blocking(&self, ns: NsId, spec: SocketSpec) -> Result<Socket, NsError> {
         if ns == self.home {
@@ -228,6 +329,11 @@ impl Switcher {
     /// Closes the cached fd of `ns`, so that the kernel can free the namespace
     /// once nothing else holds it. The home namespace is never released.
     pub fn release(&self, ns: NsId) {
+        self.pool
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| k.0 != ns);
         let _ = self.send(switcher::Request::Release { ns });
     }
 

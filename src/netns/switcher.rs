@@ -25,7 +25,9 @@ use socket2::Socket;
 use tokio::sync::oneshot;
 
 use super::nsfs::{self, Problem};
-use super::{NsError, NsId, NsRef, SocketSpec};
+use std::sync::Arc;
+
+use super::{NsError, NsId, NsRef, Pool, SocketSpec};
 
 pub(super) enum Request {
     Resolve {
@@ -39,6 +41,13 @@ pub(super) enum Request {
     },
     Release {
         ns: NsId,
+    },
+    /// Make `n` sockets in `ns` for the upstream pool.
+    Refill {
+        ns: NsId,
+        spec: SocketSpec,
+        n: usize,
+        pool: Arc<Pool>,
     },
 }
 
@@ -103,6 +112,14 @@ impl Thread {
                     Request::Resolve { reference, reply } => {
                         self.go_home();
                         let _ = reply.send(self.resolve(&reference));
+                    }
+                    Request::Refill { ns, spec, n, pool } => {
+                        // Stop at the first failure (EMFILE, the namespace
+                        // released meanwhile): callers fall back to asking.
+                        let made: Vec<Socket> = (0..n)
+                            .map_while(|_| self.socket_in(ns, spec).ok())
+                            .collect();
+                        pool.refilled(ns, &spec, made);
                     }
                     Request::Release { ns } => {
                         self.go_home();

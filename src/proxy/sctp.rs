@@ -324,7 +324,7 @@ async fn connect(b: &Binding) -> Result<AsyncFd<Socket>, ConnectError> {
     };
     let socket = b
         .switcher
-        .socket(b.upstream_ns, SocketSpec::sctp(&family))
+        .pooled_socket(b.upstream_ns, SocketSpec::sctp(&family))
         .await?;
     configure(&socket, rule).map_err(ConnectError::Setup)?;
     if let Some((first, rest)) = rule.sctp_source_addrs.split_first() {

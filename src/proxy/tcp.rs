@@ -183,7 +183,7 @@ async fn connect(b: &Binding) -> Result<TcpStream, ConnectError> {
     let to = b.rule.upstream;
     let socket = b
         .switcher
-        .socket(b.upstream_ns, SocketSpec::tcp(&to))
+        .pooled_socket(b.upstream_ns, SocketSpec::tcp(&to))
         .await?;
     let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
     let started = Instant::now();

@@ -686,3 +686,61 @@ impl Daemon {
         }
     }
 }
+
+// ---- which namespace a process's sockets are in --------------------------
+
+/// The network namespace inode of every socket fd of process `pid`, found
+/// by copying each fd into this process (pidfd_getfd) and asking the kernel
+/// which namespace the socket belongs to (SIOCGSKNS). Unlike `ss`, this also
+/// sees sockets that are not bound or connected (such as pre-created ones).
+pub fn socket_namespaces(pid: u32) -> Vec<(String, u64)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) } as i32;
+    assert!(
+        pidfd >= 0,
+        "pidfd_open({pid}): {}",
+        io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd, owned here only.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let is_socket = std::fs::read_link(e.path())
+            .map(|t| t.to_string_lossy().starts_with("socket:"))
+            .unwrap_or(false);
+        let Ok(target_fd) = e.file_name().to_string_lossy().parse::<libc::c_int>() else {
+            continue;
+        };
+        if !is_socket {
+            continue;
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_getfd copies fd `target_fd` of the process into this
+        // one; it returns a new fd or -1 (the fd may be gone by now).
+        let copy =
+            unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) } as i32;
+        if copy < 0 {
+            continue;
+        }
+        // SAFETY: a fresh fd, owned here only.
+        let copy = unsafe { OwnedFd::from_raw_fd(copy) };
+        // SAFETY: SIOCGSKNS takes no argument and returns a new fd of the
+        // socket's network namespace, or -1.
+        let nsfd = unsafe { libc::ioctl(copy.as_raw_fd(), SIOCGSKNS as _) };
+        if nsfd < 0 {
+            continue;
+        }
+        // SAFETY: a fresh fd, owned here only.
+        let ns = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(nsfd) });
+        if let Ok(m) = ns.metadata() {
+            out.push((format!("fd {target_fd}"), m.ino()));
+        }
+    }
+    out
+}
