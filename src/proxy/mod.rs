@@ -7,6 +7,7 @@
 //! sockets already resolved to namespace identities. Sockets come from the
 //! [`Switcher`]; nothing here switches namespaces.
 
+mod accept;
 pub mod sctp;
 mod splice;
 pub mod tcp;

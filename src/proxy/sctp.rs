@@ -35,10 +35,9 @@ use socket2::{SockAddr, Socket};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{Binding, ListenError};
+use super::{Binding, ListenError, accept};
 use crate::config::Rule;
 use crate::netns::{NsError, SocketSpec};
 use crate::sctp::{self, AssocState, Events, Notification, Reassembler, Received, SndInfo};
@@ -48,9 +47,6 @@ const BUF_INITIAL: usize = 64 * 1024;
 /// The largest message nsproxy puts together; a larger one is read, dropped
 /// and reported (holding it would cost unbounded memory per association).
 pub const MAX_MESSAGE: usize = 16 << 20;
-/// Accept back-off after running out of fds or memory: first and longest pause.
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The notifications both legs subscribe to: enough to log why an
 /// association ended and to notice an aborted partial delivery.
@@ -156,53 +152,35 @@ pub(crate) async fn listen(b: &Binding) -> Result<SctpListener, ListenError> {
 pub(crate) async fn serve(
     b: Arc<Binding>,
     listener: SctpListener,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let mut assocs = JoinSet::new();
-    let mut backoff = BACKOFF_MIN;
-    loop {
-        tokio::select! {
-            _ = stopped(&mut shutdown) => break,
-            Some(_) = assocs.join_next(), if !assocs.is_empty() => {}
-            accepted = accept(&listener) => match accepted {
-                Ok((client, peer)) => {
-                    backoff = BACKOFF_MIN;
-                    b.stats.accepted.fetch_add(1, Relaxed);
-                    let span = info_span!(
-                        "assoc",
-                        rule = %b.rule.name,
-                        netns = %b.netns,
-                        peer = %canonical(peer),
-                        upstream = %b.rule.upstream,
-                    );
-                    assocs.spawn(handle(b.clone(), client).instrument(span));
-                }
-                Err(e) if is_resource_exhaustion(&e) => {
-                    b.stats.accept_errors.fetch_add(1, Relaxed);
-                    warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
-                        "accept failed: {e}; pausing accepts for {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
-                Err(e) => {
-                    b.stats.accept_errors.fetch_add(1, Relaxed);
-                    debug!(rule = %b.rule.name, netns = %b.netns, "accept failed: {e}");
-                }
-            },
-        }
-    }
-    drop(listener);
-    let open = assocs.len();
-    if open > 0 {
-        info!(rule = %b.rule.name, netns = %b.netns, "listener closed; draining {open} association(s) for up to {drain:?}");
-        let drained =
-            tokio::time::timeout(drain, async { while assocs.join_next().await.is_some() {} })
-                .await;
-        if drained.is_err() {
-            warn!(rule = %b.rule.name, netns = %b.netns, "closing {} association(s) still open after {drain:?}", assocs.len());
-            assocs.shutdown().await;
-        }
+    accept::serve(
+        b,
+        listener,
+        shutdown,
+        drain,
+        "association",
+        |b, client, peer| {
+            let span = info_span!(
+                "assoc",
+                rule = %b.rule.name,
+                netns = %b.netns,
+                peer = %peer,
+                upstream = %b.rule.upstream,
+            );
+            handle(b, client).instrument(span)
+        },
+    )
+    .await
+}
+
+impl accept::Accept for SctpListener {
+    type Conn = AsyncFd<Socket>;
+    fn accept_one(
+        &self,
+    ) -> impl std::future::Future<Output = io::Result<(Self::Conn, SocketAddr)>> + Send {
+        accept(self)
     }
 }
 
@@ -212,23 +190,6 @@ async fn accept(l: &SctpListener) -> io::Result<(AsyncFd<Socket>, SocketAddr)> {
     s.set_nonblocking(true)?;
     let peer = to_socket_addr(peer)?;
     Ok((sctp::register(s)?, peer))
-}
-
-/// Completes once shutdown was requested (or its sender is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
-/// Shows IPv4 clients of a dual-stack listener as 1.2.3.4, not ::ffff:1.2.3.4.
-fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 /// Closes with ABORT instead of a graceful SHUTDOWN once the fd is dropped.

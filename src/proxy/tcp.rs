@@ -6,7 +6,6 @@
 //! direction keeps flowing, and a reset as a reset.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -18,18 +17,14 @@ use std::sync::atomic::AtomicU64;
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::splice::Pipe;
-use super::{Binding, BindingStats, ListenError};
+use super::{Binding, BindingStats, ListenError, accept};
 use crate::netns::{NsError, SocketSpec};
 
 /// Size of each direction's relay buffer.
 const BUF_SIZE: usize = 32 * 1024;
-/// Accept back-off after running out of fds or memory: first and longest pause.
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Creates the listening socket for `binding` in its namespace.
 pub(crate) async fn listen(b: &Binding) -> Result<TcpListener, ListenError> {
@@ -55,72 +50,27 @@ pub(crate) async fn listen(b: &Binding) -> Result<TcpListener, ListenError> {
 pub(crate) async fn serve(
     b: Arc<Binding>,
     listener: TcpListener,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let mut conns = JoinSet::new();
-    let mut backoff = BACKOFF_MIN;
-    loop {
-        tokio::select! {
-            _ = stopped(&mut shutdown) => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((client, peer)) => {
-                    backoff = BACKOFF_MIN;
-                    b.stats.accepted.fetch_add(1, Relaxed);
-                    let span = info_span!(
-                        "conn",
-                        rule = %b.rule.name,
-                        netns = %b.netns,
-                        peer = %canonical(peer),
-                        upstream = %b.rule.upstream,
-                    );
-                    conns.spawn(handle(b.clone(), client).instrument(span));
-                }
-                Err(e) if is_resource_exhaustion(&e) => {
-                    b.stats.accept_errors.fetch_add(1, Relaxed);
-                    warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
-                        "accept failed: {e}; pausing accepts for {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
-                Err(e) => {
-                    // The pending connection died before we took it (ECONNABORTED,
-                    // EPROTO, ...): nothing to back off from.
-                    b.stats.accept_errors.fetch_add(1, Relaxed);
-                    debug!(rule = %b.rule.name, netns = %b.netns, "accept failed: {e}");
-                }
-            },
-        }
-    }
-    drop(listener);
-    let open = conns.len();
-    if open > 0 {
-        info!(rule = %b.rule.name, netns = %b.netns, "listener closed; draining {open} connection(s) for up to {drain:?}");
-        let drained =
-            tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
-            warn!(rule = %b.rule.name, netns = %b.netns, "closing {} connection(s) still open after {drain:?}", conns.len());
-            conns.shutdown().await;
-        }
-    }
-}
-
-/// Completes once shutdown was requested (or its sender is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    accept::serve(
+        b,
+        listener,
+        shutdown,
+        drain,
+        "connection",
+        |b, client, peer| {
+            let span = info_span!(
+                "conn",
+                rule = %b.rule.name,
+                netns = %b.netns,
+                peer = %peer,
+                upstream = %b.rule.upstream,
+            );
+            handle(b, client).instrument(span)
+        },
     )
-}
-
-/// Shows IPv4 clients of a dual-stack listener as 1.2.3.4, not ::ffff:1.2.3.4.
-fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip().to_canonical(), a.port())
+    .await
 }
 
 async fn handle(b: Arc<Binding>, client: TcpStream) {

@@ -1,0 +1,107 @@
+//! The accept loop of the connection-oriented protocols (TCP, SCTP), and
+//! small helpers every listener uses.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::Binding;
+
+/// Accept back-off after running out of fds or memory: first and longest pause.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A listening socket that yields connections (or associations).
+pub(crate) trait Accept: Send + Sync + 'static {
+    type Conn: Send + 'static;
+    /// The next connection and its peer.
+    fn accept_one(&self) -> impl Future<Output = io::Result<(Self::Conn, SocketAddr)>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Conn = tokio::net::TcpStream;
+    fn accept_one(&self) -> impl Future<Output = io::Result<(Self::Conn, SocketAddr)>> + Send {
+        self.accept()
+    }
+}
+
+/// Accepts until `shutdown` turns true, handing each connection to
+/// `handle` (a task each, owned by this loop: dropping the loop's future
+/// closes them all). Then connections get up to `drain` to finish and the
+/// rest are closed. `noun` names a connection in logs.
+pub(crate) async fn serve<L, H, F>(
+    b: Arc<Binding>,
+    listener: L,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+    noun: &'static str,
+    handle: H,
+) where
+    L: Accept,
+    H: Fn(Arc<Binding>, L::Conn, SocketAddr) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut conns = JoinSet::new();
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        tokio::select! {
+            _ = stopped(&mut shutdown) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept_one() => match accepted {
+                Ok((conn, peer)) => {
+                    backoff = BACKOFF_MIN;
+                    b.stats.accepted.fetch_add(1, Relaxed);
+                    conns.spawn(handle(b.clone(), conn, canonical(peer)));
+                }
+                Err(e) if is_resource_exhaustion(&e) => {
+                    b.stats.accept_errors.fetch_add(1, Relaxed);
+                    warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                        "accept failed: {e}; pausing accepts for {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                Err(e) => {
+                    // The pending connection died before we took it
+                    // (ECONNABORTED, EPROTO, ...): nothing to back off from.
+                    b.stats.accept_errors.fetch_add(1, Relaxed);
+                    debug!(rule = %b.rule.name, netns = %b.netns, "accept failed: {e}");
+                }
+            },
+        }
+    }
+    drop(listener);
+    let open = conns.len();
+    if open > 0 {
+        info!(rule = %b.rule.name, netns = %b.netns, "listener closed; draining {open} {noun}(s) for up to {drain:?}");
+        let drained =
+            tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            warn!(rule = %b.rule.name, netns = %b.netns, "closing {} {noun}(s) still open after {drain:?}", conns.len());
+            conns.shutdown().await;
+        }
+    }
+}
+
+/// Completes once shutdown was requested (or its sender is gone).
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Shows IPv4 clients of a dual-stack listener as 1.2.3.4, not ::ffff:1.2.3.4.
+pub(crate) fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
