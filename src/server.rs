@@ -437,12 +437,24 @@ impl Supervisor {
                 }
                 NsEvent::Gone(name) => {
                     let named = NsRef::Named(name.clone());
-                    let affected: Vec<Key> = self
-                        .entries
-                        .iter()
-                        .filter(|(k, e)| k.1 == named || e.rule.upstream_netns == named)
-                        .map(|(k, _)| k.clone())
-                        .collect();
+                    // Looked up per rule rather than by scanning every
+                    // entry: with thousands of namespaces going away, a scan
+                    // per event would be quadratic.
+                    let mut affected: Vec<Key> = Vec::new();
+                    for rule in &self.rules {
+                        let key = (rule.name.clone(), named.clone());
+                        if self.entries.contains_key(&key) {
+                            affected.push(key);
+                        }
+                        if rule.upstream_netns == named {
+                            affected.extend(
+                                self.entries
+                                    .keys()
+                                    .filter(|k| k.0 == rule.name && k.1 != named)
+                                    .cloned(),
+                            );
+                        }
+                    }
                     for key in affected {
                         let Some(e) = self.entries.get(&key) else {
                             continue;
