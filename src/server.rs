@@ -193,9 +193,11 @@ struct Supervisor {
     /// (rule, namespace) → the reference it listens under: finds a second
     /// reference to a namespace the rule already serves.
     by_ns: HashMap<(String, NsId), NsRef>,
-    /// How many open bindings use each namespace (listen or upstream side):
-    /// at zero, the cached namespace fd is released so the kernel can free
-    /// a deleted namespace.
+    /// How many open bindings make their upstream connections from each
+    /// namespace: those need its fd for every new upstream socket. At zero
+    /// the cached fd is released, so the kernel can free a deleted
+    /// namespace. A namespace only listened in needs its fd just while its
+    /// listeners are created (see `open_many`): one fd less per namespace.
     refs: HashMap<NsId, usize>,
 }
 
@@ -535,8 +537,7 @@ impl Supervisor {
             }
         }
         self.by_ns.remove(&(b.rule.name.clone(), b.ns));
-        let (ns, up) = (b.ns, b.upstream_ns);
-        self.unacquire(ns);
+        let up = b.upstream_ns;
         self.unacquire(up);
     }
 
@@ -544,6 +545,8 @@ impl Supervisor {
     /// so that their namespace switches are batched.
     async fn open_many(&mut self, opening: Vec<Opening>) {
         let mut pending = JoinSet::new();
+        // Namespaces resolved here to listen in, to release afterwards.
+        let mut listened_in = Vec::new();
         for Opening {
             key,
             rule,
@@ -551,7 +554,7 @@ impl Supervisor {
         } in opening
         {
             let netns = key.1.clone();
-            let state = match self.prepare(&rule, &netns).await {
+            let state = match self.prepare(&rule, &netns, &mut listened_in).await {
                 Ok(binding) => {
                     self.by_ns
                         .insert((rule.name.clone(), binding.ns), netns.clone());
@@ -607,7 +610,6 @@ impl Supervisor {
                 Err(e) => {
                     error!(rule = %binding.rule.name, netns = %binding.netns, listen = %binding.rule.listen, "not listening: {e}");
                     self.by_ns.remove(&(binding.rule.name.clone(), binding.ns));
-                    self.unacquire(binding.ns);
                     self.unacquire(binding.upstream_ns);
                     State::Failed(e.to_string())
                 }
@@ -616,11 +618,25 @@ impl Supervisor {
                 entry.state = state;
             }
         }
+        // Every listener of this batch exists now (requests to the namespace
+        // thread are served in order, so none is still waiting for a fd).
+        listened_in.sort();
+        listened_in.dedup();
+        for ns in listened_in {
+            if !self.refs.contains_key(&ns) {
+                self.switcher.release(ns);
+            }
+        }
     }
 
     /// Resolves both namespaces of a binding; the error is the state the
     /// binding takes instead.
-    async fn prepare(&mut self, rule: &Arc<Rule>, netns: &NsRef) -> Result<Arc<Binding>, State> {
+    async fn prepare(
+        &mut self,
+        rule: &Arc<Rule>,
+        netns: &NsRef,
+        listened_in: &mut Vec<NsId>,
+    ) -> Result<Arc<Binding>, State> {
         let upstream_ns = match self.acquire(&rule.upstream_netns).await {
             Ok(id) => id,
             Err(
@@ -633,8 +649,11 @@ impl Supervisor {
             }
             Err(e) => return Err(State::Failed(format!("upstream namespace: {e}"))),
         };
-        let ns = match self.acquire(netns).await {
-            Ok(id) => id,
+        let ns = match self.switcher.resolve(netns).await {
+            Ok(id) => {
+                listened_in.push(id);
+                id
+            }
             Err(e) => {
                 self.unacquire(upstream_ns);
                 return Err(match e {
@@ -649,7 +668,6 @@ impl Supervisor {
         if let Some(other) = self.by_ns.get(&(rule.name.clone(), ns)) {
             if other != netns {
                 let other = other.clone();
-                self.unacquire(ns);
                 self.unacquire(upstream_ns);
                 return Err(State::SameAs(other));
             }
@@ -682,7 +700,6 @@ impl Supervisor {
                     if let State::Listening { live, .. } = e.state {
                         let _ = live.stop.send(true);
                         tasks.push(live.task);
-                        self.unacquire(live.binding.ns);
                         self.unacquire(live.binding.upstream_ns);
                     }
                 }
