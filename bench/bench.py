@@ -1,0 +1,1168 @@
+#!/usr/bin/env python3
+"""nsproxy comparative benchmark. Start it through bench/run.sh (as root), which installs the
+tools and builds the binaries first; see bench/README.md.
+
+Topology: two network namespaces this script creates (unique names nsb<PID>-cli / nsb<PID>-srv),
+with only their loopback up and no link between them. Servers (iperf3, a TCP request/reply
+server, a UDP sink) listen on 127.0.0.1 in the server namespace; clients run in the client
+namespace and talk to 127.0.0.1 there, where each proxy listens. "direct" runs the same
+clients in the server namespace against the same servers: the same loopback path minus the proxy.
+
+Everything this script creates is recorded in the state directory (namespace names before they
+are created; process ids with their start times) so bench/run.sh can clean up even after a crash,
+and it is removed on every exit path here.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HZ = os.sysconf("SC_CLK_TCK")
+LOCAL = "127.0.0.1"
+
+# Ports inside the namespaces (all on 127.0.0.1).
+SRV_PORTS = {"iperf": 5201, "rr": 5300, "udp": 5400}
+PROXY_BASE = {"nsproxy": 11000, "haproxy": 12000, "socat": 13000, "nginx": 14000}
+SCALE_PORT = 7000
+SCALE_TCP_UPSTREAM = 5300  # the request/reply server
+SCALE_UDP_UPSTREAM = 5401  # a UDP echo server, for the probes
+
+ALL_PROXIES = ["direct", "nsproxy", "haproxy", "socat", "nginx"]
+ALL_WORKLOADS = ["tcp1", "tcp4", "rr", "udpmax", "udp50k"]
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Interrupted(Exception):
+    pass
+
+
+_INTERRUPTED = []
+
+
+def _on_signal(signum, _frame):
+    # Only the first signal interrupts; later ones (Ctrl-C reaches both run.sh, which then sends
+    # SIGTERM, and this process) must not break off the cleanup that the first one started.
+    if _INTERRUPTED:
+        return
+    _INTERRUPTED.append(signum)
+    raise Interrupted(f"signal {signum}")
+
+
+# ------------------------------------------------------------------ /proc helpers
+
+
+def read_stat(pid):
+    """(ppid, utime+stime+cutime+cstime ticks, starttime) or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rfind(")") + 2 :].split()
+    # rest[0]=state [1]=ppid ... [11]=utime [12]=stime [13]=cutime [14]=cstime [19]=starttime
+    return int(rest[1]), sum(int(x) for x in rest[11:15]), int(rest[19])
+
+
+def status_fields(pid):
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "VmHWM", "Threads"):
+                    out[k] = int(v.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def children_map():
+    children = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        st = read_stat(int(name))
+        if st:
+            children.setdefault(st[0], []).append(int(name))
+    return children
+
+
+def process_tree(roots, children=None):
+    """All live pids descending from roots (roots included)."""
+    if children is None:
+        children = children_map()
+    seen, todo = [], [r for r in roots if os.path.exists(f"/proc/{r}")]
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.append(p)
+        todo.extend(children.get(p, []))
+    return seen
+
+
+def tree_cpu_ticks(roots):
+    """CPU ticks of the tree: utime+stime of the live processes plus what their reaped
+    children used (cutime+cstime), so forked per-connection children (socat) count too."""
+    total = 0
+    for p in process_tree(roots):
+        st = read_stat(p)
+        if st:
+            total += st[1]
+    return total
+
+
+def tree_hwm_kib(roots, children):
+    return sum(status_fields(p).get("VmHWM", 0) for p in process_tree(roots, children))
+
+
+def tree_stats(roots):
+    pids = process_tree(roots)
+    rss = hwm = threads = fds = 0
+    for p in pids:
+        s = status_fields(p)
+        rss += s.get("VmRSS", 0)
+        hwm += s.get("VmHWM", 0)
+        threads += s.get("Threads", 0)
+        try:
+            fds += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            pass
+    return {"procs": len(pids), "rss_kib": rss, "hwm_kib": hwm, "threads": threads, "fds": fds}
+
+
+class MemSampler:
+    """Samples the summed VmHWM of each proxy's process tree every 250 ms while running,
+    keeping the peak (per-connection children of socat come and go between reads of VmHWM)."""
+
+    def __init__(self):
+        self.roots = {}
+        self.peak = {}
+        self._stop = threading.Event()
+        self._t = None
+
+    def start(self, roots_by_name):
+        self.roots = roots_by_name
+        self._stop.clear()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(0.25)
+
+    def sample(self):
+        children = children_map()  # one /proc scan for all proxies
+        for name, roots in self.roots.items():
+            h = tree_hwm_kib(roots, children)
+            self.peak[name] = max(self.peak.get(name, 0), h)
+
+    def stop(self):
+        self._stop.set()
+        if self._t:
+            self._t.join(timeout=5)
+        self.sample()
+
+
+# ------------------------------------------------------------------ the harness
+
+
+class Harness:
+    def __init__(self, args):
+        self.args = args
+        self.state = args.state_dir
+        os.makedirs(self.state, exist_ok=True)
+        self.work = os.path.join(self.state, "w")  # configs, UNIX sockets
+        os.makedirs(self.work, exist_ok=True)
+        self.logs = os.path.join(args.out, "logs")
+        shutil.rmtree(self.logs, ignore_errors=True)
+        os.makedirs(self.logs, exist_ok=True)
+        self.prefix = f"nsb{os.getpid()}"
+        self.cli = f"{self.prefix}-cli"
+        self.srv = f"{self.prefix}-srv"
+        self.netns = []  # names this run created (and only those are ever deleted)
+        self.procs = []  # (label, Popen)
+        self.nsproxy = args.nsproxy
+        self.loadgen = args.loadgen
+
+    # ---- namespaces
+
+    def add_netns(self, names):
+        # Record first, so that run.sh's trap can remove them even if we die half-way.
+        with open(os.path.join(self.state, "netns"), "a") as f:
+            f.write("".join(n + "\n" for n in names))
+            f.flush()
+            os.fsync(f.fileno())
+        for n in names:
+            if os.path.exists(f"/run/netns/{n}"):
+                raise RuntimeError(f"namespace {n} already exists; refusing to reuse it")
+        self.netns.extend(names)
+        for i in range(0, len(names), 2000):
+            chunk = names[i : i + 2000]
+            subprocess.run(
+                ["ip", "-batch", "-"],
+                input="".join(f"netns add {n}\n" for n in chunk),
+                text=True,
+                check=True,
+                timeout=600,
+            )
+        # Loopback up in each: bench/lo_up.py, a process of its own (see there why not `ip -n`).
+        subprocess.run(
+            [sys.executable, os.path.join(ROOT, "bench", "lo_up.py")],
+            input="".join(n + "\n" for n in names),
+            text=True,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=1800,
+        )
+
+    def del_netns(self, names):
+        mine = [n for n in names if n in self.netns and os.path.exists(f"/run/netns/{n}")]
+        for i in range(0, len(mine), 2000):
+            chunk = mine[i : i + 2000]
+            subprocess.run(
+                ["ip", "-batch", "-"],
+                input="".join(f"netns del {n}\n" for n in chunk),
+                text=True,
+                timeout=1800,
+            )
+        gone = set(names)
+        self.netns = [n for n in self.netns if n not in gone]
+
+    # ---- processes
+
+    def spawn(self, label, argv, ns=None, stdout=None, stderr=None, stdin=subprocess.DEVNULL):
+        if ns:
+            argv = ["ip", "netns", "exec", ns] + argv
+        if stdout is None:
+            stdout = open(os.path.join(self.logs, f"{label}.out"), "ab")
+        if stderr is None:
+            stderr = open(os.path.join(self.logs, f"{label}.err"), "ab")
+        p = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True)
+        st = read_stat(p.pid)
+        with open(os.path.join(self.state, "pids"), "a") as f:
+            f.write(f"{p.pid} {st[2] if st else 0} {label}\n")
+        self.procs.append((label, p))
+        return p
+
+    def stop(self, p, grace=5.0):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # The group may still hold forked children (socat, nginx workers).
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.procs = [(l, q) for (l, q) in self.procs if q is not p]
+
+    def cleanup(self):
+        for _, p in reversed(list(self.procs)):
+            self.stop(p, grace=3.0)
+        if self.netns:
+            log(f"removing {len(self.netns)} namespace(s) this run created")
+            self.del_netns(list(self.netns))
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def run(self, argv, ns=None, timeout=60):
+        if ns:
+            argv = ["ip", "netns", "exec", ns] + argv
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def probe(self, ns, port, udp=False, within=10.0):
+        argv = [self.loadgen, "probe", "--target", f"{LOCAL}:{port}", "--within", f"{within}s"]
+        if udp:
+            argv.append("--udp")
+        r = self.run(argv, ns=ns, timeout=within + 20)
+        return r.returncode == 0
+
+
+# ------------------------------------------------------------------ proxies
+
+
+class Proxy:
+    def __init__(self, name, ns, ports, roots=(), notes=""):
+        self.name = name
+        self.ns = ns  # where clients run
+        self.ports = ports  # workload kind -> port, None if unsupported
+        self.roots = list(roots)  # Popen objects to measure
+        self.notes = notes
+        self.na_reason = {}
+
+    def pids(self):
+        return [p.pid for p in self.roots]
+
+
+def start_servers(h):
+    srv = h.srv
+    h.spawn("srv-iperf3", ["iperf3", "-s", "-B", LOCAL, "-p", str(SRV_PORTS["iperf"]), "--idle-timeout", "60"], ns=srv)
+    h.spawn("srv-rr", [h.loadgen, "tcp-rr-server", "--listen", f"{LOCAL}:{SRV_PORTS['rr']}", "--size", "64", "--max-time", "7200s"], ns=srv)
+    h.spawn(
+        "srv-udp-echo",
+        [h.loadgen, "udp-server", "--mode", "echo", "--listen", f"{LOCAL}:{SCALE_UDP_UPSTREAM}", "--max-time", "7200s"],
+        ns=srv,
+    )
+    if not h.probe(srv, SRV_PORTS["rr"], within=10):
+        raise RuntimeError("the request/reply server did not come up")
+
+
+def nsproxy_run_opts(h, tag):
+    """A private control socket, if this build has one (never the system-wide default path)."""
+    r = h.run([h.nsproxy, "run", "--help"], timeout=30)
+    if "--control-socket" in r.stdout:
+        return ["--control-socket", os.path.join(h.work, f"nsproxy-{tag}.sock")]
+    return []
+
+
+def start_nsproxy(h, workers):
+    b = PROXY_BASE["nsproxy"]
+    ports = {"iperf": b + 201, "rr": b + 300, "udp": b + 400}
+    rules = [("iperf", "tcp", SRV_PORTS["iperf"]), ("rr", "tcp", SRV_PORTS["rr"]), ("udp", "udp", SRV_PORTS["udp"])]
+
+    def config(with_udp):
+        out = [f"workers = {workers}", ""]
+        for kind, proto, up in rules:
+            if proto == "udp" and not with_udp:
+                continue
+            out += [
+                "[[proxy]]",
+                f'name = "bench-{kind}"',
+                f'protocol = "{proto}"',
+                f'listen = "{LOCAL}:{ports[kind]}"',
+                f'netns = ["{h.cli}"]',
+                f'upstream = "{LOCAL}:{up}"',
+                f'upstream_netns = "{h.srv}"',
+                "",
+            ]
+        return "\n".join(out)
+
+    cfg = os.path.join(h.work, "nsproxy.toml")
+    with open(cfg, "w") as f:
+        f.write(config(True))
+    chk = h.run([h.nsproxy, "check", "--config", cfg], timeout=30)
+    px = Proxy("nsproxy", h.cli, dict(ports))
+    if chk.returncode != 0:
+        log("nsproxy check refused the UDP rule; UDP workloads are n/a for nsproxy: " + (chk.stdout + chk.stderr).strip().replace("\n", " | ")[:300])
+        with open(cfg, "w") as f:
+            f.write(config(False))
+        px.ports["udp"] = None
+        px.na_reason["udp"] = "this nsproxy build has no UDP"
+        chk = h.run([h.nsproxy, "check", "--config", cfg], timeout=30)
+        if chk.returncode != 0:
+            raise RuntimeError("nsproxy check failed: " + chk.stdout + chk.stderr)
+    # Connection lines (nsproxy::proxy, info) are off, as the other proxies log nothing per
+    # connection here; startup and the "ready:" line stay at info.
+    p = h.spawn("nsproxy", [h.nsproxy, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg] + nsproxy_run_opts(h, "main"))
+    px.roots = [p]
+    px.notes = f"one process, `workers = {workers}`; listens in the client ns, connects from the server ns"
+    return px
+
+
+def start_haproxy(h, workers):
+    b = PROXY_BASE["haproxy"]
+    ports = {"iperf": b + 201, "rr": b + 300, "udp": None}
+    cfg = os.path.join(h.work, "haproxy.cfg")
+    lines = [
+        "global",
+        f"    nbthread {workers}",
+        "    maxconn 4096",
+        "defaults",
+        "    mode tcp",
+        "    timeout connect 5s",
+        "    timeout client 60s",
+        "    timeout server 60s",
+    ]
+    for kind in ("iperf", "rr"):
+        lines += [
+            f"frontend fe_{kind}",
+            f"    bind {LOCAL}:{ports[kind]} namespace {h.cli}",
+            f"    default_backend be_{kind}",
+            f"backend be_{kind}",
+            f"    server s1 {LOCAL}:{SRV_PORTS[kind]} namespace {h.srv}",
+        ]
+    with open(cfg, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    p = h.spawn("haproxy", ["haproxy", "-db", "-f", cfg])
+    px = Proxy("haproxy", h.cli, ports, [p], f"one process, `nbthread {workers}`, mode tcp; `bind ... namespace` + `server ... namespace`")
+    px.na_reason["udp"] = "HAProxy has no generic UDP proxy"
+    return px
+
+
+def start_socat(h):
+    b = PROXY_BASE["socat"]
+    ports = {"iperf": b + 201, "rr": b + 300, "udp": b + 400}
+    roots = []
+    for kind in ("iperf", "rr"):
+        sock = os.path.join(h.work, f"socat-{kind}.sock")
+        roots.append(
+            h.spawn(
+                f"socat-srv-{kind}",
+                ["socat", f"UNIX-LISTEN:{sock},fork,unlink-early,backlog=1024", f"TCP:{LOCAL}:{SRV_PORTS[kind]}"],
+                ns=h.srv,
+            )
+        )
+        roots.append(
+            h.spawn(
+                f"socat-cli-{kind}",
+                ["socat", f"TCP-LISTEN:{ports[kind]},bind={LOCAL},fork,reuseaddr,backlog=1024", f"UNIX-CONNECT:{sock}"],
+                ns=h.cli,
+            )
+        )
+    usock = os.path.join(h.work, "socat-udp.sock")
+    roots.append(h.spawn("socat-srv-udp", ["socat", "-u", f"UNIX-RECV:{usock},unlink-early", f"UDP-SENDTO:{LOCAL}:{SRV_PORTS['udp']}"], ns=h.srv))
+    time.sleep(0.2)
+    roots.append(h.spawn("socat-cli-udp", ["socat", "-u", f"UDP-RECV:{ports['udp']},bind={LOCAL}", f"UNIX-SENDTO:{usock}"], ns=h.cli))
+    return Proxy(
+        "socat",
+        h.cli,
+        ports,
+        roots,
+        "socat 1.7.4 cannot switch namespaces: per port, `TCP-LISTEN,fork` in the client ns -> UNIX socket -> "
+        "`UNIX-LISTEN,fork` in the server ns -> TCP (2 forked processes per connection); "
+        "UDP: `-u UDP-RECV` -> UNIX datagram -> `-u UNIX-RECV` -> UDP (one way only)",
+    )
+
+
+def nginx_conf(h, side, workers, servers):
+    return "\n".join(
+        [
+            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;",
+            "user root;",  # workers must reach the root-owned UNIX sockets of the other instance
+            f"worker_processes {workers};",
+            "daemon off;",
+            f"pid {h.work}/nginx-{side}.pid;",
+            f"error_log {h.logs}/nginx-{side}.error.log warn;",
+            "worker_rlimit_nofile 16384;",
+            "events { worker_connections 8192; }",
+            "stream {",
+            *servers,
+            "}",
+            "",
+        ]
+    )
+
+
+def start_nginx(h, workers):
+    b = PROXY_BASE["nginx"]
+    ports = {"iperf": b + 201, "rr": b + 300, "udp": b + 400}
+    cli, srv = [], []
+    for kind in ("iperf", "rr"):
+        sock = os.path.join(h.work, f"nginx-{kind}.sock")
+        cli.append(f"  server {{ listen {LOCAL}:{ports[kind]} backlog=1024; proxy_pass unix:{sock}; }}")
+        srv.append(f"  server {{ listen unix:{sock} backlog=1024; proxy_pass {LOCAL}:{SRV_PORTS[kind]}; }}")
+    usock = os.path.join(h.work, "nginx-udp.sock")
+    cli.append(f"  server {{ listen {LOCAL}:{ports['udp']} udp; proxy_pass unix:{usock}; proxy_responses 0; proxy_timeout 10s; }}")
+    srv.append(f"  server {{ listen unix:{usock} udp; proxy_pass {LOCAL}:{SRV_PORTS['udp']}; proxy_responses 0; proxy_timeout 10s; }}")
+    roots = []
+    for side, ns, servers in (("srv", h.srv, srv), ("cli", h.cli, cli)):
+        conf = os.path.join(h.work, f"nginx-{side}.conf")
+        with open(conf, "w") as f:
+            f.write(nginx_conf(h, side, workers, servers))
+        roots.append(h.spawn(f"nginx-{side}", ["nginx", "-e", f"{h.logs}/nginx-{side}.error.log", "-p", h.work, "-c", conf], ns=ns))
+        time.sleep(0.3)
+    return Proxy(
+        "nginx",
+        h.cli,
+        ports,
+        roots,
+        f"nginx cannot switch namespaces: two instances (`worker_processes {workers}` each), stream module; "
+        "client ns TCP -> UNIX socket -> server ns TCP. UDP one way (`proxy_responses 0`) through a UNIX datagram "
+        "socket; the server-side instance sees every datagram as a new session (its UNIX peer is unbound)",
+    )
+
+
+# ------------------------------------------------------------------ workloads
+
+
+def w_iperf(h, px, streams, dur):
+    port = px.ports["iperf"]
+    r = h.run(
+        ["iperf3", "-c", LOCAL, "-p", str(port), "-t", str(dur), "-P", str(streams), "-J", "--connect-timeout", "3000"],
+        ns=px.ns,
+        timeout=dur + 30,
+    )
+    try:
+        j = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        return None, f"iperf3: {r.stderr.strip()[:200]}"
+    if "error" in j:
+        return None, f"iperf3: {j['error']}"
+    s = j["end"]["sum_received"]
+    return {"gbps": s["bits_per_second"] / 1e9, "bytes": s["bytes"], "seconds": s["seconds"]}, None
+
+
+def w_rr(h, px, dur):
+    port = px.ports["rr"]
+    r = h.run(
+        [h.loadgen, "tcp-rr", "--target", f"{LOCAL}:{port}", "--concurrency", "8", "--size", "64", "--duration", f"{dur}s"],
+        ns=px.ns,
+        timeout=dur + 30,
+    )
+    try:
+        j = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        return None, f"tcp-rr: {r.stderr.strip()[:200]}"
+    if j["conns"] == 0:
+        return None, f"tcp-rr: no connection succeeded ({j.get('first_error')})"
+    return {"cps": j["conns_per_s"], "p50_ms": j["p50_us"] / 1000, "p99_ms": j["p99_us"] / 1000, "conns": j["conns"], "errors": j["errors"]}, None
+
+
+def w_udp(h, px, dur, rate):
+    port = px.ports["udp"]
+    sink = h.spawn(
+        "udp-sink",
+        [h.loadgen, "udp-server", "--mode", "sink", "--listen", f"{LOCAL}:{SRV_PORTS['udp']}", "--idle", "1s", "--max-time", f"{dur + 4}s"],
+        ns=h.srv,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        first = sink.stdout.readline()  # {"listening": ...}
+        if b"listening" not in first:
+            return None, "UDP sink did not start"
+        r = h.run(
+            [h.loadgen, "udp-flood", "--target", f"{LOCAL}:{port}", "--size", "64", "--rate", str(rate), "--duration", f"{dur}s"],
+            ns=px.ns,
+            timeout=dur + 30,
+        )
+        try:
+            sent = json.loads(r.stdout)
+        except json.JSONDecodeError:
+            return None, f"udp-flood: {r.stderr.strip()[:200]}"
+        try:
+            out, _ = sink.communicate(timeout=dur + 10)
+        except subprocess.TimeoutExpired:
+            return None, "UDP sink did not finish"
+        got = json.loads(out.decode().strip().splitlines()[-1])
+    finally:
+        h.stop(sink, grace=1)
+    recv = got["received"]
+    return {
+        "sent": sent["sent"],
+        "received": recv,
+        "sent_kpps": sent["sent_pps"] / 1e3,
+        "rx_kpps": recv / sent["duration_s"] / 1e3,
+        "loss_pct": 100.0 * (1 - recv / sent["sent"]) if sent["sent"] else 100.0,
+    }, None
+
+
+def run_workload(h, px, wl, dur, udp_rate):
+    kind = {"tcp1": "iperf", "tcp4": "iperf", "rr": "rr", "udpmax": "udp", "udp50k": "udp"}[wl]
+    if px.ports.get(kind) is None:
+        return None, px.na_reason.get(kind, "not supported")
+    if wl == "tcp1":
+        return w_iperf(h, px, 1, dur)
+    if wl == "tcp4":
+        return w_iperf(h, px, 4, dur)
+    if wl == "rr":
+        return w_rr(h, px, dur)
+    if wl == "udpmax":
+        return w_udp(h, px, dur, 0)
+    return w_udp(h, px, dur, udp_rate)
+
+
+def work_units(wl, res):
+    """(units, unit name) for the CPU-per-unit figure."""
+    if wl in ("tcp1", "tcp4"):
+        return res["bytes"] / 2**30, "GiB"
+    if wl == "rr":
+        return res["conns"] / 1e3, "1k conns"
+    return res["received"] / 1e6, "M datagrams"
+
+
+# ------------------------------------------------------------------ statistics and output
+
+
+def summarize(values):
+    v = [x for x in values if x is not None]
+    if not v:
+        return None
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+
+
+METRICS = [
+    # key, workload, field, title, unit, higher is better
+    ("tcp1_gbps", "tcp1", "gbps", "TCP bulk, 1 stream", "Gbit/s", True),
+    ("tcp4_gbps", "tcp4", "gbps", "TCP bulk, 4 streams", "Gbit/s", True),
+    ("rr_cps", "rr", "cps", "new TCP conns/s (64 B req/reply, 8 concurrent)", "conn/s", True),
+    ("rr_p99", "rr", "p99_ms", "conn+req+reply latency p99", "ms", False),
+    ("udpmax_kpps", "udpmax", "rx_kpps", "UDP 64 B, max offered: received", "kpps", True),
+    ("udp50k_loss", "udp50k", "loss_pct", "UDP 64 B at 50k pps offered: loss", "%", False),
+]
+
+
+def fmt(x):
+    if x is None:
+        return "n/a"
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def cell(s, direct, ratio=True):
+    if s is None:
+        return "n/a"
+    txt = f"{fmt(s['median'])} ({fmt(s['min'])}–{fmt(s['max'])})"
+    if ratio and direct and direct["median"]:
+        txt += f" ×{s['median'] / direct['median']:.2f}"
+    return txt
+
+
+def write_markdown(path, meta, proxies, table, cpu, mem, scale, na, measured=True):
+    L = []
+    L.append("# nsproxy benchmark results")
+    L.append("")
+    L.append(f"Run {meta['date']} on {meta['cpu']} ({meta['nproc']} CPUs), Linux {meta['kernel']}; "
+             f"{meta['reps']} interleaved repetitions of {meta['duration']} s each; load average at start {meta['loadavg']}."
+             + (" **Quick mode: short runs, noisy numbers.**" if meta["quick"] else ""))
+    L.append("")
+    if not measured:
+        L.append("(No throughput workloads in this run.)")
+        L.append("")
+    L.append("Each cell: median (min–max over repetitions) ×ratio to `direct` (the same client and server "
+             "talking over loopback in one namespace, no proxy). Throughput: higher is better; latency and loss: lower is better.")
+    L.append("")
+    L.append("| workload (unit) | " + " | ".join(f"**{p}**" for p in proxies) + " |")
+    L.append("|---|" + "---|" * len(proxies))
+    for key, wl, _field, title, unit, better in METRICS:
+        row = [f"{title} ({unit}, {'higher' if better else 'lower'} is better)"]
+        for p in proxies:
+            s = table[p].get(key)
+            d = table["direct"].get(key) if p != "direct" else None
+            row.append(cell(s, d, ratio=(p != "direct" and key != "udp50k_loss")))
+        L.append("| " + " | ".join(row) + " |")
+    L.append("")
+    L.append("Proxy cost: CPU time of the proxy's processes (utime+stime from `/proc/PID/stat`, including "
+             "reaped per-connection children) per unit of work, median over repetitions; peak RSS = the largest "
+             "sum of VmHWM over the proxy's processes seen during the run.")
+    L.append("")
+    L.append("| proxy | CPU ms per GiB (1 stream) | CPU ms per GiB (4 streams) | CPU ms per 1k conns | CPU ms per M datagrams (max rate) | peak RSS (MiB) | processes / threads at rest |")
+    L.append("|---|---|---|---|---|---|---|")
+    for p in proxies:
+        if p == "direct":
+            continue
+        c = cpu.get(p, {})
+        vals = [fmt(c[w]["median"]) if c.get(w) else "n/a" for w in ("tcp1", "tcp4", "rr", "udpmax")]
+        m = mem.get(p, {})
+        L.append(f"| **{p}** | " + " | ".join(vals) + f" | {fmt(m.get('peak_mib'))} | {m.get('procs', 'n/a')} / {m.get('threads', 'n/a')} |")
+    L.append("")
+    if na:
+        groups = {}
+        for (p, w), why in na.items():
+            groups.setdefault((p, why), []).append(w)
+        L.append("n/a: " + "; ".join(f"{p} {', '.join(ws)}: {why}" for (p, why), ws in sorted(groups.items(), key=str)))
+        L.append("")
+    if scale:
+        L.append("## Scale: one TCP and one UDP listener in each of N namespaces")
+        L.append("")
+        L.append("Namespace creation is setup and not timed. *Startup* is from process start until the last "
+                 "namespace answers a TCP request through the proxy (a probe retried every 20 ms in that namespace); "
+                 "for nsproxy also until its `ready:` log line. Probes: TCP (and UDP for nsproxy) request/reply "
+                 "through the proxy from a sample of namespaces. Idle CPU: over "
+                 f"{scale[0].get('idle_window', 3)} s with no traffic.")
+        L.append("")
+        L.append("| proxy | N namespaces | listeners | startup: last ns answers (s) | `ready:` line (s) | probes OK | threads | processes | RSS (MiB) | fds | idle CPU (%) | notes |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for s in scale:
+            L.append(
+                f"| **{s['proxy']}** | {s['n']} | {s.get('listeners', 'n/a')} | {fmt(s.get('startup_s'))} | {fmt(s.get('ready_s'))} | "
+                f"{s.get('probes', 'n/a')} | {s.get('threads', 'n/a')} | {s.get('procs', 'n/a')} | {fmt(s.get('rss_mib'))} | "
+                f"{s.get('fds', 'n/a')} | {fmt(s.get('idle_cpu_pct'))} | {s.get('error', '')} |"
+            )
+        L.append("")
+    L.append("## How each path is set up")
+    L.append("")
+    for p in proxies:
+        L.append(f"- **{p}**: {meta['notes'].get(p, '')}")
+    L.append("")
+    L.append("Versions: " + "; ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    L.append("")
+    L.append("![benchmark](latest.png)")
+    L.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(L))
+
+
+def write_plot(out_dir, logs, proxies, table, meta):
+    if not shutil.which("gnuplot"):
+        log("gnuplot not found: no plot")
+        return
+    panels = [m for m in METRICS if any(table[p].get(m[0]) for p in proxies)]
+    if not panels:
+        return
+    cols = 3 if len(panels) > 4 else 2 if len(panels) > 1 else 1
+    rows = (len(panels) + cols - 1) // cols
+    script = [
+        f"set terminal pngcairo size {500 * cols},{450 * rows} font 'DejaVu Sans,10'",
+        f"set output '{os.path.join(out_dir, 'latest.png')}'",
+        f"set multiplot layout {rows},{cols} title 'nsproxy vs HAProxy, socat, nginx across two namespaces "
+        f"(median, min–max bars; {meta['reps']} reps × {meta['duration']} s{', QUICK MODE: noisy' if meta['quick'] else ''})'",
+        "set style fill solid 0.75 border -1",
+        "set boxwidth 0.7",
+        "set grid ytics",
+        "set yrange [0:*]",
+        "set offsets 0.5, 0.5, graph 0.12, 0",
+        "set xtics rotate by -30 nomirror",
+        "unset key",
+    ]
+    for key, wl, field, title, unit, better in panels:
+        dat = os.path.join(logs, f"plot-{key}.dat")
+        with open(dat, "w") as f:
+            # name median min max colour label label_y
+            for p in proxies:
+                s = table[p].get(key)
+                colour = "0xee7733" if p == "nsproxy" else "0x999999" if p == "direct" else "0x4477aa"
+                if s is None:
+                    f.write(f'{p} NaN NaN NaN {colour} "n/a" 0\n')
+                else:
+                    f.write(f'{p} {s["median"]} {s["min"]} {s["max"]} {colour} "{fmt(s["median"])}" {s["max"]}\n')
+        script.append(f"set title \"{title} ({'higher' if better else 'lower'} is better)\"")
+        script.append(f"set ylabel '{unit}'")
+        script.append(
+            f"plot '{dat}' using 0:2:5:xtic(1) with boxes lc rgb variable, "
+            f"'' using 0:2:3:4 with yerrorbars lc rgb 'black' pt 0, "
+            f"'' using 0:7:6 with labels offset 0,0.8 font ',9'"
+        )
+    script.append("unset multiplot")
+    gp = os.path.join(logs, "plot.gp")
+    with open(gp, "w") as f:
+        f.write("\n".join(script) + "\n")
+    r = subprocess.run(["gnuplot", gp], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        log("gnuplot failed: " + r.stderr[-500:])
+
+
+def versions():
+    def first(argv):
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except Exception:
+            return "?"
+
+    def word(text, pattern):
+        m = re.search(pattern, text)
+        return m.group(1) if m else "?"
+
+    socat = subprocess.run(["socat", "-V"], capture_output=True, text=True, timeout=10).stdout
+    return {
+        "nsproxy": word(first([ARGS.nsproxy, "--version"]), r"(\d\S*)"),
+        "HAProxy": word(first(["haproxy", "-v"]), r"version (\S+)"),
+        "socat": word(socat, r"socat version (\S+)"),
+        "nginx": word(first(["nginx", "-v"]), r"nginx/(\S+)"),
+        "iperf3": word(first(["iperf3", "--version"]), r"iperf (\S+)"),
+        "loadgen": "examples/loadgen.rs",
+    }
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+# ------------------------------------------------------------------ scale
+
+
+def last_line(path, pattern="ALERT"):
+    try:
+        with open(path, errors="replace") as f:
+            lines = [l.strip() for l in f if l.strip()]
+    except OSError:
+        return "?"
+    hits = [l for l in lines if pattern in l] or lines
+    return hits[-1][:200] if hits else "?"
+
+
+def probe_while_alive(h, ns, port, proc, within, give_up=lambda: False):
+    """Probe ns:port until it answers (True), `within` passes, `proc` exits or give_up() (False)."""
+    pr = h.spawn(f"probe-{ns}", [h.loadgen, "probe", "--target", f"{LOCAL}:{port}", "--within", f"{within}s"], ns=ns,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + within + 20
+    while time.monotonic() < deadline:
+        rc = pr.poll()
+        if rc is not None:
+            h.stop(pr)
+            return rc == 0
+        if proc.poll() is not None or give_up():
+            break
+        time.sleep(0.005)
+    h.stop(pr, grace=0.5)
+    return False
+
+
+def scale_run(h, n, workers, with_haproxy, idle_window=3):
+    fd_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    names = [f"{h.prefix}-k{i}" for i in range(n)]
+    log(f"scale N={n}: creating {n} namespaces (setup, not timed)")
+    t = time.monotonic()
+    h.add_netns(names)
+    log(f"scale N={n}: namespaces ready in {time.monotonic() - t:.1f} s")
+    sample = sorted(set([0, n - 1] + [int(i * (n - 1) / 9) for i in range(10)])) if n > 1 else [0]
+    results = []
+    try:
+        # ---- nsproxy: TCP and UDP listeners, then TCP only (like for like with HAProxy)
+        udp_ok = True
+        for protos in (("tcp", "udp"), ("tcp",)):
+            if protos == ("tcp",) and not with_haproxy and udp_ok:
+                continue
+            res = scale_nsproxy(h, n, names, sample, workers, protos, fd_hard, idle_window)
+            results.append(res)
+            udp_ok = "udp" in protos and not res.get("no_udp")
+            if res.get("no_udp"):
+                break  # the first run was TCP only already
+
+        # ---- HAProxy, TCP only
+        if with_haproxy:
+            hcfg = os.path.join(h.work, f"scale-{n}-haproxy.cfg")
+            with open(hcfg, "w") as f:
+                f.write(f"global\n    nbthread {workers}\n    maxconn {n + 256}\ndefaults\n    mode tcp\n    timeout connect 5s\n"
+                        "    timeout client 60s\n    timeout server 60s\nfrontend fe\n")
+                for x in names:
+                    f.write(f"    bind {LOCAL}:{SCALE_PORT} namespace {x}\n")
+                f.write(f"    default_backend be\nbackend be\n    server s1 {LOCAL}:{SCALE_TCP_UPSTREAM} namespace {h.srv}\n")
+            t0 = time.monotonic()
+            hp = h.spawn(f"scale-{n}-haproxy", ["haproxy", "-db", "-f", hcfg])
+            ok_last = probe_while_alive(h, names[-1], SCALE_PORT, hp, within=300)
+            res = {"proxy": "haproxy (TCP)", "n": n, "startup_s": (time.monotonic() - t0) if ok_last else None,
+                   "listeners": f"{n} TCP configured", "idle_window": idle_window}
+            if hp.poll() is not None:
+                res["error"] = (f"needs ~{3 * n + 600} fds; the hard RLIMIT_NOFILE here is {fd_hard}; " if 3 * n + 600 > fd_hard else "") + f"haproxy exited with status {hp.returncode}: " + last_line(os.path.join(h.logs, f"scale-{n}-haproxy.err"))
+            else:
+                res.update(scale_measure(h, hp, names, sample, False, idle_window))
+            results.append(res)
+            log(f"scale N={n} haproxy: {res}")
+            h.stop(hp)
+    finally:
+        log(f"scale N={n}: removing the {n} namespaces")
+        h.del_netns(names)
+    return results
+
+
+def scale_nsproxy(h, n, names, sample, workers, protos, fd_hard, idle_window):
+    tag = "+".join(protos)
+    cfg = os.path.join(h.work, f"scale-{n}-{tag}.toml")
+
+    def write(protos):
+        ns_list = ", ".join(f'"{x}"' for x in names)
+        with open(cfg, "w") as f:
+            f.write(f"workers = {workers}\n\n")
+            for proto in protos:
+                up = SCALE_TCP_UPSTREAM if proto == "tcp" else SCALE_UDP_UPSTREAM
+                f.write(f'[[proxy]]\nname = "scale-{proto}"\nprotocol = "{proto}"\nlisten = "{LOCAL}:{SCALE_PORT}"\n'
+                        f'netns = [{ns_list}]\nupstream = "{LOCAL}:{up}"\nupstream_netns = "{h.srv}"\n\n')
+
+    write(protos)
+    no_udp = False
+    if "udp" in protos and h.run([h.nsproxy, "check", "--config", cfg], timeout=120).returncode != 0:
+        protos, no_udp = ("tcp",), True
+        write(protos)
+    label = f"nsproxy ({'+'.join(p.upper() for p in protos)})"
+    ready = {}
+    errlog = open(os.path.join(h.logs, f"scale-{n}-nsproxy-{tag}.err"), "wb")
+    t0 = time.monotonic()
+    p = h.spawn(f"scale-{n}-nsproxy-{tag}",
+                [h.nsproxy, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg] + nsproxy_run_opts(h, f"scale{n}"),
+                stderr=subprocess.PIPE)
+
+    def reader():
+        for line in p.stderr:
+            errlog.write(line)
+            if b"ready:" in line and "t" not in ready:
+                ready["t"] = time.monotonic() - t0
+                ready["line"] = line.decode(errors="replace").strip()
+        errlog.close()
+
+    rt = threading.Thread(target=reader, daemon=True)
+    rt.start()
+    # Once nsproxy has said it is ready, the last namespace gets 5 s more (it may have failed).
+    ok_last = probe_while_alive(h, names[-1], SCALE_PORT, p, within=600,
+                                give_up=lambda: "t" in ready and time.monotonic() - t0 > ready["t"] + 5)
+    startup = time.monotonic() - t0
+    deadline = time.monotonic() + 600
+    while "t" not in ready and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    res = {"proxy": label, "n": n, "startup_s": startup if ok_last else None, "ready_s": ready.get("t"), "idle_window": idle_window}
+    m = re.search(r"ready: (\d+) of (\d+) binding", ready.get("line", ""))
+    res["listeners"] = f"{m.group(1)} of {m.group(2)}" if m else "?"
+    notes = []
+    need = (len(protos) + 1) * n + 100  # listeners + one cached fd per namespace + a few
+    if need > fd_hard:
+        notes.append(f"needs ~{need} fds; the hard RLIMIT_NOFILE here is {fd_hard}")
+    if p.poll() is not None:
+        notes.append(f"nsproxy exited with status {p.returncode}")
+    else:
+        res.update(scale_measure(h, p, names, sample, "udp" in protos, idle_window))
+    if no_udp:
+        notes.append("this nsproxy build has no UDP")
+        res["no_udp"] = True
+    if notes:
+        res["error"] = "; ".join(notes)
+    log(f"scale N={n} {label}: {res}")
+    h.stop(p)
+    rt.join(timeout=5)
+    return res
+
+
+def scale_measure(h, p, names, sample, udp, idle_window):
+    ok = tried = 0
+    for i in sample:
+        tried += 1
+        ok += h.probe(names[i], SCALE_PORT, within=5)
+        if udp:
+            tried += 1
+            ok += h.probe(names[i], SCALE_PORT, udp=True, within=5)
+    time.sleep(0.5)
+    st = tree_stats([p.pid])
+    c0 = tree_cpu_ticks([p.pid])
+    time.sleep(idle_window)
+    c1 = tree_cpu_ticks([p.pid])
+    return {
+        "probes": f"{ok}/{tried}",
+        "threads": st["threads"],
+        "procs": st["procs"],
+        "rss_mib": st["rss_kib"] / 1024,
+        "fds": st["fds"],
+        "idle_cpu_pct": 100.0 * (c1 - c0) / HZ / idle_window,
+    }
+
+
+def report(out, logs, meta, raw, mem, scale):
+    """Aggregates the measurements and writes latest.md, latest.png and latest.json."""
+    proxies = meta.get("proxies") or list(dict.fromkeys(r["proxy"] for r in raw))
+    workloads = meta.get("workloads") or list(dict.fromkeys(r["workload"] for r in raw))
+    os.makedirs(logs, exist_ok=True)
+    # ---- aggregate
+    table = {p: {} for p in proxies}
+    cpu = {p: {} for p in proxies}
+    for key, wl, field, *_ in METRICS:
+        for p in proxies:
+            vals = [r["result"][field] for r in raw if r["proxy"] == p and r["workload"] == wl and r["result"]]
+            table[p][key] = summarize(vals)
+    for p in proxies:
+        for wl in workloads:
+            vals = [r.get("cpu_ms_per_unit") for r in raw if r["proxy"] == p and r["workload"] == wl and r.get("cpu_ms_per_unit") is not None]
+            cpu[p][wl] = summarize(vals)
+    ok = {(r["proxy"], r["workload"]) for r in raw if r["result"]}
+    na = {(r["proxy"], r["workload"]): r["error"] for r in raw if not r["result"] and (r["proxy"], r["workload"]) not in ok}
+
+    md = os.path.join(out, "latest.md")
+    write_markdown(md, meta, proxies, table, cpu, mem, scale, na, measured=bool(raw))
+    write_plot(out, logs, proxies, table, meta)
+    with open(os.path.join(out, "latest.json"), "w") as f:
+        json.dump({"meta": meta, "raw": raw, "scale": scale, "table": table, "cpu": cpu, "mem": mem}, f, indent=1, default=str)
+
+    # ---- console summary
+    print()
+    print(f"{'metric':45s} " + " ".join(f"{p:>26s}" for p in proxies))
+    for key, wl, field, title, unit, _ in METRICS:
+        cells = []
+        for p in proxies:
+            s, d = table[p].get(key), table["direct"].get(key)
+            if s is None:
+                cells.append(f"{'n/a':>26s}")
+                continue
+            r = f" x{s['median'] / d['median']:.2f}" if p != "direct" and d and d["median"] and key != "udp50k_loss" else ""
+            cells.append(f"{fmt(s['median']) + ' [' + fmt(s['min']) + '-' + fmt(s['max']) + ']' + r:>26s}")
+        print(f"{title + ' (' + unit + ')':45.45s} " + " ".join(cells))
+    for s in scale:
+        print(f"scale {s['proxy']:8s} N={s['n']}: startup {fmt(s.get('startup_s'))} s, ready line {fmt(s.get('ready_s'))} s, "
+              f"probes {s.get('probes')}, threads {s.get('threads')}, RSS {fmt(s.get('rss_mib'))} MiB, fds {s.get('fds')}, idle CPU {fmt(s.get('idle_cpu_pct'))} % {s.get('error', '')}")
+    print()
+    log(f"wrote {md}, {os.path.join(out, 'latest.png')}, latest.json; logs in {logs}")
+
+
+# ------------------------------------------------------------------ main
+
+
+def main():
+    global ARGS
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 reps of 2 s, scale N=100")
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--duration", type=int, help="seconds per measurement")
+    ap.add_argument("--scale", help="comma-separated N values, or 'none' (default 1000,10000; quick 100)")
+    ap.add_argument("--no-fit", action="store_true",
+                    help="do not add the largest N that fits the fd limit when a --scale N does not")
+    ap.add_argument("--haproxy-scale-max", type=int, default=10000, help="largest N to try HAProxy at")
+    ap.add_argument("--proxies", default=",".join(ALL_PROXIES))
+    ap.add_argument("--workloads", default=",".join(ALL_WORKLOADS))
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="threads/processes per proxy (default: CPUs)")
+    ap.add_argument("--udp-rate", type=int, default=50000)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--from-json", metavar="FILE", help="only rewrite latest.md/png from a latest.json (no measuring)")
+    ap.add_argument("--state-dir")
+    ap.add_argument("--nsproxy")
+    ap.add_argument("--loadgen")
+    ARGS = args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            j = json.load(f)
+        report(args.out, os.path.join(args.out, "logs"), j["meta"], j["raw"], j["mem"], j["scale"])
+        return 0
+    if not (args.state_dir and args.nsproxy and args.loadgen):
+        ap.error("--state-dir, --nsproxy and --loadgen are required (bench/run.sh passes them)")
+    reps = args.reps or (2 if args.quick else 5)
+    dur = args.duration or (2 if args.quick else 5)
+    scale_ns = args.scale or ("100" if args.quick else "1000,10000")
+    scale_ns = [] if scale_ns == "none" else [int(x) for x in scale_ns.split(",") if x]
+    proxies = [p for p in args.proxies.split(",") if p]
+    workloads = [w for w in args.workloads.split(",") if w and w != "none"]
+    for p in proxies:
+        if p not in ALL_PROXIES:
+            sys.exit(f"unknown proxy {p}; known: {ALL_PROXIES}")
+    for w in workloads:
+        if w not in ALL_WORKLOADS:
+            sys.exit(f"unknown workload {w}; known: {ALL_WORKLOADS}")
+    if "direct" not in proxies:
+        proxies.insert(0, "direct")
+    os.makedirs(args.out, exist_ok=True)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _on_signal)
+    # Many namespaces mean many fds (nsproxy raises its soft limit to the hard one).
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20))
+    except (ValueError, OSError):
+        pass
+
+    h = Harness(args)
+    meta = {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "kernel": platform.release(),
+        "cpu": cpu_model(),
+        "nproc": os.cpu_count(),
+        "reps": reps,
+        "duration": dur,
+        "quick": args.quick,
+        "loadavg": " ".join(open("/proc/loadavg").read().split()[:3]),
+        "versions": versions(),
+        "notes": {},
+    }
+    raw = []  # every measurement
+    na = {}
+    try:
+        log(f"topology: client ns {h.cli}, server ns {h.srv} (loopback only, no link between them)")
+        h.add_netns([h.cli, h.srv])
+        start_servers(h)
+        px = {"direct": Proxy("direct", h.srv, dict(SRV_PORTS), [], "")}
+        px["direct"].notes = ("no proxy: the same clients run in the server namespace and talk to the same servers over its "
+                              "loopback (one loopback hop, as the proxied paths have on each side)")
+        if workloads:
+            if "nsproxy" in proxies:
+                px["nsproxy"] = start_nsproxy(h, args.workers)
+            if "haproxy" in proxies:
+                px["haproxy"] = start_haproxy(h, args.workers)
+            if "socat" in proxies:
+                px["socat"] = start_socat(h)
+            if "nginx" in proxies:
+                px["nginx"] = start_nginx(h, args.workers)
+            for name in proxies:
+                meta["notes"][name] = px[name].notes
+                if name != "direct" and not h.probe(h.cli, px[name].ports["rr"], within=15):
+                    raise RuntimeError(f"{name} does not answer on {px[name].ports['rr']}; see {h.logs}")
+            log("all proxies answer; measuring")
+        else:
+            proxies = [p for p in proxies if p in px]
+        sampler = MemSampler()
+        sampler.start({n: px[n].pids() for n in proxies if n != "direct"})
+        total = reps * len(workloads) * len(proxies)
+        k = 0
+        for rep in range(reps):
+            for wl in workloads:
+                order = proxies[rep % len(proxies) :] + proxies[: rep % len(proxies)]  # rotate per repetition
+                for name in order:
+                    k += 1
+                    p = px[name]
+                    c0 = tree_cpu_ticks(p.pids()) if p.roots else 0
+                    t0 = time.monotonic()
+                    res, err = run_workload(h, p, wl, dur, args.udp_rate)
+                    wall = time.monotonic() - t0
+                    time.sleep(0.3)  # let per-connection children exit and be reaped
+                    c1 = tree_cpu_ticks(p.pids()) if p.roots else 0
+                    rec = {"rep": rep + 1, "proxy": name, "workload": wl, "result": res, "error": err, "wall_s": wall}
+                    if res is not None and p.roots:
+                        units, unit = work_units(wl, res)
+                        rec["cpu_s"] = (c1 - c0) / HZ
+                        rec["cpu_ms_per_unit"] = 1000 * rec["cpu_s"] / units if units else None
+                        rec["unit"] = unit
+                    if res is None:
+                        na[(name, wl)] = err
+                    raw.append(rec)
+                    short = {kk: round(v, 3) if isinstance(v, float) else v for kk, v in (res or {}).items()}
+                    log(f"[{k}/{total}] rep {rep + 1} {wl:7s} {name:8s} {short if res else 'n/a: ' + str(err)}"
+                        + (f" cpu {rec['cpu_s']:.2f}s" if "cpu_s" in rec else ""))
+        sampler.stop()
+        mem = {}
+        for name in proxies:
+            if name == "direct":
+                continue
+            if name not in px:
+                continue
+            st = tree_stats(px[name].pids())
+            mem[name] = {"peak_mib": sampler.peak.get(name, 0) / 1024, "procs": st["procs"], "threads": st["threads"]}
+        # Throughput proxies off before the scale runs.
+        for name in proxies:
+            for r in px[name].roots:
+                h.stop(r)
+        scale = []
+        fd_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        fit = max(100, (fd_hard - 700) // 3 // 100 * 100)  # ~3 fds per namespace: 2 listeners + the ns fd
+        if any(3 * n + 700 > fd_hard for n in scale_ns) and fit not in scale_ns and not args.no_fit:
+            log(f"the hard fd limit ({fd_hard}) is too low for N={max(scale_ns)}; also measuring N={fit}, the most that fits")
+            scale_ns = sorted(set(scale_ns + [fit]))
+        for n in scale_ns:
+            scale += scale_run(h, n, args.workers, "haproxy" in args.proxies.split(",") and n <= args.haproxy_scale_max)
+    except Interrupted as e:
+        log(f"interrupted ({e}); cleaning up")
+        h.cleanup()
+        return 130
+    except Exception:
+        log("failed; cleaning up")
+        h.cleanup()
+        raise
+    h.cleanup()
+
+    meta["proxies"], meta["workloads"] = proxies, workloads
+    report(args.out, h.logs, meta, raw, mem, scale)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,538 @@
+//! Load generator and servers for the benchmark harness (`bench/run.sh`).
+//!
+//! `cargo build --release --example loadgen`, then run every mode under
+//! `ip netns exec NS target/release/examples/loadgen MODE ...`: the sockets are created in
+//! the namespace of the process, and this program never switches namespaces itself.
+//!
+//! Modes (every one bounded in time; results are one JSON object on stdout):
+//!
+//! - `tcp-rr`: new TCP connections per second. Each of `--concurrency` threads loops:
+//!   connect, send `--size` bytes, read `--size` bytes back (latency = connect start to last
+//!   reply byte), then read until the server closes and close. The server closes first, so
+//!   no client port stays in TIME_WAIT.
+//! - `tcp-rr-server`: the peer of `tcp-rr`: reads `--size` bytes, writes `--size` bytes, closes.
+//! - `udp-flood`: sends `--size`-byte datagrams to `--target` at `--rate` per second (0 = as fast
+//!   as possible) for `--duration`.
+//! - `udp-server`: `--mode sink` counts datagrams and prints the count once no datagram came for
+//!   `--idle` after the first one (or at `--max-time`); `--mode echo` sends each one back.
+//! - `probe`: one TCP request/reply (or, with `--udp`, one UDP datagram echoed back), retried
+//!   until it succeeds or `--within` passes; exit status 0 on success.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Parser)]
+#[command(about = "Load generator for the nsproxy benchmark (run it under `ip netns exec`)")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// New TCP connections per second: connect, request, reply, close.
+    TcpRr {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Request and reply size in bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Stop after this many successful connections (0 = no limit).
+        #[arg(long, default_value_t = 0)]
+        max_conns: u64,
+        /// Limit for each connect, read and write.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// The server side of tcp-rr.
+    TcpRrServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Exit after this long whatever happens.
+        #[arg(long, default_value = "900s", value_parser = parse_duration)]
+        max_time: Duration,
+    },
+    /// Send datagrams at a fixed rate or as fast as possible.
+    UdpFlood {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Datagrams per second; 0 = as fast as possible.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+    },
+    /// Count (sink) or echo datagrams.
+    UdpServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, value_enum, default_value_t = UdpMode::Sink)]
+        mode: UdpMode,
+        /// Sink: report and exit once nothing arrived for this long after the first datagram.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        idle: Duration,
+        /// Exit after this long whatever happens.
+        #[arg(long, default_value = "900s", value_parser = parse_duration)]
+        max_time: Duration,
+        /// SO_RCVBUF to ask for, in bytes.
+        #[arg(long, default_value_t = 4 << 20)]
+        rcvbuf: usize,
+    },
+    /// One request/reply, retried until it works or `--within` passes.
+    Probe {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        udp: bool,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        within: Duration,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum UdpMode {
+    Sink,
+    Echo,
+}
+
+/// "5s", "250ms", "2m" or plain seconds ("1.5").
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: expected 5s, 250ms, 2m or seconds"))?;
+    if !(0.0..=86_400.0).contains(&(v * scale)) {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.mode {
+        Mode::TcpRr {
+            target,
+            concurrency,
+            size,
+            duration,
+            max_conns,
+            timeout,
+        } => tcp_rr(
+            target,
+            concurrency.clamp(1, 1024),
+            size,
+            duration,
+            max_conns,
+            timeout,
+        ),
+        Mode::TcpRrServer {
+            listen,
+            size,
+            max_time,
+        } => tcp_rr_server(listen, size, max_time),
+        Mode::UdpFlood {
+            target,
+            size,
+            rate,
+            duration,
+        } => udp_flood(target, size, rate, duration),
+        Mode::UdpServer {
+            listen,
+            mode,
+            idle,
+            max_time,
+            rcvbuf,
+        } => udp_server(listen, mode, idle, max_time, rcvbuf),
+        Mode::Probe {
+            target,
+            udp,
+            size,
+            within,
+        } => probe(target, udp, size, within),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+// ---------------------------------------------------------------- tcp-rr
+
+/// One connection: connect, request, reply, wait for the server's FIN. Returns the latency
+/// up to the last reply byte.
+fn one_exchange(
+    target: &SocketAddr,
+    req: &[u8],
+    reply: &mut [u8],
+    timeout: Duration,
+) -> std::io::Result<Duration> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect_timeout(target, timeout)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(req)?;
+    s.read_exact(reply)?;
+    let latency = start.elapsed();
+    // Wait for the server's close so that the server side is the one in TIME_WAIT.
+    let mut rest = [0u8; 64];
+    loop {
+        match s.read(&mut rest) {
+            Ok(0) => break,
+            Ok(_) => return Err(std::io::Error::other("reply longer than expected")),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(latency)
+}
+
+struct RrThread {
+    latencies_ns: Vec<u64>,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+fn tcp_rr(
+    target: SocketAddr,
+    concurrency: usize,
+    size: usize,
+    duration: Duration,
+    max_conns: u64,
+    timeout: Duration,
+) -> std::io::Result<ExitCode> {
+    let deadline = Instant::now() + duration;
+    let per_thread_max = if max_conns == 0 {
+        u64::MAX
+    } else {
+        max_conns.div_ceil(concurrency as u64)
+    };
+    let start = Instant::now();
+    let handles: Vec<_> = (0..concurrency)
+        .map(|i| {
+            std::thread::Builder::new()
+                .name(format!("rr-{i}"))
+                .spawn(move || {
+                    let req = vec![b'q'; size];
+                    let mut reply = vec![0u8; size];
+                    let mut t = RrThread {
+                        latencies_ns: Vec::with_capacity(1 << 16),
+                        errors: 0,
+                        first_error: None,
+                    };
+                    while Instant::now() < deadline
+                        && (t.latencies_ns.len() as u64) < per_thread_max
+                    {
+                        match one_exchange(&target, &req, &mut reply, timeout) {
+                            Ok(l) => {
+                                if t.latencies_ns.len() < 50_000_000 {
+                                    t.latencies_ns.push(l.as_nanos() as u64);
+                                }
+                            }
+                            Err(e) => {
+                                t.errors += 1;
+                                if t.first_error.is_none() {
+                                    t.first_error = Some(e.to_string());
+                                }
+                                // Do not spin on a refused port.
+                                std::thread::sleep(Duration::from_millis(1));
+                            }
+                        }
+                    }
+                    t
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut all = Vec::new();
+    let mut errors = 0;
+    let mut first_error = None;
+    for h in handles {
+        let t = h
+            .join()
+            .map_err(|_| std::io::Error::other("a client thread panicked"))?;
+        all.extend_from_slice(&t.latencies_ns);
+        errors += t.errors;
+        first_error = first_error.or(t.first_error);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if all.is_empty() {
+            return 0.0;
+        }
+        let i = ((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1;
+        all[i] as f64 / 1000.0
+    };
+    let out = serde_json::json!({
+        "mode": "tcp-rr",
+        "target": target.to_string(),
+        "concurrency": concurrency,
+        "size": size,
+        "conns": all.len(),
+        "errors": errors,
+        "first_error": first_error,
+        "duration_s": elapsed,
+        "conns_per_s": all.len() as f64 / elapsed,
+        "p50_us": pct(0.50),
+        "p90_us": pct(0.90),
+        "p99_us": pct(0.99),
+        "max_us": all.last().map_or(0.0, |&v| v as f64 / 1000.0),
+    });
+    println!("{out}");
+    Ok(if all.is_empty() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn tcp_rr_server(listen: SocketAddr, size: usize, max_time: Duration) -> std::io::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        eprintln!("loadgen tcp-rr-server: listening on {listen}");
+        let serve = async {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    // EMFILE and friends: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _ = s.set_nodelay(true);
+                    let mut buf = vec![0u8; size];
+                    let work = async {
+                        s.read_exact(&mut buf).await?;
+                        s.write_all(&buf).await?;
+                        s.shutdown().await
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(10), work).await;
+                });
+            }
+        };
+        let _ = tokio::time::timeout(max_time, serve).await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+// ---------------------------------------------------------------- udp
+
+fn udp_socket_for(target: &SocketAddr) -> std::io::Result<UdpSocket> {
+    let local: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    UdpSocket::bind(local)
+}
+
+fn udp_flood(
+    target: SocketAddr,
+    size: usize,
+    rate: u64,
+    duration: Duration,
+) -> std::io::Result<ExitCode> {
+    let s = udp_socket_for(&target)?;
+    s.connect(target)?;
+    let buf = vec![b'u'; size.clamp(1, 65_507)];
+    let start = Instant::now();
+    let mut sent: u64 = 0;
+    let mut errors: u64 = 0;
+    let mut first_error: Option<String> = None;
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= duration {
+            break;
+        }
+        // Send what the schedule owes (all of it at rate 0: 256 per clock check).
+        let owed = if rate == 0 {
+            256
+        } else {
+            let due = (elapsed.as_secs_f64() * rate as f64) as u64;
+            due.saturating_sub(sent).min(4096)
+        };
+        if owed == 0 {
+            std::thread::sleep(Duration::from_micros(100));
+            continue;
+        }
+        for _ in 0..owed {
+            match s.send(&buf) {
+                Ok(_) => sent += 1,
+                Err(e) => {
+                    errors += 1;
+                    if first_error.is_none() {
+                        first_error = Some(e.to_string());
+                    }
+                    if e.kind() != ErrorKind::WouldBlock && e.kind() != ErrorKind::Interrupted {
+                        // e.g. ECONNREFUSED from an ICMP error: do not spin.
+                        std::thread::sleep(Duration::from_micros(200));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let out = serde_json::json!({
+        "mode": "udp-flood",
+        "target": target.to_string(),
+        "size": size,
+        "rate": rate,
+        "sent": sent,
+        "send_errors": errors,
+        "first_error": first_error,
+        "duration_s": elapsed,
+        "sent_pps": sent as f64 / elapsed,
+    });
+    println!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn udp_server(
+    listen: SocketAddr,
+    mode: UdpMode,
+    idle: Duration,
+    max_time: Duration,
+    rcvbuf: usize,
+) -> std::io::Result<ExitCode> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(listen),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    let _ = sock.set_recv_buffer_size(rcvbuf);
+    sock.bind(&listen.into())?;
+    let s: UdpSocket = sock.into();
+    // Short timeouts so that the idle and max-time limits are checked often.
+    s.set_read_timeout(Some(Duration::from_millis(50)))?;
+    eprintln!("loadgen udp-server: listening on {listen}");
+    println!("{}", serde_json::json!({"listening": listen.to_string()}));
+    let _ = std::io::stdout().flush();
+    let start = Instant::now();
+    let mut buf = vec![0u8; 65_536];
+    let mut received: u64 = 0;
+    let mut bytes: u64 = 0;
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    while start.elapsed() < max_time {
+        match s.recv_from(&mut buf) {
+            Ok((n, peer)) => {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = now;
+                received += 1;
+                bytes += n as u64;
+                if mode == UdpMode::Echo {
+                    let _ = s.send_to(&buf[..n], peer);
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if mode == UdpMode::Sink && first.is_some() && last.elapsed() >= idle {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let span = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
+    let out = serde_json::json!({
+        "mode": "udp-server",
+        "received": received,
+        "bytes": bytes,
+        "first_to_last_s": span,
+    });
+    println!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------- probe
+
+fn probe(
+    target: SocketAddr,
+    udp: bool,
+    size: usize,
+    within: Duration,
+) -> std::io::Result<ExitCode> {
+    let deadline = Instant::now() + within;
+    let req = vec![b'p'; size.clamp(1, 65_507)];
+    let mut last_err;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let t = left.clamp(Duration::from_millis(50), Duration::from_millis(500));
+        let r = if udp {
+            probe_udp(&target, &req, t)
+        } else {
+            let mut reply = vec![0u8; req.len()];
+            one_exchange(&target, &req, &mut reply, t).map(|_| ())
+        };
+        match r {
+            Ok(()) => {
+                println!(
+                    "{}",
+                    serde_json::json!({"probe": "ok", "target": target.to_string(), "attempts": attempts})
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) => last_err = e.to_string(),
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "{}",
+        serde_json::json!({"probe": "failed", "target": target.to_string(), "attempts": attempts, "error": last_err})
+    );
+    Ok(ExitCode::from(1))
+}
+
+fn probe_udp(target: &SocketAddr, req: &[u8], timeout: Duration) -> std::io::Result<()> {
+    let s = udp_socket_for(target)?;
+    s.connect(target)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.send(req)?;
+    let mut buf = vec![0u8; 65_536];
+    let n = s.recv(&mut buf)?;
+    if n == req.len() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "echo of {} bytes came back as {n}",
+            req.len()
+        )))
+    }
+}
