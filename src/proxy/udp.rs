@@ -10,7 +10,7 @@
 //! ```text
 //! client ─► listening socket ─► listener task ─queue─► session task ─► upstream socket ─► upstream
 //! client ◄─ listening socket ◄──────────────────────── session task ◄─ upstream socket ◄─ upstream
-//!           (sendmsg from the address the client sent to)
+//!           (sendmmsg from the address the client sent to)
 //! ```
 //!
 //! The listener task only receives, looks the client up and queues the
@@ -18,9 +18,26 @@
 //! its own session: when a session's queue is full, the datagram is
 //! dropped and counted. Replies leave the listening socket from the
 //! address the client's datagram was sent to (`IP_PKTINFO` /
-//! `IPV6_PKTINFO` with `recvmsg`/`sendmsg`, in the private `udp_sys`
-//! module), which matters for a wildcard listener on a namespace with
-//! several addresses.
+//! `IPV6_PKTINFO`, in the private `udp_sys` module), which matters for a
+//! wildcard listener on a namespace with several addresses.
+//!
+//! **Batches.** Every hop moves up to `BATCH` (32) datagrams per syscall when
+//! that many are waiting, and one when one is: the listener takes what the
+//! kernel has queued with one `recvmmsg`; a session takes what its queue
+//! holds and sends it upstream with one `sendmmsg`; it takes what its
+//! upstream socket holds with one `recvmmsg` and sends it to its client
+//! with one `sendmmsg`, straight from the receive slots. Nothing waits to
+//! fill a batch. Replies are batched per session, not across the sessions
+//! of a listener: see `relay_replies` for why.
+//! Within a batch, a run of datagrams of one size to one peer goes as a
+//! single `UDP_SEGMENT` (GSO) send where the kernel and route allow it;
+//! where they do not, the limit is learnt once and the datagrams go one
+//! by one.
+//!
+//! **Buffers.** Datagrams are received into per-thread slots (`SLOTS`);
+//! a client's datagram is copied out of its slot into a buffer from a pool
+//! (`POOL`) that its session gives back once it has sent it, so the
+//! steady path allocates nothing per datagram. Replies are never copied.
 //!
 //! A session ends after `udp_idle_timeout` without a datagram in either
 //! direction, and its task, queue and socket go with it. At most
@@ -30,6 +47,7 @@
 //! stays until it is idle: the upstream may come back, and the client keeps
 //! its upstream source port. At shutdown sessions end at once.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -46,27 +64,44 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use super::udp_sys::{self, ReplyFrom};
+use super::udp_sys::{self, BATCH, RecvBatch, ReplyFrom};
 use super::{Binding, ListenError};
 use crate::netns::{NsError, SocketSpec};
 
-/// Receive buffer size, both directions: larger than any UDP payload short
+/// Receive slot size, both directions: larger than any UDP payload short
 /// of an IPv6 jumbogram (65,507 bytes over IPv4, 65,527 over IPv6), so a
 /// datagram that does not fit is reported as truncated rather than cut.
-/// One buffer per worker thread, not per session: 10,000 idle sessions do
-/// not each hold 64 KiB.
+/// [`BATCH`] slots per worker thread, not per session or binding: 10,000
+/// idle sessions do not each hold 64 KiB.
 const RECV_BUF: usize = 64 * 1024;
+/// Capacity of the pooled buffers that carry a client's datagram to its
+/// session: an Ethernet MTU's worth (1,472 bytes of UDP payload) and
+/// more. Longer datagrams get a buffer of their own size, not pooled.
+const POOLED_LEN: usize = 2048;
+/// Most buffers the pool keeps (2 MiB), whatever the number of bindings:
+/// enough for the datagrams in flight at a high steady rate; a burst
+/// beyond it allocates, and gives the memory back after.
+const POOL_MAX: usize = 1024;
 /// Socket receive buffer asked for on listening sockets, so that a burst
 /// from many clients waits in the kernel instead of being dropped there.
 /// The kernel caps it at `net.core.rmem_max` (twice that, in fact).
 const LISTEN_RCVBUF: usize = 4 << 20;
-/// Datagrams a session may have waiting for its upstream socket...
-const QUEUE_LEN: usize = 64;
-/// ...and the bytes they may hold together, so that 10,000 sessions with a
-/// stuck upstream cannot hold 64 × 64 KiB each.
-const QUEUE_BYTES: usize = 256 * 1024;
-// A new session's queue always has room for its first datagram.
-const _: () = assert!(QUEUE_BYTES >= RECV_BUF);
+/// Datagrams a session may have waiting for its upstream socket. The
+/// listener takes up to [`BATCH`] at a time from the kernel's much larger
+/// buffer, and on a loaded machine a session's task can wait a few
+/// milliseconds for a worker: 128 lost a few hundred datagrams in 150,000
+/// at 50,000 a second from one client on 2 busy cores; 1,024 lost none
+/// (measured with examples/udp_pps.rs)...
+const QUEUE_LEN: usize = 1024;
+/// ...and the memory their buffers may take together (capacity, not
+/// length, so a pooled buffer counts whole), so that sessions whose task
+/// falls behind cannot hold 1,024 × 64 KiB each. Sends to an upstream
+/// hardly ever block (UDP has no flow control), so this fills only while
+/// a session's task is not scheduled.
+const QUEUE_BYTES: usize = 2 << 20;
+// A new session's queue always has room for its first datagram, and
+// QUEUE_LEN small ones fit in QUEUE_BYTES.
+const _: () = assert!(QUEUE_BYTES >= RECV_BUF && QUEUE_BYTES >= QUEUE_LEN * POOLED_LEN);
 /// After the first warning of a kind, further ones in this interval are
 /// counted and logged together at its end.
 const REPORT_INTERVAL: Duration = Duration::from_secs(10);
@@ -105,6 +140,8 @@ pub(crate) async fn listen(b: &Binding) -> Result<UdpSocket, ListenError> {
 pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket, mut shutdown: watch::Receiver<bool>) {
     let shared = Arc::new(Shared {
         ipv6: b.rule.listen.is_ipv6(),
+        gso_to_client: udp_sys::Gso::new(),
+        gso_to_upstream: udp_sys::Gso::new(),
         warnings: Arc::new(Warnings::new(&b)),
         b,
         socket,
@@ -116,6 +153,9 @@ pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket, mut shutdown: watc
     let mut backoff = BACKOFF_MIN;
     // The kernel's running count of drops, as last reported.
     let mut kernel_drops = 0u32;
+    // One batch of datagrams between receiving and dispatching them; kept,
+    // so that its room is reused.
+    let mut inbox = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
             _ = stopped(&mut shutdown) => break,
@@ -124,29 +164,26 @@ pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket, mut shutdown: watc
                     error!(rule = %b.rule.name, netns = %b.netns, "UDP session task failed: {e}");
                 }
             }
-            r = shared.socket.async_io(Interest::READABLE, || recv_from_client(&shared.socket)) => match r {
-                Ok((meta, data)) => {
+            r = shared.socket.async_io(Interest::READABLE, || recv_from_clients(&shared.socket, &mut inbox)) => match r {
+                Ok(()) => {
                     backoff = BACKOFF_MIN;
-                    if let Some(total) = meta.kernel_drops {
-                        let new = total.wrapping_sub(kernel_drops);
-                        kernel_drops = total;
-                        if new > 0 {
-                            b.stats.dropped_by_kernel.fetch_add(u64::from(new), Relaxed);
-                            shared.warnings.warn(Warn::KernelDrops, || format!(
-                                "the kernel dropped {new} datagram(s) for {}: the socket's receive buffer was full (raise net.core.rmem_max to allow a larger one)",
-                                b.rule.listen
-                            ));
-                        }
-                    }
-                    if meta.truncated {
-                        b.stats.truncated.fetch_add(1, Relaxed);
-                        shared.warnings.warn(Warn::Truncated, || format!(
-                            "dropped a {}-byte datagram from {}: larger than the {RECV_BUF}-byte buffer",
-                            meta.len, canonical(meta.peer)
+                    for Incoming { meta, data } in inbox.drain(..) {
+                        kernel_dropped(&shared, &mut kernel_drops, meta.kernel_drops, Warn::KernelDrops, |new| format!(
+                            "the kernel dropped {new} datagram(s) for {}: the socket's receive buffer was full (raise net.core.rmem_max to allow a larger one)",
+                            b.rule.listen
                         ));
-                        continue;
+                        let Some(peer) = meta.peer else {
+                            // Only a socket that is not IP has senders
+                            // without an IP address: never here.
+                            b.stats.recv_errors.fetch_add(1, Relaxed);
+                            continue;
+                        };
+                        if meta.truncated {
+                            dropped_truncated(&shared, meta.len, canonical(peer));
+                            continue;
+                        }
+                        dispatch(&shared, &mut tasks, peer, Datagram { data, reply_from: meta.reply_from });
                     }
-                    dispatch(&shared, &mut tasks, meta.peer, Datagram { data, reply_from: meta.reply_from });
                 }
                 Err(e) => {
                     // An unconnected socket gets no ICMP errors, so this is
@@ -183,6 +220,29 @@ pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket, mut shutdown: watc
     }
 }
 
+/// Counts the datagrams the kernel dropped on a socket, from its running
+/// count `total` (if the datagram came with one) and `last`, the count as
+/// last reported; `message` says which socket, given the number.
+fn kernel_dropped(
+    shared: &Shared,
+    last: &mut u32,
+    total: Option<u32>,
+    kind: Warn,
+    message: impl FnOnce(u32) -> String,
+) {
+    let Some(total) = total else { return };
+    let new = total.wrapping_sub(*last);
+    *last = total;
+    if new > 0 {
+        shared
+            .b
+            .stats
+            .dropped_by_kernel
+            .fetch_add(u64::from(new), Relaxed);
+        shared.warnings.warn(kind, || message(new));
+    }
+}
+
 /// Completes once shutdown was requested (or its sender is gone).
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
@@ -201,6 +261,10 @@ struct Shared {
     socket: UdpSocket,
     /// The listening socket's family, which decides the packet-info form.
     ipv6: bool,
+    /// How large a segment the routes to clients and to the upstream take
+    /// in one UDP GSO send, as learnt so far.
+    gso_to_client: udp_sys::Gso,
+    gso_to_upstream: udp_sys::Gso,
     /// Live sessions by client address. Locked briefly and never across an
     /// await. Queueing a datagram and deciding that a session is idle both
     /// happen under this lock, so no datagram is queued to a session that
@@ -246,66 +310,107 @@ fn forget(sessions: &mut HashMap<SocketAddr, Entry>, peer: SocketAddr, id: u64) 
 struct Entry {
     id: u64,
     tx: mpsc::Sender<Datagram>,
-    /// Bytes waiting in the queue, against [`QUEUE_BYTES`].
+    /// Buffer bytes (capacity) waiting in the queue, against
+    /// [`QUEUE_BYTES`].
     queued: Arc<AtomicUsize>,
 }
 
 impl Entry {
     /// Queues `d` without waiting.
     fn offer(&self, d: Datagram) -> Result<(), mpsc::error::TrySendError<Datagram>> {
-        let len = d.data.len();
-        if self.queued.fetch_add(len, Relaxed) + len > QUEUE_BYTES {
-            self.queued.fetch_sub(len, Relaxed);
+        let size = d.size();
+        if self.queued.fetch_add(size, Relaxed) + size > QUEUE_BYTES {
+            self.queued.fetch_sub(size, Relaxed);
             return Err(mpsc::error::TrySendError::Full(d));
         }
         self.tx.try_send(d).inspect_err(|_| {
-            self.queued.fetch_sub(len, Relaxed);
+            self.queued.fetch_sub(size, Relaxed);
         })
     }
 }
 
 /// A client's datagram on its way to the upstream.
 struct Datagram {
-    data: Box<[u8]>,
+    /// Usually a pooled buffer (see [`POOL`]), which the session gives back.
+    data: Vec<u8>,
     /// Where the client sent it, which is where replies must come from.
     reply_from: Option<ReplyFrom>,
 }
 
+impl Datagram {
+    /// The memory it holds, as counted against [`QUEUE_BYTES`].
+    fn size(&self) -> usize {
+        self.data.capacity()
+    }
+}
+
+/// One datagram of a batch from the listening socket, copied out of its
+/// slot (or not, when it was truncated: then `data` is empty).
+struct Incoming {
+    meta: udp_sys::Received,
+    data: Vec<u8>,
+}
+
 thread_local! {
-    /// Each worker thread's receive buffer (see [`RECV_BUF`]).
-    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0; RECV_BUF].into_boxed_slice());
+    /// Each worker thread's receive slots (see [`RECV_BUF`]). Borrowed only
+    /// inside a synchronous receive-and-pass-on step, never across an
+    /// await, so one set serves every listener and session of the thread.
+    static SLOTS: RefCell<Box<RecvBatch>> = RefCell::new(RecvBatch::new(RECV_BUF));
 }
 
-/// One datagram from the listening socket, copied out at its own size (or
-/// nothing, when it was truncated).
-fn recv_from_client(socket: &UdpSocket) -> io::Result<(udp_sys::Received, Box<[u8]>)> {
-    SCRATCH.with_borrow_mut(|buf| {
-        let meta = udp_sys::recv_from_to(socket.as_fd(), buf)?;
-        let data = if meta.truncated {
-            Box::default()
-        } else {
-            buf[..meta.len].into()
-        };
-        Ok((meta, data))
-    })
+/// Buffers for clients' datagrams, recycled: the listener takes one per
+/// datagram it queues, and the session gives it back once the datagram is
+/// sent. Shared by every binding, so that its size is bounded however many
+/// there are; locked once per batch on each side.
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+static POOL: Pool = Pool(Mutex::new(Vec::new()));
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, Vec<Vec<u8>>> {
+        // A Vec of buffers stays whole whatever panicked.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes back buffers whose datagrams were sent or dropped: those of
+    /// the pooled size, up to [`POOL_MAX`]; the others are freed.
+    fn put_back(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+        let mut free = self.lock();
+        for buf in bufs {
+            if buf.capacity() == POOLED_LEN && free.len() < POOL_MAX {
+                free.push(buf);
+            }
+        }
+    }
 }
 
-/// What a session socket received.
-enum Reply {
-    Data(Box<[u8]>),
-    /// A datagram of this many bytes did not fit and was dropped.
-    Truncated(usize),
+/// `data` in a buffer of its own: a recycled one from `free` (the pool,
+/// locked) when it fits one.
+fn copy_out(free: &mut Vec<Vec<u8>>, data: &[u8]) -> Vec<u8> {
+    if data.len() > POOLED_LEN {
+        return data.to_vec();
+    }
+    let mut buf = free.pop().unwrap_or_else(|| Vec::with_capacity(POOLED_LEN));
+    buf.clear();
+    buf.extend_from_slice(data);
+    buf
 }
 
-fn recv_from_upstream(socket: &UdpSocket) -> io::Result<Reply> {
-    SCRATCH.with_borrow_mut(|buf| {
-        let len = udp_sys::recv_connected(socket.as_fd(), buf)?;
-        Ok(if len > buf.len() {
-            Reply::Truncated(len)
-        } else {
-            Reply::Data(buf[..len].into())
-        })
+/// Receives a batch of datagrams from the listening socket into `inbox`.
+fn recv_from_clients(socket: &UdpSocket, inbox: &mut Vec<Incoming>) -> io::Result<()> {
+    SLOTS.with_borrow_mut(|slots| {
+        let n = slots.recv(socket.as_fd(), true)?;
+        let mut free = POOL.lock();
+        for i in 0..n {
+            let (meta, bytes) = slots.get(i);
+            let data = if meta.truncated {
+                Vec::new()
+            } else {
+                copy_out(&mut free, bytes)
+            };
+            inbox.push(Incoming { meta, data });
+        }
+        Ok(())
     })
 }
 
@@ -329,6 +434,7 @@ fn dispatch(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, peer: SocketAddr, d: 
                     canonical(peer)
                 )
             });
+            POOL.put_back([d.data]);
             return;
         }
         Err(mpsc::error::TrySendError::Closed(d)) => {
@@ -348,6 +454,7 @@ fn dispatch(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, peer: SocketAddr, d: 
                 canonical(peer)
             )
         });
+        POOL.put_back([d.data]);
         return;
     }
     let (tx, rx) = mpsc::channel(QUEUE_LEN);
@@ -409,8 +516,11 @@ async fn open_upstream(b: &Binding) -> Result<UdpSocket, UpstreamError> {
     let to = b.rule.upstream;
     let socket = b
         .switcher
-        .socket(b.upstream_ns, SocketSpec::udp(&to))
+        .pooled_socket(b.upstream_ns, SocketSpec::udp(&to))
         .await?;
+    if let Err(e) = udp_sys::enable_drop_count(socket.as_fd()) {
+        debug!(upstream = %to, "cannot count the kernel's drops (SO_RXQ_OVFL): {e}");
+    }
     // UDP connect sends nothing: it fixes the peer (replies from anyone
     // else are dropped by the kernel) and picks the source address and port.
     socket
@@ -464,34 +574,37 @@ async fn session(
     let mut last = Instant::now();
     let timer = tokio::time::sleep_until(last + idle);
     tokio::pin!(timer);
+    // What the queue held at once, up to BATCH; kept, so that its room is
+    // reused.
+    let mut batch = Vec::new();
+    let mut replies = Replies::default();
     let end = loop {
         tokio::select! {
-            d = rx.recv() => {
+            n = rx.recv_many(&mut batch, BATCH) => {
                 // The listener dropped the queue: it is closing (shutdown,
                 // or its binding was removed).
-                let Some(d) = d else { break "the listener closed" };
+                if n == 0 {
+                    break "the listener closed";
+                }
                 last = Instant::now();
-                queued.fetch_sub(d.data.len(), Relaxed);
-                reply_from = d.reply_from.or(reply_from);
-                if to_upstream(&shared, &upstream, &d.data).await {
-                    moved.datagrams_from_client += 1;
-                    moved.bytes_from_client += d.data.len() as u64;
+                queued.fetch_sub(batch.iter().map(Datagram::size).sum(), Relaxed);
+                if let Some(from) = batch.iter().rev().find_map(|d| d.reply_from) {
+                    reply_from = Some(from);
                 }
+                to_upstream(&shared, &upstream, &batch, &mut moved).await;
+                POOL.put_back(batch.drain(..).map(|d| d.data));
             }
-            r = upstream.async_io(Interest::READABLE, || recv_from_upstream(&upstream)) => match r {
-                Ok(Reply::Data(data)) => {
+            r = upstream.async_io(Interest::READABLE, || {
+                relay_replies(&shared, &upstream, peer, reply_from, &mut moved, &mut replies)
+            }) => match r {
+                Ok(()) => {
                     last = Instant::now();
-                    if to_client(&shared, peer, reply_from, &data).await {
-                        moved.datagrams_to_client += 1;
-                        moved.bytes_to_client += data.len() as u64;
+                    for data in replies.waiting.drain(..) {
+                        if to_client(&shared, peer, reply_from, &data).await {
+                            moved.datagrams_to_client += 1;
+                            moved.bytes_to_client += data.len() as u64;
+                        }
                     }
-                }
-                Ok(Reply::Truncated(len)) => {
-                    last = Instant::now();
-                    b.stats.truncated.fetch_add(1, Relaxed);
-                    shared.warnings.warn(Warn::Truncated, || format!(
-                        "dropped a {len}-byte datagram from the upstream: larger than the {RECV_BUF}-byte buffer"
-                    ));
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => refused(&shared, "receiving"),
                 Err(e) => {
@@ -539,10 +652,69 @@ fn refused(shared: &Shared, doing: &str) {
     });
 }
 
-/// Sends a client's datagram to the upstream; true if it went.
-async fn to_upstream(shared: &Shared, upstream: &UdpSocket, data: &[u8]) -> bool {
+/// Sends a batch of a client's datagrams to the upstream, in order, with
+/// as few `sendmmsg` calls as errors allow.
+async fn to_upstream(shared: &Shared, upstream: &UdpSocket, batch: &[Datagram], moved: &mut Moved) {
     let b = &shared.b;
-    let mut result = upstream.send(data).await;
+    let mut next = 0;
+    while next < batch.len() {
+        let rest = &batch[next..];
+        let sent = upstream
+            .async_io(Interest::WRITABLE, || {
+                udp_sys::send_batch(
+                    upstream.as_fd(),
+                    rest.iter().map(|d| &d.data[..]),
+                    None,
+                    None,
+                    false,
+                    &shared.gso_to_upstream,
+                )
+            })
+            .await;
+        let failed = match sent {
+            Ok(sent) => {
+                let k = sent.count;
+                let bytes: usize = rest[..k].iter().map(|d| d.data.len()).sum();
+                b.stats.datagrams_in.fetch_add(k as u64, Relaxed);
+                b.stats.bytes_in.fetch_add(bytes as u64, Relaxed);
+                moved.datagrams_from_client += k as u64;
+                moved.bytes_from_client += bytes as u64;
+                next += k;
+                if !sent.stopped {
+                    continue;
+                }
+                // The kernel stopped at `batch[next]` without saying why:
+                // send it on its own, which says. (If what stopped the
+                // batch was a pending ICMP report, the kernel cleared it
+                // and it goes uncounted; the datagram does not.)
+                None
+            }
+            Err(e) => Some(e),
+        };
+        if next < batch.len() {
+            let data = &batch[next].data;
+            if to_upstream_one(shared, upstream, data, failed).await {
+                moved.datagrams_from_client += 1;
+                moved.bytes_from_client += data.len() as u64;
+            }
+            next += 1;
+        }
+    }
+}
+
+/// Sends one datagram to the upstream, after a first try that failed with
+/// `failed` if there was one; true if it went.
+async fn to_upstream_one(
+    shared: &Shared,
+    upstream: &UdpSocket,
+    data: &[u8],
+    failed: Option<io::Error>,
+) -> bool {
+    let b = &shared.b;
+    let mut result = match failed {
+        Some(e) => Err(e),
+        None => upstream.send(data).await,
+    };
     if matches!(&result, Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED)) {
         // The error was a report about an earlier datagram, which the
         // kernel hands to the next call on the socket; this one was not
@@ -569,8 +741,118 @@ async fn to_upstream(shared: &Shared, upstream: &UdpSocket, data: &[u8]) -> bool
     }
 }
 
+/// A session's reply path, between batches.
+#[derive(Default)]
+struct Replies {
+    /// Replies that found the listening socket's send buffer full: copied
+    /// out of the receive slots to wait for room (rare, so not pooled).
+    waiting: Vec<Vec<u8>>,
+    /// The kernel's running count of drops on the upstream socket, as last
+    /// reported.
+    kernel_drops: u32,
+}
+
+/// Receives what the upstream socket holds (up to [`BATCH`] datagrams) and
+/// sends it on to the client, from the address in `from`, straight out of
+/// the receive slots: one `recvmmsg` and, usually, one `sendmmsg`. Replies
+/// that find the listening socket's send buffer full are copied into
+/// `replies.waiting`, for the caller to send once there is room.
+/// `WouldBlock` only when nothing was received.
+///
+/// Batches are per session: what one session's upstream sent since it was
+/// last polled. Replies of different sessions are not gathered into one
+/// `sendmmsg` on the listening socket, because that needs a queue per
+/// listener and a task to flush it: a handoff and a wakeup per reply, and
+/// a wait for the flush, which cost about what the batch saves (0.9 µs per
+/// datagram, measured) and add latency. With one reply per session in
+/// flight, as in DNS, there is nothing to gather anyway.
+fn relay_replies(
+    shared: &Shared,
+    upstream: &UdpSocket,
+    peer: SocketAddr,
+    from: Option<ReplyFrom>,
+    moved: &mut Moved,
+    replies: &mut Replies,
+) -> io::Result<()> {
+    SLOTS.with_borrow_mut(|slots| {
+        let n = slots.recv(upstream.as_fd(), false)?;
+        // The slots to send, in order: all but the truncated ones.
+        let mut order = [0; BATCH];
+        let mut count = 0;
+        for i in 0..n {
+            let (meta, _) = slots.get(i);
+            let drops = meta.kernel_drops;
+            kernel_dropped(shared, &mut replies.kernel_drops, drops, Warn::UpstreamKernelDrops, |new| {
+                format!(
+                    "the kernel dropped {new} datagram(s) from the upstream to {}: the session socket's receive buffer was full (the upstream sent faster than they could be passed on)",
+                    canonical(peer)
+                )
+            });
+            if meta.truncated {
+                dropped_truncated(shared, meta.len, "the upstream");
+            } else {
+                order[count] = i;
+                count += 1;
+            }
+        }
+        let (fd, ipv6) = (shared.socket.as_fd(), shared.ipv6);
+        let data = |i: &usize| slots.get(*i).1;
+        let mut rest = &order[..count];
+        while !rest.is_empty() {
+            let gso = &shared.gso_to_client;
+            let sent = udp_sys::send_batch(fd, rest.iter().map(data), Some(peer), from, ipv6, gso);
+            let failed = match sent {
+                Ok(sent) => {
+                    for i in &rest[..sent.count] {
+                        sent_to_client(shared, moved, data(i).len());
+                    }
+                    rest = &rest[sent.count..];
+                    if !sent.stopped {
+                        continue;
+                    }
+                    let stopped = &rest[0];
+                    // The kernel stopped at this one without saying why: on
+                    // its own, it says.
+                    match udp_sys::send_to_from(fd, data(stopped), peer, from, ipv6) {
+                        Ok(()) => {
+                            sent_to_client(shared, moved, data(stopped).len());
+                            rest = &rest[1..];
+                            continue;
+                        }
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            if failed.kind() == io::ErrorKind::WouldBlock {
+                replies.waiting.extend(rest.iter().map(|i| data(i).to_vec()));
+                break;
+            }
+            client_send_failed(shared, from, data(&rest[0]).len(), &failed);
+            rest = &rest[1..];
+        }
+        Ok(())
+    })
+}
+
+/// Counts a datagram sent to the client.
+fn sent_to_client(shared: &Shared, moved: &mut Moved, len: usize) {
+    shared.b.stats.datagrams_out.fetch_add(1, Relaxed);
+    shared.b.stats.bytes_out.fetch_add(len as u64, Relaxed);
+    moved.datagrams_to_client += 1;
+    moved.bytes_to_client += len as u64;
+}
+
+/// Counts and logs a datagram dropped because it did not fit a receive slot.
+fn dropped_truncated(shared: &Shared, len: usize, from: impl std::fmt::Display) {
+    shared.b.stats.truncated.fetch_add(1, Relaxed);
+    shared.warnings.warn(Warn::Truncated, || {
+        format!("dropped a {len}-byte datagram from {from}: larger than the {RECV_BUF}-byte buffer")
+    });
+}
+
 /// Sends an upstream datagram to the client from the address the client
-/// last sent to; true if it went.
+/// last sent to, waiting for room in the send buffer; true if it went.
 async fn to_client(
     shared: &Shared,
     peer: SocketAddr,
@@ -585,23 +867,25 @@ async fn to_client(
         })
         .await;
     match sent {
-        Ok(_) => {
+        Ok(()) => {
             b.stats.datagrams_out.fetch_add(1, Relaxed);
             b.stats.bytes_out.fetch_add(data.len() as u64, Relaxed);
             true
         }
         Err(e) => {
-            b.stats.send_errors.fetch_add(1, Relaxed);
-            let from = from.map_or_else(|| "any address".to_owned(), |f| f.ip.to_string());
-            shared.warnings.warn(Warn::SendFailed, || {
-                format!(
-                    "dropped a {}-byte datagram to the client (sent from {from}): {e}",
-                    data.len()
-                )
-            });
+            client_send_failed(shared, from, data.len(), &e);
             false
         }
     }
+}
+
+/// Counts and logs a datagram to a client that could not be sent.
+fn client_send_failed(shared: &Shared, from: Option<ReplyFrom>, len: usize, e: &io::Error) {
+    shared.b.stats.send_errors.fetch_add(1, Relaxed);
+    shared.warnings.warn(Warn::SendFailed, || {
+        let from = from.map_or_else(|| "any address".to_owned(), |f| f.ip.to_string());
+        format!("dropped a {len}-byte datagram to the client (sent from {from}): {e}")
+    });
 }
 
 /// The kinds of warning a UDP binding rate-limits, each on its own.
@@ -615,10 +899,11 @@ enum Warn {
     NoUpstream,
     RecvFailed,
     KernelDrops,
+    UpstreamKernelDrops,
 }
 
 impl Warn {
-    const COUNT: usize = 8;
+    const COUNT: usize = 9;
 
     /// Names the events of this kind in the periodic count.
     fn events(self) -> &'static str {
@@ -632,6 +917,9 @@ impl Warn {
             Warn::RecvFailed => "receive error(s)",
             Warn::KernelDrops => {
                 "report(s) of datagrams dropped by the kernel (see dropped_by_kernel)"
+            }
+            Warn::UpstreamKernelDrops => {
+                "report(s) of upstream datagrams dropped by the kernel (see dropped_by_kernel)"
             }
         }
     }

@@ -1,12 +1,18 @@
-//! The UDP syscalls std, socket2 and tokio do not offer: `recvmsg` that
-//! reports the datagram's destination address (`IP_PKTINFO` /
-//! `IPV6_PKTINFO` control messages), its real length and the socket's
-//! count of datagrams the kernel dropped (`SO_RXQ_OVFL`), and `sendmsg`
-//! that picks the reply's source address.
+//! The UDP syscalls std, socket2 and tokio do not offer: `recvmmsg` that
+//! takes a batch of datagrams, each with its destination address
+//! (`IP_PKTINFO` / `IPV6_PKTINFO` control messages), its real length and the
+//! socket's count of datagrams the kernel dropped (`SO_RXQ_OVFL`); and
+//! `sendmmsg` that sends a batch to one peer, picking the source address.
 //!
 //! A listener bound to a wildcard address must answer from the address the
 //! client sent to, or a client that `connect`ed its socket drops the reply.
 //! Routing would pick *a* source address, not necessarily that one.
+//!
+//! Batches save the syscall per datagram, which is most of what a datagram
+//! costs nsproxy besides the kernel's own work: measured on a 2-core VM,
+//! 64-byte datagrams over loopback cost 1.3 µs each to receive one by one
+//! and 1.0 µs in batches of 32; 5.2 µs each to send (the receiver's side of
+//! loopback included) and 4.3 µs in batches.
 //!
 //! Everything here is non-blocking and returns `WouldBlock` as an error, so
 //! that callers can run it inside tokio's `async_io`.
@@ -15,12 +21,19 @@
 
 use std::io;
 use std::mem::{self, size_of};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
 
 use libc::{c_int, c_uint, c_void};
 use socket2::SockAddr;
+
+/// Most datagrams one `recvmmsg` or `sendmmsg` call moves. Past 32 the
+/// saving per datagram is small, while receive slots cost memory (see
+/// [`RecvBatch`]).
+pub(crate) const BATCH: usize = 32;
 
 /// Where a reply to a client must come from: the destination of the
 /// client's datagram, as the kernel reported it.
@@ -34,16 +47,18 @@ pub(crate) struct ReplyFrom {
     pub ifindex: u32,
 }
 
-/// One datagram taken off a listening socket.
+/// What the kernel said about one datagram of a batch.
 #[derive(Debug)]
 pub(crate) struct Received {
-    /// The datagram's real length, also when it did not fit the buffer.
+    /// The datagram's real length, also when it did not fit its slot.
     pub len: usize,
-    /// The datagram was longer than the buffer; only `buf.len()` bytes of it
-    /// were kept, and the rest is gone.
+    /// The datagram was longer than its slot; only the slot's length of it
+    /// was kept, and the rest is gone.
     pub truncated: bool,
-    /// The client, as the socket sees it (v4-mapped on a dual-stack socket).
-    pub peer: SocketAddr,
+    /// The sender, as the socket sees it (v4-mapped on a dual-stack
+    /// socket); `None` when the batch was received without addresses, or
+    /// (which an IP socket never reports) from a non-IP address.
+    pub peer: Option<SocketAddr>,
     /// `None` when the kernel sent no usable packet info (or it was a
     /// multicast or broadcast destination, which cannot be a source).
     pub reply_from: Option<ReplyFrom>,
@@ -64,6 +79,7 @@ const SO_RXQ_OVFL: c_int = 40;
 /// both for an IPv4 datagram) and one `SO_RXQ_OVFL` message (32 + 40 + 24
 /// bytes on 64-bit), with margin; aligned like `cmsghdr`, as the `CMSG_*`
 /// accessors require.
+#[derive(Clone, Copy)]
 #[repr(C, align(8))]
 struct CmsgBuf([u8; 128]);
 
@@ -110,71 +126,152 @@ pub(crate) fn enable_drop_count(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt_int(fd, libc::SOL_SOCKET, SO_RXQ_OVFL, 1)
 }
 
-/// Receives one datagram into `buf` (`recvmsg` with packet info). Never
-/// blocks: an empty queue is `WouldBlock`.
-pub(crate) fn recv_from_to(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
-    let mut cmsg = CmsgBuf([0; 128]);
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast::<c_void>(),
-        iov_len: buf.len(),
-    };
-    let mut raw = RawRecv::default();
-    let recv = |storage: *mut socket2::SockAddrStorage, len: *mut libc::socklen_t| {
-        // SAFETY: all-zero bytes are a valid msghdr (null pointers, zero
-        // lengths); the fields that matter are set right below.
-        let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-        msg.msg_name = storage.cast::<c_void>();
-        // SAFETY: `try_init` passes a valid pointer to the storage's size.
-        msg.msg_namelen = unsafe { *len };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cmsg.0.as_mut_ptr().cast::<c_void>();
-        msg.msg_controllen = cmsg.0.len() as _;
-        // SAFETY: every pointer in `msg` points to live, writable memory of
-        // the length given next to it (the address storage, `buf` through
-        // `iov`, and `cmsg`), all of which outlive the call. MSG_TRUNC makes
-        // the result the datagram's real length.
-        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_TRUNC) };
+/// Receive slots for one `recvmmsg` call: [`BATCH`] buffers with an
+/// address and a control-message buffer each. Reused from call to call;
+/// holds raw pointers into itself only during a call.
+pub(crate) struct RecvBatch {
+    slot_len: usize,
+    /// `BATCH` slots of `slot_len` bytes, one after the other. Allocated
+    /// zeroed, so the pages of a slot become resident only once a datagram
+    /// that long has been received into it.
+    bufs: Box<[u8]>,
+    names: [libc::sockaddr_storage; BATCH],
+    cmsgs: [CmsgBuf; BATCH],
+    iovs: [libc::iovec; BATCH],
+    hdrs: [libc::mmsghdr; BATCH],
+    /// Messages the last call received.
+    count: usize,
+}
+
+impl RecvBatch {
+    /// Slots of `slot_len` bytes; a longer datagram is reported truncated.
+    pub(crate) fn new(slot_len: usize) -> Box<RecvBatch> {
+        // SAFETY: all-zero bytes are valid for these plain C structs (null
+        // pointers, zero lengths, AF_UNSPEC); `recv` sets what matters.
+        let (name, iov, hdr) = unsafe { (mem::zeroed(), mem::zeroed(), mem::zeroed()) };
+        Box::new(RecvBatch {
+            slot_len,
+            bufs: vec![0; BATCH * slot_len].into_boxed_slice(),
+            names: [name; BATCH],
+            cmsgs: [CmsgBuf([0; 128]); BATCH],
+            iovs: [iov; BATCH],
+            hdrs: [hdr; BATCH],
+            count: 0,
+        })
+    }
+
+    /// Receives up to [`BATCH`] datagrams (`recvmmsg`); returns how many.
+    /// `with_peers` asks for each sender, which a connected socket does not
+    /// need. Never blocks: an empty queue is
+    /// `WouldBlock`. An error that comes after some datagrams (an ICMP
+    /// report on a connected socket) is kept by the kernel for the next
+    /// call.
+    pub(crate) fn recv(&mut self, fd: BorrowedFd<'_>, with_peers: bool) -> io::Result<usize> {
+        self.count = 0;
+        let base = self.bufs.as_mut_ptr();
+        for i in 0..BATCH {
+            self.iovs[i] = libc::iovec {
+                // SAFETY: slot `i` starts inside `bufs`, which holds BATCH
+                // slots of `slot_len` bytes.
+                iov_base: unsafe { base.add(i * self.slot_len) }.cast::<c_void>(),
+                iov_len: self.slot_len,
+            };
+            // SAFETY: all-zero bytes are a valid msghdr (null pointers, zero
+            // lengths); the fields that matter are set right below.
+            let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+            msg.msg_iov = &mut self.iovs[i];
+            msg.msg_iovlen = 1;
+            if with_peers {
+                msg.msg_name = ptr::from_mut(&mut self.names[i]).cast::<c_void>();
+                msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            }
+            // The kernel writes only the control messages the socket asked
+            // for, and SO_RXQ_OVFL's only after a drop.
+            msg.msg_control = self.cmsgs[i].0.as_mut_ptr().cast::<c_void>();
+            msg.msg_controllen = self.cmsgs[i].0.len() as _;
+            self.hdrs[i] = libc::mmsghdr {
+                msg_hdr: msg,
+                msg_len: 0,
+            };
+        }
+        // SAFETY: each of the BATCH headers points to live, writable memory
+        // of the length given next to it (its slot through its iovec, its
+        // address storage and its control buffer), all owned by `self` and
+        // not moved during the call. MSG_TRUNC makes each msg_len the
+        // datagram's real length; no timeout (the socket is non-blocking).
+        let n = unsafe {
+            libc::recvmmsg(
+                fd.as_raw_fd(),
+                self.hdrs.as_mut_ptr(),
+                BATCH as _,
+                libc::MSG_TRUNC as _,
+                ptr::null_mut(),
+            )
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: as above; recvmsg set msg_namelen to the address's length.
-        unsafe { *len = msg.msg_namelen };
-        raw = RawRecv {
-            len: n as usize,
-            flags: msg.msg_flags,
-            control: if msg.msg_flags & libc::MSG_CTRUNC == 0 {
-                // SAFETY: `msg` describes the aligned control buffer the
-                // kernel just filled (recvmsg set msg_controllen to what it
-                // wrote), and nothing in it was cut off.
-                unsafe { parse_control(&msg) }
-            } else {
-                Control::default()
-            },
+        self.count = n as usize;
+        Ok(self.count)
+    }
+
+    /// Datagram `i` of the last call: what the kernel said about it, and
+    /// its bytes (all of them unless truncated).
+    pub(crate) fn get(&self, i: usize) -> (Received, &[u8]) {
+        assert!(i < self.count, "datagram {i} of {}", self.count);
+        let hdr = &self.hdrs[i];
+        let msg = &hdr.msg_hdr;
+        let len = hdr.msg_len as usize;
+        let control = if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            Control::default()
+        } else {
+            // SAFETY: msg_control points to this slot's aligned control
+            // buffer, which recvmmsg filled and whose written length it
+            // stored in msg_controllen; nothing in it was cut off.
+            unsafe { parse_control(msg) }
         };
-        Ok(())
-    };
-    // SAFETY: `try_init` hands `recv` zeroed address storage and its size;
-    // `recv` lets the kernel fill it and sets the length it wrote, which is
-    // what `try_init` requires to build the address.
-    let (_, peer) = unsafe { SockAddr::try_init(recv) }?;
-    let peer = peer.as_socket().ok_or_else(|| {
-        io::Error::new(io::ErrorKind::InvalidData, "datagram from a non-IP address")
-    })?;
-    Ok(Received {
-        len: raw.len,
-        truncated: raw.flags & libc::MSG_TRUNC != 0 || raw.len > buf.len(),
-        peer,
-        reply_from: raw.control.reply_from,
-        kernel_drops: raw.control.kernel_drops,
-    })
+        let peer = if msg.msg_name.is_null() {
+            None
+        } else {
+            socket_addr(&self.names[i], msg.msg_namelen)
+        };
+        let start = i * self.slot_len;
+        let meta = Received {
+            len,
+            truncated: msg.msg_flags & libc::MSG_TRUNC != 0 || len > self.slot_len,
+            peer,
+            reply_from: control.reply_from,
+            kernel_drops: control.kernel_drops,
+        };
+        (meta, &self.bufs[start..start + len.min(self.slot_len)])
+    }
 }
 
-#[derive(Default)]
-struct RawRecv {
-    len: usize,
-    flags: c_int,
-    control: Control,
+/// The IP address in `storage`, of which the kernel wrote `len` bytes.
+fn socket_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = len as usize;
+    match c_int::from(storage.ss_family) {
+        libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says a sockaddr_in is stored, which
+            // sockaddr_storage is large and aligned enough to hold.
+            let a = unsafe { &*ptr::from_ref(storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a = unsafe { &*ptr::from_ref(storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                u32::from_be(a.sin6_flowinfo),
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
 }
 
 /// What the control messages of one datagram said.
@@ -259,155 +356,567 @@ const fn cmsg_space(payload: usize) -> usize {
     unsafe { libc::CMSG_SPACE(payload as c_uint) as usize }
 }
 
+/// Largest UDP payload over IPv4 (65,535 minus the IP and UDP headers),
+/// and so the most one `UDP_SEGMENT` send may carry in all.
+const GSO_MAX_BYTES: usize = 65_507;
+
+/// How large a segment a socket's route takes in one `UDP_SEGMENT` send
+/// (UDP GSO, Linux 4.18): several datagrams of one size, to one peer, in one
+/// syscall and one trip through the stack, which the kernel (or the NIC)
+/// cuts into the datagrams they were. It starts at "any" and comes down
+/// when a send shows that the route cannot take segments that large (their
+/// packets would be longer than its MTU), or to 0 when it cannot take any
+/// (an IPsec route, a kernel without UDP GSO). Shared by the sockets of a
+/// binding that send the same way, so that each learns it once.
+pub(crate) struct Gso(AtomicUsize);
+
+impl Gso {
+    pub(crate) const fn new() -> Gso {
+        Gso(AtomicUsize::new(GSO_MAX_BYTES))
+    }
+
+    /// Never segment: every datagram goes in its own `sendmmsg` message.
+    #[cfg(test)]
+    pub(crate) const fn off() -> Gso {
+        Gso(AtomicUsize::new(0))
+    }
+
+    /// The largest segment size still worth trying.
+    pub(crate) fn limit(&self) -> usize {
+        self.0.load(Relaxed)
+    }
+
+    fn lower(&self, to: usize) {
+        self.0.fetch_min(to, Relaxed);
+    }
+}
+
+/// The run of datagrams at the start of `iovs` that one `UDP_SEGMENT` send
+/// can carry: (segment size, how many). Every one but the last must have
+/// the segment size and the last may be shorter, but not empty (the kernel
+/// cuts by size, so an empty one would vanish and a longer one be split);
+/// the segment size at most `limit`; all of them together at most
+/// [`GSO_MAX_BYTES`]. `None` when the run is shorter than two.
+fn gso_run(iovs: &[libc::iovec], limit: usize) -> Option<(usize, usize)> {
+    let size = iovs.first()?.iov_len;
+    if size == 0 || size > limit.min(usize::from(u16::MAX)) {
+        return None;
+    }
+    let (mut count, mut total) = (0, 0);
+    for iov in iovs {
+        if iov.iov_len == 0 || iov.iov_len > size || total + iov.iov_len > GSO_MAX_BYTES {
+            break;
+        }
+        count += 1;
+        total += iov.iov_len;
+        if iov.iov_len < size {
+            break;
+        }
+    }
+    (count >= 2).then_some((size, count))
+}
+
+/// What one [`send_batch`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Sent {
+    /// How many datagrams went, from the first.
+    pub count: usize,
+    /// The kernel stopped at the next one and did not say why
+    /// (sendmmsg(2), BUGS): send that one on its own to learn it. When
+    /// false and datagrams are left, they were simply more than one call
+    /// takes: send them again.
+    pub stopped: bool,
+}
+
+/// Control messages for a send, one after the other in an aligned buffer.
+struct SendControl {
+    buf: CmsgBuf,
+    len: usize,
+}
+
+impl SendControl {
+    fn new() -> SendControl {
+        SendControl {
+            buf: CmsgBuf([0; 128]),
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, level: c_int, kind: c_int, payload: &[u8]) {
+        let space = cmsg_space(payload.len());
+        assert!(self.len + space <= self.buf.0.len(), "control buffer full");
+        // SAFETY: `len` is a multiple of CMSG_SPACE's alignment (that of
+        // cmsghdr) in a buffer aligned for cmsghdr, and the assert above
+        // keeps the header and its payload inside the buffer.
+        unsafe {
+            let c = self
+                .buf
+                .0
+                .as_mut_ptr()
+                .add(self.len)
+                .cast::<libc::cmsghdr>();
+            (*c).cmsg_level = level;
+            (*c).cmsg_type = kind;
+            (*c).cmsg_len = cmsg_len(payload.len()) as _;
+            ptr::copy_nonoverlapping(payload.as_ptr(), libc::CMSG_DATA(c), payload.len());
+        }
+        self.len += space;
+    }
+
+    /// Points `msg` at these messages (or at none).
+    fn attach(&mut self, msg: &mut libc::msghdr) {
+        if self.len > 0 {
+            msg.msg_control = self.buf.0.as_mut_ptr().cast::<c_void>();
+            msg.msg_controllen = self.len as _;
+        }
+    }
+}
+
+/// Sends the first [`BATCH`] of `datagrams`, each whole, in order, to `to`
+/// (`None` on a connected socket) from the address in `from` (when given).
+/// `ipv6_socket` says which family the socket is, which decides the form of
+/// the control message.
+///
+/// A run of datagrams of one size goes as one `UDP_SEGMENT` send when `gso`
+/// allows it, and the rest with one `sendmmsg`. When the route turns out
+/// not to take the run's segments, it goes with `sendmmsg` after all and
+/// `gso` learns the limit. An error is returned only when the first
+/// datagram failed, and then none went. Never blocks: a full send buffer is
+/// `WouldBlock`.
+pub(crate) fn send_batch<'a>(
+    fd: BorrowedFd<'_>,
+    datagrams: impl IntoIterator<Item = &'a [u8]>,
+    to: Option<SocketAddr>,
+    from: Option<ReplyFrom>,
+    ipv6_socket: bool,
+    gso: &Gso,
+) -> io::Result<Sent> {
+    // SAFETY: all-zero bytes are valid iovecs (null pointers, zero lengths);
+    // the ones passed to the kernel are filled next.
+    let mut iovs: [libc::iovec; BATCH] = unsafe { mem::zeroed() };
+    let mut n = 0;
+    for data in datagrams.into_iter().take(BATCH) {
+        iovs[n] = libc::iovec {
+            iov_base: data.as_ptr().cast_mut().cast::<c_void>(),
+            iov_len: data.len(),
+        };
+        n += 1;
+    }
+    let iovs = &mut iovs[..n];
+    if n == 0 {
+        return Ok(Sent {
+            count: 0,
+            stopped: false,
+        });
+    }
+    let to = to.map(SockAddr::from);
+    let pktinfo = from.map(|from| Pktinfo::new(from, ipv6_socket));
+    let mut refused = None;
+    if let Some((size, count)) = gso_run(iovs, gso.limit()) {
+        let mut control = SendControl::new();
+        if let Some(info) = &pktinfo {
+            control.push(info.level, info.kind, info.as_slice());
+        }
+        control.push(
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            &(size as u16).to_ne_bytes(),
+        );
+        // SAFETY: all-zero bytes are a valid msghdr (null pointers, zero
+        // lengths); the fields that matter are set right below.
+        let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+        if let Some(to) = &to {
+            msg.msg_name = to.as_ptr().cast_mut().cast::<c_void>();
+            msg.msg_namelen = to.len();
+        }
+        msg.msg_iov = iovs.as_mut_ptr();
+        msg.msg_iovlen = count as _;
+        control.attach(&mut msg);
+        // SAFETY: every pointer in `msg` points to live memory of the
+        // length given next to it (the address, the run's datagrams through
+        // `iovs`, the control messages), all of which outlive the call; the
+        // kernel only reads them.
+        let rc = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, 0) };
+        if rc >= 0 {
+            return Ok(Sent {
+                count,
+                stopped: false,
+            });
+        }
+        let e = io::Error::last_os_error();
+        refused = match e.raw_os_error() {
+            // Segments too large for the route (older kernels say EINVAL).
+            Some(libc::EMSGSIZE | libc::EINVAL) => Some(size - 1),
+            // No GSO on this route or in this kernel.
+            Some(libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP) => Some(0),
+            _ => return Err(e),
+        };
+    }
+    let mut control = SendControl::new();
+    if let Some(info) = &pktinfo {
+        control.push(info.level, info.kind, info.as_slice());
+    }
+    // SAFETY: all-zero bytes are valid mmsghdrs (null pointers, zero
+    // lengths); the first `n` are filled next.
+    let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { mem::zeroed() };
+    for (hdr, iov) in hdrs.iter_mut().zip(iovs.iter_mut()) {
+        let msg = &mut hdr.msg_hdr;
+        if let Some(to) = &to {
+            msg.msg_name = to.as_ptr().cast_mut().cast::<c_void>();
+            msg.msg_namelen = to.len();
+        }
+        msg.msg_iov = iov;
+        msg.msg_iovlen = 1;
+        // One control message serves every datagram: the kernel only
+        // reads it.
+        control.attach(msg);
+    }
+    // SAFETY: the first `n` headers point to live memory of the length
+    // given next to each pointer (the address, the datagrams through
+    // `iovs`, the control messages), all of which outlive the call; the
+    // kernel reads them and writes only each header's msg_len.
+    let rc = unsafe { libc::sendmmsg(fd.as_raw_fd(), hdrs.as_mut_ptr(), n as _, 0) };
+    if rc < 0 {
+        // Also when the segmented send failed: then this error says
+        // whether that was about segmenting (this went) or not (this
+        // failed too), and `gso` stays as it was.
+        return Err(io::Error::last_os_error());
+    }
+    if let Some(limit) = refused {
+        gso.lower(limit);
+    }
+    let count = rc as usize;
+    Ok(Sent {
+        count,
+        stopped: count < n,
+    })
+}
+
 /// Sends `data` to `to` from the address in `from` (when given) on an
-/// unconnected socket. `ipv6_socket` says which family the socket is, which
-/// decides the form of the control message. Never blocks: a full send
-/// buffer is `WouldBlock`.
+/// unconnected socket: [`send_batch`] of one, which reports its own error.
 pub(crate) fn send_to_from(
     fd: BorrowedFd<'_>,
     data: &[u8],
     to: SocketAddr,
     from: Option<ReplyFrom>,
     ipv6_socket: bool,
-) -> io::Result<usize> {
-    let to = SockAddr::from(to);
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr().cast_mut().cast::<c_void>(),
-        iov_len: data.len(),
-    };
-    let mut cmsg = CmsgBuf([0; 128]);
-    // SAFETY: all-zero bytes are a valid msghdr (null pointers, zero lengths).
-    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    msg.msg_name = to.as_ptr().cast_mut().cast::<c_void>();
-    msg.msg_namelen = to.len();
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if let Some(from) = from {
-        let (level, kind, payload) = pktinfo_payload(from, ipv6_socket);
-        msg.msg_control = cmsg.0.as_mut_ptr().cast::<c_void>();
-        msg.msg_controllen = cmsg_space(payload.len()) as _;
-        // SAFETY: msg_control points to `cmsg`, which is aligned for
-        // cmsghdr and larger than msg_controllen, so CMSG_FIRSTHDR returns
-        // its start, and the header plus `payload.len()` bytes of data fit.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = level;
-            (*c).cmsg_type = kind;
-            (*c).cmsg_len = cmsg_len(payload.len()) as _;
-            ptr::copy_nonoverlapping(payload.as_ptr(), libc::CMSG_DATA(c), payload.len());
-        }
-    }
-    // SAFETY: every pointer in `msg` points to live memory of the length
-    // given next to it (the address, `data` through `iov`, `cmsg`); the
-    // kernel only reads them.
-    let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, 0) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+) -> io::Result<()> {
+    send_batch(fd, [data], Some(to), from, ipv6_socket, &Gso::new()).map(|_| ())
 }
 
 /// The control message that sets the source address: `IP_PKTINFO` on an
 /// IPv4 socket; `IPV6_PKTINFO` on an IPv6 one, with an IPv4 address in its
 /// v4-mapped form (the kernel takes that for IPv4 destinations too).
-fn pktinfo_payload(from: ReplyFrom, ipv6_socket: bool) -> (c_int, c_int, Vec<u8>) {
-    match (from.ip, ipv6_socket) {
-        (IpAddr::V4(a), false) => {
-            let info = libc::in_pktinfo {
-                // 0: routing picks the interface; only the source is fixed.
-                ipi_ifindex: 0,
-                ipi_spec_dst: libc::in_addr {
-                    s_addr: u32::from(a).to_be(),
-                },
-                ipi_addr: libc::in_addr { s_addr: 0 },
-            };
-            (libc::IPPROTO_IP, libc::IP_PKTINFO, pod_bytes(&info))
-        }
-        (ip, _) => {
-            let v6 = match ip {
-                IpAddr::V4(a) => a.to_ipv6_mapped(),
-                IpAddr::V6(a) => a,
-            };
-            let info = libc::in6_pktinfo {
-                ipi6_addr: libc::in6_addr {
-                    s6_addr: v6.octets(),
-                },
-                ipi6_ifindex: if v6.is_unicast_link_local() {
-                    from.ifindex
-                } else {
-                    0
-                },
-            };
-            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, pod_bytes(&info))
+struct Pktinfo {
+    level: c_int,
+    kind: c_int,
+    /// The struct's bytes (12 for in_pktinfo, 20 for in6_pktinfo), on the
+    /// stack: this is built for every batch of replies.
+    bytes: [u8; 20],
+    len: usize,
+}
+
+impl Pktinfo {
+    fn new(from: ReplyFrom, ipv6_socket: bool) -> Pktinfo {
+        match (from.ip, ipv6_socket) {
+            (IpAddr::V4(a), false) => {
+                let info = libc::in_pktinfo {
+                    // 0: routing picks the interface; only the source is fixed.
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(a).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                Pktinfo::of(libc::IPPROTO_IP, libc::IP_PKTINFO, &info)
+            }
+            (ip, _) => {
+                let v6 = match ip {
+                    IpAddr::V4(a) => a.to_ipv6_mapped(),
+                    IpAddr::V6(a) => a,
+                };
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: v6.octets(),
+                    },
+                    ipi6_ifindex: if v6.is_unicast_link_local() {
+                        from.ifindex
+                    } else {
+                        0
+                    },
+                };
+                Pktinfo::of(libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, &info)
+            }
         }
     }
-}
 
-/// The bytes of a plain C struct without padding (in_pktinfo, in6_pktinfo).
-fn pod_bytes<T: Copy>(v: &T) -> Vec<u8> {
-    let mut out = vec![0u8; size_of::<T>()];
-    // SAFETY: `v` is a live T of size_of::<T>() bytes and `out` has that
-    // room; both pktinfo structs consist of integers without padding, so
-    // every byte read is initialised.
-    unsafe { ptr::copy_nonoverlapping(ptr::from_ref(v).cast::<u8>(), out.as_mut_ptr(), out.len()) };
-    out
-}
+    /// The bytes of a plain C struct without padding (in_pktinfo,
+    /// in6_pktinfo).
+    fn of<T: Copy>(level: c_int, kind: c_int, v: &T) -> Pktinfo {
+        const { assert!(size_of::<T>() <= 20) };
+        let mut bytes = [0u8; 20];
+        // SAFETY: `v` is a live T of size_of::<T>() bytes and `bytes` has
+        // that room (checked above); both pktinfo structs consist of
+        // integers without padding, so every byte read is initialised.
+        unsafe {
+            ptr::copy_nonoverlapping(
+                ptr::from_ref(v).cast::<u8>(),
+                bytes.as_mut_ptr(),
+                size_of::<T>(),
+            );
+        }
+        Pktinfo {
+            level,
+            kind,
+            bytes,
+            len: size_of::<T>(),
+        }
+    }
 
-/// Receives one datagram on a connected socket into `buf`; returns its real
-/// length, which is more than `buf.len()` when it was truncated. Never
-/// blocks: an empty queue is `WouldBlock`. A pending ICMP error (such as
-/// port unreachable, ECONNREFUSED) is returned, and thereby cleared.
-pub(crate) fn recv_connected(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is live and writable for `buf.len()` bytes; with
-    // MSG_TRUNC the kernel still writes at most that many and returns the
-    // datagram's real length.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast::<c_void>(),
-            buf.len(),
-            libc::MSG_TRUNC,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
 #[cfg(test)]
 mod tests {
-    //! Local AF_UNIX datagram pairs: no network traffic, and the kernel
-    //! reports truncation on them the same way (Linux 3.4 and later).
+    //! Local sockets only: AF_UNIX datagram pairs (the kernel reports
+    //! truncation on them the same way, Linux 3.4 and later) and UDP on
+    //! this namespace's loopback, port 0.
 
+    use std::net::UdpSocket;
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixDatagram;
 
     use super::*;
 
     #[test]
-    fn truncation_is_reported_with_the_real_length() {
+    fn truncation_is_reported_per_datagram_with_the_real_length() {
         let (a, b) = UnixDatagram::pair().unwrap();
         b.set_nonblocking(true).unwrap();
         a.send(&[7u8; 100]).unwrap();
         a.send(&[8u8; 10]).unwrap();
-        let mut buf = [0u8; 16];
-        assert_eq!(recv_connected(b.as_fd(), &mut buf).unwrap(), 100);
-        assert_eq!(buf, [7u8; 16]);
-        // Boundaries stay: the next read is the next datagram, whole.
-        assert_eq!(recv_connected(b.as_fd(), &mut buf).unwrap(), 10);
-        let e = recv_connected(b.as_fd(), &mut buf).unwrap_err();
+        a.send(&[9u8; 17]).unwrap();
+        a.send(&[]).unwrap();
+        let mut batch = RecvBatch::new(16);
+        assert_eq!(batch.recv(b.as_fd(), false).unwrap(), 4);
+        let (m, data) = batch.get(0);
+        assert!(m.truncated);
+        assert_eq!((m.len, data), (100, &[7u8; 16][..]));
+        // Boundaries stay: the next slot holds the next datagram, whole.
+        let (m, data) = batch.get(1);
+        assert!(!m.truncated);
+        assert_eq!((m.len, data), (10, &[8u8; 10][..]));
+        let (m, _) = batch.get(2);
+        assert!(m.truncated, "one byte too long is too long");
+        assert_eq!(m.len, 17);
+        // Empty datagrams are datagrams.
+        let (m, data) = batch.get(3);
+        assert!(!m.truncated && m.len == 0 && data.is_empty());
+        assert!(m.peer.is_none(), "asked for no addresses");
+        let e = batch.recv(b.as_fd(), false).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
     }
 
     #[test]
-    fn empty_datagrams_are_datagrams() {
+    fn a_batch_is_at_most_batch_datagrams_and_keeps_their_order() {
         let (a, b) = UnixDatagram::pair().unwrap();
         b.set_nonblocking(true).unwrap();
-        a.send(&[]).unwrap();
-        assert_eq!(recv_connected(b.as_fd(), &mut [0u8; 4]).unwrap(), 0);
+        for i in 0..BATCH + 5 {
+            a.send(&[i as u8; 3]).unwrap();
+        }
+        let mut batch = RecvBatch::new(64);
+        assert_eq!(batch.recv(b.as_fd(), false).unwrap(), BATCH);
+        for i in 0..BATCH {
+            assert_eq!(batch.get(i).1, &[i as u8; 3]);
+        }
+        assert_eq!(batch.recv(b.as_fd(), false).unwrap(), 5);
+        assert_eq!(batch.get(4).1, &[BATCH as u8 + 4; 3]);
+    }
+
+    /// A non-blocking UDP socket on 127.0.0.1 with packet info on.
+    fn listener() -> UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_nonblocking(true).unwrap();
+        enable_pktinfo(s.as_fd(), false, false).unwrap();
+        s
+    }
+
+    #[test]
+    fn each_datagram_of_a_batch_has_its_sender_and_destination() {
+        let l = listener();
+        let to = l.local_addr().unwrap();
+        let (c1, c2) = (
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+        );
+        c1.send_to(b"one", to).unwrap();
+        c2.send_to(b"two", to).unwrap();
+        c1.send_to(b"three", to).unwrap();
+        let mut batch = RecvBatch::new(2048);
+        assert_eq!(batch.recv(l.as_fd(), true).unwrap(), 3);
+        let here = ReplyFrom {
+            ip: "127.0.0.1".parse().unwrap(),
+            ifindex: 1,
+        };
+        for (i, (from, data)) in [(&c1, b"one" as &[u8]), (&c2, b"two"), (&c1, b"three")]
+            .into_iter()
+            .enumerate()
+        {
+            let (m, got) = batch.get(i);
+            assert_eq!(got, data);
+            assert_eq!(m.peer, Some(from.local_addr().unwrap()));
+            assert_eq!(m.reply_from, Some(here));
+            assert_eq!(m.kernel_drops, None);
+        }
+    }
+
+    /// Sends `sizes` (each datagram filled with its index) from `l` to a
+    /// new socket on 127.0.0.1 from l's address, and checks what arrives.
+    fn send_and_check(l: &UdpSocket, sizes: &[usize], gso: &Gso) -> Sent {
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let datagrams: Vec<Vec<u8>> = (0..).zip(sizes).map(|(i, &n)| vec![i; n]).collect();
+        let from = ReplyFrom {
+            ip: "127.0.0.1".parse().unwrap(),
+            ifindex: 0,
+        };
+        let to = Some(c.local_addr().unwrap());
+        let sent = send_batch(
+            l.as_fd(),
+            datagrams.iter().map(Vec::as_slice),
+            to,
+            Some(from),
+            false,
+            gso,
+        )
+        .unwrap();
+        let mut buf = [0u8; 65_536];
+        for d in &datagrams[..sent.count] {
+            let (n, source) = c.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &d[..], "{sizes:?}");
+            assert_eq!(source, l.local_addr().unwrap());
+        }
+        c.set_nonblocking(true).unwrap();
+        assert!(c.recv(&mut buf).is_err(), "nothing more, nothing split");
+        sent
+    }
+
+    #[test]
+    fn a_batch_goes_out_whole_in_order_from_the_given_address() {
+        let l = listener();
+        let all = |count| Sent {
+            count,
+            stopped: false,
+        };
+        for gso in [Gso::off(), Gso::new()] {
+            let sizes = [0, 1, 64, 1500, 9000];
+            assert_eq!(send_and_check(&l, &sizes, &gso), all(5));
+            // Only the first BATCH of a longer list.
+            assert_eq!(send_and_check(&l, &[1; BATCH + 3], &gso), all(BATCH));
+        }
+    }
+
+    #[test]
+    fn runs_of_one_size_go_as_one_segmented_send_and_arrive_as_they_were() {
+        let l = listener();
+        let gso = Gso::new();
+        let mut sizes = vec![100; 10];
+        sizes.push(37);
+        // One run, the last one shorter: all of it in one send.
+        let sent = send_and_check(&l, &sizes, &gso);
+        assert_eq!((sent.count, sent.stopped), (11, false));
+        // A run, then others: the run goes first; the rest is for the
+        // next call, not a failure.
+        let sent = send_and_check(&l, &[500, 500, 500, 700, 1], &gso);
+        assert_eq!((sent.count, sent.stopped), (3, false));
+        assert_eq!(gso.limit(), GSO_MAX_BYTES, "nothing refused");
+    }
+
+    #[test]
+    fn a_run_is_cut_where_segmenting_would_change_it() {
+        let run = |sizes: &[usize], limit| {
+            let iovs: Vec<libc::iovec> = sizes
+                .iter()
+                .map(|&n| libc::iovec {
+                    iov_base: ptr::null_mut(),
+                    iov_len: n,
+                })
+                .collect();
+            gso_run(&iovs, limit)
+        };
+        assert_eq!(run(&[100, 100, 100, 37], 65_507), Some((100, 4)));
+        assert_eq!(run(&[100, 100, 37, 37], 65_507), Some((100, 3)));
+        assert_eq!(run(&[100, 100, 150], 65_507), Some((100, 2)));
+        // An empty datagram would vanish; a single one needs no segments.
+        assert_eq!(run(&[100, 100, 0], 65_507), Some((100, 2)));
+        assert_eq!(run(&[100, 0], 65_507), None);
+        assert_eq!(run(&[0, 0], 65_507), None);
+        assert_eq!(run(&[100], 65_507), None);
+        assert_eq!(run(&[100, 200], 65_507), None);
+        // Above what the route takes, or more than one send may carry.
+        assert_eq!(run(&[100, 100], 99), None);
+        assert_eq!(run(&[2048; BATCH], 65_507), Some((2048, 31)));
+        assert_eq!(run(&[40_000, 40_000], 65_507), None);
+    }
+
+    #[test]
+    fn segments_too_large_for_the_route_go_one_by_one_and_the_limit_is_learnt() {
+        // IPV6_MTU lowers this socket's MTU below loopback's, as a route
+        // with a small MTU would.
+        let Ok(l) = UdpSocket::bind("[::1]:0") else {
+            eprintln!("no IPv6 loopback: skipped");
+            return;
+        };
+        setsockopt_int(l.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_MTU, 1280).unwrap();
+        let c = UdpSocket::bind("[::1]:0").unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let to = Some(c.local_addr().unwrap());
+        let gso = Gso::new();
+        let mut buf = [0u8; 2048];
+        for (size, limit) in [(1400, 1399), (1000, 1399)] {
+            let datagrams = vec![vec![7u8; size]; 4];
+            let sent = send_batch(
+                l.as_fd(),
+                datagrams.iter().map(Vec::as_slice),
+                to,
+                None,
+                true,
+                &gso,
+            )
+            .unwrap();
+            assert_eq!((sent.count, sent.stopped), (4, false));
+            assert_eq!(gso.limit(), limit, "{size}-byte segments");
+            for _ in 0..4 {
+                assert_eq!(c.recv(&mut buf).unwrap(), size);
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_receive_buffer_is_reported_with_the_next_datagram() {
+        let l = listener();
+        enable_drop_count(l.as_fd()).unwrap();
+        socket2::SockRef::from(&l)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..200 {
+            c.send_to(&[0u8; 1000], l.local_addr().unwrap()).unwrap();
+        }
+        let mut batch = RecvBatch::new(2048);
+        let n = batch.recv(l.as_fd(), true).unwrap();
+        assert!(n < BATCH, "{n} datagrams fit a 4 KiB buffer?");
+        // These were queued before the buffer was full.
+        assert_eq!(batch.get(0).0.kernel_drops, None);
+        // The count comes with the next datagram that gets in.
+        c.send_to(b"after", l.local_addr().unwrap()).unwrap();
+        assert_eq!(batch.recv(l.as_fd(), true).unwrap(), 1);
+        let (m, data) = batch.get(0);
+        assert_eq!(data, b"after");
+        assert_eq!(m.kernel_drops, Some(200 - n as u32), "{m:?}");
     }
 
     #[test]
@@ -416,26 +925,30 @@ mod tests {
             ip: ip.parse().unwrap(),
             ifindex: 3,
         };
-        let (level, kind, p) = pktinfo_payload(from("127.0.0.2"), false);
+        let p = Pktinfo::new(from("127.0.0.2"), false);
         assert_eq!(
-            (level, kind, p.len()),
+            (p.level, p.kind, p.len),
             (libc::IPPROTO_IP, libc::IP_PKTINFO, 12)
         );
         // ifindex 0, spec_dst 127.0.0.2, addr 0
-        assert_eq!(p, [0, 0, 0, 0, 127, 0, 0, 2, 0, 0, 0, 0]);
-        let (level, kind, p) = pktinfo_payload(from("127.0.0.2"), true);
+        assert_eq!(p.as_slice(), [0, 0, 0, 0, 127, 0, 0, 2, 0, 0, 0, 0]);
+        let p = Pktinfo::new(from("127.0.0.2"), true);
         assert_eq!(
-            (level, kind, p.len()),
+            (p.level, p.kind, p.len),
             (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, 20)
         );
         assert_eq!(
-            &p[..16],
+            &p.as_slice()[..16],
             &Ipv4Addr::new(127, 0, 0, 2).to_ipv6_mapped().octets()
         );
-        assert_eq!(&p[16..], &[0, 0, 0, 0], "no interface for a global address");
-        let (_, _, p) = pktinfo_payload(from("fe80::1"), true);
         assert_eq!(
-            &p[16..],
+            &p.as_slice()[16..],
+            &[0, 0, 0, 0],
+            "no interface for a global address"
+        );
+        let p = Pktinfo::new(from("fe80::1"), true);
+        assert_eq!(
+            &p.as_slice()[16..],
             &3u32.to_ne_bytes(),
             "link-local needs its interface"
         );
