@@ -215,7 +215,11 @@ fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
 
 fn try_serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     match runtime::raise_fd_limit() {
-        Ok(n) => info!("open file limit: {n}"),
+        Ok(l) if l.capped_by_hard => warn!(
+            "open file limit: {} (the hard limit, which nsproxy may not raise: each listener, connection leg and UDP session is an fd; raise it with LimitNOFILE= or `ulimit -Hn` for large setups)",
+            l.soft
+        ),
+        Ok(l) => info!("open file limit: {}", l.soft),
         Err(e) => warn!(
             "cannot raise the open file limit (RLIMIT_NOFILE): {e}; large configurations may run out of fds"
         ),

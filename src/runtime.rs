@@ -24,8 +24,10 @@ pub fn build(workers: usize) -> io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Raises the open-file soft limit to the hard limit (see the README's
-/// "Limits" section); returns the limit now in force.
-pub fn raise_fd_limit() -> io::Result<u64> {
+pub use crate::sys::NofileLimit;
+
+/// Raises the open-file limit as far as nsproxy may (see the README's
+/// "Threads and limits" section); returns the limit now in force.
+pub fn raise_fd_limit() -> io::Result<NofileLimit> {
     crate::sys::raise_nofile_limit()
 }

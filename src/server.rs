@@ -201,6 +201,9 @@ struct Supervisor {
     refs: HashMap<NsId, usize>,
 }
 
+/// Most bindings opened together; see `Supervisor::open_many`.
+const OPEN_CHUNK: usize = 1024;
+
 /// What an attempt to open one binding needs.
 struct Opening {
     key: Key,
@@ -495,13 +498,6 @@ impl Supervisor {
         self.open_many(opening).await;
     }
 
-    /// Resolves `r` and counts one more user of its namespace.
-    async fn acquire(&mut self, r: &NsRef) -> Result<NsId, NsError> {
-        let id = self.switcher.resolve(r).await?;
-        *self.refs.entry(id).or_default() += 1;
-        Ok(id)
-    }
-
     /// Counts one user less; the last one releases the cached fd.
     fn unacquire(&mut self, id: NsId) {
         if let Some(n) = self.refs.get_mut(&id) {
@@ -543,10 +539,43 @@ impl Supervisor {
 
     /// Resolves and opens bindings; the listeners are created concurrently
     /// so that their namespace switches are batched.
-    async fn open_many(&mut self, opening: Vec<Opening>) {
+    async fn open_many(&mut self, mut opening: Vec<Opening>) {
+        // A namespace's bindings in one chunk, so that its fd is opened once.
+        let mut first_seen: HashMap<NsRef, usize> = HashMap::new();
+        for (i, o) in opening.iter().enumerate() {
+            first_seen.entry(o.key.1.clone()).or_insert(i);
+        }
+        opening.sort_by_key(|o| first_seen[&o.key.1]);
+        // In chunks, so that the namespace fds held while listeners are made
+        // stay bounded: at 10,000 namespaces, holding every one at once would
+        // need a third more fds than the listeners themselves.
+        while !opening.is_empty() {
+            let rest = opening.split_off(opening.len().min(OPEN_CHUNK));
+            let chunk = std::mem::replace(&mut opening, rest);
+            self.open_chunk(chunk).await;
+        }
+    }
+
+    async fn open_chunk(&mut self, opening: Vec<Opening>) {
+        // Every namespace of the chunk resolved in one trip to the namespace
+        // thread: one round trip per binding made startup at thousands of
+        // namespaces wait on thread wake-ups, not on work.
+        let mut refs: Vec<NsRef> = opening
+            .iter()
+            .flat_map(|o| [o.key.1.clone(), o.rule.upstream_netns.clone()])
+            .collect();
+        refs.sort();
+        refs.dedup();
+        let results = self.switcher.resolve_many(&refs).await;
+        let resolved_ids: Vec<NsId> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .copied()
+            .collect();
+        let resolved: HashMap<NsRef, Result<NsId, NsError>> =
+            refs.into_iter().zip(results).collect();
+
         let mut pending = JoinSet::new();
-        // Namespaces resolved here to listen in, to release afterwards.
-        let mut listened_in = Vec::new();
         for Opening {
             key,
             rule,
@@ -554,7 +583,7 @@ impl Supervisor {
         } in opening
         {
             let netns = key.1.clone();
-            let state = match self.prepare(&rule, &netns, &mut listened_in).await {
+            let state = match self.prepare(&rule, &netns, &resolved) {
                 Ok(binding) => {
                     self.by_ns
                         .insert((rule.name.clone(), binding.ns), netns.clone());
@@ -618,60 +647,57 @@ impl Supervisor {
                 entry.state = state;
             }
         }
-        // Every listener of this batch exists now (requests to the namespace
+        // Every listener of this chunk exists now (requests to the namespace
         // thread are served in order, so none is still waiting for a fd).
-        listened_in.sort();
-        listened_in.dedup();
-        for ns in listened_in {
+        // Namespaces resolved here that no binding connects from (listened
+        // in only, or whose bindings failed) are released.
+        for ns in resolved_ids {
             if !self.refs.contains_key(&ns) {
                 self.switcher.release(ns);
             }
         }
     }
 
-    /// Resolves both namespaces of a binding; the error is the state the
-    /// binding takes instead.
-    async fn prepare(
+    /// Builds a binding from its namespaces, resolved by the caller; the
+    /// error is the state the binding takes instead.
+    fn prepare(
         &mut self,
         rule: &Arc<Rule>,
         netns: &NsRef,
-        listened_in: &mut Vec<NsId>,
+        resolved: &HashMap<NsRef, Result<NsId, NsError>>,
     ) -> Result<Arc<Binding>, State> {
-        let upstream_ns = match self.acquire(&rule.upstream_netns).await {
-            Ok(id) => id,
-            Err(
-                e @ NsError::NotFound {
-                    reference: NsRef::Named(_),
-                    ..
-                },
-            ) => {
-                return Err(State::Waiting(format!("upstream namespace: {e}")));
+        let lookup = |r: &NsRef| -> Result<NsId, (bool, String)> {
+            match resolved.get(r) {
+                Some(Ok(id)) => Ok(*id),
+                Some(Err(e)) => Err((
+                    matches!(
+                        e,
+                        NsError::NotFound {
+                            reference: NsRef::Named(_),
+                            ..
+                        }
+                    ),
+                    e.to_string(),
+                )),
+                None => Err((false, format!("namespace \"{r}\" was not resolved"))),
             }
-            Err(e) => return Err(State::Failed(format!("upstream namespace: {e}"))),
         };
-        let ns = match self.switcher.resolve(netns).await {
-            Ok(id) => {
-                listened_in.push(id);
-                id
-            }
-            Err(e) => {
-                self.unacquire(upstream_ns);
-                return Err(match e {
-                    NsError::NotFound {
-                        reference: NsRef::Named(_),
-                        ..
-                    } => State::Waiting(e.to_string()),
-                    _ => State::Failed(e.to_string()),
-                });
-            }
+        let upstream_ns = match lookup(&rule.upstream_netns) {
+            Ok(id) => id,
+            Err((true, e)) => return Err(State::Waiting(format!("upstream namespace: {e}"))),
+            Err((false, e)) => return Err(State::Failed(format!("upstream namespace: {e}"))),
+        };
+        let ns = match lookup(netns) {
+            Ok(id) => id,
+            Err((true, e)) => return Err(State::Waiting(e)),
+            Err((false, e)) => return Err(State::Failed(e)),
         };
         if let Some(other) = self.by_ns.get(&(rule.name.clone(), ns)) {
             if other != netns {
-                let other = other.clone();
-                self.unacquire(upstream_ns);
-                return Err(State::SameAs(other));
+                return Err(State::SameAs(other.clone()));
             }
         }
+        *self.refs.entry(upstream_ns).or_default() += 1;
         Ok(Arc::new(Binding {
             rule: rule.clone(),
             netns: netns.clone(),
@@ -796,10 +822,44 @@ async fn next_event(d: &mut Option<Discovery>) -> io::Result<NsEvent> {
 }
 
 /// Rules are the same when everything but where they were written is.
+/// Whether a binding of rule `a` serves exactly as one of rule `b` would.
+/// The namespace list is not part of it: adding a namespace to a rule must
+/// not reopen the listeners it already has (and comparing the list per
+/// binding would cost N² at N namespaces). Nor is `origin` (a moved line).
 fn same_rule(a: &Rule, b: &Rule) -> bool {
-    let mut b = b.clone();
-    b.origin.clone_from(&a.origin);
-    *a == b
+    // Destructured so that a new field cannot be forgotten here.
+    let Rule {
+        name,
+        protocol,
+        listen,
+        netns: _,
+        upstream,
+        upstream_netns,
+        connect_timeout,
+        backlog,
+        udp_idle_timeout,
+        udp_max_sessions,
+        on_netns_delete,
+        sctp_streams,
+        sctp_listen_addrs,
+        sctp_upstream_addrs,
+        sctp_source_addrs,
+        origin: _,
+    } = a;
+    *name == b.name
+        && *protocol == b.protocol
+        && *listen == b.listen
+        && *upstream == b.upstream
+        && *upstream_netns == b.upstream_netns
+        && *connect_timeout == b.connect_timeout
+        && *backlog == b.backlog
+        && *udp_idle_timeout == b.udp_idle_timeout
+        && *udp_max_sessions == b.udp_max_sessions
+        && *on_netns_delete == b.on_netns_delete
+        && *sctp_streams == b.sctp_streams
+        && *sctp_listen_addrs == b.sctp_listen_addrs
+        && *sctp_upstream_addrs == b.sctp_upstream_addrs
+        && *sctp_source_addrs == b.sctp_source_addrs
 }
 
 /// Opens a listener; when replacing a binding of the same address, waits

@@ -4,10 +4,63 @@
 
 use std::io;
 
-/// Raises the soft limit on open files to the hard limit and returns the new
-/// soft limit. Every listener, connection and cached namespace is an fd, and
-/// the usual soft limit of 1024 runs out at a few hundred namespaces.
-pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
+/// Most open files nsproxy asks for: what systemd gives services as their
+/// hard limit. Enough for 10,000 namespaces with a few listeners each and
+/// their connections; fd tables grow only with fds really open.
+const NOFILE_WANTED: u64 = 524_288;
+
+/// The open-file limit after [`raise_nofile_limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NofileLimit {
+    /// The soft limit now in force.
+    pub soft: u64,
+    /// True when the hard limit was below [`NOFILE_WANTED`] and could not be
+    /// raised (no `CAP_SYS_RESOURCE` in the initial user namespace): the
+    /// soft limit is then only what the hard limit allows.
+    pub capped_by_hard: bool,
+}
+
+/// Raises the open-file limit: both limits to [`NOFILE_WANTED`] (or
+/// `fs.nr_open`, if lower) when the hard limit is below it and the process
+/// may raise it, else the soft limit to the hard limit. Every listener,
+/// connection and namespace in use is an fd, and the usual soft limit of
+/// 1,024 runs out at a few hundred namespaces.
+pub(crate) fn raise_nofile_limit() -> io::Result<NofileLimit> {
+    let mut lim = getrlimit()?;
+    let wanted = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(NOFILE_WANTED, |nr_open| nr_open.min(NOFILE_WANTED));
+    if lim.rlim_max < wanted {
+        let raised = libc::rlimit {
+            rlim_cur: wanted,
+            rlim_max: wanted,
+        };
+        if setrlimit(&raised).is_ok() {
+            return Ok(NofileLimit {
+                soft: wanted,
+                capped_by_hard: false,
+            });
+        }
+        // EPERM without CAP_SYS_RESOURCE: the soft limit can still go up to
+        // the hard one.
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        setrlimit(&lim)?;
+    }
+    Ok(NofileLimit {
+        soft: lim.rlim_cur,
+        capped_by_hard: lim.rlim_max < wanted,
+    })
+}
+
+/// The soft open-file limit, for error messages.
+pub(crate) fn nofile_soft_limit() -> Option<u64> {
+    getrlimit().ok().map(|l| l.rlim_cur)
+}
+
+fn getrlimit() -> io::Result<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -16,14 +69,29 @@ pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: `lim` is a valid rlimit with cur <= max.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+    Ok(lim)
+}
+
+fn setrlimit(lim: &libc::rlimit) -> io::Result<()> {
+    // SAFETY: `lim` points to a valid rlimit; the kernel checks cur <= max.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, lim) } != 0 {
+        return Err(io::Error::last_os_error());
     }
-    Ok(lim.rlim_cur)
+    Ok(())
+}
+
+/// A hint for errors that mean nsproxy is out of file descriptors.
+pub(crate) fn fd_exhaustion_hint(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EMFILE) => format!(
+            " (nsproxy has reached its open-file limit{}: raise the hard RLIMIT_NOFILE, e.g. LimitNOFILE= in the systemd unit or `ulimit -Hn` before starting it; each listener, connection leg and UDP session is one fd)",
+            nofile_soft_limit().map_or(String::new(), |n| format!(" of {n}"))
+        ),
+        Some(libc::ENFILE) => {
+            " (the system-wide limit on open files is reached: see sysctl fs.file-max)".to_owned()
+        }
+        _ => String::new(),
+    }
 }
 
 /// CLOCK_MONOTONIC in microseconds.

@@ -278,6 +278,40 @@ fn reload_applies_the_difference_and_rejects_bad_configs() {
 }
 
 #[test]
+fn adding_a_namespace_to_a_rule_keeps_its_other_listeners() {
+    if !root_or_skip("adding_a_namespace_to_a_rule_keeps_its_other_listeners") {
+        return;
+    }
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    echo_server(host.tcp_listen("127.0.0.1:9000"));
+    let rule = |netns: &[&str]| tcp_rule("grow", "127.0.0.1:7000", netns, "127.0.0.1:9000", "host");
+    let d = Daemon::run(&host, &header(&rule(&[a.name()])), &[]);
+    d.wait_ready();
+    // The listener in `a` must be the same socket after the reload: every
+    // socket open before it is still open after it.
+    let sockets_before = d.socket_inodes();
+    std::fs::write(d.config_path(), header(&rule(&[a.name(), b.name()]))).unwrap();
+    let (code, out, err) = d.cli(&["reload"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out, "reloaded: 1 added, 0 removed, 0 replaced, 1 unchanged\n",
+        "the namespace already listened in must keep its listener"
+    );
+    let sockets_after = d.socket_inodes();
+    assert!(
+        sockets_before.iter().all(|s| sockets_after.contains(s)),
+        "a socket was closed by the reload: before {sockets_before:?}, after {sockets_after:?}"
+    );
+    for ns in [&a, &b] {
+        let mut c = ns.tcp_connect_when_ready("127.0.0.1:7000");
+        c.write_all(b"x").unwrap();
+        let mut one = [0u8; 1];
+        c.read_exact(&mut one).unwrap();
+    }
+    assert!(d.terminate().success());
+}
+
+#[test]
 fn status_cli_and_its_errors() {
     if !root_or_skip("status_cli_and_its_errors") {
         return;

@@ -574,11 +574,14 @@ impl Cx<'_> {
             return None;
         }
         let mut out: Vec<NsRef> = Vec::new();
+        // A set beside the list: lists of 10,000 namespaces are checked in
+        // linear time.
+        let mut seen = std::collections::HashSet::new();
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
             let key = format!("netns[{i}]");
             match self.checked(item, rule, &key, check_netns) {
-                Some(r) if out.contains(&r) => {
+                Some(r) if !seen.insert(r.clone()) => {
                     self.problem(
                         item.span(),
                         rule,

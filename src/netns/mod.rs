@@ -84,7 +84,7 @@ impl SocketSpec {
 pub enum NsError {
     #[error("namespace \"{reference}\" not found: {} does not exist{}", path.display(), not_found_hint(reference))]
     NotFound { reference: NsRef, path: PathBuf },
-    #[error("cannot open namespace \"{reference}\" ({}): {source}", path.display())]
+    #[error("cannot open namespace \"{reference}\" ({}): {source}{}", path.display(), crate::sys::fd_exhaustion_hint(source))]
     Open {
         reference: NsRef,
         path: PathBuf,
@@ -107,7 +107,10 @@ pub enum NsError {
     },
     #[error("cannot enter namespace {ns}: {source}{}", enter_hint(source))]
     Enter { ns: NsId, source: io::Error },
-    #[error("cannot create a socket in namespace {ns}: {source}")]
+    #[error(
+        "cannot create a socket in namespace {ns}: {source}{}",
+        crate::sys::fd_exhaustion_hint(source)
+    )]
     Socket { ns: NsId, source: io::Error },
     #[error("\"{reference}\" is a pattern over /run/netns names, not one namespace")]
     Pattern { reference: NsRef },
@@ -234,6 +237,32 @@ impl Switcher {
             reply,
         })?;
         rx.await.map_err(|_| NsError::Stopped)?
+    }
+
+    /// Resolves many references with one trip to the namespace thread: all
+    /// requests are queued before any answer is awaited, so the thread serves
+    /// them back to back instead of waking once per reference. Results are in
+    /// the order of `references`.
+    pub async fn resolve_many(&self, references: &[NsRef]) -> Vec<Result<NsId, NsError>> {
+        let queued: Vec<_> = references
+            .iter()
+            .map(|reference| {
+                let (reply, rx) = oneshot::channel();
+                self.send(switcher::Request::Resolve {
+                    reference: reference.clone(),
+                    reply,
+                })
+                .map(|()| rx)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(queued.len());
+        for q in queued {
+            out.push(match q {
+                Ok(rx) => rx.await.unwrap_or(Err(NsError::Stopped)),
+                Err(e) => Err(e),
+            });
+        }
+        out
     }
 
     /// Like [`Switcher::resolve`], for callers outside an async runtime.

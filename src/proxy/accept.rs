@@ -63,7 +63,8 @@ pub(crate) async fn serve<L, H, F>(
                 Err(e) if is_resource_exhaustion(&e) => {
                     b.stats.accept_errors.fetch_add(1, Relaxed);
                     warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
-                        "accept failed: {e}; pausing accepts for {backoff:?}");
+                        "accept failed: {e}{}; pausing accepts for {backoff:?}",
+                        crate::sys::fd_exhaustion_hint(&e));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
@@ -77,15 +78,20 @@ pub(crate) async fn serve<L, H, F>(
         }
     }
     drop(listener);
+    if !conns.is_empty() {
+        drain_all(&b, conns, drain, noun).await;
+    }
+}
+
+/// Gives open connections up to `drain` to finish, then closes the rest.
+async fn drain_all(b: &Binding, mut conns: JoinSet<()>, drain: Duration, noun: &str) {
     let open = conns.len();
-    if open > 0 {
-        info!(rule = %b.rule.name, netns = %b.netns, "listener closed; draining {open} {noun}(s) for up to {drain:?}");
-        let drained =
-            tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
-            warn!(rule = %b.rule.name, netns = %b.netns, "closing {} {noun}(s) still open after {drain:?}", conns.len());
-            conns.shutdown().await;
-        }
+    info!(rule = %b.rule.name, netns = %b.netns, "listener closed; draining {open} {noun}(s) for up to {drain:?}");
+    let drained =
+        tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!(rule = %b.rule.name, netns = %b.netns, "closing {} {noun}(s) still open after {drain:?}", conns.len());
+        conns.shutdown().await;
     }
 }
 

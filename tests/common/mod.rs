@@ -653,6 +653,17 @@ pub fn udp_round_trip(c: &std::net::UdpSocket, msg: &[u8]) -> io::Result<Vec<u8>
 
 impl Daemon {
     /// Open fds of the daemon (entries of /proc/PID/fd).
+    /// The `socket:[INODE]` entries of the daemon's fd table.
+    pub fn socket_inodes(&self) -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|l| l.to_string_lossy().into_owned())
+            .filter(|l| l.starts_with("socket:"))
+            .collect()
+    }
+
     pub fn fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .unwrap()
