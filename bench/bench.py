@@ -34,7 +34,15 @@ LOCAL = "127.0.0.1"
 
 # Ports inside the namespaces (all on 127.0.0.1).
 SRV_PORTS = {"iperf": 5201, "rr": 5300, "udp": 5400}
-PROXY_BASE = {"nsproxy": 11000, "haproxy": 12000, "socat": 13000, "nginx": 14000}
+PROXY_BASE = {"nsproxy": 11000, "haproxy": 12000, "socat": 13000, "nginx": 14000,
+              "nsproxy-copy": 15000, "nsproxy-nopool": 16000}
+# nsproxy with one of its optimisations turned off, for measuring what each brings
+# (not in the default run: `--proxies direct,nsproxy,nsproxy-copy,nsproxy-nopool`).
+NSPROXY_VARIANTS = {
+    "nsproxy": {},
+    "nsproxy-copy": {"NSPROXY_TCP_SPLICE": "0"},      # buffered copy instead of splice(2)
+    "nsproxy-nopool": {"NSPROXY_UPSTREAM_POOL": "0"},  # no pre-created upstream sockets
+}
 SCALE_PORT = 7000
 SCALE_TCP_UPSTREAM = 5300  # the request/reply server
 SCALE_UDP_UPSTREAM = 5401  # a UDP echo server, for the probes
@@ -247,14 +255,15 @@ class Harness:
 
     # ---- processes
 
-    def spawn(self, label, argv, ns=None, stdout=None, stderr=None, stdin=subprocess.DEVNULL):
+    def spawn(self, label, argv, ns=None, stdout=None, stderr=None, stdin=subprocess.DEVNULL, env=None):
         if ns:
             argv = ["ip", "netns", "exec", ns] + argv
         if stdout is None:
             stdout = open(os.path.join(self.logs, f"{label}.out"), "ab")
         if stderr is None:
             stderr = open(os.path.join(self.logs, f"{label}.err"), "ab")
-        p = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True)
+        p = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, start_new_session=True,
+                             env=dict(os.environ, **env) if env else None)
         st = read_stat(p.pid)
         with open(os.path.join(self.state, "pids"), "a") as f:
             f.write(f"{p.pid} {st[2] if st else 0} {label}\n")
@@ -340,8 +349,8 @@ def nsproxy_run_opts(h, tag):
     return []
 
 
-def start_nsproxy(h, workers):
-    b = PROXY_BASE["nsproxy"]
+def start_nsproxy(h, workers, variant="nsproxy"):
+    b = PROXY_BASE[variant]
     ports = {"iperf": b + 201, "rr": b + 300, "udp": b + 400}
     rules = [("iperf", "tcp", SRV_PORTS["iperf"]), ("rr", "tcp", SRV_PORTS["rr"]), ("udp", "udp", SRV_PORTS["udp"])]
 
@@ -362,11 +371,11 @@ def start_nsproxy(h, workers):
             ]
         return "\n".join(out)
 
-    cfg = os.path.join(h.work, "nsproxy.toml")
+    cfg = os.path.join(h.work, f"{variant}.toml")
     with open(cfg, "w") as f:
         f.write(config(True))
     chk = h.run([h.nsproxy, "check", "--config", cfg], timeout=30)
-    px = Proxy("nsproxy", h.cli, dict(ports))
+    px = Proxy(variant, h.cli, dict(ports))
     if chk.returncode != 0:
         log("nsproxy check refused the UDP rule; UDP workloads are n/a for nsproxy: " + (chk.stdout + chk.stderr).strip().replace("\n", " | ")[:300])
         with open(cfg, "w") as f:
@@ -378,9 +387,13 @@ def start_nsproxy(h, workers):
             raise RuntimeError("nsproxy check failed: " + chk.stdout + chk.stderr)
     # Connection lines (nsproxy::proxy, info) are off, as the other proxies log nothing per
     # connection here; startup and the "ready:" line stay at info.
-    p = h.spawn("nsproxy", [h.nsproxy, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg] + nsproxy_run_opts(h, "main"))
+    env = NSPROXY_VARIANTS[variant]
+    p = h.spawn(variant, [h.nsproxy, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg]
+                + nsproxy_run_opts(h, "main" if variant == "nsproxy" else variant), env=env)
     px.roots = [p]
     px.notes = f"one process, `workers = {workers}`; listens in the client ns, connects from the server ns"
+    if env:
+        px.notes += "; " + ", ".join(f"`{k}={v}`" for k, v in env.items())
     return px
 
 
@@ -742,7 +755,7 @@ def write_plot(out_dir, logs, proxies, table, meta):
             # name median min max colour label label_y
             for p in proxies:
                 s = table[p].get(key)
-                colour = "0xee7733" if p == "nsproxy" else "0x999999" if p == "direct" else "0x4477aa"
+                colour = "0xee7733" if p == "nsproxy" else "0xf4b183" if p.startswith("nsproxy-") else "0x999999" if p == "direct" else "0x4477aa"
                 if s is None:
                     f.write(f'{p} NaN NaN NaN {colour} "n/a" 0\n')
                 else:
@@ -922,7 +935,10 @@ def scale_nsproxy(h, n, names, sample, workers, protos, fd_hard, idle_window):
     m = re.search(r"ready: (\d+) of (\d+) binding", ready.get("line", ""))
     res["listeners"] = f"{m.group(1)} of {m.group(2)}" if m else "?"
     notes = []
-    need = (len(protos) + 1) * n + 100  # listeners + one cached fd per namespace + a few
+    # One fd per listener, plus namespace fds held while a chunk of listeners is opened (nsproxy
+    # opens at most 1,024 bindings at a time and releases the fds of namespaces it only listens
+    # in), plus a few of its own.
+    need = len(protos) * n + 600
     if need > fd_hard:
         notes.append(f"needs ~{need} fds; the hard RLIMIT_NOFILE here is {fd_hard}")
     if p.poll() is not None:
@@ -1045,8 +1061,8 @@ def main():
     proxies = [p for p in args.proxies.split(",") if p]
     workloads = [w for w in args.workloads.split(",") if w and w != "none"]
     for p in proxies:
-        if p not in ALL_PROXIES:
-            sys.exit(f"unknown proxy {p}; known: {ALL_PROXIES}")
+        if p not in ALL_PROXIES and p not in NSPROXY_VARIANTS:
+            sys.exit(f"unknown proxy {p}; known: {ALL_PROXIES + list(NSPROXY_VARIANTS)[1:]}")
     for w in workloads:
         if w not in ALL_WORKLOADS:
             sys.exit(f"unknown workload {w}; known: {ALL_WORKLOADS}")
@@ -1085,8 +1101,9 @@ def main():
         px["direct"].notes = ("no proxy: the same clients run in the server namespace and talk to the same servers over its "
                               "loopback (one loopback hop, as the proxied paths have on each side)")
         if workloads:
-            if "nsproxy" in proxies:
-                px["nsproxy"] = start_nsproxy(h, args.workers)
+            for variant in NSPROXY_VARIANTS:
+                if variant in proxies:
+                    px[variant] = start_nsproxy(h, args.workers, variant)
             if "haproxy" in proxies:
                 px["haproxy"] = start_haproxy(h, args.workers)
             if "socat" in proxies:
@@ -1143,8 +1160,8 @@ def main():
                 h.stop(r)
         scale = []
         fd_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        fit = max(100, (fd_hard - 700) // 3 // 100 * 100)  # ~3 fds per namespace: 2 listeners + the ns fd
-        if any(3 * n + 700 > fd_hard for n in scale_ns) and fit not in scale_ns and not args.no_fit:
+        fit = max(100, (fd_hard - 600) // 2 // 100 * 100)  # nsproxy: 2 listeners per namespace + ~600
+        if any(2 * n + 600 > fd_hard for n in scale_ns) and fit not in scale_ns and not args.no_fit:
             log(f"the hard fd limit ({fd_hard}) is too low for N={max(scale_ns)}; also measuring N={fit}, the most that fits")
             scale_ns = sorted(set(scale_ns + [fit]))
         for n in scale_ns:
