@@ -1164,6 +1164,13 @@ def main():
         if any(2 * n + 600 > fd_hard for n in scale_ns) and fit not in scale_ns and not args.no_fit:
             log(f"the hard fd limit ({fd_hard}) is too low for N={max(scale_ns)}; also measuring N={fit}, the most that fits")
             scale_ns = sorted(set(scale_ns + [fit]))
+        # HAProxy keeps an fd per namespace and sizes for maxconn ~ N: about 3N fds. Its largest N
+        # that fits too, so that both have a point beyond N = 1000 (memory per listener).
+        hfit = max(100, (fd_hard - 600) // 3 // 100 * 100)
+        if ("haproxy" in args.proxies.split(",") and any(3 * n + 600 > fd_hard for n in scale_ns)
+                and hfit not in scale_ns and not args.no_fit):
+            log(f"also measuring N={hfit}, the most HAProxy fits under the fd limit ({fd_hard})")
+            scale_ns = sorted(set(scale_ns + [hfit]))
         for n in scale_ns:
             scale += scale_run(h, n, args.workers, "haproxy" in args.proxies.split(",") and n <= args.haproxy_scale_max)
     except Interrupted as e:
