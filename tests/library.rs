@@ -28,6 +28,35 @@ fn references_to_one_namespace_are_one_identity() {
 }
 
 #[test]
+fn many_references_resolve_together_in_order() {
+    if !root_or_skip("many_references_resolve_together_in_order") {
+        return;
+    }
+    let (a, b) = (TestNs::new("many-a"), TestNs::new("many-b"));
+    let sw = Switcher::spawn().unwrap();
+    let missing = NsRef::Named(format!("{}-missing", a.name()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let got = rt.block_on(sw.resolve_many(&[b.reference(), NsRef::Host, missing, a.reference()]));
+    assert_eq!(got.len(), 4);
+    assert_eq!(
+        got[0].as_ref().unwrap(),
+        &sw.resolve_blocking(&b.reference()).unwrap()
+    );
+    assert_eq!(got[1].as_ref().unwrap(), &sw.home());
+    assert!(
+        matches!(got[2], Err(NsError::NotFound { .. })),
+        "{:?}",
+        got[2]
+    );
+    assert_eq!(
+        got[3].as_ref().unwrap(),
+        &sw.resolve_blocking(&a.reference()).unwrap()
+    );
+}
+
+#[test]
 fn non_namespace_files_are_refused_clearly() {
     let sw = Switcher::spawn().unwrap();
     let err = sw
