@@ -9,14 +9,14 @@ use std::io;
 /// their connections; fd tables grow only with fds really open.
 const NOFILE_WANTED: u64 = 524_288;
 
-/// The open-file limit after [`raise_nofile_limit`].
+/// The open-file limit after [`crate::runtime::raise_fd_limit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NofileLimit {
     /// The soft limit now in force.
     pub soft: u64,
-    /// True when the hard limit was below [`NOFILE_WANTED`] and could not be
-    /// raised (no `CAP_SYS_RESOURCE` in the initial user namespace): the
-    /// soft limit is then only what the hard limit allows.
+    /// True when the hard limit was below what nsproxy asks for (524,288)
+    /// and could not be raised (no `CAP_SYS_RESOURCE` in the initial user
+    /// namespace): the soft limit is then only what the hard limit allows.
     pub capped_by_hard: bool,
 }
 
