@@ -708,43 +708,28 @@ fn counters_and_tasks_in_process() {
     }
     let (a, b) = (TestNs::new("a"), TestNs::new("b"));
     udp_echo_server(b.udp_bind("127.0.0.1:9000"));
-    let cfg = nsproxy::config::parse_toml(
-        &config(&format!(
-            "{}{}",
-            rule(
-                "open",
-                "127.0.0.1:7000",
-                &[a.name()],
-                "127.0.0.1:9000",
-                b.name(),
-                "udp_idle_timeout = \"4s\""
-            ),
-            rule(
-                "capped",
-                "127.0.0.1:7001",
-                &[a.name()],
-                "127.0.0.1:9000",
-                b.name(),
-                "udp_max_sessions = 5"
-            ),
-        )),
-        "test",
-    )
-    .unwrap();
-    let rt = nsproxy::runtime::build(2).unwrap();
-    let tasks = || rt.metrics().num_alive_tasks();
-    let server = rt.block_on(nsproxy::server::Server::start(
-        cfg,
-        switcher().clone(),
-        nsproxy::server::Options {
-            drain: Duration::from_secs(1),
-            ..Default::default()
-        },
+    let p = InProcess::start(&format!(
+        "{}{}",
+        rule(
+            "open",
+            "127.0.0.1:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            b.name(),
+            "udp_idle_timeout = \"4s\""
+        ),
+        rule(
+            "capped",
+            "127.0.0.1:7001",
+            &[a.name()],
+            "127.0.0.1:9000",
+            b.name(),
+            "udp_max_sessions = 5"
+        ),
     ));
-    let live = rt.block_on(server.bindings());
-    assert_eq!(live.len(), 2);
-    let (open, capped) = (live[0].clone(), live[1].clone());
-    drop(live);
+    let tasks = || p.rt.metrics().num_alive_tasks();
+    assert_eq!(p.bindings.len(), 2);
+    let (open, capped) = (p.bindings[0].clone(), p.bindings[1].clone());
     let baseline = tasks();
 
     let clients: Vec<UdpSocket> = (0..300).map(|_| a.udp_client("127.0.0.1:7000")).collect();
@@ -790,7 +775,7 @@ fn counters_and_tasks_in_process() {
         assert_eq!(counter.load(Relaxed), 0);
     }
 
-    rt.block_on(server.shutdown());
+    p.rt.block_on(p.server.shutdown());
     assert_eq!(s.sessions_active.load(Relaxed), 0);
     // The listening sockets are gone: the port can be bound again.
     let _again = a.udp_bind("127.0.0.1:7001");
