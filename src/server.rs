@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{error, info, warn};
 
@@ -23,7 +23,7 @@ use crate::config::{self, Config, OnDelete, Rule};
 use crate::control::Command;
 use crate::netns::discovery::{Discovery, NsEvent};
 use crate::netns::{NETNS_RUN_DIR, NsError, NsId, NsRef, Switcher};
-use crate::proxy::{Binding, BindingStats, ListenError, Listener};
+use crate::proxy::{Binding, BindingStats, ListenError, Listener, Stop};
 use crate::status::{BindingReport, Counters, ReloadReport, Status};
 use crate::systemd;
 
@@ -177,8 +177,17 @@ enum State {
 
 struct Live {
     binding: Arc<Binding>,
-    stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// However a `Live` goes, its listener stops accepting.
+    _stop_on_drop: StopOnDrop,
+}
+
+struct StopOnDrop(Arc<Binding>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop.request();
+    }
 }
 
 struct Supervisor {
@@ -529,7 +538,7 @@ impl Supervisor {
             }
             OnDelete::Drain => {
                 info!(rule = %b.rule.name, netns = %b.netns, "closing the listener, open connections drain: {why}");
-                let _ = live.stop.send(true);
+                b.stop.request();
             }
         }
         self.by_ns.remove(&(b.rule.name.clone(), b.ns));
@@ -624,13 +633,11 @@ impl Supervisor {
                     info!(rule = %binding.rule.name, protocol = %binding.rule.protocol, netns = %binding.netns,
                         listen = %local, upstream = %binding.rule.upstream, upstream_netns = %binding.rule.upstream_netns,
                         "listening");
-                    let (stop, stop_rx) = watch::channel(false);
-                    let task =
-                        tokio::spawn(listener.serve(binding.clone(), stop_rx, self.options.drain));
+                    let task = tokio::spawn(listener.serve(binding.clone(), self.options.drain));
                     State::Listening {
                         live: Live {
+                            _stop_on_drop: StopOnDrop(binding.clone()),
                             binding,
-                            stop,
                             task,
                         },
                         local,
@@ -705,6 +712,7 @@ impl Supervisor {
             upstream_ns,
             switcher: self.switcher.clone(),
             stats: BindingStats::default(),
+            stop: Stop::default(),
         }))
     }
 
@@ -724,7 +732,7 @@ impl Supervisor {
             {
                 if let Some(e) = self.entries.remove(&key) {
                     if let State::Listening { live, .. } = e.state {
-                        let _ = live.stop.send(true);
+                        live.binding.stop.request();
                         tasks.push(live.task);
                         self.unacquire(live.binding.upstream_ns);
                     }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -39,7 +38,6 @@ impl Accept for tokio::net::TcpListener {
 pub(crate) async fn serve<L, H, F>(
     b: Arc<Binding>,
     listener: L,
-    mut shutdown: watch::Receiver<bool>,
     drain: Duration,
     noun: &'static str,
     handle: H,
@@ -52,7 +50,7 @@ pub(crate) async fn serve<L, H, F>(
     let mut backoff = BACKOFF_MIN;
     loop {
         tokio::select! {
-            _ = stopped(&mut shutdown) => break,
+            _ = b.stop.requested() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept_one() => match accepted {
                 Ok((conn, peer)) => {
@@ -93,11 +91,6 @@ async fn drain_all(b: &Binding, mut conns: JoinSet<()>, drain: Duration, noun: &
         warn!(rule = %b.rule.name, netns = %b.netns, "closing {} {noun}(s) still open after {drain:?}", conns.len());
         conns.shutdown().await;
     }
-}
-
-/// Completes once shutdown was requested (or its sender is gone).
-pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {

@@ -17,10 +17,8 @@ mod udp_sys;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-
-use tokio::sync::watch;
 
 use crate::config::{Protocol, Rule};
 use crate::netns::{NsError, NsId, NsRef, Switcher};
@@ -37,6 +35,38 @@ pub struct Binding {
     pub upstream_ns: NsId,
     pub switcher: Switcher,
     pub stats: BindingStats,
+    /// Set when the binding's listener is to stop accepting.
+    pub(crate) stop: Stop,
+}
+
+/// Tells a binding's listener task to stop accepting: a flag and a wake-up
+/// inside the binding. (A `watch` channel per binding took 0.34 KiB more
+/// each, 3 MiB at 10,000 listeners.)
+#[derive(Debug, Default)]
+pub(crate) struct Stop {
+    requested: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl Stop {
+    pub(crate) fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+
+    /// Completes once [`Stop::request`] was called, before or after.
+    pub(crate) async fn requested(&self) {
+        loop {
+            // Made before the flag is read: a `Notified` is woken by
+            // `notify_waiters` from the moment it exists, polled or not,
+            // so a request between the check and the await is not lost.
+            let woken = self.wake.notified();
+            if self.requested.load(Ordering::SeqCst) {
+                return;
+            }
+            woken.await;
+        }
+    }
 }
 
 /// Counters of one binding, updated by its listener and connections (TCP)
@@ -136,19 +166,14 @@ impl Listener {
         }
     }
 
-    /// Serves until `shutdown` turns true. TCP connections and SCTP
-    /// associations then get up to `drain` to finish; UDP sessions end at
-    /// once.
-    pub(crate) async fn serve(
-        self,
-        b: Arc<Binding>,
-        shutdown: watch::Receiver<bool>,
-        drain: Duration,
-    ) {
+    /// Serves until the binding's stop is requested. TCP connections and
+    /// SCTP associations then get up to `drain` to finish; UDP sessions end
+    /// at once.
+    pub(crate) async fn serve(self, b: Arc<Binding>, drain: Duration) {
         match self {
-            Listener::Tcp(l) => tcp::serve(b, l, shutdown, drain).await,
-            Listener::Udp(s) => udp::serve(b, s, shutdown).await,
-            Listener::Sctp(l) => sctp::serve(b, l, shutdown, drain).await,
+            Listener::Tcp(l) => tcp::serve(b, l, drain).await,
+            Listener::Udp(s) => udp::serve(b, s).await,
+            Listener::Sctp(l) => sctp::serve(b, l, drain).await,
         }
     }
 }

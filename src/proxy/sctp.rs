@@ -34,7 +34,6 @@ use std::time::{Duration, Instant};
 use socket2::{SockAddr, Socket};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{Binding, ListenError, accept};
@@ -149,29 +148,17 @@ pub(crate) async fn listen(b: &Binding) -> Result<SctpListener, ListenError> {
 
 /// Accepts until `shutdown` turns true, then lets associations drain for up
 /// to `drain` and aborts the rest.
-pub(crate) async fn serve(
-    b: Arc<Binding>,
-    listener: SctpListener,
-    shutdown: watch::Receiver<bool>,
-    drain: Duration,
-) {
-    accept::serve(
-        b,
-        listener,
-        shutdown,
-        drain,
-        "association",
-        |b, client, peer| {
-            let span = info_span!(
-                "assoc",
-                rule = %b.rule.name,
-                netns = %b.netns,
-                peer = %peer,
-                upstream = %b.rule.upstream,
-            );
-            handle(b, client).instrument(span)
-        },
-    )
+pub(crate) async fn serve(b: Arc<Binding>, listener: SctpListener, drain: Duration) {
+    accept::serve(b, listener, drain, "association", |b, client, peer| {
+        let span = info_span!(
+            "assoc",
+            rule = %b.rule.name,
+            netns = %b.netns,
+            peer = %peer,
+            upstream = %b.rule.upstream,
+        );
+        handle(b, client).instrument(span)
+    })
     .await
 }
 

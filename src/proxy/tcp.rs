@@ -16,7 +16,6 @@ use std::sync::atomic::AtomicU64;
 
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::watch;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::splice::Pipe;
@@ -47,29 +46,17 @@ pub(crate) async fn listen(b: &Binding) -> Result<TcpListener, ListenError> {
 
 /// Accepts until `shutdown` turns true, then lets connections drain for up
 /// to `drain` and closes the rest.
-pub(crate) async fn serve(
-    b: Arc<Binding>,
-    listener: TcpListener,
-    shutdown: watch::Receiver<bool>,
-    drain: Duration,
-) {
-    accept::serve(
-        b,
-        listener,
-        shutdown,
-        drain,
-        "connection",
-        |b, client, peer| {
-            let span = info_span!(
-                "conn",
-                rule = %b.rule.name,
-                netns = %b.netns,
-                peer = %peer,
-                upstream = %b.rule.upstream,
-            );
-            handle(b, client).instrument(span)
-        },
-    )
+pub(crate) async fn serve(b: Arc<Binding>, listener: TcpListener, drain: Duration) {
+    accept::serve(b, listener, drain, "connection", |b, client, peer| {
+        let span = info_span!(
+            "conn",
+            rule = %b.rule.name,
+            netns = %b.netns,
+            peer = %peer,
+            upstream = %b.rule.upstream,
+        );
+        handle(b, client).instrument(span)
+    })
     .await
 }
 

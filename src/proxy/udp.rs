@@ -59,7 +59,7 @@ use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -137,7 +137,7 @@ pub(crate) async fn listen(b: &Binding) -> Result<UdpSocket, ListenError> {
 }
 
 /// Receives and relays until `shutdown` turns true, then ends every session.
-pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket) {
     let shared = Arc::new(Shared {
         ipv6: b.rule.listen.is_ipv6(),
         gso_to_client: udp_sys::Gso::new(),
@@ -160,7 +160,7 @@ pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket, mut shutdown: watc
     let mut inbox = Vec::new();
     loop {
         tokio::select! {
-            _ = stopped(&mut shutdown) => break,
+            _ = b.stop.requested() => break,
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = done {
                     error!(rule = %b.rule.name, netns = %b.netns, "UDP session task failed: {e}");
@@ -243,11 +243,6 @@ fn kernel_dropped(
             .fetch_add(u64::from(new), Relaxed);
         shared.warnings.warn(kind, || message(new));
     }
-}
-
-/// Completes once shutdown was requested (or its sender is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 /// Shows IPv4 clients of a dual-stack listener as 1.2.3.4, not ::ffff:1.2.3.4.
