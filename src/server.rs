@@ -97,6 +97,7 @@ impl Server {
             entries: HashMap::new(),
             by_ns: HashMap::new(),
             refs: HashMap::new(),
+            addr_retry: HashMap::new(),
         };
         // Namespaces already there are known before the first reconcile, so
         // that globs see them at once.
@@ -208,7 +209,24 @@ struct Supervisor {
     /// namespace. A namespace only listened in needs its fd just while its
     /// listeners are created (see `open_many`): one fd less per namespace.
     refs: HashMap<NsId, usize>,
+    /// Bindings whose listen address is not (yet) configured in their
+    /// namespace: how often that was found, and when to try again.
+    addr_retry: HashMap<Key, AddrRetry>,
 }
+
+/// A binding waiting for its listen address to exist.
+struct AddrRetry {
+    attempts: u32,
+    due: Instant,
+}
+
+/// First and longest pause between attempts to listen on an address that
+/// is not configured yet. A namespace usually appears before its addresses
+/// (`ip netns add`, then `ip addr add` or the loopback brought up; CNI
+/// plugins likewise), so the first retries come quickly; an address that
+/// never appears costs one bind attempt per binding every 2 s.
+const ADDR_RETRY_MIN: Duration = Duration::from_millis(50);
+const ADDR_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Most bindings opened together; see `Supervisor::open_many`.
 const OPEN_CHUNK: usize = 1024;
@@ -244,6 +262,9 @@ impl Supervisor {
                     }
                     None => { self.shutdown().await; return; }
                 },
+                () = next_retry(&self.addr_retry), if !self.addr_retry.is_empty() => {
+                    self.retry_addresses().await;
+                }
                 event = next_event(&mut self.discovery) => match event {
                     Ok(e) => {
                         let mut batch = vec![e];
@@ -401,6 +422,37 @@ impl Supervisor {
         }
         self.open_many(opening).await;
         report
+    }
+
+    /// Tries again the bindings whose listen address was missing and whose
+    /// retry is due. Entries gone or no longer waiting meanwhile (removed by
+    /// a reload, their namespace deleted) are forgotten.
+    async fn retry_addresses(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Key> = self
+            .addr_retry
+            .iter()
+            .filter(|(_, r)| r.due <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut opening = Vec::new();
+        for key in due {
+            match self.entries.get(&key) {
+                Some(Entry {
+                    rule,
+                    state: State::Waiting(_),
+                    ..
+                }) => opening.push(Opening {
+                    rule: rule.clone(),
+                    key,
+                    replacing: false,
+                }),
+                _ => {
+                    self.addr_retry.remove(&key);
+                }
+            }
+        }
+        self.open_many(opening).await;
     }
 
     async fn on_events(&mut self, events: Vec<NsEvent>) {
@@ -584,6 +636,16 @@ impl Supervisor {
         let resolved: HashMap<NsRef, Result<NsId, NsError>> =
             refs.into_iter().zip(results).collect();
 
+        // Whatever becomes of an opening, an earlier wait for its address
+        // is over; a new one is recorded if the address is still missing.
+        let retried: HashMap<Key, u32> = opening
+            .iter()
+            .filter_map(|o| {
+                self.addr_retry
+                    .remove(&o.key)
+                    .map(|r| (o.key.clone(), r.attempts))
+            })
+            .collect();
         let mut pending = JoinSet::new();
         for Opening {
             key,
@@ -644,10 +706,29 @@ impl Supervisor {
                     }
                 }
                 Err(e) => {
-                    error!(rule = %binding.rule.name, netns = %binding.netns, listen = %binding.rule.listen, "not listening: {e}");
                     self.by_ns.remove(&(binding.rule.name.clone(), binding.ns));
                     self.unacquire(binding.upstream_ns);
-                    State::Failed(e.to_string())
+                    if address_not_there(&e) {
+                        let attempts = retried.get(&key).copied().unwrap_or(0) + 1;
+                        if attempts == 1 {
+                            warn!(rule = %binding.rule.name, netns = %binding.netns, listen = %binding.rule.listen,
+                                "waiting: {e}; retrying until the address is configured");
+                        }
+                        let pause = ADDR_RETRY_MIN
+                            .saturating_mul(1 << attempts.min(16))
+                            .min(ADDR_RETRY_MAX);
+                        self.addr_retry.insert(
+                            key.clone(),
+                            AddrRetry {
+                                attempts,
+                                due: Instant::now() + pause,
+                            },
+                        );
+                        State::Waiting(format!("{e}; retrying until the address is configured"))
+                    } else {
+                        error!(rule = %binding.rule.name, netns = %binding.netns, listen = %binding.rule.listen, "not listening: {e}");
+                        State::Failed(e.to_string())
+                    }
                 }
             };
             if let Some(entry) = self.entries.get_mut(&key) {
@@ -822,6 +903,19 @@ impl Supervisor {
     }
 }
 
+/// Completes when the earliest address retry is due.
+async fn next_retry(retry: &HashMap<Key, AddrRetry>) {
+    if let Some(due) = retry.values().map(|r| r.due).min() {
+        tokio::time::sleep_until(due.into()).await;
+    }
+}
+
+/// Whether listening failed because the address is not configured in the
+/// namespace (yet).
+fn address_not_there(e: &ListenError) -> bool {
+    matches!(e, ListenError::Bind { source, .. } if source.raw_os_error() == Some(libc::EADDRNOTAVAIL))
+}
+
 async fn next_event(d: &mut Option<Discovery>) -> io::Result<NsEvent> {
     match d {
         Some(d) => d.next().await,
@@ -829,7 +923,6 @@ async fn next_event(d: &mut Option<Discovery>) -> io::Result<NsEvent> {
     }
 }
 
-/// Rules are the same when everything but where they were written is.
 /// Whether a binding of rule `a` serves exactly as one of rule `b` would.
 /// The namespace list is not part of it: adding a namespace to a rule must
 /// not reopen the listeners it already has (and comparing the list per

@@ -20,9 +20,23 @@ fn fds_but_pipes(pid: u32) -> usize {
         .count()
 }
 
-fn hello_when_ready(ns: &TestNs, addr: &str) -> Vec<u8> {
-    let mut c = ns.tcp_connect_when_ready(addr);
-    read_all(&mut c).unwrap()
+/// Connects and reads the reply, retrying until served (bounded); on
+/// failure the daemon's log says what it did with that namespace.
+fn hello_when_ready(d: &Daemon, ns: &TestNs, addr: &str) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match ns.tcp_connect(addr) {
+            Ok(mut c) => return read_all(&mut c).unwrap(),
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!(
+                "nothing listens on {addr} in {} after {WAIT:?}: {e}; log:\n{}",
+                ns.name(),
+                d.log()
+            ),
+        }
+    }
 }
 
 #[test]
@@ -48,7 +62,7 @@ fn churn_of_500_namespaces_leaks_nothing() {
     // steady.
     let warm = TestNs::many("warm", 10);
     for ns in &warm {
-        assert_eq!(hello_when_ready(ns, "127.0.0.1:7999"), b"c\n");
+        assert_eq!(hello_when_ready(&d, ns, "127.0.0.1:7999"), b"c\n");
     }
     drop(warm);
     let mut last = usize::MAX;
@@ -66,7 +80,7 @@ fn churn_of_500_namespaces_leaks_nothing() {
         let batch = TestNs::many(&format!("churn{round}x"), 10);
         for ns in &batch {
             assert_eq!(
-                hello_when_ready(ns, "127.0.0.1:7999"),
+                hello_when_ready(&d, ns, "127.0.0.1:7999"),
                 b"c\n",
                 "{}",
                 ns.name()

@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 use common::*;
 use nsproxy::config::parse_toml;
@@ -110,7 +111,17 @@ fn sockets_are_born_in_the_namespace_asked_for() {
     assert!(b.tcp_connect("127.0.0.1:7000").is_ok());
     assert!(std::net::TcpStream::connect("127.0.0.1:7000").is_err());
     drop(la);
-    assert!(a.tcp_connect("127.0.0.1:7000").is_err());
+    // Polled, not asserted at once: a child that another test is spawning
+    // (`ip netns add`) holds a copy of every fd between its fork and exec,
+    // so the listener may outlive this close by a moment.
+    let deadline = Instant::now() + WAIT;
+    while a.tcp_connect("127.0.0.1:7000").is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "A's listener still answers after close"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(b.tcp_connect("127.0.0.1:7000").is_ok());
 }
 

@@ -19,15 +19,7 @@ fn tcp_rule(
     upstream: &str,
     upstream_netns: &str,
 ) -> String {
-    let list: Vec<String> = netns.iter().map(|n| format!("\"{n}\"")).collect();
-    format!(
-        "[[proxy]]\nname = \"{name}\"\nprotocol = \"tcp\"\nlisten = \"{listen}\"\nnetns = [{}]\nupstream = \"{upstream}\"\nupstream_netns = \"{upstream_netns}\"\n",
-        list.join(", ")
-    )
-}
-
-fn header(extra: &str) -> String {
-    format!("workers = 2\n{extra}\n")
+    rule_of("tcp", name, listen, netns, upstream, upstream_netns, "")
 }
 
 /// Connects and reads the hello line, retrying until served (bounded).
@@ -78,7 +70,7 @@ fn globs_follow_namespaces_and_deletion_releases_them() {
     let pattern = format!("nspt-{}-*-globA*", std::process::id());
     let d = Daemon::run(
         &host,
-        &header(&tcp_rule(
+        &config(&tcp_rule(
             "g",
             "127.0.0.1:7000",
             &[&pattern],
@@ -143,7 +135,7 @@ fn an_exact_name_that_appears_later_is_served() {
     let name = format!("nspt-{}-late-{}", std::process::id(), line!());
     let d = Daemon::run(
         &host,
-        &header(&tcp_rule(
+        &config(&tcp_rule(
             "late",
             "127.0.0.1:7000",
             &[&name],
@@ -215,7 +207,7 @@ fn reload_applies_the_difference_and_rejects_bad_configs() {
         "127.0.0.1:9000",
         "host",
     );
-    let d = Daemon::run(&host, &header(&format!("{keep}{gone}")), &[]);
+    let d = Daemon::run(&host, &config(&format!("{keep}{gone}")), &[]);
     d.wait_ready();
 
     // An established connection on the kept rule.
@@ -249,7 +241,7 @@ fn reload_applies_the_difference_and_rejects_bad_configs() {
         }
         made
     });
-    std::fs::write(d.config_path(), header(&format!("{keep}{new}"))).unwrap();
+    std::fs::write(d.config_path(), config(&format!("{keep}{new}"))).unwrap();
     d.signal("HUP");
     d.wait_log("config reloaded");
     let (code, out, err) = d.cli(&["reload"]);
@@ -285,12 +277,12 @@ fn adding_a_namespace_to_a_rule_keeps_its_other_listeners() {
     let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
     echo_server(host.tcp_listen("127.0.0.1:9000"));
     let rule = |netns: &[&str]| tcp_rule("grow", "127.0.0.1:7000", netns, "127.0.0.1:9000", "host");
-    let d = Daemon::run(&host, &header(&rule(&[a.name()])), &[]);
+    let d = Daemon::run(&host, &config(&rule(&[a.name()])), &[]);
     d.wait_ready();
     // The listener in `a` must be the same socket after the reload: every
     // socket open before it is still open after it.
     let sockets_before = d.socket_inodes();
-    std::fs::write(d.config_path(), header(&rule(&[a.name(), b.name()]))).unwrap();
+    std::fs::write(d.config_path(), config(&rule(&[a.name(), b.name()]))).unwrap();
     let (code, out, err) = d.cli(&["reload"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
@@ -312,6 +304,49 @@ fn adding_a_namespace_to_a_rule_keeps_its_other_listeners() {
 }
 
 #[test]
+fn a_listen_address_configured_later_is_served() {
+    if !root_or_skip("a_listen_address_configured_later_is_served") {
+        return;
+    }
+    let (host, a) = (TestNs::new("h"), TestNs::new("a"));
+    echo_server(host.tcp_listen("127.0.0.1:9000"));
+    let d = Daemon::run(
+        &host,
+        &config(&tcp_rule(
+            "later",
+            "10.253.0.9:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            "host",
+        )),
+        &[],
+    );
+    d.wait_ready();
+    // Namespaces often get their addresses after they appear: the binding
+    // waits (and says why) instead of failing for good.
+    let (code, out, err) = d.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    let line = out.lines().find(|l| l.contains(a.name())).unwrap();
+    assert!(
+        line.contains("waiting") && line.contains("retrying until the address is configured"),
+        "{out}"
+    );
+    a.add_lo_addr("10.253.0.9/32");
+    let mut c = a.tcp_connect_when_ready("10.253.0.9:7000");
+    c.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    c.read_exact(&mut one).unwrap();
+    let log = d.log();
+    assert_eq!(
+        log.matches("retrying until the address is configured\"")
+            .count(),
+        1,
+        "one warning, not one per retry: {log}"
+    );
+    assert!(d.terminate().success());
+}
+
+#[test]
 fn status_cli_and_its_errors() {
     if !root_or_skip("status_cli_and_its_errors") {
         return;
@@ -320,7 +355,7 @@ fn status_cli_and_its_errors() {
     echo_server(host.tcp_listen("127.0.0.1:9000"));
     let d = Daemon::run(
         &host,
-        &header(&tcp_rule(
+        &config(&tcp_rule(
             "web",
             "127.0.0.1:7000",
             &[a.name(), "nspt-absent"],
@@ -368,7 +403,7 @@ fn status_cli_and_its_errors() {
     // A second daemon refuses to take over a live control socket.
     let d2 = Daemon::run(
         &host,
-        &header(&tcp_rule(
+        &config(&tcp_rule(
             "web",
             "127.0.0.1:7005",
             &[a.name()],
@@ -404,7 +439,7 @@ fn metrics_pass_promtool() {
     echo_server(host.tcp_listen("127.0.0.1:9000"));
     let d = Daemon::run(
         &host,
-        &header(&format!(
+        &config(&format!(
             "metrics_listen = \"127.0.0.1:9100\"\n{}",
             tcp_rule(
                 "m",
@@ -480,7 +515,7 @@ fn systemd_hears_ready_reloading_and_stopping() {
     let sock_path = dir.0.join("notify.sock");
     let notify = UnixDatagram::bind(&sock_path).unwrap();
     notify.set_read_timeout(Some(WAIT)).unwrap();
-    let cfg = header(&tcp_rule(
+    let cfg = config(&tcp_rule(
         "s",
         "127.0.0.1:7000",
         &[a.name()],
@@ -518,7 +553,7 @@ fn drain_policy_keeps_open_connections_after_deletion() {
     let rule = tcp_rule("d", "127.0.0.1:7000", &[a.name()], "127.0.0.1:9000", "host");
     let d = Daemon::run(
         &host,
-        &header(&format!(
+        &config(&format!(
             "drain_timeout = \"30s\"\n{rule}on_netns_delete = \"drain\"\n"
         )),
         &[],
@@ -553,7 +588,7 @@ fn udp_sessions_close_when_their_namespace_is_deleted() {
     udp_echo_server(host.udp_bind("127.0.0.1:9000"));
     let d = Daemon::run(
         &host,
-        &header(&format!(
+        &config(&format!(
             "[[proxy]]\nname = \"u\"\nprotocol = \"udp\"\nlisten = \"127.0.0.1:7000\"\nnetns = [\"{}\"]\nupstream = \"127.0.0.1:9000\"\n",
             a.name()
         )),
@@ -585,7 +620,7 @@ fn deleting_the_upstream_namespace_releases_it_and_its_socket_pool() {
     echo_server(up.tcp_listen("127.0.0.1:9000"));
     let d = Daemon::run(
         &host,
-        &header(&tcp_rule(
+        &config(&tcp_rule(
             "u",
             "127.0.0.1:7000",
             &[a.name()],

@@ -8,6 +8,8 @@
 
 #[path = "sctp_vm/harness.rs"]
 mod harness;
+#[path = "common/rules.rs"]
+mod rules;
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -16,16 +18,17 @@ use std::time::{Duration, Instant};
 
 use harness::*;
 use nsproxy::sctp::{self, SndInfo, Streams, UNORDERED};
-
-fn config(rules: &str) -> String {
-    format!("workers = 2\n{rules}")
-}
+use rules::*;
 
 fn rule(name: &str, listen: &str, netns: &[&str], upstream: &str, upstream_netns: &str) -> String {
-    let list: Vec<String> = netns.iter().map(|n| format!("\"{n}\"")).collect();
-    format!(
-        "[[proxy]]\nname = \"{name}\"\nprotocol = \"sctp\"\nlisten = \"{listen}\"\nnetns = [{}]\nupstream = \"{upstream}\"\nupstream_netns = \"{upstream_netns}\"\nconnect_timeout = \"2s\"\n",
-        list.join(", ")
+    rule_of(
+        "sctp",
+        name,
+        listen,
+        netns,
+        upstream,
+        upstream_netns,
+        "connect_timeout = \"2s\"",
     )
 }
 

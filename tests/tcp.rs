@@ -9,15 +9,15 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn config(rules: &str) -> String {
-    format!("workers = 2\n{rules}")
-}
-
 fn rule(name: &str, listen: &str, netns: &[&str], upstream: &str, upstream_netns: &str) -> String {
-    let list: Vec<String> = netns.iter().map(|n| format!("\"{n}\"")).collect();
-    format!(
-        "[[proxy]]\nname = \"{name}\"\nprotocol = \"tcp\"\nlisten = \"{listen}\"\nnetns = [{}]\nupstream = \"{upstream}\"\nupstream_netns = \"{upstream_netns}\"\nconnect_timeout = \"2s\"\n",
-        list.join(", ")
+    rule_of(
+        "tcp",
+        name,
+        listen,
+        netns,
+        upstream,
+        upstream_netns,
+        "connect_timeout = \"2s\"",
     )
 }
 

@@ -9,10 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn config(rules: &str) -> String {
-    format!("workers = 2\n{rules}")
-}
-
 /// A `protocol = "udp"` rule; `extra` adds keys such as udp_idle_timeout.
 fn rule(
     name: &str,
@@ -22,11 +18,7 @@ fn rule(
     upstream_netns: &str,
     extra: &str,
 ) -> String {
-    let list: Vec<String> = netns.iter().map(|n| format!("\"{n}\"")).collect();
-    format!(
-        "[[proxy]]\nname = \"{name}\"\nprotocol = \"udp\"\nlisten = \"{listen}\"\nnetns = [{}]\nupstream = \"{upstream}\"\nupstream_netns = \"{upstream_netns}\"\n{extra}\n",
-        list.join(", ")
-    )
+    rule_of("udp", name, listen, netns, upstream, upstream_netns, extra)
 }
 
 /// main + 2 workers + the namespace thread.

@@ -7,6 +7,11 @@
 
 #![allow(dead_code)]
 
+mod rules;
+// Not every test crate writes configs.
+#[allow(unused_imports)]
+pub use rules::*;
+
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
