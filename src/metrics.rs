@@ -311,6 +311,7 @@ mod tests {
                 protocol: "tcp".into(),
                 netns: "/weird\"path\\x".into(),
                 state: "listening".into(),
+                parked: false,
                 reason: None,
                 listen: "[::]:1".into(),
                 local: None,

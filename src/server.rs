@@ -23,12 +23,18 @@ use crate::config::{self, Config, OnDelete, Rule};
 use crate::control::Command;
 use crate::netns::discovery::{Discovery, NsEvent};
 use crate::netns::{NETNS_RUN_DIR, NsError, NsId, NsRef, Switcher};
-use crate::proxy::{Binding, BindingStats, ListenError, Listener, Stop};
+use crate::proxy::{Binding, ListenError, Listener, Parking, StopMode};
 use crate::status::{BindingReport, Counters, ReloadReport, Status};
 use crate::systemd;
 
 /// Default time connections get to finish after shutdown begins.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a listener with nothing open stays idle before its task ends and
+/// it is parked ([`Options::park_after`]): long enough that a steady trickle
+/// of clients keeps its task, short enough that bursts once in a while leave
+/// nothing behind.
+pub const DEFAULT_PARK_AFTER: Duration = Duration::from_secs(10);
 
 /// How a [`Server`] runs, besides its configuration.
 #[derive(Debug, Clone)]
@@ -42,6 +48,10 @@ pub struct Options {
     pub netns_dir: PathBuf,
     /// Forwarding threads, for the status report.
     pub workers: usize,
+    /// How long a listener with nothing open waits for a client before its
+    /// task ends and it is parked (an idle listener costs no task; the
+    /// next client wakes it).
+    pub park_after: Duration,
 }
 
 impl Default for Options {
@@ -51,6 +61,7 @@ impl Default for Options {
             config_path: None,
             netns_dir: PathBuf::from(NETNS_RUN_DIR),
             workers: crate::runtime::default_workers(),
+            park_after: DEFAULT_PARK_AFTER,
         }
     }
 }
@@ -87,7 +98,11 @@ impl Server {
                 None
             }
         };
+        let (parking, hub) = Parking::new(options.drain, options.park_after);
+        let hub = hub.map(|h| tokio::spawn(h.run()));
         let mut sup = Supervisor {
+            parking,
+            hub,
             rules: Vec::new(),
             config: config.clone(),
             switcher,
@@ -176,18 +191,16 @@ enum State {
     SameAs(NsRef),
 }
 
+/// A listening binding, served by a task or parked while idle.
 struct Live {
     binding: Arc<Binding>,
-    task: JoinHandle<()>,
-    /// However a `Live` goes, its listener stops accepting.
-    _stop_on_drop: StopOnDrop,
+    parking: Arc<Parking>,
 }
 
-struct StopOnDrop(Arc<Binding>);
-
-impl Drop for StopOnDrop {
+impl Drop for Live {
+    /// However a `Live` goes, its listener stops accepting.
     fn drop(&mut self) {
-        self.0.stop.request();
+        self.parking.stop(&self.binding, StopMode::Drain);
     }
 }
 
@@ -212,6 +225,18 @@ struct Supervisor {
     /// Bindings whose listen address is not (yet) configured in their
     /// namespace: how often that was found, and when to try again.
     addr_retry: HashMap<Key, AddrRetry>,
+    /// Holds idle listeners without a task, and counts the serve tasks.
+    parking: Arc<Parking>,
+    /// The task watching parked listeners; ends with the supervisor.
+    hub: Option<JoinHandle<()>>,
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if let Some(hub) = &self.hub {
+            hub.abort();
+        }
+    }
 }
 
 /// A binding waiting for its listen address to exist.
@@ -584,13 +609,11 @@ impl Supervisor {
         match policy {
             OnDelete::Close => {
                 info!(rule = %b.rule.name, netns = %b.netns, "closing the listener and its connections: {why}");
-                // Dropping the serve task drops the listener and every
-                // connection or session it owns.
-                live.task.abort();
+                self.parking.stop(b, StopMode::Close);
             }
             OnDelete::Drain => {
                 info!(rule = %b.rule.name, netns = %b.netns, "closing the listener, open connections drain: {why}");
-                b.stop.request();
+                self.parking.stop(b, StopMode::Drain);
             }
         }
         self.by_ns.remove(&(b.rule.name.clone(), b.ns));
@@ -695,12 +718,13 @@ impl Supervisor {
                     info!(rule = %binding.rule.name, protocol = %binding.rule.protocol, netns = %binding.netns,
                         listen = %local, upstream = %binding.rule.upstream, upstream_netns = %binding.rule.upstream_netns,
                         "listening");
-                    let task = tokio::spawn(listener.serve(binding.clone(), self.options.drain));
+                    // Parked until the first client: most listeners of a
+                    // large deployment stay idle, and then cost no task.
+                    self.parking.park(binding.clone(), listener);
                     State::Listening {
                         live: Live {
-                            _stop_on_drop: StopOnDrop(binding.clone()),
                             binding,
-                            task,
+                            parking: self.parking.clone(),
                         },
                         local,
                     }
@@ -786,15 +810,13 @@ impl Supervisor {
             }
         }
         *self.refs.entry(upstream_ns).or_default() += 1;
-        Ok(Arc::new(Binding {
-            rule: rule.clone(),
-            netns: netns.clone(),
+        Ok(Arc::new(Binding::new(
+            rule.clone(),
+            netns.clone(),
             ns,
             upstream_ns,
-            switcher: self.switcher.clone(),
-            stats: BindingStats::default(),
-            stop: Stop::default(),
-        }))
+            self.switcher.clone(),
+        )))
     }
 
     async fn shutdown(&mut self) {
@@ -804,7 +826,6 @@ impl Supervisor {
             self.options.drain
         );
         let keys: Vec<Key> = self.entries.keys().cloned().collect();
-        let mut tasks = Vec::new();
         for key in keys {
             if let Some(Entry {
                 state: State::Listening { .. },
@@ -813,16 +834,15 @@ impl Supervisor {
             {
                 if let Some(e) = self.entries.remove(&key) {
                     if let State::Listening { live, .. } = e.state {
-                        live.binding.stop.request();
-                        tasks.push(live.task);
                         self.unacquire(live.binding.upstream_ns);
+                        // Dropping it stops the listener.
                     }
                 }
             }
         }
-        for t in tasks {
-            let _ = t.await;
-        }
+        // Every binding is told to stop: the serve tasks end once their
+        // connections have drained.
+        self.parking.stopped().await;
     }
 
     fn live_bindings(&self) -> Vec<Arc<Binding>> {
@@ -873,6 +893,10 @@ impl Supervisor {
                         Counters::default(),
                     ),
                 };
+                let parked = match &e.state {
+                    State::Listening { live, .. } => live.binding.is_parked(),
+                    _ => false,
+                };
                 BindingReport {
                     rule: e.rule.name.clone(),
                     protocol: e.rule.protocol.to_string(),
@@ -884,6 +908,7 @@ impl Supervisor {
                     upstream: e.rule.upstream.to_string(),
                     upstream_netns: e.rule.upstream_netns.to_string(),
                     counters,
+                    parked,
                 }
             })
             .collect();

@@ -45,6 +45,9 @@ pub struct BindingReport {
     pub upstream: String,
     pub upstream_netns: String,
     pub counters: Counters,
+    /// Listening but idle, with no task of its own until the next client.
+    #[serde(default)]
+    pub parked: bool,
 }
 
 /// A binding's counters (see [`BindingStats`] for what each means).

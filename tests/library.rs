@@ -220,3 +220,124 @@ fn server_api_reports_every_binding_and_counts_traffic() {
         server.shutdown().await;
     });
 }
+
+/// Polls `server`'s status until every listening binding's `parked` is
+/// `want` (bounded by [`WAIT`]).
+async fn wait_parked(server: &Server, want: bool, when: &str) -> nsproxy::status::Status {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let st = server.status().await;
+        let listening: Vec<_> = st
+            .bindings
+            .iter()
+            .filter(|b| b.state == "listening")
+            .collect();
+        assert!(!listening.is_empty(), "{when}: nothing listens: {st:?}");
+        if listening.iter().all(|b| b.parked == want) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{when}: listeners not parked={want} after {WAIT:?}: {:?}",
+            st.bindings
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn idle_listeners_park_and_wake_for_the_next_client() {
+    if !root_or_skip("idle_listeners_park_and_wake_for_the_next_client") {
+        return;
+    }
+    let (a, b) = (TestNs::new("pk-a"), TestNs::new("pk-b"));
+    echo_server(b.tcp_listen("127.0.0.1:9000"));
+    udp_echo_server(b.udp_bind("127.0.0.1:9001"));
+    let rules = [
+        rule_of(
+            "tcp",
+            "t",
+            "127.0.0.1:0",
+            &[a.name()],
+            "127.0.0.1:9000",
+            b.name(),
+            "",
+        ),
+        rule_of(
+            "udp",
+            "u",
+            "127.0.0.1:0",
+            &[a.name()],
+            "127.0.0.1:9001",
+            b.name(),
+            "udp_idle_timeout = \"200ms\"",
+        ),
+    ];
+    let cfg = parse_toml(&config(&rules.concat()), "inline").unwrap();
+    let rt = nsproxy::runtime::build(2).unwrap();
+    rt.block_on(async {
+        let options = Options {
+            park_after: Duration::from_millis(100),
+            ..Options::default()
+        };
+        let server = Server::start(cfg, Switcher::spawn().unwrap(), options).await;
+        // Parked from the start: no client has come yet.
+        let st = wait_parked(&server, true, "at start").await;
+        let local = |rule: &str| -> String {
+            st.bindings
+                .iter()
+                .find(|b| b.rule == rule)
+                .and_then(|b| b.local.clone())
+                .unwrap()
+        };
+        let (tcp, udp) = (local("t"), local("u"));
+        for round in 0..3u8 {
+            // A client wakes each listener; they serve, then park again.
+            let msg = format!("round {round}");
+            // Blocking clients on their own thread; the server's tasks run
+            // on the runtime's workers meanwhile.
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let mut c = a.tcp_connect(&tcp).unwrap();
+                    c.write_all(msg.as_bytes()).unwrap();
+                    c.shutdown(std::net::Shutdown::Write).unwrap();
+                    assert_eq!(
+                        read_all(&mut c).unwrap(),
+                        msg.as_bytes(),
+                        "TCP, round {round}"
+                    );
+                    let u = a.udp_client(&udp);
+                    assert_eq!(
+                        udp_round_trip(&u, msg.as_bytes()).unwrap(),
+                        msg.as_bytes(),
+                        "UDP, round {round}"
+                    );
+                })
+                .join()
+                .unwrap();
+            });
+            let st = wait_parked(&server, true, &format!("after round {round}")).await;
+            let counters = |rule: &str| {
+                st.bindings
+                    .iter()
+                    .find(|b| b.rule == rule)
+                    .unwrap()
+                    .counters
+                    .clone()
+            };
+            let n = u64::from(round) + 1;
+            assert_eq!(counters("t").connections_accepted, n);
+            assert_eq!(counters("t").connections_active, 0);
+            assert_eq!(counters("u").datagrams_in, n);
+            assert_eq!(counters("u").datagrams_out, n);
+            assert_eq!(counters("u").sessions_active, 0);
+        }
+
+        // A reload that drops the TCP rule closes its parked socket at once:
+        // the port is free when the reload returns.
+        let only_udp = parse_toml(&config(&rules[1]), "inline").unwrap();
+        server.reload(Some(only_udp)).await.unwrap();
+        std::thread::scope(|s| s.spawn(|| drop(a.tcp_listen(&tcp))).join().unwrap());
+        server.shutdown().await;
+    });
+}

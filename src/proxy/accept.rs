@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::Binding;
+use super::{Binding, StopMode};
 
 /// Accept back-off after running out of fds or memory: first and longest pause.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -31,30 +31,46 @@ impl Accept for tokio::net::TcpListener {
     }
 }
 
-/// Accepts until `shutdown` turns true, handing each connection to
-/// `handle` (a task each, owned by this loop: dropping the loop's future
+/// Accepts until the binding's stop is requested, handing each connection
+/// to `handle` (a task each, owned by this loop: dropping the loop's future
 /// closes them all). Then connections get up to `drain` to finish and the
-/// rest are closed. `noun` names a connection in logs.
+/// rest are closed ([`StopMode::Close`]: all closed at once). Returns the
+/// listener instead when it has accepted nothing for `park_after` and no
+/// connection is open, to be parked. `noun` names a connection in logs.
 pub(crate) async fn serve<L, H, F>(
     b: Arc<Binding>,
     listener: L,
     drain: Duration,
+    park_after: Duration,
     noun: &'static str,
     handle: H,
-) where
+) -> Option<L>
+where
     L: Accept,
     H: Fn(Arc<Binding>, L::Conn, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
     let mut conns = JoinSet::new();
     let mut backoff = BACKOFF_MIN;
+    // Checked every `park_after`, rather than re-armed per connection.
+    let idle_check = tokio::time::sleep(park_after);
+    tokio::pin!(idle_check);
+    let mut accepted_since_check = false;
     loop {
         tokio::select! {
-            _ = b.stop.requested() => break,
+            _ = b.stop.requested(false) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            () = &mut idle_check => {
+                if !accepted_since_check && conns.is_empty() {
+                    return Some(listener);
+                }
+                accepted_since_check = false;
+                idle_check.as_mut().reset(tokio::time::Instant::now() + park_after);
+            }
             accepted = listener.accept_one() => match accepted {
                 Ok((conn, peer)) => {
                     backoff = BACKOFF_MIN;
+                    accepted_since_check = true;
                     b.stats.accepted.fetch_add(1, Relaxed);
                     conns.spawn(handle(b.clone(), conn, canonical(peer)));
                 }
@@ -63,6 +79,7 @@ pub(crate) async fn serve<L, H, F>(
                     warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
                         "accept failed: {e}{}; pausing accepts for {backoff:?}",
                         crate::sys::fd_exhaustion_hint(&e));
+                    accepted_since_check = true;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
@@ -77,18 +94,33 @@ pub(crate) async fn serve<L, H, F>(
     }
     drop(listener);
     if !conns.is_empty() {
-        drain_all(&b, conns, drain, noun).await;
+        if b.stop.mode() == Some(StopMode::Close) {
+            info!(rule = %b.rule.name, netns = %b.netns, "listener closed; closing {} {noun}(s)", conns.len());
+        } else {
+            drain_all(&b, conns, drain, noun).await;
+        }
     }
+    None
 }
 
 /// Gives open connections up to `drain` to finish, then closes the rest.
 async fn drain_all(b: &Binding, mut conns: JoinSet<()>, drain: Duration, noun: &str) {
     let open = conns.len();
     info!(rule = %b.rule.name, netns = %b.netns, "listener closed; draining {open} {noun}(s) for up to {drain:?}");
-    let drained =
-        tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+    let drained = tokio::time::timeout(drain, async {
+        tokio::select! {
+            () = async { while conns.join_next().await.is_some() {} } => {}
+            // Told to close while draining (the namespace went away after
+            // a reload began draining it, say).
+            () = b.stop.requested(true) => {}
+        }
+    })
+    .await;
     if drained.is_err() {
         warn!(rule = %b.rule.name, netns = %b.netns, "closing {} {noun}(s) still open after {drain:?}", conns.len());
+        conns.shutdown().await;
+    } else if !conns.is_empty() {
+        info!(rule = %b.rule.name, netns = %b.netns, "closing {} draining {noun}(s) now", conns.len());
         conns.shutdown().await;
     }
 }

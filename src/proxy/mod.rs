@@ -8,6 +8,7 @@
 //! [`Switcher`]; nothing here switches namespaces.
 
 mod accept;
+mod park;
 pub mod sctp;
 mod splice;
 pub mod tcp;
@@ -16,12 +17,15 @@ mod udp_sys;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::config::{Protocol, Rule};
 use crate::netns::{NsError, NsId, NsRef, Switcher};
+
+pub(crate) use park::Parking;
 
 /// One rule in one namespace: the unit that listens, counts and is reported.
 #[derive(Debug)]
@@ -37,6 +41,45 @@ pub struct Binding {
     pub stats: BindingStats,
     /// Set when the binding's listener is to stop accepting.
     pub(crate) stop: Stop,
+    /// Where the listening socket is parked while idle (see [`Parking`]).
+    pub(crate) parked_at: AtomicUsize,
+}
+
+impl Binding {
+    /// Whether the listener is parked: idle, with no task of its own.
+    pub fn is_parked(&self) -> bool {
+        self.parked_at.load(Ordering::SeqCst) != park::NOT_PARKED
+    }
+}
+
+impl Binding {
+    pub(crate) fn new(
+        rule: Arc<Rule>,
+        netns: NsRef,
+        ns: NsId,
+        upstream_ns: NsId,
+        switcher: Switcher,
+    ) -> Binding {
+        Binding {
+            rule,
+            netns,
+            ns,
+            upstream_ns,
+            switcher,
+            stats: BindingStats::default(),
+            stop: Stop::default(),
+            parked_at: AtomicUsize::new(park::NOT_PARKED),
+        }
+    }
+}
+
+/// How a binding's listener stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopMode {
+    /// Stop accepting; open connections get the drain timeout to finish.
+    Drain,
+    /// Stop accepting and close every open connection now.
+    Close,
 }
 
 /// Tells a binding's listener task to stop accepting: a flag and a wake-up
@@ -44,25 +87,44 @@ pub struct Binding {
 /// each, 3 MiB at 10,000 listeners.)
 #[derive(Debug, Default)]
 pub(crate) struct Stop {
-    requested: AtomicBool,
+    /// 0: serving; else a [`StopMode`] (1 drain, 2 close). Only ever rises:
+    /// a close after a drain closes what is still draining.
+    requested: AtomicU8,
     wake: tokio::sync::Notify,
 }
 
 impl Stop {
-    pub(crate) fn request(&self) {
-        self.requested.store(true, Ordering::SeqCst);
+    /// Use [`Parking::stop`], which also closes a parked socket.
+    fn request(&self, mode: StopMode) {
+        let v = match mode {
+            StopMode::Drain => 1,
+            StopMode::Close => 2,
+        };
+        self.requested.fetch_max(v, Ordering::SeqCst);
         self.wake.notify_waiters();
     }
 
-    /// Completes once [`Stop::request`] was called, before or after.
-    pub(crate) async fn requested(&self) {
+    /// How the listener was told to stop, if it was.
+    pub(crate) fn mode(&self) -> Option<StopMode> {
+        match self.requested.load(Ordering::SeqCst) {
+            0 => None,
+            1 => Some(StopMode::Drain),
+            _ => Some(StopMode::Close),
+        }
+    }
+
+    /// Completes once a stop was requested (before or after), or, when
+    /// `close_only`, once a [`StopMode::Close`] was.
+    pub(crate) async fn requested(&self, close_only: bool) {
         loop {
             // Made before the flag is read: a `Notified` is woken by
             // `notify_waiters` from the moment it exists, polled or not,
             // so a request between the check and the await is not lost.
             let woken = self.wake.notified();
-            if self.requested.load(Ordering::SeqCst) {
-                return;
+            match self.mode() {
+                Some(StopMode::Close) => return,
+                Some(StopMode::Drain) if !close_only => return,
+                _ => {}
             }
             woken.await;
         }
@@ -139,12 +201,28 @@ pub struct BindingStats {
     pub oversized: AtomicU64,
 }
 
-/// A binding's open listening socket, of the binding's protocol.
+/// A binding's open listening socket, of the binding's protocol, while no
+/// task serves it (a serve task registers it with the reactor).
 #[derive(Debug)]
 pub(crate) enum Listener {
-    Tcp(tokio::net::TcpListener),
-    Udp(tokio::net::UdpSocket),
-    Sctp(sctp::SctpListener),
+    Tcp(std::net::TcpListener),
+    Udp {
+        socket: std::net::UdpSocket,
+        /// The kernel's running count of drops on it, as last reported
+        /// (`SO_RXQ_OVFL`), kept while parked so no drop is counted twice.
+        kernel_drops: u32,
+    },
+    Sctp(socket2::Socket),
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Udp { socket, .. } => socket.as_fd(),
+            Listener::Sctp(s) => s.as_fd(),
+        }
+    }
 }
 
 impl Listener {
@@ -152,7 +230,10 @@ impl Listener {
     pub(crate) async fn open(b: &Binding) -> Result<Listener, ListenError> {
         match b.rule.protocol {
             Protocol::Tcp => tcp::listen(b).await.map(Listener::Tcp),
-            Protocol::Udp => udp::listen(b).await.map(Listener::Udp),
+            Protocol::Udp => udp::listen(b).await.map(|socket| Listener::Udp {
+                socket,
+                kernel_drops: 0,
+            }),
             Protocol::Sctp => sctp::listen(b).await.map(Listener::Sctp),
         }
     }
@@ -161,19 +242,36 @@ impl Listener {
     pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
             Listener::Tcp(l) => l.local_addr(),
-            Listener::Udp(s) => s.local_addr(),
-            Listener::Sctp(l) => l.local_addr(),
+            Listener::Udp { socket, .. } => socket.local_addr(),
+            Listener::Sctp(s) => sctp::local_addr(s),
         }
     }
 
-    /// Serves until the binding's stop is requested. TCP connections and
-    /// SCTP associations then get up to `drain` to finish; UDP sessions end
-    /// at once.
-    pub(crate) async fn serve(self, b: Arc<Binding>, drain: Duration) {
+    /// Serves until the binding's stop is requested, or until the listener
+    /// has been idle for `park_after` with nothing open, when it is given
+    /// back to be parked. On a stop, TCP connections and SCTP associations
+    /// get up to `drain` to finish (none with [`StopMode::Close`]); UDP
+    /// sessions end at once.
+    async fn serve(
+        self,
+        b: Arc<Binding>,
+        drain: Duration,
+        park_after: Duration,
+    ) -> Option<Listener> {
         match self {
-            Listener::Tcp(l) => tcp::serve(b, l, drain).await,
-            Listener::Udp(s) => udp::serve(b, s).await,
-            Listener::Sctp(l) => sctp::serve(b, l, drain).await,
+            Listener::Tcp(l) => tcp::serve(b, l, drain, park_after).await.map(Listener::Tcp),
+            Listener::Udp {
+                socket,
+                kernel_drops,
+            } => udp::serve(b, socket, kernel_drops, park_after).await.map(
+                |(socket, kernel_drops)| Listener::Udp {
+                    socket,
+                    kernel_drops,
+                },
+            ),
+            Listener::Sctp(s) => sctp::serve(b, s, drain, park_after)
+                .await
+                .map(Listener::Sctp),
         }
     }
 }

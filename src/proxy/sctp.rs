@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use socket2::{SockAddr, Socket};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::{Binding, ListenError, accept};
 use crate::config::Rule;
@@ -62,11 +62,10 @@ pub(crate) struct SctpListener {
     fd: AsyncFd<Socket>,
 }
 
-impl SctpListener {
-    /// The primary bound address (the real port when the rule said 0).
-    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
-        to_socket_addr(self.fd.get_ref().local_addr()?)
-    }
+/// The primary bound address of a listening socket (the real port when the
+/// rule said 0).
+pub(crate) fn local_addr(socket: &Socket) -> io::Result<SocketAddr> {
+    to_socket_addr(socket.local_addr()?)
 }
 
 fn to_socket_addr(a: SockAddr) -> io::Result<SocketAddr> {
@@ -106,7 +105,7 @@ fn in_family(addr: SocketAddr, v6: bool) -> SocketAddr {
 /// Creates the listening socket for `binding` in its namespace: bound to
 /// `listen` plus any `sctp_listen_addrs` (multi-homing), with the rule's
 /// stream counts.
-pub(crate) async fn listen(b: &Binding) -> Result<SctpListener, ListenError> {
+pub(crate) async fn listen(b: &Binding) -> Result<Socket, ListenError> {
     let addr = b.rule.listen;
     let socket = b
         .switcher
@@ -141,25 +140,46 @@ pub(crate) async fn listen(b: &Binding) -> Result<SctpListener, ListenError> {
     socket
         .listen(b.rule.backlog.min(i32::MAX as u32) as i32)
         .map_err(|source| ListenError::Bind { addr, source })?;
-    Ok(SctpListener {
-        fd: sctp::register(socket).map_err(at)?,
-    })
+    Ok(socket)
 }
 
-/// Accepts until `shutdown` turns true, then lets associations drain for up
-/// to `drain` and aborts the rest.
-pub(crate) async fn serve(b: Arc<Binding>, listener: SctpListener, drain: Duration) {
-    accept::serve(b, listener, drain, "association", |b, client, peer| {
-        let span = info_span!(
-            "assoc",
-            rule = %b.rule.name,
-            netns = %b.netns,
-            peer = %peer,
-            upstream = %b.rule.upstream,
-        );
-        handle(b, client).instrument(span)
-    })
-    .await
+/// Accepts until the binding stops, then lets associations drain for up to
+/// `drain` and aborts the rest; or gives the socket back when idle (see
+/// [`accept::serve`]).
+pub(crate) async fn serve(
+    b: Arc<Binding>,
+    socket: Socket,
+    drain: Duration,
+    park_after: Duration,
+) -> Option<Socket> {
+    let listener = match sctp::register(socket) {
+        Ok(fd) => SctpListener { fd },
+        Err(e) => {
+            // The socket went with the failed registration; nothing to park.
+            error!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                "not listening any more: cannot watch the socket: {e}");
+            return None;
+        }
+    };
+    let idle = accept::serve(
+        b,
+        listener,
+        drain,
+        park_after,
+        "association",
+        |b, client, peer| {
+            let span = info_span!(
+                "assoc",
+                rule = %b.rule.name,
+                netns = %b.netns,
+                peer = %peer,
+                upstream = %b.rule.upstream,
+            );
+            handle(b, client).instrument(span)
+        },
+    )
+    .await;
+    idle.map(|l| l.fd.into_inner())
 }
 
 impl accept::Accept for SctpListener {

@@ -16,7 +16,7 @@ use std::sync::atomic::AtomicU64;
 
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::splice::Pipe;
 use super::{Binding, BindingStats, ListenError, accept};
@@ -26,7 +26,7 @@ use crate::netns::{NsError, SocketSpec};
 const BUF_SIZE: usize = 32 * 1024;
 
 /// Creates the listening socket for `binding` in its namespace.
-pub(crate) async fn listen(b: &Binding) -> Result<TcpListener, ListenError> {
+pub(crate) async fn listen(b: &Binding) -> Result<std::net::TcpListener, ListenError> {
     let addr = b.rule.listen;
     let socket = b.switcher.socket(b.ns, SocketSpec::tcp(&addr)).await?;
     let at = |source: io::Error| ListenError::Socket { addr, source };
@@ -41,23 +41,54 @@ pub(crate) async fn listen(b: &Binding) -> Result<TcpListener, ListenError> {
     socket
         .listen(b.rule.backlog.min(i32::MAX as u32) as i32)
         .map_err(|source| ListenError::Bind { addr, source })?;
-    TcpListener::from_std(std::net::TcpListener::from(socket)).map_err(at)
+    // Non-blocking since socket(2), as tokio needs when a task serves it.
+    Ok(std::net::TcpListener::from(socket))
 }
 
-/// Accepts until `shutdown` turns true, then lets connections drain for up
-/// to `drain` and closes the rest.
-pub(crate) async fn serve(b: Arc<Binding>, listener: TcpListener, drain: Duration) {
-    accept::serve(b, listener, drain, "connection", |b, client, peer| {
-        let span = info_span!(
-            "conn",
-            rule = %b.rule.name,
-            netns = %b.netns,
-            peer = %peer,
-            upstream = %b.rule.upstream,
-        );
-        handle(b, client).instrument(span)
-    })
-    .await
+/// Accepts until the binding stops, then lets connections drain for up to
+/// `drain` and closes the rest; or gives the listener back when idle (see
+/// [`accept::serve`]).
+pub(crate) async fn serve(
+    b: Arc<Binding>,
+    listener: std::net::TcpListener,
+    drain: Duration,
+    park_after: Duration,
+) -> Option<std::net::TcpListener> {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            // The socket went with the failed registration; nothing to park.
+            error!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                "not listening any more: cannot watch the socket: {e}");
+            return None;
+        }
+    };
+    let idle = accept::serve(
+        b.clone(),
+        listener,
+        drain,
+        park_after,
+        "connection",
+        |b, client, peer| {
+            let span = info_span!(
+                "conn",
+                rule = %b.rule.name,
+                netns = %b.netns,
+                peer = %peer,
+                upstream = %b.rule.upstream,
+            );
+            handle(b, client).instrument(span)
+        },
+    )
+    .await?;
+    match idle.into_std() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            error!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                "not listening any more: cannot park the idle socket: {e}");
+            None
+        }
+    }
 }
 
 async fn handle(b: Arc<Binding>, client: TcpStream) {

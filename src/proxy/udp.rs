@@ -112,7 +112,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Creates the listening socket for `b` in its namespace.
-pub(crate) async fn listen(b: &Binding) -> Result<UdpSocket, ListenError> {
+pub(crate) async fn listen(b: &Binding) -> Result<std::net::UdpSocket, ListenError> {
     let addr = b.rule.listen;
     let socket = b.switcher.socket(b.ns, SocketSpec::udp(&addr)).await?;
     let at = |source: io::Error| ListenError::Socket { addr, source };
@@ -133,11 +133,29 @@ pub(crate) async fn listen(b: &Binding) -> Result<UdpSocket, ListenError> {
     socket
         .bind(&addr.into())
         .map_err(|source| ListenError::Bind { addr, source })?;
-    UdpSocket::from_std(std::net::UdpSocket::from(socket)).map_err(at)
+    // Non-blocking since socket(2), as tokio needs when a task serves it.
+    Ok(std::net::UdpSocket::from(socket))
 }
 
-/// Receives and relays until `shutdown` turns true, then ends every session.
-pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket) {
+/// Receives and relays until the binding stops, then ends every session.
+/// Gives the socket back instead (with the kernel's drop count as last
+/// seen, `kernel_drops` here) once it has received nothing for
+/// `park_after` and has no session left, to be parked.
+pub(crate) async fn serve(
+    b: Arc<Binding>,
+    socket: std::net::UdpSocket,
+    mut kernel_drops: u32,
+    park_after: Duration,
+) -> Option<(std::net::UdpSocket, u32)> {
+    let socket = match UdpSocket::from_std(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            // The socket went with the failed registration; nothing to park.
+            error!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                "not listening any more: cannot watch the socket: {e}");
+            return None;
+        }
+    };
     let shared = Arc::new(Shared {
         ipv6: b.rule.listen.is_ipv6(),
         gso_to_client: udp_sys::Gso::new(),
@@ -151,8 +169,11 @@ pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket) {
     let b = &shared.b;
     let mut tasks = JoinSet::new();
     let mut backoff = BACKOFF_MIN;
-    // The kernel's running count of drops, as last reported.
-    let mut kernel_drops = 0u32;
+    // Checked every `park_after`, rather than re-armed per datagram.
+    let idle_check = tokio::time::sleep(park_after);
+    tokio::pin!(idle_check);
+    let mut received_since_check = false;
+    let mut park = false;
     // One batch of datagrams between receiving and dispatching them; kept,
     // so that its room is reused. Allocated with the first datagram: at
     // thousands of namespaces most listeners stay idle, and the room for a
@@ -160,15 +181,25 @@ pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket) {
     let mut inbox = Vec::new();
     loop {
         tokio::select! {
-            _ = b.stop.requested() => break,
+            _ = b.stop.requested(false) => break,
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = done {
                     error!(rule = %b.rule.name, netns = %b.netns, "UDP session task failed: {e}");
                 }
             }
+            () = &mut idle_check => {
+                // No session task left means no one else holds `shared`.
+                if !received_since_check && tasks.is_empty() && Arc::strong_count(&shared) == 1 {
+                    park = true;
+                    break;
+                }
+                received_since_check = false;
+                idle_check.as_mut().reset(tokio::time::Instant::now() + park_after);
+            }
             r = shared.socket.async_io(Interest::READABLE, || recv_from_clients(&shared.socket, &mut inbox)) => match r {
                 Ok(()) => {
                     backoff = BACKOFF_MIN;
+                    received_since_check = true;
                     for Incoming { meta, data } in inbox.drain(..) {
                         kernel_dropped(&shared, &mut kernel_drops, meta.kernel_drops, Warn::KernelDrops, |new| format!(
                             "the kernel dropped {new} datagram(s) for {}: the socket's receive buffer was full (raise net.core.rmem_max to allow a larger one)",
@@ -196,6 +227,7 @@ pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket) {
                         "receiving on {} failed: {e}; pausing this listener for {backoff:?}",
                         b.rule.listen
                     ));
+                    received_since_check = true;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
@@ -203,6 +235,20 @@ pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket) {
         }
     }
 
+    if park {
+        drop(tasks);
+        let Ok(shared) = Arc::try_unwrap(shared) else {
+            unreachable!("the last reference to an idle listener's state")
+        };
+        return match shared.socket.into_std() {
+            Ok(socket) => Some((socket, kernel_drops)),
+            Err(e) => {
+                error!(rule = %shared.b.rule.name, netns = %shared.b.netns, listen = %shared.b.rule.listen,
+                    "not listening any more: cannot park the idle socket: {e}");
+                None
+            }
+        };
+    }
     // Closing every queue tells each session to end; it logs what it moved.
     let open = {
         let mut sessions = shared.lock_sessions();
@@ -220,6 +266,7 @@ pub(crate) async fn serve(b: Arc<Binding>, socket: UdpSocket) {
     if ended.is_err() {
         tasks.shutdown().await;
     }
+    None
 }
 
 /// Counts the datagrams the kernel dropped on a socket, from its running
