@@ -714,6 +714,12 @@ def write_markdown(path, meta, proxies, table, cpu, mem, scale, na, measured=Tru
                 f"{s.get('fds', 'n/a')} | {fmt(s.get('idle_cpu_pct'))} | {s.get('error', '')} |"
             )
         L.append("")
+        slopes = memory_per_listener(scale)
+        if slopes:
+            L.append("Memory per listener: the RSS slope between the smallest and the largest N at which every "
+                     "listener opened (what each further listener costs, fixed costs excluded): "
+                     + "; ".join(f"**{p}** {fmt(kib)} KiB (N = {n1} → {n2})" for p, kib, n1, n2 in slopes) + ".")
+            L.append("")
     L.append("## How each path is set up")
     L.append("")
     for p in proxies:
@@ -725,6 +731,23 @@ def write_markdown(path, meta, proxies, table, cpu, mem, scale, na, measured=Tru
     L.append("")
     with open(path, "w") as f:
         f.write("\n".join(L))
+
+
+def memory_per_listener(scale):
+    """[(proxy, KiB per listener, n1, n2)] from scale rows where every listener opened."""
+    rows = {}
+    for s in scale:
+        m = re.match(r"(\d+)(?: of (\d+))?", str(s.get("listeners", "")))
+        if not m or s.get("rss_mib") is None or s.get("error") or (m.group(2) and m.group(1) != m.group(2)):
+            continue
+        rows.setdefault(s["proxy"], []).append((s["n"], int(m.group(1)), s["rss_mib"]))
+    out = []
+    for p, pts in rows.items():
+        pts.sort()
+        if len(pts) >= 2 and pts[-1][1] > pts[0][1]:
+            (n1, l1, r1), (n2, l2, r2) = pts[0], pts[-1]
+            out.append((p, (r2 - r1) * 1024 / (l2 - l1), n1, n2))
+    return out
 
 
 def write_plot(out_dir, logs, proxies, table, meta):
