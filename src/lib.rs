@@ -12,7 +12,8 @@
 //! - [`config`]: the configuration model, its TOML and command-line front
 //!   ends, and validation that reports every problem with its location.
 //! - [`proxy`]: listeners and relays per protocol ([`proxy::tcp`],
-//!   [`proxy::udp`]).
+//!   [`proxy::udp`], [`proxy::sctp`]); idle listeners wait without a task,
+//!   parked in one epoll set.
 //! - [`server`]: turns a [`config::Config`] into running bindings (one rule in
 //!   one namespace each), follows namespaces as they come and go, applies
 //!   reloads as a difference, reports state, and shuts down gracefully.

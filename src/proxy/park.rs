@@ -185,12 +185,15 @@ impl Parking {
     /// closed before this returns.
     pub(crate) fn stop(&self, b: &Binding, mode: StopMode) {
         b.stop.request(mode);
-        let t = b.parked_at.load(SeqCst);
-        if t == NOT_PARKED {
-            return;
-        }
         let taken = {
+            // `parked_at` is read under the lock `park` stores it under:
+            // either that `park` came first and its slot is found here, or
+            // it comes after and sees the flag.
             let mut slots = self.lock();
+            let t = b.parked_at.load(SeqCst);
+            if t == NOT_PARKED {
+                return;
+            }
             self.take(&mut slots, t, Some(b))
         };
         drop(taken);
@@ -226,9 +229,16 @@ impl Parking {
     /// it) or its binding stops.
     pub(crate) fn serve(self: &Arc<Self>, b: Arc<Binding>, listener: Listener) {
         self.running.fetch_add(1, SeqCst);
-        let parking = self.clone();
+        self.spawn_counted(b, listener);
+    }
+
+    /// [`Parking::serve`], with the task already counted in `running`.
+    fn spawn_counted(self: &Arc<Self>, b: Arc<Binding>, listener: Listener) {
+        // Made outside the task, so that a task dropped unpolled (the
+        // runtime shutting down) still counts itself out.
+        let running = Running(self.clone());
         tokio::spawn(async move {
-            let _running = Running(&parking);
+            let parking = &running.0;
             if let Some(idle) = listener
                 .serve(b.clone(), parking.drain, parking.park_after)
                 .await
@@ -252,9 +262,9 @@ impl Parking {
 }
 
 /// Counts a serve task as running until it ends, however it ends.
-struct Running<'a>(&'a Parking);
+struct Running(Arc<Parking>);
 
-impl Drop for Running<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
         if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.all_stopped.notify_waiters();
@@ -291,10 +301,17 @@ impl Hub {
                 for ev in events.iter() {
                     let taken = {
                         let mut slots = self.parking.lock();
-                        self.parking.take(&mut slots, ev.token().0, None)
+                        let taken = self.parking.take(&mut slots, ev.token().0, None);
+                        if taken.is_some() {
+                            // Counted before the lock goes: a `stop` that
+                            // finds the slot empty, and a shutdown waiting
+                            // in `stopped` after it, see this task coming.
+                            self.parking.running.fetch_add(1, SeqCst);
+                        }
+                        taken
                     };
                     if let Some(Parked { binding, listener }) = taken {
-                        self.parking.serve(binding, listener);
+                        self.parking.spawn_counted(binding, listener);
                     }
                 }
                 if n < EVENTS {
