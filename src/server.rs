@@ -23,7 +23,7 @@ use crate::config::{self, Config, OnDelete, Rule};
 use crate::control::Command;
 use crate::netns::discovery::{Discovery, NsEvent};
 use crate::netns::{NETNS_RUN_DIR, NsError, NsId, NsRef, Switcher};
-use crate::proxy::{Binding, ListenError, Listener, Parking, StopMode};
+use crate::proxy::{Binding, ListenError, Listener, Lost, Parking, StopMode};
 use crate::status::{BindingReport, Counters, ReloadReport, Status};
 use crate::systemd;
 
@@ -98,7 +98,7 @@ impl Server {
                 None
             }
         };
-        let (parking, hub) = Parking::new(options.drain, options.park_after);
+        let (parking, hub, lost) = Parking::new(options.drain, options.park_after);
         let hub = hub.map(|h| tokio::spawn(h.run()));
         let mut sup = Supervisor {
             parking,
@@ -120,7 +120,7 @@ impl Server {
         sup.apply(config).await;
         let (commands, command_rx) = mpsc::channel(64);
         let (control, control_rx) = mpsc::channel(8);
-        let task = tokio::spawn(sup.run(command_rx, control_rx));
+        let task = tokio::spawn(sup.run(command_rx, control_rx, lost));
         Server {
             commands,
             control,
@@ -270,9 +270,11 @@ impl Supervisor {
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut control: mpsc::Receiver<Control>,
+        mut lost: mpsc::UnboundedReceiver<Lost>,
     ) {
         loop {
             tokio::select! {
+                Some(l) = lost.recv() => self.reopen_lost(l),
                 Some(cmd) = commands.recv() => match cmd {
                     Command::Status(reply) => { let _ = reply.send(self.status()); }
                     Command::Reload(reply) => { let _ = reply.send(self.reload(None).await); }
@@ -619,6 +621,35 @@ impl Supervisor {
         self.by_ns.remove(&(b.rule.name.clone(), b.ns));
         let up = b.upstream_ns;
         self.unacquire(up);
+    }
+
+    /// Schedules a new listener for a binding whose socket was lost (see
+    /// [`Lost`]), if the binding is still the one listening; it opens with
+    /// the next retry round, as a binding waiting for its address does.
+    fn reopen_lost(&mut self, lost: Lost) {
+        let key = (lost.binding.rule.name.clone(), lost.binding.netns.clone());
+        let Some(entry) = self.entries.get_mut(&key) else {
+            return;
+        };
+        let State::Listening { live, .. } = &entry.state else {
+            return;
+        };
+        if !Arc::ptr_eq(&live.binding, &lost.binding) {
+            return;
+        }
+        entry.state = State::Waiting(format!(
+            "the listener was lost ({}); opening it again",
+            lost.reason
+        ));
+        self.by_ns.remove(&(key.0.clone(), lost.binding.ns));
+        self.unacquire(lost.binding.upstream_ns);
+        self.addr_retry.insert(
+            key,
+            AddrRetry {
+                attempts: 0,
+                due: Instant::now() + ADDR_RETRY_MIN,
+            },
+        );
     }
 
     /// Resolves and opens bindings; the listeners are created concurrently

@@ -58,7 +58,7 @@ where
     let mut accepted_since_check = false;
     loop {
         tokio::select! {
-            _ = b.stop.requested(false) => break,
+            _ = b.stop.requested() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             () = &mut idle_check => {
                 if !accepted_since_check && conns.is_empty() {
@@ -80,7 +80,10 @@ where
                         "accept failed: {e}{}; pausing accepts for {backoff:?}",
                         crate::sys::fd_exhaustion_hint(&e));
                     accepted_since_check = true;
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = b.stop.requested() => {}
+                    }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
                 Err(e) => {
@@ -107,20 +110,10 @@ where
 async fn drain_all(b: &Binding, mut conns: JoinSet<()>, drain: Duration, noun: &str) {
     let open = conns.len();
     info!(rule = %b.rule.name, netns = %b.netns, "listener closed; draining {open} {noun}(s) for up to {drain:?}");
-    let drained = tokio::time::timeout(drain, async {
-        tokio::select! {
-            () = async { while conns.join_next().await.is_some() {} } => {}
-            // Told to close while draining (the namespace went away after
-            // a reload began draining it, say).
-            () = b.stop.requested(true) => {}
-        }
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         warn!(rule = %b.rule.name, netns = %b.netns, "closing {} {noun}(s) still open after {drain:?}", conns.len());
-        conns.shutdown().await;
-    } else if !conns.is_empty() {
-        info!(rule = %b.rule.name, netns = %b.netns, "closing {} draining {noun}(s) now", conns.len());
         conns.shutdown().await;
     }
 }

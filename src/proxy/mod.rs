@@ -25,7 +25,7 @@ use std::time::Duration;
 use crate::config::{Protocol, Rule};
 use crate::netns::{NsError, NsId, NsRef, Switcher};
 
-pub(crate) use park::Parking;
+pub(crate) use park::{Lost, Parking};
 
 /// One rule in one namespace: the unit that listens, counts and is reported.
 #[derive(Debug)]
@@ -88,7 +88,8 @@ pub(crate) enum StopMode {
 #[derive(Debug, Default)]
 pub(crate) struct Stop {
     /// 0: serving; else a [`StopMode`] (1 drain, 2 close). Only ever rises:
-    /// a close after a drain closes what is still draining.
+    /// a drain requested after a close (a `Live` dropped after closing it)
+    /// leaves it a close.
     requested: AtomicU8,
     wake: tokio::sync::Notify,
 }
@@ -113,18 +114,15 @@ impl Stop {
         }
     }
 
-    /// Completes once a stop was requested (before or after), or, when
-    /// `close_only`, once a [`StopMode::Close`] was.
-    pub(crate) async fn requested(&self, close_only: bool) {
+    /// Completes once a stop was requested, before or after.
+    pub(crate) async fn requested(&self) {
         loop {
             // Made before the flag is read: a `Notified` is woken by
             // `notify_waiters` from the moment it exists, polled or not,
             // so a request between the check and the await is not lost.
             let woken = self.wake.notified();
-            match self.mode() {
-                Some(StopMode::Close) => return,
-                Some(StopMode::Drain) if !close_only => return,
-                _ => {}
+            if self.mode().is_some() {
+                return;
             }
             woken.await;
         }
@@ -257,7 +255,7 @@ impl Listener {
         b: Arc<Binding>,
         drain: Duration,
         park_after: Duration,
-    ) -> Option<Listener> {
+    ) -> Served<Listener> {
         match self {
             Listener::Tcp(l) => tcp::serve(b, l, drain, park_after).await.map(Listener::Tcp),
             Listener::Udp {
@@ -272,6 +270,28 @@ impl Listener {
             Listener::Sctp(s) => sctp::serve(b, s, drain, park_after)
                 .await
                 .map(Listener::Sctp),
+        }
+    }
+}
+
+/// How a serve task ended, and what became of its listener.
+#[derive(Debug)]
+pub(crate) enum Served<L> {
+    /// Idle: the listener is given back, to be parked.
+    Idle(L),
+    /// The binding was told to stop; the listener is closed.
+    Stopped,
+    /// The listener could not be handed between the reactor and the parking
+    /// set (the kernel refused an epoll change) and is closed; why.
+    Lost(String),
+}
+
+impl<L> Served<L> {
+    fn map<M>(self, f: impl FnOnce(L) -> M) -> Served<M> {
+        match self {
+            Served::Idle(l) => Served::Idle(f(l)),
+            Served::Stopped => Served::Stopped,
+            Served::Lost(why) => Served::Lost(why),
         }
     }
 }

@@ -6,35 +6,46 @@
 //! socket sits in one epoll set that a single hub task watches, at the cost
 //! of a slot here and the kernel's epoll entry. When a connection or datagram
 //! arrives, the hub hands the socket to a serve task of its own, which runs as
-//! before; once the listener has had nothing to do for a while ([`crate::server::Options::park_after`])
-//! and owns no connection or session, the task ends and the socket is parked again.
+//! before; once the listener has had nothing to do for a while
+//! ([`crate::server::Options::park_after`]) and owns no connection or
+//! session, the task ends and the socket is parked again.
 //!
 //! Stopping a binding ([`Parking::stop`]) closes a parked socket at once, so
 //! its port is free for a replacement; a running serve task sees the stop
-//! itself.
+//! itself. A listener lost between the reactor and the set (the kernel
+//! refusing an epoll change) is reported as a [`Lost`], for the server to
+//! open it again. Should the hub itself fail, every listener gets a task of
+//! its own, as if parking did not exist.
 
 #![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::Notify;
-use tracing::{debug, error, warn};
+use tokio::sync::{Notify, mpsc};
+use tracing::{debug, error};
 
-use super::{Binding, Listener, StopMode};
+use super::{Binding, Listener, Served, StopMode};
 
 /// Readiness reports taken from the epoll set per call.
 const EVENTS: usize = 256;
 
 /// `Binding::parked_at` when the binding's socket is not parked.
 pub(crate) const NOT_PARKED: usize = usize::MAX;
+
+/// A token is a slot number above a generation of `GEN_BITS` bits.
+const GEN_BITS: u32 = usize::BITS / 2;
+const GEN_MASK: usize = (1 << GEN_BITS) - 1;
+/// Slots a token can name (2³² on 64-bit targets); beyond, listeners keep
+/// a task.
+const MAX_SLOTS: usize = 1 << (usize::BITS - GEN_BITS - 1);
 
 /// The parked listeners of one server, and the count of its serve tasks.
 pub(crate) struct Parking {
@@ -48,6 +59,8 @@ pub(crate) struct Parking {
     running: AtomicUsize,
     /// Woken when `running` drops to zero.
     all_stopped: Notify,
+    /// Where lost listeners are reported (the server).
+    lost: mpsc::UnboundedSender<Lost>,
 }
 
 impl std::fmt::Debug for Parking {
@@ -56,6 +69,14 @@ impl std::fmt::Debug for Parking {
             .field("running", &self.running.load(Relaxed))
             .finish_non_exhaustive()
     }
+}
+
+/// A binding whose listening socket was closed because it could not be moved
+/// between the reactor and the parking set; the binding needs a new one.
+#[derive(Debug)]
+pub(crate) struct Lost {
+    pub(crate) binding: Arc<Binding>,
+    pub(crate) reason: String,
 }
 
 /// The task that watches the parked sockets; see [`Hub::run`].
@@ -68,13 +89,15 @@ pub(crate) struct Hub {
 struct Slots {
     entries: Vec<Slot>,
     free: Vec<usize>,
+    /// The hub has ended: nothing watches the set any more.
+    closed: bool,
 }
 
 #[derive(Default)]
 struct Slot {
     /// Bumped each time the slot is taken, so that a readiness report for
     /// the slot's previous occupant is recognised as stale.
-    generation: u32,
+    generation: usize,
     parked: Option<Parked>,
 }
 
@@ -84,20 +107,24 @@ struct Parked {
 }
 
 /// A slot and its generation, as the epoll set's token.
-fn token(slot: usize, generation: u32) -> usize {
-    (slot << 32) | generation as usize
+fn token(slot: usize, generation: usize) -> usize {
+    (slot << GEN_BITS) | (generation & GEN_MASK)
 }
 
-fn untoken(t: usize) -> (usize, u32) {
-    (t >> 32, t as u32)
+fn untoken(t: usize) -> (usize, usize) {
+    (t >> GEN_BITS, t & GEN_MASK)
 }
 
 impl Parking {
     /// Makes the epoll set; `drain` is what serve tasks give connections
     /// when their binding stops, `park_after` how long they wait idle
-    /// before parking their listener. Run the returned hub as a task. Must
-    /// run inside a tokio runtime.
-    pub(crate) fn new(drain: Duration, park_after: Duration) -> (Arc<Parking>, Option<Hub>) {
+    /// before parking their listener. Run the returned hub as a task, and
+    /// reopen the bindings the receiver reports. Must run inside a tokio
+    /// runtime.
+    pub(crate) fn new(
+        drain: Duration,
+        park_after: Duration,
+    ) -> (Arc<Parking>, Option<Hub>, mpsc::UnboundedReceiver<Lost>) {
         let made = mio::Poll::new().and_then(|poll| {
             let registry = poll.registry().try_clone()?;
             // SAFETY: the Poll owns its epoll fd, which stays open and is
@@ -117,6 +144,7 @@ impl Parking {
                 (None, None)
             }
         };
+        let (lost, lost_rx) = mpsc::unbounded_channel();
         let parking = Arc::new(Parking {
             registry,
             slots: Mutex::new(Slots::default()),
@@ -124,12 +152,13 @@ impl Parking {
             park_after,
             running: AtomicUsize::new(0),
             all_stopped: Notify::new(),
+            lost,
         });
         let hub = poll.map(|poll| Hub {
             poll,
             parking: parking.clone(),
         });
-        (parking, hub)
+        (parking, hub, lost_rx)
     }
 
     fn lock(&self) -> MutexGuard<'_, Slots> {
@@ -141,16 +170,21 @@ impl Parking {
     /// Parks `listener` until a client arrives, or closes it if `b` was told
     /// to stop meanwhile.
     pub(crate) fn park(self: &Arc<Self>, b: Arc<Binding>, listener: Listener) {
-        let Some(registry) = &self.registry else {
-            // No epoll set: the task stays (checking again when idle).
-            return self.serve(b, listener);
-        };
         let mut slots = self.lock();
         // Checked under the lock that `stop` takes after setting the flag:
         // either the flag is seen here, or `stop` finds the socket parked.
         if b.stop.mode().is_some() {
             return;
         }
+        let registry = match &self.registry {
+            Some(r) if !slots.closed && slots.free.len() + MAX_SLOTS > slots.entries.len() => r,
+            _ => {
+                // Nothing to park in: the listener keeps a task (checking
+                // again each time it is idle).
+                drop(slots);
+                return self.serve(b, listener);
+            }
+        };
         let slot = match slots.free.pop() {
             Some(i) => i,
             None => {
@@ -181,8 +215,10 @@ impl Parking {
         }
     }
 
-    /// Tells `b`'s listener to stop (see [`StopMode`]); a parked socket is
-    /// closed before this returns.
+    /// Tells `b`'s listener to stop (see [`StopMode`]). A parked socket is
+    /// closed before this returns; one the hub is just handing to a serve
+    /// task, or that a task serves, closes as soon as that task sees the
+    /// stop.
     pub(crate) fn stop(&self, b: &Binding, mode: StopMode) {
         b.stop.request(mode);
         let taken = {
@@ -204,7 +240,7 @@ impl Parking {
     fn take(&self, slots: &mut Slots, t: usize, owner: Option<&Binding>) -> Option<Parked> {
         let (slot, generation) = untoken(t);
         let entry = slots.entries.get_mut(slot)?;
-        if entry.generation != generation {
+        if entry.generation & GEN_MASK != generation {
             return None;
         }
         if let (Some(p), Some(owner)) = (&entry.parked, owner) {
@@ -225,6 +261,17 @@ impl Parking {
         Some(parked)
     }
 
+    /// Takes the socket parked under `t` for a serve task, counting the
+    /// task before the lock goes: a `stop` that finds the slot empty, and a
+    /// shutdown waiting in `stopped` after it, see this task coming.
+    fn take_for_task(&self, slots: &mut Slots, t: usize) -> Option<Parked> {
+        let taken = self.take(slots, t, None);
+        if taken.is_some() {
+            self.running.fetch_add(1, SeqCst);
+        }
+        taken
+    }
+
     /// Serves `listener` in a task of its own until it is idle (then parks
     /// it) or its binding stops.
     pub(crate) fn serve(self: &Arc<Self>, b: Arc<Binding>, listener: Listener) {
@@ -239,11 +286,17 @@ impl Parking {
         let running = Running(self.clone());
         tokio::spawn(async move {
             let parking = &running.0;
-            if let Some(idle) = listener
+            match listener
                 .serve(b.clone(), parking.drain, parking.park_after)
                 .await
             {
-                parking.park(b, idle);
+                Served::Idle(idle) => parking.park(b, idle),
+                Served::Stopped => {}
+                Served::Lost(reason) => {
+                    error!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                        "listener closed: {reason}; opening it again");
+                    let _ = parking.lost.send(Lost { binding: b, reason });
+                }
             }
         });
     }
@@ -266,7 +319,7 @@ struct Running(Arc<Parking>);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.0.running.fetch_sub(1, SeqCst) == 1 {
             self.0.all_stopped.notify_waiters();
         }
     }
@@ -274,17 +327,41 @@ impl Drop for Running {
 
 impl Hub {
     /// Hands each parked socket that becomes readable to a serve task.
-    /// Runs until the runtime ends.
+    /// Runs until the runtime ends, or until watching fails, when every
+    /// parked listener gets a task of its own.
     pub(crate) async fn run(mut self) {
+        let failure = self.watch().await;
+        error!(
+            "watching idle listeners failed: {failure}; every listener keeps a task of its own from now on"
+        );
+        let parked: Vec<Parked> = {
+            let mut slots = self.parking.lock();
+            slots.closed = true;
+            let tokens: Vec<usize> = slots
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.parked.is_some())
+                .map(|(i, e)| token(i, e.generation))
+                .collect();
+            tokens
+                .into_iter()
+                .filter_map(|t| self.parking.take_for_task(&mut slots, t))
+                .collect()
+        };
+        for Parked { binding, listener } in parked {
+            self.parking.spawn_counted(binding, listener);
+        }
+    }
+
+    /// Serves readiness reports until watching fails; returns why.
+    async fn watch(&mut self) -> String {
         let mut events = Events::with_capacity(EVENTS);
         loop {
             let mut guard = match self.poll.readable_mut().await {
                 Ok(g) => g,
-                Err(e) => {
-                    // Only a reactor shutting down fails here.
-                    warn!("watching idle listeners failed: {e}");
-                    return;
-                }
+                // Only a reactor shutting down fails here.
+                Err(e) => return e.to_string(),
             };
             loop {
                 if let Err(e) = guard
@@ -294,21 +371,13 @@ impl Hub {
                     if e.kind() == io::ErrorKind::Interrupted {
                         continue;
                     }
-                    warn!("watching idle listeners failed: {e}");
-                    return;
+                    return e.to_string();
                 }
                 let n = events.iter().count();
                 for ev in events.iter() {
                     let taken = {
                         let mut slots = self.parking.lock();
-                        let taken = self.parking.take(&mut slots, ev.token().0, None);
-                        if taken.is_some() {
-                            // Counted before the lock goes: a `stop` that
-                            // finds the slot empty, and a shutdown waiting
-                            // in `stopped` after it, see this task coming.
-                            self.parking.running.fetch_add(1, SeqCst);
-                        }
-                        taken
+                        self.parking.take_for_task(&mut slots, ev.token().0)
                     };
                     if let Some(Parked { binding, listener }) = taken {
                         self.parking.spawn_counted(binding, listener);
@@ -317,6 +386,9 @@ impl Hub {
                 if n < EVENTS {
                     break;
                 }
+                // A full batch: more may be waiting. Let other tasks run
+                // first, so that a flood of wake-ups cannot hog a worker.
+                tokio::task::yield_now().await;
             }
             // Every report was taken; a socket that becomes ready from now
             // on makes the epoll fd readable again.

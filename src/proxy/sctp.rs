@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 use socket2::{SockAddr, Socket};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{Binding, ListenError, accept};
+use super::{Binding, ListenError, Served, accept};
 use crate::config::Rule;
 use crate::netns::{NsError, SocketSpec};
 use crate::sctp::{self, AssocState, Events, Notification, Reassembler, Received, SndInfo};
@@ -151,15 +151,10 @@ pub(crate) async fn serve(
     socket: Socket,
     drain: Duration,
     park_after: Duration,
-) -> Option<Socket> {
+) -> Served<Socket> {
     let listener = match sctp::register(socket) {
         Ok(fd) => SctpListener { fd },
-        Err(e) => {
-            // The socket went with the failed registration; nothing to park.
-            error!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
-                "not listening any more: cannot watch the socket: {e}");
-            return None;
-        }
+        Err(e) => return Served::Lost(format!("cannot watch the socket: {e}")),
     };
     let idle = accept::serve(
         b,
@@ -179,7 +174,10 @@ pub(crate) async fn serve(
         },
     )
     .await;
-    idle.map(|l| l.fd.into_inner())
+    match idle {
+        Some(l) => Served::Idle(l.fd.into_inner()),
+        None => Served::Stopped,
+    }
 }
 
 impl accept::Accept for SctpListener {

@@ -16,10 +16,10 @@ use std::sync::atomic::AtomicU64;
 
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::splice::Pipe;
-use super::{Binding, BindingStats, ListenError, accept};
+use super::{Binding, BindingStats, ListenError, Served, accept};
 use crate::netns::{NsError, SocketSpec};
 
 /// Size of each direction's relay buffer.
@@ -53,15 +53,10 @@ pub(crate) async fn serve(
     listener: std::net::TcpListener,
     drain: Duration,
     park_after: Duration,
-) -> Option<std::net::TcpListener> {
+) -> Served<std::net::TcpListener> {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
-        Err(e) => {
-            // The socket went with the failed registration; nothing to park.
-            error!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
-                "not listening any more: cannot watch the socket: {e}");
-            return None;
-        }
+        Err(e) => return Served::Lost(format!("cannot watch the socket: {e}")),
     };
     let idle = accept::serve(
         b.clone(),
@@ -80,14 +75,11 @@ pub(crate) async fn serve(
             handle(b, client).instrument(span)
         },
     )
-    .await?;
-    match idle.into_std() {
-        Ok(l) => Some(l),
-        Err(e) => {
-            error!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
-                "not listening any more: cannot park the idle socket: {e}");
-            None
-        }
+    .await;
+    match idle.map(TcpListener::into_std) {
+        None => Served::Stopped,
+        Some(Ok(l)) => Served::Idle(l),
+        Some(Err(e)) => Served::Lost(format!("cannot park the idle socket: {e}")),
     }
 }
 

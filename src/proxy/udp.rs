@@ -65,7 +65,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::udp_sys::{self, BATCH, RecvBatch, ReplyFrom};
-use super::{Binding, ListenError};
+use super::{Binding, ListenError, Served, StopMode};
 use crate::netns::{NsError, SocketSpec};
 
 /// Receive slot size, both directions: larger than any UDP payload short
@@ -146,15 +146,10 @@ pub(crate) async fn serve(
     socket: std::net::UdpSocket,
     mut kernel_drops: u32,
     park_after: Duration,
-) -> Option<(std::net::UdpSocket, u32)> {
+) -> Served<(std::net::UdpSocket, u32)> {
     let socket = match UdpSocket::from_std(socket) {
         Ok(s) => s,
-        Err(e) => {
-            // The socket went with the failed registration; nothing to park.
-            error!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
-                "not listening any more: cannot watch the socket: {e}");
-            return None;
-        }
+        Err(e) => return Served::Lost(format!("cannot watch the socket: {e}")),
     };
     let shared = Arc::new(Shared {
         ipv6: b.rule.listen.is_ipv6(),
@@ -181,7 +176,7 @@ pub(crate) async fn serve(
     let mut inbox = Vec::new();
     loop {
         tokio::select! {
-            _ = b.stop.requested(false) => break,
+            _ = b.stop.requested() => break,
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Err(e) = done {
                     error!(rule = %b.rule.name, netns = %b.netns, "UDP session task failed: {e}");
@@ -228,7 +223,10 @@ pub(crate) async fn serve(
                         b.rule.listen
                     ));
                     received_since_check = true;
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = b.stop.requested() => {}
+                    }
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             },
@@ -241,12 +239,8 @@ pub(crate) async fn serve(
             unreachable!("the last reference to an idle listener's state")
         };
         return match shared.socket.into_std() {
-            Ok(socket) => Some((socket, kernel_drops)),
-            Err(e) => {
-                error!(rule = %shared.b.rule.name, netns = %shared.b.netns, listen = %shared.b.rule.listen,
-                    "not listening any more: cannot park the idle socket: {e}");
-                None
-            }
+            Ok(socket) => Served::Idle((socket, kernel_drops)),
+            Err(e) => Served::Lost(format!("cannot park the idle socket: {e}")),
         };
     }
     // Closing every queue tells each session to end; it logs what it moved.
@@ -259,14 +253,16 @@ pub(crate) async fn serve(
     if open > 0 {
         info!(rule = %b.rule.name, netns = %b.netns, "listener closed; ending {open} UDP session(s)");
     }
-    let ended = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let grace = match b.stop.mode() {
+        Some(StopMode::Close) => Duration::ZERO,
+        _ => SHUTDOWN_GRACE,
+    };
+    let ended =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     if ended.is_err() {
         tasks.shutdown().await;
     }
-    None
+    Served::Stopped
 }
 
 /// Counts the datagrams the kernel dropped on a socket, from its running
