@@ -214,6 +214,11 @@ pub fn render(s: &Status) -> String {
     }
     let _ = writeln!(
         out,
+        "# HELP nsproxy_listeners_parked Listeners idle with no task of their own (woken by their next client).\n# TYPE nsproxy_listeners_parked gauge\nnsproxy_listeners_parked {}",
+        s.bindings.iter().filter(|b| b.parked).count()
+    );
+    let _ = writeln!(
+        out,
         "# HELP nsproxy_namespaces_known Network namespaces under /run/netns.\n# TYPE nsproxy_namespaces_known gauge\nnsproxy_namespaces_known {}",
         s.namespaces_known
     );
@@ -327,6 +332,7 @@ mod tests {
         assert!(text.contains("nsproxy_connections_accepted_total{rule=\"r\",netns=\"/weird\\\"path\\\\x\",protocol=\"tcp\"} 5"), "{text}");
         assert!(text.contains("state=\"listening\"} 1"));
         assert!(text.contains("state=\"failed\"} 0"));
+        assert!(text.contains("\nnsproxy_listeners_parked 0\n"));
         for (name, ..) in SERIES {
             assert_eq!(text.matches(&format!("# TYPE {name} ")).count(), 1);
         }
