@@ -25,6 +25,8 @@ use std::time::Duration;
 use crate::config::{Protocol, Rule};
 use crate::netns::{NsError, NsId, NsRef, Switcher};
 
+#[cfg(test)]
+pub(crate) use park::tests as park_tests;
 pub(crate) use park::{Lost, Parking};
 
 /// One rule in one namespace: the unit that listens, counts and is reported.

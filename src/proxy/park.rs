@@ -286,6 +286,13 @@ impl Parking {
         let running = Running(self.clone());
         tokio::spawn(async move {
             let parking = &running.0;
+            #[cfg(test)]
+            if tests::LOSE_NEXT.swap(false, SeqCst) {
+                drop(listener);
+                let reason = "lost on purpose (test)".to_owned();
+                let _ = parking.lost.send(Lost { binding: b, reason });
+                return;
+            }
             match listener
                 .serve(b.clone(), parking.drain, parking.park_after)
                 .await
@@ -394,5 +401,25 @@ impl Hub {
             // on makes the epoll fd readable again.
             guard.clear_ready();
         }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    /// Makes the next serve task lose its listener, as if the kernel had
+    /// refused to register it, so that the server's recovery can be tested.
+    pub(crate) static LOSE_NEXT: AtomicBool = AtomicBool::new(false);
+
+    #[test]
+    fn tokens_name_slot_and_generation() {
+        for (slot, generation) in [(0, 1), (7, super::GEN_MASK), (super::MAX_SLOTS - 1, 12345)] {
+            let t = super::token(slot, generation);
+            assert_ne!(t, super::NOT_PARKED);
+            assert_eq!(super::untoken(t), (slot, generation & super::GEN_MASK));
+        }
+        // A generation past the mask wraps within the token, not into the slot.
+        assert_eq!(super::untoken(super::token(3, super::GEN_MASK + 2)), (3, 1));
     }
 }
