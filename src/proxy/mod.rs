@@ -52,9 +52,7 @@ impl Binding {
     pub fn is_parked(&self) -> bool {
         self.parked_at.load(Ordering::SeqCst) != park::NOT_PARKED
     }
-}
 
-impl Binding {
     pub(crate) fn new(
         rule: Arc<Rule>,
         netns: NsRef,
