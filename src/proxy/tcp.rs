@@ -59,7 +59,7 @@ pub(crate) async fn serve(
         Err(e) => return Served::Lost(format!("cannot watch the socket: {e}")),
     };
     let idle = accept::serve(
-        b.clone(),
+        b,
         listener,
         drain,
         park_after,
