@@ -45,6 +45,12 @@ const SERIES: &[Series] = &[
         |c| c.accept_errors,
     ),
     (
+        "nsproxy_accept_paused_at_cap_total",
+        "counter",
+        "Times a listener reached max_connections and stopped accepting until a connection closed.",
+        |c| c.paused_at_cap,
+    ),
+    (
         "nsproxy_bytes_in_total",
         "counter",
         "Bytes from clients to the upstream.",

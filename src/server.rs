@@ -994,6 +994,7 @@ fn same_rule(a: &Rule, b: &Rule) -> bool {
         upstream_netns,
         connect_timeout,
         backlog,
+        max_connections,
         udp_idle_timeout,
         udp_max_sessions,
         on_netns_delete,
@@ -1010,6 +1011,7 @@ fn same_rule(a: &Rule, b: &Rule) -> bool {
         && *upstream_netns == b.upstream_netns
         && *connect_timeout == b.connect_timeout
         && *backlog == b.backlog
+        && *max_connections == b.max_connections
         && *udp_idle_timeout == b.udp_idle_timeout
         && *udp_max_sessions == b.udp_max_sessions
         && *on_netns_delete == b.on_netns_delete

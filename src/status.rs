@@ -57,6 +57,8 @@ pub struct Counters {
     pub connections_active: u64,
     pub connect_failed: u64,
     pub accept_errors: u64,
+    #[serde(default)]
+    pub paused_at_cap: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub datagrams_in: u64,
@@ -86,6 +88,7 @@ impl Counters {
             connections_active: s.active.load(Relaxed),
             connect_failed: s.connect_failed.load(Relaxed),
             accept_errors: s.accept_errors.load(Relaxed),
+            paused_at_cap: s.paused_at_cap.load(Relaxed),
             bytes_in: s.bytes_in.load(Relaxed),
             bytes_out: s.bytes_out.load(Relaxed),
             datagrams_in: s.datagrams_in.load(Relaxed),

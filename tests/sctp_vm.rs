@@ -536,6 +536,42 @@ fn a_refused_upstream_aborts_the_client_and_others_keep_serving() {
 }
 
 #[test]
+fn at_max_connections_new_associations_wait_until_one_closes() {
+    if !sctp_or_skip("at_max_connections_new_associations_wait_until_one_closes") {
+        return;
+    }
+    let setup = Setup::new(with_echo, "max_connections = 1\n");
+    let first = setup.connect();
+    send(&first, b"one", 0, 1).unwrap();
+    assert_eq!(recv(&first).unwrap().unwrap().data, b"one");
+    let log = setup.daemon.wait_log("max_connections");
+    assert!(
+        log.contains("1 association(s) open, the rule's max_connections: not accepting more"),
+        "{log}"
+    );
+    // The kernel sets the second association up in the backlog; nsproxy
+    // leaves it there while the first is open.
+    let second = setup.connect();
+    send(&second, b"two", 2, 2).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let waited = recv(&second);
+    assert!(
+        matches!(&waited, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+        "the second association was served while the first was open: {:?}",
+        waited.map(|m| m.map(|m| m.data))
+    );
+    drop(first);
+    second.set_read_timeout(None).unwrap();
+    let m = recv(&second).unwrap().unwrap();
+    assert_eq!(
+        (m.data.as_slice(), m.info.sid, m.info.ppid),
+        (&b"two"[..], 2, 2)
+    );
+}
+
+#[test]
 fn a_hundred_namespaces_with_a_fixed_thread_count() {
     if !sctp_or_skip("a_hundred_namespaces_with_a_fixed_thread_count") {
         return;

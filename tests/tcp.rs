@@ -434,3 +434,103 @@ fn running_out_of_fds_pauses_accepts_instead_of_spinning() {
         }
     }
 }
+
+/// The counters of the binding of rule `rule` in namespace `ns`, from
+/// `nsproxy status --json`.
+fn counters(d: &Daemon, rule: &str, ns: &str) -> serde_json::Value {
+    let (code, out, err) = d.cli(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let found = v["bindings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["rule"] == rule && b["netns"] == ns)
+        .unwrap_or_else(|| panic!("no binding of {rule} in {ns}: {out}"));
+    found["counters"].clone()
+}
+
+#[test]
+fn at_max_connections_new_clients_wait_until_one_closes() {
+    if !root_or_skip("at_max_connections_new_clients_wait_until_one_closes") {
+        return;
+    }
+    let (host, a, b) = (TestNs::new("h"), TestNs::new("a"), TestNs::new("b"));
+    echo_server(host.tcp_listen("127.0.0.1:9000"));
+    let d = Daemon::run(
+        &host,
+        &config(&rule_of(
+            "tcp",
+            "capped",
+            "127.0.0.1:7000",
+            &[a.name(), b.name()],
+            "127.0.0.1:9000",
+            "host",
+            "max_connections = 2",
+        )),
+        &[],
+    );
+    d.wait_ready();
+    let echo = |c: &mut std::net::TcpStream, msg: &[u8]| {
+        c.write_all(msg).unwrap();
+        let mut back = vec![0; msg.len()];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg);
+    };
+    let mut first = a.tcp_connect_when_ready("127.0.0.1:7000");
+    echo(&mut first, b"one");
+    let mut second = a.tcp_connect("127.0.0.1:7000").unwrap();
+    echo(&mut second, b"two");
+    let log = d.wait_log("max_connections");
+    assert!(
+        log.contains(
+            "2 connection(s) open, the rule's max_connections: not accepting more until one closes"
+        ),
+        "{log}"
+    );
+    assert!(log.contains("\"rule\":\"capped\""), "{log}");
+
+    // The kernel completes a third handshake into the backlog; nsproxy
+    // leaves it there while two are open.
+    let mut third = a.tcp_connect("127.0.0.1:7000").unwrap();
+    third.write_all(b"three").unwrap();
+    // Another namespace of the same rule has a count of its own.
+    let mut other = b.tcp_connect_when_ready("127.0.0.1:7000");
+    echo(&mut other, b"elsewhere");
+    third
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 5];
+    let waited = third.read(&mut buf);
+    assert!(
+        matches!(&waited, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the third client was served while two were open: {waited:?}"
+    );
+    let c = counters(&d, "capped", a.name());
+    assert_eq!(c["connections_accepted"], 2, "{c}");
+    assert_eq!(c["connections_active"], 2, "{c}");
+    assert_eq!(c["paused_at_cap"], 1, "{c}");
+
+    // One closes: the waiting client is taken and served.
+    drop(first);
+    third.set_read_timeout(None).unwrap();
+    third.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"three");
+    echo(&mut second, b"still");
+    let c = counters(&d, "capped", a.name());
+    assert_eq!(c["connections_accepted"], 3, "{c}");
+    // Taking the third reached the cap again.
+    assert_eq!(c["paused_at_cap"], 2, "{c}");
+    assert_eq!(counters(&d, "capped", b.name())["paused_at_cap"], 0);
+
+    // That second time fell within the first warning's interval: counted,
+    // and logged at the latest when the listener closes.
+    drop((second, third, other));
+    d.signal("TERM");
+    let (status, log) = d.wait_exit();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("max_connections reached 1 more time(s) since the last report"),
+        "{log}"
+    );
+}

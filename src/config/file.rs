@@ -11,10 +11,10 @@ use toml::de::{DeTable, DeValue};
 
 use super::{
     Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCTP_STREAMS,
-    DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_UDP_MAX_SESSIONS, MAX_UDP_SESSIONS, MAX_WORKERS, OnDelete,
-    Problem, Protocol, Rule, check_listen, check_name, check_netns, check_on_delete,
-    check_protocol, check_rules, check_sctp_addr, check_sctp_listen_addrs, check_upstream,
-    check_upstream_netns, parse_duration,
+    DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_UDP_MAX_SESSIONS, MAX_CONNECTIONS, MAX_UDP_SESSIONS,
+    MAX_WORKERS, OnDelete, Problem, Protocol, Rule, check_listen, check_name, check_netns,
+    check_on_delete, check_protocol, check_rules, check_sctp_addr, check_sctp_listen_addrs,
+    check_upstream, check_upstream_netns, parse_duration,
 };
 use crate::netns::NsRef;
 
@@ -34,6 +34,7 @@ const RULE_KEYS: &[&str] = &[
     "upstream_netns",
     "connect_timeout",
     "backlog",
+    "max_connections",
     "udp_idle_timeout",
     "udp_max_sessions",
     "on_netns_delete",
@@ -56,6 +57,11 @@ const PROTOCOL_KEYS: &[(&str, &[Protocol], &str)] = &[
         "UDP has no listen queue",
     ),
     (
+        "max_connections",
+        &[Protocol::Tcp, Protocol::Sctp],
+        "UDP caps sessions with udp_max_sessions",
+    ),
+    (
         "udp_idle_timeout",
         &[Protocol::Udp],
         "a connection or association ends when its peers close it",
@@ -63,7 +69,7 @@ const PROTOCOL_KEYS: &[(&str, &[Protocol], &str)] = &[
     (
         "udp_max_sessions",
         &[Protocol::Udp],
-        "connections and associations are not capped per rule",
+        "connections and associations are capped with max_connections",
     ),
     ("sctp_streams", &[Protocol::Sctp], "only SCTP has streams"),
     (
@@ -367,6 +373,12 @@ impl Cx<'_> {
                 .map(|n| n as u32),
             None => Some(DEFAULT_BACKLOG),
         };
+        let max_connections = match t.get("max_connections") {
+            Some(v) => self
+                .integer(v, rule, "max_connections", 1, MAX_CONNECTIONS as i64)
+                .map(|n| Some(n as usize)),
+            None => Some(None),
+        };
         let udp_idle_timeout = match t.get("udp_idle_timeout") {
             Some(v) => self.duration(v, rule, "udp_idle_timeout"),
             None => Some(DEFAULT_UDP_IDLE_TIMEOUT),
@@ -429,6 +441,7 @@ impl Cx<'_> {
                 upstream_netns: upstream_netns?,
                 connect_timeout: connect_timeout?,
                 backlog: backlog?,
+                max_connections: max_connections?,
                 udp_idle_timeout: udp_idle_timeout?,
                 udp_max_sessions: udp_max_sessions?,
                 sctp_streams: sctp_streams?,
@@ -660,7 +673,7 @@ upstream_netns = "host"
             problems(&text),
             vec![
                 "t.toml:3:1: unknown key `wrokers` (expected one of: workers, control_socket, metrics_listen, drain_timeout, proxy)",
-                "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog, udp_idle_timeout, udp_max_sessions, on_netns_delete, sctp_streams, sctp_listen_addrs, sctp_upstream_addrs, sctp_source_addrs)",
+                "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog, max_connections, udp_idle_timeout, udp_max_sessions, on_netns_delete, sctp_streams, sctp_listen_addrs, sctp_upstream_addrs, sctp_source_addrs)",
             ]
         );
     }
@@ -743,6 +756,37 @@ backlog = 0
     }
 
     #[test]
+    fn max_connections_caps_tcp_and_sctp_rules() {
+        assert_eq!(
+            parse_toml(GOOD, "t.toml").unwrap().rules[0].max_connections,
+            None
+        );
+        let capped = |v: &str| {
+            GOOD.replace(
+                "upstream_netns = \"host\"",
+                &format!("upstream_netns = \"host\"\nmax_connections = {v}"),
+            )
+        };
+        for protocol in ["tcp", "sctp"] {
+            let text = capped("250").replace("\"tcp\"", &format!("\"{protocol}\""));
+            let r = &parse_toml(&text, "t.toml").unwrap().rules[0];
+            assert_eq!(r.max_connections, Some(250), "{protocol}");
+        }
+        assert_eq!(
+            problems(&capped("0")),
+            vec![
+                "t.toml:10:19: rule hello: `max_connections`: must be between 1 and 1000000, got 0"
+            ]
+        );
+        assert_eq!(
+            problems(&capped("\"many\"")),
+            vec![
+                "t.toml:10:19: rule hello: `max_connections`: expected an integer, found a string"
+            ]
+        );
+    }
+
+    #[test]
     fn keys_of_the_other_protocol_are_refused() {
         let tcp = GOOD.replace(
             "upstream_netns = \"host\"",
@@ -753,18 +797,19 @@ backlog = 0
             vec![
                 "t.toml:10:20: rule hello: `udp_idle_timeout`: only applies to udp rules, and this rule is tcp (a connection or association ends when its peers close it): remove it",
                 "t.toml:11:20: rule hello: `udp_max_sessions`: must be between 1 and 1000000, got 0",
-                "t.toml:11:20: rule hello: `udp_max_sessions`: only applies to udp rules, and this rule is tcp (connections and associations are not capped per rule): remove it",
+                "t.toml:11:20: rule hello: `udp_max_sessions`: only applies to udp rules, and this rule is tcp (connections and associations are capped with max_connections): remove it",
             ]
         );
         let udp = GOOD.replace("\"tcp\"", "\"udp\"").replace(
             "upstream_netns = \"host\"",
-            "upstream_netns = \"host\"\nconnect_timeout = 3\nbacklog = 10",
+            "upstream_netns = \"host\"\nconnect_timeout = 3\nbacklog = 10\nmax_connections = 5",
         );
         assert_eq!(
             problems(&udp),
             vec![
                 "t.toml:10:19: rule hello: `connect_timeout`: only applies to tcp and sctp rules, and this rule is udp (a UDP upstream socket is connected without a handshake): remove it",
                 "t.toml:11:11: rule hello: `backlog`: only applies to tcp and sctp rules, and this rule is udp (UDP has no listen queue): remove it",
+                "t.toml:12:19: rule hello: `max_connections`: only applies to tcp and sctp rules, and this rule is udp (UDP caps sessions with udp_max_sessions): remove it",
             ]
         );
         assert_eq!(

@@ -42,6 +42,8 @@ pub const DEFAULT_UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_UDP_MAX_SESSIONS: usize = 10_000;
 /// Largest accepted `udp_max_sessions`.
 pub const MAX_UDP_SESSIONS: usize = 1_000_000;
+/// Largest accepted `max_connections`.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
 /// Default for [`Rule::sctp_streams`]: 65535 each way, the protocol's
 /// maximum, as the reference deployment used. An association gets the
 /// smaller of what each end offers, so this never limits a peer; the
@@ -86,6 +88,10 @@ pub struct Rule {
     pub connect_timeout: Duration,
     /// `listen(2)` backlog.
     pub backlog: u32,
+    /// TCP, SCTP: most connections (associations) open at once in each
+    /// namespace the rule listens in; at the cap the listener stops
+    /// accepting and further clients wait in its backlog. `None`: no cap.
+    pub max_connections: Option<usize>,
     /// UDP: a client's session ends after this long without a datagram in
     /// either direction.
     pub udp_idle_timeout: Duration,

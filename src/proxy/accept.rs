@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use super::{Binding, StopMode};
+use super::{Binding, REPORT_INTERVAL, StopMode};
 
 /// Accept back-off after running out of fds or memory: first and longest pause.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -33,10 +33,13 @@ impl Accept for tokio::net::TcpListener {
 
 /// Accepts until the binding's stop is requested, handing each connection
 /// to `handle` (a task each, owned by this loop: dropping the loop's future
-/// closes them all). Then connections get up to `drain` to finish and the
-/// rest are closed ([`StopMode::Close`]: all closed at once). Returns the
-/// listener instead when it has accepted nothing for `park_after` and no
-/// connection is open, to be parked. `noun` names a connection in logs.
+/// closes them all). While the rule's `max_connections` are open it does not
+/// accept: further clients wait in the listen backlog, as with HAProxy's
+/// `maxconn`, rather than being turned away. Once stopped, connections get
+/// up to `drain` to finish and the rest are closed ([`StopMode::Close`]: all
+/// closed at once). Returns the listener instead when it has accepted
+/// nothing for `park_after` and no connection is open, to be parked. `noun`
+/// names a connection in logs.
 pub(crate) async fn serve<L, H, F>(
     b: Arc<Binding>,
     listener: L,
@@ -56,23 +59,41 @@ where
     let idle_check = tokio::time::sleep(park_after);
     tokio::pin!(idle_check);
     let mut accepted_since_check = false;
+    let cap = b.rule.max_connections.unwrap_or(usize::MAX);
+    let mut at_cap = CapWarnings::default();
+    let report = tokio::time::sleep(REPORT_INTERVAL);
+    tokio::pin!(report);
     loop {
         tokio::select! {
             _ = b.stop.requested() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             () = &mut idle_check => {
                 if !accepted_since_check && conns.is_empty() {
+                    at_cap.flush(&b, noun);
                     return Some(listener);
                 }
                 accepted_since_check = false;
                 idle_check.as_mut().reset(tokio::time::Instant::now() + park_after);
             }
-            accepted = listener.accept_one() => match accepted {
+            () = &mut report, if at_cap.open => {
+                if at_cap.flush(&b, noun) {
+                    report.as_mut().reset(tokio::time::Instant::now() + REPORT_INTERVAL);
+                }
+            }
+            accepted = listener.accept_one(), if conns.len() < cap => match accepted {
                 Ok((conn, peer)) => {
                     backoff = BACKOFF_MIN;
                     accepted_since_check = true;
                     b.stats.accepted.fetch_add(1, Relaxed);
                     conns.spawn(handle(b.clone(), conn, canonical(peer)));
+                    if conns.len() >= cap {
+                        b.stats.paused_at_cap.fetch_add(1, Relaxed);
+                        if at_cap.first() {
+                            warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                                "{cap} {noun}(s) open, the rule's max_connections: not accepting more until one closes (clients wait in the listen backlog); further times are counted (paused_at_cap) and reported every {REPORT_INTERVAL:?}");
+                            report.as_mut().reset(tokio::time::Instant::now() + REPORT_INTERVAL);
+                        }
+                    }
                 }
                 Err(e) if is_resource_exhaustion(&e) => {
                     b.stats.accept_errors.fetch_add(1, Relaxed);
@@ -96,6 +117,7 @@ where
         }
     }
     drop(listener);
+    at_cap.flush(&b, noun);
     if !conns.is_empty() {
         if b.stop.mode() == Some(StopMode::Close) {
             info!(rule = %b.rule.name, netns = %b.netns, "listener closed; closing {} {noun}(s)", conns.len());
@@ -104,6 +126,43 @@ where
         }
     }
     None
+}
+
+/// Rate limits the warning that a listener reached `max_connections`: the
+/// first time is logged at once; later ones within [`REPORT_INTERVAL`] are
+/// counted and logged as one line when it ends (or when the loop ends, so
+/// that no count is lost with it).
+#[derive(Default)]
+struct CapWarnings {
+    /// A warning was logged and its interval has not ended.
+    open: bool,
+    /// Times the cap was reached since, not yet logged.
+    suppressed: u64,
+}
+
+impl CapWarnings {
+    /// Whether this time is to be logged now (else it is counted).
+    fn first(&mut self) -> bool {
+        if self.open {
+            self.suppressed += 1;
+            return false;
+        }
+        self.open = true;
+        true
+    }
+
+    /// Logs the times counted since the last line; returns whether there
+    /// were any (the interval goes on), else closes it.
+    fn flush(&mut self, b: &Binding, noun: &str) -> bool {
+        let n = std::mem::take(&mut self.suppressed);
+        if n == 0 {
+            self.open = false;
+            return false;
+        }
+        warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen, count = n,
+            "max_connections reached {n} more time(s) since the last report (each time, accepting paused until a {noun} closed)");
+        true
+    }
 }
 
 /// Gives open connections up to `drain` to finish, then closes the rest.

@@ -29,6 +29,10 @@ use crate::netns::{NsError, NsId, NsRef, Switcher};
 pub(crate) use park::tests as park_tests;
 pub(crate) use park::{Lost, Parking};
 
+/// After the first warning of a kind (on one binding), further ones in this
+/// interval are counted and logged together at its end.
+const REPORT_INTERVAL: Duration = Duration::from_secs(10);
+
 /// One rule in one namespace: the unit that listens, counts and is reported.
 #[derive(Debug)]
 pub struct Binding {
@@ -143,6 +147,10 @@ pub struct BindingStats {
     pub connect_failed: AtomicU64,
     /// accept(2) failures (resource exhaustion, aborted handshakes).
     pub accept_errors: AtomicU64,
+    /// Times the listener reached `max_connections` open connections and
+    /// stopped accepting until one closed (clients meanwhile wait in the
+    /// listen backlog).
+    pub paused_at_cap: AtomicU64,
     /// Bytes from clients to the upstream, counted as they are sent.
     pub bytes_in: AtomicU64,
     /// Bytes from the upstream to clients, counted as they are sent.

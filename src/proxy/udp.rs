@@ -65,7 +65,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::udp_sys::{self, BATCH, RecvBatch, ReplyFrom};
-use super::{Binding, ListenError, Served, StopMode};
+use super::{Binding, ListenError, REPORT_INTERVAL, Served, StopMode};
 use crate::netns::{NsError, SocketSpec};
 
 /// Receive slot size, both directions: larger than any UDP payload short
@@ -102,9 +102,6 @@ const QUEUE_BYTES: usize = 2 << 20;
 // A new session's queue always has room for its first datagram, and
 // QUEUE_LEN small ones fit in QUEUE_BYTES.
 const _: () = assert!(QUEUE_BYTES >= RECV_BUF && QUEUE_BYTES >= QUEUE_LEN * POOLED_LEN);
-/// After the first warning of a kind, further ones in this interval are
-/// counted and logged together at its end.
-const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// How long sessions get at shutdown to finish the send they are in.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// Pause after receiving on the listening socket failed: first, longest.
