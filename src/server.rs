@@ -995,6 +995,7 @@ fn same_rule(a: &Rule, b: &Rule) -> bool {
         connect_timeout,
         backlog,
         max_connections,
+        proxy_protocol,
         udp_idle_timeout,
         udp_max_sessions,
         on_netns_delete,
@@ -1012,6 +1013,7 @@ fn same_rule(a: &Rule, b: &Rule) -> bool {
         && *connect_timeout == b.connect_timeout
         && *backlog == b.backlog
         && *max_connections == b.max_connections
+        && *proxy_protocol == b.proxy_protocol
         && *udp_idle_timeout == b.udp_idle_timeout
         && *udp_max_sessions == b.udp_max_sessions
         && *on_netns_delete == b.on_netns_delete

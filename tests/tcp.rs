@@ -534,3 +534,72 @@ fn at_max_connections_new_clients_wait_until_one_closes() {
         "{log}"
     );
 }
+
+#[test]
+fn proxy_protocol_tells_the_upstream_the_client_and_namespace() {
+    if !root_or_skip("proxy_protocol_tells_the_upstream_the_client_and_namespace") {
+        return;
+    }
+    let (host, a) = (TestNs::new("h"), TestNs::new("a"));
+    // What the upstream received comes back to the client.
+    echo_server(host.tcp_listen("127.0.0.1:9000"));
+    let with = |name: &str, listen: &str, version: &str| {
+        rule_of(
+            "tcp",
+            name,
+            listen,
+            &[a.name()],
+            "127.0.0.1:9000",
+            "host",
+            &format!("proxy_protocol = \"{version}\""),
+        )
+    };
+    let d = Daemon::run(
+        &host,
+        &config(&format!(
+            "{}{}",
+            with("pp1", "127.0.0.1:7000", "v1"),
+            with("pp2", "[::]:7001", "v2")
+        )),
+        &[],
+    );
+    d.wait_ready();
+    let upstream_saw = |mut c: std::net::TcpStream| {
+        c.write_all(b"hello").unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        read_all(&mut c).unwrap()
+    };
+
+    let c = a.tcp_connect_when_ready("127.0.0.1:7000");
+    let port = c.local_addr().unwrap().port();
+    assert_eq!(
+        String::from_utf8(upstream_saw(c)).unwrap(),
+        format!("PROXY TCP4 127.0.0.1 127.0.0.1 {port} 7000\r\nhello")
+    );
+
+    // v2, by hand from the specification: signature, version 2 + PROXY,
+    // family, length, addresses, ports, then the PP2_TYPE_NETNS TLV.
+    let v2 = |family: u8, ip: &[u8], port: u16| {
+        let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21".to_vec();
+        h.push(family);
+        let len = 2 * ip.len() + 4 + 3 + a.name().len();
+        h.extend_from_slice(&(len as u16).to_be_bytes());
+        h.extend_from_slice(ip);
+        h.extend_from_slice(ip);
+        h.extend_from_slice(&port.to_be_bytes());
+        h.extend_from_slice(&7001u16.to_be_bytes());
+        h.push(0x30);
+        h.extend_from_slice(&(a.name().len() as u16).to_be_bytes());
+        h.extend_from_slice(a.name().as_bytes());
+        h.extend_from_slice(b"hello");
+        h
+    };
+    // An IPv4 client of the dual-stack listener is reported as IPv4.
+    let c = a.tcp_connect_when_ready("127.0.0.1:7001");
+    let port = c.local_addr().unwrap().port();
+    assert_eq!(upstream_saw(c), v2(0x11, &[127, 0, 0, 1], port));
+    let c = a.tcp_connect("[::1]:7001").unwrap();
+    let port = c.local_addr().unwrap().port();
+    let loopback6 = std::net::Ipv6Addr::LOCALHOST.octets();
+    assert_eq!(upstream_saw(c), v2(0x21, &loopback6, port));
+}

@@ -13,8 +13,8 @@ use super::{
     Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCTP_STREAMS,
     DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_UDP_MAX_SESSIONS, MAX_CONNECTIONS, MAX_UDP_SESSIONS,
     MAX_WORKERS, OnDelete, Problem, Protocol, Rule, check_listen, check_name, check_netns,
-    check_on_delete, check_protocol, check_rules, check_sctp_addr, check_sctp_listen_addrs,
-    check_upstream, check_upstream_netns, parse_duration,
+    check_on_delete, check_protocol, check_proxy_protocol, check_rules, check_sctp_addr,
+    check_sctp_listen_addrs, check_upstream, check_upstream_netns, parse_duration,
 };
 use crate::netns::NsRef;
 
@@ -35,6 +35,7 @@ const RULE_KEYS: &[&str] = &[
     "connect_timeout",
     "backlog",
     "max_connections",
+    "proxy_protocol",
     "udp_idle_timeout",
     "udp_max_sessions",
     "on_netns_delete",
@@ -60,6 +61,11 @@ const PROTOCOL_KEYS: &[(&str, &[Protocol], &str)] = &[
         "max_connections",
         &[Protocol::Tcp, Protocol::Sctp],
         "UDP caps sessions with udp_max_sessions",
+    ),
+    (
+        "proxy_protocol",
+        &[Protocol::Tcp],
+        "nsproxy sends PROXY protocol headers on TCP connections only",
     ),
     (
         "udp_idle_timeout",
@@ -379,6 +385,12 @@ impl Cx<'_> {
                 .map(|n| Some(n as usize)),
             None => Some(None),
         };
+        let proxy_protocol = match t.get("proxy_protocol") {
+            Some(v) => self
+                .checked(v, rule, "proxy_protocol", check_proxy_protocol)
+                .map(Some),
+            None => Some(None),
+        };
         let udp_idle_timeout = match t.get("udp_idle_timeout") {
             Some(v) => self.duration(v, rule, "udp_idle_timeout"),
             None => Some(DEFAULT_UDP_IDLE_TIMEOUT),
@@ -442,6 +454,7 @@ impl Cx<'_> {
                 connect_timeout: connect_timeout?,
                 backlog: backlog?,
                 max_connections: max_connections?,
+                proxy_protocol: proxy_protocol?,
                 udp_idle_timeout: udp_idle_timeout?,
                 udp_max_sessions: udp_max_sessions?,
                 sctp_streams: sctp_streams?,
@@ -622,6 +635,7 @@ fn article(word: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ProxyProtocol;
 
     fn problems(text: &str) -> Vec<String> {
         match parse_toml(text, "t.toml") {
@@ -673,7 +687,7 @@ upstream_netns = "host"
             problems(&text),
             vec![
                 "t.toml:3:1: unknown key `wrokers` (expected one of: workers, control_socket, metrics_listen, drain_timeout, proxy)",
-                "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog, max_connections, udp_idle_timeout, udp_max_sessions, on_netns_delete, sctp_streams, sctp_listen_addrs, sctp_upstream_addrs, sctp_source_addrs)",
+                "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog, max_connections, proxy_protocol, udp_idle_timeout, udp_max_sessions, on_netns_delete, sctp_streams, sctp_listen_addrs, sctp_upstream_addrs, sctp_source_addrs)",
             ]
         );
     }
@@ -782,6 +796,38 @@ backlog = 0
             problems(&capped("\"many\"")),
             vec![
                 "t.toml:10:19: rule hello: `max_connections`: expected an integer, found a string"
+            ]
+        );
+    }
+
+    #[test]
+    fn proxy_protocol_on_tcp_rules() {
+        assert_eq!(
+            parse_toml(GOOD, "t.toml").unwrap().rules[0].proxy_protocol,
+            None
+        );
+        let with = |v: &str| {
+            GOOD.replace(
+                "upstream_netns = \"host\"",
+                &format!("upstream_netns = \"host\"\nproxy_protocol = {v}"),
+            )
+        };
+        for (v, want) in [("v1", ProxyProtocol::V1), ("v2", ProxyProtocol::V2)] {
+            let r = &parse_toml(&with(&format!("\"{v}\"")), "t.toml")
+                .unwrap()
+                .rules[0];
+            assert_eq!(r.proxy_protocol, Some(want));
+        }
+        assert_eq!(
+            problems(&with("\"2\"")),
+            vec![
+                "t.toml:10:18: rule hello: `proxy_protocol`: invalid proxy_protocol \"2\": expected \"v1\" (text) or \"v2\" (binary, with the namespace)"
+            ]
+        );
+        assert_eq!(
+            problems(&with("\"v2\"").replace("\"tcp\"", "\"sctp\"")),
+            vec![
+                "t.toml:10:18: rule hello: `proxy_protocol`: only applies to tcp rules, and this rule is sctp (nsproxy sends PROXY protocol headers on TCP connections only): remove it"
             ]
         );
     }

@@ -92,6 +92,10 @@ pub struct Rule {
     /// namespace the rule listens in; at the cap the listener stops
     /// accepting and further clients wait in its backlog. `None`: no cap.
     pub max_connections: Option<usize>,
+    /// TCP: the PROXY protocol header sent to the upstream before any data,
+    /// telling it the client's address, the address the client connected
+    /// to and (v2) the listen namespace. `None`: no header.
+    pub proxy_protocol: Option<ProxyProtocol>,
     /// UDP: a client's session ends after this long without a datagram in
     /// either direction.
     pub udp_idle_timeout: Duration,
@@ -116,6 +120,26 @@ pub struct Rule {
     pub sctp_source_addrs: Vec<IpAddr>,
     /// Where the rule was written ("nsproxy.toml:12" or "argument 1"), for messages.
     pub origin: String,
+}
+
+/// `proxy_protocol`: which PROXY protocol header upstream connections start
+/// with (<https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt>).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// The text header: `PROXY TCP4 <src> <dst> <sport> <dport>\r\n`.
+    V1,
+    /// The binary header, with the listen namespace in a `PP2_TYPE_NETNS`
+    /// TLV.
+    V2,
+}
+
+impl fmt::Display for ProxyProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProxyProtocol::V1 => "v1",
+            ProxyProtocol::V2 => "v2",
+        })
+    }
 }
 
 /// `on_netns_delete`: what a deleted namespace does to open connections.
@@ -326,6 +350,16 @@ pub(crate) fn check_upstream_netns(s: &str) -> Result<NsRef, String> {
             "\"{g}\" is a pattern: upstream connections are made from one namespace, name it exactly"
         )),
         r => Ok(r),
+    }
+}
+
+pub(crate) fn check_proxy_protocol(s: &str) -> Result<ProxyProtocol, String> {
+    match s {
+        "v1" => Ok(ProxyProtocol::V1),
+        "v2" => Ok(ProxyProtocol::V2),
+        _ => Err(format!(
+            "invalid proxy_protocol \"{s}\": expected \"v1\" (text) or \"v2\" (binary, with the namespace)"
+        )),
     }
 }
 

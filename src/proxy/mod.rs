@@ -9,6 +9,7 @@
 
 mod accept;
 mod park;
+mod proxy_header;
 pub mod sctp;
 mod splice;
 pub mod tcp;

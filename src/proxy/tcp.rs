@@ -6,6 +6,7 @@
 //! direction keeps flowing, and a reset as a reset.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -14,12 +15,13 @@ use socket2::SockRef;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
 
-use tokio::io::Interest;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::splice::Pipe;
-use super::{Binding, BindingStats, ListenError, Served, accept};
+use super::{Binding, BindingStats, ListenError, Served, accept, proxy_header};
+use crate::config::ProxyProtocol;
 use crate::netns::{NsError, SocketSpec};
 
 /// Size of each direction's relay buffer.
@@ -72,7 +74,7 @@ pub(crate) async fn serve(
                 peer = %peer,
                 upstream = %b.rule.upstream,
             );
-            handle(b, client).instrument(span)
+            handle(b, client, peer).instrument(span)
         },
     )
     .await;
@@ -83,11 +85,11 @@ pub(crate) async fn serve(
     }
 }
 
-async fn handle(b: Arc<Binding>, client: TcpStream) {
+async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     b.stats.active.fetch_add(1, Relaxed);
     let _active = scopeguard(&b);
-    let upstream = match connect(&b).await {
+    let mut upstream = match connect(&b).await {
         Ok(s) => s,
         Err(e) => {
             b.stats.connect_failed.fetch_add(1, Relaxed);
@@ -96,6 +98,17 @@ async fn handle(b: Arc<Binding>, client: TcpStream) {
             return;
         }
     };
+    if let Some(version) = b.rule.proxy_protocol {
+        if let Err(e) = send_proxy_header(&b, version, &client, peer, &mut upstream).await {
+            b.stats.connect_failed.fetch_add(1, Relaxed);
+            warn!(
+                "sending the PROXY protocol {version} header to the upstream failed: {e}; resetting both connections"
+            );
+            reset(&client);
+            reset(&upstream);
+            return;
+        }
+    }
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let r = relay(client, upstream, &b.stats).await;
@@ -106,6 +119,20 @@ async fn handle(b: Arc<Binding>, client: TcpStream) {
         "connection closed: {}",
         r.end
     );
+}
+
+/// Starts `upstream` with the PROXY protocol header for `client`, before any
+/// of the client's bytes.
+async fn send_proxy_header(
+    b: &Binding,
+    version: ProxyProtocol,
+    client: &TcpStream,
+    peer: SocketAddr,
+    upstream: &mut TcpStream,
+) -> io::Result<()> {
+    let local = client.local_addr()?;
+    let header = proxy_header::header(version, peer, local, &b.netns.to_string());
+    upstream.write_all(&header).await
 }
 
 /// Decrements the active count however `handle` ends (including abort).
