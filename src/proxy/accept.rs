@@ -64,6 +64,9 @@ where
     let report = tokio::time::sleep(REPORT_INTERVAL);
     tokio::pin!(report);
     loop {
+        // `len` counts finished tasks until they are reaped: reap them all,
+        // so that the cap counts open connections only.
+        while conns.try_join_next().is_some() {}
         tokio::select! {
             _ = b.stop.requested() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}

@@ -18,14 +18,17 @@ const V2_TCP6: u8 = 0x21;
 const PP2_TYPE_NETNS: u8 = 0x30;
 
 /// The header for a connection from `client` to `local` (the address it
-/// reached), accepted in namespace `netns` (v2 carries it; v1 cannot).
+/// reached), accepted in namespace `netns` (v2 carries it; v1 cannot). Both
+/// ends of a connection are of one family; an IPv4 client of a dual-stack
+/// listener (`::ffff:a.b.c.d` at both ends) is told as IPv4.
 pub(crate) fn header(
     version: ProxyProtocol,
     client: SocketAddr,
     local: SocketAddr,
     netns: &str,
 ) -> Vec<u8> {
-    let (src, dst) = same_family(client, local);
+    let canonical = |x: SocketAddr| SocketAddr::new(x.ip().to_canonical(), x.port());
+    let (src, dst) = (canonical(client), canonical(local));
     match version {
         ProxyProtocol::V1 => {
             let family = if src.is_ipv4() { "TCP4" } else { "TCP6" };
@@ -54,12 +57,11 @@ pub(crate) fn header(
             };
             body.extend_from_slice(&src.port().to_be_bytes());
             body.extend_from_slice(&dst.port().to_be_bytes());
-            // A namespace reference is a name or a path (at most PATH_MAX,
-            // 4 KiB), so the cap that keeps the length in 16 bits never cuts.
-            let name = &netns.as_bytes()[..netns.len().min(usize::from(u16::MAX) - 64)];
+            // A namespace that could be opened has a name or path shorter
+            // than PATH_MAX (4 KiB): its length fits the TLV's 16 bits.
             body.push(PP2_TYPE_NETNS);
-            body.extend_from_slice(&(name.len() as u16).to_be_bytes());
-            body.extend_from_slice(name);
+            body.extend_from_slice(&(netns.len() as u16).to_be_bytes());
+            body.extend_from_slice(netns.as_bytes());
             let mut h = Vec::with_capacity(16 + body.len());
             h.extend_from_slice(&V2_SIGNATURE);
             h.push(V2_PROXY);
@@ -69,18 +71,6 @@ pub(crate) fn header(
             h
         }
     }
-}
-
-/// Both addresses in one family: IPv4 where both can be (a dual-stack
-/// listener reports IPv4 clients as `::ffff:a.b.c.d`), else IPv6.
-fn same_family(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
-    let canon = |x: SocketAddr| SocketAddr::new(x.ip().to_canonical(), x.port());
-    let (a, b) = (canon(a), canon(b));
-    if a.is_ipv4() == b.is_ipv4() {
-        return (a, b);
-    }
-    let wide = |x: SocketAddr| SocketAddr::new(IpAddr::V6(v6(x.ip())), x.port());
-    (wide(a), wide(b))
 }
 
 fn v6(ip: IpAddr) -> std::net::Ipv6Addr {
@@ -153,12 +143,5 @@ mod tests {
             &"fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets()
         );
         assert_eq!(&h[h.len() - 14..], b"/proc/1/ns/net");
-    }
-
-    #[test]
-    fn mixed_families_become_ipv6() {
-        let (a, b) = same_family(addr("10.0.0.1:1"), addr("[fd00::2]:2"));
-        assert_eq!(a, addr("[::ffff:10.0.0.1]:1"));
-        assert_eq!(b, addr("[fd00::2]:2"));
     }
 }
