@@ -138,8 +138,8 @@ fn main() -> ExitCode {
         Command::Reload { control_socket } => client(|| async move {
             let r = control::reload(&control_socket).await?;
             println!(
-                "reloaded: {} added, {} removed, {} replaced, {} unchanged",
-                r.added, r.removed, r.replaced, r.unchanged
+                "reloaded: {} added, {} removed, {} replaced, {} updated in place, {} unchanged",
+                r.added, r.removed, r.replaced, r.retuned, r.unchanged
             );
             Ok(())
         }),

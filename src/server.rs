@@ -346,6 +346,7 @@ impl Supervisor {
                     added = r.added,
                     removed = r.removed,
                     replaced = r.replaced,
+                    retuned = r.retuned,
                     unchanged = r.unchanged,
                     "config reloaded"
                 );
@@ -411,10 +412,26 @@ impl Supervisor {
             report.removed += 1;
         }
         let mut opening = Vec::new();
+        let mut retuned_rules = std::collections::HashSet::new();
         for (key, rule) in desired {
             match self.entries.get(&key) {
                 Some(e) if same_rule(&e.rule, &rule) => {
-                    report.unchanged += 1;
+                    let retuned = e.rule.max_connections != rule.max_connections
+                        || e.rule.proxy_protocol != rule.proxy_protocol;
+                    if retuned {
+                        report.retuned += 1;
+                        if let State::Listening { live, .. } = &e.state {
+                            live.binding.retune(&rule);
+                        }
+                        if retuned_rules.insert(rule.name.clone()) {
+                            info!(rule = %rule.name,
+                                "max_connections {} and proxy_protocol {} applied in place: listeners and open connections are kept",
+                                rule.max_connections.map_or("none".to_owned(), |n| n.to_string()),
+                                rule.proxy_protocol.map_or("off".to_owned(), |v| v.to_string()));
+                        }
+                    } else {
+                        report.unchanged += 1;
+                    }
                     let retry = !matches!(e.state, State::Listening { .. });
                     // Share the new Arc so that later comparisons are cheap.
                     if let Some(e) = self.entries.get_mut(&key) {
@@ -979,10 +996,12 @@ async fn next_event(d: &mut Option<Discovery>) -> io::Result<NsEvent> {
     }
 }
 
-/// Whether a binding of rule `a` serves exactly as one of rule `b` would.
-/// The namespace list is not part of it: adding a namespace to a rule must
-/// not reopen the listeners it already has (and comparing the list per
-/// binding would cost N² at N namespaces). Nor is `origin` (a moved line).
+/// Whether a binding of rule `a` serves as one of rule `b` would, but for
+/// the settings a running binding takes in place ([`Binding::retune`]:
+/// `max_connections`, `proxy_protocol`). The namespace list is not part of
+/// it: adding a namespace to a rule must not reopen the listeners it already
+/// has (and comparing the list per binding would cost N² at N namespaces).
+/// Nor is `origin` (a moved line).
 fn same_rule(a: &Rule, b: &Rule) -> bool {
     // Destructured so that a new field cannot be forgotten here.
     let Rule {
@@ -994,8 +1013,8 @@ fn same_rule(a: &Rule, b: &Rule) -> bool {
         upstream_netns,
         connect_timeout,
         backlog,
-        max_connections,
-        proxy_protocol,
+        max_connections: _,
+        proxy_protocol: _,
         udp_idle_timeout,
         udp_max_sessions,
         on_netns_delete,
@@ -1012,8 +1031,6 @@ fn same_rule(a: &Rule, b: &Rule) -> bool {
         && *upstream_netns == b.upstream_netns
         && *connect_timeout == b.connect_timeout
         && *backlog == b.backlog
-        && *max_connections == b.max_connections
-        && *proxy_protocol == b.proxy_protocol
         && *udp_idle_timeout == b.udp_idle_timeout
         && *udp_max_sessions == b.udp_max_sessions
         && *on_netns_delete == b.on_netns_delete

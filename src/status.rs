@@ -121,6 +121,10 @@ pub struct ReloadReport {
     pub removed: usize,
     /// Bindings whose rule changed: closed and opened again.
     pub replaced: usize,
+    /// Bindings whose `max_connections` or `proxy_protocol` changed,
+    /// applied in place: sockets and connections untouched.
+    #[serde(default)]
+    pub retuned: usize,
     /// Bindings left alone, their sockets and connections untouched.
     pub unchanged: usize,
 }

@@ -248,14 +248,14 @@ fn reload_applies_the_difference_and_rejects_bad_configs() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         out,
-        "reloaded: 0 added, 0 removed, 0 replaced, 2 unchanged\n"
+        "reloaded: 0 added, 0 removed, 0 replaced, 0 updated in place, 2 unchanged\n"
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let made = stream.join().unwrap();
     assert!(made > 0);
     let log = d.log();
     assert!(
-        log.contains("\"added\":1,\"removed\":1,\"replaced\":0,\"unchanged\":1"),
+        log.contains("\"added\":1,\"removed\":1,\"replaced\":0,\"retuned\":0,\"unchanged\":1"),
         "{log}"
     );
 
@@ -286,7 +286,7 @@ fn adding_a_namespace_to_a_rule_keeps_its_other_listeners() {
     let (code, out, err) = d.cli(&["reload"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
-        out, "reloaded: 1 added, 0 removed, 0 replaced, 1 unchanged\n",
+        out, "reloaded: 1 added, 0 removed, 0 replaced, 0 updated in place, 1 unchanged\n",
         "the namespace already listened in must keep its listener"
     );
     let sockets_after = d.socket_inodes();

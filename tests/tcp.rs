@@ -435,6 +435,14 @@ fn running_out_of_fds_pauses_accepts_instead_of_spinning() {
     }
 }
 
+/// Sends `msg` through an echo and checks it comes back.
+fn echo(c: &mut std::net::TcpStream, msg: &[u8]) {
+    c.write_all(msg).unwrap();
+    let mut back = vec![0; msg.len()];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(back, msg);
+}
+
 /// The counters of the binding of rule `rule` in namespace `ns`, from
 /// `nsproxy status --json`.
 fn counters(d: &Daemon, rule: &str, ns: &str) -> serde_json::Value {
@@ -471,12 +479,6 @@ fn at_max_connections_new_clients_wait_until_one_closes() {
         &[],
     );
     d.wait_ready();
-    let echo = |c: &mut std::net::TcpStream, msg: &[u8]| {
-        c.write_all(msg).unwrap();
-        let mut back = vec![0; msg.len()];
-        c.read_exact(&mut back).unwrap();
-        assert_eq!(back, msg);
-    };
     let mut first = a.tcp_connect_when_ready("127.0.0.1:7000");
     echo(&mut first, b"one");
     let mut second = a.tcp_connect("127.0.0.1:7000").unwrap();
@@ -602,4 +604,63 @@ fn proxy_protocol_tells_the_upstream_the_client_and_namespace() {
     let port = c.local_addr().unwrap().port();
     let loopback6 = std::net::Ipv6Addr::LOCALHOST.octets();
     assert_eq!(upstream_saw(c), v2(0x21, &loopback6, port));
+}
+
+#[test]
+fn a_reload_applies_max_connections_and_proxy_protocol_in_place() {
+    if !root_or_skip("a_reload_applies_max_connections_and_proxy_protocol_in_place") {
+        return;
+    }
+    let (host, a) = (TestNs::new("h"), TestNs::new("a"));
+    echo_server(host.tcp_listen("127.0.0.1:9000"));
+    let rule = |extra: &str| {
+        rule_of(
+            "tcp",
+            "tuned",
+            "127.0.0.1:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            "host",
+            extra,
+        )
+    };
+    let d = Daemon::run(&host, &config(&rule("max_connections = 1")), &[]);
+    d.wait_ready();
+    let mut first = a.tcp_connect_when_ready("127.0.0.1:7000");
+    echo(&mut first, b"one");
+    // Waits in the backlog: the cap is 1.
+    let mut second = a.tcp_connect("127.0.0.1:7000").unwrap();
+    second.write_all(b"two").unwrap();
+    let sockets_before = d.socket_inodes();
+
+    std::fs::write(
+        d.config_path(),
+        config(&rule("max_connections = 2\nproxy_protocol = \"v1\"")),
+    )
+    .unwrap();
+    let (code, out, err) = d.cli(&["reload"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "reloaded: 0 added, 0 removed, 0 replaced, 1 updated in place, 0 unchanged\n"
+    );
+    // The raised cap lets the waiting client in while the first is still
+    // open, and its upstream connection is the first with the header.
+    let port = second.local_addr().unwrap().port();
+    let want = format!("PROXY TCP4 127.0.0.1 127.0.0.1 {port} 7000\r\ntwo");
+    let mut got = vec![0; want.len()];
+    second.read_exact(&mut got).unwrap();
+    assert_eq!(String::from_utf8(got).unwrap(), want);
+    // The first connection, made before, relays on untouched.
+    echo(&mut first, b"still");
+    let sockets_after = d.socket_inodes();
+    assert!(
+        sockets_before.iter().all(|s| sockets_after.contains(s)),
+        "the reload closed a socket: before {sockets_before:?}, after {sockets_after:?}"
+    );
+    let log = d.log();
+    assert!(
+        log.contains("max_connections 2 and proxy_protocol v1 applied in place"),
+        "{log}"
+    );
 }

@@ -59,7 +59,6 @@ where
     let idle_check = tokio::time::sleep(park_after);
     tokio::pin!(idle_check);
     let mut accepted_since_check = false;
-    let cap = b.rule.max_connections.unwrap_or(usize::MAX);
     let mut at_cap = CapWarnings::default();
     let report = tokio::time::sleep(REPORT_INTERVAL);
     tokio::pin!(report);
@@ -67,8 +66,12 @@ where
         // `len` counts finished tasks until they are reaped: reap them all,
         // so that the cap counts open connections only.
         while conns.try_join_next().is_some() {}
+        // Made before the cap is read: a reload changing it wakes this.
+        let retuned = b.stop.woken();
+        let cap = b.max_connections().unwrap_or(usize::MAX);
         tokio::select! {
             _ = b.stop.requested() => break,
+            () = retuned => {}
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             () = &mut idle_check => {
                 if !accepted_since_check && conns.is_empty() {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::config::{Protocol, Rule};
+use crate::config::{Protocol, ProxyProtocol, Rule};
 use crate::netns::{NsError, NsId, NsRef, Switcher};
 
 #[cfg(test)]
@@ -50,6 +50,11 @@ pub struct Binding {
     pub(crate) stop: Stop,
     /// Where the listening socket is parked while idle (see [`Parking`]).
     pub(crate) parked_at: AtomicUsize,
+    /// The rule's `max_connections` (`usize::MAX`: none) and
+    /// `proxy_protocol` (0 none, 1 v1, 2 v2), which a reload changes in
+    /// place ([`Binding::retune`]): these, not `rule`'s, are in force.
+    max_connections: AtomicUsize,
+    proxy_protocol: AtomicU8,
 }
 
 impl Binding {
@@ -65,7 +70,7 @@ impl Binding {
         upstream_ns: NsId,
         switcher: Switcher,
     ) -> Binding {
-        Binding {
+        let b = Binding {
             rule,
             netns,
             ns,
@@ -74,7 +79,49 @@ impl Binding {
             stats: BindingStats::default(),
             stop: Stop::default(),
             parked_at: AtomicUsize::new(park::NOT_PARKED),
+            max_connections: AtomicUsize::new(usize::MAX),
+            proxy_protocol: AtomicU8::new(0),
+        };
+        b.set_tuning(&b.rule);
+        b
+    }
+
+    /// The most connections (associations) open at once; `None`: no cap.
+    pub fn max_connections(&self) -> Option<usize> {
+        match self.max_connections.load(Ordering::Relaxed) {
+            usize::MAX => None,
+            n => Some(n),
         }
+    }
+
+    /// The PROXY protocol header new upstream connections start with.
+    pub fn proxy_protocol(&self) -> Option<ProxyProtocol> {
+        match self.proxy_protocol.load(Ordering::Relaxed) {
+            0 => None,
+            1 => Some(ProxyProtocol::V1),
+            _ => Some(ProxyProtocol::V2),
+        }
+    }
+
+    /// Applies `rule`'s `max_connections` and `proxy_protocol` to the
+    /// running listener, without reopening it: a raised cap lets clients
+    /// waiting in the backlog in at once, and new connections get the new
+    /// header; open connections are not touched.
+    pub(crate) fn retune(&self, rule: &Rule) {
+        self.set_tuning(rule);
+        // The accept loop waits on this to read the settings again.
+        self.stop.wake.notify_waiters();
+    }
+
+    fn set_tuning(&self, rule: &Rule) {
+        let cap = rule.max_connections.unwrap_or(usize::MAX);
+        self.max_connections.store(cap, Ordering::Relaxed);
+        let pp = match rule.proxy_protocol {
+            None => 0,
+            Some(ProxyProtocol::V1) => 1,
+            Some(ProxyProtocol::V2) => 2,
+        };
+        self.proxy_protocol.store(pp, Ordering::Relaxed);
     }
 }
 
@@ -117,6 +164,13 @@ impl Stop {
             1 => Some(StopMode::Drain),
             _ => Some(StopMode::Close),
         }
+    }
+
+    /// Completes at the next wake-up: a stop, or new settings
+    /// ([`Binding::retune`]). Made before what it guards is read, it misses
+    /// no wake-up after that.
+    pub(crate) fn woken(&self) -> tokio::sync::futures::Notified<'_> {
+        self.wake.notified()
     }
 
     /// Completes once a stop was requested, before or after.

@@ -98,7 +98,7 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    if let Some(version) = b.rule.proxy_protocol {
+    if let Some(version) = b.proxy_protocol() {
         if let Err(e) = send_proxy_header(&b, version, &client, peer, &mut upstream).await {
             b.stats.connect_failed.fetch_add(1, Relaxed);
             warn!(
