@@ -99,6 +99,7 @@ impl Server {
             }
         };
         let (parking, hub, lost) = Parking::new(options.drain, options.park_after);
+        let (released, released_rx) = mpsc::unbounded_channel();
         let hub = hub.map(|h| tokio::spawn(h.run()));
         let mut sup = Supervisor {
             parking,
@@ -112,6 +113,7 @@ impl Server {
             entries: HashMap::new(),
             by_ns: HashMap::new(),
             refs: HashMap::new(),
+            released,
             addr_retry: HashMap::new(),
         };
         // Namespaces already there are known before the first reconcile, so
@@ -120,7 +122,7 @@ impl Server {
         sup.apply(config).await;
         let (commands, command_rx) = mpsc::channel(64);
         let (control, control_rx) = mpsc::channel(8);
-        let task = tokio::spawn(sup.run(command_rx, control_rx, lost));
+        let task = tokio::spawn(sup.run(command_rx, control_rx, lost, released_rx));
         Server {
             commands,
             control,
@@ -216,12 +218,17 @@ struct Supervisor {
     /// (rule, namespace) → the reference it listens under: finds a second
     /// reference to a namespace the rule already serves.
     by_ns: HashMap<(String, NsId), NsRef>,
-    /// How many open bindings make their upstream connections from each
-    /// namespace: those need its fd for every new upstream socket. At zero
+    /// How many bindings make their upstream connections from each
+    /// namespace: those need its fd for every new upstream socket, until
+    /// the binding is gone (a closed listener's connections may still be
+    /// opening theirs, see `released`). At zero
     /// the cached fd is released, so the kernel can free a deleted
     /// namespace. A namespace only listened in needs its fd just while its
     /// listeners are created (see `open_many`): one fd less per namespace.
     refs: HashMap<NsId, usize>,
+    /// Where bindings report that they are gone ([`Binding`]'s drop), to
+    /// count their upstream namespace one user less.
+    released: mpsc::UnboundedSender<NsId>,
     /// Bindings whose listen address is not (yet) configured in their
     /// namespace: how often that was found, and when to try again.
     addr_retry: HashMap<Key, AddrRetry>,
@@ -271,10 +278,12 @@ impl Supervisor {
         mut commands: mpsc::Receiver<Command>,
         mut control: mpsc::Receiver<Control>,
         mut lost: mpsc::UnboundedReceiver<Lost>,
+        mut released: mpsc::UnboundedReceiver<NsId>,
     ) {
         loop {
             tokio::select! {
                 Some(l) = lost.recv() => self.reopen_lost(l),
+                Some(ns) = released.recv() => self.unacquire(ns),
                 Some(cmd) = commands.recv() => match cmd {
                     Command::Status(reply) => { let _ = reply.send(self.status()); }
                     Command::Reload(reply) => { let _ = reply.send(self.reload(None).await); }
@@ -636,8 +645,7 @@ impl Supervisor {
             }
         }
         self.by_ns.remove(&(b.rule.name.clone(), b.ns));
-        let up = b.upstream_ns;
-        self.unacquire(up);
+        // Its upstream namespace is released once the binding is gone.
     }
 
     /// Schedules a new listener for a binding whose socket was lost (see
@@ -659,7 +667,6 @@ impl Supervisor {
             lost.reason
         ));
         self.by_ns.remove(&(key.0.clone(), lost.binding.ns));
-        self.unacquire(lost.binding.upstream_ns);
         self.addr_retry.insert(
             key,
             AddrRetry {
@@ -779,7 +786,6 @@ impl Supervisor {
                 }
                 Err(e) => {
                     self.by_ns.remove(&(binding.rule.name.clone(), binding.ns));
-                    self.unacquire(binding.upstream_ns);
                     if address_not_there(&e) {
                         let attempts = retried.get(&key).copied().unwrap_or(0) + 1;
                         if attempts == 1 {
@@ -864,6 +870,7 @@ impl Supervisor {
             ns,
             upstream_ns,
             self.switcher.clone(),
+            Some(self.released.clone()),
         )))
     }
 
@@ -873,21 +880,9 @@ impl Supervisor {
             "shutting down: no new connections; open TCP connections get up to {:?}, UDP sessions close now",
             self.options.drain
         );
-        let keys: Vec<Key> = self.entries.keys().cloned().collect();
-        for key in keys {
-            if let Some(Entry {
-                state: State::Listening { .. },
-                ..
-            }) = self.entries.get(&key)
-            {
-                if let Some(e) = self.entries.remove(&key) {
-                    if let State::Listening { live, .. } = e.state {
-                        self.unacquire(live.binding.upstream_ns);
-                        // Dropping it stops the listener.
-                    }
-                }
-            }
-        }
+        // Dropping a listening entry stops its listener.
+        self.entries
+            .retain(|_, e| !matches!(e.state, State::Listening { .. }));
         // Every binding is told to stop: the serve tasks end once their
         // connections have drained.
         self.parking.stopped().await;

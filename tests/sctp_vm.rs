@@ -569,6 +569,27 @@ fn at_max_connections_new_associations_wait_until_one_closes() {
         (m.data.as_slice(), m.info.sid, m.info.ppid),
         (&b"two"[..], 2, 2)
     );
+    // A third waits while the second is open. Told to stop, nsproxy takes
+    // it from the backlog and serves it while draining, instead of letting
+    // the closing listener abort it.
+    let third = setup.connect();
+    send(&third, b"three", 3, 3).unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &setup.daemon.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let served = recv(&third);
+    assert!(
+        matches!(&served, Ok(Some(m)) if m.data == b"three"),
+        "{:?}; log:\n{}",
+        served.map(|m| m.map(|m| m.data)),
+        setup.daemon.log()
+    );
+    let log = setup
+        .daemon
+        .wait_log("took 1 association(s) waiting in the listen backlog");
+    assert!(log.contains("\"rule\":\"sctp\""), "{log}");
 }
 
 #[test]

@@ -525,12 +525,26 @@ fn at_max_connections_new_clients_wait_until_one_closes() {
     assert_eq!(c["paused_at_cap"], 2, "{c}");
     assert_eq!(counters(&d, "capped", b.name())["paused_at_cap"], 0);
 
-    // That second time fell within the first warning's interval: counted,
-    // and logged at the latest when the listener closes.
-    drop((second, third, other));
+    // A fourth waits in the backlog when the daemon is told to stop: it is
+    // taken and served while the open ones drain, not reset.
+    let mut fourth = a.tcp_connect("127.0.0.1:7000").unwrap();
+    fourth.write_all(b"four").unwrap();
     d.signal("TERM");
+    let mut four = [0u8; 4];
+    fourth.read_exact(&mut four).unwrap();
+    assert_eq!(&four, b"four");
+    echo(&mut third, b"draining");
+    drop((second, third, other, fourth));
     let (status, log) = d.wait_exit();
     assert!(status.success(), "{log}");
+    assert!(
+        log.contains(
+            "took 1 connection(s) waiting in the listen backlog before closing the listener"
+        ),
+        "{log}"
+    );
+    // The second time at the cap fell within the first warning's
+    // interval: counted, and logged at the latest when the listener closed.
     assert!(
         log.contains("max_connections reached 1 more time(s) since the last report"),
         "{log}"

@@ -22,12 +22,25 @@ pub(crate) trait Accept: Send + Sync + 'static {
     type Conn: Send + 'static;
     /// The next connection and its peer.
     fn accept_one(&self) -> impl Future<Output = io::Result<(Self::Conn, SocketAddr)>> + Send;
+    /// A connection the kernel has already set up in the backlog, taken
+    /// without waiting (`WouldBlock` when there is none). Asks the socket
+    /// itself, not the reactor's idea of its readiness.
+    fn accept_queued(&self) -> io::Result<(Self::Conn, SocketAddr)>;
 }
 
 impl Accept for tokio::net::TcpListener {
     type Conn = tokio::net::TcpStream;
     fn accept_one(&self) -> impl Future<Output = io::Result<(Self::Conn, SocketAddr)>> + Send {
         self.accept()
+    }
+
+    fn accept_queued(&self) -> io::Result<(Self::Conn, SocketAddr)> {
+        let (s, peer) = socket2::SockRef::from(self).accept()?;
+        s.set_nonblocking(true)?;
+        let peer = peer
+            .as_socket()
+            .ok_or_else(|| io::Error::other("a TCP peer without an IP address"))?;
+        Ok((tokio::net::TcpStream::from_std(s.into())?, peer))
     }
 }
 
@@ -122,6 +135,7 @@ where
             },
         }
     }
+    take_backlog(&b, &listener, &mut conns, &handle, noun);
     drop(listener);
     at_cap.flush(&b, noun);
     if !conns.is_empty() {
@@ -132,6 +146,54 @@ where
         }
     }
     None
+}
+
+/// Takes the clients waiting in the listen backlog (their handshake done,
+/// not yet accepted: at the cap there can be up to `backlog` of them) as
+/// connections of the closing listener, which then drains or closes them
+/// with the others. Closing the listener would reset them unseen. The cap
+/// is not applied here: these clients are already connected.
+fn take_backlog<L, H, F>(
+    b: &Arc<Binding>,
+    listener: &L,
+    conns: &mut JoinSet<()>,
+    handle: &H,
+    noun: &str,
+) where
+    L: Accept,
+    H: Fn(Arc<Binding>, L::Conn, SocketAddr) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut taken = 0u64;
+    // Bounded: the backlog holds at most `backlog` (the kernel may allow
+    // one more); clients still arriving are not chased.
+    for _ in 0..=b.rule.backlog {
+        match listener.accept_queued() {
+            Ok((conn, peer)) => {
+                taken += 1;
+                b.stats.accepted.fetch_add(1, Relaxed);
+                conns.spawn(handle(b.clone(), conn, canonical(peer)));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_resource_exhaustion(&e) => {
+                b.stats.accept_errors.fetch_add(1, Relaxed);
+                warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                    "accept failed while closing the listener: {e}{}; {noun}(s) still in its backlog are reset",
+                    crate::sys::fd_exhaustion_hint(&e));
+                break;
+            }
+            Err(e) => {
+                // One that died in the backlog: skip it, as the loop does.
+                b.stats.accept_errors.fetch_add(1, Relaxed);
+                debug!(rule = %b.rule.name, netns = %b.netns, "accept failed: {e}");
+            }
+        }
+    }
+    if taken > 0 {
+        info!(rule = %b.rule.name, netns = %b.netns,
+            "took {taken} {noun}(s) waiting in the listen backlog before closing the listener");
+    }
 }
 
 /// Rate limits the warning that a listener reached `max_connections`: the

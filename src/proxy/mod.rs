@@ -55,6 +55,20 @@ pub struct Binding {
     /// place ([`Binding::retune`]): these, not `rule`'s, are in force.
     max_connections: AtomicUsize,
     proxy_protocol: AtomicU8,
+    /// Told `upstream_ns` when the binding is gone: its listener, its last
+    /// connection or session, and every handle to it. New upstream sockets
+    /// need that namespace's fd until then (a closing listener's backlog is
+    /// served while it drains), so the server releases the fd only now.
+    on_drop: Option<tokio::sync::mpsc::UnboundedSender<NsId>>,
+}
+
+impl Drop for Binding {
+    fn drop(&mut self) {
+        if let Some(tx) = &self.on_drop {
+            // The server may have ended first; then nothing is left to free.
+            let _ = tx.send(self.upstream_ns);
+        }
+    }
 }
 
 impl Binding {
@@ -69,6 +83,7 @@ impl Binding {
         ns: NsId,
         upstream_ns: NsId,
         switcher: Switcher,
+        on_drop: Option<tokio::sync::mpsc::UnboundedSender<NsId>>,
     ) -> Binding {
         let b = Binding {
             rule,
@@ -81,6 +96,7 @@ impl Binding {
             parked_at: AtomicUsize::new(park::NOT_PARKED),
             max_connections: AtomicUsize::new(usize::MAX),
             proxy_protocol: AtomicU8::new(0),
+            on_drop,
         };
         b.set_tuning(&b.rule);
         b

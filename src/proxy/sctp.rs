@@ -187,6 +187,13 @@ impl accept::Accept for SctpListener {
     ) -> impl std::future::Future<Output = io::Result<(Self::Conn, SocketAddr)>> + Send {
         accept(self)
     }
+
+    fn accept_queued(&self) -> io::Result<(Self::Conn, SocketAddr)> {
+        let (s, peer) = self.fd.get_ref().accept()?;
+        s.set_nonblocking(true)?;
+        let peer = to_socket_addr(peer)?;
+        Ok((sctp::register(s)?, peer))
+    }
 }
 
 /// One accepted association, registered with the reactor.
