@@ -51,6 +51,12 @@ const SERIES: &[Series] = &[
         |c| c.paused_at_cap,
     ),
     (
+        "nsproxy_backlog_reset_total",
+        "counter",
+        "Clients reset from the listen backlog as their listener closed (beyond max_connections, or on an immediate close).",
+        |c| c.backlog_reset,
+    ),
+    (
         "nsproxy_bytes_in_total",
         "counter",
         "Bytes from clients to the upstream.",

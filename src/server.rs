@@ -145,7 +145,8 @@ impl Server {
     }
 
     /// The bindings that are listening, in the order of [`Server::status`],
-    /// with their live counters.
+    /// with their live counters. A binding keeps its upstream namespace's fd
+    /// open while anything holds it: drop these when done with them.
     pub async fn bindings(&self) -> Vec<Arc<Binding>> {
         let (tx, rx) = oneshot::channel();
         let _ = self.control.send(Control::Bindings(tx)).await;
@@ -280,6 +281,7 @@ impl Supervisor {
         mut lost: mpsc::UnboundedReceiver<Lost>,
         mut released: mpsc::UnboundedReceiver<NsId>,
     ) {
+        let released = &mut released;
         loop {
             tokio::select! {
                 Some(l) = lost.recv() => self.reopen_lost(l),
@@ -292,11 +294,11 @@ impl Supervisor {
                     Some(Control::Reload(config, reply)) => { let _ = reply.send(self.reload(config).await); }
                     Some(Control::Bindings(reply)) => { let _ = reply.send(self.live_bindings()); }
                     Some(Control::Shutdown(reply)) => {
-                        self.shutdown().await;
+                        self.shutdown(released).await;
                         let _ = reply.send(());
                         return;
                     }
-                    None => { self.shutdown().await; return; }
+                    None => { self.shutdown(released).await; return; }
                 },
                 () = next_retry(&self.addr_retry), if !self.addr_retry.is_empty() => {
                     self.retry_addresses().await;
@@ -427,11 +429,14 @@ impl Supervisor {
                 Some(e) if same_rule(&e.rule, &rule) => {
                     let retuned = e.rule.max_connections != rule.max_connections
                         || e.rule.proxy_protocol != rule.proxy_protocol;
-                    if retuned {
+                    // A binding not listening takes the new rule when it opens.
+                    let live = match &e.state {
+                        State::Listening { live, .. } if retuned => Some(&live.binding),
+                        _ => None,
+                    };
+                    if let Some(binding) = live {
                         report.retuned += 1;
-                        if let State::Listening { live, .. } = &e.state {
-                            live.binding.retune(&rule);
-                        }
+                        binding.retune(&rule);
                         if retuned_rules.insert(rule.name.clone()) {
                             info!(rule = %rule.name,
                                 "max_connections {} and proxy_protocol {} applied in place: listeners and open connections are kept",
@@ -874,7 +879,7 @@ impl Supervisor {
         )))
     }
 
-    async fn shutdown(&mut self) {
+    async fn shutdown(&mut self, released: &mut mpsc::UnboundedReceiver<NsId>) {
         let _ = systemd::notify("STOPPING=1");
         info!(
             "shutting down: no new connections; open TCP connections get up to {:?}, UDP sessions close now",
@@ -886,6 +891,11 @@ impl Supervisor {
         // Every binding is told to stop: the serve tasks end once their
         // connections have drained.
         self.parking.stopped().await;
+        // Then every binding is gone (but those a library caller still
+        // holds): release their upstream namespaces.
+        while let Ok(ns) = released.try_recv() {
+            self.unacquire(ns);
+        }
     }
 
     fn live_bindings(&self) -> Vec<Arc<Binding>> {

@@ -59,6 +59,8 @@ pub struct Counters {
     pub accept_errors: u64,
     #[serde(default)]
     pub paused_at_cap: u64,
+    #[serde(default)]
+    pub backlog_reset: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub datagrams_in: u64,
@@ -89,6 +91,7 @@ impl Counters {
             connect_failed: s.connect_failed.load(Relaxed),
             accept_errors: s.accept_errors.load(Relaxed),
             paused_at_cap: s.paused_at_cap.load(Relaxed),
+            backlog_reset: s.backlog_reset.load(Relaxed),
             bytes_in: s.bytes_in.load(Relaxed),
             bytes_out: s.bytes_out.load(Relaxed),
             datagrams_in: s.datagrams_in.load(Relaxed),

@@ -26,6 +26,8 @@ pub(crate) trait Accept: Send + Sync + 'static {
     /// without waiting (`WouldBlock` when there is none). Asks the socket
     /// itself, not the reactor's idea of its readiness.
     fn accept_queued(&self) -> io::Result<(Self::Conn, SocketAddr)>;
+    /// Closes `conn` as a failure (TCP RST, SCTP ABORT), not a clean end.
+    fn refuse(conn: Self::Conn);
 }
 
 impl Accept for tokio::net::TcpListener {
@@ -41,6 +43,10 @@ impl Accept for tokio::net::TcpListener {
             .as_socket()
             .ok_or_else(|| io::Error::other("a TCP peer without an IP address"))?;
         Ok((tokio::net::TcpStream::from_std(s.into())?, peer))
+    }
+
+    fn refuse(conn: Self::Conn) {
+        let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
     }
 }
 
@@ -75,6 +81,7 @@ where
     let mut at_cap = CapWarnings::default();
     let report = tokio::time::sleep(REPORT_INTERVAL);
     tokio::pin!(report);
+    let mut paused = false;
     loop {
         // `len` counts finished tasks until they are reaped: reap them all,
         // so that the cap counts open connections only.
@@ -82,7 +89,26 @@ where
         // Made before the cap is read: a reload changing it wakes this.
         let retuned = b.stop.woken();
         let cap = b.max_connections().unwrap_or(usize::MAX);
+        let full = conns.len() >= cap;
+        if full && !paused {
+            // Counted once per pause, whether an accept or a reload
+            // lowering the cap brought it.
+            b.stats.paused_at_cap.fetch_add(1, Relaxed);
+            if at_cap.first() {
+                warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                    "{} {noun}(s) open, max_connections is {cap}: not accepting more until one closes (clients wait in the listen backlog); further pauses are counted (paused_at_cap) and reported every {REPORT_INTERVAL:?}",
+                    conns.len());
+                report
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + REPORT_INTERVAL);
+            }
+        }
+        paused = full;
         tokio::select! {
+            // In this order: a stop is seen before another accept; finished
+            // connections are reaped at the top, so none of these can keep
+            // the accept branch waiting.
+            biased;
             _ = b.stop.requested() => break,
             () = retuned => {}
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -99,20 +125,12 @@ where
                     report.as_mut().reset(tokio::time::Instant::now() + REPORT_INTERVAL);
                 }
             }
-            accepted = listener.accept_one(), if conns.len() < cap => match accepted {
+            accepted = listener.accept_one(), if !full => match accepted {
                 Ok((conn, peer)) => {
                     backoff = BACKOFF_MIN;
                     accepted_since_check = true;
                     b.stats.accepted.fetch_add(1, Relaxed);
                     conns.spawn(handle(b.clone(), conn, canonical(peer)));
-                    if conns.len() >= cap {
-                        b.stats.paused_at_cap.fetch_add(1, Relaxed);
-                        if at_cap.first() {
-                            warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
-                                "{cap} {noun}(s) open, the rule's max_connections: not accepting more until one closes (clients wait in the listen backlog); further times are counted (paused_at_cap) and reported every {REPORT_INTERVAL:?}");
-                            report.as_mut().reset(tokio::time::Instant::now() + REPORT_INTERVAL);
-                        }
-                    }
                 }
                 Err(e) if is_resource_exhaustion(&e) => {
                     b.stats.accept_errors.fetch_add(1, Relaxed);
@@ -149,10 +167,10 @@ where
 }
 
 /// Takes the clients waiting in the listen backlog (their handshake done,
-/// not yet accepted: at the cap there can be up to `backlog` of them) as
-/// connections of the closing listener, which then drains or closes them
-/// with the others. Closing the listener would reset them unseen. The cap
-/// is not applied here: these clients are already connected.
+/// not yet accepted), which closing the listener would reset unseen: as
+/// many as `max_connections` leaves room for become connections of the
+/// closing listener and drain with the others; the rest (all of them when
+/// the listener closes at once) are reset here, counted and logged.
 fn take_backlog<L, H, F>(
     b: &Arc<Binding>,
     listener: &L,
@@ -164,15 +182,26 @@ fn take_backlog<L, H, F>(
     H: Fn(Arc<Binding>, L::Conn, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    let mut taken = 0u64;
+    let room = match b.stop.mode() {
+        Some(StopMode::Close) => 0,
+        _ => b
+            .max_connections()
+            .map_or(usize::MAX, |cap| cap.saturating_sub(conns.len())),
+    };
+    let (mut taken, mut reset) = (0u64, 0u64);
     // Bounded: the backlog holds at most `backlog` (the kernel may allow
     // one more); clients still arriving are not chased.
     for _ in 0..=b.rule.backlog {
         match listener.accept_queued() {
-            Ok((conn, peer)) => {
+            Ok((conn, peer)) if (taken as usize) < room => {
                 taken += 1;
                 b.stats.accepted.fetch_add(1, Relaxed);
                 conns.spawn(handle(b.clone(), conn, canonical(peer)));
+            }
+            Ok((conn, _)) => {
+                reset += 1;
+                b.stats.backlog_reset.fetch_add(1, Relaxed);
+                L::refuse(conn);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -193,6 +222,15 @@ fn take_backlog<L, H, F>(
     if taken > 0 {
         info!(rule = %b.rule.name, netns = %b.netns,
             "took {taken} {noun}(s) waiting in the listen backlog before closing the listener");
+    }
+    if reset > 0 {
+        let why = if b.stop.mode() == Some(StopMode::Close) {
+            "the listener closes at once"
+        } else {
+            "max_connections are open"
+        };
+        warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen, count = reset,
+            "reset {reset} {noun}(s) waiting in the listen backlog as the listener closed: {why} (see backlog_reset)");
     }
 }
 
@@ -255,4 +293,70 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 /// Shows IPv4 clients of a dual-stack listener as 1.2.3.4, not ::ffff:1.2.3.4.
 pub(crate) fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::sync::atomic::AtomicUsize;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// Clients whose handshake is done when the listener closes: within
+    /// `max_connections` they are served, the rest reset and counted; on an
+    /// immediate close all are reset.
+    #[test]
+    fn a_closing_listener_serves_its_backlog_within_the_cap() {
+        let rt = crate::runtime::build(1).unwrap();
+        rt.block_on(async {
+            for (mode, served_want) in [(StopMode::Drain, 2), (StopMode::Close, 0)] {
+                let b = crate::proxy::test_binding("max_connections = 2").await;
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                // connect() returns once the kernel has queued the
+                // connection in the backlog.
+                let mut clients: Vec<std::net::TcpStream> = (0..3)
+                    .map(|_| std::net::TcpStream::connect(addr).unwrap())
+                    .collect();
+                b.stop.request(mode);
+                let served = Arc::new(AtomicUsize::new(0));
+                let counted = served.clone();
+                let handle = move |_b: Arc<Binding>, mut conn: tokio::net::TcpStream, _peer| {
+                    let counted = counted.clone();
+                    async move {
+                        counted.fetch_add(1, Relaxed);
+                        let _ = conn.write_all(b"hi").await;
+                    }
+                };
+                let idle = serve(
+                    b.clone(),
+                    listener,
+                    Duration::from_secs(5),
+                    Duration::from_secs(60),
+                    "connection",
+                    handle,
+                )
+                .await;
+                assert!(idle.is_none());
+                assert_eq!(served.load(Relaxed), served_want, "{mode:?}");
+                assert_eq!(b.stats.accepted.load(Relaxed), served_want as u64);
+                assert_eq!(b.stats.backlog_reset.load(Relaxed), 3 - served_want as u64);
+                let mut answered = 0;
+                for c in &mut clients {
+                    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let mut buf = [0u8; 2];
+                    match c.read_exact(&mut buf) {
+                        Ok(()) => {
+                            assert_eq!(&buf, b"hi");
+                            answered += 1;
+                        }
+                        Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{mode:?}"),
+                    }
+                }
+                assert_eq!(answered, served_want, "{mode:?}");
+            }
+        });
+    }
 }

@@ -141,6 +141,30 @@ impl Binding {
     }
 }
 
+/// A TCP binding in nsproxy's own namespace for unit tests: listening on
+/// `127.0.0.1:0`, forwarding to the discard port (where nothing listens, so
+/// a served connection counts in `connect_failed`); `extra` adds rule keys.
+#[cfg(test)]
+pub(crate) async fn test_binding(extra: &str) -> Arc<Binding> {
+    let switcher = Switcher::spawn().unwrap();
+    let host = switcher.resolve(&NsRef::Host).await.unwrap();
+    let toml = format!(
+        "[[proxy]]\nname = \"t\"\nprotocol = \"tcp\"\nlisten = \"127.0.0.1:0\"\nnetns = [\"host\"]\nupstream = \"127.0.0.1:9\"\n{extra}\n"
+    );
+    let rule = crate::config::parse_toml(&toml, "test")
+        .unwrap()
+        .rules
+        .remove(0);
+    Arc::new(Binding::new(
+        Arc::new(rule),
+        NsRef::Host,
+        host,
+        host,
+        switcher,
+        None,
+    ))
+}
+
 /// How a binding's listener stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StopMode {
@@ -222,6 +246,10 @@ pub struct BindingStats {
     /// stopped accepting until one closed (clients meanwhile wait in the
     /// listen backlog).
     pub paused_at_cap: AtomicU64,
+    /// Clients that were waiting in the listen backlog when the listener
+    /// closed and were reset: beyond `max_connections`, or all of them when
+    /// it closed at once. (Those within the cap are served while draining.)
+    pub backlog_reset: AtomicU64,
     /// Bytes from clients to the upstream, counted as they are sent.
     pub bytes_in: AtomicU64,
     /// Bytes from the upstream to clients, counted as they are sent.

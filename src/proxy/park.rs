@@ -216,10 +216,12 @@ impl Parking {
     }
 
     /// Tells `b`'s listener to stop (see [`StopMode`]). A parked socket is
-    /// closed before this returns; one the hub is just handing to a serve
-    /// task, or that a task serves, closes as soon as that task sees the
-    /// stop.
-    pub(crate) fn stop(&self, b: &Binding, mode: StopMode) {
+    /// closed before this returns, unless clients already wait in its
+    /// backlog: then a serve task takes them first, as for a listener that
+    /// was serving (see `accept::serve`). One the hub is just handing to a
+    /// serve task, or that a task serves, closes as soon as that task sees
+    /// the stop.
+    pub(crate) fn stop(self: &Arc<Self>, b: &Binding, mode: StopMode) {
         b.stop.request(mode);
         let taken = {
             // `parked_at` is read under the lock `park` stores it under:
@@ -232,7 +234,13 @@ impl Parking {
             }
             self.take(&mut slots, t, Some(b))
         };
-        drop(taken);
+        let Some(Parked { binding, listener }) = taken else {
+            return;
+        };
+        // At runtime shutdown there is nothing left to serve them with.
+        if has_queued_clients(&listener) && tokio::runtime::Handle::try_current().is_ok() {
+            self.serve(binding, listener);
+        }
     }
 
     /// Takes the socket parked under token `t` out of the epoll set, if `t`
@@ -319,6 +327,22 @@ impl Parking {
             woken.await;
         }
     }
+}
+
+/// Whether connections (associations) wait in `listener`'s backlog.
+fn has_queued_clients(listener: &Listener) -> bool {
+    if matches!(listener, Listener::Udp { .. }) {
+        return false;
+    }
+    let mut pfd = libc::pollfd {
+        fd: listener.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd for the call, whose fd `listener`
+    // keeps open; a zero timeout makes it a query, never a wait.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n == 1 && pfd.revents & libc::POLLIN != 0
 }
 
 /// Counts a serve task as running until it ends, however it ends.
@@ -411,6 +435,41 @@ pub(crate) mod tests {
     /// Makes the next serve task lose its listener, as if the kernel had
     /// refused to register it, so that the server's recovery can be tested.
     pub(crate) static LOSE_NEXT: AtomicBool = AtomicBool::new(false);
+
+    /// Clients that completed their handshake while the listener was
+    /// parked are taken when it stops: served within `max_connections`,
+    /// the rest reset and counted; all reset on an immediate close.
+    #[test]
+    fn stopping_a_parked_listener_takes_its_backlog() {
+        use super::{Listener, Parking, StopMode};
+        use std::sync::atomic::Ordering::Relaxed;
+        use std::time::Duration;
+        let rt = crate::runtime::build(1).unwrap();
+        rt.block_on(async {
+            for (mode, served, reset) in [(StopMode::Drain, 2, 1), (StopMode::Close, 0, 3)] {
+                let b = crate::proxy::test_binding("max_connections = 2").await;
+                // The hub is not run: the listener stays parked whatever
+                // arrives.
+                let (parking, _hub, _lost) =
+                    Parking::new(Duration::from_secs(5), Duration::from_secs(60));
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.set_nonblocking(true).unwrap();
+                let addr = l.local_addr().unwrap();
+                parking.park(b.clone(), Listener::Tcp(l));
+                assert!(b.is_parked());
+                let _clients: Vec<std::net::TcpStream> = (0..3)
+                    .map(|_| std::net::TcpStream::connect(addr).unwrap())
+                    .collect();
+                parking.stop(&b, mode);
+                parking.stopped().await;
+                let s = &b.stats;
+                assert_eq!(s.accepted.load(Relaxed), served, "{mode:?}");
+                // Served: the upstream (the discard port) refused them.
+                assert_eq!(s.connect_failed.load(Relaxed), served, "{mode:?}");
+                assert_eq!(s.backlog_reset.load(Relaxed), reset, "{mode:?}");
+            }
+        });
+    }
 
     #[test]
     fn tokens_name_slot_and_generation() {

@@ -194,6 +194,10 @@ impl accept::Accept for SctpListener {
         let peer = to_socket_addr(peer)?;
         Ok((sctp::register(s)?, peer))
     }
+
+    fn refuse(conn: Self::Conn) {
+        abort(&conn);
+    }
 }
 
 /// One accepted association, registered with the reactor.

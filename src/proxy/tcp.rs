@@ -89,6 +89,8 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     b.stats.active.fetch_add(1, Relaxed);
     let _active = scopeguard(&b);
+    // As it was when the client was accepted, whatever a reload does meanwhile.
+    let proxy_header = b.proxy_protocol();
     let mut upstream = match connect(&b).await {
         Ok(s) => s,
         Err(e) => {
@@ -98,7 +100,7 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr) {
             return;
         }
     };
-    if let Some(version) = b.proxy_protocol() {
+    if let Some(version) = proxy_header {
         if let Err(e) = send_proxy_header(&b, version, &client, peer, &mut upstream).await {
             b.stats.connect_failed.fetch_add(1, Relaxed);
             warn!(
