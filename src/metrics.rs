@@ -329,6 +329,7 @@ mod tests {
                 netns: "/weird\"path\\x".into(),
                 state: "listening".into(),
                 parked: false,
+                max_connections: None,
                 reason: None,
                 listen: "[::]:1".into(),
                 local: None,

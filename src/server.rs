@@ -962,6 +962,7 @@ impl Supervisor {
                     upstream_netns: e.rule.upstream_netns.to_string(),
                     counters,
                     parked,
+                    max_connections: e.rule.max_connections,
                 }
             })
             .collect();

@@ -48,6 +48,9 @@ pub struct BindingReport {
     /// Listening but idle, with no task of its own until the next client.
     #[serde(default)]
     pub parked: bool,
+    /// The rule's `max_connections`, when it has one (TCP, SCTP).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub max_connections: Option<usize>,
 }
 
 /// A binding's counters (see [`BindingStats`] for what each means).
@@ -164,9 +167,14 @@ pub fn table(s: &Status) -> String {
     for b in &s.bindings {
         let c = &b.counters;
         let (active, total) = if b.protocol == "udp" {
-            (c.sessions_active, c.sessions_created)
+            (c.sessions_active.to_string(), c.sessions_created)
         } else {
-            (c.connections_active, c.connections_accepted)
+            // Shown against the cap, if any: "2/2" says why clients wait.
+            let cap = b.max_connections.map(|n| format!("/{n}"));
+            (
+                format!("{}{}", c.connections_active, cap.unwrap_or_default()),
+                c.connections_accepted,
+            )
         };
         let state = match &b.reason {
             Some(r) => format!("{}: {r}", b.state),
@@ -179,7 +187,7 @@ pub fn table(s: &Status) -> String {
             state,
             b.local.clone().unwrap_or_else(|| "-".into()),
             format!("{}@{}", b.upstream, b.upstream_netns),
-            active.to_string(),
+            active,
             total.to_string(),
             c.bytes_in.to_string(),
             c.bytes_out.to_string(),

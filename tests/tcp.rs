@@ -512,6 +512,10 @@ fn at_max_connections_new_clients_wait_until_one_closes() {
     assert_eq!(c["connections_accepted"], 2, "{c}");
     assert_eq!(c["connections_active"], 2, "{c}");
     assert_eq!(c["paused_at_cap"], 1, "{c}");
+    // The status table shows the open ones against the cap.
+    let (_, table, _) = d.cli(&["status"]);
+    let row = table.lines().find(|l| l.contains(a.name())).unwrap();
+    assert!(row.contains(" 2/2 "), "{table}");
 
     // One closes: the waiting client is taken and served.
     drop(first);
