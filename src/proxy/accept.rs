@@ -315,11 +315,11 @@ mod tests {
                 let b = crate::proxy::test_binding("max_connections = 2").await;
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let addr = listener.local_addr().unwrap();
-                // connect() returns once the kernel has queued the
-                // connection in the backlog.
+                // Three handshakes done, waiting in the backlog.
                 let mut clients: Vec<std::net::TcpStream> = (0..3)
                     .map(|_| std::net::TcpStream::connect(addr).unwrap())
                     .collect();
+                crate::proxy::park_tests::until_queued(&listener, 3).await;
                 b.stop.request(mode);
                 let served = Arc::new(AtomicUsize::new(0));
                 let counted = served.clone();

@@ -436,6 +436,42 @@ pub(crate) mod tests {
     /// refused to register it, so that the server's recovery can be tested.
     pub(crate) static LOSE_NEXT: AtomicBool = AtomicBool::new(false);
 
+    /// Connections waiting in TCP listener `l`'s accept queue (what
+    /// `TCP_INFO` reports for a listener as `tcpi_unacked`).
+    fn accept_queue_len(l: &impl std::os::fd::AsFd) -> u32 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: `info` and `len` are valid for writes of the sizes given,
+        // and `l` keeps the fd open for the call.
+        let r = unsafe {
+            libc::getsockopt(
+                l.as_fd().as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        info.tcpi_unacked
+    }
+
+    /// Waits (bounded) until `n` connections are in `l`'s accept queue: a
+    /// client's connect() may return before the listener has queued it.
+    pub(crate) async fn until_queued(l: &impl std::os::fd::AsFd, n: u32) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while accept_queue_len(l) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {n} connections queued",
+                accept_queue_len(l)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     /// Clients that completed their handshake while the listener was
     /// parked are taken when it stops: served within `max_connections`,
     /// the rest reset and counted; all reset on an immediate close.
@@ -455,11 +491,12 @@ pub(crate) mod tests {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 l.set_nonblocking(true).unwrap();
                 let addr = l.local_addr().unwrap();
-                parking.park(b.clone(), Listener::Tcp(l));
-                assert!(b.is_parked());
                 let _clients: Vec<std::net::TcpStream> = (0..3)
                     .map(|_| std::net::TcpStream::connect(addr).unwrap())
                     .collect();
+                until_queued(&l, 3).await;
+                parking.park(b.clone(), Listener::Tcp(l));
+                assert!(b.is_parked());
                 parking.stop(&b, mode);
                 parking.stopped().await;
                 let s = &b.stats;
