@@ -443,6 +443,31 @@ fn echo(c: &mut std::net::TcpStream, msg: &[u8]) {
     assert_eq!(back, msg);
 }
 
+/// Waits (bounded) until `n` connections wait in the accept queue of the
+/// TCP listener on `port` in `ns` (a listener's Recv-Q in `ss`): a client's
+/// connect() may return before the listener has queued it.
+fn until_queued(ns: &TestNs, port: u16, n: u32) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", ns.name(), "ss", "-Hltn"])
+            .arg(format!("sport = :{port}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let queued: u32 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if queued >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{queued} of {n} queued: {text}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The counters of the binding of rule `rule` in namespace `ns`, from
 /// `nsproxy status --json`.
 fn counters(d: &Daemon, rule: &str, ns: &str) -> serde_json::Value {
@@ -534,6 +559,7 @@ fn at_max_connections_new_clients_wait_until_one_closes() {
     // logged, while the open ones drain.
     let mut fourth = a.tcp_connect("127.0.0.1:7000").unwrap();
     fourth.write_all(b"four").unwrap();
+    until_queued(&a, 7000, 1);
     d.signal("TERM");
     let mut four = [0u8; 4];
     let refused = fourth.read(&mut four);
