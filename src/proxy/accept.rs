@@ -86,8 +86,12 @@ where
         // `len` counts finished tasks until they are reaped: reap them all,
         // so that the cap counts open connections only.
         while conns.try_join_next().is_some() {}
-        // Made before the cap is read: a reload changing it wakes this.
-        let retuned = b.stop.woken();
+        // Made before the stop flag and the cap are read: a stop or a
+        // reload changing the cap after this wakes it.
+        let woken = b.stop.woken();
+        if b.stop.mode().is_some() {
+            break;
+        }
         let cap = b.max_connections().unwrap_or(usize::MAX);
         let full = conns.len() >= cap;
         if full && !paused {
@@ -105,12 +109,11 @@ where
         }
         paused = full;
         tokio::select! {
-            // In this order: a stop is seen before another accept; finished
-            // connections are reaped at the top, so none of these can keep
-            // the accept branch waiting.
+            // In this order: a stop or new cap is seen before another
+            // accept; finished connections are reaped at the top, so none of
+            // these can keep the accept branch waiting.
             biased;
-            _ = b.stop.requested() => break,
-            () = retuned => {}
+            () = woken => {}
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             () = &mut idle_check => {
                 if !accepted_since_check && conns.is_empty() {
