@@ -372,7 +372,7 @@ where
 }
 
 fn check(path: &std::path::Path, strict: bool) -> ExitCode {
-    let config = match config::load(path) {
+    let (config, locations) = match config::load_located(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}: {e}", path.display());
@@ -380,48 +380,59 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
         }
     };
     // The namespaces are looked at now, without switching into any of them.
-    let mut warnings = Vec::new();
-    match Switcher::spawn() {
+    let report = match Switcher::spawn() {
         Ok(switcher) => {
-            for rule in &config.rules {
-                let refs = std::iter::once(("upstream_netns", &rule.upstream_netns))
-                    .chain(rule.netns.iter().map(|n| ("netns", n)));
-                for (key, r) in refs {
-                    if *r == NsRef::Host {
-                        continue;
-                    }
-                    if let Err(e) = switcher.resolve_blocking(r) {
-                        warnings.push(format!("{}: rule {}: `{key}`: {e}", rule.origin, rule.name));
-                    }
-                }
-            }
+            let has_pattern = config
+                .rules
+                .iter()
+                .any(|r| r.netns.iter().any(|n| matches!(n, NsRef::Glob(_))));
+            let names = if has_pattern {
+                netns_names()
+            } else {
+                Vec::new()
+            };
+            config::check::check_namespaces(&config, &locations, &names, |r| {
+                switcher.resolve_blocking(r)
+            })
         }
-        Err(e) => warnings.push(format!("cannot look at namespaces: {e}")),
+        Err(e) => {
+            eprintln!(
+                "{}: cannot look at namespaces: {e}",
+                if strict { "error" } else { "warning" }
+            );
+            if strict {
+                return ExitCode::FAILURE;
+            }
+            Default::default()
+        }
+    };
+    for f in &report.findings {
+        let label = match f.severity {
+            config::check::Severity::Note => "note",
+            config::check::Severity::Warning if strict => "error",
+            config::check::Severity::Warning => "warning",
+        };
+        eprintln!("{label}: {f}");
     }
-    for w in &warnings {
-        eprintln!("{}: {w}", if strict { "error" } else { "warning" });
-    }
-    let bindings: usize = config.rules.iter().map(|r| r.netns.len()).sum();
-    if strict && !warnings.is_empty() {
-        eprintln!(
-            "{}: {} namespace problem(s)",
-            path.display(),
-            warnings.len()
-        );
+    let warnings = report.count(config::check::Severity::Warning);
+    if strict && warnings > 0 {
+        eprintln!("{}: {warnings} namespace problem(s)", path.display());
         return ExitCode::FAILURE;
     }
     println!(
-        "{}: OK: {} rule(s), {bindings} binding(s){}",
+        "{}: OK: {}",
         path.display(),
-        config.rules.len(),
-        if warnings.is_empty() {
-            String::new()
-        } else {
-            format!(
-                ", {} namespace warning(s): those bindings will not listen until the namespace exists and nsproxy is restarted",
-                warnings.len()
-            )
-        }
+        report.summary(config.rules.len())
     );
     ExitCode::SUCCESS
+}
+
+/// The names under /run/netns now (none when it does not exist).
+fn netns_names() -> Vec<String> {
+    match std::fs::read_dir(nsproxy::netns::NETNS_RUN_DIR) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
 }

@@ -98,17 +98,31 @@ const PROTOCOL_KEYS: &[(&str, &[Protocol], &str)] = &[
 /// Parses and checks a TOML configuration; `origin` names it in messages
 /// (usually the file path).
 pub fn parse_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    parse_toml_located(text, origin).map(|(config, _)| config)
+}
+
+/// Like [`parse_toml`], and also where each rule's namespace references are
+/// written (one [`RuleLocations`] per rule, in the order of `rules`), so
+/// that `nsproxy check` can point at the entry a finding is about.
+pub fn parse_toml_located(
+    text: &str,
+    origin: &str,
+) -> Result<(Config, Vec<RuleLocations>), ConfigError> {
     let mut cx = Cx {
-        text,
         origin,
+        lines: LineIndex::new(text),
         problems: Vec::new(),
     };
-    let finish = |cx: Cx<'_>, rules: &[(Rule, String)]| {
-        // Problems in file order; cross-rule ones after them.
+    let finish = |cx: Cx<'_>, rules: &[(Rule, String, RuleLocations)]| {
+        // Problems in file order; cross-rule ones after them. A stable sort
+        // keeps the problems at one offset in the order they were found.
         let mut found = cx.problems;
         found.sort_by_key(|(at, _)| *at);
         let mut problems: Vec<Problem> = found.into_iter().map(|(_, p)| p).collect();
-        check_rules(rules, &mut problems);
+        check_rules(
+            rules.iter().map(|(r, name_loc, _)| (r, name_loc.as_str())),
+            &mut problems,
+        );
         problems
     };
     let doc = match DeTable::parse(text) {
@@ -182,30 +196,71 @@ pub fn parse_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
     }
     let problems = finish(cx, &rules);
     if problems.is_empty() {
-        Ok(Config {
-            workers,
-            control_socket,
-            metrics_listen,
-            drain_timeout,
-            rules: rules.into_iter().map(|(r, _)| r).collect(),
-        })
+        let (rules, locations) = rules.into_iter().map(|(r, _, l)| (r, l)).unzip();
+        Ok((
+            Config {
+                workers,
+                control_socket,
+                metrics_listen,
+                drain_timeout,
+                rules,
+            },
+            locations,
+        ))
     } else {
         Err(ConfigError::Invalid(problems))
     }
 }
 
+/// Where one rule's namespace references are written, as `FILE:LINE:COLUMN`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RuleLocations {
+    /// One per entry of [`Rule::netns`], in its order.
+    pub netns: Vec<String>,
+    /// The `upstream_netns` value; `None` when the key is absent (`host`).
+    pub upstream_netns: Option<String>,
+}
+
+/// Byte offset to line and column, by binary search over the offsets at
+/// which lines start: each position costs O(log lines), so a file with
+/// 40,000 problems (or 8,000 rules, each with its header located) is not
+/// rescanned from its start per position.
+struct LineIndex {
+    /// Offset of the first byte of each line; `starts[0] == 0`.
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> LineIndex {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        LineIndex {
+            starts,
+            len: text.len(),
+        }
+    }
+
+    /// 1-based line and column (in bytes, as the offsets are) of `offset`.
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.len);
+        // The number of lines starting at or before `offset`; at least 1.
+        let line = self.starts.partition_point(|&s| s <= offset);
+        (line, offset - self.starts[line - 1] + 1)
+    }
+}
+
 struct Cx<'a> {
-    text: &'a str,
     origin: &'a str,
+    lines: LineIndex,
     /// Each problem with the byte offset it is at, to sort them into file order.
     problems: Vec<(usize, Problem)>,
 }
 
 impl Cx<'_> {
     fn location(&self, span: Range<usize>) -> String {
-        let before = &self.text[..span.start.min(self.text.len())];
-        let line = before.matches('\n').count() + 1;
-        let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        let (line, col) = self.lines.line_col(span.start);
         format!("{}:{line}:{col}", self.origin)
     }
 
@@ -326,7 +381,7 @@ impl Cx<'_> {
         index: usize,
         span: Range<usize>,
         t: &DeTable<'_>,
-    ) -> Option<(Rule, String)> {
+    ) -> Option<(Rule, String, RuleLocations)> {
         let before = self.problems.len();
         let label = match t.get("name").map(|v| v.get_ref()) {
             Some(DeValue::String(s)) if check_name(s).is_ok() => s.to_string(),
@@ -365,6 +420,8 @@ impl Cx<'_> {
         let listen = listen_v.and_then(|v| self.checked(v, rule, "listen", check_listen));
         let upstream = upstream_v.and_then(|v| self.checked(v, rule, "upstream", check_upstream));
         let netns = netns_v.and_then(|v| self.netns_list(v, rule));
+        let (netns, netns_at) = netns.map(|l| l.into_iter().unzip()).unzip();
+        let upstream_netns_at = t.get("upstream_netns").map(|v| self.location(v.span()));
         let upstream_netns = match t.get("upstream_netns") {
             Some(v) => self.checked(v, rule, "upstream_netns", check_upstream_netns),
             None => Some(NsRef::Host),
@@ -465,6 +522,10 @@ impl Cx<'_> {
                 origin: header,
             },
             name_loc?,
+            RuleLocations {
+                netns: netns_at?,
+                upstream_netns: upstream_netns_at,
+            },
         ))
     }
 
@@ -576,8 +637,13 @@ impl Cx<'_> {
         ok.then_some(out)
     }
 
-    /// `netns = ["host", "ns1"]`, or a single string.
-    fn netns_list(&mut self, v: &Spanned<DeValue<'_>>, rule: Option<&str>) -> Option<Vec<NsRef>> {
+    /// `netns = ["host", "ns1"]`, or a single string; each reference with
+    /// where it is written.
+    fn netns_list(
+        &mut self,
+        v: &Spanned<DeValue<'_>>,
+        rule: Option<&str>,
+    ) -> Option<Vec<(NsRef, String)>> {
         let items: Vec<&Spanned<DeValue<'_>>> = match v.get_ref() {
             DeValue::Array(a) => a.iter().collect(),
             DeValue::String(_) => vec![v],
@@ -599,7 +665,7 @@ impl Cx<'_> {
             self.problem(v.span(), rule, Some("netns"), "the list is empty: name at least one namespace (\"host\" for the one nsproxy runs in)".into());
             return None;
         }
-        let mut out: Vec<NsRef> = Vec::new();
+        let mut out: Vec<(NsRef, String)> = Vec::new();
         // A set beside the list: lists of 10,000 namespaces are checked in
         // linear time.
         let mut seen = std::collections::HashSet::new();
@@ -616,7 +682,7 @@ impl Cx<'_> {
                     );
                     ok = false;
                 }
-                Some(r) => out.push(r),
+                Some(r) => out.push((r, self.location(item.span()))),
                 None => ok = false,
             }
         }

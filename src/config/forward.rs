@@ -48,10 +48,12 @@ pub fn parse_forward(specs: &[String], workers: Option<usize>) -> Result<Config,
                     .map_or(Ok(NsRef::Host), check_upstream_netns)
                     .map_err(|m| bad("upstream_netns", m));
                 let mut netns: Vec<NsRef> = Vec::new();
+                // A set beside the list, so a long list is checked in linear time.
+                let mut seen = std::collections::HashSet::new();
                 let mut netns_ok = true;
                 for (j, s) in parts.listen_ns.iter().enumerate() {
                     match check_netns(s) {
-                        Ok(r) if netns.contains(&r) => {
+                        Ok(r) if !seen.insert(r.clone()) => {
                             bad(
                                 &format!("netns[{j}]"),
                                 format!("namespace \"{r}\" is listed twice"),
@@ -101,7 +103,10 @@ pub fn parse_forward(specs: &[String], workers: Option<usize>) -> Result<Config,
             }),
         }
     }
-    check_rules(&rules, &mut problems);
+    check_rules(
+        rules.iter().map(|(r, loc): &(Rule, String)| (r, loc.as_str())),
+        &mut problems,
+    );
     if problems.is_empty() {
         Ok(Config {
             workers,

@@ -6,6 +6,7 @@
 //! at once, each naming where it is (file:line:column or argument), the rule
 //! and the key, and quoting the offending value.
 
+pub mod check;
 mod file;
 mod forward;
 
@@ -17,7 +18,7 @@ use std::time::Duration;
 use crate::netns::NsRef;
 use crate::sctp::Streams;
 
-pub use file::parse_toml;
+pub use file::{RuleLocations, parse_toml, parse_toml_located};
 pub use forward::{FORWARD_SYNTAX, parse_forward};
 
 /// Default for [`Rule::connect_timeout`].
@@ -250,6 +251,16 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse_toml(&text, &path.display().to_string())
 }
 
+/// Like [`load`], and also where each rule's namespace references are
+/// written ([`parse_toml_located`]).
+pub fn load_located(path: &Path) -> Result<(Config, Vec<RuleLocations>), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_toml_located(&text, &path.display().to_string())
+}
+
 // ---- value checks shared by both front ends; each returns a message ----
 
 pub(crate) fn check_name(s: &str) -> Result<String, String> {
@@ -400,7 +411,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Checks that hold across rules; appends problems.
-pub(crate) fn check_rules(rules: &[(Rule, String)], problems: &mut Vec<Problem>) {
+/// `rules` is each rule with where its name is written.
+pub(crate) fn check_rules<'a>(
+    rules: impl IntoIterator<Item = (&'a Rule, &'a str)>,
+    problems: &mut Vec<Problem>,
+) {
     // (location of the name) per rule; the first use of a name or a
     // (protocol, namespace, address) wins, later ones are reported.
     let mut names: std::collections::HashMap<&str, &str> = Default::default();
@@ -409,7 +424,7 @@ pub(crate) fn check_rules(rules: &[(Rule, String)], problems: &mut Vec<Problem>)
     for (rule, name_loc) in rules {
         if let Some(first) = names.insert(&rule.name, &rule.origin) {
             problems.push(Problem {
-                location: name_loc.clone(),
+                location: name_loc.to_owned(),
                 rule: Some(rule.name.clone()),
                 key: Some("name".into()),
                 message: format!(

@@ -1,0 +1,325 @@
+//! What `nsproxy check` says about the namespaces a valid config names.
+//!
+//! The caller looks the namespaces up (without entering any) and lists the
+//! names under `/run/netns`; [`check_namespaces`] decides what each outcome
+//! means for a daemon started with this config now, in the terms of the
+//! README's "Namespaces that come and go": a missing name waits and opens
+//! when it appears, a pattern follows the names live, a path or `pid:` is
+//! looked up when the config is (re)loaded.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::fmt;
+
+use super::{Config, RuleLocations};
+use crate::netns::{NsError, NsId, NsRef};
+
+/// How much a finding matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// Worth knowing, not a problem: `--strict` accepts it.
+    Note,
+    /// A binding will not listen now; `--strict` fails on it.
+    Warning,
+}
+
+/// One thing `check` says about a namespace reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Where the reference is written (`FILE:LINE:COLUMN`).
+    pub location: String,
+    pub rule: String,
+    /// `netns[N]` or `upstream_netns`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: rule {}: `{}`: {}",
+            self.location, self.rule, self.key, self.message
+        )
+    }
+}
+
+/// What [`check_namespaces`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NsReport {
+    /// In rule order, each rule's `upstream_netns` first, then its `netns`.
+    pub findings: Vec<Finding>,
+    /// Bindings a daemon would have now: one per exact reference (listening
+    /// or waiting) and one per name a pattern matches now, counted once per
+    /// rule.
+    pub bindings: usize,
+    /// How many `netns` entries are patterns.
+    pub patterns: usize,
+    /// How many of [`NsReport::bindings`] come from patterns only.
+    pub from_patterns: usize,
+}
+
+impl NsReport {
+    /// Findings of one severity.
+    pub fn count(&self, severity: Severity) -> usize {
+        self.findings
+            .iter()
+            .filter(|f| f.severity == severity)
+            .count()
+    }
+
+    /// The line `check` ends with, after `FILE: OK: `.
+    pub fn summary(&self, rules: usize) -> String {
+        let mut s = format!("{rules} rule(s), {} binding(s)", self.bindings);
+        if self.patterns > 0 {
+            s.push_str(&format!(
+                " ({} from {} pattern(s) over the names in /run/netns now; patterns follow names as they come and go)",
+                self.from_patterns, self.patterns
+            ));
+        }
+        let warnings = self.count(Severity::Warning);
+        if warnings > 0 {
+            s.push_str(&format!(
+                ", {warnings} namespace warning(s): those bindings do not listen now (each warning says when they will)"
+            ));
+        }
+        let notes = self.count(Severity::Note);
+        if notes > 0 {
+            s.push_str(&format!(", {notes} note(s)"));
+        }
+        s
+    }
+}
+
+/// What a reference resolved to, kept per distinct reference so that a
+/// namespace named by thousands of rules is looked up once.
+#[derive(Clone)]
+enum Outcome {
+    Found(NsId),
+    /// A name under /run/netns that does not exist: followed live.
+    MissingName(String),
+    /// Anything else: looked at again only when the config is (re)loaded.
+    Unusable(String),
+}
+
+/// Decides what each namespace reference of `config` means now.
+///
+/// `locations` is one entry per rule, as [`super::parse_toml_located`]
+/// returns them (a missing entry locates findings at the rule); `names` are
+/// the names under `/run/netns` now; `resolve` looks a reference up without
+/// entering it ([`crate::netns::Switcher::resolve_blocking`]). Each distinct
+/// reference is resolved once.
+pub fn check_namespaces(
+    config: &Config,
+    locations: &[RuleLocations],
+    names: &[String],
+    mut resolve: impl FnMut(&NsRef) -> Result<NsId, NsError>,
+) -> NsReport {
+    let mut known: HashMap<NsRef, Outcome> = HashMap::new();
+    let mut outcome = |r: &NsRef| -> Outcome {
+        match known.entry(r.clone()) {
+            Entry::Occupied(e) => e.get().clone(),
+            Entry::Vacant(e) => {
+                let o = match resolve(r) {
+                    Ok(id) => Outcome::Found(id),
+                    Err(
+                        err @ NsError::NotFound {
+                            reference: NsRef::Named(_),
+                            ..
+                        },
+                    ) => Outcome::MissingName(err.to_string()),
+                    Err(err) => Outcome::Unusable(err.to_string()),
+                };
+                e.insert(o).clone()
+            }
+        }
+    };
+    let mut report = NsReport::default();
+    for (i, rule) in config.rules.iter().enumerate() {
+        let at = locations.get(i);
+        let mut finding = |severity, location: Option<&String>, key: String, message| {
+            report.findings.push(Finding {
+                severity,
+                location: location.unwrap_or(&rule.origin).clone(),
+                rule: rule.name.clone(),
+                key,
+                message,
+            })
+        };
+        match outcome(&rule.upstream_netns) {
+            Outcome::Found(_) => {}
+            Outcome::MissingName(e) => finding(
+                Severity::Warning,
+                at.and_then(|l| l.upstream_netns.as_ref()),
+                "upstream_netns".into(),
+                format!(
+                    "{e}; the rule's bindings wait, and open when the name appears under /run/netns"
+                ),
+            ),
+            Outcome::Unusable(e) => finding(
+                Severity::Warning,
+                at.and_then(|l| l.upstream_netns.as_ref()),
+                "upstream_netns".into(),
+                format!(
+                    "{e}; the rule's bindings do not listen until this is fixed and the config is reloaded"
+                ),
+            ),
+        }
+        // The first reference of each namespace in this rule, and of each
+        // name, so that a second reference to the same one is said once and
+        // a pattern's match of a listed name is not counted twice.
+        let mut first_of_ns: HashMap<NsId, usize> = HashMap::new();
+        let mut listed: std::collections::HashSet<&str> = Default::default();
+        for r in &rule.netns {
+            if let NsRef::Named(n) = r {
+                listed.insert(n.as_str());
+            }
+        }
+        let mut matched: std::collections::HashSet<&str> = Default::default();
+        for (j, r) in rule.netns.iter().enumerate() {
+            let location = at.and_then(|l| l.netns.get(j));
+            let key = format!("netns[{j}]");
+            if let NsRef::Glob(_) = r {
+                report.patterns += 1;
+                let mut any = false;
+                for n in names.iter().filter(|n| r.matches(n)) {
+                    any = true;
+                    if !listed.contains(n.as_str()) && matched.insert(n.as_str()) {
+                        report.from_patterns += 1;
+                        report.bindings += 1;
+                    }
+                }
+                if !any {
+                    finding(
+                        Severity::Note,
+                        location,
+                        key,
+                        format!(
+                            "\"{r}\" matches no name under /run/netns now; the rule listens in each matching namespace as it appears"
+                        ),
+                    );
+                }
+                continue;
+            }
+            report.bindings += 1;
+            match outcome(r) {
+                Outcome::Found(id) => {
+                    if let Some(&first) = first_of_ns.get(&id) {
+                        finding(
+                            Severity::Note,
+                            location,
+                            key,
+                            format!(
+                                "\"{r}\" is the same namespace as \"{}\" (netns[{first}]); the rule listens there once, as \"{}\"",
+                                rule.netns[first], rule.netns[first]
+                            ),
+                        );
+                    } else {
+                        first_of_ns.insert(id, j);
+                    }
+                }
+                Outcome::MissingName(e) => finding(
+                    Severity::Warning,
+                    location,
+                    key,
+                    format!("{e}; its binding waits, and opens when the name appears"),
+                ),
+                Outcome::Unusable(e) => finding(
+                    Severity::Warning,
+                    location,
+                    key,
+                    format!(
+                        "{e}; its binding does not listen until this is fixed and the config is reloaded"
+                    ),
+                ),
+            }
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_toml_located;
+    use std::path::PathBuf;
+
+    const TEXT: &str = r#"[[proxy]]
+name = "a"
+protocol = "tcp"
+listen = "127.0.0.1:80"
+netns = ["host", "tenant-*", "gone",
+         "/run/netns/t1", "t1", "none-*"]
+upstream = "127.0.0.1:9000"
+upstream_netns = "pid:77"
+"#;
+
+    fn report(names: &[&str]) -> (NsReport, usize) {
+        let (config, locations) = parse_toml_located(TEXT, "t.toml").unwrap();
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut lookups = 0;
+        let r = check_namespaces(&config, &locations, &names, |r| {
+            lookups += 1;
+            match r {
+                NsRef::Host => Ok(NsId { dev: 1, ino: 1 }),
+                NsRef::Named(n) if n == "t1" => Ok(NsId { dev: 1, ino: 5 }),
+                NsRef::Path(p) if p.as_os_str() == "/run/netns/t1" => {
+                    Ok(NsId { dev: 1, ino: 5 })
+                }
+                NsRef::Pid(_) => Err(NsError::NotFound {
+                    reference: r.clone(),
+                    path: PathBuf::from("/proc/77/ns/net"),
+                }),
+                _ => Err(NsError::NotFound {
+                    reference: r.clone(),
+                    path: r.path().unwrap(),
+                }),
+            }
+        });
+        (r, lookups)
+    }
+
+    #[test]
+    fn every_reference_is_judged_at_its_own_entry() {
+        let (r, lookups) = report(&["tenant-1", "tenant-2", "t1"]);
+        let lines: Vec<String> = r
+            .findings
+            .iter()
+            .map(|f| format!("{:?} {f}", f.severity))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                "Warning t.toml:8:18: rule a: `upstream_netns`: namespace \"pid:77\" not found: /proc/77/ns/net does not exist (is process 77 running?); the rule's bindings do not listen until this is fixed and the config is reloaded",
+                "Warning t.toml:5:30: rule a: `netns[2]`: namespace \"gone\" not found: /run/netns/gone does not exist (create it with `ip netns add gone`); its binding waits, and opens when the name appears",
+                "Note t.toml:6:27: rule a: `netns[4]`: \"t1\" is the same namespace as \"/run/netns/t1\" (netns[3]); the rule listens there once, as \"/run/netns/t1\"",
+                "Note t.toml:6:33: rule a: `netns[5]`: \"none-*\" matches no name under /run/netns now; the rule listens in each matching namespace as it appears",
+            ]
+        );
+        // host, gone, /run/netns/t1, t1 and tenant-1, tenant-2.
+        assert_eq!(
+            (r.bindings, r.patterns, r.from_patterns),
+            (6, 2, 2),
+            "{r:?}"
+        );
+        assert_eq!(lookups, 5, "each distinct reference once");
+        assert_eq!(
+            r.summary(1),
+            "1 rule(s), 6 binding(s) (2 from 2 pattern(s) over the names in /run/netns now; patterns follow names as they come and go), 2 namespace warning(s): those bindings do not listen now (each warning says when they will), 2 note(s)"
+        );
+    }
+
+    #[test]
+    fn a_pattern_is_never_a_warning() {
+        let (r, _) = report(&[]);
+        assert!(
+            r.findings
+                .iter()
+                .filter(|f| f.key == "netns[1]" || f.key == "netns[5]")
+                .all(|f| f.severity == Severity::Note && f.message.contains("matches no name")),
+            "{r:?}"
+        );
+        assert_eq!(r.from_patterns, 0);
+    }
+}
