@@ -25,6 +25,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -1047,6 +1048,83 @@ def report(out, logs, meta, raw, mem, scale):
     log(f"wrote {md}, {os.path.join(out, 'latest.png')}, latest.json; logs in {logs}")
 
 
+# ------------------------------------------------------------------ config scale
+
+CONFIG_RULES = [1000, 2000, 4000, 8000]
+CONFIG_UNKNOWN = [10000, 40000]
+
+
+def config_rules_text(n):
+    """A generated config of the common shape at scale: one rule per tenant and protocol (TCP and
+    UDP on the same port), each listening in its tenant's namespace. The namespaces do not exist
+    (unlikely names), so `check` also looks each one up and reports it as waiting."""
+    out = []
+    for i in range(n):
+        proto = "tcp" if i % 2 == 0 else "udp"
+        out.append(f'[[proxy]]\nname = "t{i // 2}-{proto}"\nprotocol = "{proto}"\nlisten = "0.0.0.0:7000"\n'
+                   f'netns = ["nsbcfg-absent-{i // 2}"]\nupstream = "127.0.0.1:9000"\n')
+    return "\n".join(out)
+
+
+def config_unknown_text(n):
+    """One valid rule and `n` misspelt top-level keys: `n` problems, each with its line and column."""
+    head = '[[proxy]]\nname = "r"\nprotocol = "tcp"\nlisten = "127.0.0.1:7000"\nnetns = ["host"]\nupstream = "127.0.0.1:9000"\n'
+    return "".join(f"unknown_key_{i} = 1\n" for i in range(n)) + head
+
+
+def time_check(nsproxy, path):
+    """Runs `nsproxy check` once; (wall s, user+sys CPU s, exit code, stderr lines)."""
+    t0 = time.monotonic()
+    p = subprocess.Popen([nsproxy, "check", "--config", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = p.stderr.read()
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.monotonic() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return wall, ru.ru_utime + ru.ru_stime, p.returncode, err.count(b"\n")
+
+
+def config_scale(nsproxy, out_dir, rule_counts=CONFIG_RULES, unknown_counts=CONFIG_UNKNOWN, reps=3):
+    """Times `nsproxy check` on generated configs (needs no root and no namespace): N rules, and
+    N unknown keys (N problems). The median of `reps` runs each. Writes config-scale.md/json."""
+    work = tempfile.mkdtemp(prefix="nsbench-config.")
+    rows = []
+    try:
+        cases = [("rules", n, config_rules_text(n), 0) for n in rule_counts]
+        cases += [("unknown keys", n, config_unknown_text(n), 1) for n in unknown_counts]
+        for kind, n, text, want_code in cases:
+            path = os.path.join(work, f"{kind.replace(' ', '-')}-{n}.toml")
+            with open(path, "w") as f:
+                f.write(text)
+            runs = [time_check(nsproxy, path) for _ in range(reps)]
+            codes = {r[2] for r in runs}
+            row = {"kind": kind, "n": n, "bytes": len(text),
+                   "wall_s": statistics.median(r[0] for r in runs),
+                   "cpu_s": statistics.median(r[1] for r in runs),
+                   "exit": sorted(codes), "stderr_lines": runs[0][3]}
+            if codes != {want_code}:
+                row["error"] = f"exit {sorted(codes)}, expected {want_code}"
+            rows.append(row)
+            log(f"config scale: {n} {kind}: check {row['wall_s']:.3f} s wall, {row['cpu_s']:.3f} s CPU "
+                f"(median of {reps}), exit {sorted(codes)}, {row['stderr_lines']} message line(s)"
+                + (f"; {row['error']}" if "error" in row else ""))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(out_dir, exist_ok=True)
+    md = os.path.join(out_dir, "config-scale.md")
+    with open(md, "w") as f:
+        f.write(f"# `nsproxy check` on generated configs\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}, "
+                f"{cpu_model()} ({os.cpu_count()} CPUs), load {' '.join(open('/proc/loadavg').read().split()[:3])}; "
+                f"median of {reps} runs each.\n\n")
+        f.write("| config | size | wall | CPU (user+sys) | exit | messages |\n|---|---:|---:|---:|---:|---:|\n")
+        for r in rows:
+            f.write(f"| {r['n']} {r['kind']} | {r['bytes'] / 1024:.0f} KiB | {r['wall_s']:.3f} s | {r['cpu_s']:.3f} s | "
+                    f"{'/'.join(map(str, r['exit']))} | {r['stderr_lines']} |\n")
+    with open(os.path.join(out_dir, "config-scale.json"), "w") as f:
+        json.dump({"reps": reps, "rows": rows}, f, indent=1)
+    log(f"wrote {md}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -1069,7 +1147,18 @@ def main():
     ap.add_argument("--state-dir")
     ap.add_argument("--nsproxy")
     ap.add_argument("--loadgen")
+    ap.add_argument("--config-scale", action="store_true",
+                    help="only time `nsproxy check` on generated configs (no root, no namespaces); needs --nsproxy")
+    ap.add_argument("--config-rules", default=",".join(map(str, CONFIG_RULES)), help="rule counts for --config-scale")
+    ap.add_argument("--config-unknown", default=",".join(map(str, CONFIG_UNKNOWN)),
+                    help="unknown-key counts for --config-scale")
     ARGS = args = ap.parse_args()
+    if args.config_scale:
+        if not args.nsproxy:
+            ap.error("--config-scale needs --nsproxy (a release build: target/release/nsproxy)")
+        counts = lambda v: [int(x) for x in v.split(",") if x and x != "none"]
+        return config_scale(args.nsproxy, args.out, counts(args.config_rules), counts(args.config_unknown),
+                            reps=args.reps or 3)
     if args.from_json:
         with open(args.from_json) as f:
             j = json.load(f)
