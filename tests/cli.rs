@@ -120,7 +120,10 @@ fn check_warns_about_namespaces_that_are_not_there() {
         "{err}"
     );
     assert!(err.contains(&format!("warning: {p}:6:57: rule hello: `netns[3]`: \"/proc/self/ns/uts\" is a uts namespace (/proc/self/ns/uts), not a network namespace; its binding does not listen until this is fixed and the config is reloaded\n")), "{err}");
-    assert!(!err.contains("restarted") && !out.contains("restarted"), "{out}{err}");
+    assert!(
+        !err.contains("restarted") && !out.contains("restarted"),
+        "{out}{err}"
+    );
 
     let (code, _, err) = run_cli(&["check", "--strict", "--config", &p]);
     assert_eq!(code, 1);
@@ -140,18 +143,25 @@ fn check_takes_a_pattern_that_matches_nothing_as_a_note() {
     );
     let f = dir.file("glob.toml", &text);
     let p = f.display().to_string();
-    for args in [&["check", "--config", &p][..], &["check", "--strict", "--config", &p]] {
+    for args in [
+        &["check", "--config", &p][..],
+        &["check", "--strict", "--config", &p],
+    ] {
         let (code, out, err) = run_cli(args);
         assert_eq!(code, 0, "{args:?}: {out}{err}");
         assert_eq!(
             err,
-            format!("note: {p}:8:3: rule hello: `netns[1]`: \"{pattern}\" matches no name under /run/netns now; the rule listens in each matching namespace as it appears\n"),
+            format!(
+                "note: {p}:8:3: rule hello: `netns[1]`: \"{pattern}\" matches no name under /run/netns now; the rule listens in each matching namespace as it appears\n"
+            ),
             "{args:?}"
         );
         assert!(!err.contains("warning") && !err.contains("error"), "{err}");
         assert_eq!(
             out,
-            format!("{p}: OK: 1 rule(s), 1 binding(s) (0 from 1 pattern(s) over the names in /run/netns now; patterns follow names as they come and go), 1 note(s)\n"),
+            format!(
+                "{p}: OK: 1 rule(s), 1 binding(s) (0 from 1 pattern(s) over the names in /run/netns now; patterns follow names as they come and go), 1 note(s)\n"
+            ),
             "{args:?}"
         );
     }
@@ -169,13 +179,20 @@ fn check_counts_what_a_pattern_matches_in_real_namespaces() {
     let dir = TempDir::new();
     let text = GOOD.replace(
         "netns = [\"host\"]",
-        &format!("netns = [\"{}\", \"{pattern}\"]\nupstream_netns = \"{}\"", a.name(), b.name()),
+        &format!(
+            "netns = [\"{}\", \"{pattern}\"]\nupstream_netns = \"{}\"",
+            a.name(),
+            b.name()
+        ),
     );
     let f = dir.file("glob.toml", &text);
     let p = f.display().to_string();
     let (code, out, err) = run_cli(&["check", "--strict", "--config", &p]);
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(err, "", "a pattern that matches is neither a warning nor a note");
+    assert_eq!(
+        err, "",
+        "a pattern that matches is neither a warning nor a note"
+    );
     // a.name() listed exactly, and b.name() through the pattern (a's match
     // of the pattern is the same binding as its exact entry).
     assert!(

@@ -264,9 +264,7 @@ upstream_netns = "pid:77"
             match r {
                 NsRef::Host => Ok(NsId { dev: 1, ino: 1 }),
                 NsRef::Named(n) if n == "t1" => Ok(NsId { dev: 1, ino: 5 }),
-                NsRef::Path(p) if p.as_os_str() == "/run/netns/t1" => {
-                    Ok(NsId { dev: 1, ino: 5 })
-                }
+                NsRef::Path(p) if p.as_os_str() == "/run/netns/t1" => Ok(NsId { dev: 1, ino: 5 }),
                 NsRef::Pid(_) => Err(NsError::NotFound {
                     reference: r.clone(),
                     path: PathBuf::from("/proc/77/ns/net"),

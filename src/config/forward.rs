@@ -104,7 +104,9 @@ pub fn parse_forward(specs: &[String], workers: Option<usize>) -> Result<Config,
         }
     }
     check_rules(
-        rules.iter().map(|(r, loc): &(Rule, String)| (r, loc.as_str())),
+        rules
+            .iter()
+            .map(|(r, loc): &(Rule, String)| (r, loc.as_str())),
         &mut problems,
     );
     if problems.is_empty() {
@@ -214,5 +216,134 @@ mod tests {
             ]
         );
         assert_eq!(parse(&[]).unwrap_err().len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use std::net::{IpAddr, SocketAddr};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::Protocol;
+
+    fn ns_ref(glob: bool) -> BoxedStrategy<NsRef> {
+        let name = "[a-z0-9._-]{1,10}".prop_filter("not a reserved form", |n| {
+            n != "host" && n != "." && n != ".."
+        });
+        let exact = prop_oneof![
+            Just(NsRef::Host),
+            name.prop_map(NsRef::Named),
+            "(/[a-z0-9._-]{1,6}){1,3}".prop_map(|p| NsRef::Path(p.into())),
+            (1u32..).prop_map(NsRef::Pid),
+        ];
+        if glob {
+            prop_oneof![4 => exact, 1 => "[a-z-]{0,4}\\*[a-z-]{0,4}".prop_map(NsRef::Glob)].boxed()
+        } else {
+            exact.boxed()
+        }
+    }
+
+    fn ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<std::net::Ipv4Addr>().prop_map(IpAddr::V4),
+            any::<std::net::Ipv6Addr>().prop_map(IpAddr::V6),
+        ]
+    }
+
+    /// One valid forward: (protocol, listen IP, listen namespaces or none
+    /// for the `host` default, upstream, upstream namespace or none).
+    fn forward() -> impl Strategy<
+        Value = (
+            Protocol,
+            IpAddr,
+            Option<Vec<NsRef>>,
+            SocketAddr,
+            Option<NsRef>,
+        ),
+    > {
+        (
+            prop_oneof![
+                Just(Protocol::Tcp),
+                Just(Protocol::Udp),
+                Just(Protocol::Sctp)
+            ],
+            ip(),
+            prop::option::of(prop::collection::vec(ns_ref(true), 1..5)),
+            (
+                ip().prop_filter("not the wildcard", |a| !a.is_unspecified()),
+                1u16..,
+            )
+                .prop_map(|(a, p)| SocketAddr::new(a, p)),
+            prop::option::of(ns_ref(false)),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn prop_forward_specs_never_panic(
+            specs in prop::collection::vec(
+                prop_oneof![
+                    any::<String>(),
+                    "(tcp|udp|sctp|x)?:?([0-9.:\\[\\]]{0,12})(@[a-z0-9/:*,]{0,10})?=?([0-9.:\\[\\]]{0,12})(@[a-z0-9/:*]{0,8})?",
+                ],
+                0..4,
+            ),
+        ) {
+            match parse_forward(&specs, None) {
+                Ok(c) => prop_assert_eq!(c.rules.len(), specs.len()),
+                Err(e) => {
+                    prop_assert!(!e.problems().is_empty());
+                    for p in e.problems() {
+                        let named = p.location == "command line"
+                            || (1..=specs.len()).any(|i| p.location.starts_with(&format!("argument {i} (")));
+                        prop_assert!(named, "{}", p);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn prop_forward_specs_round_trip(fwds in prop::collection::vec(forward(), 1..4)) {
+            let mut specs = Vec::new();
+            let mut want = Vec::new();
+            for (i, (protocol, listen_ip, listen_ns, upstream, upstream_ns)) in fwds.into_iter().enumerate() {
+                let listen = SocketAddr::new(listen_ip, 1000 + i as u16);
+                let mut netns = listen_ns.unwrap_or_default();
+                let mut seen = std::collections::HashSet::new();
+                netns.retain(|r| seen.insert(r.clone()));
+                let mut spec = format!("{protocol}:{listen}");
+                if !netns.is_empty() {
+                    let list: Vec<String> = netns.iter().map(|n| n.to_string()).collect();
+                    spec.push_str(&format!("@{}", list.join(",")));
+                } else {
+                    netns = vec![NsRef::Host];
+                }
+                spec.push_str(&format!("={upstream}"));
+                if let Some(u) = &upstream_ns {
+                    spec.push_str(&format!("@{u}"));
+                }
+                want.push((protocol, listen, netns, upstream, upstream_ns.unwrap_or(NsRef::Host), spec.clone()));
+                specs.push(spec);
+            }
+            let config = parse_forward(&specs, Some(3))
+                .map_err(|e| TestCaseError::fail(format!("{e}")))?;
+            prop_assert_eq!(config.workers, Some(3));
+            prop_assert_eq!(config.rules.len(), want.len());
+            for (i, (r, (protocol, listen, netns, upstream, upstream_netns, spec))) in
+                config.rules.iter().zip(want).enumerate()
+            {
+                prop_assert_eq!(&r.name, &format!("forward-{}", i + 1));
+                prop_assert_eq!(r.protocol, protocol);
+                prop_assert_eq!(r.listen, listen);
+                prop_assert_eq!(&r.netns, &netns);
+                prop_assert_eq!(r.upstream, upstream);
+                prop_assert_eq!(&r.upstream_netns, &upstream_netns);
+                prop_assert_eq!(&r.origin, &format!("argument {} (\"{spec}\")", i + 1));
+                prop_assert_eq!(r.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+                prop_assert_eq!(r.on_netns_delete, OnDelete::default());
+            }
+        }
     }
 }

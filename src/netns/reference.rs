@@ -114,17 +114,22 @@ impl NsRef {
     }
 }
 
+/// Whether every `[` of `p` opens a class that [`class`] finds the end of,
+/// scanning as [`glob_match`] does: a pattern is accepted exactly when the
+/// matcher can read all of it (`[!]` is refused, not accepted and then never
+/// matched: its `]` is a member, so the class has no end).
 fn glob_is_valid(p: &str) -> bool {
     let b = p.as_bytes();
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'[' {
-            match b[i + 1..].iter().skip(1).position(|c| *c == b']') {
-                Some(off) => i += off + 2,
+            match class(&b[i..], 0) {
+                Some((_, len)) => i += len,
                 None => return false,
             }
+        } else {
+            i += 1;
         }
-        i += 1;
     }
     true
 }
@@ -272,6 +277,20 @@ mod tests {
     }
 
     #[test]
+    fn a_class_without_its_end_is_refused() {
+        for p in ["[!]", "[^]", "ns[]", "a[!]b", "[a-"] {
+            assert_eq!(
+                p.parse::<NsRef>(),
+                Err(NsRefError::BadGlob(p.into())),
+                "{p}"
+            );
+        }
+        let g = |p: &str| p.parse::<NsRef>().unwrap();
+        assert!(g("[!]]").matches("x") && !g("[!]]").matches("]"));
+        assert!(g("[]]").matches("]") && g("x[[]").matches("x["));
+    }
+
+    #[test]
     fn paths_and_display_round_trip() {
         for s in ["host", "ns1", "/var/run/netns/x", "pid:7"] {
             let r: NsRef = s.parse().unwrap();
@@ -283,5 +302,179 @@ mod tests {
         );
         assert_eq!(NsRef::Pid(9).path(), Some(PathBuf::from("/proc/9/ns/net")));
         assert_eq!(NsRef::Host.path(), None);
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A pattern token, read the way fnmatch(3) without flags reads one.
+    #[derive(Debug)]
+    enum Tok {
+        Star,
+        Any,
+        Lit(u8),
+        /// Members as inclusive ranges; `negate` for `[!...]` and `[^...]`.
+        Class {
+            negate: bool,
+            items: Vec<(u8, u8)>,
+        },
+    }
+
+    /// The reference reader: `None` for a class with no closing `]` (a `]`
+    /// right after `[` or `[!` is a member, not the end).
+    fn tokens(p: &[u8]) -> Option<Vec<Tok>> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < p.len() {
+            match p[i] {
+                b'*' => out.push(Tok::Star),
+                b'?' => out.push(Tok::Any),
+                b'[' => {
+                    let mut j = i + 1;
+                    let negate = matches!(p.get(j), Some(b'!' | b'^'));
+                    if negate {
+                        j += 1;
+                    }
+                    let first = j;
+                    let mut items = Vec::new();
+                    loop {
+                        match p.get(j) {
+                            None => return None,
+                            Some(b']') if j > first => break,
+                            Some(&lo) => match (p.get(j + 1), p.get(j + 2)) {
+                                (Some(b'-'), Some(&hi)) if hi != b']' => {
+                                    items.push((lo, hi));
+                                    j += 3;
+                                }
+                                _ => {
+                                    items.push((lo, lo));
+                                    j += 1;
+                                }
+                            },
+                        }
+                    }
+                    out.push(Tok::Class { negate, items });
+                    i = j;
+                }
+                c => out.push(Tok::Lit(c)),
+            }
+            i += 1;
+        }
+        Some(out)
+    }
+
+    /// Plain backtracking over the tokens: exponential, fine for short inputs.
+    fn reference_match(t: &[Tok], s: &[u8]) -> bool {
+        match t.split_first() {
+            None => s.is_empty(),
+            Some((Tok::Star, rest)) => (0..=s.len()).any(|k| reference_match(rest, &s[k..])),
+            Some((tok, rest)) => {
+                let Some((&c, tail)) = s.split_first() else {
+                    return false;
+                };
+                let one = match tok {
+                    Tok::Any => true,
+                    Tok::Lit(l) => *l == c,
+                    Tok::Class { negate, items } => {
+                        items.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negate
+                    }
+                    Tok::Star => unreachable!(),
+                };
+                one && reference_match(rest, tail)
+            }
+        }
+    }
+
+    /// A name the matcher must accept for the pattern `toks` describes, built
+    /// by choosing, per token, one byte it matches (`picks` steer the choice).
+    fn name_for(toks: &[Tok], picks: &[u8]) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        for (k, t) in toks.iter().enumerate() {
+            let pick = picks.get(k).copied().unwrap_or(0);
+            match t {
+                Tok::Star => out.extend(std::iter::repeat_n(b'z', (pick % 3) as usize)),
+                Tok::Any => out.push(b'a' + pick % 26),
+                Tok::Lit(c) => out.push(*c),
+                Tok::Class { negate, items } => {
+                    let hit = |c: u8| items.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negate;
+                    let c = (0..=255u8)
+                        .cycle()
+                        .skip(pick as usize)
+                        .take(256)
+                        .find(|c| hit(*c))?;
+                    out.push(c);
+                }
+            }
+        }
+        Some(out)
+    }
+
+    fn ns_name() -> impl Strategy<Value = String> {
+        "[a-z0-9._-]{1,12}".prop_filter("not a reserved form", |n| {
+            n != "host" && n != "." && n != ".."
+        })
+    }
+
+    fn ns_ref() -> impl Strategy<Value = NsRef> {
+        prop_oneof![
+            Just(NsRef::Host),
+            ns_name().prop_map(NsRef::Named),
+            "(/[a-z0-9._-]{1,8}){1,4}".prop_map(|p| NsRef::Path(PathBuf::from(p))),
+            (1u32..).prop_map(NsRef::Pid),
+            "[a-z0-9-]{0,5}[*?][a-z0-9-]{0,5}".prop_map(NsRef::Glob),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn prop_nsref_parse_never_panics_and_reparses(s in any::<String>()) {
+            if let Ok(r) = s.parse::<NsRef>() {
+                prop_assert_eq!(r.to_string().parse::<NsRef>(), Ok(r.clone()));
+                if let NsRef::Named(n) = &r {
+                    prop_assert!(!n.contains('/') && !n.contains('\0') && n != "." && n != "..");
+                    prop_assert_eq!(r.path(), Some(Path::new(NETNS_RUN_DIR).join(n)));
+                }
+            }
+        }
+
+        #[test]
+        fn prop_nsref_display_round_trips(r in ns_ref()) {
+            prop_assert_eq!(r.to_string().parse::<NsRef>(), Ok(r.clone()));
+        }
+
+        #[test]
+        fn prop_glob_agrees_with_a_reference_matcher(
+            p in "[ab*?!^\\]\\[-]{0,8}",
+            names in prop::collection::vec("[ab!^\\]\\[-]{0,8}", 1..8),
+        ) {
+            let toks = tokens(p.as_bytes());
+            prop_assert_eq!(glob_is_valid(&p), toks.is_some(), "validity of {:?}", p);
+            if let Some(toks) = toks {
+                for n in &names {
+                    prop_assert_eq!(
+                        glob_match(p.as_bytes(), n.as_bytes()),
+                        reference_match(&toks, n.as_bytes()),
+                        "{:?} against {:?}", p, n
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn prop_glob_matches_names_built_for_it(
+            p in "([a-c*?-]|\\[!?[a-c\\]-]{1,4}\\]){0,8}",
+            picks in prop::collection::vec(any::<u8>(), 8),
+        ) {
+            let toks = tokens(p.as_bytes());
+            prop_assert!(toks.is_some(), "{:?} is a well-formed pattern", p);
+            let toks = toks.unwrap();
+            if let Some(name) = name_for(&toks, &picks) {
+                prop_assert!(reference_match(&toks, &name));
+                prop_assert!(glob_match(p.as_bytes(), &name), "{:?} must match {:?}", p, name);
+            }
+        }
     }
 }
