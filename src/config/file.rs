@@ -120,7 +120,9 @@ pub fn parse_toml_located(
         found.sort_by_key(|(at, _)| *at);
         let mut problems: Vec<Problem> = found.into_iter().map(|(_, p)| p).collect();
         check_rules(
-            rules.iter().map(|(r, name_loc, _)| (r, name_loc.as_str())),
+            rules
+                .iter()
+                .map(|(r, name_loc, at)| (r, name_loc.as_str(), at.netns.as_slice())),
             &mut problems,
         );
         problems
@@ -795,9 +797,9 @@ backlog = 0
             problems(&text),
             vec![
                 "t.toml:14:8: rule hello: `name`: duplicate rule name \"hello\" (first used at t.toml:3:1)",
-                "t.toml:13:1: rule hello: `listen`: tcp [::]:8000 in namespace \"host\" is already used by rule hello",
-                "t.toml:13:1: rule hello: `listen`: tcp [::]:8000 in namespace \"ns1\" is already used by rule hello",
-                "t.toml:13:1: rule hello: `listen`: tcp [::]:8000 in namespace \"ns2\" is already used by rule hello",
+                "t.toml:17:10: rule hello: `netns[0]`: tcp [::]:8000 in namespace \"host\" is already used by rule hello (at t.toml:7:10)",
+                "t.toml:17:18: rule hello: `netns[1]`: tcp [::]:8000 in namespace \"ns1\" is already used by rule hello (at t.toml:7:18)",
+                "t.toml:17:25: rule hello: `netns[2]`: tcp [::]:8000 in namespace \"ns2\" is already used by rule hello (at t.toml:7:25)",
             ]
         );
     }

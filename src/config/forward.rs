@@ -106,7 +106,7 @@ pub fn parse_forward(specs: &[String], workers: Option<usize>) -> Result<Config,
     check_rules(
         rules
             .iter()
-            .map(|(r, loc): &(Rule, String)| (r, loc.as_str())),
+            .map(|(r, loc): &(Rule, String)| (r, loc.as_str(), &[][..])),
         &mut problems,
     );
     if problems.is_empty() {

@@ -411,17 +411,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Checks that hold across rules; appends problems.
-/// `rules` is each rule with where its name is written.
+/// `rules` is each rule with where its name is written and where each of
+/// its `netns` entries is (empty where the form has no positions: then the
+/// rule's origin is used). One pass with hash maps: linear in the rules
+/// and their namespaces.
 pub(crate) fn check_rules<'a>(
-    rules: impl IntoIterator<Item = (&'a Rule, &'a str)>,
+    rules: impl IntoIterator<Item = (&'a Rule, &'a str, &'a [String])>,
     problems: &mut Vec<Problem>,
 ) {
-    // (location of the name) per rule; the first use of a name or a
-    // (protocol, namespace, address) wins, later ones are reported.
+    // The first use of a name or a (protocol, namespace, address) wins,
+    // later ones are reported with where the first is.
     let mut names: std::collections::HashMap<&str, &str> = Default::default();
-    let mut binds: std::collections::HashMap<(Protocol, &NsRef, SocketAddr), &str> =
+    let mut binds: std::collections::HashMap<(Protocol, &NsRef, SocketAddr), (&str, &str)> =
         Default::default();
-    for (rule, name_loc) in rules {
+    for (rule, name_loc, netns_locs) in rules {
         if let Some(first) = names.insert(&rule.name, &rule.origin) {
             problems.push(Problem {
                 location: name_loc.to_owned(),
@@ -434,19 +437,26 @@ pub(crate) fn check_rules<'a>(
             });
             names.insert(&rule.name, first);
         }
-        for ns in &rule.netns {
-            if let Some(other) = binds.get(&(rule.protocol, ns, rule.listen)) {
-                problems.push(Problem {
-                    location: rule.origin.clone(),
-                    rule: Some(rule.name.clone()),
-                    key: Some("listen".into()),
-                    message: format!(
-                        "{} {} in namespace \"{ns}\" is already used by rule {other}",
-                        rule.protocol, rule.listen
-                    ),
-                });
-            } else {
-                binds.insert((rule.protocol, ns, rule.listen), &rule.name);
+        for (j, ns) in rule.netns.iter().enumerate() {
+            let here = netns_locs
+                .get(j)
+                .map_or(rule.origin.as_str(), |l| l.as_str());
+            match binds.entry((rule.protocol, ns, rule.listen)) {
+                std::collections::hash_map::Entry::Occupied(e) => {
+                    let (other, at) = e.get();
+                    problems.push(Problem {
+                        location: here.to_owned(),
+                        rule: Some(rule.name.clone()),
+                        key: Some(format!("netns[{j}]")),
+                        message: format!(
+                            "{} {} in namespace \"{ns}\" is already used by rule {other} (at {at})",
+                            rule.protocol, rule.listen
+                        ),
+                    });
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert((&rule.name, here));
+                }
             }
         }
     }
