@@ -10,7 +10,9 @@
 //! - [`netns`]: namespace references and identities, and the one thread that
 //!   switches namespaces (the only `setns` in the process).
 //! - [`config`]: the configuration model, its TOML and command-line front
-//!   ends, and validation that reports every problem with its location.
+//!   ends, and validation that reports every problem with its location;
+//!   [`config::check`] judges the namespaces a valid config names, for
+//!   `nsproxy check`.
 //! - [`proxy`]: listeners and relays per protocol ([`proxy::tcp`],
 //!   [`proxy::udp`], [`proxy::sctp`]); idle listeners wait without a task,
 //!   parked in one epoll set.
