@@ -321,3 +321,99 @@ upstream_netns = "pid:77"
         assert_eq!(r.from_patterns, 0);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::config::parse_toml_located;
+    use proptest::prelude::*;
+    use std::path::PathBuf;
+
+    fn reference() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("host".to_owned()),
+            "[a-c]{1,2}",
+            "/run/netns/[a-c]{1,2}",
+            (1u32..4).prop_map(|p| format!("pid:{p}")),
+            "[a-c]?\\*",
+        ]
+    }
+
+    proptest! {
+        /// Whatever the namespaces turn out to be: a pattern is never a
+        /// warning, every finding is at an entry of its rule, each distinct
+        /// reference is looked up once, and a warning is exactly a
+        /// reference that did not resolve.
+        #[test]
+        fn prop_check_judges_each_entry_where_it_is(
+            rules in prop::collection::vec(
+                (prop::collection::btree_set(reference(), 1..5), prop::option::of(reference())),
+                1..4,
+            ),
+            names in prop::collection::vec("[a-c]{1,2}", 0..5),
+            // Which references resolve (by a hash of their text) and to what.
+            seed in any::<u64>(),
+        ) {
+            let mut text = String::new();
+            for (i, (netns, up)) in rules.iter().enumerate() {
+                let list: Vec<String> = netns.iter().map(|n| format!("\"{n}\"")).collect();
+                text.push_str(&format!(
+                    "[[proxy]]\nname = \"r{i}\"\nprotocol = \"tcp\"\nlisten = \"127.0.0.1:{}\"\nnetns = [{}]\nupstream = \"127.0.0.1:9\"\n",
+                    1000 + i,
+                    list.join(", ")
+                ));
+                if let Some(u) = up.as_ref().filter(|u| !u.contains('*')) {
+                    text.push_str(&format!("upstream_netns = \"{u}\"\n"));
+                }
+            }
+            let (config, locations) = parse_toml_located(&text, "t.toml")
+                .map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+            // `host` always resolves (it is the switcher's home).
+            let fate = |r: &NsRef| {
+                if *r == NsRef::Host {
+                    return (true, 0);
+                }
+                let h = r.to_string().bytes().fold(seed, |h, b| h.rotate_left(5) ^ u64::from(b));
+                (h % 3 != 0, h % 4)
+            };
+            let mut lookups: HashMap<NsRef, usize> = HashMap::new();
+            let report = check_namespaces(&config, &locations, &names, |r| {
+                *lookups.entry(r.clone()).or_default() += 1;
+                match fate(r) {
+                    (true, ino) => Ok(NsId { dev: 1, ino }),
+                    (false, _) => Err(NsError::NotFound {
+                        reference: r.clone(),
+                        path: r.path().unwrap_or_else(|| PathBuf::from("/x")),
+                    }),
+                }
+            });
+            prop_assert!(lookups.values().all(|n| *n == 1), "{:?}", lookups);
+            let mut warnings = 0;
+            for (i, rule) in config.rules.iter().enumerate() {
+                let at = &locations[i];
+                let mine: Vec<&Finding> = report.findings.iter().filter(|f| f.rule == rule.name).collect();
+                for f in &mine {
+                    let entry = match f.key.strip_prefix("netns[") {
+                        Some(j) => {
+                            let j: usize = j.trim_end_matches(']').parse().unwrap();
+                            if matches!(rule.netns[j], NsRef::Glob(_)) {
+                                prop_assert_eq!(f.severity, Severity::Note);
+                            }
+                            at.netns.get(j)
+                        }
+                        None => at.upstream_netns.as_ref(),
+                    };
+                    prop_assert_eq!(Some(&f.location), entry, "{}", f);
+                }
+                let unresolved = std::iter::once(&rule.upstream_netns)
+                    .chain(&rule.netns)
+                    .filter(|r| !matches!(r, NsRef::Glob(_)) && !fate(r).0)
+                    .count();
+                let warned = mine.iter().filter(|f| f.severity == Severity::Warning).count();
+                prop_assert_eq!(warned, unresolved);
+                warnings += warned;
+            }
+            prop_assert_eq!(report.count(Severity::Warning), warnings);
+        }
+    }
+}
