@@ -391,8 +391,13 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
             } else {
                 Vec::new()
             };
+            // Each namespace's fd is closed as soon as it has been looked at:
+            // a config naming thousands of namespaces must not run `check`
+            // out of fds (it does not raise its limit as `run` does).
             config::check::check_namespaces(&config, &locations, &names, |r| {
-                switcher.resolve_blocking(r)
+                let id = switcher.resolve_blocking(r)?;
+                switcher.release(id);
+                Ok(id)
             })
         }
         Err(e) => {
@@ -403,7 +408,10 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
             if strict {
                 return ExitCode::FAILURE;
             }
-            Default::default()
+            config::check::NsReport {
+                bindings: config.rules.iter().map(|r| r.netns.len()).sum(),
+                ..Default::default()
+            }
         }
     };
     for f in &report.findings {

@@ -202,6 +202,42 @@ fn check_counts_what_a_pattern_matches_in_real_namespaces() {
 }
 
 #[test]
+fn check_looks_at_more_namespaces_than_it_has_fds() {
+    if !root_or_skip("check_looks_at_more_namespaces_than_it_has_fds") {
+        return;
+    }
+    // 60 namespaces under a limit of 32 fds: each is closed once looked at.
+    let many = TestNs::many("ckfd", 60);
+    let list: Vec<String> = many.iter().map(|n| format!("\"{}\"", n.name())).collect();
+    let dir = TempDir::new();
+    let text = GOOD.replace(
+        "netns = [\"host\"]",
+        &format!("netns = [{}]", list.join(", ")),
+    );
+    let f = dir.file("many.toml", &text);
+    let p = f.display().to_string();
+    let out = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -n 32 && exec \"$0\" check --strict --config \"$1\"",
+            bin(),
+            &p,
+        ])
+        .output()
+        .expect("run nsproxy check under ulimit");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(stderr, "");
+    assert!(
+        stdout.ends_with(": OK: 1 rule(s), 60 binding(s)\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn missing_config_file_is_named() {
     let (code, _, err) = run_cli(&["check", "--config", "/nonexistent/nsproxy.toml"]);
     assert_eq!(code, 1);
