@@ -391,13 +391,8 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
             } else {
                 Vec::new()
             };
-            // Each namespace's fd is closed as soon as it has been looked at:
-            // a config naming thousands of namespaces must not run `check`
-            // out of fds (it does not raise its limit as `run` does).
-            config::check::check_namespaces(&config, &locations, &names, |r| {
-                let id = switcher.resolve_blocking(r)?;
-                switcher.release(id);
-                Ok(id)
+            config::check::check_namespaces(&config, &locations, &names, |refs| {
+                resolve_in_batches(&switcher, refs)
             })
         }
         Err(e) => {
@@ -414,13 +409,19 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
             }
         }
     };
-    for f in &report.findings {
-        let label = match f.severity {
-            config::check::Severity::Note => "note",
-            config::check::Severity::Warning if strict => "error",
-            config::check::Severity::Warning => "warning",
-        };
-        eprintln!("{label}: {f}");
+    {
+        // Buffered: thousands of findings are not one write(2) each.
+        use std::io::Write;
+        let mut err = std::io::BufWriter::new(std::io::stderr().lock());
+        for f in &report.findings {
+            let label = match f.severity {
+                config::check::Severity::Note => "note",
+                config::check::Severity::Warning if strict => "error",
+                config::check::Severity::Warning => "warning",
+            };
+            let _ = writeln!(err, "{label}: {f}");
+        }
+        let _ = err.flush();
     }
     let warnings = report.count(config::check::Severity::Warning);
     if strict && warnings > 0 {
@@ -433,6 +434,44 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
         report.summary(config.rules.len())
     );
     ExitCode::SUCCESS
+}
+
+/// Looks references up in batches (one trip to the namespace thread per
+/// batch, not per reference), closing each namespace's fd once looked at:
+/// a config naming thousands of namespaces must not run `check` out of fds.
+fn resolve_in_batches(
+    switcher: &Switcher,
+    refs: &[NsRef],
+) -> Vec<Result<nsproxy::netns::NsId, nsproxy::netns::NsError>> {
+    // A batch holds one fd per namespace until it is released: at most half
+    // of what is left once the process's own fds are counted.
+    let soft = runtime::raise_fd_limit().map_or(1024, |l| l.soft);
+    let batch = usize::try_from(soft.saturating_sub(32) / 2)
+        .unwrap_or(usize::MAX)
+        .clamp(1, 512);
+    let rt = match tokio::runtime::Builder::new_current_thread().build() {
+        Ok(rt) => rt,
+        // Without a runtime, one at a time.
+        Err(_) => {
+            return refs
+                .iter()
+                .map(|r| {
+                    let id = switcher.resolve_blocking(r)?;
+                    switcher.release(id);
+                    Ok(id)
+                })
+                .collect();
+        }
+    };
+    let mut out = Vec::with_capacity(refs.len());
+    for chunk in refs.chunks(batch) {
+        let results = rt.block_on(switcher.resolve_many(chunk));
+        for id in results.iter().flatten() {
+            switcher.release(*id);
+        }
+        out.extend(results);
+    }
+    out
 }
 
 /// The names under /run/netns now (none when it does not exist).

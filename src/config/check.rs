@@ -8,7 +8,6 @@
 //! looked up when the config is (re)loaded.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::fmt;
 
 use super::{Config, RuleLocations};
@@ -107,33 +106,55 @@ enum Outcome {
 ///
 /// `locations` is one entry per rule, as [`super::parse_toml_located`]
 /// returns them (a missing entry locates findings at the rule); `names` are
-/// the names under `/run/netns` now; `resolve` looks a reference up without
-/// entering it ([`crate::netns::Switcher::resolve_blocking`]). Each distinct
-/// reference is resolved once.
+/// the names under `/run/netns` now; `resolve` looks references up without
+/// entering them, one result per reference in order
+/// ([`crate::netns::Switcher::resolve_many`]). It is called once, with each
+/// distinct exact reference once: a namespace named by thousands of rules
+/// is looked up once, and all of them in one batch.
 pub fn check_namespaces(
     config: &Config,
     locations: &[RuleLocations],
     names: &[String],
-    mut resolve: impl FnMut(&NsRef) -> Result<NsId, NsError>,
+    resolve: impl FnOnce(&[NsRef]) -> Vec<Result<NsId, NsError>>,
 ) -> NsReport {
-    let mut known: HashMap<NsRef, Outcome> = HashMap::new();
-    let mut outcome = |r: &NsRef| -> Outcome {
-        match known.entry(r.clone()) {
-            Entry::Occupied(e) => e.get().clone(),
-            Entry::Vacant(e) => {
-                let o = match resolve(r) {
-                    Ok(id) => Outcome::Found(id),
-                    Err(
-                        err @ NsError::NotFound {
-                            reference: NsRef::Named(_),
-                            ..
-                        },
-                    ) => Outcome::MissingName(err.to_string()),
-                    Err(err) => Outcome::Unusable(err.to_string()),
-                };
-                e.insert(o).clone()
+    let mut distinct: Vec<NsRef> = Vec::new();
+    let mut seen: std::collections::HashSet<&NsRef> = Default::default();
+    for rule in &config.rules {
+        for r in std::iter::once(&rule.upstream_netns).chain(&rule.netns) {
+            if !matches!(r, NsRef::Glob(_)) && seen.insert(r) {
+                distinct.push(r.clone());
             }
         }
+    }
+    let results = resolve(&distinct);
+    let known: HashMap<NsRef, Outcome> = distinct
+        .into_iter()
+        .zip(
+            results
+                .into_iter()
+                .map(Some)
+                .chain(std::iter::repeat_with(|| None)),
+        )
+        .map(|(r, result)| {
+            let o = match result {
+                Some(Ok(id)) => Outcome::Found(id),
+                Some(Err(
+                    err @ NsError::NotFound {
+                        reference: NsRef::Named(_),
+                        ..
+                    },
+                )) => Outcome::MissingName(err.to_string()),
+                Some(Err(err)) => Outcome::Unusable(err.to_string()),
+                None => Outcome::Unusable(format!("namespace \"{r}\" was not looked at")),
+            };
+            (r, o)
+        })
+        .collect();
+    let outcome = |r: &NsRef| -> Outcome {
+        known
+            .get(r)
+            .cloned()
+            .unwrap_or_else(|| Outcome::Unusable(format!("namespace \"{r}\" was not looked at")))
     };
     let mut report = NsReport::default();
     for (i, rule) in config.rules.iter().enumerate() {
@@ -259,21 +280,25 @@ upstream_netns = "pid:77"
         let (config, locations) = parse_toml_located(TEXT, "t.toml").unwrap();
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut lookups = 0;
-        let r = check_namespaces(&config, &locations, &names, |r| {
-            lookups += 1;
-            match r {
-                NsRef::Host => Ok(NsId { dev: 1, ino: 1 }),
-                NsRef::Named(n) if n == "t1" => Ok(NsId { dev: 1, ino: 5 }),
-                NsRef::Path(p) if p.as_os_str() == "/run/netns/t1" => Ok(NsId { dev: 1, ino: 5 }),
-                NsRef::Pid(_) => Err(NsError::NotFound {
-                    reference: r.clone(),
-                    path: PathBuf::from("/proc/77/ns/net"),
-                }),
-                _ => Err(NsError::NotFound {
-                    reference: r.clone(),
-                    path: r.path().unwrap(),
-                }),
-            }
+        let r = check_namespaces(&config, &locations, &names, |refs| {
+            lookups += refs.len();
+            refs.iter()
+                .map(|r| match r {
+                    NsRef::Host => Ok(NsId { dev: 1, ino: 1 }),
+                    NsRef::Named(n) if n == "t1" => Ok(NsId { dev: 1, ino: 5 }),
+                    NsRef::Path(p) if p.as_os_str() == "/run/netns/t1" => {
+                        Ok(NsId { dev: 1, ino: 5 })
+                    }
+                    NsRef::Pid(_) => Err(NsError::NotFound {
+                        reference: r.clone(),
+                        path: PathBuf::from("/proc/77/ns/net"),
+                    }),
+                    _ => Err(NsError::NotFound {
+                        reference: r.clone(),
+                        path: r.path().unwrap(),
+                    }),
+                })
+                .collect()
         });
         (r, lookups)
     }
@@ -342,7 +367,7 @@ mod props {
     proptest! {
         /// Whatever the namespaces turn out to be: a pattern is never a
         /// warning, every finding is at an entry of its rule, each distinct
-        /// reference is looked up once, and a warning is exactly a
+        /// reference is looked up once (in one batch), and a warning is exactly a
         /// reference that did not resolve.
         #[test]
         fn prop_check_judges_each_entry_where_it_is(
@@ -377,16 +402,21 @@ mod props {
                 (h % 3 != 0, h % 4)
             };
             let mut lookups: HashMap<NsRef, usize> = HashMap::new();
-            let report = check_namespaces(&config, &locations, &names, |r| {
-                *lookups.entry(r.clone()).or_default() += 1;
-                match fate(r) {
-                    (true, ino) => Ok(NsId { dev: 1, ino }),
-                    (false, _) => Err(NsError::NotFound {
-                        reference: r.clone(),
-                        path: r.path().unwrap_or_else(|| PathBuf::from("/x")),
-                    }),
-                }
+            let mut calls = 0;
+            let report = check_namespaces(&config, &locations, &names, |refs| {
+                calls += 1;
+                refs.iter().map(|r| {
+                    *lookups.entry(r.clone()).or_default() += 1;
+                    match fate(r) {
+                        (true, ino) => Ok(NsId { dev: 1, ino }),
+                        (false, _) => Err(NsError::NotFound {
+                            reference: r.clone(),
+                            path: r.path().unwrap_or_else(|| PathBuf::from("/x")),
+                        }),
+                    }
+                }).collect()
             });
+            prop_assert_eq!(calls, 1);
             prop_assert!(lookups.values().all(|n| *n == 1), "{:?}", lookups);
             let mut warnings = 0;
             for (i, rule) in config.rules.iter().enumerate() {
