@@ -123,6 +123,21 @@ pub struct Rule {
     pub origin: String,
 }
 
+impl Rule {
+    /// Where `r` stands in [`Rule::netns`]: its own position, or for a name
+    /// that only a pattern names, the position of the first pattern that
+    /// matches it. When several references of a rule turn out to be one
+    /// namespace, the one listed first is the one to listen as (it is the
+    /// name in PROXY v2 headers, metric labels and status). `None` when the
+    /// rule does not name `r` at all.
+    pub fn rank(&self, r: &NsRef) -> Option<usize> {
+        self.netns.iter().position(|n| n == r).or_else(|| match r {
+            NsRef::Named(name) => self.netns.iter().position(|n| n.matches(name)),
+            _ => None,
+        })
+    }
+}
+
 /// `proxy_protocol`: which PROXY protocol header upstream connections start
 /// with (<https://www.haproxy.org/download/2.9/doc/proxy-protocol.txt>).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -465,6 +480,24 @@ pub(crate) fn check_rules<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_listed_reference_ranks_first() {
+        let rule = parse_forward(
+            &["tcp:[::]:80@tenant-*,pid:335,ns1,t*=127.0.0.1:9".into()],
+            None,
+        )
+        .unwrap()
+        .rules
+        .remove(0);
+        let named = |n: &str| NsRef::Named(n.into());
+        assert_eq!(rule.rank(&named("tenant-1")), Some(0));
+        assert_eq!(rule.rank(&NsRef::Pid(335)), Some(1));
+        assert_eq!(rule.rank(&named("ns1")), Some(2));
+        assert_eq!(rule.rank(&named("tx")), Some(3));
+        assert_eq!(rule.rank(&NsRef::Pid(1)), None);
+        assert_eq!(rule.rank(&named("other")), None);
+    }
 
     #[test]
     fn durations() {
