@@ -156,6 +156,7 @@ pub fn check_namespaces(
             .cloned()
             .unwrap_or_else(|| Outcome::Unusable(format!("namespace \"{r}\" was not looked at")))
     };
+    let mut matches_of: HashMap<&NsRef, Vec<&str>> = HashMap::new();
     let mut report = NsReport::default();
     for (i, rule) in config.rules.iter().enumerate() {
         let at = locations.get(i);
@@ -203,10 +204,18 @@ pub fn check_namespaces(
             let key = format!("netns[{j}]");
             if let NsRef::Glob(_) = r {
                 report.patterns += 1;
-                let mut any = false;
-                for n in names.iter().filter(|n| r.matches(n)) {
-                    any = true;
-                    if !listed.contains(n.as_str()) && matched.insert(n.as_str()) {
+                // Matched once per distinct pattern: generated configs repeat
+                // one pattern in many rules.
+                let hits = matches_of.entry(r).or_insert_with(|| {
+                    names
+                        .iter()
+                        .filter(|n| r.matches(n))
+                        .map(String::as_str)
+                        .collect()
+                });
+                let any = !hits.is_empty();
+                for &n in hits.iter() {
+                    if !listed.contains(n) && matched.insert(n) {
                         report.from_patterns += 1;
                         report.bindings += 1;
                     }
