@@ -126,17 +126,11 @@ pub fn check_namespaces(
             }
         }
     }
-    let results = resolve(&distinct);
+    let mut results = resolve(&distinct).into_iter();
     let known: HashMap<NsRef, Outcome> = distinct
         .into_iter()
-        .zip(
-            results
-                .into_iter()
-                .map(Some)
-                .chain(std::iter::repeat_with(|| None)),
-        )
-        .map(|(r, result)| {
-            let o = match result {
+        .map(|r| {
+            let o = match results.next() {
                 Some(Ok(id)) => Outcome::Found(id),
                 Some(Err(
                     err @ NsError::NotFound {
