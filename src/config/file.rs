@@ -1169,6 +1169,8 @@ mod props {
                         .filter(|r| seen.insert(r.clone()))
                         .collect();
                     let mut extra = Vec::new();
+                    // Every key not set below keeps the default the parser
+                    // gives it (so a new key needs no change here).
                     let mut rule = Rule {
                         name: String::new(),
                         protocol,
@@ -1176,18 +1178,8 @@ mod props {
                         netns,
                         upstream: SocketAddr::new(up_ip, up_port),
                         upstream_netns: up_ns.clone().unwrap_or(NsRef::Host),
-                        connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-                        backlog: DEFAULT_BACKLOG,
-                        max_connections: None,
-                        proxy_protocol: None,
-                        udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
-                        udp_max_sessions: DEFAULT_UDP_MAX_SESSIONS,
-                        on_netns_delete: OnDelete::default(),
-                        sctp_streams: DEFAULT_SCTP_STREAMS,
-                        sctp_listen_addrs: Vec::new(),
-                        sctp_upstream_addrs: Vec::new(),
-                        sctp_source_addrs: Vec::new(),
                         origin: String::new(),
+                        ..defaults(protocol)
                     };
                     let (connect, backlog, max_conn, pp) = tcp;
                     let (idle, sessions, on_delete, streams, addrs) = udp;
@@ -1246,6 +1238,23 @@ mod props {
                     }
                 },
             )
+    }
+
+    /// A rule of `protocol` with every optional key left out, as read.
+    fn defaults(protocol: Protocol) -> Rule {
+        let text = format!(
+            "[[proxy]]\nname = \"d\"\nprotocol = \"{protocol}\"\nlisten = \"127.0.0.1:1\"\nnetns = [\"host\"]\nupstream = \"127.0.0.1:9\"\n"
+        );
+        let rule = parse_toml(&text, "d.toml").unwrap().rules.remove(0);
+        assert_eq!(
+            (rule.connect_timeout, rule.backlog, rule.sctp_streams),
+            (
+                DEFAULT_CONNECT_TIMEOUT,
+                DEFAULT_BACKLOG,
+                DEFAULT_SCTP_STREAMS
+            )
+        );
+        rule
     }
 
     /// Writes the rules as a file; fills in each rule's name, port and origin.
