@@ -494,7 +494,7 @@ fn idle_control_clients_are_capped_then_closed() {
     hello_server(host.tcp_listen("127.0.0.1:9000"), "hi\n");
     let d = Daemon::run(
         &host,
-        &config(&rule_of(
+        &metrics_config(&rule_of(
             "tcp",
             "c",
             "127.0.0.1:7000",
@@ -528,6 +528,20 @@ fn idle_control_clients_are_capped_then_closed() {
     assert!(started.elapsed() < WAIT);
     let (code, out, err) = d.cli(&["status"]);
     assert_eq!(code, 0, "{out}{err}");
+    let body = ask_tcp(&host, "127.0.0.1:9100", b"GET /metrics HTTP/1.1\r\n\r\n");
+    let at_cap = counter(
+        &body,
+        "nsproxy_http_refused_at_cap_total{endpoint=\"control\"}",
+    );
+    assert!(
+        at_cap >= 5,
+        "{at_cap}: the 4 beyond the cap and the status call"
+    );
+    let timed_out = counter(
+        &body,
+        "nsproxy_http_read_timeouts_total{endpoint=\"control\"}",
+    );
+    assert_eq!(timed_out, cap as u64);
 }
 
 #[test]

@@ -264,4 +264,27 @@ mod tests {
         );
         serde_json::from_str::<serde_json::Value>(body).unwrap();
     }
+
+    #[test]
+    fn only_a_socket_may_be_replaced() {
+        let kind = |p: &Path| not_a_socket(std::fs::symlink_metadata(p).unwrap().file_type());
+        assert_eq!(kind(Path::new("/")), Some("a directory"));
+        assert_eq!(kind(Path::new("/dev/null")), Some("a device"));
+        assert_eq!(
+            kind(&std::env::current_exe().unwrap()),
+            Some("a regular file")
+        );
+        let dir = std::env::temp_dir().join(format!("nsproxy-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s.sock");
+        let _ = std::fs::remove_file(&sock);
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let link = dir.join("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&sock, &link).unwrap();
+        assert_eq!(kind(&sock), None);
+        // A link to a socket is not followed: it is not ours to remove.
+        assert_eq!(kind(&link), Some("a symbolic link"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
