@@ -166,6 +166,7 @@ pub(crate) async fn serve<L, H, F>(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let name = endpoint.name();
     let mut refused = Refusals::default();
+    let (mut failed_accepts, mut last_accept_log) = (0u64, None);
     loop {
         let conn = tokio::select! {
             c = listener.accept() => c,
@@ -177,8 +178,17 @@ pub(crate) async fn serve<L, H, F>(
         let conn = match conn {
             Ok(c) => c,
             Err(e) => {
-                // Out of fds, most likely: back off instead of spinning.
-                warn!("{name} accept failed: {e}");
+                // Out of fds, most likely: back off instead of spinning,
+                // and say so once per interval, not ten times a second.
+                failed_accepts += 1;
+                if last_accept_log.is_none_or(|t: Instant| t.elapsed() >= REPORT_INTERVAL) {
+                    warn!(
+                        count = failed_accepts,
+                        "{name} accept failed: {e} ({failed_accepts} time(s) since the last report; retrying every 100 ms)"
+                    );
+                    failed_accepts = 0;
+                    last_accept_log = Some(Instant::now());
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
