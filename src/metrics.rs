@@ -263,9 +263,10 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|source| MetricsError { addr, source })
 }
 
-/// A rendered exposition younger than this is served again as it is: it
-/// bounds the renders (one per interval, however many scrapers) and the
-/// copies held by slow clients (one per interval within the write timeout).
+/// A rendered exposition younger than this, still being sent to someone,
+/// is served again as it is: it bounds the renders among overlapping
+/// scrapers and the copies slow clients hold (one per interval within the
+/// write timeout).
 const FRESH: Duration = Duration::from_secs(1);
 /// How long a scrape waits for the daemon's counters before a 503.
 const STATUS_WAIT: Duration = Duration::from_secs(10);
@@ -297,10 +298,7 @@ impl Exposition {
             self.commands.send(Command::Status(tx)).await.ok()?;
             rx.await.ok()
         };
-        let status = tokio::time::timeout(STATUS_WAIT, status)
-            .await
-            .map_err(|_| "nsproxy is busy: its counters did not come in time\n")?
-            .ok_or("nsproxy is shutting down\n")?;
+        let status = status.await.ok_or("nsproxy is shutting down\n")?;
         let mut out = render(&status);
         render_http(&mut out, &self.stats);
         let text = Arc::new(out.into_bytes());
@@ -391,7 +389,12 @@ pub async fn serve(
                     Bytes::from_static(b"only GET /metrics is served here\n"),
                 );
             }
-            match exposition.text().await {
+            // Bounded as a whole: waiting for another scraper's render
+            // counts too.
+            let body = tokio::time::timeout(STATUS_WAIT, exposition.text())
+                .await
+                .unwrap_or(Err("nsproxy is busy: its counters did not come in time\n"));
+            match body {
                 Ok(body) => http::answer(StatusCode::OK, "text/plain; version=0.0.4", body),
                 Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
             }
