@@ -23,17 +23,20 @@ use proptest::prelude::*;
 // ---- in-process endpoints for the property tests ---------------------------
 
 /// Short limits, so that a case that leaves a request unfinished costs
-/// little; the cap is above what one case opens.
+/// little, yet long enough that a loaded machine does not time out a good
+/// request; the cap is above what one case opens.
 const TEST_LIMITS: Limits = Limits {
-    read_timeout: Duration::from_millis(100),
-    write_timeout: Duration::from_millis(300),
+    read_timeout: Duration::from_millis(500),
+    write_timeout: Duration::from_secs(2),
     max_connections: 8,
 };
 /// Longest a case waits for an answer or a close: well past both limits.
 const CASE_WAIT: Duration = Duration::from_secs(5);
 
-/// Panics anywhere in the process (the servers' tasks included).
+/// Panics on the servers' threads (a failing case panics on its own
+/// thread, and is not counted).
 static PANICS: AtomicUsize = AtomicUsize::new(0);
+const SERVER_THREAD: &str = "http-endpoints";
 
 /// A control API on a unix socket and a metrics endpoint on loopback TCP,
 /// answered by a stand-in for the daemon, on a runtime of their own.
@@ -49,11 +52,14 @@ fn endpoints() -> &'static Endpoints {
     E.get_or_init(|| {
         let hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            PANICS.fetch_add(1, Ordering::Relaxed);
+            if std::thread::current().name() == Some(SERVER_THREAD) {
+                PANICS.fetch_add(1, Ordering::Relaxed);
+            }
             hook(info);
         }));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
+            .thread_name(SERVER_THREAD)
             .enable_all()
             .build()
             .unwrap();
@@ -226,7 +232,7 @@ fn request() -> impl Strategy<Value = Vec<u8>> {
 
 proptest! {
     #[test]
-    fn prop_control_api_answers_or_closes(bytes in request(), half in prop::bool::weighted(0.9)) {
+    fn prop_control_api_answers_or_closes(bytes in request(), half in prop::bool::weighted(0.97)) {
         let got = control_exchange(&bytes, half).map_err(TestCaseError::fail)?;
         answer_or_close(&got).map_err(TestCaseError::fail)?;
         // Still serving.
@@ -236,7 +242,7 @@ proptest! {
     }
 
     #[test]
-    fn prop_metrics_endpoint_answers_or_closes(bytes in request(), half in prop::bool::weighted(0.9)) {
+    fn prop_metrics_endpoint_answers_or_closes(bytes in request(), half in prop::bool::weighted(0.97)) {
         let got = metrics_exchange(&bytes, half).map_err(TestCaseError::fail)?;
         answer_or_close(&got).map_err(TestCaseError::fail)?;
         let next = metrics_exchange(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", false).map_err(TestCaseError::fail)?;
