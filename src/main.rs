@@ -267,11 +267,12 @@ fn try_serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         }
 
         let mut control_path = None;
+        let http_stats = std::sync::Arc::new(control::HttpStats::default());
         if let Some(p) = socket_path {
             match control::bind(&p).await {
                 Ok(l) => {
                     info!("control API on {}", p.display());
-                    tokio::spawn(control::serve(l, server.commands()));
+                    tokio::spawn(control::serve(l, server.commands(), control::Limits::CONTROL, http_stats.clone()));
                     control_path = Some(p);
                 }
                 Err(e) => error!("{e}; the control API (nsproxy status, nsproxy reload) is off"),
@@ -281,7 +282,7 @@ fn try_serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             match metrics::bind(addr).await {
                 Ok(l) => {
                     info!("metrics on http://{}/metrics", l.local_addr().unwrap_or(addr));
-                    tokio::spawn(metrics::serve(l, server.commands()));
+                    tokio::spawn(metrics::serve(l, server.commands(), control::Limits::METRICS, http_stats));
                 }
                 Err(e) => error!("{e}; metrics are off"),
             }

@@ -5,6 +5,9 @@
 //! | `GET /status` | [`Status`] as JSON |
 //! | `POST /reload` | [`ReloadReport`] as JSON, or 400 with `{"error": "..."}` when the new config is invalid (the old one keeps serving) |
 //!
+//! Another method on these paths is answered 405 with `Allow`, another path
+//! 404, a malformed request 400; [`Limits`] says what a client may take.
+//!
 //! The socket is created with mode 0600, so only its owner (the user
 //! nsproxy runs as) can use it.
 
@@ -13,10 +16,16 @@ pub(crate) mod http;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+
+use self::http::{Answer, Endpoint};
+pub use self::http::{EndpointStats, HttpStats, Limits};
 
 use crate::status::{ReloadReport, Status};
 
@@ -35,6 +44,10 @@ pub enum Command {
 pub enum ControlError {
     #[error("another nsproxy is already running with control socket {0}")]
     InUse(PathBuf),
+    #[error(
+        "refusing to use {path} as the control socket: it is {kind}, not a socket (nsproxy only ever replaces a stale socket); remove it or set another control_socket"
+    )]
+    NotASocket { path: PathBuf, kind: &'static str },
     #[error("cannot create the control socket {path}: {source}")]
     Create { path: PathBuf, source: io::Error },
     #[error(
@@ -56,8 +69,9 @@ pub enum ControlError {
 }
 
 /// Binds the control socket at `path` (creating its directory), mode 0600.
-/// A leftover socket file from a dead daemon is replaced; a live one is an
-/// error.
+/// A leftover socket from a dead daemon is replaced; a live one is an
+/// error, and so is anything at `path` that is not a socket (it is never
+/// removed).
 pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let create = |source| ControlError::Create {
         path: path.to_owned(),
@@ -70,74 +84,125 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
                 .map_err(create)?;
         }
     }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(ControlError::InUse(path.to_owned()));
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => {
+            // Only a socket can be a leftover of ours; a symlink is not
+            // followed, so whatever it points at is left alone too.
+            if let Some(kind) = not_a_socket(m.file_type()) {
+                return Err(ControlError::NotASocket {
+                    path: path.to_owned(),
+                    kind,
+                });
+            }
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(ControlError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(create)?;
         }
-        std::fs::remove_file(path).map_err(create)?;
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(create(e)),
     }
     let listener = UnixListener::bind(path).map_err(create)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(create)?;
     Ok(listener)
 }
 
-/// Answers API requests until the task is dropped.
-pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>) {
-    loop {
-        let (conn, _) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!("control socket accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let commands = commands.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(conn, commands).await {
-                debug!("control request failed: {e}");
-            }
-        });
+/// What a file that is not a socket is, for the error; `None` for a socket.
+fn not_a_socket(t: std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_socket() {
+        None
+    } else if t.is_file() {
+        Some("a regular file")
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_symlink() {
+        Some("a symbolic link")
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_char_device() || t.is_block_device() {
+        Some("a device")
+    } else {
+        Some("not a socket")
     }
 }
 
-async fn handle(mut conn: UnixStream, commands: mpsc::Sender<Command>) -> io::Result<()> {
-    let req = tokio::time::timeout(http::REQUEST_TIMEOUT, http::read_request(&mut conn))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request timed out"))??;
-    let gone = || io::Error::other("the daemon is shutting down");
-    let (status, body) = match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/status") => {
+/// The whole answer to a client beyond [`Limits::max_connections`].
+const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 64\r\nConnection: close\r\n\r\n{\"error\":\"too many control connections open; try again shortly\"}";
+
+/// Answers API requests until the task is dropped, within `limits`
+/// ([`Limits::CONTROL`] unless testing), counting into `stats`.
+pub async fn serve(
+    listener: UnixListener,
+    commands: mpsc::Sender<Command>,
+    limits: Limits,
+    stats: Arc<HttpStats>,
+) {
+    let handler = move |req: Request<Incoming>| {
+        let commands = commands.clone();
+        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        async move { route(&method, &path, &commands).await }
+    };
+    http::serve(listener, Endpoint::Control, limits, stats, REFUSAL, handler).await;
+}
+
+fn json(status: StatusCode, body: String) -> Answer {
+    http::answer(status, "application/json", Bytes::from(body))
+}
+
+fn error(status: StatusCode, message: &str) -> Answer {
+    json(status, serde_json::json!({ "error": message }).to_string())
+}
+
+async fn route(method: &Method, path: &str, commands: &mpsc::Sender<Command>) -> Answer {
+    let gone = || {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down",
+        )
+    };
+    let encode = |r: Result<String, serde_json::Error>| match r {
+        Ok(body) => json(StatusCode::OK, body),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    };
+    match (path, method) {
+        ("/status", &Method::GET) => {
             let (tx, rx) = oneshot::channel();
-            commands
-                .send(Command::Status(tx))
-                .await
-                .map_err(|_| gone())?;
-            let s = rx.await.map_err(|_| gone())?;
-            (200, serde_json::to_string(&s).map_err(io::Error::other)?)
-        }
-        ("POST", "/reload") => {
-            let (tx, rx) = oneshot::channel();
-            commands
-                .send(Command::Reload(tx))
-                .await
-                .map_err(|_| gone())?;
-            match rx.await.map_err(|_| gone())? {
-                Ok(r) => (200, serde_json::to_string(&r).map_err(io::Error::other)?),
-                Err(e) => (400, serde_json::json!({ "error": e }).to_string()),
+            if commands.send(Command::Status(tx)).await.is_err() {
+                return gone();
+            }
+            match rx.await {
+                Ok(s) => encode(serde_json::to_string(&s)),
+                Err(_) => gone(),
             }
         }
-        (_, "/status" | "/reload") => (
-            405,
-            serde_json::json!({ "error": "method not allowed: GET /status, POST /reload" })
-                .to_string(),
+        ("/reload", &Method::POST) => {
+            let (tx, rx) = oneshot::channel();
+            if commands.send(Command::Reload(tx)).await.is_err() {
+                return gone();
+            }
+            match rx.await {
+                Ok(Ok(r)) => encode(serde_json::to_string(&r)),
+                Ok(Err(e)) => error(StatusCode::BAD_REQUEST, &e),
+                Err(_) => gone(),
+            }
+        }
+        ("/status" | "/reload", _) => {
+            let allow = if path == "/status" { "GET" } else { "POST" };
+            http::not_allowed(
+                allow,
+                "application/json",
+                Bytes::from(
+                    serde_json::json!({ "error": format!("method not allowed: {path} takes {allow}") })
+                        .to_string(),
+                ),
+            )
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "unknown path: GET /status, POST /reload",
         ),
-        _ => (
-            404,
-            serde_json::json!({ "error": "unknown path: GET /status, POST /reload" }).to_string(),
-        ),
-    };
-    http::respond(&mut conn, status, "application/json", body.as_bytes()).await
+    }
 }
 
 /// Client: connects to the daemon's control socket.
@@ -153,14 +218,15 @@ async fn connect(path: &Path) -> Result<UnixStream, ControlError> {
     })
 }
 
-async fn call(path: &Path, method: &str, what: &str) -> Result<String, ControlError> {
-    let mut conn = connect(path).await?;
-    let (status, body) = http::call(&mut conn, method, what)
-        .await
-        .map_err(|source| ControlError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+async fn call(path: &Path, method: Method, what: &str) -> Result<String, ControlError> {
+    let conn = connect(path).await?;
+    let (status, body) =
+        http::call(conn, method, what)
+            .await
+            .map_err(|source| ControlError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
     if status == 200 {
         return Ok(body);
     }
@@ -173,12 +239,52 @@ async fn call(path: &Path, method: &str, what: &str) -> Result<String, ControlEr
 
 /// Client: `GET /status`.
 pub async fn status(path: &Path) -> Result<Status, ControlError> {
-    let body = call(path, "GET", "/status").await?;
+    let body = call(path, Method::GET, "/status").await?;
     serde_json::from_str(&body).map_err(|e| ControlError::Decode(e.to_string()))
 }
 
 /// Client: `POST /reload`.
 pub async fn reload(path: &Path) -> Result<ReloadReport, ControlError> {
-    let body = call(path, "POST", "/reload").await?;
+    let body = call(path, Method::POST, "/reload").await?;
     serde_json::from_str(&body).map_err(|e| ControlError::Decode(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_is_a_whole_http_answer() {
+        let text = std::str::from_utf8(REFUSAL).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        assert!(
+            head.contains(&format!("Content-Length: {}\r\n", body.len())),
+            "{head}"
+        );
+        serde_json::from_str::<serde_json::Value>(body).unwrap();
+    }
+
+    #[test]
+    fn only_a_socket_may_be_replaced() {
+        let kind = |p: &Path| not_a_socket(std::fs::symlink_metadata(p).unwrap().file_type());
+        assert_eq!(kind(Path::new("/")), Some("a directory"));
+        assert_eq!(kind(Path::new("/dev/null")), Some("a device"));
+        assert_eq!(
+            kind(&std::env::current_exe().unwrap()),
+            Some("a regular file")
+        );
+        let dir = std::env::temp_dir().join(format!("nsproxy-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s.sock");
+        let _ = std::fs::remove_file(&sock);
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let link = dir.join("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&sock, &link).unwrap();
+        assert_eq!(kind(&sock), None);
+        // A link to a socket is not followed: it is not ours to remove.
+        assert_eq!(kind(&link), Some("a symbolic link"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
