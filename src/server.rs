@@ -442,10 +442,13 @@ impl Supervisor {
                         binding.retune(&rule);
                         if retuned_rules.insert(rule.name.clone()) {
                             info!(rule = %rule.name,
-                                "max_connections {}, proxy_protocol {}, idle_timeout {:?}, half_close_timeout {:?} and tcp_keepalive {:?} applied in place: listeners and open connections are kept",
+                                "max_connections {}, proxy_protocol {}, idle_timeout {}, half_close_timeout {} and tcp_keepalive {} applied in place: listeners and open connections are kept",
                                 rule.max_connections.map_or("none".to_owned(), |n| n.to_string()),
                                 rule.proxy_protocol.map_or("off".to_owned(), |v| v.to_string()),
-                                rule.idle_timeout, rule.half_close_timeout, rule.tcp_keepalive);
+                                rule.idle_timeout.map_or("off".to_owned(), |d| format!("{d:?}")),
+                                rule.half_close_timeout.map_or("off".to_owned(), |d| format!("{d:?}")),
+                                rule.tcp_keepalive.map_or("off".to_owned(), |k| format!(
+                                    "idle {:?}, interval {:?}, count {}", k.idle, k.interval, k.count)));
                         }
                     } else {
                         report.unchanged += 1;

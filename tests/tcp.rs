@@ -706,7 +706,7 @@ fn a_reload_applies_max_connections_and_proxy_protocol_in_place() {
     );
     let log = d.log();
     assert!(
-        log.contains("max_connections 2 and proxy_protocol v1 applied in place"),
+        log.contains("max_connections 2, proxy_protocol v1,"),
         "{log}"
     );
 }

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use socket2::SockRef;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll, Waker};
+use std::{future::Future, pin::Pin};
 
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -76,7 +78,15 @@ pub(crate) async fn serve(
                 peer = %peer,
                 upstream = %b.rule.upstream,
             );
-            handle(b, client, peer).instrument(span)
+            // Asked for now, before the accept loop takes another client:
+            // out of fds, it pauses at once and the clients after this one
+            // wait in the backlog (see `early`).
+            let first = early(
+                &b,
+                b.switcher
+                    .pooled_socket(b.upstream_ns, SocketSpec::tcp(&b.rule.upstream)),
+            );
+            handle(b, client, peer, first).instrument(span)
         },
     )
     .await;
@@ -87,7 +97,42 @@ pub(crate) async fn serve(
     }
 }
 
-async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr) {
+/// An upstream socket on its way (a pool or the namespace thread) or made;
+/// `counted`: it failed for lack of fds and that was already reported.
+struct SocketFuture {
+    f: Pin<Box<dyn Future<Output = Result<socket2::Socket, NsError>> + Send>>,
+    counted: bool,
+}
+
+/// Polls `f` once, now: a socket of nsproxy's own namespace is made on the
+/// spot, and if that failed for lack of fds the accept loop is told before
+/// it accepts again. (Otherwise a burst of clients is accepted first, each
+/// holding an fd while it waits for one more, and none gets it.)
+fn early(
+    b: &Binding,
+    f: impl Future<Output = Result<socket2::Socket, NsError>> + Send + 'static,
+) -> SocketFuture {
+    let mut f: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        Poll::Pending => SocketFuture { f, counted: false },
+        Poll::Ready(r) => {
+            let mut counted = false;
+            if let Err(NsError::Socket { source, .. }) = &r {
+                if accept::is_resource_exhaustion(source) {
+                    super::exhausted(b, source);
+                    counted = true;
+                }
+            }
+            SocketFuture {
+                f: Box::pin(std::future::ready(r)),
+                counted,
+            }
+        }
+    }
+}
+
+async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: SocketFuture) {
     b.stats.active.fetch_add(1, Relaxed);
     let _active = scopeguard(&b);
     // As it was when the client was accepted, whatever a reload does meanwhile.
@@ -97,7 +142,7 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr) {
     let upstream = {
         // Should the connection be cut meanwhile, the client is reset.
         let cut = Cut::new(&b, &client, None, &moved);
-        let r = connect(&b, &client).await;
+        let r = connect(&b, &client, first).await;
         cut.disarm();
         match r {
             Ok(s) => s,
@@ -322,21 +367,34 @@ pub(crate) fn describe(e: &io::Error) -> String {
 /// first. Out of fds or memory for the upstream socket, it waits and tries
 /// again (within the same limit), and tells the accept loop to pause, so
 /// that clients wait in the backlog rather than being accepted and reset.
-async fn connect(b: &Binding, client: &TcpStream) -> Result<TcpStream, ConnectError> {
+async fn connect(
+    b: &Binding,
+    client: &TcpStream,
+    first: SocketFuture,
+) -> Result<TcpStream, ConnectError> {
     let started = Instant::now();
     let limit = b.rule.connect_timeout;
     let attempt = async {
         let to = b.rule.upstream;
         let mut backoff = Duration::from_millis(10);
+        let mut next = Some(first);
         let socket = loop {
-            match b
-                .switcher
-                .pooled_socket(b.upstream_ns, SocketSpec::tcp(&to))
-                .await
-            {
+            let (made, counted) = match next.take() {
+                Some(first) => (first.f.await, first.counted),
+                None => {
+                    let made = b
+                        .switcher
+                        .pooled_socket(b.upstream_ns, SocketSpec::tcp(&to))
+                        .await;
+                    (made, false)
+                }
+            };
+            match made {
                 Ok(s) => break s,
                 Err(NsError::Socket { source, .. }) if accept::is_resource_exhaustion(&source) => {
-                    super::exhausted(b, &source);
+                    if !counted {
+                        super::exhausted(b, &source);
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
