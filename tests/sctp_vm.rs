@@ -810,3 +810,64 @@ fn the_forward_form_and_every_kind_of_namespace_reference() {
         let _ = s.wait();
     }
 }
+
+#[test]
+fn idle_timeout_aborts_both_legs_of_a_silent_association() {
+    if !sctp_or_skip("idle_timeout_aborts_both_legs_of_a_silent_association") {
+        return;
+    }
+    let (tx, rx) = mpsc::channel();
+    let setup = Setup::new(
+        |ns| {
+            serve(ns.sctp_listen("127.0.0.1:9000"), move |s| {
+                let first = recv(&s).map(|m| m.map(|m| m.data));
+                // Then silence, until nsproxy ends it.
+                let then = recv(&s);
+                let _ = tx.send((first.ok().flatten(), format!("{then:?}"), is_abort(then)));
+            });
+            Ok(())
+        },
+        "idle_timeout = \"1s\"\n",
+    );
+    let c = setup.connect();
+    send(&c, b"and then nothing", 0, 0).unwrap();
+    let started = Instant::now();
+    let then = recv(&c);
+    assert!(is_abort(then), "the client was not aborted");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let (first, then, aborted) = rx.recv_timeout(WAIT).unwrap();
+    assert_eq!(first.as_deref(), Some(&b"and then nothing"[..]));
+    assert!(aborted, "the server saw {then}, not an abort");
+    let log = setup.daemon.wait_log("idle for 1s (idle_timeout)");
+    assert!(log.contains("\"bytes_from_client\":16"), "{log}");
+}
+
+#[test]
+fn shutdown_aborts_associations_that_outlive_the_drain() {
+    if !sctp_or_skip("shutdown_aborts_associations_that_outlive_the_drain") {
+        return;
+    }
+    let (host, client, server) = (Ns::new("h"), Ns::new("c"), Ns::new("s"));
+    echo_server(server.sctp_listen("127.0.0.1:9000"));
+    let daemon = Daemon::run(
+        &host,
+        &format!(
+            "drain_timeout = \"500ms\"\n{}",
+            config(&rule(
+                "sctp",
+                "127.0.0.1:7000",
+                &[client.name()],
+                "127.0.0.1:9000",
+                server.name()
+            ))
+        ),
+    );
+    daemon.wait_ready();
+    let c = client.sctp_connect("127.0.0.1:7000").unwrap();
+    send(&c, b"echo", 0, 0).unwrap();
+    assert_eq!(recv(&c).unwrap().map(|m| m.data).as_deref(), Some(&b"echo"[..]));
+    let status = daemon.terminate();
+    assert!(status.success());
+    // Cut by the drain's end: an abort, not a graceful shutdown.
+    assert!(is_abort(recv(&c)), "the client was not aborted");
+}

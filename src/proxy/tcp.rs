@@ -664,3 +664,64 @@ async fn relay(b: &Binding, client: &TcpStream, upstream: &TcpStream, moved: &Mo
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two ends of a loopback connection: (the far peer, nsproxy's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let far = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (near, _) = l.accept().await.unwrap();
+        (far, near)
+    }
+
+    /// With paused time: a silent connection ends at `idle_timeout`; once
+    /// half-closed, at the shorter `half_close_timeout` of silence.
+    #[tokio::test(start_paused = true)]
+    async fn silence_ends_a_relay_at_the_limit_that_applies() {
+        let b = crate::proxy::test_binding("idle_timeout = \"30s\"\nhalf_close_timeout = \"5s\"")
+            .await;
+        let (_client_far, client) = pair().await;
+        let (_upstream_far, upstream) = pair().await;
+        let moved = Moved::new();
+        let t0 = tokio::time::Instant::now();
+        let end = relay(&b, &client, &upstream, &moved).await;
+        assert!(
+            matches!(end, End::Expired(Expired::Idle(d)) if d == Duration::from_secs(30)),
+            "{end}"
+        );
+        assert!(t0.elapsed() >= Duration::from_secs(30));
+
+        let (client_far, client) = pair().await;
+        let (mut upstream_far, upstream) = pair().await;
+        let moved = Moved::new();
+        let t0 = tokio::time::Instant::now();
+        SockRef::from(&client_far)
+            .shutdown(std::net::Shutdown::Write)
+            .unwrap();
+        let relayed = relay(&b, &client, &upstream, &moved);
+        let fin_seen = async {
+            // The FIN is passed on, and then nothing more moves.
+            let mut buf = [0u8; 8];
+            assert_eq!(
+                tokio::io::AsyncReadExt::read(&mut upstream_far, &mut buf)
+                    .await
+                    .unwrap(),
+                0
+            );
+            std::future::pending::<()>().await
+        };
+        let end = tokio::select! {
+            end = relayed => end,
+            () = fin_seen => unreachable!(),
+        };
+        assert!(
+            matches!(end, End::Expired(Expired::HalfClose(d)) if d == Duration::from_secs(5)),
+            "{end}"
+        );
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(30));
+    }
+}
