@@ -865,7 +865,10 @@ fn shutdown_aborts_associations_that_outlive_the_drain() {
     daemon.wait_ready();
     let c = client.sctp_connect("127.0.0.1:7000").unwrap();
     send(&c, b"echo", 0, 0).unwrap();
-    assert_eq!(recv(&c).unwrap().map(|m| m.data).as_deref(), Some(&b"echo"[..]));
+    assert_eq!(
+        recv(&c).unwrap().map(|m| m.data).as_deref(),
+        Some(&b"echo"[..])
+    );
     let status = daemon.terminate();
     assert!(status.success());
     // Cut by the drain's end: an abort, not a graceful shutdown.

@@ -145,7 +145,13 @@ fn half_close_timeout_ends_a_connection_left_half_open() {
     let log = d.wait_log("half_close_timeout");
     assert!(log.contains("half-closed and silent for 1s"), "{log}");
     let n = counters(&d, "hc", a.name());
-    assert_eq!((n["half_close_timeouts"].as_u64(), n["idle_timeouts"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(
+        (
+            n["half_close_timeouts"].as_u64(),
+            n["idle_timeouts"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
 }
 
 /// The daemon's TCP sockets (copied into this process with pidfd_getfd),
@@ -153,11 +159,18 @@ fn half_close_timeout_ends_a_connection_left_half_open() {
 fn daemon_tcp_sockets(pid: u32) -> Vec<(OwnedFd, std::net::SocketAddr, std::net::SocketAddr)> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) } as i32;
-    assert!(pidfd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: a fresh fd, owned here only.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     let mut out = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
         let Ok(n) = e.file_name().to_string_lossy().parse::<libc::c_int>() else {
             continue;
         };
@@ -264,11 +277,18 @@ fn shutdown_resets_what_outlives_the_drain_and_logs_it() {
     assert!(status.success(), "{log}");
     let cuts: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("connection cut: still open when its closing listener's drain timeout ran out"))
+        .filter(|l| {
+            l.contains(
+                "connection cut: still open when its closing listener's drain timeout ran out",
+            )
+        })
         .collect();
     assert_eq!(cuts.len(), 3, "{log}");
     for l in cuts {
-        assert!(l.contains("\"bytes_from_client\":7") && l.contains("\"bytes_to_client\":7"), "{l}");
+        assert!(
+            l.contains("\"bytes_from_client\":7") && l.contains("\"bytes_to_client\":7"),
+            "{l}"
+        );
     }
 }
 
@@ -341,9 +361,11 @@ fn out_of_fds_with_the_upstream_at_home_clients_wait_instead_of_reset() {
                 let mut c = c.map_err(|e| format!("connect: {e}"))?;
                 c.set_read_timeout(Some(WAIT)).unwrap();
                 let msg = format!("{i:04}");
-                c.write_all(msg.as_bytes()).map_err(|e| format!("write: {e}"))?;
+                c.write_all(msg.as_bytes())
+                    .map_err(|e| format!("write: {e}"))?;
                 let mut back = [0u8; 4];
-                c.read_exact(&mut back).map_err(|e| format!("client {i}: {e}"))?;
+                c.read_exact(&mut back)
+                    .map_err(|e| format!("client {i}: {e}"))?;
                 assert_eq!(&back, msg.as_bytes());
                 Ok(())
             })
@@ -408,7 +430,9 @@ fn blackhole_and_prohibit_routes_are_explained() {
     }
     let log = d.wait_log_count("upstream connect failed", 2);
     assert!(
-        log.contains("no route: the upstream namespace's routing table blackholes the upstream address"),
+        log.contains(
+            "no route: the upstream namespace's routing table blackholes the upstream address"
+        ),
         "{log}"
     );
     assert!(
@@ -446,13 +470,21 @@ fn a_connect_is_abandoned_when_its_client_resets() {
         counters(&d, "slow", a.name())["connections_accepted"] == 1
     });
     // The client gives up with a reset.
-    socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(c);
     let started = Instant::now();
     d.wait_log("while the upstream connect was under way");
     assert!(started.elapsed() < Duration::from_secs(20));
     let n = counters(&d, "slow", a.name());
-    assert_eq!((n["client_gone_connecting"].as_u64(), n["connect_failed"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(
+        (
+            n["client_gone_connecting"].as_u64(),
+            n["connect_failed"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
     assert_eq!(n["connections_active"], 0);
 }
 
@@ -484,7 +516,12 @@ fn a_reload_applies_new_timeouts_to_open_connections_in_place() {
     assert_eq!(end_of(&mut c), Some(ErrorKind::ConnectionReset));
     assert_eq!(counters(&d, "tuned", a.name())["idle_timeouts"], 1);
     let log = d.log();
-    assert!(log.contains("idle_timeout 1s, half_close_timeout 60s and tcp_keepalive off applied in place"), "{log}");
+    assert!(
+        log.contains(
+            "idle_timeout 1s, half_close_timeout 60s and tcp_keepalive off applied in place"
+        ),
+        "{log}"
+    );
     // The listener is the one from before.
     let listener_kept = d.socket_inodes().iter().any(|s| sockets_before.contains(s));
     assert!(listener_kept);

@@ -10,12 +10,12 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCTP_STREAMS,
-    DEFAULT_HALF_CLOSE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_TCP_KEEPALIVE, DEFAULT_UDP_IDLE_TIMEOUT,
-    DEFAULT_UDP_MAX_SESSIONS, Keepalive, MAX_CONNECTIONS, MAX_UDP_SESSIONS,
-    MAX_WORKERS, OnDelete, Problem, Protocol, Rule, check_listen, check_name, check_netns,
-    check_on_delete, check_protocol, check_proxy_protocol, check_rules, check_sctp_addr,
-    check_sctp_listen_addrs, check_upstream, check_upstream_netns, parse_duration,
+    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HALF_CLOSE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_SCTP_STREAMS, DEFAULT_TCP_KEEPALIVE, DEFAULT_UDP_IDLE_TIMEOUT,
+    DEFAULT_UDP_MAX_SESSIONS, Keepalive, MAX_CONNECTIONS, MAX_UDP_SESSIONS, MAX_WORKERS, OnDelete,
+    Problem, Protocol, Rule, check_listen, check_name, check_netns, check_on_delete,
+    check_protocol, check_proxy_protocol, check_rules, check_sctp_addr, check_sctp_listen_addrs,
+    check_upstream, check_upstream_netns, parse_duration,
 };
 use crate::netns::NsRef;
 
@@ -938,7 +938,8 @@ backlog = 0
             GOOD.replace("\"tcp\"", &format!("\"{protocol}\""))
                 .replace("upstream_netns = \"host\"", extra)
         };
-        let with_extra = |protocol: &str, extra: &str| parse_toml(&good_with(protocol, extra), "t.toml");
+        let with_extra =
+            |protocol: &str, extra: &str| parse_toml(&good_with(protocol, extra), "t.toml");
         let r = &parse_toml(GOOD, "t.toml").unwrap().rules[0];
         assert_eq!(r.idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
         assert_eq!(r.half_close_timeout, Some(DEFAULT_HALF_CLOSE_TIMEOUT));

@@ -315,9 +315,7 @@ impl Suppressed {
     fn since(&self) -> String {
         match self.0 {
             0 => String::new(),
-            n => format!(
-                "; {n} more time(s) since the last such line ({REPORT_INTERVAL:?} apart)"
-            ),
+            n => format!("; {n} more time(s) since the last such line ({REPORT_INTERVAL:?} apart)"),
         }
     }
 }

@@ -168,10 +168,7 @@ mod tests {
         /// 2.1: "PROXY" SP proto SP src SP dst SP sport SP dport CRLF, at
         /// most 107 bytes with the CRLF.
         pub fn v1(b: &[u8]) -> Result<Decoded, String> {
-            let end = b
-                .windows(2)
-                .position(|w| w == b"\r\n")
-                .ok_or("no CRLF")?;
+            let end = b.windows(2).position(|w| w == b"\r\n").ok_or("no CRLF")?;
             let len = end + 2;
             if len > 107 {
                 return Err(format!("line of {len} bytes, more than 107"));
@@ -197,7 +194,10 @@ mod tests {
             };
             // Decimal 0..=65535 without leading zeros.
             let port = |s: &str| -> Result<u16, String> {
-                if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0')) {
+                if s.is_empty()
+                    || !s.bytes().all(|c| c.is_ascii_digit())
+                    || (s.len() > 1 && s.starts_with('0'))
+                {
                     return Err(format!("port {s:?}"));
                 }
                 s.parse().map_err(|e| format!("port {s}: {e}"))

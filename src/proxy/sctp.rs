@@ -760,14 +760,7 @@ async fn send(to: &Leg<'_>, msg: &[u8], info: &sctp::RcvInfo) -> io::Result<usiz
 
 /// Reports a message on a stream the other side does not have: counted,
 /// logged for the first one of each direction, and dropped.
-fn unknown_stream(
-    b: &Binding,
-    from: &Leg<'_>,
-    to: &Leg<'_>,
-    sid: u16,
-    streams: u16,
-    flow: &Flow,
-) {
+fn unknown_stream(b: &Binding, from: &Leg<'_>, to: &Leg<'_>, sid: u16, streams: u16, flow: &Flow) {
     b.stats.unknown_stream.fetch_add(1, Relaxed);
     if flow.unknown_stream.fetch_add(1, Relaxed) == 0 {
         warn!(

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-
 use socket2::SockRef;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
@@ -681,8 +680,8 @@ mod tests {
     /// half-closed, at the shorter `half_close_timeout` of silence.
     #[tokio::test(start_paused = true)]
     async fn silence_ends_a_relay_at_the_limit_that_applies() {
-        let b = crate::proxy::test_binding("idle_timeout = \"30s\"\nhalf_close_timeout = \"5s\"")
-            .await;
+        let b =
+            crate::proxy::test_binding("idle_timeout = \"30s\"\nhalf_close_timeout = \"5s\"").await;
         let (_client_far, client) = pair().await;
         let (_upstream_far, upstream) = pair().await;
         let moved = Moved::new();

@@ -32,10 +32,9 @@ impl std::fmt::Display for Expired {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Expired::Idle(d) => write!(f, "idle for {d:?} (idle_timeout)"),
-            Expired::HalfClose(d) => write!(
-                f,
-                "half-closed and silent for {d:?} (half_close_timeout)"
-            ),
+            Expired::HalfClose(d) => {
+                write!(f, "half-closed and silent for {d:?} (half_close_timeout)")
+            }
         }
     }
 }
