@@ -82,9 +82,9 @@ where
     let report = tokio::time::sleep(REPORT_INTERVAL);
     tokio::pin!(report);
     let mut paused = false;
-    // Out of fds or memory (accept(2), or an upstream socket): logged at
-    // most once per REPORT_INTERVAL, the rest counted into the next line.
-    let mut exhaustion = Rated::default();
+    // Out of fds or memory (accept(2), or an upstream socket): each logged
+    // at most once per REPORT_INTERVAL, the rest counted into its next line.
+    let (mut accept_exhausted, mut upstream_exhausted) = (Rated::default(), Rated::default());
     let mut upstream_backoff = BACKOFF_MIN;
     loop {
         // `len` counts finished tasks until they are reaped: reap them all,
@@ -102,7 +102,7 @@ where
             // would only take more fds and reset them; clients wait in the
             // backlog instead, as when accept(2) itself runs out.
             let e = io::Error::from_raw_os_error(errno);
-            if let Some(more) = exhaustion.ready() {
+            if let Some(more) = upstream_exhausted.ready() {
                 warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
                     "cannot create upstream sockets: {e}{}; pausing accepts for {upstream_backoff:?} (clients wait in the listen backlog; counted in upstream_socket_exhausted){}",
                     crate::sys::fd_exhaustion_hint(&e), more.since());
@@ -161,7 +161,7 @@ where
                 }
                 Err(e) if is_resource_exhaustion(&e) => {
                     b.stats.accept_errors.fetch_add(1, Relaxed);
-                    if let Some(more) = exhaustion.ready() {
+                    if let Some(more) = accept_exhausted.ready() {
                         warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
                             "accept failed: {e}{}; pausing accepts for {backoff:?} (counted in accept_errors){}",
                             crate::sys::fd_exhaustion_hint(&e), more.since());
