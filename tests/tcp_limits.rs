@@ -465,7 +465,9 @@ fn a_connect_is_abandoned_when_its_client_resets() {
         &[],
     );
     d.wait_ready();
-    let c = a.tcp_connect("127.0.0.1:7000").unwrap();
+    let mut c = a.tcp_connect("127.0.0.1:7000").unwrap();
+    // Data first does not matter: the reset does.
+    c.write_all(b"early bytes").unwrap();
     d.wait_until("the binding accepted the client", || {
         counters(&d, "slow", a.name())["connections_accepted"] == 1
     });

@@ -222,10 +222,23 @@ async fn handle(b: Arc<Binding>, client: AsyncFd<Socket>) {
     let upstream = {
         // Should the association be cut meanwhile, the client is aborted.
         let cut = Cut::new(&b, &client, None, &flows);
-        let r = connect(&b).await;
+        let r = tokio::select! {
+            r = connect(&b) => r,
+            e = aborted(&client) => Err(ConnectError::ClientGone(e)),
+        };
         cut.disarm();
         match r {
             Ok(s) => s,
+            Err(ConnectError::ClientGone(e)) => {
+                b.stats.client_gone_connecting.fetch_add(1, Relaxed);
+                flows.log(
+                    &b,
+                    &format!(
+                        "association closed: the client aborted ({e}) while the upstream connect was under way; the connect was abandoned"
+                    ),
+                );
+                return;
+            }
             Err(e) => {
                 b.stats.connect_failed.fetch_add(1, Relaxed);
                 warn!("upstream connect failed: {e}; aborting the client association");
@@ -363,6 +376,25 @@ enum ConnectError {
     Connect(io::Error, Duration),
     #[error("no answer within {0:?} (connect_timeout)")]
     Timeout(Duration),
+    /// Not a failure of the upstream: the client aborted meanwhile.
+    #[error("the client aborted ({0})")]
+    ClientGone(io::Error),
+}
+
+/// Completes when the client's association fails (an ABORT sets the
+/// socket's error): a graceful SHUTDOWN does not count, as for TCP's FIN.
+async fn aborted(client: &AsyncFd<Socket>) -> io::Error {
+    loop {
+        let mut ready = match client.ready(Interest::ERROR).await {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        match client.get_ref().take_error() {
+            Ok(Some(e)) => return e,
+            Err(e) => return e,
+            Ok(None) => ready.clear_ready(),
+        }
+    }
 }
 
 fn describe(e: &io::Error) -> String {

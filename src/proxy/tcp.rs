@@ -406,14 +406,20 @@ async fn connect(
             .await
             .map_err(|e| ConnectError::Connect(e, started.elapsed()))
     };
-    // Only a reset (or error) ends the wait: a FIN may be a client that
-    // sent everything and waits for the answer, or one that reads a
-    // banner after closing its side.
+    // Only a reset (the socket's error set: EPOLLERR) ends the wait, even
+    // after data: a FIN may be a client that sent everything and waits for
+    // the answer, or one that reads a banner after closing its side.
     let gone = async {
-        match client.peek(&mut [0u8; 1]).await {
-            Err(e) => ConnectError::ClientGone(e, started.elapsed()),
-            Ok(_) => std::future::pending().await,
-        }
+        let e = match client.ready(Interest::ERROR).await {
+            Err(e) => e,
+            Ok(_) => match client.take_error() {
+                Ok(Some(e)) | Err(e) => e,
+                // No error after all (nothing here uses the error queue):
+                // nothing to wait for.
+                Ok(None) => std::future::pending().await,
+            },
+        };
+        ConnectError::ClientGone(e, started.elapsed())
     };
     tokio::select! {
         r = tokio::time::timeout(limit, attempt) => r.unwrap_or(Err(ConnectError::Timeout(limit))),
