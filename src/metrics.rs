@@ -63,6 +63,42 @@ const SERIES: &[Series] = &[
         |c| c.backlog_reset,
     ),
     (
+        "nsproxy_idle_timeouts_total",
+        "counter",
+        "TCP connections and SCTP associations closed (reset, aborted) by idle_timeout.",
+        |c| c.idle_timeouts,
+    ),
+    (
+        "nsproxy_half_close_timeouts_total",
+        "counter",
+        "Half-closed TCP connections closed (reset) by half_close_timeout.",
+        |c| c.half_close_timeouts,
+    ),
+    (
+        "nsproxy_cut_at_drain_timeout_total",
+        "counter",
+        "Connections and associations still open when their closing listener's drain timeout ran out, reset (aborted).",
+        |c| c.cut_at_drain_timeout,
+    ),
+    (
+        "nsproxy_cut_at_close_total",
+        "counter",
+        "Connections and associations reset (aborted) because their listener closed at once (on_netns_delete = \"close\").",
+        |c| c.cut_at_close,
+    ),
+    (
+        "nsproxy_client_gone_connecting_total",
+        "counter",
+        "Clients that reset while the upstream connect was under way; the connect was abandoned.",
+        |c| c.client_gone_connecting,
+    ),
+    (
+        "nsproxy_upstream_socket_exhausted_total",
+        "counter",
+        "Times an upstream socket could not be created for lack of fds or memory (the client waited, accepting paused).",
+        |c| c.upstream_socket_exhausted,
+    ),
+    (
         "nsproxy_bytes_in_total",
         "counter",
         "Bytes from clients to the upstream.",

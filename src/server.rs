@@ -428,7 +428,10 @@ impl Supervisor {
             match self.entries.get(&key) {
                 Some(e) if same_rule(&e.rule, &rule) => {
                     let retuned = e.rule.max_connections != rule.max_connections
-                        || e.rule.proxy_protocol != rule.proxy_protocol;
+                        || e.rule.proxy_protocol != rule.proxy_protocol
+                        || e.rule.idle_timeout != rule.idle_timeout
+                        || e.rule.half_close_timeout != rule.half_close_timeout
+                        || e.rule.tcp_keepalive != rule.tcp_keepalive;
                     // A binding not listening takes the new rule when it opens.
                     let live = match &e.state {
                         State::Listening { live, .. } if retuned => Some(&live.binding),
@@ -439,9 +442,13 @@ impl Supervisor {
                         binding.retune(&rule);
                         if retuned_rules.insert(rule.name.clone()) {
                             info!(rule = %rule.name,
-                                "max_connections {} and proxy_protocol {} applied in place: listeners and open connections are kept",
+                                "max_connections {}, proxy_protocol {}, idle_timeout {}, half_close_timeout {} and tcp_keepalive {} applied in place: listeners and open connections are kept",
                                 rule.max_connections.map_or("none".to_owned(), |n| n.to_string()),
-                                rule.proxy_protocol.map_or("off".to_owned(), |v| v.to_string()));
+                                rule.proxy_protocol.map_or("off".to_owned(), |v| v.to_string()),
+                                rule.idle_timeout.map_or("off".to_owned(), |d| format!("{d:?}")),
+                                rule.half_close_timeout.map_or("off".to_owned(), |d| format!("{d:?}")),
+                                rule.tcp_keepalive.map_or("off".to_owned(), |k| format!(
+                                    "idle {:?}, interval {:?}, count {}", k.idle, k.interval, k.count)));
                         }
                     } else {
                         report.unchanged += 1;
@@ -1021,6 +1028,9 @@ fn same_rule(a: &Rule, b: &Rule) -> bool {
         backlog,
         max_connections: _,
         proxy_protocol: _,
+        idle_timeout: _,
+        half_close_timeout: _,
+        tcp_keepalive: _,
         udp_idle_timeout,
         udp_max_sessions,
         on_netns_delete,

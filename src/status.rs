@@ -64,6 +64,18 @@ pub struct Counters {
     pub paused_at_cap: u64,
     #[serde(default)]
     pub backlog_reset: u64,
+    #[serde(default)]
+    pub idle_timeouts: u64,
+    #[serde(default)]
+    pub half_close_timeouts: u64,
+    #[serde(default)]
+    pub cut_at_drain_timeout: u64,
+    #[serde(default)]
+    pub cut_at_close: u64,
+    #[serde(default)]
+    pub client_gone_connecting: u64,
+    #[serde(default)]
+    pub upstream_socket_exhausted: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub datagrams_in: u64,
@@ -95,6 +107,12 @@ impl Counters {
             accept_errors: s.accept_errors.load(Relaxed),
             paused_at_cap: s.paused_at_cap.load(Relaxed),
             backlog_reset: s.backlog_reset.load(Relaxed),
+            idle_timeouts: s.idle_timeouts.load(Relaxed),
+            half_close_timeouts: s.half_close_timeouts.load(Relaxed),
+            cut_at_drain_timeout: s.cut_at_drain_timeout.load(Relaxed),
+            cut_at_close: s.cut_at_close.load(Relaxed),
+            client_gone_connecting: s.client_gone_connecting.load(Relaxed),
+            upstream_socket_exhausted: s.upstream_socket_exhausted.load(Relaxed),
             bytes_in: s.bytes_in.load(Relaxed),
             bytes_out: s.bytes_out.load(Relaxed),
             datagrams_in: s.datagrams_in.load(Relaxed),

@@ -430,10 +430,12 @@ fn a_client_abort_aborts_the_server_side() {
         return;
     }
     let (tx, rx) = mpsc::channel();
+    let (got_first, first_arrived) = mpsc::channel();
     let setup = Setup::new(
         |ns| {
             serve(ns.sctp_listen("127.0.0.1:9000"), move |s| {
                 let first = recv(&s).map(|m| m.map(|m| m.data));
+                let _ = got_first.send(());
                 let then = recv(&s);
                 let _ = tx.send((first.ok().flatten(), format!("{then:?}"), is_abort(then)));
             });
@@ -443,7 +445,9 @@ fn a_client_abort_aborts_the_server_side() {
     );
     let c = setup.connect();
     send(&c, b"then I abort", 0, 0).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // Once relayed: an abort while nsproxy is still connecting upstream
+    // abandons the connect instead (see the test below).
+    first_arrived.recv_timeout(WAIT).unwrap();
     c.set_linger(Some(Duration::ZERO)).unwrap();
     drop(c);
     let (first, then, aborted) = rx.recv_timeout(WAIT).unwrap();
@@ -621,7 +625,9 @@ fn a_hundred_namespaces_with_a_fixed_thread_count() {
     for (i, c) in conns.iter().enumerate() {
         let msg = format!("namespace {i}");
         send(c, msg.as_bytes(), (i % 7) as u16, i as u32).unwrap();
-        let m = recv(c).unwrap().unwrap();
+        let m = recv(c)
+            .unwrap_or_else(|e| panic!("namespace {i}: {e}; log:\n{}", d.log()))
+            .unwrap();
         assert_eq!(
             (m.data, m.info.sid, m.info.ppid),
             (msg.into_bytes(), (i % 7) as u16, i as u32)
@@ -809,4 +815,131 @@ fn the_forward_form_and_every_kind_of_namespace_reference() {
         let _ = s.kill();
         let _ = s.wait();
     }
+}
+
+#[test]
+fn idle_timeout_aborts_both_legs_of_a_silent_association() {
+    if !sctp_or_skip("idle_timeout_aborts_both_legs_of_a_silent_association") {
+        return;
+    }
+    let (tx, rx) = mpsc::channel();
+    let setup = Setup::new(
+        |ns| {
+            serve(ns.sctp_listen("127.0.0.1:9000"), move |s| {
+                let first = recv(&s).map(|m| m.map(|m| m.data));
+                // Then silence, until nsproxy ends it.
+                let then = recv(&s);
+                let _ = tx.send((first.ok().flatten(), format!("{then:?}"), is_abort(then)));
+            });
+            Ok(())
+        },
+        "idle_timeout = \"1s\"\n",
+    );
+    let c = setup.connect();
+    send(&c, b"and then nothing", 0, 0).unwrap();
+    let started = Instant::now();
+    let then = recv(&c);
+    assert!(is_abort(then), "the client was not aborted");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let (first, then, aborted) = rx.recv_timeout(WAIT).unwrap();
+    assert_eq!(first.as_deref(), Some(&b"and then nothing"[..]));
+    assert!(aborted, "the server saw {then}, not an abort");
+    let log = setup.daemon.wait_log("idle for 1s (idle_timeout)");
+    assert!(log.contains("\"bytes_from_client\":16"), "{log}");
+}
+
+#[test]
+fn shutdown_aborts_associations_that_outlive_the_drain() {
+    if !sctp_or_skip("shutdown_aborts_associations_that_outlive_the_drain") {
+        return;
+    }
+    let (host, client, server) = (Ns::new("h"), Ns::new("c"), Ns::new("s"));
+    echo_server(server.sctp_listen("127.0.0.1:9000"));
+    let daemon = Daemon::run(
+        &host,
+        &format!(
+            "drain_timeout = \"500ms\"\n{}",
+            config(&rule(
+                "sctp",
+                "127.0.0.1:7000",
+                &[client.name()],
+                "127.0.0.1:9000",
+                server.name()
+            ))
+        ),
+    );
+    daemon.wait_ready();
+    let c = client.sctp_connect("127.0.0.1:7000").unwrap();
+    send(&c, b"echo", 0, 0).unwrap();
+    assert_eq!(
+        recv(&c).unwrap().map(|m| m.data).as_deref(),
+        Some(&b"echo"[..])
+    );
+    let status = daemon.terminate();
+    assert!(status.success());
+    // Cut by the drain's end: an abort, not a graceful shutdown.
+    assert!(is_abort(recv(&c)), "the client was not aborted");
+}
+
+#[test]
+fn an_upstream_connect_is_abandoned_when_the_client_aborts() {
+    if !sctp_or_skip("an_upstream_connect_is_abandoned_when_the_client_aborts") {
+        return;
+    }
+    let (host, client, server) = (Ns::new("h"), Ns::new("c"), Ns::new("s"));
+    // 10.96.0.1 is routed to `lo` but is not local: the INIT goes nowhere
+    // and the connect hangs (up to connect_timeout). The route's source is
+    // a local address of that subnet (SCTP uses no loopback address toward
+    // others); a /32, since a wider prefix on `lo` makes it all local.
+    server.add_lo_addr("10.96.0.2/32");
+    server
+        .exec(&[
+            "ip",
+            "route",
+            "add",
+            "10.96.0.0/16",
+            "dev",
+            "lo",
+            "src",
+            "10.96.0.2",
+        ])
+        .unwrap();
+    let daemon = Daemon::run(
+        &host,
+        &config(&rule_of(
+            "sctp",
+            "hang",
+            "127.0.0.1:7000",
+            &[client.name()],
+            "10.96.0.1:9000",
+            server.name(),
+            "connect_timeout = \"60s\"",
+        )),
+    );
+    daemon.wait_ready();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = fds();
+    let c = client.sctp_connect("127.0.0.1:7000").unwrap();
+    // Aborted only once nsproxy has accepted it and made the upstream
+    // socket (two fds more): an association aborted in the backlog is
+    // never seen.
+    let deadline = Instant::now() + WAIT;
+    while fds() < before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "nsproxy never accepted the association"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(c);
+    let started = Instant::now();
+    let log = daemon.wait_log("while the upstream connect was under way");
+    assert!(started.elapsed() < Duration::from_secs(30), "{log}");
+    assert!(log.contains("the client aborted"), "{log}");
+    assert!(!log.contains("upstream connect failed"), "{log}");
 }

@@ -405,11 +405,17 @@ fn running_out_of_fds_pauses_accepts_instead_of_spinning() {
         .map(|_| a.tcp_connect("127.0.0.1:7000").unwrap())
         .collect();
     let log = d.wait_log("pausing accepts");
-    assert!(log.contains("accept failed: Too many open files"), "{log}");
+    // Whichever runs out first: accept(2), or the upstream socket made as
+    // a client is accepted.
+    assert!(
+        log.contains("accept failed: Too many open files")
+            || log.contains("cannot create upstream sockets: Too many open files"),
+        "{log}"
+    );
     // Backing off, not spinning: a spinning accept loop fails thousands of
-    // times a second. (Each accept that does succeed resets the pause, and
-    // its connection is reset when no fd is left for the upstream socket, so
-    // the count is not simply log2 of the time.)
+    // times a second. (Each accept that does succeed resets the pause, so
+    // the count is not simply log2 of the time; the lines are rate-limited
+    // now, but every failure is counted.)
     std::thread::sleep(Duration::from_secs(1));
     let attempts = d.log().matches("pausing accepts").count();
     assert!(
@@ -706,7 +712,7 @@ fn a_reload_applies_max_connections_and_proxy_protocol_in_place() {
     );
     let log = d.log();
     assert!(
-        log.contains("max_connections 2 and proxy_protocol v1 applied in place"),
+        log.contains("max_connections 2, proxy_protocol v1,"),
         "{log}"
     );
 }

@@ -10,11 +10,12 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCTP_STREAMS,
-    DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_UDP_MAX_SESSIONS, MAX_CONNECTIONS, MAX_UDP_SESSIONS,
-    MAX_WORKERS, OnDelete, Problem, Protocol, Rule, check_listen, check_name, check_netns,
-    check_on_delete, check_protocol, check_proxy_protocol, check_rules, check_sctp_addr,
-    check_sctp_listen_addrs, check_upstream, check_upstream_netns, parse_duration,
+    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HALF_CLOSE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_SCTP_STREAMS, DEFAULT_TCP_KEEPALIVE, DEFAULT_UDP_IDLE_TIMEOUT,
+    DEFAULT_UDP_MAX_SESSIONS, Keepalive, MAX_CONNECTIONS, MAX_UDP_SESSIONS, MAX_WORKERS, OnDelete,
+    Problem, Protocol, Rule, check_listen, check_name, check_netns, check_on_delete,
+    check_protocol, check_proxy_protocol, check_rules, check_sctp_addr, check_sctp_listen_addrs,
+    check_upstream, check_upstream_netns, parse_duration,
 };
 use crate::netns::NsRef;
 
@@ -38,6 +39,9 @@ const RULE_KEYS: &[&str] = &[
     "proxy_protocol",
     "udp_idle_timeout",
     "udp_max_sessions",
+    "idle_timeout",
+    "half_close_timeout",
+    "tcp_keepalive",
     "on_netns_delete",
     "sctp_streams",
     "sctp_listen_addrs",
@@ -76,6 +80,21 @@ const PROTOCOL_KEYS: &[(&str, &[Protocol], &str)] = &[
         "udp_max_sessions",
         &[Protocol::Udp],
         "connections and associations are capped with max_connections",
+    ),
+    (
+        "idle_timeout",
+        &[Protocol::Tcp, Protocol::Sctp],
+        "UDP sessions end after udp_idle_timeout",
+    ),
+    (
+        "half_close_timeout",
+        &[Protocol::Tcp],
+        "only TCP has half-closed connections",
+    ),
+    (
+        "tcp_keepalive",
+        &[Protocol::Tcp],
+        "keepalive probes are TCP's",
     ),
     ("sctp_streams", &[Protocol::Sctp], "only SCTP has streams"),
     (
@@ -454,6 +473,18 @@ impl Cx<'_> {
             Some(v) => self.duration(v, rule, "udp_idle_timeout"),
             None => Some(DEFAULT_UDP_IDLE_TIMEOUT),
         };
+        let idle_timeout = match t.get("idle_timeout") {
+            Some(v) => self.optional_duration(v, rule, "idle_timeout"),
+            None => Some(Some(DEFAULT_IDLE_TIMEOUT)),
+        };
+        let half_close_timeout = match t.get("half_close_timeout") {
+            Some(v) => self.optional_duration(v, rule, "half_close_timeout"),
+            None => Some(Some(DEFAULT_HALF_CLOSE_TIMEOUT)),
+        };
+        let tcp_keepalive = match t.get("tcp_keepalive") {
+            Some(v) => self.keepalive(v, rule),
+            None => Some(Some(DEFAULT_TCP_KEEPALIVE)),
+        };
         let udp_max_sessions = match t.get("udp_max_sessions") {
             Some(v) => self
                 .integer(v, rule, "udp_max_sessions", 1, MAX_UDP_SESSIONS as i64)
@@ -516,6 +547,9 @@ impl Cx<'_> {
                 proxy_protocol: proxy_protocol?,
                 udp_idle_timeout: udp_idle_timeout?,
                 udp_max_sessions: udp_max_sessions?,
+                idle_timeout: idle_timeout?,
+                half_close_timeout: half_close_timeout?,
+                tcp_keepalive: tcp_keepalive?,
                 sctp_streams: sctp_streams?,
                 sctp_listen_addrs: sctp_listen_addrs?,
                 sctp_upstream_addrs: sctp_upstream_addrs?,
@@ -543,6 +577,103 @@ impl Cx<'_> {
                 .integer(v, rule, key, 1, 86_400)
                 .map(|s| std::time::Duration::from_secs(s as u64)),
             _ => self.checked(v, rule, key, parse_duration),
+        }
+    }
+
+    /// A duration, or `false` for none.
+    fn optional_duration(
+        &mut self,
+        v: &Spanned<DeValue<'_>>,
+        rule: Option<&str>,
+        key: &str,
+    ) -> Option<Option<std::time::Duration>> {
+        match v.get_ref() {
+            DeValue::Boolean(false) => Some(None),
+            DeValue::Boolean(true) => {
+                self.problem(
+                    v.span(),
+                    rule,
+                    Some(key),
+                    "expected a duration such as \"30m\", or false to turn it off; true is not a duration".to_owned(),
+                );
+                None
+            }
+            _ => self.duration(v, rule, key).map(Some),
+        }
+    }
+
+    /// `tcp_keepalive = false`, `true` (the defaults) or
+    /// `{ idle = "60s", interval = "10s", count = 6 }` (missing fields take
+    /// their defaults).
+    fn keepalive(
+        &mut self,
+        v: &Spanned<DeValue<'_>>,
+        rule: Option<&str>,
+    ) -> Option<Option<Keepalive>> {
+        // The kernel's limits (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT).
+        const MAX_SECS: u64 = 32_767;
+        const MAX_COUNT: i64 = 127;
+        match v.get_ref() {
+            DeValue::Boolean(false) => Some(None),
+            DeValue::Boolean(true) => Some(Some(DEFAULT_TCP_KEEPALIVE)),
+            DeValue::Table(t) => {
+                let mut k = DEFAULT_TCP_KEEPALIVE;
+                let mut ok = true;
+                for (key, value) in t.iter() {
+                    let name: &str = key.get_ref();
+                    let full = format!("tcp_keepalive.{name}");
+                    let time = match name {
+                        "idle" => &mut k.idle,
+                        "interval" => &mut k.interval,
+                        "count" => {
+                            match self.integer(value, rule, &full, 1, MAX_COUNT) {
+                                Some(n) => k.count = n as u32,
+                                None => ok = false,
+                            }
+                            continue;
+                        }
+                        other => {
+                            self.unknown_key(
+                                key,
+                                rule,
+                                &format!("tcp_keepalive.{other}"),
+                                &["idle", "interval", "count"],
+                            );
+                            ok = false;
+                            continue;
+                        }
+                    };
+                    match self.duration(value, rule, &full) {
+                        Some(d) if d.subsec_nanos() == 0 && d.as_secs() <= MAX_SECS => *time = d,
+                        Some(d) => {
+                            self.problem(
+                                value.span(),
+                                rule,
+                                Some(&full),
+                                format!(
+                                    "{d:?} is not a whole number of seconds from 1s to {MAX_SECS}s (the kernel counts keepalive times in seconds)"
+                                ),
+                            );
+                            ok = false;
+                        }
+                        None => ok = false,
+                    }
+                }
+                ok.then_some(Some(k))
+            }
+            other => {
+                let t = other.type_str();
+                self.problem(
+                    v.span(),
+                    rule,
+                    Some("tcp_keepalive"),
+                    format!(
+                        "expected false, true or a table such as {{ idle = \"60s\", interval = \"10s\", count = 6 }}, found {} {t}",
+                        article(t)
+                    ),
+                );
+                None
+            }
         }
     }
 
@@ -755,7 +886,7 @@ upstream_netns = "host"
             problems(&text),
             vec![
                 "t.toml:3:1: unknown key `wrokers` (expected one of: workers, control_socket, metrics_listen, drain_timeout, proxy)",
-                "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog, max_connections, proxy_protocol, udp_idle_timeout, udp_max_sessions, on_netns_delete, sctp_streams, sctp_listen_addrs, sctp_upstream_addrs, sctp_source_addrs)",
+                "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog, max_connections, proxy_protocol, udp_idle_timeout, udp_max_sessions, idle_timeout, half_close_timeout, tcp_keepalive, on_netns_delete, sctp_streams, sctp_listen_addrs, sctp_upstream_addrs, sctp_source_addrs)",
             ]
         );
     }
@@ -864,6 +995,78 @@ backlog = 0
             problems(&capped("\"many\"")),
             vec![
                 "t.toml:10:19: rule hello: `max_connections`: expected an integer, found a string"
+            ]
+        );
+    }
+
+    #[test]
+    fn timeouts_and_keepalive() {
+        use std::time::Duration;
+        let good_with = |protocol: &str, extra: &str| {
+            GOOD.replace("\"tcp\"", &format!("\"{protocol}\""))
+                .replace("upstream_netns = \"host\"", extra)
+        };
+        let with_extra =
+            |protocol: &str, extra: &str| parse_toml(&good_with(protocol, extra), "t.toml");
+        let r = &parse_toml(GOOD, "t.toml").unwrap().rules[0];
+        assert_eq!(r.idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
+        assert_eq!(r.half_close_timeout, Some(DEFAULT_HALF_CLOSE_TIMEOUT));
+        assert_eq!(r.tcp_keepalive, Some(DEFAULT_TCP_KEEPALIVE));
+        let r = &with_extra(
+            "tcp",
+            "upstream_netns = \"host\"\nidle_timeout = \"90s\"\nhalf_close_timeout = false\ntcp_keepalive = { idle = \"30s\", count = 3 }",
+        )
+        .unwrap()
+        .rules[0];
+        assert_eq!(r.idle_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(r.half_close_timeout, None);
+        let want = Keepalive {
+            idle: Duration::from_secs(30),
+            count: 3,
+            ..DEFAULT_TCP_KEEPALIVE
+        };
+        assert_eq!(r.tcp_keepalive, Some(want));
+        let r = &with_extra(
+            "tcp",
+            "upstream_netns = \"host\"\nidle_timeout = false\ntcp_keepalive = false",
+        )
+        .unwrap()
+        .rules[0];
+        assert_eq!((r.idle_timeout, r.tcp_keepalive), (None, None));
+        // SCTP takes idle_timeout only.
+        let r = &with_extra("sctp", "upstream_netns = \"host\"\nidle_timeout = 20")
+            .unwrap()
+            .rules[0];
+        assert_eq!(r.idle_timeout, Some(Duration::from_secs(20)));
+        assert_eq!(
+            problems(&good_with(
+                "sctp",
+                "upstream_netns = \"host\"\nhalf_close_timeout = \"5s\"\ntcp_keepalive = true"
+            )),
+            [
+                "t.toml:10:22: rule hello: `half_close_timeout`: only applies to tcp rules, and this rule is sctp (only TCP has half-closed connections): remove it",
+                "t.toml:11:17: rule hello: `tcp_keepalive`: only applies to tcp rules, and this rule is sctp (keepalive probes are TCP's): remove it",
+            ]
+        );
+        assert_eq!(
+            problems(&good_with(
+                "udp",
+                "upstream_netns = \"host\"\nidle_timeout = \"5s\""
+            )),
+            [
+                "t.toml:10:16: rule hello: `idle_timeout`: only applies to tcp and sctp rules, and this rule is udp (UDP sessions end after udp_idle_timeout): remove it",
+            ]
+        );
+        assert_eq!(
+            problems(&good_with(
+                "tcp",
+                "upstream_netns = \"host\"\nidle_timeout = true\ntcp_keepalive = { idle = \"1500ms\", count = 0, every = 1 }"
+            )),
+            [
+                "t.toml:10:16: rule hello: `idle_timeout`: expected a duration such as \"30m\", or false to turn it off; true is not a duration",
+                "t.toml:11:26: rule hello: `tcp_keepalive.idle`: 1.5s is not a whole number of seconds from 1s to 32767s (the kernel counts keepalive times in seconds)",
+                "t.toml:11:44: rule hello: `tcp_keepalive.count`: must be between 1 and 127, got 0",
+                "t.toml:11:47: rule hello: unknown key `tcp_keepalive.every` (expected one of: idle, interval, count)",
             ]
         );
     }

@@ -52,6 +52,43 @@ pub const MAX_CONNECTIONS: usize = 1_000_000;
 /// ids. The kernel sets up state for every stream an association ends up
 /// with, so lower it where many associations with few streams are relayed.
 pub const DEFAULT_SCTP_STREAMS: Streams = Streams::MAX;
+/// Default for [`Rule::idle_timeout`]: an hour, as Envoy's tcp_proxy
+/// `idle_timeout`. A peer that vanished without a FIN or RST (its namespace's
+/// veth gone, a NAT or conntrack entry expired, a hostile client) otherwise
+/// holds two fds, a task and buffers for ever; an hour is far beyond the
+/// silences of interactive protocols that keep no keepalive of their own,
+/// and keepalive ([`DEFAULT_TCP_KEEPALIVE`]) finds dead TCP peers sooner.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default for [`Rule::half_close_timeout`]: a minute, as Linux's own
+/// `net.ipv4.tcp_fin_timeout` for an orphaned FIN-WAIT-2 socket. Like
+/// HAProxy's `timeout client-fin`/`server-fin` it counts silence, so a
+/// download after a client's FIN (request sent, then `shutdown`) goes on as
+/// long as it moves; only a half-closed connection where nothing moves is
+/// ended (the CLOSE-WAIT and FIN-WAIT-2 leak of istio/ztunnel#1629).
+pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default for [`Rule::tcp_keepalive`]: a probe after 60 s of silence, then
+/// every 10 s, 6 unanswered ones end the connection. A peer that vanished is
+/// found within two minutes rather than the kernel's default of over two
+/// hours (7200 s + 9 × 75 s), at the cost of one small segment a minute on a
+/// silent connection.
+pub const DEFAULT_TCP_KEEPALIVE: Keepalive = Keepalive {
+    idle: Duration::from_secs(60),
+    interval: Duration::from_secs(10),
+    count: 6,
+};
+
+/// `tcp_keepalive`: TCP keepalive probes on both legs of a connection
+/// (`SO_KEEPALIVE`, `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Silence before the first probe.
+    pub idle: Duration,
+    /// Between unanswered probes.
+    pub interval: Duration,
+    /// Unanswered probes before the kernel ends the connection.
+    pub count: u32,
+}
+
 /// Largest accepted `workers` value; more threads than this only cost memory.
 pub const MAX_WORKERS: usize = 256;
 
@@ -100,6 +137,16 @@ pub struct Rule {
     /// UDP: a client's session ends after this long without a datagram in
     /// either direction.
     pub udp_idle_timeout: Duration,
+    /// TCP, SCTP: a connection (association) that moved no byte (message)
+    /// in either direction for this long is closed, both legs reset
+    /// (aborted). `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// TCP: once one side has sent FIN, the other direction may stay open
+    /// as long as it is never silent for this long; then both legs are
+    /// reset. `None`: as long as it likes.
+    pub half_close_timeout: Option<Duration>,
+    /// TCP: keepalive probes on both legs; `None`: off.
+    pub tcp_keepalive: Option<Keepalive>,
     /// UDP: most client sessions at once in each namespace the rule listens
     /// in; datagrams from further new clients are dropped and counted.
     pub udp_max_sessions: usize,

@@ -82,6 +82,10 @@ where
     let report = tokio::time::sleep(REPORT_INTERVAL);
     tokio::pin!(report);
     let mut paused = false;
+    // Out of fds or memory (accept(2), or an upstream socket): each logged
+    // at most once per REPORT_INTERVAL, the rest counted into its next line.
+    let (mut accept_exhausted, mut upstream_exhausted) = (Rated::default(), Rated::default());
+    let mut upstream_backoff = BACKOFF_MIN;
     loop {
         // `len` counts finished tasks until they are reaped: reap them all,
         // so that the cap counts open connections only.
@@ -91,6 +95,25 @@ where
         let woken = b.stop.woken();
         if b.stop.mode().is_some() {
             break;
+        }
+        let errno = b.exhausted.swap(0, Relaxed);
+        if errno != 0 {
+            // A connection could not get its upstream socket: accepting more
+            // would only take more fds and reset them; clients wait in the
+            // backlog instead, as when accept(2) itself runs out.
+            let e = io::Error::from_raw_os_error(errno);
+            if let Some(more) = upstream_exhausted.ready() {
+                warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                    "cannot create upstream sockets: {e}{}; pausing accepts for {upstream_backoff:?} (clients wait in the listen backlog; counted in upstream_socket_exhausted){}",
+                    crate::sys::fd_exhaustion_hint(&e), more.since());
+            }
+            accepted_since_check = true;
+            tokio::select! {
+                () = tokio::time::sleep(upstream_backoff) => {}
+                () = b.stop.requested() => {}
+            }
+            upstream_backoff = (upstream_backoff * 2).min(BACKOFF_MAX);
+            continue;
         }
         let cap = b.max_connections().unwrap_or(usize::MAX);
         let full = conns.len() >= cap;
@@ -114,7 +137,8 @@ where
             // these can keep the accept branch waiting.
             biased;
             () = woken => {}
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            // A connection ended: its fds are free again.
+            Some(_) = conns.join_next(), if !conns.is_empty() => upstream_backoff = BACKOFF_MIN,
             () = &mut idle_check => {
                 if !accepted_since_check && conns.is_empty() {
                     at_cap.flush(&b, noun);
@@ -137,9 +161,11 @@ where
                 }
                 Err(e) if is_resource_exhaustion(&e) => {
                     b.stats.accept_errors.fetch_add(1, Relaxed);
-                    warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
-                        "accept failed: {e}{}; pausing accepts for {backoff:?}",
-                        crate::sys::fd_exhaustion_hint(&e));
+                    if let Some(more) = accept_exhausted.ready() {
+                        warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                            "accept failed: {e}{}; pausing accepts for {backoff:?} (counted in accept_errors){}",
+                            crate::sys::fd_exhaustion_hint(&e), more.since());
+                    }
                     accepted_since_check = true;
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
@@ -274,6 +300,44 @@ impl CapWarnings {
     }
 }
 
+/// A warning logged at most once per [`REPORT_INTERVAL`]; the times in
+/// between are counted and told with the next line.
+#[derive(Default)]
+struct Rated {
+    last: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+/// How many times a rated warning was not logged since its last line.
+struct Suppressed(u64);
+
+impl Suppressed {
+    fn since(&self) -> String {
+        match self.0 {
+            0 => String::new(),
+            n => format!("; {n} more time(s) since the last such line ({REPORT_INTERVAL:?} apart)"),
+        }
+    }
+}
+
+impl Rated {
+    /// Whether to log now: `Some` with the times suppressed since the last
+    /// line, or `None` (counted).
+    fn ready(&mut self) -> Option<Suppressed> {
+        let now = tokio::time::Instant::now();
+        match self.last {
+            Some(t) if now < t + REPORT_INTERVAL => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(Suppressed(std::mem::take(&mut self.suppressed)))
+            }
+        }
+    }
+}
+
 /// Gives open connections up to `drain` to finish, then closes the rest.
 async fn drain_all(b: &Binding, mut conns: JoinSet<()>, drain: Duration, noun: &str) {
     let open = conns.len();
@@ -286,7 +350,9 @@ async fn drain_all(b: &Binding, mut conns: JoinSet<()>, drain: Duration, noun: &
     }
 }
 
-fn is_resource_exhaustion(e: &io::Error) -> bool {
+/// Whether an error means the process or the kernel is short of fds or
+/// memory: a condition that passes, worth waiting out.
+pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)

@@ -13,6 +13,7 @@ mod proxy_header;
 pub mod sctp;
 mod splice;
 pub mod tcp;
+mod timeout;
 pub mod udp;
 mod udp_sys;
 
@@ -20,10 +21,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::config::{Protocol, ProxyProtocol, Rule};
+use crate::config::{Keepalive, Protocol, ProxyProtocol, Rule};
 use crate::netns::{NsError, NsId, NsRef, Switcher};
 
 #[cfg(test)]
@@ -55,6 +56,16 @@ pub struct Binding {
     /// place ([`Binding::retune`]): these, not `rule`'s, are in force.
     max_connections: AtomicUsize,
     proxy_protocol: AtomicU8,
+    /// The rule's `idle_timeout` and `half_close_timeout` in milliseconds
+    /// (0: off) and `tcp_keepalive` (packed, 0: off), also changed in place:
+    /// open connections read them again at their next check.
+    idle_timeout_ms: AtomicU64,
+    half_close_timeout_ms: AtomicU64,
+    tcp_keepalive: AtomicU64,
+    /// The errno of the last failure to create an upstream socket for lack
+    /// of fds or memory (0: none since the accept loop last looked), which
+    /// makes the accept loop pause (see [`exhausted`]).
+    exhausted: AtomicI32,
     /// Told `upstream_ns` when the binding is gone: its listener, its last
     /// connection or session, and every handle to it. New upstream sockets
     /// need that namespace's fd until then (a closing listener's backlog is
@@ -96,6 +107,10 @@ impl Binding {
             parked_at: AtomicUsize::new(park::NOT_PARKED),
             max_connections: AtomicUsize::new(usize::MAX),
             proxy_protocol: AtomicU8::new(0),
+            idle_timeout_ms: AtomicU64::new(0),
+            half_close_timeout_ms: AtomicU64::new(0),
+            tcp_keepalive: AtomicU64::new(0),
+            exhausted: AtomicI32::new(0),
             on_drop,
         };
         b.set_tuning(&b.rule);
@@ -119,10 +134,28 @@ impl Binding {
         }
     }
 
-    /// Applies `rule`'s `max_connections` and `proxy_protocol` to the
-    /// running listener, without reopening it: a raised cap lets clients
-    /// waiting in the backlog in at once, and new connections get the new
-    /// header; open connections are not touched.
+    /// The idle and half-close limits in force.
+    pub(crate) fn timeouts(&self) -> timeout::Limits {
+        let ms = |a: &AtomicU64| match a.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(Duration::from_millis(n)),
+        };
+        timeout::Limits {
+            idle: ms(&self.idle_timeout_ms),
+            half_close: ms(&self.half_close_timeout_ms),
+        }
+    }
+
+    /// The keepalive new TCP connections get on both legs.
+    pub fn tcp_keepalive(&self) -> Option<Keepalive> {
+        unpack_keepalive(self.tcp_keepalive.load(Ordering::Relaxed))
+    }
+
+    /// Applies `rule`'s `max_connections`, `proxy_protocol`, timeouts and
+    /// keepalive to the running listener, without reopening it: a raised
+    /// cap lets clients waiting in the backlog in at once, new connections
+    /// get the new header and keepalive, and open connections the new
+    /// timeouts at their next check.
     pub(crate) fn retune(&self, rule: &Rule) {
         self.set_tuning(rule);
         // The accept loop waits on this to read the settings again.
@@ -138,7 +171,66 @@ impl Binding {
             Some(ProxyProtocol::V2) => 2,
         };
         self.proxy_protocol.store(pp, Ordering::Relaxed);
+        // Whole milliseconds, at least one: 0 means off.
+        let ms = |d: Option<Duration>| d.map_or(0, |d| (d.as_millis() as u64).max(1));
+        self.idle_timeout_ms
+            .store(ms(rule.idle_timeout), Ordering::Relaxed);
+        self.half_close_timeout_ms
+            .store(ms(rule.half_close_timeout), Ordering::Relaxed);
+        self.tcp_keepalive
+            .store(pack_keepalive(rule.tcp_keepalive), Ordering::Relaxed);
     }
+}
+
+/// Why a connection's task was dropped before it ended on its own, for its
+/// close line; counts it.
+pub(crate) fn cut_reason(b: &Binding) -> &'static str {
+    match b.stop.mode() {
+        Some(StopMode::Drain) => {
+            b.stats.cut_at_drain_timeout.fetch_add(1, Ordering::Relaxed);
+            "still open when its closing listener's drain timeout ran out"
+        }
+        Some(StopMode::Close) => {
+            b.stats.cut_at_close.fetch_add(1, Ordering::Relaxed);
+            "its listener closed at once (see the listener's line for why)"
+        }
+        None => {
+            b.stats.cut_at_close.fetch_add(1, Ordering::Relaxed);
+            "the server stopped at once"
+        }
+    }
+}
+
+/// Records that an upstream socket could not be created for lack of fds or
+/// memory: counted here, reported (rate-limited) by the accept loop, which
+/// also pauses accepting, as it does when accept(2) itself runs out.
+pub(crate) fn exhausted(b: &Binding, e: &io::Error) {
+    b.stats
+        .upstream_socket_exhausted
+        .fetch_add(1, Ordering::Relaxed);
+    b.exhausted
+        .store(e.raw_os_error().unwrap_or(libc::EMFILE), Ordering::Relaxed);
+    b.stop.wake.notify_waiters();
+}
+
+/// Keepalive in one word, so that a reload changes it without a lock:
+/// idle and interval seconds (at most 32767 each, the kernel's limit) and
+/// the count (at most 127); 0 is off, and no valid setting packs to 0 since
+/// the count is at least 1.
+fn pack_keepalive(k: Option<Keepalive>) -> u64 {
+    k.map_or(0, |k| {
+        (k.idle.as_secs().min(0xffff) << 32)
+            | (k.interval.as_secs().min(0xffff) << 16)
+            | u64::from(k.count.min(0xffff))
+    })
+}
+
+fn unpack_keepalive(v: u64) -> Option<Keepalive> {
+    (v != 0).then(|| Keepalive {
+        idle: Duration::from_secs(v >> 32),
+        interval: Duration::from_secs((v >> 16) & 0xffff),
+        count: (v & 0xffff) as u32,
+    })
 }
 
 /// A TCP binding in nsproxy's own namespace for unit tests: listening on
@@ -250,6 +342,24 @@ pub struct BindingStats {
     /// closed and were reset: beyond `max_connections`, or all of them when
     /// it closed at once. (Those within the cap are served while draining.)
     pub backlog_reset: AtomicU64,
+    /// TCP, SCTP: connections (associations) closed by `idle_timeout`.
+    pub idle_timeouts: AtomicU64,
+    /// TCP: half-closed connections closed by `half_close_timeout`.
+    pub half_close_timeouts: AtomicU64,
+    /// TCP, SCTP: connections (associations) still open when a closing
+    /// listener's drain timeout ran out (shutdown, reload, a deleted
+    /// namespace in drain mode), reset (aborted) by nsproxy.
+    pub cut_at_drain_timeout: AtomicU64,
+    /// TCP, SCTP: connections (associations) reset (aborted) because their
+    /// listener closed at once (`on_netns_delete = "close"`).
+    pub cut_at_close: AtomicU64,
+    /// TCP, SCTP: clients that reset (aborted) while nsproxy was still
+    /// connecting upstream; the connect was abandoned.
+    pub client_gone_connecting: AtomicU64,
+    /// TCP, SCTP: times an upstream socket could not be created for lack of
+    /// fds or kernel memory; the client waited and it was tried again, and
+    /// the listener paused accepting meanwhile.
+    pub upstream_socket_exhausted: AtomicU64,
     /// Bytes from clients to the upstream, counted as they are sent.
     pub bytes_in: AtomicU64,
     /// Bytes from the upstream to clients, counted as they are sent.

@@ -30,17 +30,21 @@ pub(crate) fn header(
     let canonical = |x: SocketAddr| SocketAddr::new(x.ip().to_canonical(), x.port());
     let (src, dst) = (canonical(client), canonical(local));
     match version {
-        ProxyProtocol::V1 => {
-            let family = if src.is_ipv4() { "TCP4" } else { "TCP6" };
-            format!(
-                "PROXY {family} {} {} {} {}\r\n",
-                src.ip(),
-                dst.ip(),
+        ProxyProtocol::V1 => match (src.ip(), dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                format!("PROXY TCP4 {s} {d} {} {}\r\n", src.port(), dst.port()).into_bytes()
+            }
+            // Both of one family, as the line allows only one: IPv6, with
+            // an IPv4 end (should one ever come) IPv4-mapped.
+            (s, d) => format!(
+                "PROXY TCP6 {} {} {} {}\r\n",
+                v6(s),
+                v6(d),
                 src.port(),
                 dst.port()
             )
-            .into_bytes()
-        }
+            .into_bytes(),
+        },
         ProxyProtocol::V2 => {
             let mut body = Vec::with_capacity(36 + 3 + netns.len());
             let family = match (src.ip(), dst.ip()) {
@@ -143,5 +147,191 @@ mod tests {
             &"fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets()
         );
         assert_eq!(&h[h.len() - 14..], b"/proc/1/ns/net");
+    }
+
+    /// A decoder written from the specification (proxy-protocol.txt,
+    /// sections 2.1 and 2.2), not from the writer: what a receiver that
+    /// follows it strictly would read.
+    mod spec {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+        #[derive(Debug, PartialEq, Eq)]
+        pub struct Decoded {
+            pub src: SocketAddr,
+            pub dst: SocketAddr,
+            /// v2's PP2_TYPE_NETNS, if present.
+            pub netns: Option<Vec<u8>>,
+            /// How many bytes the header took.
+            pub len: usize,
+        }
+
+        /// 2.1: "PROXY" SP proto SP src SP dst SP sport SP dport CRLF, at
+        /// most 107 bytes with the CRLF.
+        pub fn v1(b: &[u8]) -> Result<Decoded, String> {
+            let end = b.windows(2).position(|w| w == b"\r\n").ok_or("no CRLF")?;
+            let len = end + 2;
+            if len > 107 {
+                return Err(format!("line of {len} bytes, more than 107"));
+            }
+            let line = std::str::from_utf8(&b[..end]).map_err(|e| e.to_string())?;
+            if !line.is_ascii() || line.contains(['\r', '\n']) {
+                return Err("not one US-ASCII line".into());
+            }
+            let f: Vec<&str> = line.split(' ').collect();
+            let [proxy, proto, src, dst, sport, dport] = f[..] else {
+                return Err(format!("{} fields, not 6 single-space separated", f.len()));
+            };
+            if proxy != "PROXY" {
+                return Err("no PROXY".into());
+            }
+            let ip = |s: &str| -> Result<IpAddr, String> {
+                match proto {
+                    "TCP4" => s.parse::<Ipv4Addr>().map(IpAddr::V4),
+                    "TCP6" => s.parse::<Ipv6Addr>().map(IpAddr::V6),
+                    p => return Err(format!("protocol {p}")),
+                }
+                .map_err(|e| format!("{s}: {e}"))
+            };
+            // Decimal 0..=65535 without leading zeros.
+            let port = |s: &str| -> Result<u16, String> {
+                if s.is_empty()
+                    || !s.bytes().all(|c| c.is_ascii_digit())
+                    || (s.len() > 1 && s.starts_with('0'))
+                {
+                    return Err(format!("port {s:?}"));
+                }
+                s.parse().map_err(|e| format!("port {s}: {e}"))
+            };
+            Ok(Decoded {
+                src: SocketAddr::new(ip(src)?, port(sport)?),
+                dst: SocketAddr::new(ip(dst)?, port(dport)?),
+                netns: None,
+                len,
+            })
+        }
+
+        /// 2.2: the 12-byte signature, version 2 and command PROXY, family
+        /// and transport, a big-endian length, the addresses, then TLVs
+        /// (type, 16-bit big-endian length, value) filling the rest.
+        pub fn v2(b: &[u8]) -> Result<Decoded, String> {
+            const SIG: &[u8; 12] = b"\x0D\x0A\x0D\x0A\x00\x0D\x0A\x51\x55\x49\x54\x0A";
+            if b.len() < 16 || &b[..12] != SIG {
+                return Err("no signature".into());
+            }
+            if b[12] >> 4 != 2 || b[12] & 0xf != 1 {
+                return Err(format!("version/command {:#x}", b[12]));
+            }
+            let len = u16::from_be_bytes([b[14], b[15]]) as usize;
+            let body = b.get(16..16 + len).ok_or("shorter than its length")?;
+            let (src, dst, rest) = match b[13] {
+                // AF_INET, STREAM
+                0x11 => {
+                    let a = body.get(..12).ok_or("short IPv4 block")?;
+                    let ip = |o: usize| IpAddr::from(<[u8; 4]>::try_from(&a[o..o + 4]).unwrap());
+                    let port = |o: usize| u16::from_be_bytes([a[o], a[o + 1]]);
+                    (
+                        SocketAddr::new(ip(0), port(8)),
+                        SocketAddr::new(ip(4), port(10)),
+                        &body[12..],
+                    )
+                }
+                // AF_INET6, STREAM
+                0x21 => {
+                    let a = body.get(..36).ok_or("short IPv6 block")?;
+                    let ip = |o: usize| IpAddr::from(<[u8; 16]>::try_from(&a[o..o + 16]).unwrap());
+                    let port = |o: usize| u16::from_be_bytes([a[o], a[o + 1]]);
+                    (
+                        SocketAddr::new(ip(0), port(32)),
+                        SocketAddr::new(ip(16), port(34)),
+                        &body[36..],
+                    )
+                }
+                f => return Err(format!("family/transport {f:#x}")),
+            };
+            let mut netns = None;
+            let mut tlvs = rest;
+            while !tlvs.is_empty() {
+                let [t, hi, lo, ..] = tlvs[..] else {
+                    return Err("truncated TLV header".into());
+                };
+                let n = u16::from_be_bytes([hi, lo]) as usize;
+                let value = tlvs.get(3..3 + n).ok_or("TLV longer than the header")?;
+                if t == 0x30 {
+                    if netns.is_some() {
+                        return Err("two PP2_TYPE_NETNS".into());
+                    }
+                    netns = Some(value.to_vec());
+                }
+                tlvs = &tlvs[3 + n..];
+            }
+            Ok(Decoded {
+                src,
+                dst,
+                netns,
+                len: 16 + len,
+            })
+        }
+    }
+
+    fn any_addr() -> impl proptest::strategy::Strategy<Value = SocketAddr> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::from((ip, p))),
+            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::from((ip, p))),
+            // IPv4 clients of a dual-stack listener.
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(
+                IpAddr::V6(std::net::Ipv4Addr::from(ip).to_ipv6_mapped()),
+                p
+            )),
+        ]
+    }
+
+    /// What a receiver should read for addresses `a` and `b`: both IPv4 if
+    /// both are (mapped ones told as IPv4), else both IPv6.
+    fn expected(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
+        let c = |x: SocketAddr| SocketAddr::new(x.ip().to_canonical(), x.port());
+        let (a, b) = (c(a), c(b));
+        if a.is_ipv4() && b.is_ipv4() {
+            (a, b)
+        } else {
+            let m = |x: SocketAddr| SocketAddr::new(IpAddr::V6(v6(x.ip())), x.port());
+            (m(a), m(b))
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn prop_v1_round_trips_through_a_spec_decoder(
+            client in any_addr(),
+            local in any_addr(),
+            netns in ".{0,64}",
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..32),
+        ) {
+            let mut h = header(ProxyProtocol::V1, client, local, &netns);
+            let len = h.len();
+            // The client's first bytes follow; the header must end on its own.
+            h.extend_from_slice(&tail);
+            let d = spec::v1(&h).map_err(proptest::test_runner::TestCaseError::fail)?;
+            let (src, dst) = expected(client, local);
+            proptest::prop_assert_eq!(d, spec::Decoded { src, dst, netns: None, len });
+        }
+
+        #[test]
+        fn prop_v2_round_trips_through_a_spec_decoder(
+            client in any_addr(),
+            local in any_addr(),
+            netns in "(host|pid:[0-9]{1,7}|/[ -~]{0,300}|\\PC{0,100})",
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..32),
+        ) {
+            let mut h = header(ProxyProtocol::V2, client, local, &netns);
+            let len = h.len();
+            h.extend_from_slice(&tail);
+            let d = spec::v2(&h).map_err(proptest::test_runner::TestCaseError::fail)?;
+            let (src, dst) = expected(client, local);
+            proptest::prop_assert_eq!(
+                d,
+                spec::Decoded { src, dst, netns: Some(netns.into_bytes()), len }
+            );
+        }
     }
 }

@@ -28,6 +28,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::timeout::{self, Activity, Expired, Verdict};
 use super::{Binding, ListenError, Served, accept};
 use crate::config::Rule;
 use crate::netns::{NsError, SocketSpec};
@@ -214,34 +216,145 @@ fn abort(s: &AsyncFd<Socket>) {
 }
 
 async fn handle(b: Arc<Binding>, client: AsyncFd<Socket>) {
-    let started = Instant::now();
     b.stats.active.fetch_add(1, Relaxed);
     let _active = Active(&b);
-    let upstream = match connect(&b).await {
-        Ok(s) => s,
-        Err(e) => {
-            b.stats.connect_failed.fetch_add(1, Relaxed);
-            warn!("upstream connect failed: {e}; aborting the client association");
-            abort(&client);
-            return;
+    let flows = Flows::default();
+    let upstream = {
+        // Should the association be cut meanwhile, the client is aborted.
+        let cut = Cut::new(&b, &client, None, &flows);
+        let r = tokio::select! {
+            r = connect(&b) => r,
+            e = aborted(&client) => Err(ConnectError::ClientGone(e)),
+        };
+        cut.disarm();
+        match r {
+            Ok(s) => s,
+            Err(ConnectError::ClientGone(e)) => {
+                b.stats.client_gone_connecting.fetch_add(1, Relaxed);
+                flows.log(
+                    &b,
+                    &format!(
+                        "association closed: the client aborted ({e}) while the upstream connect was under way; the connect was abandoned"
+                    ),
+                );
+                return;
+            }
+            Err(e) => {
+                b.stats.connect_failed.fetch_add(1, Relaxed);
+                warn!("upstream connect failed: {e}; aborting the client association");
+                abort(&client);
+                return;
+            }
         }
     };
-    let r = relay(&b, client, upstream).await;
-    b.stats.bytes_in.fetch_add(r.up.bytes, Relaxed);
-    b.stats.bytes_out.fetch_add(r.down.bytes, Relaxed);
-    b.stats.messages_in.fetch_add(r.up.messages, Relaxed);
-    b.stats.messages_out.fetch_add(r.down.messages, Relaxed);
-    info!(
-        messages_from_client = r.up.messages,
-        messages_to_client = r.down.messages,
-        bytes_from_client = r.up.bytes,
-        bytes_to_client = r.down.bytes,
-        dropped_from_client = r.up.dropped,
-        dropped_to_client = r.down.dropped,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "association closed: {}",
-        r.end
-    );
+    let cut = Cut::new(&b, &client, Some(&upstream), &flows);
+    let end = relay(&b, &client, &upstream, &flows).await;
+    cut.disarm();
+    match &end {
+        End::Closed => {}
+        End::Aborted(..) => {
+            abort(&client);
+            abort(&upstream);
+        }
+        End::Expired(_) => {
+            abort(&client);
+            abort(&upstream);
+            b.stats.idle_timeouts.fetch_add(1, Relaxed);
+        }
+    }
+    flows.log(&b, &format!("association closed: {end}"));
+}
+
+/// What both directions of an association moved, and when last.
+#[derive(Debug)]
+struct Flows {
+    /// Client to upstream.
+    up: Flow,
+    /// Upstream to client.
+    down: Flow,
+    activity: Activity,
+}
+
+impl Default for Flows {
+    fn default() -> Flows {
+        Flows {
+            up: Flow::default(),
+            down: Flow::default(),
+            activity: Activity::new(),
+        }
+    }
+}
+
+impl Flows {
+    /// Adds what moved to the binding's counters (SCTP counts them when an
+    /// association ends) and logs the end.
+    fn log(&self, b: &Binding, what: &str) {
+        let (up, down) = (self.up.read(), self.down.read());
+        b.stats.bytes_in.fetch_add(up.bytes, Relaxed);
+        b.stats.bytes_out.fetch_add(down.bytes, Relaxed);
+        b.stats.messages_in.fetch_add(up.messages, Relaxed);
+        b.stats.messages_out.fetch_add(down.messages, Relaxed);
+        info!(
+            messages_from_client = up.messages,
+            messages_to_client = down.messages,
+            bytes_from_client = up.bytes,
+            bytes_to_client = down.bytes,
+            dropped_from_client = up.dropped,
+            dropped_to_client = down.dropped,
+            duration_ms = self.activity.start().elapsed().as_millis() as u64,
+            "{what}"
+        );
+    }
+}
+
+/// Aborts the legs of an association whose task is dropped before it ends
+/// on its own (a drain timeout ran out, the listener closed at once), so
+/// that neither peer takes the cut for a graceful end; counts and logs it.
+struct Cut<'a> {
+    b: &'a Binding,
+    client: &'a AsyncFd<Socket>,
+    upstream: Option<&'a AsyncFd<Socket>>,
+    flows: &'a Flows,
+    armed: bool,
+}
+
+impl<'a> Cut<'a> {
+    fn new(
+        b: &'a Binding,
+        client: &'a AsyncFd<Socket>,
+        upstream: Option<&'a AsyncFd<Socket>>,
+        flows: &'a Flows,
+    ) -> Cut<'a> {
+        Cut {
+            b,
+            client,
+            upstream,
+            flows,
+            armed: true,
+        }
+    }
+
+    /// The association ends on its own terms.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Cut<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        abort(self.client);
+        if let Some(u) = self.upstream {
+            abort(u);
+        }
+        let why = super::cut_reason(self.b);
+        self.flows.log(
+            self.b,
+            &format!("association cut: {why}; both sides were aborted"),
+        );
+    }
 }
 
 /// Decrements the active count however `handle` ends (including abort).
@@ -263,14 +376,32 @@ enum ConnectError {
     Connect(io::Error, Duration),
     #[error("no answer within {0:?} (connect_timeout)")]
     Timeout(Duration),
+    /// Not a failure of the upstream: the client aborted meanwhile.
+    #[error("the client aborted ({0})")]
+    ClientGone(io::Error),
+}
+
+/// Completes when the client's association fails (an ABORT sets the
+/// socket's error): a graceful SHUTDOWN does not count, as for TCP's FIN.
+async fn aborted(client: &AsyncFd<Socket>) -> io::Error {
+    loop {
+        let mut ready = match client.ready(Interest::ERROR).await {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        match client.get_ref().take_error() {
+            Ok(Some(e)) => return e,
+            Err(e) => return e,
+            Ok(None) => ready.clear_ready(),
+        }
+    }
 }
 
 fn describe(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ECONNREFUSED) => "association refused (nothing listens there)".into(),
         Some(libc::ENETUNREACH) => "network unreachable from the upstream namespace".into(),
-        Some(libc::EHOSTUNREACH) => "host unreachable from the upstream namespace".into(),
-        _ => e.to_string(),
+        _ => super::tcp::describe(e),
     }
 }
 
@@ -299,10 +430,28 @@ async fn connect(b: &Binding) -> Result<AsyncFd<Socket>, ConnectError> {
     } else {
         SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0)
     };
-    let socket = b
-        .switcher
-        .pooled_socket(b.upstream_ns, SocketSpec::sctp(&family))
-        .await?;
+    let mut backoff = Duration::from_millis(10);
+    let waited = Instant::now();
+    let socket = loop {
+        match b
+            .switcher
+            .pooled_socket(b.upstream_ns, SocketSpec::sctp(&family))
+            .await
+        {
+            Ok(s) => break s,
+            // Out of fds or memory: wait (within connect_timeout) while the
+            // accept loop pauses, rather than abort the client at once.
+            Err(NsError::Socket { source, .. })
+                if accept::is_resource_exhaustion(&source)
+                    && waited.elapsed() < rule.connect_timeout =>
+            {
+                super::exhausted(b, &source);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     configure(&socket, rule).map_err(ConnectError::Setup)?;
     if let Some((first, rest)) = rule.sctp_source_addrs.split_first() {
         let first = in_family(SocketAddr::new(*first, 0), v6);
@@ -344,16 +493,38 @@ async fn connected(fd: &AsyncFd<Socket>) -> io::Result<()> {
     }
 }
 
-/// What one direction moved.
-#[derive(Debug, Default, Clone, Copy)]
+/// What one direction moved (atomics: a [`Cut`] reads them while the
+/// pumps are stopped mid-way).
+#[derive(Debug, Default)]
 struct Flow {
-    messages: u64,
-    bytes: u64,
+    messages: AtomicU64,
+    bytes: AtomicU64,
     /// Messages that could not be sent on: a stream the other leg does not
     /// have, or the other leg had already shut down.
-    dropped: u64,
+    dropped: AtomicU64,
     /// Of those, on a stream the other leg does not have (the first is logged).
-    unknown_stream: u64,
+    unknown_stream: AtomicU64,
+}
+
+/// A [`Flow`] as read at one moment.
+struct FlowCounts {
+    messages: u64,
+    bytes: u64,
+    dropped: u64,
+}
+
+impl Flow {
+    fn read(&self) -> FlowCounts {
+        FlowCounts {
+            messages: self.messages.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            dropped: self.dropped.load(Relaxed),
+        }
+    }
+
+    fn drop_one(&self) {
+        self.dropped.fetch_add(1, Relaxed);
+    }
 }
 
 /// How a relay ended.
@@ -363,6 +534,8 @@ enum End {
     Closed,
     /// One side aborted or failed; the other side was aborted.
     Aborted(&'static str, io::Error),
+    /// `idle_timeout` ran out; both sides were aborted.
+    Expired(Expired),
 }
 
 impl std::fmt::Display for End {
@@ -370,16 +543,9 @@ impl std::fmt::Display for End {
         match self {
             End::Closed => f.write_str("both sides shut down"),
             End::Aborted(what, e) => write!(f, "{what}: {e}; the other side was aborted"),
+            End::Expired(why) => write!(f, "{why}; both sides were aborted"),
         }
     }
-}
-
-struct RelayResult {
-    /// Client to upstream.
-    up: Flow,
-    /// Upstream to client.
-    down: Flow,
-    end: End,
 }
 
 /// How one direction stopped.
@@ -401,15 +567,20 @@ struct Leg<'a> {
     name: &'static str,
 }
 
-/// Relays messages both ways until both sides shut down, or one fails.
-async fn relay(b: &Binding, client: AsyncFd<Socket>, upstream: AsyncFd<Socket>) -> RelayResult {
-    let (mut up, mut down) = (Flow::default(), Flow::default());
+/// Relays messages both ways until both sides shut down, one fails, or
+/// `idle_timeout` runs out (the caller aborts both legs then).
+async fn relay(
+    b: &Binding,
+    client: &AsyncFd<Socket>,
+    upstream: &AsyncFd<Socket>,
+    flows: &Flows,
+) -> End {
     let c = Leg {
-        fd: &client,
+        fd: client,
         name: "client",
     };
     let u = Leg {
-        fd: &upstream,
+        fd: upstream,
         name: "upstream",
     };
     if let (Ok(cs), Ok(us)) = (
@@ -424,41 +595,53 @@ async fn relay(b: &Binding, client: AsyncFd<Socket>, upstream: AsyncFd<Socket>) 
             "association up"
         );
     }
-    let end = {
-        let mut to_upstream = std::pin::pin!(pump(b, &c, &u, &mut up));
-        let mut to_client = std::pin::pin!(pump(b, &u, &c, &mut down));
-        let (mut up_done, mut down_done) = (false, false);
-        loop {
-            tokio::select! {
-                r = &mut to_upstream, if !up_done => match r {
-                    PumpEnd::Shutdown => {
-                        up_done = true;
-                        // SCTP has no half-close: a SHUTDOWN ends both
-                        // directions once in-flight messages are delivered.
-                        let _ = upstream.get_ref().shutdown(std::net::Shutdown::Write);
-                    }
-                    PumpEnd::Read(e) => break End::Aborted("client aborted or failed", e),
-                    PumpEnd::Write(e) => break End::Aborted("upstream send failed", e),
-                },
-                r = &mut to_client, if !down_done => match r {
-                    PumpEnd::Shutdown => {
-                        down_done = true;
-                        let _ = client.get_ref().shutdown(std::net::Shutdown::Write);
-                    }
-                    PumpEnd::Read(e) => break End::Aborted("upstream aborted or failed", e),
-                    PumpEnd::Write(e) => break End::Aborted("client send failed", e),
-                },
-            }
-            if up_done && down_done {
-                break End::Closed;
-            }
+    let activity = &flows.activity;
+    let mut to_upstream = std::pin::pin!(pump(b, &c, &u, &flows.up, activity));
+    let mut to_client = std::pin::pin!(pump(b, &u, &c, &flows.down, activity));
+    let (mut up_done, mut down_done) = (false, false);
+    let timer = tokio::time::sleep_until(activity.start());
+    tokio::pin!(timer);
+    loop {
+        // After every event, not per message. SCTP has no half-close:
+        // only the idle limit applies.
+        let now = tokio::time::Instant::now();
+        let limits = timeout::Limits {
+            half_close: None,
+            ..b.timeouts()
+        };
+        match timeout::check(now, activity.last(), false, limits) {
+            Verdict::Expired(why) => return End::Expired(why),
+            Verdict::WakeAt(t) => timer.as_mut().reset(t),
+            Verdict::Never => timer.as_mut().reset(timeout::far_future(now)),
         }
-    };
-    if let End::Aborted(..) = end {
-        abort(&client);
-        abort(&upstream);
+        // A reload changing the limit wakes this to look again.
+        let woken = b.stop.woken();
+        tokio::select! {
+            r = &mut to_upstream, if !up_done => match r {
+                PumpEnd::Shutdown => {
+                    up_done = true;
+                    // SCTP has no half-close: a SHUTDOWN ends both
+                    // directions once in-flight messages are delivered.
+                    let _ = upstream.get_ref().shutdown(std::net::Shutdown::Write);
+                }
+                PumpEnd::Read(e) => return End::Aborted("client aborted or failed", e),
+                PumpEnd::Write(e) => return End::Aborted("upstream send failed", e),
+            },
+            r = &mut to_client, if !down_done => match r {
+                PumpEnd::Shutdown => {
+                    down_done = true;
+                    let _ = client.get_ref().shutdown(std::net::Shutdown::Write);
+                }
+                PumpEnd::Read(e) => return End::Aborted("upstream aborted or failed", e),
+                PumpEnd::Write(e) => return End::Aborted("client send failed", e),
+            },
+            () = &mut timer => {}
+            () = woken => {}
+        }
+        if up_done && down_done {
+            return End::Closed;
+        }
     }
-    RelayResult { up, down, end }
 }
 
 /// True for send errors that mean the receiving association is shutting
@@ -471,7 +654,13 @@ fn is_closing(e: &io::Error) -> bool {
 }
 
 /// Moves whole messages from `from` to `to` until `from` shuts down or fails.
-async fn pump(b: &Binding, from: &Leg<'_>, to: &Leg<'_>, flow: &mut Flow) -> PumpEnd {
+async fn pump(
+    b: &Binding,
+    from: &Leg<'_>,
+    to: &Leg<'_>,
+    flow: &Flow,
+    activity: &Activity,
+) -> PumpEnd {
     let mut reasm = Reassembler::new(BUF_INITIAL, MAX_MESSAGE);
     // The other leg's outbound stream count, refreshed when a send says
     // EINVAL (streams can be added during an association).
@@ -519,7 +708,7 @@ async fn pump(b: &Binding, from: &Leg<'_>, to: &Leg<'_>, flow: &mut Flow) -> Pum
                     "message of {len} bytes from the {} on stream {} dropped: larger than {MAX_MESSAGE} bytes, the most nsproxy reassembles",
                     from.name, info.sid
                 );
-                flow.dropped += 1;
+                flow.drop_one();
                 continue;
             }
             Ok(Received::Eof) if lost => {
@@ -534,7 +723,7 @@ async fn pump(b: &Binding, from: &Leg<'_>, to: &Leg<'_>, flow: &mut Flow) -> Pum
         };
         let msg = reasm.message();
         if to_closing {
-            flow.dropped += 1;
+            flow.drop_one();
             continue;
         }
         if info.sid >= streams {
@@ -556,15 +745,16 @@ async fn pump(b: &Binding, from: &Leg<'_>, to: &Leg<'_>, flow: &mut Flow) -> Pum
                         info.sid,
                         to.name
                     );
-                    flow.dropped += 1;
+                    flow.drop_one();
                     continue;
                 }
             }
         }
         match sent {
             Ok(_) => {
-                flow.messages += 1;
-                flow.bytes += msg.len() as u64;
+                flow.messages.fetch_add(1, Relaxed);
+                flow.bytes.fetch_add(msg.len() as u64, Relaxed);
+                activity.touch();
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // The stream counts may have changed; only a stream the
@@ -584,7 +774,7 @@ async fn pump(b: &Binding, from: &Leg<'_>, to: &Leg<'_>, flow: &mut Flow) -> Pum
                     to.name, from.name
                 );
                 to_closing = true;
-                flow.dropped += 1;
+                flow.drop_one();
             }
             Err(e) => return PumpEnd::Write(e),
         }
@@ -602,16 +792,9 @@ async fn send(to: &Leg<'_>, msg: &[u8], info: &sctp::RcvInfo) -> io::Result<usiz
 
 /// Reports a message on a stream the other side does not have: counted,
 /// logged for the first one of each direction, and dropped.
-fn unknown_stream(
-    b: &Binding,
-    from: &Leg<'_>,
-    to: &Leg<'_>,
-    sid: u16,
-    streams: u16,
-    flow: &mut Flow,
-) {
+fn unknown_stream(b: &Binding, from: &Leg<'_>, to: &Leg<'_>, sid: u16, streams: u16, flow: &Flow) {
     b.stats.unknown_stream.fetch_add(1, Relaxed);
-    if flow.unknown_stream == 0 {
+    if flow.unknown_stream.fetch_add(1, Relaxed) == 0 {
         warn!(
             "message from the {} on stream {sid} dropped: the {} association has only {streams} outbound stream(s) (ids 0..{}); raise sctp_streams or the peer's stream count. Further drops are counted in the close line",
             from.name,
@@ -619,6 +802,5 @@ fn unknown_stream(
             streams.saturating_sub(1)
         );
     }
-    flow.unknown_stream += 1;
-    flow.dropped += 1;
+    flow.drop_one();
 }

@@ -14,13 +14,16 @@ use std::time::{Duration, Instant};
 use socket2::SockRef;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll, Waker};
+use std::{future::Future, pin::Pin};
 
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::splice::Pipe;
-use super::{Binding, BindingStats, ListenError, Served, accept, proxy_header};
+use super::timeout::{self, Activity, Expired, Verdict};
+use super::{Binding, ListenError, Served, accept, proxy_header};
 use crate::config::ProxyProtocol;
 use crate::netns::{NsError, SocketSpec};
 
@@ -74,7 +77,15 @@ pub(crate) async fn serve(
                 peer = %peer,
                 upstream = %b.rule.upstream,
             );
-            handle(b, client, peer).instrument(span)
+            // Asked for now, before the accept loop takes another client:
+            // out of fds, it pauses at once and the clients after this one
+            // wait in the backlog (see `early`).
+            let first = early(
+                &b,
+                b.switcher
+                    .pooled_socket(b.upstream_ns, SocketSpec::tcp(&b.rule.upstream)),
+            );
+            handle(b, client, peer, first).instrument(span)
         },
     )
     .await;
@@ -85,23 +96,75 @@ pub(crate) async fn serve(
     }
 }
 
-async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr) {
-    let started = Instant::now();
+/// An upstream socket on its way (a pool or the namespace thread) or made;
+/// `counted`: it failed for lack of fds and that was already reported.
+struct SocketFuture {
+    f: Pin<Box<dyn Future<Output = Result<socket2::Socket, NsError>> + Send>>,
+    counted: bool,
+}
+
+/// Polls `f` once, now: a socket of nsproxy's own namespace is made on the
+/// spot, and if that failed for lack of fds the accept loop is told before
+/// it accepts again. (Otherwise a burst of clients is accepted first, each
+/// holding an fd while it waits for one more, and none gets it.)
+fn early(
+    b: &Binding,
+    f: impl Future<Output = Result<socket2::Socket, NsError>> + Send + 'static,
+) -> SocketFuture {
+    let mut f: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        Poll::Pending => SocketFuture { f, counted: false },
+        Poll::Ready(r) => {
+            let mut counted = false;
+            if let Err(NsError::Socket { source, .. }) = &r {
+                if accept::is_resource_exhaustion(source) {
+                    super::exhausted(b, source);
+                    counted = true;
+                }
+            }
+            SocketFuture {
+                f: Box::pin(std::future::ready(r)),
+                counted,
+            }
+        }
+    }
+}
+
+async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: SocketFuture) {
     b.stats.active.fetch_add(1, Relaxed);
     let _active = scopeguard(&b);
     // As it was when the client was accepted, whatever a reload does meanwhile.
     let proxy_header = b.proxy_protocol();
-    let mut upstream = match connect(&b).await {
-        Ok(s) => s,
-        Err(e) => {
-            b.stats.connect_failed.fetch_add(1, Relaxed);
-            warn!("upstream connect failed: {e}; resetting the client connection");
-            reset(&client);
-            return;
+    let keepalive = b.tcp_keepalive();
+    let moved = Moved::new();
+    let upstream = {
+        // Should the connection be cut meanwhile, the client is reset.
+        let cut = Cut::new(&b, &client, None, &moved);
+        let r = connect(&b, &client, first).await;
+        cut.disarm();
+        match r {
+            Ok(s) => s,
+            Err(ConnectError::ClientGone(e, after)) => {
+                b.stats.client_gone_connecting.fetch_add(1, Relaxed);
+                info!(
+                    duration_ms = moved.activity.start().elapsed().as_millis() as u64,
+                    "connection closed: the client reset ({e}) while the upstream connect was under way, after {after:?}; the connect was abandoned"
+                );
+                return;
+            }
+            Err(e) => {
+                b.stats.connect_failed.fetch_add(1, Relaxed);
+                warn!("upstream connect failed: {e}; resetting the client connection");
+                reset(&client);
+                return;
+            }
         }
     };
+    let cut = Cut::new(&b, &client, Some(&upstream), &moved);
     if let Some(version) = proxy_header {
-        if let Err(e) = send_proxy_header(&b, version, &client, peer, &mut upstream).await {
+        if let Err(e) = send_proxy_header(&b, version, &client, peer, &upstream).await {
+            cut.disarm();
             b.stats.connect_failed.fetch_add(1, Relaxed);
             warn!(
                 "sending the PROXY protocol {version} header to the upstream failed: {e}; resetting both connections"
@@ -113,14 +176,124 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr) {
     }
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let r = relay(client, upstream, &b.stats).await;
+    if let Some(k) = keepalive {
+        for (leg, s) in [("client", &client), ("upstream", &upstream)] {
+            if let Err(e) = set_keepalive(s, k) {
+                debug!("cannot set keepalive on the {leg} leg: {e}");
+            }
+        }
+    }
+    let end = relay(&b, &client, &upstream, &moved).await;
+    cut.disarm();
+    match &end {
+        End::Closed => {}
+        End::Error(..) => {
+            reset(&client);
+            reset(&upstream);
+        }
+        End::Expired(why) => {
+            reset(&client);
+            reset(&upstream);
+            match why {
+                Expired::Idle(_) => &b.stats.idle_timeouts,
+                Expired::HalfClose(_) => &b.stats.half_close_timeouts,
+            }
+            .fetch_add(1, Relaxed);
+        }
+    }
     info!(
-        bytes_from_client = r.client_to_upstream,
-        bytes_to_client = r.upstream_to_client,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "connection closed: {}",
-        r.end
+        bytes_from_client = moved.c2u.load(Relaxed),
+        bytes_to_client = moved.u2c.load(Relaxed),
+        duration_ms = moved.activity.start().elapsed().as_millis() as u64,
+        "connection closed: {end}"
     );
+}
+
+/// TCP keepalive with the rule's timings (`SO_KEEPALIVE` and the three
+/// `TCP_KEEP*` options).
+fn set_keepalive(s: &TcpStream, k: crate::config::Keepalive) -> io::Result<()> {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(k.idle)
+        .with_interval(k.interval)
+        .with_retries(k.count);
+    SockRef::from(s).set_tcp_keepalive(&ka)
+}
+
+/// What a connection moved so far, and when it last did: shared by its
+/// pumps, its timer, and the [`Cut`] that logs it if it is cut.
+struct Moved {
+    c2u: AtomicU64,
+    u2c: AtomicU64,
+    activity: Activity,
+}
+
+impl Moved {
+    fn new() -> Moved {
+        Moved {
+            c2u: AtomicU64::new(0),
+            u2c: AtomicU64::new(0),
+            activity: Activity::new(),
+        }
+    }
+}
+
+/// Resets the legs of a connection whose task is dropped before it ends on
+/// its own: its listener's drain timeout ran out, or the listener closed at
+/// once (a namespace deleted with `on_netns_delete = "close"`). A plain drop
+/// would send FIN, which the peers could take for a complete exchange; the
+/// cut is also counted and logged with its reason and byte counts.
+struct Cut<'a> {
+    b: &'a Binding,
+    client: &'a TcpStream,
+    upstream: Option<&'a TcpStream>,
+    moved: &'a Moved,
+    armed: bool,
+}
+
+impl<'a> Cut<'a> {
+    fn new(
+        b: &'a Binding,
+        client: &'a TcpStream,
+        upstream: Option<&'a TcpStream>,
+        moved: &'a Moved,
+    ) -> Cut<'a> {
+        Cut {
+            b,
+            client,
+            upstream,
+            moved,
+            armed: true,
+        }
+    }
+
+    /// The connection ends on its own terms.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Cut<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        reset(self.client);
+        if let Some(u) = self.upstream {
+            reset(u);
+        }
+        let why = super::cut_reason(self.b);
+        info!(
+            bytes_from_client = self.moved.c2u.load(Relaxed),
+            bytes_to_client = self.moved.u2c.load(Relaxed),
+            duration_ms = self.moved.activity.start().elapsed().as_millis() as u64,
+            "connection cut: {why}; both sides were reset{}",
+            if self.upstream.is_none() {
+                " (the upstream connect was under way)"
+            } else {
+                ""
+            }
+        );
+    }
 }
 
 /// Starts `upstream` with the PROXY protocol header for `client`, before any
@@ -130,11 +303,20 @@ async fn send_proxy_header(
     version: ProxyProtocol,
     client: &TcpStream,
     peer: SocketAddr,
-    upstream: &mut TcpStream,
+    upstream: &TcpStream,
 ) -> io::Result<()> {
     let local = client.local_addr()?;
     let header = proxy_header::header(version, peer, local, &b.netns.to_string());
-    upstream.write_all(&header).await
+    let mut data = &header[..];
+    while !data.is_empty() {
+        upstream.writable().await?;
+        match upstream.try_write(data) {
+            Ok(k) => data = &data[k..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Decrements the active count however `handle` ends (including abort).
@@ -157,29 +339,91 @@ enum ConnectError {
     Connect(io::Error, Duration),
     #[error("no answer within {0:?} (connect_timeout)")]
     Timeout(Duration),
+    /// Not a failure of the upstream: the client reset meanwhile.
+    #[error("the client reset ({0}) after {1:?}")]
+    ClientGone(io::Error, Duration),
 }
 
-fn describe(e: &io::Error) -> String {
+/// What a connect error means, in the words of where it comes from.
+pub(crate) fn describe(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ECONNREFUSED) => "connection refused".into(),
         Some(libc::ENETUNREACH) => "network unreachable from the upstream namespace".into(),
         Some(libc::EHOSTUNREACH) => "host unreachable from the upstream namespace".into(),
+        // What connect(2) says when the route found is a blackhole.
+        Some(libc::EINVAL) => format!(
+            "no route: the upstream namespace's routing table blackholes the upstream address (a `blackhole` route; see `ip route get` there) ({e})"
+        ),
+        // A `prohibit` route, or a firewall rule in the OUTPUT path.
+        Some(libc::EACCES | libc::EPERM) => format!(
+            "prohibited by a route or firewall rule in the upstream namespace (a `prohibit` route, or a rule rejecting the connection) ({e})"
+        ),
         _ => e.to_string(),
     }
 }
 
-async fn connect(b: &Binding) -> Result<TcpStream, ConnectError> {
-    let to = b.rule.upstream;
-    let socket = b
-        .switcher
-        .pooled_socket(b.upstream_ns, SocketSpec::tcp(&to))
-        .await?;
-    let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+/// Connects upstream within `connect_timeout`, unless `client` resets
+/// first. Out of fds or memory for the upstream socket, it waits and tries
+/// again (within the same limit), and tells the accept loop to pause, so
+/// that clients wait in the backlog rather than being accepted and reset.
+async fn connect(
+    b: &Binding,
+    client: &TcpStream,
+    first: SocketFuture,
+) -> Result<TcpStream, ConnectError> {
     let started = Instant::now();
-    match tokio::time::timeout(b.rule.connect_timeout, socket.connect(to)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(ConnectError::Connect(e, started.elapsed())),
-        Err(_) => Err(ConnectError::Timeout(b.rule.connect_timeout)),
+    let limit = b.rule.connect_timeout;
+    let attempt = async {
+        let to = b.rule.upstream;
+        let mut backoff = Duration::from_millis(10);
+        let mut next = Some(first);
+        let socket = loop {
+            let (made, counted) = match next.take() {
+                Some(first) => (first.f.await, first.counted),
+                None => {
+                    let made = b
+                        .switcher
+                        .pooled_socket(b.upstream_ns, SocketSpec::tcp(&to))
+                        .await;
+                    (made, false)
+                }
+            };
+            match made {
+                Ok(s) => break s,
+                Err(NsError::Socket { source, .. }) if accept::is_resource_exhaustion(&source) => {
+                    if !counted {
+                        super::exhausted(b, &source);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(ConnectError::Socket(e)),
+            }
+        };
+        let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
+        socket
+            .connect(to)
+            .await
+            .map_err(|e| ConnectError::Connect(e, started.elapsed()))
+    };
+    // Only a reset (the socket's error set: EPOLLERR) ends the wait, even
+    // after data: a FIN may be a client that sent everything and waits for
+    // the answer, or one that reads a banner after closing its side.
+    let gone = async {
+        let e = match client.ready(Interest::ERROR).await {
+            Err(e) => e,
+            Ok(_) => match client.take_error() {
+                Ok(Some(e)) | Err(e) => e,
+                // No error after all (nothing here uses the error queue):
+                // nothing to wait for.
+                Ok(None) => std::future::pending().await,
+            },
+        };
+        ConnectError::ClientGone(e, started.elapsed())
+    };
+    tokio::select! {
+        r = tokio::time::timeout(limit, attempt) => r.unwrap_or(Err(ConnectError::Timeout(limit))),
+        e = gone => Err(e),
     }
 }
 
@@ -189,13 +433,6 @@ fn reset(s: &TcpStream) {
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
 
-/// What a finished relay moved, and how it ended.
-pub(crate) struct RelayResult {
-    pub client_to_upstream: u64,
-    pub upstream_to_client: u64,
-    pub end: End,
-}
-
 /// How a relay ended.
 #[derive(Debug)]
 pub(crate) enum End {
@@ -203,6 +440,8 @@ pub(crate) enum End {
     Closed,
     /// One side failed or reset; the other side was reset.
     Error(&'static str, io::Error),
+    /// A limit ran out; both sides were reset.
+    Expired(Expired),
 }
 
 impl std::fmt::Display for End {
@@ -210,6 +449,7 @@ impl std::fmt::Display for End {
         match self {
             End::Closed => f.write_str("both sides closed"),
             End::Error(what, e) => write!(f, "{what}: {e}; the other side was reset"),
+            End::Expired(why) => write!(f, "{why}; both sides were reset"),
         }
     }
 }
@@ -256,38 +496,47 @@ fn mode() -> Mode {
 
 /// Moves `from` → `to` until EOF, then sends FIN on `to`. `moved` counts
 /// for the close log, `total` for the binding's live counters.
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    moved: &mut u64,
-    total: &AtomicU64,
-) -> Result<(), PumpError> {
+async fn pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<(), PumpError> {
     if mode() == Mode::Splice {
         let small = vec![0u8; SMALL_BUF];
-        if copy_pump(from, to, moved, total, small, SPLICE_AFTER).await? == Copied::Eof {
+        if copy_pump(from, to, c, small, SPLICE_AFTER).await? == Copied::Eof {
             return Ok(());
         }
         // Ok(false): splice cannot serve this pair of sockets, copy instead.
-        if splice_pump(from, to, moved, total).await? {
+        if splice_pump(from, to, c).await? {
             return Ok(());
         }
     }
     let buf = vec![0u8; BUF_SIZE];
-    copy_pump(from, to, moved, total, buf, u64::MAX)
-        .await
-        .map(|_| ())
+    copy_pump(from, to, c, buf, u64::MAX).await.map(|_| ())
+}
+
+/// Where a direction counts what it moves: for the close log (`moved`),
+/// the binding's live counters (`total`), and the idle timer (`activity`).
+#[derive(Clone, Copy)]
+struct Count<'a> {
+    moved: &'a AtomicU64,
+    total: &'a AtomicU64,
+    activity: &'a Activity,
+}
+
+impl Count<'_> {
+    fn add(&self, k: usize) {
+        self.moved.fetch_add(k as u64, Relaxed);
+        self.total.fetch_add(k as u64, Relaxed);
+        self.activity.touch();
+    }
 }
 
 /// Copies through `buf` until EOF, or until `moved` reaches `limit`.
 async fn copy_pump(
     from: &TcpStream,
     to: &TcpStream,
-    moved: &mut u64,
-    total: &AtomicU64,
+    c: Count<'_>,
     mut buf: Vec<u8>,
     limit: u64,
 ) -> Result<Copied, PumpError> {
-    while *moved < limit {
+    while c.moved.load(Relaxed) < limit {
         let n = loop {
             from.readable().await.map_err(PumpError::Read)?;
             match from.try_read(&mut buf) {
@@ -299,14 +548,14 @@ async fn copy_pump(
             shutdown_write(to).map_err(PumpError::Write)?;
             return Ok(Copied::Eof);
         }
+        c.activity.touch();
         let mut data = &buf[..n];
         while !data.is_empty() {
             to.writable().await.map_err(PumpError::Write)?;
             match to.try_write(data) {
                 Ok(k) => {
                     data = &data[k..];
-                    *moved += k as u64;
-                    total.fetch_add(k as u64, Relaxed);
+                    c.add(k);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(PumpError::Write(e)),
@@ -316,12 +565,7 @@ async fn copy_pump(
     Ok(Copied::Limit)
 }
 
-async fn splice_pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    moved: &mut u64,
-    total: &AtomicU64,
-) -> Result<bool, PumpError> {
+async fn splice_pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<bool, PumpError> {
     let pipe = Pipe::take().map_err(PumpError::Read)?;
     let mut in_pipe = 0usize;
     let mut spliced = false;
@@ -344,13 +588,13 @@ async fn splice_pump(
             }
             in_pipe = n;
             spliced = true;
+            c.activity.touch();
             while in_pipe > 0 {
                 to.writable().await.map_err(PumpError::Write)?;
                 match to.try_io(Interest::WRITABLE, || pipe.drain(to.as_raw_fd(), in_pipe)) {
                     Ok(k) => {
                         in_pipe -= k;
-                        *moved += k as u64;
-                        total.fetch_add(k as u64, Relaxed);
+                        c.add(k);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(e) => return Err(PumpError::Write(e)),
@@ -367,44 +611,122 @@ fn shutdown_write(s: &TcpStream) -> io::Result<()> {
     SockRef::from(s).shutdown(std::net::Shutdown::Write)
 }
 
-/// Relays both ways until both directions finished or one failed.
-/// Bytes are added to `stats` as they move, so that counters of long
+/// Relays both ways until both directions finished, one failed, or a
+/// limit ran out (the caller resets both legs then). Bytes are added to
+/// the binding's counters as they move, so that counters of long
 /// connections are live.
-pub(crate) async fn relay(
-    client: TcpStream,
-    upstream: TcpStream,
-    stats: &BindingStats,
-) -> RelayResult {
-    let (mut c2u, mut u2c) = (0u64, 0u64);
-    let end = {
-        let mut up = std::pin::pin!(pump(&client, &upstream, &mut c2u, &stats.bytes_in));
-        let mut down = std::pin::pin!(pump(&upstream, &client, &mut u2c, &stats.bytes_out));
-        let (mut up_done, mut down_done) = (false, false);
-        loop {
-            tokio::select! {
-                r = &mut up, if !up_done => match r {
-                    Ok(()) => up_done = true,
-                    Err(PumpError::Read(e)) => break End::Error("client read failed", e),
-                    Err(PumpError::Write(e)) => break End::Error("upstream write failed", e),
-                },
-                r = &mut down, if !down_done => match r {
-                    Ok(()) => down_done = true,
-                    Err(PumpError::Read(e)) => break End::Error("upstream read failed", e),
-                    Err(PumpError::Write(e)) => break End::Error("client write failed", e),
-                },
-            }
-            if up_done && down_done {
-                break End::Closed;
-            }
-        }
+async fn relay(b: &Binding, client: &TcpStream, upstream: &TcpStream, moved: &Moved) -> End {
+    let activity = &moved.activity;
+    let up_count = Count {
+        moved: &moved.c2u,
+        total: &b.stats.bytes_in,
+        activity,
     };
-    if let End::Error(..) = end {
-        reset(&client);
-        reset(&upstream);
+    let down_count = Count {
+        moved: &moved.u2c,
+        total: &b.stats.bytes_out,
+        activity,
+    };
+    let mut up = std::pin::pin!(pump(client, upstream, up_count));
+    let mut down = std::pin::pin!(pump(upstream, client, down_count));
+    let (mut up_done, mut down_done) = (false, false);
+    let timer = tokio::time::sleep_until(activity.start());
+    tokio::pin!(timer);
+    loop {
+        // After every event (a direction finished, the timer fired, a
+        // reload): not per chunk.
+        let now = tokio::time::Instant::now();
+        let half = up_done || down_done;
+        match timeout::check(now, activity.last(), half, b.timeouts()) {
+            Verdict::Expired(why) => return End::Expired(why),
+            Verdict::WakeAt(t) => timer.as_mut().reset(t),
+            Verdict::Never => timer.as_mut().reset(timeout::far_future(now)),
+        }
+        // A reload changing the limits wakes this to look again.
+        let woken = b.stop.woken();
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => {
+                    up_done = true;
+                    activity.touch();
+                }
+                Err(PumpError::Read(e)) => return End::Error("client read failed", e),
+                Err(PumpError::Write(e)) => return End::Error("upstream write failed", e),
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => {
+                    down_done = true;
+                    activity.touch();
+                }
+                Err(PumpError::Read(e)) => return End::Error("upstream read failed", e),
+                Err(PumpError::Write(e)) => return End::Error("client write failed", e),
+            },
+            () = &mut timer => {}
+            () = woken => {}
+        }
+        if up_done && down_done {
+            return End::Closed;
+        }
     }
-    RelayResult {
-        client_to_upstream: c2u,
-        upstream_to_client: u2c,
-        end,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two ends of a loopback connection: (the far peer, nsproxy's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let far = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (near, _) = l.accept().await.unwrap();
+        (far, near)
+    }
+
+    /// With paused time: a silent connection ends at `idle_timeout`; once
+    /// half-closed, at the shorter `half_close_timeout` of silence.
+    #[tokio::test(start_paused = true)]
+    async fn silence_ends_a_relay_at_the_limit_that_applies() {
+        let b =
+            crate::proxy::test_binding("idle_timeout = \"30s\"\nhalf_close_timeout = \"5s\"").await;
+        let (_client_far, client) = pair().await;
+        let (_upstream_far, upstream) = pair().await;
+        let moved = Moved::new();
+        let t0 = tokio::time::Instant::now();
+        let end = relay(&b, &client, &upstream, &moved).await;
+        assert!(
+            matches!(end, End::Expired(Expired::Idle(d)) if d == Duration::from_secs(30)),
+            "{end}"
+        );
+        assert!(t0.elapsed() >= Duration::from_secs(30));
+
+        let (client_far, client) = pair().await;
+        let (mut upstream_far, upstream) = pair().await;
+        let moved = Moved::new();
+        let t0 = tokio::time::Instant::now();
+        SockRef::from(&client_far)
+            .shutdown(std::net::Shutdown::Write)
+            .unwrap();
+        let relayed = relay(&b, &client, &upstream, &moved);
+        let fin_seen = async {
+            // The FIN is passed on, and then nothing more moves.
+            let mut buf = [0u8; 8];
+            assert_eq!(
+                tokio::io::AsyncReadExt::read(&mut upstream_far, &mut buf)
+                    .await
+                    .unwrap(),
+                0
+            );
+            std::future::pending::<()>().await
+        };
+        let end = tokio::select! {
+            end = relayed => end,
+            () = fin_seen => unreachable!(),
+        };
+        assert!(
+            matches!(end, End::Expired(Expired::HalfClose(d)) if d == Duration::from_secs(5)),
+            "{end}"
+        );
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(30));
     }
 }
