@@ -362,11 +362,7 @@ fn request_reload(server: &Server) {
     let commands = server.commands();
     tokio::spawn(async move {
         let (reply, done) = tokio::sync::oneshot::channel();
-        if commands
-            .send(control::Command::Reload(reply))
-            .await
-            .is_ok()
-        {
+        if commands.send(control::Command::Reload(reply)).await.is_ok() {
             let _ = done.await;
         }
     });

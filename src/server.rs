@@ -620,7 +620,8 @@ impl Supervisor {
             match event {
                 NsEvent::Appeared(name) => {
                     let named = NsRef::Named(name.clone());
-                    for rule in self.rules.clone() {
+                    let mut upstream_of = std::collections::HashSet::new();
+                    for rule in &self.rules {
                         let listens_there =
                             rule.netns.iter().any(|s| *s == named || s.matches(&name));
                         let key = (rule.name.clone(), named.clone());
@@ -644,18 +645,23 @@ impl Supervisor {
                             }
                         }
                         if rule.upstream_netns == named {
-                            // Everything of this rule that waited for its upstream.
-                            for (k, e) in &self.entries {
-                                if k.0 == rule.name
-                                    && matches!(e.state, State::Waiting(_))
-                                    && k.1 != named
-                                {
-                                    opening.push(Opening {
-                                        key: k.clone(),
-                                        rule: rule.clone(),
-                                        replacing: false,
-                                    });
-                                }
+                            upstream_of.insert(rule.name.as_str());
+                        }
+                    }
+                    // Everything that waited for this upstream, in one pass
+                    // over the entries (one per rule was quadratic when many
+                    // rules share an upstream namespace).
+                    if !upstream_of.is_empty() {
+                        for (k, e) in &self.entries {
+                            if upstream_of.contains(k.0.as_str())
+                                && matches!(e.state, State::Waiting(_))
+                                && k.1 != named
+                            {
+                                opening.push(Opening {
+                                    key: k.clone(),
+                                    rule: e.rule.clone(),
+                                    replacing: false,
+                                });
                             }
                         }
                     }
@@ -666,19 +672,23 @@ impl Supervisor {
                     // entry: with thousands of namespaces going away, a scan
                     // per event would be quadratic.
                     let mut affected: Vec<Key> = Vec::new();
+                    let mut upstream_of = std::collections::HashSet::new();
                     for rule in &self.rules {
                         let key = (rule.name.clone(), named.clone());
                         if self.entries.contains_key(&key) {
                             affected.push(key);
                         }
                         if rule.upstream_netns == named {
-                            affected.extend(
-                                self.entries
-                                    .keys()
-                                    .filter(|k| k.0 == rule.name && k.1 != named)
-                                    .cloned(),
-                            );
+                            upstream_of.insert(rule.name.as_str());
                         }
+                    }
+                    if !upstream_of.is_empty() {
+                        affected.extend(
+                            self.entries
+                                .keys()
+                                .filter(|k| upstream_of.contains(k.0.as_str()) && k.1 != named)
+                                .cloned(),
+                        );
                     }
                     for key in affected {
                         let Some(e) = self.entries.get(&key) else {
@@ -1066,10 +1076,11 @@ impl Supervisor {
             .map(|(i, r)| (r.name.as_str(), i))
             .collect();
         let mut entries: Vec<(&Key, &Entry)> = self.entries.iter().collect();
-        entries.sort_by(|a, b| {
-            let pa = position.get(a.0.0.as_str()).copied().unwrap_or(usize::MAX);
-            let pb = position.get(b.0.0.as_str()).copied().unwrap_or(usize::MAX);
-            (pa, a.0.1.to_string()).cmp(&(pb, b.0.1.to_string()))
+        // Each key made once: formatting references per comparison cost
+        // two strings per comparison, n log n of them per status.
+        entries.sort_by_cached_key(|(k, _)| {
+            let place = position.get(k.0.as_str()).copied().unwrap_or(usize::MAX);
+            (place, k.1.to_string())
         });
         entries.into_iter().map(|(_, e)| e).collect()
     }

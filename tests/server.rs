@@ -14,7 +14,15 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn tcp_rule(name: &str, listen: &str, netns: &[&str], upstream_netns: &str) -> String {
-    rule_of("tcp", name, listen, netns, "127.0.0.1:9000", upstream_netns, "")
+    rule_of(
+        "tcp",
+        name,
+        listen,
+        netns,
+        "127.0.0.1:9000",
+        upstream_netns,
+        "",
+    )
 }
 
 /// A FIFO at `dir/name`: opening it for reading blocks until a writer comes.
@@ -205,11 +213,7 @@ fn a_reload_changing_drain_timeout_drains_with_the_new_one() {
     echo_server(host.tcp_listen("127.0.0.1:9000"));
     let keep = tcp_rule("keep", "127.0.0.1:7001", &[a.name()], "host");
     let gone = tcp_rule("gone", "127.0.0.1:7000", &[a.name()], "host");
-    let d = Daemon::run(
-        &host,
-        &format!("drain_timeout = \"1s\"\n{keep}{gone}"),
-        &[],
-    );
+    let d = Daemon::run(&host, &format!("drain_timeout = \"1s\"\n{keep}{gone}"), &[]);
     d.wait_ready();
     let mut open = a.tcp_connect_when_ready("127.0.0.1:7000");
     echoes(&mut open);

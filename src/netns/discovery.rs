@@ -310,7 +310,6 @@ impl Discovery {
             self.removed(&name);
         }
     }
-
 }
 
 /// Size of `struct inotify_event` without its name.
