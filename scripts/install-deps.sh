@@ -8,9 +8,11 @@ declare -A NEED=(
     [ip]=iproute2
     [cc]=gcc
     [kill]=procps
-    # The tests: nsenter (util-linux) and ss (iproute2) look at sockets in
+    # The tests: setpriv (util-linux) runs nsproxy without CAP_SYS_ADMIN;
+    # nsenter (util-linux) and ss (iproute2) look at sockets in
     # deleted namespaces; promtool validates the metrics.
     [nsenter]=util-linux
+    [setpriv]=util-linux
     [promtool]=prometheus
     # The SCTP tests' VM (scripts/sctp-vm.sh): qemu, a busybox initramfs,
     # the kernel's module tools, and lz4 for its kernel image.

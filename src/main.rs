@@ -137,8 +137,14 @@ fn main() -> ExitCode {
         }),
         Command::Reload { control_socket } => client(|| async move {
             let r = control::reload(&control_socket).await?;
+            // Reopened bindings only when there are some, so that the
+            // usual line stays as it was.
+            let reopened = match r.reopened {
+                0 => String::new(),
+                n => format!(", {n} reopened (were not listening)"),
+            };
             println!(
-                "reloaded: {} added, {} removed, {} replaced, {} updated in place, {} unchanged",
+                "reloaded: {} added, {} removed, {} replaced, {} updated in place, {} unchanged{reopened}",
                 r.added, r.removed, r.replaced, r.retuned, r.unchanged
             );
             Ok(())
@@ -153,7 +159,7 @@ fn main() -> ExitCode {
                 c.workers = workers.or(c.workers);
                 c.drain_timeout = drain_timeout.or(c.drain_timeout);
                 c.control_socket = control_socket.or(c.control_socket);
-                serve(c, Some(config))
+                serve(c, Some(config), drain_timeout.is_some())
             }
             Err(e) => {
                 eprintln!("nsproxy: {}: {e}", config.display());
@@ -173,7 +179,7 @@ fn main() -> ExitCode {
                 }
                 c.drain_timeout = drain_timeout;
                 c.control_socket = control_socket;
-                serve(c, None)
+                serve(c, None, true)
             }
             Err(e) => {
                 eprintln!("nsproxy: {e}\n(syntax: {FORWARD_SYNTAX}; see nsproxy forward --help)");
@@ -202,8 +208,8 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
-fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
-    match try_serve(config, path) {
+fn serve(config: Config, path: Option<PathBuf>, drain_pinned: bool) -> ExitCode {
+    match try_serve(config, path, drain_pinned) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -213,7 +219,7 @@ fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn try_serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+fn try_serve(config: Config, path: Option<PathBuf>, drain_pinned: bool) -> anyhow::Result<()> {
     match runtime::raise_fd_limit() {
         Ok(l) if l.capped_by_hard => warn!(
             "open file limit: {} (the hard limit, which nsproxy may not raise: each listener, connection leg and UDP session is an fd; raise it with LimitNOFILE= or `ulimit -Hn` for large setups)",
@@ -239,6 +245,7 @@ fn try_serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             drain: config.drain_timeout.unwrap_or(nsproxy::server::DEFAULT_DRAIN_TIMEOUT),
             config_path: path,
             workers,
+            drain_pinned,
             ..Options::default()
         };
         let socket_path = match &config.control_socket {
@@ -253,7 +260,27 @@ fn try_serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             .rules
             .iter()
             .any(|r| r.netns.iter().any(|n| matches!(n, NsRef::Glob(_))));
-        let server = Server::start(config, switcher, options).await;
+        // Signals are heard during start-up too: a stop then ends the
+        // process at once (nothing serves yet), and a reload is done once
+        // start-up is over.
+        let start = Server::start(config, switcher, options);
+        tokio::pin!(start);
+        let mut reload_when_started = false;
+        let server = loop {
+            tokio::select! {
+                server = &mut start => break server,
+                signal = signals.next() => match signal {
+                    Signal::Reload => {
+                        info!("SIGHUP received during start-up: reloading once started");
+                        reload_when_started = true;
+                    }
+                    Signal::Stop(name) => {
+                        info!("{name} received during start-up: stopping");
+                        return Ok(());
+                    }
+                },
+            }
+        };
 
         let st = server.status().await;
         let count = |state: &str| st.bindings.iter().filter(|b| b.state == state).count();
@@ -295,12 +322,14 @@ fn try_serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         if let Err(e) = systemd::notify("READY=1") {
             warn!("cannot notify systemd: {e}");
         }
+        if reload_when_started {
+            request_reload(&server);
+        }
         loop {
             match signals.next().await {
                 Signal::Reload => {
                     info!("SIGHUP received: reloading");
-                    // The outcome is logged by the server.
-                    let _ = server.reload(None).await;
+                    request_reload(&server);
                 }
                 Signal::Stop(name) => {
                     info!("{name} received");
@@ -308,13 +337,36 @@ fn try_serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 }
             }
         }
-        server.shutdown().await;
+        // A second stop signal during the drain ends it at once.
+        let shutdown = server.shutdown();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                signal = signals.next() => if let Signal::Stop(name) = signal {
+                    warn!("{name} received again: stopping without waiting for open connections");
+                    break;
+                },
+            }
+        }
         if let Some(p) = control_path {
             let _ = std::fs::remove_file(p);
         }
         info!("stopped");
         Ok(())
     })
+}
+
+/// Asks the server to reload without waiting for it: signals (a stop
+/// above all) are heard while it runs. The outcome is logged by the server.
+fn request_reload(server: &Server) {
+    let commands = server.commands();
+    tokio::spawn(async move {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        if commands.send(control::Command::Reload(reply)).await.is_ok() {
+            let _ = done.await;
+        }
+    });
 }
 
 enum Signal {

@@ -52,6 +52,9 @@ pub struct Options {
     /// task ends and it is parked (an idle listener costs no task; the
     /// next client wakes it).
     pub park_after: Duration,
+    /// `drain` was given on the command line: a reload whose file changes
+    /// `drain_timeout` keeps it (and says so).
+    pub drain_pinned: bool,
 }
 
 impl Default for Options {
@@ -62,6 +65,7 @@ impl Default for Options {
             netns_dir: PathBuf::from(NETNS_RUN_DIR),
             workers: crate::runtime::default_workers(),
             park_after: DEFAULT_PARK_AFTER,
+            drain_pinned: false,
         }
     }
 }
@@ -80,7 +84,12 @@ enum Control {
     ),
     Bindings(oneshot::Sender<Vec<Arc<Binding>>>),
     Shutdown(oneshot::Sender<()>),
+    /// The config file, read and parsed by a task of its own (see
+    /// `Supervisor::request_reload`), for the reloads waiting on it.
+    Parsed(Result<Config, String>, Vec<ReloadReply>),
 }
+
+type ReloadReply = oneshot::Sender<Result<ReloadReport, String>>;
 
 impl Server {
     /// Opens every binding of `config` and starts following namespaces;
@@ -100,6 +109,8 @@ impl Server {
         };
         let (parking, hub, lost) = Parking::new(options.drain, options.park_after);
         let (released, released_rx) = mpsc::unbounded_channel();
+        let (commands, command_rx) = mpsc::channel(64);
+        let (control, control_rx) = mpsc::channel(8);
         let hub = hub.map(|h| tokio::spawn(h.run()));
         let mut sup = Supervisor {
             parking,
@@ -115,13 +126,14 @@ impl Server {
             refs: HashMap::new(),
             released,
             addr_retry: HashMap::new(),
+            control: control.downgrade(),
+            parsing: false,
+            queued_reloads: Vec::new(),
         };
         // Namespaces already there are known before the first reconcile, so
         // that globs see them at once.
         sup.drain_discovery();
         sup.apply(config).await;
-        let (commands, command_rx) = mpsc::channel(64);
-        let (control, control_rx) = mpsc::channel(8);
         let task = tokio::spawn(sup.run(command_rx, control_rx, lost, released_rx));
         Server {
             commands,
@@ -192,6 +204,8 @@ enum State {
     Waiting(String),
     Failed(String),
     SameAs(NsRef),
+    /// Its listener is being made (`open_chunk`).
+    Opening,
 }
 
 /// A listening binding, served by a task or parked while idle.
@@ -237,6 +251,15 @@ struct Supervisor {
     parking: Arc<Parking>,
     /// The task watching parked listeners; ends with the supervisor.
     hub: Option<JoinHandle<()>>,
+    /// Where a parse task sends the config it read ([`Control::Parsed`]);
+    /// weak, so that the supervisor still sees its channel close when the
+    /// [`Server`] is dropped.
+    control: mpsc::WeakSender<Control>,
+    /// A parse task is running: reloads asked for meanwhile wait in
+    /// `queued_reloads` and are served by one more parse after it, so that
+    /// configs are applied in the order they were read.
+    parsing: bool,
+    queued_reloads: Vec<ReloadReply>,
 }
 
 impl Drop for Supervisor {
@@ -288,10 +311,25 @@ impl Supervisor {
                 Some(ns) = released.recv() => self.unacquire(ns),
                 Some(cmd) = commands.recv() => match cmd {
                     Command::Status(reply) => { let _ = reply.send(self.status()); }
-                    Command::Reload(reply) => { let _ = reply.send(self.reload(None).await); }
+                    Command::Reload(reply) => self.request_reload(reply),
                 },
                 msg = control.recv() => match msg {
-                    Some(Control::Reload(config, reply)) => { let _ = reply.send(self.reload(config).await); }
+                    Some(Control::Reload(Some(config), reply)) => {
+                        let _ = systemd::notify(&systemd::reloading_message());
+                        let _ = reply.send(self.reload(Ok(config)).await);
+                    }
+                    Some(Control::Reload(None, reply)) => self.request_reload(reply),
+                    Some(Control::Parsed(result, replies)) => {
+                        let outcome = self.reload(result).await;
+                        for reply in replies {
+                            let _ = reply.send(outcome.clone());
+                        }
+                        self.parsing = false;
+                        if !self.queued_reloads.is_empty() {
+                            let replies = std::mem::take(&mut self.queued_reloads);
+                            self.start_parse(replies);
+                        }
+                    }
                     Some(Control::Bindings(reply)) => { let _ = reply.send(self.live_bindings()); }
                     Some(Control::Shutdown(reply)) => {
                         self.shutdown(released).await;
@@ -341,16 +379,44 @@ impl Supervisor {
             .unwrap_or_default()
     }
 
-    async fn reload(&mut self, config: Option<Config>) -> Result<ReloadReport, String> {
+    /// Starts re-reading the config file for `reply`. The file is read and
+    /// parsed by a task of its own, so that status requests, namespace
+    /// events and traffic are served meanwhile; the result comes back as
+    /// [`Control::Parsed`].
+    fn request_reload(&mut self, reply: ReloadReply) {
         let _ = systemd::notify(&systemd::reloading_message());
-        let result = match config {
-            Some(c) => Ok(c),
-            None => match &self.options.config_path {
-                Some(p) => config::load(p).map_err(|e| format!("{}: {e}", p.display())),
-                None => Err("no config file to re-read (started without --config)".to_owned()),
-            },
+        if self.options.config_path.is_none() {
+            let e = "no config file to re-read (started without --config)".to_owned();
+            error!("reload rejected, the running config keeps serving: {e}");
+            let _ = reply.send(Err(e));
+            let _ = systemd::notify("READY=1");
+            return;
+        }
+        if self.parsing {
+            self.queued_reloads.push(reply);
+        } else {
+            self.start_parse(vec![reply]);
+        }
+    }
+
+    fn start_parse(&mut self, replies: Vec<ReloadReply>) {
+        let Some(path) = self.options.config_path.clone() else {
+            return;
         };
-        let outcome = match result {
+        self.parsing = true;
+        let back = self.control.clone();
+        tokio::spawn(async move {
+            let result = config::load(&path).map_err(|e| format!("{}: {e}", path.display()));
+            if let Some(tx) = back.upgrade() {
+                // A supervisor gone meanwhile drops the replies: their
+                // callers are told the server stopped.
+                let _ = tx.send(Control::Parsed(result, replies)).await;
+            }
+        });
+    }
+
+    async fn reload(&mut self, config: Result<Config, String>) -> Result<ReloadReport, String> {
+        let outcome = match config {
             Ok(new) => {
                 let r = self.apply(new).await;
                 info!(
@@ -359,6 +425,7 @@ impl Supervisor {
                     replaced = r.replaced,
                     retuned = r.retuned,
                     unchanged = r.unchanged,
+                    reopened = r.reopened,
                     "config reloaded"
                 );
                 Ok(r)
@@ -385,6 +452,24 @@ impl Supervisor {
                 warn!(
                     "`control_socket` / `metrics_listen` changed: take effect at the next restart"
                 );
+            }
+        }
+        if new.drain_timeout != self.config.drain_timeout {
+            let drain = new.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+            if self.options.drain_pinned {
+                warn!(
+                    "`drain_timeout` changed in the file to {drain:?}: --drain-timeout on the command line keeps {:?}",
+                    self.options.drain
+                );
+            } else if drain != self.options.drain {
+                // Before anything below closes: the bindings this reload
+                // removes or replaces drain with the new timeout too.
+                info!(
+                    "drain_timeout {drain:?} applied (was {:?}): to every listener closed from now on, open connections included",
+                    self.options.drain
+                );
+                self.options.drain = drain;
+                self.parking.set_drain(drain);
             }
         }
         self.rules = new.rules.iter().cloned().map(Arc::new).collect();
@@ -424,6 +509,7 @@ impl Supervisor {
         }
         let mut opening = Vec::new();
         let mut retuned_rules = std::collections::HashSet::new();
+        let mut retrying = Vec::new();
         for (key, rule) in desired {
             match self.entries.get(&key) {
                 Some(e) if same_rule(&e.rule, &rule) => {
@@ -437,7 +523,11 @@ impl Supervisor {
                         State::Listening { live, .. } if retuned => Some(&live.binding),
                         _ => None,
                     };
-                    if let Some(binding) = live {
+                    let retry = !matches!(e.state, State::Listening { .. });
+                    if retry && !matches!(e.state, State::SameAs(_)) {
+                        // Counted once the attempt is over, below.
+                        retrying.push(key.clone());
+                    } else if let Some(binding) = live {
                         report.retuned += 1;
                         binding.retune(&rule);
                         if retuned_rules.insert(rule.name.clone()) {
@@ -453,7 +543,6 @@ impl Supervisor {
                     } else {
                         report.unchanged += 1;
                     }
-                    let retry = !matches!(e.state, State::Listening { .. });
                     // Share the new Arc so that later comparisons are cheap.
                     if let Some(e) = self.entries.get_mut(&key) {
                         e.rule = rule.clone();
@@ -486,6 +575,18 @@ impl Supervisor {
             }
         }
         self.open_many(opening).await;
+        // A binding that was not listening (failed, or waiting for its
+        // namespace or address) and listens now was reopened; the others
+        // are as they were.
+        for key in retrying {
+            match self.entries.get(&key) {
+                Some(Entry {
+                    state: State::Listening { .. },
+                    ..
+                }) => report.reopened += 1,
+                _ => report.unchanged += 1,
+            }
+        }
         report
     }
 
@@ -526,7 +627,8 @@ impl Supervisor {
             match event {
                 NsEvent::Appeared(name) => {
                     let named = NsRef::Named(name.clone());
-                    for rule in self.rules.clone() {
+                    let mut upstream_of = std::collections::HashSet::new();
+                    for rule in &self.rules {
                         let listens_there =
                             rule.netns.iter().any(|s| *s == named || s.matches(&name));
                         let key = (rule.name.clone(), named.clone());
@@ -550,18 +652,23 @@ impl Supervisor {
                             }
                         }
                         if rule.upstream_netns == named {
-                            // Everything of this rule that waited for its upstream.
-                            for (k, e) in &self.entries {
-                                if k.0 == rule.name
-                                    && matches!(e.state, State::Waiting(_))
-                                    && k.1 != named
-                                {
-                                    opening.push(Opening {
-                                        key: k.clone(),
-                                        rule: rule.clone(),
-                                        replacing: false,
-                                    });
-                                }
+                            upstream_of.insert(rule.name.as_str());
+                        }
+                    }
+                    // Everything that waited for this upstream, in one pass
+                    // over the entries (one per rule was quadratic when many
+                    // rules share an upstream namespace).
+                    if !upstream_of.is_empty() {
+                        for (k, e) in &self.entries {
+                            if upstream_of.contains(k.0.as_str())
+                                && matches!(e.state, State::Waiting(_))
+                                && k.1 != named
+                            {
+                                opening.push(Opening {
+                                    key: k.clone(),
+                                    rule: e.rule.clone(),
+                                    replacing: false,
+                                });
                             }
                         }
                     }
@@ -572,19 +679,23 @@ impl Supervisor {
                     // entry: with thousands of namespaces going away, a scan
                     // per event would be quadratic.
                     let mut affected: Vec<Key> = Vec::new();
+                    let mut upstream_of = std::collections::HashSet::new();
                     for rule in &self.rules {
                         let key = (rule.name.clone(), named.clone());
                         if self.entries.contains_key(&key) {
                             affected.push(key);
                         }
                         if rule.upstream_netns == named {
-                            affected.extend(
-                                self.entries
-                                    .keys()
-                                    .filter(|k| k.0 == rule.name && k.1 != named)
-                                    .cloned(),
-                            );
+                            upstream_of.insert(rule.name.as_str());
                         }
+                    }
+                    if !upstream_of.is_empty() {
+                        affected.extend(
+                            self.entries
+                                .keys()
+                                .filter(|k| upstream_of.contains(k.0.as_str()) && k.1 != named)
+                                .cloned(),
+                        );
                     }
                     for key in affected {
                         let Some(e) = self.entries.get(&key) else {
@@ -744,7 +855,22 @@ impl Supervisor {
         } in opening
         {
             let netns = key.1.clone();
-            let state = match self.prepare(&rule, &netns, &resolved) {
+            let mut replacing = replacing;
+            let prepared = match self.prepare(&rule, &netns, &resolved) {
+                // The reference listed first names the namespace (in PROXY
+                // v2 headers, logs and metric labels), whichever was opened
+                // first: this chunk's order follows namespaces, not rules,
+                // and a reload may list a name before a reference that
+                // already listens.
+                Err(State::SameAs(other)) if listed_before(&rule, &netns, &other) => {
+                    self.demote(&rule, &other, &netns, &resolved);
+                    // The demoted listener may still hold the port.
+                    replacing = true;
+                    self.prepare(&rule, &netns, &resolved)
+                }
+                other => other,
+            };
+            let state = match prepared {
                 Ok(binding) => {
                     self.by_ns
                         .insert((rule.name.clone(), binding.ns), netns.clone());
@@ -752,12 +878,12 @@ impl Supervisor {
                         let listener = open_listener(&binding, replacing).await;
                         (binding, listener)
                     });
-                    State::Waiting("opening".into())
+                    State::Opening
                 }
                 Err(state) => state,
             };
             match &state {
-                State::Waiting(reason) if reason != "opening" => {
+                State::Waiting(reason) => {
                     warn!(rule = %rule.name, netns = %netns, listen = %rule.listen, "waiting: {reason}");
                 }
                 State::Failed(reason) => {
@@ -773,6 +899,16 @@ impl Supervisor {
         while let Some(done) = pending.join_next().await {
             let (binding, listener) = done.expect("opening a listener does not panic");
             let key = (binding.rule.name.clone(), binding.netns.clone());
+            if !matches!(
+                self.entries.get(&key),
+                Some(Entry {
+                    state: State::Opening,
+                    ..
+                })
+            ) {
+                // Demoted meanwhile (see `demote`): its listener closes here.
+                continue;
+            }
             let result = listener.and_then(|l| {
                 let local = l.local_addr().map_err(|source| ListenError::Socket {
                     addr: binding.rule.listen,
@@ -833,6 +969,29 @@ impl Supervisor {
             if !self.refs.contains_key(&ns) {
                 self.switcher.release(ns);
             }
+        }
+    }
+
+    /// Makes the binding of `rule` under reference `loser` give way to
+    /// `winner`, a reference to the same namespace listed before it: a
+    /// listening one closes (draining), one being opened is dropped when its
+    /// listener is made.
+    fn demote(
+        &mut self,
+        rule: &Rule,
+        loser: &NsRef,
+        winner: &NsRef,
+        resolved: &HashMap<NsRef, Result<NsId, NsError>>,
+    ) {
+        let key = (rule.name.clone(), loser.clone());
+        let why = format!("\"{winner}\", listed before it in the rule, names the same namespace");
+        self.close(&key, OnDelete::Drain, &why);
+        if let Some(Ok(ns)) = resolved.get(winner) {
+            self.by_ns.remove(&(rule.name.clone(), *ns));
+        }
+        if let Some(e) = self.entries.get_mut(&key) {
+            info!(rule = %rule.name, netns = %loser, "{why}: serving it as \"{winner}\"");
+            e.state = State::SameAs(winner.clone());
         }
     }
 
@@ -924,10 +1083,11 @@ impl Supervisor {
             .map(|(i, r)| (r.name.as_str(), i))
             .collect();
         let mut entries: Vec<(&Key, &Entry)> = self.entries.iter().collect();
-        entries.sort_by(|a, b| {
-            let pa = position.get(a.0.0.as_str()).copied().unwrap_or(usize::MAX);
-            let pb = position.get(b.0.0.as_str()).copied().unwrap_or(usize::MAX);
-            (pa, a.0.1.to_string()).cmp(&(pb, b.0.1.to_string()))
+        // Each key made once: formatting references per comparison cost
+        // two strings per comparison, n log n of them per status.
+        entries.sort_by_cached_key(|(k, _)| {
+            let place = position.get(k.0.as_str()).copied().unwrap_or(usize::MAX);
+            (place, k.1.to_string())
         });
         entries.into_iter().map(|(_, e)| e).collect()
     }
@@ -949,6 +1109,12 @@ impl Supervisor {
                     State::SameAs(o) => (
                         "same_namespace",
                         Some(format!("same namespace as \"{o}\", served there")),
+                        None,
+                        Counters::default(),
+                    ),
+                    State::Opening => (
+                        "waiting",
+                        Some("opening".to_owned()),
                         None,
                         Counters::default(),
                     ),
@@ -987,6 +1153,18 @@ impl Supervisor {
             bindings,
         }
     }
+}
+
+/// Whether `rule` lists `a` before `b` (a name matched by a glob counts at
+/// the glob's place).
+fn listed_before(rule: &Rule, a: &NsRef, b: &NsRef) -> bool {
+    let place = |r: &NsRef| {
+        rule.netns
+            .iter()
+            .position(|s| s == r || matches!(r, NsRef::Named(n) if s.matches(n)))
+            .unwrap_or(usize::MAX)
+    };
+    place(a) < place(b)
 }
 
 /// Completes when the earliest address retry is due.

@@ -151,6 +151,10 @@ pub struct ReloadReport {
     pub retuned: usize,
     /// Bindings left alone, their sockets and connections untouched.
     pub unchanged: usize,
+    /// Bindings that were not listening (failed, or waiting for their
+    /// namespace or address) and that the reload opened.
+    #[serde(default)]
+    pub reopened: usize,
 }
 
 /// `nsproxy status` as a readable table.

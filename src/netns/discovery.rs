@@ -15,7 +15,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::ffi::{CString, OsStr};
 use std::fs::File;
-use std::io::{self, Read, Seek};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -89,8 +89,11 @@ impl Discovery {
             pending: BTreeSet::new(),
             queue: VecDeque::new(),
         };
-        // Consume the mount table once, so that only later changes wake us.
-        d.drain_mountinfo()?;
+        // The mount table is never read: the kernel marks the file at open
+        // with the table's current version, and every poll that reports a
+        // change (POLLPRI) moves the mark to the new version. Reading it
+        // per change, as before, cost time in the size of the table, which
+        // grows with every namespace: following N additions was quadratic.
         d.watch_dir()?;
         Ok(d)
     }
@@ -122,7 +125,6 @@ impl Discovery {
                     let mut guard = guard?;
                     guard.clear_ready();
                     drop(guard);
-                    self.drain_mountinfo()?;
                     self.recheck_pending();
                 }
             }
@@ -307,15 +309,6 @@ impl Discovery {
         } else if mask & (libc::IN_DELETE | libc::IN_MOVED_FROM) != 0 {
             self.removed(&name);
         }
-    }
-
-    /// Reads the mount table to its end, which re-arms its POLLPRI.
-    fn drain_mountinfo(&mut self) -> io::Result<()> {
-        let f = self.mountinfo.get_mut();
-        f.rewind()?;
-        let mut sink = [0u8; 16 * 1024];
-        while f.read(&mut sink)? > 0 {}
-        Ok(())
     }
 }
 

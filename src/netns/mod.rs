@@ -99,11 +99,26 @@ pub enum NsError {
         path: PathBuf,
         fs: String,
     },
+    #[error(
+        "\"{reference}\" is not a network namespace: {} is {kind}, not an nsfs file (refused without opening it, so that nothing waits on it)",
+        path.display()
+    )]
+    NotAFile {
+        reference: NsRef,
+        path: PathBuf,
+        kind: &'static str,
+    },
     #[error("\"{reference}\" is a {kind} namespace ({}), not a network namespace", path.display())]
     WrongKind {
         reference: NsRef,
         path: PathBuf,
         kind: &'static str,
+    },
+    #[error("cannot enter namespace \"{reference}\" ({}): {source}{}", path.display(), enter_hint(source))]
+    CannotEnter {
+        reference: NsRef,
+        path: PathBuf,
+        source: io::Error,
     },
     #[error("cannot enter namespace {ns}: {source}{}", enter_hint(source))]
     Enter { ns: NsId, source: io::Error },
@@ -137,7 +152,7 @@ fn not_found_hint(r: &NsRef) -> String {
 
 fn enter_hint(e: &io::Error) -> &'static str {
     if e.raw_os_error() == Some(libc::EPERM) {
-        " (switching namespaces needs CAP_SYS_ADMIN: run nsproxy as root or grant it that capability)"
+        " (entering a network namespace needs CAP_SYS_ADMIN, over the user namespace that owns it: run nsproxy as root or grant it that capability; bindings that listen or connect there are not served)"
     } else {
         ""
     }

@@ -2,6 +2,14 @@
 //!
 //! Opening is all it takes to hold a namespace alive, so an opened file is
 //! kept (cached by the switcher) only as long as a rule needs it.
+//!
+//! Nothing here may block: the path is first opened with `O_PATH`, which
+//! never calls the file's own open (a FIFO waiting for a writer, a device,
+//! a FUSE file whose daemon hangs), and only once `fstat` and `fstatfs` say
+//! it is a regular file on nsfs is it opened for real, through
+//! `/proc/self/fd`, so the file checked is the file opened. `setns(2)` and
+//! the `NS_GET_NSTYPE` ioctl refuse an `O_PATH` fd (EBADF), hence the
+//! second open.
 
 #![allow(unsafe_code)]
 
@@ -27,32 +35,89 @@ pub(crate) enum Problem {
     Open(io::Error),
     /// It is on another file system; carries `f_type`.
     NotNsfs(i64),
+    /// It is not a regular file (a FIFO, socket, device or directory):
+    /// refused before anything could block on it; carries its kind.
+    NotAFile(&'static str),
     /// It is a namespace, but of another kind ("uts", "mnt", ...).
     WrongKind(&'static str),
     /// fstatfs / ioctl / fstat failed.
     Inspect(io::Error),
 }
 
-/// Opens `path` (O_RDONLY | O_CLOEXEC) and checks that it is a network namespace.
+/// Opens `path` without blocking and checks that it is a network namespace.
 pub(crate) fn open_netns(path: &Path) -> Result<(File, NsId), Problem> {
-    let file = std::fs::OpenOptions::new()
+    let probe = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => Problem::Missing,
             _ => Problem::Open(e),
         })?;
+    let meta = probe.metadata().map_err(Problem::Inspect)?;
+    // nsfs files are regular files (S_IFREG); anything else could block
+    // when opened (a FIFO) or is surely not a namespace.
+    if let Some(kind) = not_a_file(meta.file_type()) {
+        return Err(Problem::NotAFile(kind));
+    }
+    // fstatfs accepts an O_PATH fd: the file system is known before the
+    // file's own open runs, and nsfs's open never blocks.
+    let f_type = fs_type(probe.as_raw_fd())?;
+    if f_type != NSFS_MAGIC {
+        return Err(Problem::NotNsfs(f_type));
+    }
+    let file = reopen(&probe, path)?;
     let id = inspect(&file)?;
+    if (id.dev, id.ino) != (meta.dev(), meta.ino()) {
+        // Only possible through the fallback open of the path, replaced
+        // between the two opens.
+        return Err(Problem::Open(io::Error::other(
+            "the file changed while it was being opened",
+        )));
+    }
     Ok((file, id))
 }
 
-/// Checks an open file: nsfs, of kind "net"; returns its identity.
-pub(crate) fn inspect(file: &File) -> Result<NsId, Problem> {
-    let fd = file.as_raw_fd();
+/// Opens the file `probe` (an `O_PATH` fd) refers to for reading. Through
+/// `/proc/self/fd` it is that very file; without /proc, the path again,
+/// non-blocking (the caller compares identities).
+fn reopen(probe: &File, path: &Path) -> Result<File, Problem> {
+    let open = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(p)
+    };
+    let by_fd = format!("/proc/self/fd/{}", probe.as_raw_fd());
+    match open(Path::new(&by_fd)) {
+        Ok(f) => Ok(f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => open(path).map_err(Problem::Open),
+        Err(e) => Err(Problem::Open(e)),
+    }
+}
+
+/// The kind of a file that is not a regular file, for the error message.
+fn not_a_file(t: std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_file() {
+        None
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else if t.is_char_device() || t.is_block_device() {
+        Some("a device")
+    } else if t.is_dir() {
+        Some("a directory")
+    } else {
+        Some("not a regular file")
+    }
+}
+
+fn fs_type(fd: libc::c_int) -> Result<i64, Problem> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: `fd` is open for the duration of the call (borrowed from `file`)
-    // and `st` points to writable memory of the right size.
+    // SAFETY: `fd` is open for the duration of the call (borrowed from the
+    // caller's File) and `st` points to writable memory of the right size.
     if unsafe { libc::fstatfs(fd, st.as_mut_ptr()) } != 0 {
         return Err(Problem::Inspect(io::Error::last_os_error()));
     }
@@ -60,6 +125,13 @@ pub(crate) fn inspect(file: &File) -> Result<NsId, Problem> {
     // (`f_type` is i64 on x86_64 but narrower elsewhere, hence the cast.)
     #[allow(clippy::unnecessary_cast)]
     let f_type = unsafe { st.assume_init() }.f_type as i64;
+    Ok(f_type)
+}
+
+/// Checks an open file: nsfs, of kind "net"; returns its identity.
+pub(crate) fn inspect(file: &File) -> Result<NsId, Problem> {
+    let fd = file.as_raw_fd();
+    let f_type = fs_type(fd)?;
     if f_type != NSFS_MAGIC {
         return Err(Problem::NotNsfs(f_type));
     }
@@ -131,5 +203,27 @@ mod tests {
             open_netns(Path::new("/nonexistent/nsproxy")),
             Err(Problem::Missing)
         ));
+        assert!(matches!(
+            open_netns(Path::new("/proc/self")),
+            Err(Problem::NotAFile("a directory"))
+        ));
+        assert!(matches!(
+            open_netns(Path::new("/dev/null")),
+            Err(Problem::NotAFile("a device"))
+        ));
+    }
+
+    /// A FIFO without a writer blocks a plain open(2) for reading forever.
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("nsproxy-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("ns");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid C string; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let got = open_netns(&fifo);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(got, Err(Problem::NotAFile("a FIFO"))), "{got:?}");
     }
 }

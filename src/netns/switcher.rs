@@ -10,7 +10,9 @@
 //!
 //! Requests that arrive together are served in one batch: consecutive socket
 //! requests for the same namespace share one switch in, and the thread returns
-//! home before it does anything else and whenever the queue runs dry.
+//! home whenever the queue runs dry. Resolving a namespace enters it once (a
+//! namespace nsproxy may not enter fails there, with its name), and opening
+//! its file never blocks (see `nsfs`).
 
 #![allow(unsafe_code)]
 #![allow(clippy::disallowed_methods)]
@@ -110,7 +112,9 @@ impl Thread {
                         let _ = reply.send(self.socket_in(ns, spec));
                     }
                     Request::Resolve { reference, reply } => {
-                        self.go_home();
+                        // Not from home: a path means the same in every
+                        // network namespace (only the mount namespace,
+                        // which nsproxy never changes, matters to it).
                         let _ = reply.send(self.resolve(&reference));
                     }
                     Request::Refill { ns, spec, n, pool } => {
@@ -161,6 +165,11 @@ impl Thread {
                 path: path.clone(),
                 fs: nsfs::fs_name(f_type),
             },
+            Problem::NotAFile(kind) => NsError::NotAFile {
+                reference: reference.clone(),
+                path: path.clone(),
+                kind,
+            },
             Problem::WrongKind(kind) => NsError::WrongKind {
                 reference: reference.clone(),
                 path: path.clone(),
@@ -173,7 +182,25 @@ impl Thread {
             },
         })?;
         // Keep the first fd of a namespace; a second reference to it adds nothing.
-        self.cache.entry(id).or_insert(file);
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.cache.entry(id) {
+            // Entered once now, so that a namespace nsproxy may not enter
+            // (no CAP_SYS_ADMIN, or not over the user namespace that owns
+            // it) fails its bindings when they are opened, not each of
+            // their connections later (a listener in `host` connecting into
+            // it would otherwise listen and reset every client). The thread
+            // stays there: the sockets asked for next are usually for it.
+            // SAFETY: `file` is open for the whole call; setns only changes
+            // this thread's network namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(NsError::CannotEnter {
+                    reference: reference.clone(),
+                    path,
+                    source: io::Error::last_os_error(),
+                });
+            }
+            self.current = id;
+            slot.insert(file);
+        }
         Ok(id)
     }
 

@@ -189,7 +189,8 @@ where
         if b.stop.mode() == Some(StopMode::Close) {
             info!(rule = %b.rule.name, netns = %b.netns, "listener closed; closing {} {noun}(s)", conns.len());
         } else {
-            drain_all(&b, conns, drain, noun).await;
+            // The timeout of when the stop came: a reload may have changed it.
+            drain_all(&b, conns, b.stop.drain().unwrap_or(drain), noun).await;
         }
     }
     None

@@ -276,6 +276,10 @@ pub(crate) struct Stop {
     /// leaves it a close.
     requested: AtomicU8,
     wake: tokio::sync::Notify,
+    /// The drain timeout in force when the stop was requested, in
+    /// nanoseconds plus one (0: not set): a reload may have changed it
+    /// since the serve task started.
+    drain: AtomicU64,
 }
 
 impl Stop {
@@ -287,6 +291,20 @@ impl Stop {
         };
         self.requested.fetch_max(v, Ordering::SeqCst);
         self.wake.notify_waiters();
+    }
+
+    fn set_drain(&self, drain: Duration) {
+        let n = u64::try_from(drain.as_nanos()).unwrap_or(u64::MAX - 1);
+        self.drain.store(n.saturating_add(1), Ordering::SeqCst);
+    }
+
+    /// The drain timeout in force when the stop was requested, if it was
+    /// set then ([`Parking::stop`]).
+    pub(crate) fn drain(&self) -> Option<Duration> {
+        match self.drain.load(Ordering::SeqCst) {
+            0 => None,
+            n => Some(Duration::from_nanos(n - 1)),
+        }
     }
 
     /// How the listener was told to stop, if it was.

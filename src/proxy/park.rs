@@ -21,8 +21,8 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -40,6 +40,10 @@ const EVENTS: usize = 256;
 /// `Binding::parked_at` when the binding's socket is not parked.
 pub(crate) const NOT_PARKED: usize = usize::MAX;
 
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// A token is a slot number above a generation of `GEN_BITS` bits.
 const GEN_BITS: u32 = usize::BITS / 2;
 const GEN_MASK: usize = (1 << GEN_BITS) - 1;
@@ -53,7 +57,10 @@ pub(crate) struct Parking {
     /// could not be made (then every listener keeps a task).
     registry: Option<mio::Registry>,
     slots: Mutex<Slots>,
-    drain: Duration,
+    /// The drain timeout in nanoseconds: a reload changes it
+    /// ([`Parking::set_drain`]), and a stop hands the value then in force
+    /// to the binding ([`Stop::drain`](super::Stop::drain)).
+    drain: AtomicU64,
     park_after: Duration,
     /// Serve tasks running (each owns a listener that is not parked).
     running: AtomicUsize,
@@ -148,7 +155,7 @@ impl Parking {
         let parking = Arc::new(Parking {
             registry,
             slots: Mutex::new(Slots::default()),
-            drain,
+            drain: AtomicU64::new(nanos(drain)),
             park_after,
             running: AtomicUsize::new(0),
             all_stopped: Notify::new(),
@@ -159,6 +166,17 @@ impl Parking {
             parking: parking.clone(),
         });
         (parking, hub, lost_rx)
+    }
+
+    /// The drain timeout in force.
+    pub(crate) fn drain(&self) -> Duration {
+        Duration::from_nanos(self.drain.load(SeqCst))
+    }
+
+    /// Changes the drain timeout of bindings stopped from now on, whenever
+    /// their serve task started.
+    pub(crate) fn set_drain(&self, drain: Duration) {
+        self.drain.store(nanos(drain), SeqCst);
     }
 
     fn lock(&self) -> MutexGuard<'_, Slots> {
@@ -222,6 +240,7 @@ impl Parking {
     /// serve task, or that a task serves, closes as soon as that task sees
     /// the stop.
     pub(crate) fn stop(self: &Arc<Self>, b: &Binding, mode: StopMode) {
+        b.stop.set_drain(self.drain());
         b.stop.request(mode);
         let taken = {
             // `parked_at` is read under the lock `park` stores it under:
@@ -302,7 +321,7 @@ impl Parking {
                 return;
             }
             match listener
-                .serve(b.clone(), parking.drain, parking.park_after)
+                .serve(b.clone(), parking.drain(), parking.park_after)
                 .await
             {
                 Served::Idle(idle) => parking.park(b, idle),
