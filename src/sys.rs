@@ -104,3 +104,17 @@ pub(crate) fn monotonic_usec() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
+
+/// Hands the allocator's free memory back to the kernel. glibc keeps what
+/// was freed in its per-thread arenas for reuse and returns it only from
+/// the top of a heap, so after a burst of connections the freed buffers and
+/// tasks stay resident; malloc_trim(3) releases every free page of every
+/// arena. It walks all arenas under their locks: call it rarely.
+pub(crate) fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only reads and updates the allocator's own state,
+    // under its locks; 0 means "keep no extra padding".
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -13,6 +13,7 @@ mod proxy_header;
 pub mod sctp;
 mod splice;
 pub mod tcp;
+mod trim;
 pub mod udp;
 mod udp_sys;
 

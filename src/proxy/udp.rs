@@ -584,6 +584,7 @@ async fn session(
     queued: Arc<AtomicUsize>,
     _active: Active,
 ) {
+    let _open = super::trim::Open::new();
     let b = &shared.b;
     let started = Instant::now();
     let upstream = match open_upstream(b).await {
