@@ -34,6 +34,10 @@ esac
 pidfile=$(mktemp)
 cleanup() {
     read -r test_pid daemon_pid < "$pidfile" 2>/dev/null || true
+    # Still running only when this script was interrupted.
+    if [ -n "${test_pid:-}" ] && grep -q soak "/proc/$test_pid/cmdline" 2>/dev/null; then
+        kill -KILL "$test_pid" 2>/dev/null || true
+    fi
     if [ -n "${daemon_pid:-}" ] && grep -q nsproxy "/proc/$daemon_pid/cmdline" 2>/dev/null; then
         kill "$daemon_pid" 2>/dev/null || true
     fi
