@@ -169,6 +169,8 @@ fn tcp_upstream(l: std::net::TcpListener, life: u64, now: Arc<AtomicU64>, cut: A
             }
             break;
         }
+        // Finished ones are dropped (detached, so their thread is freed).
+        conns.retain(|h: &thread::JoinHandle<()>| !h.is_finished());
         let (now, cut) = (now.clone(), cut.clone());
         conns.push(thread::spawn(move || echo_until_killed(c, life, now, cut)));
     }
