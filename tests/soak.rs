@@ -268,6 +268,8 @@ struct Seen {
     reloads_hup: AtomicU64,
     reloads_cli: AtomicU64,
     kills: AtomicU64,
+    /// Traffic threads that panicked (a failed check in a churned namespace).
+    panicked: AtomicU64,
 }
 
 /// One connection: sends bytes, reads their echo, checks them. Every tenth
@@ -468,6 +470,12 @@ fn churner(seen: Arc<Seen>, gate: Arc<RwLock<()>>, stop: Arc<AtomicBool>) {
             seen.churn_exchanges.fetch_add(2, Relaxed);
         }
         drop(up);
+        // This process's namespace thread keeps an fd of every namespace it
+        // made a socket in: let go of these, or thousands of deleted
+        // namespaces stay alive (and the fd limit is reached).
+        for ns in &batch {
+            switcher().release(ns.id());
+        }
         drop(batch);
     }
 }
@@ -599,11 +607,17 @@ fn traffic(
 }
 
 impl Phase {
+    /// Stops the traffic; counts the threads that panicked (their message
+    /// is printed already), so that the figures are still reported.
     fn end(self) -> Arc<Seen> {
         self.stop.store(true, Relaxed);
-        for h in self.handles {
-            h.join().expect("a traffic thread panicked");
-        }
+        let panicked = self
+            .handles
+            .into_iter()
+            .map(|h| h.join().is_err())
+            .filter(|p| *p)
+            .count();
+        self.seen.panicked.fetch_add(panicked as u64, Relaxed);
         self.seen
     }
 }
@@ -805,6 +819,11 @@ fn soak() {
     check(
         unexplained.is_empty(),
         format!("UDP losses the scenario does not explain: {unexplained:#?}"),
+    );
+    let panicked = seen.panicked.load(Relaxed);
+    check(
+        panicked == 0,
+        format!("{panicked} traffic thread(s) panicked (see above)"),
     );
     check(
         tcp_failed == connect_failed + upstream_closed,
