@@ -856,6 +856,13 @@ fn soak() {
         tcp_ok > 0 && udp_sent > 0 && seen.churned.load(Relaxed) > 0,
         "no traffic".into(),
     );
+    if !problems.is_empty() {
+        // The daemon's log goes with its scratch directory: keep it.
+        let kept = std::env::temp_dir().join(format!("nsproxy-soak-{pid}.log"));
+        if std::fs::write(&kept, &log).is_ok() {
+            problems.push(format!("the daemon's log is kept in {}", kept.display()));
+        }
+    }
     assert!(
         problems.is_empty(),
         "soak failed (upstream down: {:?}):\n{}",
