@@ -3,6 +3,9 @@
 # remove) their own network namespaces. Without root they skip with a reason;
 # with NSPROXY_REQUIRE_ROOT=1 such a skip is a failure.
 #
+# Then a two-minute soak (scripts/soak.sh: traffic, namespace churn, reloads
+# and upstream restarts, with leak and loss checks).
+#
 # Then the SCTP end-to-end tests (tests/sctp_vm.rs) run again inside a qemu
 # VM that boots Debian's stock kernel with the sctp module
 # (scripts/sctp-vm.sh), because the host kernel may have no SCTP; there they
@@ -11,6 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo test --all-features "$@"
+
+echo "== soak test, two minutes (scripts/soak.sh --duration 2m)"
+scripts/soak.sh --duration 2m
 
 echo "== SCTP end-to-end tests in a VM (scripts/sctp-vm.sh)"
 target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')

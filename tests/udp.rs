@@ -1068,3 +1068,52 @@ fn datagrams_larger_than_the_mtu_pass_whole_both_ways() {
     assert_eq!(s.send_errors.load(Relaxed), 0);
     p.stop();
 }
+
+/// The counters of the one binding of `rule`, from `nsproxy status --json`.
+fn counters_of(d: &Daemon, rule: &str) -> serde_json::Value {
+    let (code, out, err) = d.cli(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    st["bindings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["rule"] == rule)
+        .map(|b| b["counters"].clone())
+        .expect("the binding")
+}
+
+#[test]
+fn a_refused_datagram_is_counted_even_when_the_client_sends_nothing_more() {
+    if !root_or_skip("a_refused_datagram_is_counted_even_when_the_client_sends_nothing_more") {
+        return;
+    }
+    let (host, a) = (TestNs::new("h"), TestNs::new("a"));
+    // Nothing listens on the upstream port: each datagram is refused.
+    let d = Daemon::run(
+        &host,
+        &config(&rule(
+            "r",
+            "127.0.0.1:8000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            "host",
+            "",
+        )),
+        &[],
+    );
+    d.wait_ready();
+    let c = a.udp_client("127.0.0.1:8000");
+    c.send(b"one").unwrap();
+    // The port-unreachable report only marks the session socket in error;
+    // it must be read then, not when (if ever) the client sends again.
+    d.wait_until("the refusal counted", || {
+        counters_of(&d, "r")["upstream_refused"].as_u64() == Some(1)
+    });
+    let counters = counters_of(&d, "r");
+    assert_eq!(counters["datagrams_in"], 1, "{counters}");
+    assert_eq!(
+        counters["sessions_active"], 1,
+        "the session stays: {counters}"
+    );
+}

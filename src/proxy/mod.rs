@@ -14,6 +14,7 @@ pub mod sctp;
 mod splice;
 pub mod tcp;
 mod timeout;
+mod trim;
 pub mod udp;
 mod udp_sys;
 

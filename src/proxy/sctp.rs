@@ -216,6 +216,8 @@ fn abort(s: &AsyncFd<Socket>) {
 }
 
 async fn handle(b: Arc<Binding>, client: AsyncFd<Socket>) {
+    // Declared first, dropped last: after the relay freed its buffers.
+    let _open = super::trim::Open::new();
     b.stats.active.fetch_add(1, Relaxed);
     let _active = Active(&b);
     let flows = Flows::default();

@@ -1,36 +1,61 @@
 //! Zero-copy TCP relaying with splice(2): socket → pipe → socket, so the
 //! payload never enters user space.
 //!
-//! Each direction of a connection borrows one pipe from a small process-wide
-//! pool; a pipe goes back only when it is empty, so no byte of one
-//! connection can ever reach another.
+//! A direction of a connection borrows a pipe from a small process-wide
+//! pool only while bytes are in flight (from the read that fills it until
+//! it is drained), so an idle connection holds none. A pipe goes back only
+//! when it is empty, so no byte of one connection can ever reach another.
+//! The pool keeps at most as many idle pipes as are borrowed at the moment,
+//! and at least [`IDLE_FLOOR`]: under load a new transfer rarely waits for
+//! pipe2(2), and after a burst the pool shrinks back to the floor (16 fds)
+//! as the last pipes come back.
 
 #![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 /// Pipe capacity asked for (F_SETPIPE_SZ). The default 64 KiB pipe means a
 /// syscall pair per 64 KiB; 256 KiB moves bulk data in fewer, and pages are
 /// only held while data is in flight.
 const PIPE_SIZE: usize = 256 * 1024;
-/// Pipes kept for reuse; more are closed when returned.
+/// Idle pipes always kept (2 fds each).
+pub(crate) const IDLE_FLOOR: usize = 8;
+/// Most idle pipes kept, however many are borrowed.
 const POOL_MAX: usize = 128;
 
-/// A non-blocking pipe.
+/// The two ends of a non-blocking pipe.
 #[derive(Debug)]
-pub(crate) struct Pipe {
+struct Fds {
     read: OwnedFd,
     write: OwnedFd,
     /// What the kernel granted.
-    pub(crate) size: usize,
+    size: usize,
 }
 
-static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+/// A pipe borrowed from the pool; it goes back when dropped, if
+/// [`Pipe::give_back`] said it is empty, and is closed otherwise.
+#[derive(Debug)]
+pub(crate) struct Pipe {
+    fds: Option<Fds>,
+    /// What the kernel granted.
+    pub(crate) size: usize,
+    empty: bool,
+}
 
-impl Pipe {
-    fn new() -> io::Result<Pipe> {
+static POOL: Mutex<Vec<Fds>> = Mutex::new(Vec::new());
+/// Pipes borrowed now.
+static BORROWED: AtomicUsize = AtomicUsize::new(0);
+
+/// How many idle pipes the pool may keep while `borrowed` are in use.
+fn idle_limit(borrowed: usize) -> usize {
+    borrowed.clamp(IDLE_FLOOR, POOL_MAX)
+}
+
+impl Fds {
+    fn new() -> io::Result<Fds> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` has room for the two fds pipe2 writes.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -51,37 +76,73 @@ impl Pipe {
         } else {
             64 * 1024
         };
-        Ok(Pipe { read, write, size })
+        Ok(Fds { read, write, size })
     }
 
+    fn pipe(self) -> Pipe {
+        BORROWED.fetch_add(1, Relaxed);
+        Pipe {
+            size: self.size,
+            fds: Some(self),
+            empty: false,
+        }
+    }
+}
+
+impl Pipe {
     /// A pipe from the pool, or a new one.
     pub(crate) fn take() -> io::Result<Pipe> {
-        if let Some(p) = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-            return Ok(p);
-        }
-        Pipe::new()
+        let pooled = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        Ok(match pooled {
+            Some(fds) => fds.pipe(),
+            None => Fds::new()?.pipe(),
+        })
     }
 
-    /// Returns an empty pipe to the pool (a pipe with data in it is closed).
-    pub(crate) fn give_back(self, empty: bool) {
-        if !empty {
-            return;
-        }
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.len() < POOL_MAX {
-            pool.push(self);
-        }
+    /// Returns the pipe: to the pool when `empty`, else closed (its bytes
+    /// belong to a connection that failed).
+    pub(crate) fn give_back(mut self, empty: bool) {
+        self.empty = empty;
+    }
+
+    fn fds(&self) -> &Fds {
+        self.fds
+            .as_ref()
+            .expect("a borrowed pipe has its fds until dropped")
     }
 
     /// Moves up to `len` bytes from socket `from` into the pipe.
     pub(crate) fn fill(&self, from: RawFd, len: usize) -> io::Result<usize> {
-        splice(from, self.write.as_raw_fd(), len)
+        splice(from, self.fds().write.as_raw_fd(), len)
     }
 
     /// Moves up to `len` bytes from the pipe to socket `to`.
     pub(crate) fn drain(&self, to: RawFd, len: usize) -> io::Result<usize> {
-        splice(self.read.as_raw_fd(), to, len)
+        splice(self.fds().read.as_raw_fd(), to, len)
     }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        let borrowed = BORROWED.fetch_sub(1, Relaxed) - 1;
+        let Some(fds) = self.fds.take() else { return };
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        if self.empty {
+            pool.push(fds);
+        }
+        // Beyond the limit, the oldest idle pipes go first (the pool is a
+        // stack: its bottom is what has waited longest).
+        let excess = pool.len().saturating_sub(idle_limit(borrowed));
+        let closed: Vec<Fds> = pool.drain(..excess).collect();
+        drop(pool);
+        drop(closed);
+    }
+}
+
+/// Idle pipes in the pool now.
+#[cfg(test)]
+fn idle() -> usize {
+    POOL.lock().unwrap().len()
 }
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
@@ -138,6 +199,21 @@ mod tests {
         d.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"spliced");
         p.give_back(true);
-        assert!(!POOL.lock().unwrap().is_empty());
+        assert!(idle() >= 1);
+    }
+
+    #[test]
+    fn the_pool_keeps_no_more_idle_pipes_than_are_borrowed_or_the_floor() {
+        assert_eq!(idle_limit(0), IDLE_FLOOR);
+        assert_eq!(idle_limit(IDLE_FLOOR + 5), IDLE_FLOOR + 5);
+        assert_eq!(idle_limit(100_000), POOL_MAX);
+        // Other tests of this binary may borrow pipes meanwhile, so only
+        // the bounds are checked.
+        let many: Vec<Pipe> = (0..40).map(|_| Pipe::take().unwrap()).collect();
+        for p in many {
+            p.give_back(true);
+        }
+        assert!(idle() <= POOL_MAX);
+        assert!(idle() <= idle_limit(BORROWED.load(Relaxed)));
     }
 }

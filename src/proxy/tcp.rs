@@ -132,6 +132,8 @@ fn early(
 }
 
 async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: SocketFuture) {
+    // Declared first, dropped last: after the relay freed its buffers.
+    let _open = super::trim::Open::new();
     b.stats.active.fetch_add(1, Relaxed);
     let _active = scopeguard(&b);
     // As it was when the client was accepted, whatever a reload does meanwhile.
@@ -566,45 +568,46 @@ async fn copy_pump(
 }
 
 async fn splice_pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<bool, PumpError> {
-    let pipe = Pipe::take().map_err(PumpError::Read)?;
-    let mut in_pipe = 0usize;
     let mut spliced = false;
-    let result = async {
-        loop {
-            let n = loop {
-                from.readable().await.map_err(PumpError::Read)?;
-                match from.try_io(Interest::READABLE, || {
-                    pipe.fill(from.as_raw_fd(), pipe.size)
-                }) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) if !spliced && e.raw_os_error() == Some(libc::EINVAL) => {
-                        return Ok(false);
-                    }
-                    r => break r.map_err(PumpError::Read)?,
-                }
-            };
-            if n == 0 {
-                return shutdown_write(to).map(|()| true).map_err(PumpError::Write);
+    loop {
+        from.readable().await.map_err(PumpError::Read)?;
+        // Borrowed only while bytes are in flight, so an idle connection
+        // holds no pipe (see splice.rs). Dropped with bytes in it (the
+        // other side failed), it is closed, not pooled.
+        let pipe = Pipe::take().map_err(PumpError::Read)?;
+        let n = match from.try_io(Interest::READABLE, || {
+            pipe.fill(from.as_raw_fd(), pipe.size)
+        }) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                pipe.give_back(true);
+                continue;
             }
-            in_pipe = n;
-            spliced = true;
-            c.activity.touch();
-            while in_pipe > 0 {
-                to.writable().await.map_err(PumpError::Write)?;
-                match to.try_io(Interest::WRITABLE, || pipe.drain(to.as_raw_fd(), in_pipe)) {
-                    Ok(k) => {
-                        in_pipe -= k;
-                        c.add(k);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(PumpError::Write(e)),
+            Err(e) if !spliced && e.raw_os_error() == Some(libc::EINVAL) => {
+                pipe.give_back(true);
+                return Ok(false);
+            }
+            r => r.map_err(PumpError::Read)?,
+        };
+        if n == 0 {
+            pipe.give_back(true);
+            return shutdown_write(to).map(|()| true).map_err(PumpError::Write);
+        }
+        spliced = true;
+        c.activity.touch();
+        let mut in_pipe = n;
+        while in_pipe > 0 {
+            to.writable().await.map_err(PumpError::Write)?;
+            match to.try_io(Interest::WRITABLE, || pipe.drain(to.as_raw_fd(), in_pipe)) {
+                Ok(k) => {
+                    in_pipe -= k;
+                    c.add(k);
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(PumpError::Write(e)),
             }
         }
+        pipe.give_back(true);
     }
-    .await;
-    pipe.give_back(in_pipe == 0);
-    result
 }
 
 fn shutdown_write(s: &TcpStream) -> io::Result<()> {

@@ -584,6 +584,7 @@ async fn session(
     queued: Arc<AtomicUsize>,
     _active: Active,
 ) {
+    let _open = super::trim::Open::new();
     let b = &shared.b;
     let started = Instant::now();
     let upstream = match open_upstream(b).await {
@@ -632,7 +633,11 @@ async fn session(
                 to_upstream(&shared, &upstream, &batch, &mut moved).await;
                 POOL.put_back(batch.drain(..).map(|d| d.data));
             }
-            r = upstream.async_io(Interest::READABLE, || {
+            // ERROR too: an ICMP report (port unreachable) makes the
+            // socket report only EPOLLERR, not readable; waiting for reads
+            // alone would leave it unread (and the lost datagram uncounted)
+            // until the client sent again, or for good if it never did.
+            r = upstream.async_io(Interest::READABLE | Interest::ERROR, || {
                 relay_replies(&shared, &upstream, peer, reply_from, &mut moved, &mut replies)
             }) => match r {
                 Ok(()) => {

@@ -251,31 +251,41 @@ pub(super) fn recvmsg(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<RawRecv>
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut rcvinfo = None;
-    // SAFETY: `msg` was filled in by a successful recvmsg: msg_control and
-    // msg_controllen describe the control messages written into `cbuf`, which
-    // is alive and aligned for cmsghdr. CMSG_FIRSTHDR/NXTHDR stay within that
-    // length, and the payload is read unaligned only after checking that the
-    // cmsg is long enough for a sctp_rcvinfo.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            let hdr = &*c;
-            if hdr.cmsg_level == SOL_SCTP
-                && hdr.cmsg_type == SCTP_RCVINFO
-                && hdr.cmsg_len as usize >= libc::CMSG_LEN(size_of::<SctpRcvinfo>() as u32) as usize
-            {
-                rcvinfo = Some(ptr::read_unaligned(
-                    libc::CMSG_DATA(c).cast::<SctpRcvinfo>(),
-                ));
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
+    let written: usize = msg.msg_controllen as _;
+    let written = written.min(cbuf.0.len());
+    let rcvinfo = rcvinfo_in(&cbuf.0[..written]);
     Ok(RawRecv {
         len: n as usize,
         flags: msg.msg_flags,
         rcvinfo,
+    })
+}
+
+/// The `SCTP_RCVINFO` among the control messages `recvmsg` wrote (the
+/// last, should there be several), decoded field by field from the bytes:
+/// pure, so that any bytes can be fed to it in tests.
+pub(super) fn rcvinfo_in(control: &[u8]) -> Option<SctpRcvinfo> {
+    crate::sys::control_messages(control)
+        .filter(|c| c.level == SOL_SCTP && c.kind == SCTP_RCVINFO)
+        .filter_map(|c| rcvinfo_from(c.data))
+        .last()
+}
+
+fn rcvinfo_from(b: &[u8]) -> Option<SctpRcvinfo> {
+    if b.len() < size_of::<SctpRcvinfo>() {
+        return None;
+    }
+    let u16_at = |at: usize| Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?));
+    let u32_at = |at: usize| Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?));
+    Some(SctpRcvinfo {
+        rcv_sid: u16_at(mem::offset_of!(SctpRcvinfo, rcv_sid))?,
+        rcv_ssn: u16_at(mem::offset_of!(SctpRcvinfo, rcv_ssn))?,
+        rcv_flags: u16_at(mem::offset_of!(SctpRcvinfo, rcv_flags))?,
+        rcv_ppid: u32_at(mem::offset_of!(SctpRcvinfo, rcv_ppid))?,
+        rcv_tsn: u32_at(mem::offset_of!(SctpRcvinfo, rcv_tsn))?,
+        rcv_cumtsn: u32_at(mem::offset_of!(SctpRcvinfo, rcv_cumtsn))?,
+        rcv_context: u32_at(mem::offset_of!(SctpRcvinfo, rcv_context))?,
+        rcv_assoc_id: u32_at(mem::offset_of!(SctpRcvinfo, rcv_assoc_id))? as i32,
     })
 }
 
@@ -324,4 +334,147 @@ pub(super) fn register(
     // `as_raw_fd` returns that same fd, until the Socket is dropped, which
     // only the AsyncFd does (when it is dropped or gives the Socket back).
     unsafe { tokio::io::unix::AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The `SCTP_RCVINFO` parser against generated control buffers.
+
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A control message laid out as the kernel's put_cmsg does.
+    fn cmsg(level: c_int, kind: c_int, payload: &[u8]) -> Vec<u8> {
+        let hdr = size_of::<libc::cmsghdr>();
+        let len = hdr + payload.len();
+        let mut out = vec![0u8; hdr];
+        let at = mem::offset_of!(libc::cmsghdr, cmsg_len);
+        out[at..at + size_of::<usize>()].copy_from_slice(&len.to_ne_bytes());
+        let at = mem::offset_of!(libc::cmsghdr, cmsg_level);
+        out[at..at + 4].copy_from_slice(&level.to_ne_bytes());
+        let at = mem::offset_of!(libc::cmsghdr, cmsg_type);
+        out[at..at + 4].copy_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(payload);
+        out.resize(len.next_multiple_of(size_of::<usize>()), 0);
+        out
+    }
+
+    /// The struct's own bytes (its padding zeroed), as the kernel copies it.
+    fn bytes_of(info: &SctpRcvinfo) -> Vec<u8> {
+        let mut out = vec![0u8; size_of::<SctpRcvinfo>()];
+        let mut put = |at: usize, b: &[u8]| out[at..at + b.len()].copy_from_slice(b);
+        put(
+            mem::offset_of!(SctpRcvinfo, rcv_sid),
+            &info.rcv_sid.to_ne_bytes(),
+        );
+        put(
+            mem::offset_of!(SctpRcvinfo, rcv_ssn),
+            &info.rcv_ssn.to_ne_bytes(),
+        );
+        put(
+            mem::offset_of!(SctpRcvinfo, rcv_flags),
+            &info.rcv_flags.to_ne_bytes(),
+        );
+        put(
+            mem::offset_of!(SctpRcvinfo, rcv_ppid),
+            &info.rcv_ppid.to_ne_bytes(),
+        );
+        put(
+            mem::offset_of!(SctpRcvinfo, rcv_tsn),
+            &info.rcv_tsn.to_ne_bytes(),
+        );
+        put(
+            mem::offset_of!(SctpRcvinfo, rcv_cumtsn),
+            &info.rcv_cumtsn.to_ne_bytes(),
+        );
+        put(
+            mem::offset_of!(SctpRcvinfo, rcv_context),
+            &info.rcv_context.to_ne_bytes(),
+        );
+        put(
+            mem::offset_of!(SctpRcvinfo, rcv_assoc_id),
+            &info.rcv_assoc_id.to_ne_bytes(),
+        );
+        out
+    }
+
+    fn rcvinfo() -> impl Strategy<Value = SctpRcvinfo> {
+        (any::<[u16; 3]>(), any::<[u32; 4]>(), any::<i32>()).prop_map(|(a, b, id)| SctpRcvinfo {
+            rcv_sid: a[0],
+            rcv_ssn: a[1],
+            rcv_flags: a[2],
+            rcv_ppid: b[0],
+            rcv_tsn: b[1],
+            rcv_cumtsn: b[2],
+            rcv_context: b[3],
+            rcv_assoc_id: id,
+        })
+    }
+
+    fn fields(i: &SctpRcvinfo) -> (u16, u16, u16, u32, u32, u32, u32, i32) {
+        (
+            i.rcv_sid,
+            i.rcv_ssn,
+            i.rcv_flags,
+            i.rcv_ppid,
+            i.rcv_tsn,
+            i.rcv_cumtsn,
+            i.rcv_context,
+            i.rcv_assoc_id,
+        )
+    }
+
+    #[test]
+    fn reads_an_rcvinfo_in_the_kernel_layout() {
+        let info = SctpRcvinfo {
+            rcv_sid: 3,
+            rcv_ppid: 0x3c00_0000,
+            rcv_assoc_id: 7,
+            ..Default::default()
+        };
+        // The struct's memory as C has it: sid at 0, ppid at 8, assoc_id at 24.
+        let mut raw = [0u8; 28];
+        raw[0..2].copy_from_slice(&3u16.to_ne_bytes());
+        raw[8..12].copy_from_slice(&0x3c00_0000u32.to_ne_bytes());
+        raw[24..28].copy_from_slice(&7i32.to_ne_bytes());
+        assert_eq!(bytes_of(&info), raw);
+        let got = rcvinfo_in(&cmsg(SOL_SCTP, SCTP_RCVINFO, &raw)).unwrap();
+        assert_eq!(fields(&got), fields(&info));
+    }
+
+    proptest! {
+        #[test]
+        fn prop_rcvinfo_parser_takes_any_bytes(bytes in vec(any::<u8>(), 0..400)) {
+            let _ = rcvinfo_in(&bytes);
+        }
+
+        #[test]
+        fn prop_rcvinfo_is_found_among_other_messages(
+            info in rcvinfo(),
+            before in vec((any::<c_int>(), vec(any::<u8>(), 0..40)), 0..3),
+            after in vec((any::<c_int>(), vec(any::<u8>(), 0..40)), 0..3),
+            short in 0..size_of::<SctpRcvinfo>(),
+        ) {
+            let mut bytes = Vec::new();
+            // Other kinds, and an SCTP_RCVINFO too short to read.
+            for (kind, payload) in &before {
+                let kind = if *kind == SCTP_RCVINFO { kind + 1 } else { *kind };
+                bytes.extend(cmsg(SOL_SCTP, kind, payload));
+            }
+            bytes.extend(cmsg(SOL_SCTP, SCTP_RCVINFO, &vec![0xff; short]));
+            bytes.extend(cmsg(SOL_SCTP, SCTP_RCVINFO, &bytes_of(&info)));
+            for (level, payload) in &after {
+                let level = if *level == SOL_SCTP { 0 } else { *level };
+                bytes.extend(cmsg(level, SCTP_RCVINFO, payload));
+            }
+            let got = rcvinfo_in(&bytes);
+            prop_assert_eq!(got.as_ref().map(fields), Some(fields(&info)));
+            // Cut anywhere inside it, it is not read.
+            let end = bytes.len() - after.iter().map(|(_, p)| cmsg(0, 0, p).len()).sum::<usize>();
+            let cut = end - size_of::<SctpRcvinfo>() / 2;
+            prop_assert!(rcvinfo_in(&bytes[..cut]).is_none());
+        }
+    }
 }
