@@ -13,7 +13,7 @@
 #   discovery CPU time (user + system) the daemon spends following M
 #             namespace additions matched by a glob
 #
-# Usage: scripts/bench-scale.sh [--bin PATH] [--namespaces N] [--rules R]
+# Usage: bench/scale.sh [--bin PATH] [--namespaces N] [--rules R]
 #        [--additions M] [--only startup|reload|discovery]
 # Every namespace it makes is named nsbench-PID-* and removed on exit.
 set -euo pipefail
