@@ -7,7 +7,9 @@
 //! [`Limits::read_timeout`] to send its request head and
 //! [`Limits::write_timeout`] to take the whole answer, from its first byte.
 //! hyper parses the request (malformed heads get its 400, 414 or 431) and
-//! writes the body as a shared buffer, without copying it per client.
+//! writes the body as a shared buffer, without copying it per client; a
+//! request line in another HTTP version is answered 505 here, before hyper
+//! sees it ([`VersionWatch`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -35,6 +37,10 @@ use tracing::{debug, warn};
 const MAX_HEAD: usize = 8192;
 /// Refusals at the cap within this long are logged as one line.
 const REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// The answer to a request line whose version is not HTTP/1.x. hyper would
+/// answer it with a bare 400 (and HTTP/2's connection preface with no answer
+/// at all); the client is better told what is wrong.
+const VERSION_NOT_SUPPORTED: &[u8] = b"HTTP/1.1 505 HTTP Version Not Supported\r\nContent-Type: text/plain\r\nContent-Length: 45\r\nConnection: close\r\n\r\nnsproxy's HTTP endpoints speak HTTP/1.x only\n";
 
 /// What one endpoint allows each client, and how many clients at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,12 +342,60 @@ fn timed_out(e: &hyper::Error) -> bool {
 
 /// A connection whose writes must all be done within `timeout` of the
 /// first: past it, writes fail and the socket is reset when dropped, so the
-/// kernel does not keep its unsent data either.
+/// kernel does not keep its unsent data either. Its reads go through a
+/// [`VersionWatch`].
 struct WriteDeadline<C> {
     conn: C,
     timeout: Duration,
     /// Armed by the first write.
     deadline: Option<Pin<Box<Sleep>>>,
+    version: VersionWatch,
+}
+
+/// Follows the request line as its bytes are read, to spot a version other
+/// than HTTP/1.x (`HTTP/` and a major digit other than 1) at the very byte
+/// where hyper's parser would refuse it, so that it is answered 505 before
+/// hyper sees it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum VersionWatch {
+    /// In the method (or before the line).
+    #[default]
+    Method,
+    Target,
+    /// In the version, with this many bytes of `HTTP/` matched.
+    Version(u8),
+    /// Nothing more to watch: the version is 1.x, or the line is malformed
+    /// in a way hyper answers itself.
+    Done,
+    /// A version these endpoints do not speak.
+    Unsupported,
+}
+
+impl VersionWatch {
+    /// Takes the next bytes read; true once the version is known to be one
+    /// these endpoints do not speak.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        use VersionWatch::*;
+        for &b in bytes {
+            *self = match (*self, b) {
+                (Done | Unsupported, _) => break,
+                (Method, b' ') => Target,
+                (Target, b' ') => Version(0),
+                (Method | Target, b'\r' | b'\n') => Done,
+                (Method | Target, _) => *self,
+                (Version(n), b) if n < 5 => {
+                    if b == b"HTTP/"[usize::from(n)] {
+                        Version(n + 1)
+                    } else {
+                        Done
+                    }
+                }
+                (Version(_), b'0' | b'2'..=b'9') => Unsupported,
+                (Version(_), _) => Done,
+            };
+        }
+        *self == Unsupported
+    }
 }
 
 impl<C: AsFd> WriteDeadline<C> {
@@ -350,6 +404,7 @@ impl<C: AsFd> WriteDeadline<C> {
             conn,
             timeout,
             deadline: None,
+            version: VersionWatch::default(),
         }
     }
 
@@ -372,13 +427,25 @@ impl<C: AsFd> WriteDeadline<C> {
     }
 }
 
-impl<C: AsyncRead + Unpin> AsyncRead for WriteDeadline<C> {
+impl<C: AsyncRead + AsFd + Unpin> AsyncRead for WriteDeadline<C> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().conn).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut this.conn).poll_read(cx, buf))?;
+        if this.version.feed(&buf.filled()[before..]) {
+            // hyper gets an error instead of the bytes, so it writes nothing
+            // of its own after this answer.
+            refuse(&this.conn, VERSION_NOT_SUPPORTED);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the request is not HTTP/1.x: answered 505",
+            )));
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -457,4 +524,48 @@ where
         status,
         String::from_utf8_lossy(&resp[body_at..]).into_owned(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(pieces: &[&[u8]]) -> bool {
+        let mut w = VersionWatch::default();
+        pieces.iter().any(|p| w.feed(p))
+    }
+
+    #[test]
+    fn a_version_other_than_1_x_is_spotted_however_the_line_arrives() {
+        assert!(watch(&[b"GET /metrics HTTP/2.0\r\n\r\n"]));
+        assert!(
+            watch(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]),
+            "HTTP/2's preface"
+        );
+        assert!(watch(&[b"GET / HTTP/0.9\r\n"]));
+        assert!(watch(&[b"GET /me", b"trics HT", b"TP/", b"3"]));
+        for fine in [
+            &b"GET /metrics HTTP/1.1\r\n\r\n"[..],
+            b"GET /metrics HTTP/1.0\r\n\r\n",
+            b"GET /metrics\r\n\r\n",
+            b"hello there\r\n\r\n",
+            b"GET /metrics http/2.0\r\n",
+            b"GET /metrics HTTP/x\r\n",
+            // Only the request line is looked at.
+            b"GET / HTTP/1.1\r\nX: HTTP/2.0 y z\r\n\r\n",
+        ] {
+            assert!(!watch(&[fine]), "{:?}", String::from_utf8_lossy(fine));
+        }
+    }
+
+    #[test]
+    fn the_505_is_a_whole_http_answer() {
+        let text = std::str::from_utf8(VERSION_NOT_SUPPORTED).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 505 "));
+        assert!(
+            head.contains(&format!("Content-Length: {}\r\n", body.len())),
+            "{head}"
+        );
+    }
 }
