@@ -129,9 +129,9 @@ fn main() -> ExitCode {
         } => client(|| async move {
             let s = control::status(&control_socket).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                print_out(&format!("{}\n", serde_json::to_string_pretty(&s)?))?;
             } else {
-                print!("{}", status::table(&s));
+                print_out(&status::table(&s))?;
             }
             Ok(())
         }),
@@ -400,6 +400,17 @@ impl Signals {
 }
 
 /// Runs a control-API client call on a small runtime of its own.
+/// Writes `text` to standard output. A reader that went away early
+/// (`nsproxy status | head`) is not an error: it had what it wanted.
+fn print_out(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r,
+    }
+}
+
 fn client<F, Fut>(f: F) -> ExitCode
 where
     F: FnOnce() -> Fut,

@@ -394,6 +394,22 @@ fn status_cli_and_its_errors() {
     assert_eq!(b["counters"]["connections_active"], 1);
     assert_eq!(b["counters"]["connections_accepted"], 1);
 
+    // A reader that stops early (`nsproxy status | head -1`) ends nothing
+    // badly: no panic, exit 0.
+    for args in [&["status"][..], &["status", "--json"]] {
+        let mut child = std::process::Command::new(bin())
+            .args(args)
+            .args(["--control-socket", d.control_socket()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && err.is_empty(), "{args:?}: {err}");
+    }
+
     let (code, _, err) = run_cli(&["status", "--control-socket", "/nonexistent/nsproxy.sock"]);
     assert_eq!(code, 1);
     assert!(
