@@ -75,18 +75,6 @@ const SERIES: &[Series] = &[
         |c| c.half_close_timeouts,
     ),
     (
-        "nsproxy_cut_at_drain_timeout_total",
-        "counter",
-        "Connections and associations still open when their closing listener's drain timeout ran out, reset (aborted).",
-        |c| c.cut_at_drain_timeout,
-    ),
-    (
-        "nsproxy_cut_at_close_total",
-        "counter",
-        "Connections and associations reset (aborted) because their listener closed at once (on_netns_delete = \"close\").",
-        |c| c.cut_at_close,
-    ),
-    (
         "nsproxy_client_gone_connecting_total",
         "counter",
         "Clients that reset while the upstream connect was under way; the connect was abandoned.",
@@ -273,6 +261,11 @@ pub fn render(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
+        "# HELP nsproxy_connections_cut_total Connections and associations nsproxy reset (aborted) itself: still open when their closing listener's drain timeout ran out, or their listener closed at once.\n# TYPE nsproxy_connections_cut_total counter\nnsproxy_connections_cut_total{{reason=\"drain_timeout\"}} {}\nnsproxy_connections_cut_total{{reason=\"close\"}} {}",
+        s.connections_cut.at_drain_timeout, s.connections_cut.at_close
+    );
+    let _ = writeln!(
+        out,
         "# HELP nsproxy_namespaces_known Network namespaces under /run/netns.\n# TYPE nsproxy_namespaces_known gauge\nnsproxy_namespaces_known {}",
         s.namespaces_known
     );
@@ -453,6 +446,7 @@ mod tests {
             workers: 1,
             config: None,
             namespaces_known: 3,
+            connections_cut: Default::default(),
             bindings: vec![BindingReport {
                 rule: "r".into(),
                 protocol: "tcp".into(),

@@ -1150,6 +1150,13 @@ impl Supervisor {
                 .as_ref()
                 .map(|p| p.display().to_string()),
             namespaces_known: self.discovery.as_ref().map_or(0, |d| d.known().count()),
+            connections_cut: {
+                let (at_drain_timeout, at_close) = crate::proxy::cuts();
+                crate::status::Cuts {
+                    at_drain_timeout,
+                    at_close,
+                }
+            },
             bindings,
         }
     }

@@ -20,8 +20,23 @@ pub struct Status {
     pub config: Option<String>,
     /// Names under /run/netns that are network namespaces right now.
     pub namespaces_known: usize,
+    /// Connections and associations nsproxy reset (aborted) itself since it
+    /// started, process-wide (their bindings are gone by then).
+    #[serde(default)]
+    pub connections_cut: Cuts,
     /// Every rule × namespace, in configuration order.
     pub bindings: Vec<BindingReport>,
+}
+
+/// Connections and associations nsproxy cut, by why.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Cuts {
+    /// Still open when their closing listener's drain timeout ran out
+    /// (shutdown, reload, a namespace deleted in drain mode).
+    pub at_drain_timeout: u64,
+    /// Their listener closed at once (`on_netns_delete = "close"`, or the
+    /// server stopped at once).
+    pub at_close: u64,
 }
 
 /// One rule in one namespace.
@@ -69,10 +84,6 @@ pub struct Counters {
     #[serde(default)]
     pub half_close_timeouts: u64,
     #[serde(default)]
-    pub cut_at_drain_timeout: u64,
-    #[serde(default)]
-    pub cut_at_close: u64,
-    #[serde(default)]
     pub client_gone_connecting: u64,
     #[serde(default)]
     pub upstream_socket_exhausted: u64,
@@ -109,8 +120,6 @@ impl Counters {
             backlog_reset: s.backlog_reset.load(Relaxed),
             idle_timeouts: s.idle_timeouts.load(Relaxed),
             half_close_timeouts: s.half_close_timeouts.load(Relaxed),
-            cut_at_drain_timeout: s.cut_at_drain_timeout.load(Relaxed),
-            cut_at_close: s.cut_at_close.load(Relaxed),
             client_gone_connecting: s.client_gone_connecting.load(Relaxed),
             upstream_socket_exhausted: s.upstream_socket_exhausted.load(Relaxed),
             bytes_in: s.bytes_in.load(Relaxed),

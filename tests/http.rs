@@ -91,6 +91,7 @@ fn endpoints() -> &'static Endpoints {
                                 workers: 1,
                                 config: None,
                                 namespaces_known: 0,
+                                connections_cut: Default::default(),
                                 bindings: Vec::new(),
                             });
                         }

@@ -318,6 +318,12 @@ fn a_deleted_namespace_in_close_mode_resets_its_connections() {
     assert_eq!(end_of(&mut c), Some(ErrorKind::ConnectionReset));
     let log = d.wait_log("connection cut: its listener closed at once");
     assert!(log.contains("\"bytes_to_client\":10"), "{log}");
+    // Counted where it can be seen: the binding itself has left the status.
+    let (code, out, err) = d.cli(&["status", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["connections_cut"]["at_close"], 1, "{out}");
+    assert_eq!(v["connections_cut"]["at_drain_timeout"], 0, "{out}");
 }
 
 #[test]

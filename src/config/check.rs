@@ -1,8 +1,9 @@
 //! What `nsproxy check` says about the namespaces a valid config names.
 //!
-//! The caller looks the namespaces up (without entering any) and lists the
-//! names under `/run/netns`; [`check_namespaces`] decides what each outcome
-//! means for a daemon started with this config now, in the terms of the
+//! The caller looks the namespaces up (as the daemon does, entering each once
+//! to know it may) and lists the names under `/run/netns`;
+//! [`check_namespaces`] decides what each outcome means for a daemon started
+//! with this config now, in the terms of the
 //! README's "Namespaces that come and go": a missing name waits and opens
 //! when it appears, a pattern follows the names live, a path or `pid:` is
 //! looked up when the config is (re)loaded.
@@ -106,8 +107,8 @@ enum Outcome {
 ///
 /// `locations` is one entry per rule, as [`super::parse_toml_located`]
 /// returns them (a missing entry locates findings at the rule); `names` are
-/// the names under `/run/netns` now; `resolve` looks references up without
-/// entering them, one result per reference in order
+/// the names under `/run/netns` now; `resolve` looks references up (as the
+/// daemon does), one result per reference in order
 /// ([`crate::netns::Switcher::resolve_many`]). It is called once, with each
 /// distinct exact reference once: a namespace named by thousands of rules
 /// is looked up once, and all of them in one batch.

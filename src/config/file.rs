@@ -74,7 +74,7 @@ const PROTOCOL_KEYS: &[(&str, &[Protocol], &str)] = &[
     (
         "udp_idle_timeout",
         &[Protocol::Udp],
-        "a connection or association ends when its peers close it",
+        "connections and associations have idle_timeout",
     ),
     (
         "udp_max_sessions",
@@ -1112,7 +1112,7 @@ backlog = 0
         assert_eq!(
             problems(&tcp),
             vec![
-                "t.toml:10:20: rule hello: `udp_idle_timeout`: only applies to udp rules, and this rule is tcp (a connection or association ends when its peers close it): remove it",
+                "t.toml:10:20: rule hello: `udp_idle_timeout`: only applies to udp rules, and this rule is tcp (connections and associations have idle_timeout): remove it",
                 "t.toml:11:20: rule hello: `udp_max_sessions`: must be between 1 and 1000000, got 0",
                 "t.toml:11:20: rule hello: `udp_max_sessions`: only applies to udp rules, and this rule is tcp (connections and associations are capped with max_connections): remove it",
             ]

@@ -183,20 +183,36 @@ impl Binding {
     }
 }
 
+/// Connections (associations) nsproxy cut, process-wide. A cut happens only
+/// once its binding's listener was told to stop, when the binding has left
+/// `status` (removed, replaced, or waiting for its namespace again), so a
+/// per-binding count would never be seen.
+static CUT_AT_DRAIN_TIMEOUT: AtomicU64 = AtomicU64::new(0);
+static CUT_AT_CLOSE: AtomicU64 = AtomicU64::new(0);
+
+/// Connections and associations nsproxy has reset (aborted) because it
+/// closed them itself, since start: `(at_drain_timeout, at_close)`.
+pub fn cuts() -> (u64, u64) {
+    (
+        CUT_AT_DRAIN_TIMEOUT.load(Ordering::Relaxed),
+        CUT_AT_CLOSE.load(Ordering::Relaxed),
+    )
+}
+
 /// Why a connection's task was dropped before it ended on its own, for its
 /// close line; counts it.
 pub(crate) fn cut_reason(b: &Binding) -> &'static str {
     match b.stop.mode() {
         Some(StopMode::Drain) => {
-            b.stats.cut_at_drain_timeout.fetch_add(1, Ordering::Relaxed);
+            CUT_AT_DRAIN_TIMEOUT.fetch_add(1, Ordering::Relaxed);
             "still open when its closing listener's drain timeout ran out"
         }
         Some(StopMode::Close) => {
-            b.stats.cut_at_close.fetch_add(1, Ordering::Relaxed);
+            CUT_AT_CLOSE.fetch_add(1, Ordering::Relaxed);
             "its listener closed at once (see the listener's line for why)"
         }
         None => {
-            b.stats.cut_at_close.fetch_add(1, Ordering::Relaxed);
+            CUT_AT_CLOSE.fetch_add(1, Ordering::Relaxed);
             "the server stopped at once"
         }
     }
@@ -365,13 +381,6 @@ pub struct BindingStats {
     pub idle_timeouts: AtomicU64,
     /// TCP: half-closed connections closed by `half_close_timeout`.
     pub half_close_timeouts: AtomicU64,
-    /// TCP, SCTP: connections (associations) still open when a closing
-    /// listener's drain timeout ran out (shutdown, reload, a deleted
-    /// namespace in drain mode), reset (aborted) by nsproxy.
-    pub cut_at_drain_timeout: AtomicU64,
-    /// TCP, SCTP: connections (associations) reset (aborted) because their
-    /// listener closed at once (`on_netns_delete = "close"`).
-    pub cut_at_close: AtomicU64,
     /// TCP, SCTP: clients that reset (aborted) while nsproxy was still
     /// connecting upstream; the connect was abandoned.
     pub client_gone_connecting: AtomicU64,

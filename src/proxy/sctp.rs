@@ -249,6 +249,8 @@ async fn handle(b: Arc<Binding>, client: AsyncFd<Socket>) {
             }
         }
     };
+    // Silence is counted from here: the connect's own time is connect_timeout's.
+    flows.activity.touch();
     let cut = Cut::new(&b, &client, Some(&upstream), &flows);
     let end = relay(&b, &client, &upstream, &flows).await;
     cut.disarm();
@@ -604,6 +606,10 @@ async fn relay(
     let timer = tokio::time::sleep_until(activity.start());
     tokio::pin!(timer);
     loop {
+        // Made before the limits are read, so that a reload changing them
+        // in between still wakes this (a `Notified` hears `notify_waiters`
+        // from the moment it exists).
+        let woken = b.stop.woken();
         // After every event, not per message. SCTP has no half-close:
         // only the idle limit applies.
         let now = tokio::time::Instant::now();
@@ -616,8 +622,6 @@ async fn relay(
             Verdict::WakeAt(t) => timer.as_mut().reset(t),
             Verdict::Never => timer.as_mut().reset(timeout::far_future(now)),
         }
-        // A reload changing the limit wakes this to look again.
-        let woken = b.stop.woken();
         tokio::select! {
             r = &mut to_upstream, if !up_done => match r {
                 PumpEnd::Shutdown => {

@@ -163,6 +163,8 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Soc
             }
         }
     };
+    // Silence is counted from here: the connect's own time is connect_timeout's.
+    moved.activity.touch();
     let cut = Cut::new(&b, &client, Some(&upstream), &moved);
     if let Some(version) = proxy_header {
         if let Err(e) = send_proxy_header(&b, version, &client, peer, &upstream).await {
@@ -574,7 +576,17 @@ async fn splice_pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<b
         // Borrowed only while bytes are in flight, so an idle connection
         // holds no pipe (see splice.rs). Dropped with bytes in it (the
         // other side failed), it is closed, not pooled.
-        let pipe = Pipe::take().map_err(PumpError::Read)?;
+        let pipe = match Pipe::take() {
+            Ok(p) => p,
+            // Out of fds (or pipe memory): nothing is in flight, so this
+            // direction goes on copying instead of failing a working
+            // connection.
+            Err(e) if accept::is_resource_exhaustion(&e) => {
+                debug!("no pipe for splice ({e}); copying instead");
+                return Ok(false);
+            }
+            Err(e) => return Err(PumpError::Read(e)),
+        };
         let n = match from.try_io(Interest::READABLE, || {
             pipe.fill(from.as_raw_fd(), pipe.size)
         }) {
@@ -636,6 +648,10 @@ async fn relay(b: &Binding, client: &TcpStream, upstream: &TcpStream, moved: &Mo
     let timer = tokio::time::sleep_until(activity.start());
     tokio::pin!(timer);
     loop {
+        // Made before the limits are read, so that a reload changing them
+        // in between still wakes this (a `Notified` hears `notify_waiters`
+        // from the moment it exists).
+        let woken = b.stop.woken();
         // After every event (a direction finished, the timer fired, a
         // reload): not per chunk.
         let now = tokio::time::Instant::now();
@@ -645,8 +661,6 @@ async fn relay(b: &Binding, client: &TcpStream, upstream: &TcpStream, moved: &Mo
             Verdict::WakeAt(t) => timer.as_mut().reset(t),
             Verdict::Never => timer.as_mut().reset(timeout::far_future(now)),
         }
-        // A reload changing the limits wakes this to look again.
-        let woken = b.stop.woken();
         tokio::select! {
             r = &mut up, if !up_done => match r {
                 Ok(()) => {
