@@ -256,6 +256,49 @@ fn missing_config_file_is_named() {
 }
 
 #[test]
+fn a_config_path_that_is_a_fifo_is_refused_without_waiting() {
+    let dir = TempDir::new();
+    let fifo = dir.file("placeholder", "").with_file_name("config.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "mkfifo {}", fifo.display());
+    let fifo = fifo.to_str().unwrap();
+    for (args, want_code) in [
+        (["check", "--config", fifo], 1),
+        (["run", "--config", fifo], 2),
+    ] {
+        let mut child = std::process::Command::new(bin())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Bounded: a daemon that opened the FIFO for reading would wait for
+        // a writer for ever.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{args:?} still waiting on the FIFO after 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(want_code), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!(
+                "cannot read config file {fifo}: it is a FIFO, not a regular file"
+            )),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
 fn forward_rejects_bad_specs_with_the_argument_named() {
     let (code, _, err) = run_cli(&[
         "forward",

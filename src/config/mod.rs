@@ -306,20 +306,51 @@ fn list(problems: &[Problem]) -> String {
 
 /// Reads and checks a TOML config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = read_file(path)?;
+    parse_toml(&text, &path.display().to_string())
+}
+
+/// Reads a config file without ever waiting on it: opened with `O_NONBLOCK`
+/// (which does nothing to a regular file) and refused unless it is one, so
+/// a FIFO or device named as the config fails at once instead of stalling
+/// `check`, start-up or a reload (which reads on a worker thread).
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let fail = |source| ConfigError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    parse_toml(&text, &path.display().to_string())
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(fail)?;
+    let t = f.metadata().map_err(fail)?.file_type();
+    if !t.is_file() {
+        let kind = if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        return Err(fail(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {kind}, not a regular file"),
+        )));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(fail)?;
+    Ok(text)
 }
 
 /// Like [`load`], and also where each rule's namespace references are
 /// written ([`parse_toml_located`]).
 pub fn load_located(path: &Path) -> Result<(Config, Vec<RuleLocations>), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = read_file(path)?;
     parse_toml_located(&text, &path.display().to_string())
 }
 
