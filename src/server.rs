@@ -441,7 +441,7 @@ impl Supervisor {
 
     /// Makes the bindings match `config`: what is new opens, what is gone
     /// closes (draining), what changed is replaced, the rest is untouched.
-    async fn apply(&mut self, new: Config) -> ReloadReport {
+    async fn apply(&mut self, mut new: Config) -> ReloadReport {
         if !self.rules.is_empty() {
             if new.workers != self.config.workers {
                 warn!("`workers` changed: takes effect at the next restart");
@@ -454,14 +454,20 @@ impl Supervisor {
                 );
             }
         }
-        if new.drain_timeout != self.config.drain_timeout {
-            let drain = new.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
-            if self.options.drain_pinned {
+        if self.options.drain_pinned {
+            // The running value is the command line's, not the file's: say
+            // so whenever the file asks for another (not only when it
+            // changed, which cannot be told from here).
+            if let Some(file) = new.drain_timeout.filter(|d| *d != self.options.drain) {
                 warn!(
-                    "`drain_timeout` changed in the file to {drain:?}: --drain-timeout on the command line keeps {:?}",
+                    "`drain_timeout` {file:?} in the file is not applied: --drain-timeout on the command line keeps {:?}",
                     self.options.drain
                 );
-            } else if drain != self.options.drain {
+            }
+            new.drain_timeout = self.config.drain_timeout;
+        } else if new.drain_timeout != self.config.drain_timeout {
+            let drain = new.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
+            if drain != self.options.drain {
                 // Before anything below closes: the bindings this reload
                 // removes or replaces drain with the new timeout too.
                 info!(

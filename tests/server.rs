@@ -234,6 +234,37 @@ fn a_reload_changing_drain_timeout_drains_with_the_new_one() {
 }
 
 #[test]
+fn drain_timeout_on_the_command_line_outranks_the_file_at_every_reload() {
+    if !root_or_skip("drain_timeout_on_the_command_line_outranks_the_file_at_every_reload") {
+        return;
+    }
+    let (host, a) = (TestNs::new("h"), TestNs::new("a"));
+    echo_server(host.tcp_listen("127.0.0.1:9000"));
+    let keep = tcp_rule("keep", "127.0.0.1:7001", &[a.name()], "host");
+    let d = Daemon::run(&host, &keep, &["--drain-timeout", "1s"]);
+    d.wait_ready();
+    // The file names no drain_timeout: nothing to warn about.
+    let out = reload(&d);
+    assert!(out.starts_with("reloaded:"), "{out}");
+    assert!(
+        !d.log().contains("in the file is not applied"),
+        "{}",
+        d.log()
+    );
+    // It asks for another: said at this reload and the next, and the
+    // command line's value stays.
+    std::fs::write(d.config_path(), format!("drain_timeout = \"7s\"\n{keep}")).unwrap();
+    for n in 1..=2 {
+        reload(&d);
+        d.wait_log_count(
+            "`drain_timeout` 7s in the file is not applied: --drain-timeout on the command line keeps 1s",
+            n,
+        );
+    }
+    assert!(!d.log().contains("drain_timeout 7s applied"), "{}", d.log());
+}
+
+#[test]
 fn without_cap_sys_admin_a_binding_into_another_namespace_fails_with_the_reason() {
     if !root_or_skip("without_cap_sys_admin_a_binding_into_another_namespace_fails_with_the_reason")
     {
