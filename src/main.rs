@@ -345,6 +345,7 @@ fn try_serve(config: Config, path: Option<PathBuf>, drain_pinned: bool) -> anyho
                 () = &mut shutdown => break,
                 signal = signals.next() => if let Signal::Stop(name) = signal {
                     warn!("{name} received again: stopping without waiting for open connections");
+                    nsproxy::proxy::cut_drain_short();
                     break;
                 },
             }

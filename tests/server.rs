@@ -202,6 +202,18 @@ fn sigterm_during_a_slow_drain_twice_stops_at_once() {
     let (status, log) = d.wait_exit();
     assert!(status.success(), "{log}");
     assert!(log.contains("received again"), "{log}");
+    // The open connection is cut, and its close line says by what.
+    assert!(
+        log.contains(
+            "connection cut: the shutdown's drain was ended early by a second stop signal"
+        ),
+        "{log}"
+    );
+    let mut rest = Vec::new();
+    assert!(
+        std::io::Read::read_to_end(&mut open, &mut rest).is_err(),
+        "a reset, not an end of stream"
+    );
 }
 
 #[test]

@@ -22,7 +22,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::config::{Keepalive, Protocol, ProxyProtocol, Rule};
@@ -199,9 +199,24 @@ pub fn cuts() -> (u64, u64) {
     )
 }
 
+/// Set when the operator ends a shutdown's drain early (a second stop
+/// signal): what is dropped from then on was cut by that, not by the drain
+/// timeout its listener's stop mode would suggest.
+static DRAIN_CUT_SHORT: AtomicBool = AtomicBool::new(false);
+
+/// Marks the shutdown's drain as ended early by the operator, for the close
+/// lines of the connections it cuts.
+pub fn cut_drain_short() {
+    DRAIN_CUT_SHORT.store(true, Ordering::Relaxed);
+}
+
 /// Why a connection's task was dropped before it ended on its own, for its
 /// close line; counts it.
 pub(crate) fn cut_reason(b: &Binding) -> &'static str {
+    if DRAIN_CUT_SHORT.load(Ordering::Relaxed) {
+        CUT_AT_CLOSE.fetch_add(1, Ordering::Relaxed);
+        return "the shutdown's drain was ended early by a second stop signal";
+    }
     match b.stop.mode() {
         Some(StopMode::Drain) => {
             CUT_AT_DRAIN_TIMEOUT.fetch_add(1, Ordering::Relaxed);
