@@ -1248,13 +1248,14 @@ backlog = 0
 #[cfg(test)]
 mod props {
     use std::fmt::Write as _;
-    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::net::{IpAddr, SocketAddr};
     use std::time::Duration;
 
     use proptest::prelude::*;
 
     use super::*;
     use crate::config::ProxyProtocol;
+    use crate::config::strategies::{ip, ns_ref};
     use crate::sctp::Streams;
 
     /// Checks that `location` is `t.toml:LINE:COLUMN` inside `text`.
@@ -1279,34 +1280,6 @@ mod props {
         let col: usize = parts.next().unwrap().parse().unwrap();
         let line: usize = parts.next().unwrap().parse().unwrap();
         &text.split('\n').nth(line - 1).unwrap()[col - 1..]
-    }
-
-    fn ns_ref(glob: bool) -> BoxedStrategy<NsRef> {
-        let name = "[a-z0-9._-]{1,10}".prop_filter("not a reserved form", |n| {
-            n != "host" && n != "." && n != ".."
-        });
-        let exact = prop_oneof![
-            Just(NsRef::Host),
-            name.prop_map(NsRef::Named),
-            "(/[a-z0-9._-]{1,6}){1,3}".prop_map(|p| NsRef::Path(p.into())),
-            (1u32..).prop_map(NsRef::Pid),
-        ];
-        if glob {
-            prop_oneof![
-                4 => exact,
-                1 => "[a-z-]{0,4}\\*[a-z-]{0,4}".prop_map(NsRef::Glob),
-            ]
-            .boxed()
-        } else {
-            exact.boxed()
-        }
-    }
-
-    fn ip() -> impl Strategy<Value = IpAddr> {
-        prop_oneof![
-            any::<Ipv4Addr>().prop_map(IpAddr::V4),
-            any::<std::net::Ipv6Addr>().prop_map(IpAddr::V6),
-        ]
     }
 
     fn unicast() -> impl Strategy<Value = IpAddr> {

@@ -9,6 +9,8 @@
 pub mod check;
 mod file;
 mod forward;
+#[cfg(test)]
+mod strategies;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
