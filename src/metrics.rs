@@ -264,6 +264,12 @@ pub fn render(s: &Status) -> String {
         "# HELP nsproxy_connections_cut_total Connections and associations nsproxy reset (aborted) itself: still open when their closing listener's drain timeout ran out, or their listener closed at once.\n# TYPE nsproxy_connections_cut_total counter\nnsproxy_connections_cut_total{{reason=\"drain_timeout\"}} {}\nnsproxy_connections_cut_total{{reason=\"close\"}} {}",
         s.connections_cut.at_drain_timeout, s.connections_cut.at_close
     );
+    if let Some(bytes) = s.heap_allocated_bytes {
+        let _ = writeln!(
+            out,
+            "# HELP nsproxy_heap_allocated_bytes Heap memory in use (allocated, not freed); unlike RSS, free memory the allocator keeps for reuse does not count.\n# TYPE nsproxy_heap_allocated_bytes gauge\nnsproxy_heap_allocated_bytes {bytes}"
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP nsproxy_namespaces_known Network namespaces under /run/netns.\n# TYPE nsproxy_namespaces_known gauge\nnsproxy_namespaces_known {}",
@@ -447,6 +453,7 @@ mod tests {
             config: None,
             namespaces_known: 3,
             connections_cut: Default::default(),
+            heap_allocated_bytes: Some(4096),
             bindings: vec![BindingReport {
                 rule: "r".into(),
                 protocol: "tcp".into(),

@@ -1163,6 +1163,7 @@ impl Supervisor {
                     at_close,
                 }
             },
+            heap_allocated_bytes: crate::sys::heap_allocated(),
             bindings,
         }
     }

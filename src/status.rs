@@ -24,6 +24,11 @@ pub struct Status {
     /// started, process-wide (their bindings are gone by then).
     #[serde(default)]
     pub connections_cut: Cuts,
+    /// Heap memory in use (allocated and not freed), in bytes; absent
+    /// where the C library cannot tell. RSS also counts free memory the
+    /// allocator keeps for reuse; this does not, so a leak shows here.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub heap_allocated_bytes: Option<u64>,
     /// Every rule × namespace, in configuration order.
     pub bindings: Vec<BindingReport>,
 }

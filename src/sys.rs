@@ -119,6 +119,23 @@ pub(crate) fn release_free_memory() {
     }
 }
 
+/// Bytes the allocator has handed out and not had back (glibc's
+/// `mallinfo2`: small blocks in use plus mmapped ones); `None` on other C
+/// libraries. Unlike RSS, free memory an arena keeps does not count, so a
+/// leak shows here and fragmentation does not. Walks every arena's free
+/// lists under their locks: for a status request, not a hot path.
+pub(crate) fn heap_allocated() -> Option<u64> {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallinfo2 takes no arguments and returns a plain struct
+        // of counters; it only reads the allocator's own state.
+        let m = unsafe { libc::mallinfo2() };
+        Some((m.uordblks + m.hblkhd) as u64)
+    }
+    #[cfg(not(target_env = "gnu"))]
+    None
+}
+
 /// One control message (`cmsghdr` and its payload) out of a `recvmsg`
 /// control buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -92,6 +92,7 @@ fn endpoints() -> &'static Endpoints {
                                 config: None,
                                 namespaces_known: 0,
                                 connections_cut: Default::default(),
+                                heap_allocated_bytes: None,
                                 bindings: Vec::new(),
                             });
                         }
