@@ -36,13 +36,15 @@ LOCAL = "127.0.0.1"
 # Ports inside the namespaces (all on 127.0.0.1).
 SRV_PORTS = {"iperf": 5201, "rr": 5300, "udp": 5400}
 PROXY_BASE = {"nsproxy": 11000, "haproxy": 12000, "socat": 13000, "nginx": 14000,
-              "nsproxy-copy": 15000, "nsproxy-nopool": 16000}
+              "nsproxy-copy": 15000, "nsproxy-nopool": 16000, "nsproxy-before": 17000}
 # nsproxy with one of its optimisations turned off, for measuring what each brings
 # (not in the default run: `--proxies direct,nsproxy,nsproxy-copy,nsproxy-nopool`).
 NSPROXY_VARIANTS = {
     "nsproxy": {},
     "nsproxy-copy": {"NSPROXY_TCP_SPLICE": "0"},      # buffered copy instead of splice(2)
     "nsproxy-nopool": {"NSPROXY_UPSTREAM_POOL": "0"},  # no pre-created upstream sockets
+    # another build (--nsproxy-before PATH), for a before/after comparison in one run
+    "nsproxy-before": {},
 }
 SCALE_PORT = 7000
 SCALE_TCP_UPSTREAM = 5300  # the request/reply server
@@ -375,7 +377,8 @@ def start_nsproxy(h, workers, variant="nsproxy"):
     cfg = os.path.join(h.work, f"{variant}.toml")
     with open(cfg, "w") as f:
         f.write(config(True))
-    chk = h.run([h.nsproxy, "check", "--config", cfg], timeout=30)
+    binary = ARGS.nsproxy_before if variant == "nsproxy-before" else h.nsproxy
+    chk = h.run([binary, "check", "--config", cfg], timeout=30)
     px = Proxy(variant, h.cli, dict(ports))
     if chk.returncode != 0:
         log("nsproxy check refused the UDP rule; UDP workloads are n/a for nsproxy: " + (chk.stdout + chk.stderr).strip().replace("\n", " | ")[:300])
@@ -383,18 +386,20 @@ def start_nsproxy(h, workers, variant="nsproxy"):
             f.write(config(False))
         px.ports["udp"] = None
         px.na_reason["udp"] = "this nsproxy build has no UDP"
-        chk = h.run([h.nsproxy, "check", "--config", cfg], timeout=30)
+        chk = h.run([binary, "check", "--config", cfg], timeout=30)
         if chk.returncode != 0:
             raise RuntimeError("nsproxy check failed: " + chk.stdout + chk.stderr)
     # Connection lines (nsproxy::proxy, info) are off, as the other proxies log nothing per
     # connection here; startup and the "ready:" line stay at info.
     env = NSPROXY_VARIANTS[variant]
-    p = h.spawn(variant, [h.nsproxy, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg]
+    p = h.spawn(variant, [binary, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg]
                 + nsproxy_run_opts(h, "main" if variant == "nsproxy" else variant), env=env)
     px.roots = [p]
     px.notes = f"one process, `workers = {workers}`; listens in the client ns, connects from the server ns"
     if env:
         px.notes += "; " + ", ".join(f"`{k}={v}`" for k, v in env.items())
+    if variant == "nsproxy-before":
+        px.notes += f"; the build `{binary}` (--nsproxy-before)"
     return px
 
 
@@ -1147,6 +1152,9 @@ def main():
     ap.add_argument("--state-dir")
     ap.add_argument("--nsproxy")
     ap.add_argument("--loadgen")
+    ap.add_argument("--nsproxy-before", metavar="PATH",
+                    help="another nsproxy build, measured in the same run as proxy `nsproxy-before` "
+                         "(add it to --proxies) for a before/after comparison")
     ap.add_argument("--config-scale", action="store_true",
                     help="only time `nsproxy check` on generated configs (no root, no namespaces); needs --nsproxy")
     ap.add_argument("--config-rules", default=",".join(map(str, CONFIG_RULES)), help="rule counts for --config-scale")
@@ -1172,6 +1180,8 @@ def main():
     scale_ns = [] if scale_ns == "none" else [int(x) for x in scale_ns.split(",") if x]
     proxies = [p for p in args.proxies.split(",") if p]
     workloads = [w for w in args.workloads.split(",") if w and w != "none"]
+    if "nsproxy-before" in proxies and not args.nsproxy_before:
+        ap.error("proxy nsproxy-before needs --nsproxy-before PATH")
     for p in proxies:
         if p not in ALL_PROXIES and p not in NSPROXY_VARIANTS:
             sys.exit(f"unknown proxy {p}; known: {ALL_PROXIES + list(NSPROXY_VARIANTS)[1:]}")
