@@ -9,6 +9,7 @@
 pub mod check;
 mod file;
 mod forward;
+pub mod settings;
 #[cfg(test)]
 mod strategies;
 mod values;
@@ -22,7 +23,10 @@ use crate::netns::NsRef;
 use crate::sctp::Streams;
 
 pub use file::{RuleLocations, parse_toml, parse_toml_located};
-pub use forward::{FORWARD_SYNTAX, parse_forward};
+pub use forward::{FORWARD_SYNTAX, parse_forward, set_connect_timeout};
+pub use settings::{
+    ConnSettings, Kind, SctpSettings, SettingKey, Settings, TcpSettings, Tuning, UdpSettings,
+};
 pub use values::parse_duration;
 pub(crate) use values::*;
 
@@ -176,6 +180,47 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// A rule with `settings` for its protocol, every other protocol's
+    /// settings at their defaults (which nothing reads), and the default
+    /// `on_netns_delete`.
+    pub fn new(
+        name: String,
+        listen: SocketAddr,
+        netns: Vec<NsRef>,
+        upstream: SocketAddr,
+        upstream_netns: NsRef,
+        settings: Settings,
+        origin: String,
+    ) -> Rule {
+        let (conn, tcp) = (ConnSettings::default(), TcpSettings::default());
+        let (udp, sctp) = (UdpSettings::default(), SctpSettings::default());
+        let mut rule = Rule {
+            name,
+            protocol: settings.protocol(),
+            listen,
+            netns,
+            upstream,
+            upstream_netns,
+            connect_timeout: conn.connect_timeout,
+            backlog: conn.backlog,
+            max_connections: conn.max_connections,
+            proxy_protocol: tcp.proxy_protocol,
+            udp_idle_timeout: udp.udp_idle_timeout,
+            idle_timeout: conn.idle_timeout,
+            half_close_timeout: tcp.half_close_timeout,
+            tcp_keepalive: tcp.tcp_keepalive,
+            udp_max_sessions: udp.udp_max_sessions,
+            on_netns_delete: OnDelete::default(),
+            sctp_streams: sctp.sctp_streams,
+            sctp_listen_addrs: sctp.sctp_listen_addrs,
+            sctp_upstream_addrs: sctp.sctp_upstream_addrs,
+            sctp_source_addrs: sctp.sctp_source_addrs,
+            origin,
+        };
+        settings.write_to(&mut rule);
+        rule
+    }
+
     /// Where `r` stands in [`Rule::netns`]: its own position, or for a name
     /// that only a pattern names, the position of the first pattern that
     /// matches it. When several references of a rule turn out to be one
