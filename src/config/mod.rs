@@ -5,6 +5,19 @@
 //! Both check every value with the same functions and report *every* problem
 //! at once, each naming where it is (file:line:column or argument), the rule
 //! and the key, and quoting the offending value.
+//!
+//! # Layout
+//!
+//! - this module: [`Config`], [`Rule`] and the value types, [`load`];
+//! - [`settings`]: the per-protocol settings groups, from which the refused
+//!   keys and what a reload changes in place ([`Rule::same_identity`],
+//!   [`Rule::tuning`]) follow;
+//! - `values`: the value checks both front ends share, and the cross-rule
+//!   checks;
+//! - `file`: the TOML front end ([`parse_toml`]); `forward`: the one-line
+//!   form ([`parse_forward`]);
+//! - [`check`]: what `nsproxy check` says about the namespaces a config
+//!   names.
 
 pub mod check;
 mod file;

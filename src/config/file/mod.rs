@@ -12,6 +12,8 @@ mod compound;
 mod cx;
 mod locate;
 #[cfg(test)]
+mod print;
+#[cfg(test)]
 mod props;
 mod rule;
 #[cfg(test)]

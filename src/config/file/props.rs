@@ -9,7 +9,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::config::ProxyProtocol;
-use crate::config::strategies::{ip, ns_ref};
+use crate::config::strategies::{ip, ns_ref, unicast};
 use crate::config::*;
 use crate::netns::NsRef;
 use crate::sctp::Streams;
@@ -38,12 +38,6 @@ fn at<'t>(text: &'t str, location: &str) -> &'t str {
     &text.split('\n').nth(line - 1).unwrap()[col - 1..]
 }
 
-fn unicast() -> impl Strategy<Value = IpAddr> {
-    ip().prop_filter("one unicast address", |a| {
-        !a.is_unspecified() && !a.is_multicast()
-    })
-}
-
 /// A duration and how to write it: whole seconds, "Ns" or "Nm" (exact
 /// in every form, unlike fractions).
 fn duration() -> impl Strategy<Value = (Duration, String)> {
@@ -62,6 +56,90 @@ struct Gen {
     write_upstream_netns: bool,
     /// `key = value` lines beyond the required ones.
     extra: Vec<String>,
+}
+
+/// Optional values for the connection and TCP keys: `connect_timeout`,
+/// `backlog`, `max_connections`, `proxy_protocol`.
+type ConnKeys = (
+    Option<(Duration, String)>,
+    Option<u32>,
+    Option<usize>,
+    Option<ProxyProtocol>,
+);
+/// Optional values for `udp_idle_timeout`, `udp_max_sessions`,
+/// `on_netns_delete`, `sctp_streams` (in, out) and `sctp_upstream_addrs`.
+type OtherKeys = (
+    Option<(Duration, String)>,
+    Option<usize>,
+    Option<OnDelete>,
+    Option<(u16, u16)>,
+    std::collections::BTreeSet<IpAddr>,
+);
+
+/// Sets the drawn optional keys that `rule`'s protocol takes; returns their
+/// `key = value` lines.
+fn optional_keys(rule: &mut Rule, conn: ConnKeys, other: OtherKeys) -> Vec<String> {
+    let mut extra = Vec::new();
+    let takes = |k: &str| rule.protocol.takes(k);
+    let (connect, backlog, max_conn, pp) = conn;
+    let (idle, sessions, on_delete, streams, addrs) = other;
+    let (c, b, m, p) = (
+        takes("connect_timeout"),
+        takes("backlog"),
+        takes("max_connections"),
+        takes("proxy_protocol"),
+    );
+    let (ui, us, ss, su) = (
+        takes("udp_idle_timeout"),
+        takes("udp_max_sessions"),
+        takes("sctp_streams"),
+        takes("sctp_upstream_addrs"),
+    );
+    if let (true, Some((d, s))) = (c, connect) {
+        rule.connect_timeout = d;
+        extra.push(format!("connect_timeout = {s}"));
+    }
+    if let (true, Some(v)) = (b, backlog) {
+        rule.backlog = v;
+        extra.push(format!("backlog = {v}"));
+    }
+    if let (true, Some(v)) = (m, max_conn) {
+        rule.max_connections = Some(v);
+        extra.push(format!("max_connections = {v}"));
+    }
+    if let (true, Some(v)) = (p, pp) {
+        rule.proxy_protocol = Some(v);
+        extra.push(format!("proxy_protocol = \"{v}\""));
+    }
+    if let (true, Some((d, s))) = (ui, idle) {
+        rule.udp_idle_timeout = d;
+        extra.push(format!("udp_idle_timeout = {s}"));
+    }
+    if let (true, Some(n)) = (us, sessions) {
+        rule.udp_max_sessions = n;
+        extra.push(format!("udp_max_sessions = {n}"));
+    }
+    if let Some(d) = on_delete {
+        rule.on_netns_delete = d;
+        extra.push(format!("on_netns_delete = \"{d}\""));
+    }
+    if let (true, Some((i, o))) = (ss, streams) {
+        rule.sctp_streams = Streams {
+            outbound: o,
+            max_inbound: i,
+        };
+        extra.push(format!("sctp_streams = {{ in = {i}, out = {o} }}"));
+    }
+    if su {
+        rule.sctp_upstream_addrs = addrs.into_iter().collect();
+        let list: Vec<String> = rule
+            .sctp_upstream_addrs
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect();
+        extra.push(format!("sctp_upstream_addrs = [{}]", list.join(", ")));
+    }
+    extra
 }
 
 fn gen_rule() -> impl Strategy<Value = Gen> {
@@ -100,8 +178,7 @@ fn gen_rule() -> impl Strategy<Value = Gen> {
                     .into_iter()
                     .filter(|r| seen.insert(r.clone()))
                     .collect();
-                let mut extra = Vec::new();
-                // Every key not set below keeps the default the parser
+                // Every key not set in `optional_keys` keeps the default the parser
                 // gives it (so a new key needs no change here).
                 let mut rule = Rule {
                     name: String::new(),
@@ -113,56 +190,7 @@ fn gen_rule() -> impl Strategy<Value = Gen> {
                     origin: String::new(),
                     ..defaults(protocol)
                 };
-                let (connect, backlog, max_conn, pp) = tcp;
-                let (idle, sessions, on_delete, streams, addrs) = udp;
-                if protocol != Protocol::Udp {
-                    if let Some((d, s)) = connect {
-                        rule.connect_timeout = d;
-                        extra.push(format!("connect_timeout = {s}"));
-                    }
-                    if let Some(b) = backlog {
-                        rule.backlog = b;
-                        extra.push(format!("backlog = {b}"));
-                    }
-                    if let Some(m) = max_conn {
-                        rule.max_connections = Some(m);
-                        extra.push(format!("max_connections = {m}"));
-                    }
-                }
-                if let (Protocol::Tcp, Some(v)) = (protocol, pp) {
-                    rule.proxy_protocol = Some(v);
-                    extra.push(format!("proxy_protocol = \"{v}\""));
-                }
-                if protocol == Protocol::Udp {
-                    if let Some((d, s)) = idle {
-                        rule.udp_idle_timeout = d;
-                        extra.push(format!("udp_idle_timeout = {s}"));
-                    }
-                    if let Some(n) = sessions {
-                        rule.udp_max_sessions = n;
-                        extra.push(format!("udp_max_sessions = {n}"));
-                    }
-                }
-                if let Some(d) = on_delete {
-                    rule.on_netns_delete = d;
-                    extra.push(format!("on_netns_delete = \"{d}\""));
-                }
-                if protocol == Protocol::Sctp {
-                    if let Some((i, o)) = streams {
-                        rule.sctp_streams = Streams {
-                            outbound: o,
-                            max_inbound: i,
-                        };
-                        extra.push(format!("sctp_streams = {{ in = {i}, out = {o} }}"));
-                    }
-                    rule.sctp_upstream_addrs = addrs.into_iter().collect();
-                    let list: Vec<String> = rule
-                        .sctp_upstream_addrs
-                        .iter()
-                        .map(|a| format!("\"{a}\""))
-                        .collect();
-                    extra.push(format!("sctp_upstream_addrs = [{}]", list.join(", ")));
-                }
+                let extra = optional_keys(&mut rule, tcp, udp);
                 Gen {
                     rule,
                     write_upstream_netns: up_ns.is_some(),

@@ -407,3 +407,32 @@ fn missing_keys_wrong_types_and_syntax() {
         "t.toml:1:1: `proxy`: `proxy` must be an array of tables: write each rule under its own [[proxy]] header"
     );
 }
+
+#[test]
+fn the_rule_keys_are_the_common_ones_and_every_settings_group() {
+    use super::rule::RULE_KEYS;
+    let groups: Vec<&str> = crate::config::settings::all_keys()
+        .iter()
+        .map(|k| k.name)
+        .collect();
+    let common: Vec<&str> = RULE_KEYS
+        .iter()
+        .copied()
+        .filter(|k| !groups.contains(k))
+        .collect();
+    assert_eq!(
+        common,
+        [
+            "name",
+            "protocol",
+            "listen",
+            "netns",
+            "upstream",
+            "upstream_netns",
+            "on_netns_delete"
+        ]
+    );
+    for k in groups {
+        assert!(RULE_KEYS.contains(&k), "`{k}` is missing from RULE_KEYS");
+    }
+}

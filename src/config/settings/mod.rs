@@ -1,8 +1,8 @@
 //! Per-protocol settings as types, and what follows from them.
 //!
 //! A [`Rule`] keeps its settings flat (its readers use the fields), but each
-//! per-protocol setting belongs to one group, declared once below with
-//! [`settings!`]: [`ConnSettings`] (TCP and SCTP, the protocols with
+//! per-protocol setting belongs to one group, declared once below with the
+//! `settings!` macro: [`ConnSettings`] (TCP and SCTP, the protocols with
 //! connections), [`TcpSettings`], [`UdpSettings`] and [`SctpSettings`]. A
 //! protocol has the groups its [`Settings`] variant holds. From that alone
 //! follow:
@@ -14,8 +14,20 @@
 //!   setting's [`Kind`];
 //! - which settings differ between two versions ([`Rule::changed_settings`]).
 //!
-//! The group a field is declared in names the field of [`Rule`] it reads, so
-//! a group cannot name a field `Rule` does not have.
+//! A group's field reads the field of [`Rule`] of the same name, so a group
+//! cannot name a setting `Rule` does not have.
+//!
+//! # Identity and tuning
+//!
+//! | settings | kind | why |
+//! |---|---|---|
+//! | `name`, `protocol`, `listen`, `upstream`, `upstream_netns` | identity | what the binding is: its listening socket and where it connects from |
+//! | `backlog`, `sctp_streams`, `sctp_listen_addrs` | identity | set on the listening socket when it is made |
+//! | `connect_timeout`, `sctp_upstream_addrs`, `sctp_source_addrs` | identity | read by the relay from the rule the binding was opened with |
+//! | `udp_idle_timeout`, `udp_max_sessions` | identity | likewise, by the UDP session table |
+//! | `on_netns_delete` | identity | as the reload has always had it; the server reads it from its entry's rule when a namespace goes, so it could become tuning |
+//! | `max_connections`, `idle_timeout`, `proxy_protocol`, `half_close_timeout`, `tcp_keepalive` | tuning | the binding keeps them in atomics that the accept loop and open connections read again ([`Tuning`]) |
+//! | `netns`, `origin` | neither | a binding is one entry of `netns`; `origin` is where the rule is written |
 
 use std::fmt;
 use std::net::IpAddr;
