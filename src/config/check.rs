@@ -118,6 +118,23 @@ pub fn check_namespaces(
     names: &[String],
     resolve: impl FnOnce(&[NsRef]) -> Vec<Result<NsId, NsError>>,
 ) -> NsReport {
+    let mut checker = Checker {
+        known: look_up(config, resolve),
+        names,
+        matches_of: HashMap::new(),
+        report: NsReport::default(),
+    };
+    for (i, rule) in config.rules.iter().enumerate() {
+        checker.rule(rule, locations.get(i));
+    }
+    checker.report
+}
+
+/// Looks up each distinct exact reference of `config` once, in one batch.
+fn look_up(
+    config: &Config,
+    resolve: impl FnOnce(&[NsRef]) -> Vec<Result<NsId, NsError>>,
+) -> HashMap<NsRef, Outcome> {
     let mut distinct: Vec<NsRef> = Vec::new();
     let mut seen: std::collections::HashSet<&NsRef> = Default::default();
     for rule in &config.rules {
@@ -128,7 +145,7 @@ pub fn check_namespaces(
         }
     }
     let mut results = resolve(&distinct).into_iter();
-    let known: HashMap<NsRef, Outcome> = distinct
+    distinct
         .into_iter()
         .map(|r| {
             let o = match results.next() {
@@ -144,40 +161,64 @@ pub fn check_namespaces(
             };
             (r, o)
         })
-        .collect();
-    let outcome = |r: &NsRef| -> Outcome {
-        known
+        .collect()
+}
+
+/// The state of one [`check_namespaces`] pass over the rules.
+struct Checker<'a> {
+    known: HashMap<NsRef, Outcome>,
+    /// The names under `/run/netns` now.
+    names: &'a [String],
+    /// Each distinct pattern's matches among `names`: generated configs
+    /// repeat one pattern in many rules.
+    matches_of: HashMap<&'a NsRef, Vec<&'a str>>,
+    report: NsReport,
+}
+
+/// One reference of a rule, for the findings about it.
+struct Entry<'r> {
+    rule: &'r super::Rule,
+    location: Option<&'r String>,
+    key: String,
+}
+
+impl<'a> Checker<'a> {
+    fn outcome(&self, r: &NsRef) -> Outcome {
+        self.known
             .get(r)
             .cloned()
             .unwrap_or_else(|| Outcome::Unusable(format!("namespace \"{r}\" was not looked at")))
-    };
-    let mut matches_of: HashMap<&NsRef, Vec<&str>> = HashMap::new();
-    let mut report = NsReport::default();
-    for (i, rule) in config.rules.iter().enumerate() {
-        let at = locations.get(i);
-        let mut finding = |severity, location: Option<&String>, key: String, message| {
-            report.findings.push(Finding {
-                severity,
-                location: location.unwrap_or(&rule.origin).clone(),
-                rule: rule.name.clone(),
-                key,
-                message,
-            })
+    }
+
+    fn finding(&mut self, severity: Severity, at: &Entry<'_>, message: String) {
+        self.report.findings.push(Finding {
+            severity,
+            location: at.location.unwrap_or(&at.rule.origin).clone(),
+            rule: at.rule.name.clone(),
+            key: at.key.clone(),
+            message,
+        })
+    }
+
+    /// The rule's `upstream_netns`, then each of its `netns` entries.
+    fn rule(&mut self, rule: &'a super::Rule, at: Option<&RuleLocations>) {
+        let up = Entry {
+            rule,
+            location: at.and_then(|l| l.upstream_netns.as_ref()),
+            key: "upstream_netns".into(),
         };
-        match outcome(&rule.upstream_netns) {
+        match self.outcome(&rule.upstream_netns) {
             Outcome::Found(_) => {}
-            Outcome::MissingName(e) => finding(
+            Outcome::MissingName(e) => self.finding(
                 Severity::Warning,
-                at.and_then(|l| l.upstream_netns.as_ref()),
-                "upstream_netns".into(),
+                &up,
                 format!(
                     "{e}; the rule's bindings wait, and open when the name appears under /run/netns"
                 ),
             ),
-            Outcome::Unusable(e) => finding(
+            Outcome::Unusable(e) => self.finding(
                 Severity::Warning,
-                at.and_then(|l| l.upstream_netns.as_ref()),
-                "upstream_netns".into(),
+                &up,
                 format!(
                     "{e}; the rule's bindings do not listen until this is fixed and the config is reloaded"
                 ),
@@ -187,81 +228,107 @@ pub fn check_namespaces(
         // name, so that a second reference to the same one is said once and
         // a pattern's match of a listed name is not counted twice.
         let mut first_of_ns: HashMap<NsId, usize> = HashMap::new();
-        let mut listed: std::collections::HashSet<&str> = Default::default();
-        for r in &rule.netns {
-            if let NsRef::Named(n) = r {
-                listed.insert(n.as_str());
-            }
-        }
-        let mut matched: std::collections::HashSet<&str> = Default::default();
+        let listed: std::collections::HashSet<&str> = rule
+            .netns
+            .iter()
+            .filter_map(|r| match r {
+                NsRef::Named(n) => Some(n.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut matched: std::collections::HashSet<&'a str> = Default::default();
         for (j, r) in rule.netns.iter().enumerate() {
-            let location = at.and_then(|l| l.netns.get(j));
-            let key = format!("netns[{j}]");
+            let entry = Entry {
+                rule,
+                location: at.and_then(|l| l.netns.get(j)),
+                key: format!("netns[{j}]"),
+            };
             if let NsRef::Glob(_) = r {
-                report.patterns += 1;
-                // Matched once per distinct pattern: generated configs repeat
-                // one pattern in many rules.
-                let hits = matches_of.entry(r).or_insert_with(|| {
-                    names
-                        .iter()
-                        .filter(|n| r.matches(n))
-                        .map(String::as_str)
-                        .collect()
-                });
-                let any = !hits.is_empty();
-                for &n in hits.iter() {
-                    if !listed.contains(n) && matched.insert(n) {
-                        report.from_patterns += 1;
-                        report.bindings += 1;
-                    }
-                }
-                if !any {
-                    finding(
-                        Severity::Note,
-                        location,
-                        key,
-                        format!(
-                            "\"{r}\" matches no name under /run/netns now; the rule listens in each matching namespace as it appears"
-                        ),
-                    );
-                }
-                continue;
-            }
-            report.bindings += 1;
-            match outcome(r) {
-                Outcome::Found(id) => {
-                    if let Some(&first) = first_of_ns.get(&id) {
-                        finding(
-                            Severity::Note,
-                            location,
-                            key,
-                            format!(
-                                "\"{r}\" is the same namespace as \"{}\" (netns[{first}]); the rule listens there once, as \"{}\"",
-                                rule.netns[first], rule.netns[first]
-                            ),
-                        );
-                    } else {
-                        first_of_ns.insert(id, j);
-                    }
-                }
-                Outcome::MissingName(e) => finding(
-                    Severity::Warning,
-                    location,
-                    key,
-                    format!("{e}; its binding waits, and opens when the name appears"),
-                ),
-                Outcome::Unusable(e) => finding(
-                    Severity::Warning,
-                    location,
-                    key,
-                    format!(
-                        "{e}; its binding does not listen until this is fixed and the config is reloaded"
-                    ),
-                ),
+                self.pattern(r, &entry, &listed, &mut matched);
+            } else {
+                self.exact(r, j, &entry, &mut first_of_ns);
             }
         }
     }
-    report
+
+    /// A pattern: counts the bindings its matches add to the rule's.
+    fn pattern(
+        &mut self,
+        r: &'a NsRef,
+        at: &Entry<'_>,
+        listed: &std::collections::HashSet<&str>,
+        matched: &mut std::collections::HashSet<&'a str>,
+    ) {
+        let Checker {
+            names,
+            matches_of,
+            report,
+            ..
+        } = self;
+        report.patterns += 1;
+        let hits = matches_of.entry(r).or_insert_with(|| {
+            names
+                .iter()
+                .filter(|n| r.matches(n))
+                .map(String::as_str)
+                .collect()
+        });
+        for &n in hits.iter() {
+            if !listed.contains(n) && matched.insert(n) {
+                report.from_patterns += 1;
+                report.bindings += 1;
+            }
+        }
+        if hits.is_empty() {
+            self.finding(
+                Severity::Note,
+                at,
+                format!(
+                    "\"{r}\" matches no name under /run/netns now; the rule listens in each matching namespace as it appears"
+                ),
+            );
+        }
+    }
+
+    /// An exact reference, entry `j` of its rule's `netns`.
+    fn exact(
+        &mut self,
+        r: &NsRef,
+        j: usize,
+        at: &Entry<'_>,
+        first_of_ns: &mut HashMap<NsId, usize>,
+    ) {
+        self.report.bindings += 1;
+        match self.outcome(r) {
+            Outcome::Found(id) => {
+                if let Some(&first) = first_of_ns.get(&id) {
+                    let netns = &at.rule.netns;
+                    self.finding(
+                        Severity::Note,
+                        at,
+                        format!(
+                            "\"{r}\" is the same namespace as \"{}\" (netns[{first}]); the rule listens there once, as \"{}\"",
+                            netns[first], netns[first]
+                        ),
+                    );
+                } else {
+                    first_of_ns.insert(id, j);
+                }
+            }
+            Outcome::MissingName(e) => self.finding(
+                Severity::Warning,
+                at,
+                format!("{e}; its binding waits, and opens when the name appears"),
+            ),
+            Outcome::Unusable(e) => self.finding(
+                Severity::Warning,
+                at,
+                format!(
+                    "{e}; its binding does not listen until this is fixed and the config is reloaded"
+                ),
+            ),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! The one-line form for ad-hoc use: `nsproxy forward SPEC...`.
 
+use std::time::Duration;
+
 use super::{
-    Config, ConfigError, DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCTP_STREAMS,
-    DEFAULT_UDP_IDLE_TIMEOUT, DEFAULT_UDP_MAX_SESSIONS, OnDelete, Problem, Rule, check_listen,
-    check_netns, check_protocol, check_rules, check_upstream, check_upstream_netns,
+    Config, ConfigError, Problem, Rule, Settings, check_listen, check_netns, check_protocol,
+    check_rules, check_upstream, check_upstream_netns,
 };
 use crate::netns::NsRef;
 
@@ -32,70 +33,8 @@ pub fn parse_forward(specs: &[String], workers: Option<usize>) -> Result<Config,
         let name = format!("forward-{}", i + 1);
         match parse_one(spec) {
             Ok(parts) => {
-                let mut bad = |key: &str, message: String| {
-                    problems.push(Problem {
-                        location: location.clone(),
-                        rule: Some(name.clone()),
-                        key: Some(key.into()),
-                        message,
-                    })
-                };
-                let protocol = check_protocol(parts.proto).map_err(|m| bad("protocol", m));
-                let listen = check_listen(parts.listen).map_err(|m| bad("listen", m));
-                let upstream = check_upstream(parts.upstream).map_err(|m| bad("upstream", m));
-                let upstream_netns = parts
-                    .upstream_ns
-                    .map_or(Ok(NsRef::Host), check_upstream_netns)
-                    .map_err(|m| bad("upstream_netns", m));
-                let mut netns: Vec<NsRef> = Vec::new();
-                // A set beside the list, so a long list is checked in linear time.
-                let mut seen = std::collections::HashSet::new();
-                let mut netns_ok = true;
-                for (j, s) in parts.listen_ns.iter().enumerate() {
-                    match check_netns(s) {
-                        Ok(r) if !seen.insert(r.clone()) => {
-                            bad(
-                                &format!("netns[{j}]"),
-                                format!("namespace \"{r}\" is listed twice"),
-                            );
-                            netns_ok = false;
-                        }
-                        Ok(r) => netns.push(r),
-                        Err(m) => {
-                            bad(&format!("netns[{j}]"), m);
-                            netns_ok = false;
-                        }
-                    }
-                }
-                if let (Ok(protocol), Ok(listen), Ok(upstream), Ok(upstream_netns), true) =
-                    (protocol, listen, upstream, upstream_netns, netns_ok)
-                {
-                    rules.push((
-                        Rule {
-                            name,
-                            protocol,
-                            listen,
-                            netns,
-                            upstream,
-                            upstream_netns,
-                            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-                            backlog: DEFAULT_BACKLOG,
-                            max_connections: None,
-                            proxy_protocol: None,
-                            udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
-                            idle_timeout: Some(super::DEFAULT_IDLE_TIMEOUT),
-                            half_close_timeout: Some(super::DEFAULT_HALF_CLOSE_TIMEOUT),
-                            tcp_keepalive: Some(super::DEFAULT_TCP_KEEPALIVE),
-                            udp_max_sessions: DEFAULT_UDP_MAX_SESSIONS,
-                            sctp_streams: DEFAULT_SCTP_STREAMS,
-                            sctp_listen_addrs: Vec::new(),
-                            sctp_upstream_addrs: Vec::new(),
-                            sctp_source_addrs: Vec::new(),
-                            on_netns_delete: OnDelete::default(),
-                            origin: location.clone(),
-                        },
-                        location,
-                    ));
+                if let Some(rule) = rule(&parts, name, &location, &mut problems) {
+                    rules.push((rule, location));
                 }
             }
             Err(message) => problems.push(Problem {
@@ -122,6 +61,77 @@ pub fn parse_forward(specs: &[String], workers: Option<usize>) -> Result<Config,
         })
     } else {
         Err(ConfigError::Invalid(problems))
+    }
+}
+
+/// Checks the parts of one spec; `None` (with the problems appended) if
+/// any is wrong. The rule's settings are its protocol's defaults.
+fn rule(
+    parts: &Parts<'_>,
+    name: String,
+    location: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<Rule> {
+    let mut bad = |key: &str, message: String| {
+        problems.push(Problem {
+            location: location.to_owned(),
+            rule: Some(name.clone()),
+            key: Some(key.into()),
+            message,
+        })
+    };
+    let protocol = check_protocol(parts.proto).map_err(|m| bad("protocol", m));
+    let listen = check_listen(parts.listen).map_err(|m| bad("listen", m));
+    let upstream = check_upstream(parts.upstream).map_err(|m| bad("upstream", m));
+    let upstream_netns = parts
+        .upstream_ns
+        .map_or(Ok(NsRef::Host), check_upstream_netns)
+        .map_err(|m| bad("upstream_netns", m));
+    let mut netns: Vec<NsRef> = Vec::new();
+    // A set beside the list, so a long list is checked in linear time.
+    let mut seen = std::collections::HashSet::new();
+    let mut netns_ok = true;
+    for (j, s) in parts.listen_ns.iter().enumerate() {
+        match check_netns(s) {
+            Ok(r) if !seen.insert(r.clone()) => {
+                bad(
+                    &format!("netns[{j}]"),
+                    format!("namespace \"{r}\" is listed twice"),
+                );
+                netns_ok = false;
+            }
+            Ok(r) => netns.push(r),
+            Err(m) => {
+                bad(&format!("netns[{j}]"), m);
+                netns_ok = false;
+            }
+        }
+    }
+    let (Ok(protocol), Ok(listen), Ok(upstream), Ok(upstream_netns), true) =
+        (protocol, listen, upstream, upstream_netns, netns_ok)
+    else {
+        return None;
+    };
+    Some(Rule::new(
+        name,
+        listen,
+        netns,
+        upstream,
+        upstream_netns,
+        Settings::defaults(protocol),
+        location.to_owned(),
+    ))
+}
+
+/// Sets `connect_timeout` (`nsproxy forward --connect-timeout`) on every
+/// rule whose protocol has the key; a UDP rule has none (its upstream
+/// socket is connected without a handshake), and keeps its default, which
+/// nothing reads.
+pub fn set_connect_timeout(config: &mut Config, timeout: Duration) {
+    for r in &mut config.rules {
+        if r.protocol.takes("connect_timeout") {
+            r.connect_timeout = timeout;
+        }
     }
 }
 
@@ -161,6 +171,7 @@ fn parse_one(spec: &str) -> Result<Parts<'_>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::*;
 
     fn parse(specs: &[&str]) -> Result<Config, Vec<String>> {
         let specs: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
@@ -231,6 +242,7 @@ mod props {
     use super::*;
     use crate::config::Protocol;
     use crate::config::strategies::{ip, ns_ref};
+    use crate::config::*;
 
     /// One valid forward: (protocol, listen IP, listen namespaces or none
     /// for the `host` default, upstream, upstream namespace or none).

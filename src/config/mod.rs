@@ -5,12 +5,27 @@
 //! Both check every value with the same functions and report *every* problem
 //! at once, each naming where it is (file:line:column or argument), the rule
 //! and the key, and quoting the offending value.
+//!
+//! # Layout
+//!
+//! - this module: [`Config`], [`Rule`] and the value types, [`load`];
+//! - [`settings`]: the per-protocol settings groups, from which the refused
+//!   keys and what a reload changes in place ([`Rule::same_identity`],
+//!   [`Rule::tuning`]) follow;
+//! - `values`: the value checks both front ends share, and the cross-rule
+//!   checks;
+//! - `file`: the TOML front end ([`parse_toml`]); `forward`: the one-line
+//!   form ([`parse_forward`]);
+//! - [`check`]: what `nsproxy check` says about the namespaces a config
+//!   names.
 
 pub mod check;
 mod file;
 mod forward;
+pub mod settings;
 #[cfg(test)]
 mod strategies;
+mod values;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -21,7 +36,12 @@ use crate::netns::NsRef;
 use crate::sctp::Streams;
 
 pub use file::{RuleLocations, parse_toml, parse_toml_located};
-pub use forward::{FORWARD_SYNTAX, parse_forward};
+pub use forward::{FORWARD_SYNTAX, parse_forward, set_connect_timeout};
+pub use settings::{
+    ConnSettings, Kind, SctpSettings, SettingKey, Settings, TcpSettings, Tuning, UdpSettings,
+};
+pub use values::parse_duration;
+pub(crate) use values::*;
 
 /// Default for [`Rule::connect_timeout`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -173,6 +193,47 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// A rule with `settings` for its protocol, every other protocol's
+    /// settings at their defaults (which nothing reads), and the default
+    /// `on_netns_delete`.
+    pub fn new(
+        name: String,
+        listen: SocketAddr,
+        netns: Vec<NsRef>,
+        upstream: SocketAddr,
+        upstream_netns: NsRef,
+        settings: Settings,
+        origin: String,
+    ) -> Rule {
+        let (conn, tcp) = (ConnSettings::default(), TcpSettings::default());
+        let (udp, sctp) = (UdpSettings::default(), SctpSettings::default());
+        let mut rule = Rule {
+            name,
+            protocol: settings.protocol(),
+            listen,
+            netns,
+            upstream,
+            upstream_netns,
+            connect_timeout: conn.connect_timeout,
+            backlog: conn.backlog,
+            max_connections: conn.max_connections,
+            proxy_protocol: tcp.proxy_protocol,
+            udp_idle_timeout: udp.udp_idle_timeout,
+            idle_timeout: conn.idle_timeout,
+            half_close_timeout: tcp.half_close_timeout,
+            tcp_keepalive: tcp.tcp_keepalive,
+            udp_max_sessions: udp.udp_max_sessions,
+            on_netns_delete: OnDelete::default(),
+            sctp_streams: sctp.sctp_streams,
+            sctp_listen_addrs: sctp.sctp_listen_addrs,
+            sctp_upstream_addrs: sctp.sctp_upstream_addrs,
+            sctp_source_addrs: sctp.sctp_source_addrs,
+            origin,
+        };
+        settings.write_to(&mut rule);
+        rule
+    }
+
     /// Where `r` stands in [`Rule::netns`]: its own position, or for a name
     /// that only a pattern names, the position of the first pattern that
     /// matches it. When several references of a rule turn out to be one
@@ -356,207 +417,6 @@ pub fn load_located(path: &Path) -> Result<(Config, Vec<RuleLocations>), ConfigE
     parse_toml_located(&text, &path.display().to_string())
 }
 
-// ---- value checks shared by both front ends; each returns a message ----
-
-pub(crate) fn check_name(s: &str) -> Result<String, String> {
-    if s.is_empty() {
-        return Err("rule name is empty".into());
-    }
-    if let Some(c) = s
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "-_.".contains(*c)))
-    {
-        return Err(format!(
-            "invalid rule name \"{s}\": {c:?} is not allowed (use letters, digits, '-', '_' and '.')"
-        ));
-    }
-    Ok(s.to_owned())
-}
-
-pub(crate) fn check_protocol(s: &str) -> Result<Protocol, String> {
-    match s {
-        "tcp" => Ok(Protocol::Tcp),
-        "udp" => Ok(Protocol::Udp),
-        "sctp" => Ok(Protocol::Sctp),
-        _ => Err(format!(
-            "unknown protocol \"{s}\": expected \"tcp\", \"udp\" or \"sctp\""
-        )),
-    }
-}
-
-pub(crate) fn check_listen(s: &str) -> Result<SocketAddr, String> {
-    s.parse::<SocketAddr>().map_err(|_| {
-        format!(
-            "invalid listen address \"{s}\": expected IP:PORT, such as 0.0.0.0:8000, 127.0.0.1:8000 or [::]:8000"
-        )
-    })
-}
-
-pub(crate) fn check_upstream(s: &str) -> Result<SocketAddr, String> {
-    let addr: SocketAddr = s.parse().map_err(|_| {
-        format!(
-            "invalid upstream address \"{s}\": expected IP:PORT such as 127.0.0.1:9000 or [::1]:9000 (host names are not resolved)"
-        )
-    })?;
-    if addr.port() == 0 {
-        return Err(format!(
-            "invalid upstream address \"{s}\": port 0 cannot be connected to"
-        ));
-    }
-    if addr.ip().is_unspecified() {
-        return Err(format!(
-            "invalid upstream address \"{s}\": {} is the wildcard address, name the upstream's real address",
-            addr.ip()
-        ));
-    }
-    Ok(addr)
-}
-
-/// One address of an SCTP multi-homing list: an IP, no port.
-pub(crate) fn check_sctp_addr(s: &str) -> Result<IpAddr, String> {
-    let ip: IpAddr = s.parse().map_err(|_| {
-        format!("invalid address \"{s}\": expected an IP address such as 10.0.0.2 or fd00::2 (the port is the rule's)")
-    })?;
-    if ip.is_unspecified() || ip.is_multicast() {
-        return Err(format!(
-            "invalid address \"{s}\": name one unicast address of an interface"
-        ));
-    }
-    Ok(ip)
-}
-
-/// Checks the SCTP keys against the rule's addresses: extra listen
-/// addresses need a specific `listen` of a family that can carry them.
-pub(crate) fn check_sctp_listen_addrs(listen: SocketAddr, extra: &[IpAddr]) -> Result<(), String> {
-    if extra.is_empty() {
-        return Ok(());
-    }
-    if listen.ip().is_unspecified() {
-        return Err(format!(
-            "`listen` is the wildcard {}, which already binds every address: name one address in `listen` and the others here",
-            listen.ip()
-        ));
-    }
-    if let (true, Some(v6)) = (listen.is_ipv4(), extra.iter().find(|a| a.is_ipv6())) {
-        return Err(format!(
-            "{v6} is IPv6, and `listen` {listen} makes an IPv4 socket: listen on an IPv6 address (its socket carries IPv4 too) or list IPv4 addresses only"
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn check_netns(s: &str) -> Result<NsRef, String> {
-    s.parse::<NsRef>().map_err(|e| e.to_string())
-}
-
-/// Like [`check_netns`], but one namespace: a pattern cannot be connected from.
-pub(crate) fn check_upstream_netns(s: &str) -> Result<NsRef, String> {
-    match check_netns(s)? {
-        NsRef::Glob(g) => Err(format!(
-            "\"{g}\" is a pattern: upstream connections are made from one namespace, name it exactly"
-        )),
-        r => Ok(r),
-    }
-}
-
-pub(crate) fn check_proxy_protocol(s: &str) -> Result<ProxyProtocol, String> {
-    match s {
-        "v1" => Ok(ProxyProtocol::V1),
-        "v2" => Ok(ProxyProtocol::V2),
-        _ => Err(format!(
-            "invalid proxy_protocol \"{s}\": expected \"v1\" (text) or \"v2\" (binary, with the namespace)"
-        )),
-    }
-}
-
-pub(crate) fn check_on_delete(s: &str) -> Result<OnDelete, String> {
-    match s {
-        "close" => Ok(OnDelete::Close),
-        "drain" => Ok(OnDelete::Drain),
-        _ => Err(format!(
-            "invalid on_netns_delete \"{s}\": expected \"close\" or \"drain\""
-        )),
-    }
-}
-
-/// Parses "5s", "250ms", "2m" (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || {
-        format!("invalid duration \"{s}\": expected a number with a unit, such as 500ms, 5s or 2m")
-    };
-    let s_trim = s.trim();
-    let split = s_trim
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s_trim.len());
-    let (num, unit) = s_trim.split_at(split);
-    let value: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(bad()),
-    };
-    if !(secs > 0.0 && secs <= 86_400.0) {
-        return Err(format!(
-            "invalid duration \"{s}\": must be more than 0 and at most 24h"
-        ));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// Checks that hold across rules; appends problems.
-/// `rules` is each rule with where its name is written and where each of
-/// its `netns` entries is (empty where the form has no positions: then the
-/// rule's origin is used). One pass with hash maps: linear in the rules
-/// and their namespaces.
-pub(crate) fn check_rules<'a>(
-    rules: impl IntoIterator<Item = (&'a Rule, &'a str, &'a [String])>,
-    problems: &mut Vec<Problem>,
-) {
-    // The first use of a name or a (protocol, namespace, address) wins,
-    // later ones are reported with where the first is.
-    let mut names: std::collections::HashMap<&str, &str> = Default::default();
-    let mut binds: std::collections::HashMap<(Protocol, &NsRef, SocketAddr), (&str, &str)> =
-        Default::default();
-    for (rule, name_loc, netns_locs) in rules {
-        if let Some(first) = names.insert(&rule.name, &rule.origin) {
-            problems.push(Problem {
-                location: name_loc.to_owned(),
-                rule: Some(rule.name.clone()),
-                key: Some("name".into()),
-                message: format!(
-                    "duplicate rule name \"{}\" (first used at {first})",
-                    rule.name
-                ),
-            });
-            names.insert(&rule.name, first);
-        }
-        for (j, ns) in rule.netns.iter().enumerate() {
-            let here = netns_locs
-                .get(j)
-                .map_or(rule.origin.as_str(), |l| l.as_str());
-            match binds.entry((rule.protocol, ns, rule.listen)) {
-                std::collections::hash_map::Entry::Occupied(e) => {
-                    let (other, at) = e.get();
-                    problems.push(Problem {
-                        location: here.to_owned(),
-                        rule: Some(rule.name.clone()),
-                        key: Some(format!("netns[{j}]")),
-                        message: format!(
-                            "{} {} in namespace \"{ns}\" is already used by rule {other} (at {at})",
-                            rule.protocol, rule.listen
-                        ),
-                    });
-                }
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert((&rule.name, here));
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,37 +437,5 @@ mod tests {
         assert_eq!(rule.rank(&named("tx")), Some(3));
         assert_eq!(rule.rank(&NsRef::Pid(1)), None);
         assert_eq!(rule.rank(&named("other")), None);
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("").is_err());
-    }
-
-    #[test]
-    fn upstream_needs_a_real_address() {
-        assert!(check_upstream("127.0.0.1:9000").is_ok());
-        assert!(check_upstream("[::1]:9000").is_ok());
-        assert!(
-            check_upstream("localhost:9000")
-                .unwrap_err()
-                .contains("not resolved")
-        );
-        assert!(
-            check_upstream("127.0.0.1:0")
-                .unwrap_err()
-                .contains("port 0")
-        );
-        assert!(
-            check_upstream("0.0.0.0:80")
-                .unwrap_err()
-                .contains("wildcard")
-        );
     }
 }
