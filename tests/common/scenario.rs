@@ -83,7 +83,10 @@ impl Scenario {
     /// The host namespace and one namespace per tag (`nspt-PID-N-tag`).
     pub fn with(tags: &[&str]) -> Scenario {
         let host = TestNs::new("h");
-        let tagged = tags.iter().map(|t| (t.to_string(), TestNs::new(t))).collect();
+        let tagged = tags
+            .iter()
+            .map(|t| (t.to_string(), TestNs::new(t)))
+            .collect();
         Scenario {
             spaces: Spaces { host, tagged },
             head: String::new(),
@@ -186,7 +189,11 @@ impl Scenario {
     pub fn spawn(self) -> Running {
         let dir = TempDir::new();
         let cfg = dir.file("nsproxy.toml", &self.config_text());
-        let mut args = vec!["run".to_owned(), "--config".into(), cfg.display().to_string()];
+        let mut args = vec![
+            "run".to_owned(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ];
         args.extend(self.args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.launch(dir, &args)
