@@ -197,6 +197,36 @@ pub fn switcher() -> &'static Switcher {
     S.get_or_init(|| Switcher::spawn().expect("switcher"))
 }
 
+/// The TCP and UDP upstream servers a scenario can start.
+impl Scenario {
+    /// A TCP server on `addr` in `tag` running `f` for each connection.
+    pub fn tcp_serve<F>(self, tag: &str, addr: &str, f: F) -> Scenario
+    where
+        F: Fn(TcpStream) + Send + Sync + Clone + 'static,
+    {
+        serve(self.ns(tag).tcp_listen(addr), f);
+        self
+    }
+
+    /// A TCP server on `addr` in `tag` that echoes until EOF.
+    pub fn tcp_echo(self, tag: &str, addr: &str) -> Scenario {
+        echo_server(self.ns(tag).tcp_listen(addr));
+        self
+    }
+
+    /// A TCP server on `addr` in `tag` that sends `reply` and closes.
+    pub fn tcp_hello(self, tag: &str, addr: &str, reply: &'static str) -> Scenario {
+        hello_server(self.ns(tag).tcp_listen(addr), reply);
+        self
+    }
+
+    /// A UDP server on `addr` in `tag` that echoes every datagram.
+    pub fn udp_echo(self, tag: &str, addr: &str) -> Scenario {
+        udp_echo_server(self.ns(tag).udp_bind(addr));
+        self
+    }
+}
+
 /// Serves every connection on `l` with `f`, one thread per connection, until
 /// the process ends.
 pub fn serve<F>(l: TcpListener, f: F)

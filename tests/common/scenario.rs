@@ -16,13 +16,14 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpStream;
 use std::ops::Deref;
 use std::path::PathBuf;
 
-use super::{
-    Daemon, Rule, TempDir, TestNs, config, echo_server, hello_server, serve, udp_echo_server,
-};
+// The SCTP tests include this file in their own harness, which has its own
+// `TestNs`, `Daemon` and `TempDir` (it runs in a VM without `ip netns`):
+// only these names and the methods used here are shared. The upstream
+// servers of each protocol are added in `impl Scenario` blocks beside them.
+use super::{Daemon, Rule, TempDir, TestNs, config};
 
 /// Namespaces by tag, with the host namespace nsproxy runs in.
 struct Spaces {
@@ -112,33 +113,6 @@ impl Scenario {
 
     pub fn host(&self) -> &TestNs {
         &self.spaces.host
-    }
-
-    /// A TCP server on `addr` in `tag` running `f` for each connection.
-    pub fn tcp_serve<F>(self, tag: &str, addr: &str, f: F) -> Scenario
-    where
-        F: Fn(TcpStream) + Send + Sync + Clone + 'static,
-    {
-        serve(self.ns(tag).tcp_listen(addr), f);
-        self
-    }
-
-    /// A TCP server on `addr` in `tag` that echoes until EOF.
-    pub fn tcp_echo(self, tag: &str, addr: &str) -> Scenario {
-        echo_server(self.ns(tag).tcp_listen(addr));
-        self
-    }
-
-    /// A TCP server on `addr` in `tag` that sends `reply` and closes.
-    pub fn tcp_hello(self, tag: &str, addr: &str, reply: &'static str) -> Scenario {
-        hello_server(self.ns(tag).tcp_listen(addr), reply);
-        self
-    }
-
-    /// A UDP server on `addr` in `tag` that echoes every datagram.
-    pub fn udp_echo(self, tag: &str, addr: &str) -> Scenario {
-        udp_echo_server(self.ns(tag).udp_bind(addr));
-        self
     }
 
     /// Adds a rule (namespace tags are resolved when the config is written).
