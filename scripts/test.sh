@@ -3,6 +3,9 @@
 # remove) their own network namespaces. Without root they skip with a reason;
 # with NSPROXY_REQUIRE_ROOT=1 such a skip is a failure.
 #
+# Then the library's unit tests again as user nobody, without capabilities:
+# they must not need root.
+#
 # Then a two-minute soak (scripts/soak.sh: traffic, namespace churn, reloads
 # and upstream restarts, with leak and loss checks).
 #
@@ -14,6 +17,38 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 cargo test --all-features "$@"
+
+echo "== library unit tests as an unprivileged user (nobody)"
+# They decide without root or sockets (the reconciler, config, status), so
+# they must pass as a user who can do neither. Run as root, this drops to
+# nobody with no groups and no capabilities; run as anyone else, the run
+# above already was unprivileged and this repeats it.
+lib_bin=$(cargo test --all-features --lib --no-run --message-format=json |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+[ -n "$lib_bin" ] || { echo "test.sh: cargo named no library test binary" >&2; exit 1; }
+unprivileged=()
+if [ "$(id -u)" = 0 ]; then
+    unprivileged=(setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --)
+fi
+# nobody needs to reach the binary (every directory above it searchable) and
+# the working directory; say so instead of failing obscurely.
+"${unprivileged[@]}" test -x "$lib_bin" || {
+    echo "test.sh: $lib_bin is not executable by nobody (check the permissions of target/ and its parents)" >&2
+    exit 1
+}
+"${unprivileged[@]}" test -r . -a -x . || {
+    echo "test.sh: nobody cannot enter $PWD" >&2
+    exit 1
+}
+unit_log=$(mktemp)
+if ! HOME=/nonexistent "${unprivileged[@]}" "$lib_bin" 2>&1 | tee "$unit_log"; then
+    rm -f "$unit_log"
+    echo "test.sh: the library's unit tests failed as nobody" >&2
+    exit 1
+fi
+ran=$(sed -n 's/^test result: ok\. \([0-9]*\) passed.*/\1/p' "$unit_log")
+rm -f "$unit_log"
+echo "test.sh: ${ran:-?} library unit tests passed as nobody (uid 65534, no capabilities)"
 
 echo "== soak test, two minutes (scripts/soak.sh --duration 2m)"
 scripts/soak.sh --duration 2m

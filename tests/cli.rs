@@ -169,72 +169,70 @@ fn check_takes_a_pattern_that_matches_nothing_as_a_note() {
 
 #[test]
 fn check_counts_what_a_pattern_matches_in_real_namespaces() {
-    if !root_or_skip("check_counts_what_a_pattern_matches_in_real_namespaces") {
-        return;
-    }
-    let a = TestNs::new("ckglob");
-    let b = TestNs::new("ckglob");
-    // Matches both, and no namespace another test makes (their tags differ).
-    let pattern = format!("nspt-{}-*-ckglob", std::process::id());
-    let dir = TempDir::new();
-    let text = GOOD.replace(
-        "netns = [\"host\"]",
-        &format!(
-            "netns = [\"{}\", \"{pattern}\"]\nupstream_netns = \"{}\"",
-            a.name(),
-            b.name()
-        ),
-    );
-    let f = dir.file("glob.toml", &text);
-    let p = f.display().to_string();
-    let (code, out, err) = run_cli(&["check", "--strict", "--config", &p]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(
-        err, "",
-        "a pattern that matches is neither a warning nor a note"
-    );
-    // a.name() listed exactly, and b.name() through the pattern (a's match
-    // of the pattern is the same binding as its exact entry).
-    assert!(
+    as_root(|| {
+        let a = TestNs::new("ckglob");
+        let b = TestNs::new("ckglob");
+        // Matches both, and no namespace another test makes (their tags differ).
+        let pattern = format!("nspt-{}-*-ckglob", std::process::id());
+        let dir = TempDir::new();
+        let text = GOOD.replace(
+            "netns = [\"host\"]",
+            &format!(
+                "netns = [\"{}\", \"{pattern}\"]\nupstream_netns = \"{}\"",
+                a.name(),
+                b.name()
+            ),
+        );
+        let f = dir.file("glob.toml", &text);
+        let p = f.display().to_string();
+        let (code, out, err) = run_cli(&["check", "--strict", "--config", &p]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(
+            err, "",
+            "a pattern that matches is neither a warning nor a note"
+        );
+        // a.name() listed exactly, and b.name() through the pattern (a's match
+        // of the pattern is the same binding as its exact entry).
+        assert!(
         out.ends_with(": OK: 1 rule(s), 2 binding(s) (1 from 1 pattern(s) over the names in /run/netns now; patterns follow names as they come and go)\n"),
         "{out}"
     );
+    })
 }
 
 #[test]
 fn check_looks_at_more_namespaces_than_it_has_fds() {
-    if !root_or_skip("check_looks_at_more_namespaces_than_it_has_fds") {
-        return;
-    }
-    // 60 namespaces under a limit of 32 fds: each is closed once looked at.
-    let many = TestNs::many("ckfd", 60);
-    let list: Vec<String> = many.iter().map(|n| format!("\"{}\"", n.name())).collect();
-    let dir = TempDir::new();
-    let text = GOOD.replace(
-        "netns = [\"host\"]",
-        &format!("netns = [{}]", list.join(", ")),
-    );
-    let f = dir.file("many.toml", &text);
-    let p = f.display().to_string();
-    let out = std::process::Command::new("sh")
-        .args([
-            "-c",
-            "ulimit -n 32 && exec \"$0\" check --strict --config \"$1\"",
-            bin(),
-            &p,
-        ])
-        .output()
-        .expect("run nsproxy check under ulimit");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
-    assert_eq!(stderr, "");
-    assert!(
-        stdout.ends_with(": OK: 1 rule(s), 60 binding(s)\n"),
-        "{stdout}"
-    );
+    as_root(|| {
+        // 60 namespaces under a limit of 32 fds: each is closed once looked at.
+        let many = TestNs::many("ckfd", 60);
+        let list: Vec<String> = many.iter().map(|n| format!("\"{}\"", n.name())).collect();
+        let dir = TempDir::new();
+        let text = GOOD.replace(
+            "netns = [\"host\"]",
+            &format!("netns = [{}]", list.join(", ")),
+        );
+        let f = dir.file("many.toml", &text);
+        let p = f.display().to_string();
+        let out = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "ulimit -n 32 && exec \"$0\" check --strict --config \"$1\"",
+                bin(),
+                &p,
+            ])
+            .output()
+            .expect("run nsproxy check under ulimit");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+        assert_eq!(stderr, "");
+        assert!(
+            stdout.ends_with(": OK: 1 rule(s), 60 binding(s)\n"),
+            "{stdout}"
+        );
+    })
 }
 
 #[test]

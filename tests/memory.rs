@@ -91,106 +91,105 @@ fn sessions_gone(d: &Daemon) {
 
 #[test]
 fn after_bursts_the_pipe_pool_and_memory_return_to_their_baseline() {
-    if !root_or_skip("after_bursts_the_pipe_pool_and_memory_return_to_their_baseline") {
-        return;
-    }
-    let (host, a) = (TestNs::new("h"), TestNs::new("a"));
-    echo_server(host.tcp_listen("127.0.0.1:9000"));
-    udp_echo_server(host.udp_bind("127.0.0.1:9001"));
-    let rule = rule_of(
-        "tcp",
-        "r",
-        "127.0.0.1:7000",
-        &[a.name()],
-        "127.0.0.1:9000",
-        "host",
-        "",
-    ) + &rule_of(
-        "udp",
-        "u",
-        "127.0.0.1:7001",
-        &[a.name()],
-        "127.0.0.1:9001",
-        "host",
-        "udp_idle_timeout = \"1s\"",
-    );
-    let d = Daemon::run(&host, &config(&rule), &[]);
-    d.wait_ready();
-    let pid = d.pid();
-    // Warm-up: the runtime, the allocator's arenas and the pipe pool at
-    // their working size.
-    burst(&a, 20, pid);
-    udp_burst(&a, 20);
-    sessions_gone(&d);
-    let baseline_fds = fds_when_closed(&d);
-    let (rss0, pipes0, heap0) = (d.rss_kib(), pipe_fds(pid), heap_kib(&d));
-
-    let peak = burst(&a, BURST, pid);
-    let fds1 = fds_when_closed(&d);
-    let (rss1, pipes1, heap1) = (d.rss_kib(), pipe_fds(pid), heap_kib(&d));
-    eprintln!(
-        "memory: {BURST} connections of {} KiB each way: RSS {rss0} -> {rss1} KiB, heap {heap0} -> {heap1} KiB, pipe fds {pipes0} -> {pipes1} (with all open: {peak}), fds {baseline_fds} -> {fds1}",
-        EACH / 1024
-    );
-    assert!(
-        pipes1 <= POOL_FLOOR_FDS,
-        "{pipes1} pipe fds stay open after the burst (the pool's floor is {POOL_FLOOR_FDS})"
-    );
-    assert!(
-        fds1 <= baseline_fds + POOL_FLOOR_FDS,
-        "fds {baseline_fds} -> {fds1}"
-    );
-    // Each relay held 16 KiB of buffers at least: kept, 400 would show as
-    // 6 MiB and more.
-    assert!(
-        heap1 <= heap0 + 1024,
-        "heap {heap0} KiB -> {heap1} KiB after the burst closed"
-    );
-    assert!(
-        rss1 <= rss0 + 3 * 1024,
-        "RSS {rss0} KiB -> {rss1} KiB after the burst closed"
-    );
-
-    // UDP: sessions leave memory behind that is kept for reuse by design:
-    // the datagram buffer pool (up to 1,024 buffers of 2 KiB, as many as
-    // were in flight at once, so it fills over one burst or several) and
-    // the runtime's and allocator's caches (see the README). Bounded, not
-    // growing: after each of three bursts the heap in use stays within the
-    // pool's size and 1.5 MiB (the session map's buckets and the runtime's
-    // caches; 0.7 MiB measured) of where it was before the first, which a
-    // leak of one KiB per session would pass within three bursts. RSS is bounded loosely:
-    // which arena a session's memory comes from depends on which worker ran
-    // it.
-    let mut after = Vec::new();
-    for _ in 0..3 {
-        udp_burst(&a, SESSIONS);
-        let rss_open = d.rss_kib();
+    as_root(|| {
+        let (host, a) = (TestNs::new("h"), TestNs::new("a"));
+        echo_server(host.tcp_listen("127.0.0.1:9000"));
+        udp_echo_server(host.udp_bind("127.0.0.1:9001"));
+        let rule = rule_of(
+            "tcp",
+            "r",
+            "127.0.0.1:7000",
+            &[a.name()],
+            "127.0.0.1:9000",
+            "host",
+            "",
+        ) + &rule_of(
+            "udp",
+            "u",
+            "127.0.0.1:7001",
+            &[a.name()],
+            "127.0.0.1:9001",
+            "host",
+            "udp_idle_timeout = \"1s\"",
+        );
+        let d = Daemon::run(&host, &config(&rule), &[]);
+        d.wait_ready();
+        let pid = d.pid();
+        // Warm-up: the runtime, the allocator's arenas and the pipe pool at
+        // their working size.
+        burst(&a, 20, pid);
+        udp_burst(&a, 20);
         sessions_gone(&d);
-        let fds = fds_when_closed(&d);
-        after.push((rss_open, d.rss_kib(), heap_kib(&d), fds));
-    }
-    let shown: Vec<String> = after
-        .iter()
-        .map(|(open, rss, heap, fds)| {
-            format!("RSS {open} open -> {rss} expired, heap {heap}, fds {fds}")
-        })
-        .collect();
-    eprintln!(
-        "memory: {SESSIONS} UDP sessions of {DATAGRAMS} round trips, three times, from RSS {rss1} KiB, heap {heap1} KiB, fds {fds1}: {} (KiB)",
-        shown.join("; ")
-    );
-    for (i, &(_, rss, heap, fds)) in after.iter().enumerate() {
-        let n = i + 1;
-        assert!(fds <= fds1, "fds {fds1} -> {fds} after burst {n}");
-        assert!(
-            heap <= heap1 + UDP_POOL_KIB + 1536,
-            "heap {heap1} KiB -> {heap} KiB after burst {n}: more than the buffer pool and the caches hold"
+        let baseline_fds = fds_when_closed(&d);
+        let (rss0, pipes0, heap0) = (d.rss_kib(), pipe_fds(pid), heap_kib(&d));
+
+        let peak = burst(&a, BURST, pid);
+        let fds1 = fds_when_closed(&d);
+        let (rss1, pipes1, heap1) = (d.rss_kib(), pipe_fds(pid), heap_kib(&d));
+        eprintln!(
+            "memory: {BURST} connections of {} KiB each way: RSS {rss0} -> {rss1} KiB, heap {heap0} -> {heap1} KiB, pipe fds {pipes0} -> {pipes1} (with all open: {peak}), fds {baseline_fds} -> {fds1}",
+            EACH / 1024
         );
         assert!(
-            rss <= rss1 + 12 * 1024,
-            "RSS {rss1} KiB -> {rss} KiB after burst {n}"
+            pipes1 <= POOL_FLOOR_FDS,
+            "{pipes1} pipe fds stay open after the burst (the pool's floor is {POOL_FLOOR_FDS})"
         );
-    }
+        assert!(
+            fds1 <= baseline_fds + POOL_FLOOR_FDS,
+            "fds {baseline_fds} -> {fds1}"
+        );
+        // Each relay held 16 KiB of buffers at least: kept, 400 would show as
+        // 6 MiB and more.
+        assert!(
+            heap1 <= heap0 + 1024,
+            "heap {heap0} KiB -> {heap1} KiB after the burst closed"
+        );
+        assert!(
+            rss1 <= rss0 + 3 * 1024,
+            "RSS {rss0} KiB -> {rss1} KiB after the burst closed"
+        );
+
+        // UDP: sessions leave memory behind that is kept for reuse by design:
+        // the datagram buffer pool (up to 1,024 buffers of 2 KiB, as many as
+        // were in flight at once, so it fills over one burst or several) and
+        // the runtime's and allocator's caches (see the README). Bounded, not
+        // growing: after each of three bursts the heap in use stays within the
+        // pool's size and 1.5 MiB (the session map's buckets and the runtime's
+        // caches; 0.7 MiB measured) of where it was before the first, which a
+        // leak of one KiB per session would pass within three bursts. RSS is bounded loosely:
+        // which arena a session's memory comes from depends on which worker ran
+        // it.
+        let mut after = Vec::new();
+        for _ in 0..3 {
+            udp_burst(&a, SESSIONS);
+            let rss_open = d.rss_kib();
+            sessions_gone(&d);
+            let fds = fds_when_closed(&d);
+            after.push((rss_open, d.rss_kib(), heap_kib(&d), fds));
+        }
+        let shown: Vec<String> = after
+            .iter()
+            .map(|(open, rss, heap, fds)| {
+                format!("RSS {open} open -> {rss} expired, heap {heap}, fds {fds}")
+            })
+            .collect();
+        eprintln!(
+            "memory: {SESSIONS} UDP sessions of {DATAGRAMS} round trips, three times, from RSS {rss1} KiB, heap {heap1} KiB, fds {fds1}: {} (KiB)",
+            shown.join("; ")
+        );
+        for (i, &(_, rss, heap, fds)) in after.iter().enumerate() {
+            let n = i + 1;
+            assert!(fds <= fds1, "fds {fds1} -> {fds} after burst {n}");
+            assert!(
+                heap <= heap1 + UDP_POOL_KIB + 1536,
+                "heap {heap1} KiB -> {heap} KiB after burst {n}: more than the buffer pool and the caches hold"
+            );
+            assert!(
+                rss <= rss1 + 12 * 1024,
+                "RSS {rss1} KiB -> {rss} KiB after burst {n}"
+            );
+        }
+    })
 }
 
 /// Waits (bounded) until the daemon's fd count is steady with no

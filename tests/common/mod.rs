@@ -1,5 +1,6 @@
 //! Test harness: namespaces that clean up after themselves, sockets inside
-//! them, and the nsproxy binary as a separate process.
+//! them, and the nsproxy binary as a separate process; [`Scenario`] puts
+//! them together, and [`as_root`] is the one root check.
 //!
 //! Every namespace a test makes has a unique name (`nspt-PID-N-tag`) and is
 //! deleted when its guard drops, also when the test panics. Traffic stays on
@@ -7,10 +8,16 @@
 
 #![allow(dead_code)]
 
+mod root;
 mod rules;
-// Not every test crate writes configs.
+mod scenario;
+// Not every test crate uses each of them.
+#[allow(unused_imports)]
+pub use root::*;
 #[allow(unused_imports)]
 pub use rules::*;
+#[allow(unused_imports)]
+pub use scenario::*;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -31,30 +38,6 @@ fn unique(tag: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     // Interface and netns names have no length issue here, but keep it short.
     format!("nspt-{}-{n}-{tag}", std::process::id())
-}
-
-/// True when the test may run. Without root it prints why it skips, and
-/// under `NSPROXY_REQUIRE_ROOT=1` a skip is a failure.
-pub fn root_or_skip(test: &str) -> bool {
-    // The effective uid from /proc keeps the tests free of unsafe code.
-    let euid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
-        })
-        .unwrap_or_default();
-    if euid == "0" {
-        return true;
-    }
-    if std::env::var("NSPROXY_REQUIRE_ROOT").as_deref() == Ok("1") {
-        panic!(
-            "{test}: needs root (network namespaces), and NSPROXY_REQUIRE_ROOT=1 forbids skipping"
-        );
-    }
-    eprintln!("SKIPPED {test}: needs root to create network namespaces");
-    false
 }
 
 fn ip(args: &[&str]) -> io::Result<()> {
@@ -212,6 +195,36 @@ impl Drop for TestNs {
 pub fn switcher() -> &'static Switcher {
     static S: OnceLock<Switcher> = OnceLock::new();
     S.get_or_init(|| Switcher::spawn().expect("switcher"))
+}
+
+/// The TCP and UDP upstream servers a scenario can start.
+impl Scenario {
+    /// A TCP server on `addr` in `tag` running `f` for each connection.
+    pub fn tcp_serve<F>(self, tag: &str, addr: &str, f: F) -> Scenario
+    where
+        F: Fn(TcpStream) + Send + Sync + Clone + 'static,
+    {
+        serve(self.ns(tag).tcp_listen(addr), f);
+        self
+    }
+
+    /// A TCP server on `addr` in `tag` that echoes until EOF.
+    pub fn tcp_echo(self, tag: &str, addr: &str) -> Scenario {
+        echo_server(self.ns(tag).tcp_listen(addr));
+        self
+    }
+
+    /// A TCP server on `addr` in `tag` that sends `reply` and closes.
+    pub fn tcp_hello(self, tag: &str, addr: &str, reply: &'static str) -> Scenario {
+        hello_server(self.ns(tag).tcp_listen(addr), reply);
+        self
+    }
+
+    /// A UDP server on `addr` in `tag` that echoes every datagram.
+    pub fn udp_echo(self, tag: &str, addr: &str) -> Scenario {
+        udp_echo_server(self.ns(tag).udp_bind(addr));
+        self
+    }
 }
 
 /// Serves every connection on `l` with `f`, one thread per connection, until

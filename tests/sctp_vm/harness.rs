@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 use nsproxy::netns::{NsId, NsRef, Socket, SocketSpec, Switcher};
 use nsproxy::sctp::{self, RcvInfo, Reassembler, Received, SndInfo, Streams};
 
+use crate::root::{is_root, skip_forbidden, test_name};
+use crate::scenario::Scenario;
+
 /// Longest any single wait may take (the VM emulates its CPU: generous).
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -35,16 +38,8 @@ pub fn in_vm() -> bool {
 /// nothing may skip; on a host without SCTP the test prints why it skips
 /// (`scripts/test.sh` runs this binary in the VM as well).
 pub fn sctp_or_skip(test: &str) -> bool {
-    let euid = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
-        })
-        .unwrap_or_default();
-    let strict = in_vm() || std::env::var("NSPROXY_REQUIRE_ROOT").as_deref() == Ok("1");
-    if euid != "0" {
+    let strict = in_vm() || skip_forbidden();
+    if !is_root() {
         assert!(
             !strict,
             "{test}: needs root, and skipping is not allowed here"
@@ -70,6 +65,15 @@ pub fn sctp_or_skip(test: &str) -> bool {
             false
         }
         Err(e) => panic!("{test}: cannot probe for SCTP: {e}"),
+    }
+}
+
+/// Runs the body of a test that needs root and kernel SCTP; otherwise the
+/// test says why it skips (or fails where skipping is not allowed, see
+/// [`sctp_or_skip`]).
+pub fn as_sctp(test: impl FnOnce()) {
+    if sctp_or_skip(&test_name()) {
+        test();
     }
 }
 
@@ -105,6 +109,10 @@ fn iproute2() -> bool {
             .is_ok_and(|s| s.success())
     })
 }
+
+/// The shared fixture ([`Scenario`], in `tests/common/scenario.rs`) knows
+/// a test namespace by this name.
+pub type TestNs = Ns;
 
 /// A network namespace made for one test, removed on drop (also on panic).
 pub struct Ns {
@@ -375,6 +383,16 @@ pub fn echo_server(l: Socket) {
     });
 }
 
+/// The SCTP upstream servers a scenario can start.
+impl Scenario {
+    /// An SCTP server on `addr` in `tag` that echoes every message on its
+    /// stream, with its PPID and flags.
+    pub fn sctp_echo(self, tag: &str, addr: &str) -> Scenario {
+        echo_server(self.ns(tag).sctp_listen(addr));
+        self
+    }
+}
+
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
@@ -442,13 +460,34 @@ impl Daemon {
     }
 
     fn spawn(host: &Ns, dir: TempDir, args: &[&str]) -> Daemon {
+        Daemon::spawn_with(host, dir, &[], args, &[])
+    }
+
+    /// Like [`Daemon::spawn`], with nsproxy started through `wrapper` (a
+    /// command that execs its arguments) and with extra environment
+    /// variables; the shared [`Scenario`] starts its daemon here.
+    pub(crate) fn spawn_with(
+        host: &Ns,
+        dir: TempDir,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let log = dir.0.join("stderr.log");
         let err = std::fs::File::create(&log).unwrap();
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = host.command(program);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => host.command(bin()),
+        };
         // nsenter execs nsproxy (no fork without -p), so the pid is nsproxy's.
-        let child = host
-            .command(bin())
+        let child = command
             .args(["--log-format", "json", "--log-level", "nsproxy=debug"])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -463,6 +502,30 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// The config file a [`Daemon::run`] daemon reads.
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.0.join("nsproxy.toml")
+    }
+
+    /// Sends a signal by name (HUP, TERM, ...).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{sig}");
+    }
+
+    /// Waits (bounded) for the process to exit by itself; returns its
+    /// status and log.
+    pub fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let status = wait_exit(&mut child).unwrap_or_else(|| {
+            panic!("nsproxy did not exit within {WAIT:?}; log:\n{}", self.log())
+        });
+        (status, self.log())
     }
 
     pub fn log(&self) -> String {
@@ -524,17 +587,24 @@ impl Daemon {
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("nsproxy did not exit within {WAIT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        wait_exit(&mut child).unwrap_or_else(|| panic!("nsproxy did not exit within {WAIT:?}"))
+    }
+}
+
+/// Waits (bounded) for `child` to exit; kills it and returns `None` if it
+/// does not within [`WAIT`].
+fn wait_exit(child: &mut Child) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
         }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
