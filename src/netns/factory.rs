@@ -191,3 +191,58 @@ impl Leases {
             .unwrap_or_else(|e| e.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts releases; makes no socket.
+    #[derive(Debug, Default)]
+    struct Releases(Mutex<Vec<NsId>>);
+
+    impl SocketFactory for Releases {
+        fn home(&self) -> NsId {
+            NsId { dev: 0, ino: 0 }
+        }
+        fn resolve_many<'a>(&'a self, _: &'a [NsRef]) -> ResolveFuture<'a> {
+            Box::pin(async { Vec::new() })
+        }
+        fn socket(&self, _: NsId, _: SocketSpec) -> SocketFuture {
+            Box::pin(async { Err(NsError::Stopped) })
+        }
+        fn pooled_socket(&self, _: NsId, _: SocketSpec) -> SocketFuture {
+            Box::pin(async { Err(NsError::Stopped) })
+        }
+        fn socket_blocking(&self, _: NsId, _: SocketSpec) -> Result<Socket, NsError> {
+            Err(NsError::Stopped)
+        }
+        fn release(&self, ns: NsId) {
+            self.0.lock().unwrap().push(ns);
+        }
+    }
+
+    #[test]
+    fn the_last_lease_gives_the_namespace_back_and_a_later_first_one_is_stale() {
+        let f = Arc::new(Releases::default());
+        let leases = Leases::new(f.clone());
+        let ns = NsId { dev: 1, ino: 5 };
+        leases.mark();
+        let (a, stale_a) = leases.acquire(ns);
+        let (b, stale_b) = leases.acquire(ns);
+        assert!(!stale_a && !stale_b);
+        let a2 = a.clone();
+        drop(a);
+        drop(b);
+        assert!(f.0.lock().unwrap().is_empty(), "a clone still holds it");
+        assert_eq!(leases.holders(ns), 1);
+        drop(a2);
+        assert_eq!(*f.0.lock().unwrap(), [ns]);
+        assert_eq!(leases.holders(ns), 0);
+        // Released since the mark: a resolution made before may be undone.
+        let (_c, stale) = leases.acquire(ns);
+        assert!(stale);
+        leases.mark();
+        let (_d, stale) = leases.acquire(ns);
+        assert!(!stale);
+    }
+}
