@@ -10,8 +10,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::LazyLock;
 
 use nsproxy::config::parse_toml;
+use nsproxy::lifecycle::{Options, Server};
 use nsproxy::netns::Switcher;
-use nsproxy::server::{Options, Server};
 
 struct Setup {
     _rt: tokio::runtime::Runtime,

@@ -7,8 +7,10 @@
 //! from then on the ordinary tokio reactor drives it like any other socket.
 //!
 //! # Layout
-//! - [`netns`]: namespace references and identities, and the one thread that
-//!   switches namespaces (the only `setns` in the process).
+//! - [`netns`]: namespace references and identities, the one thread that
+//!   switches namespaces (the only `setns` in the process), and the seam
+//!   sockets come through ([`netns::SocketFactory`], with the
+//!   [`netns::Lease`]s that hold a namespace open).
 //! - [`config`]: the configuration model, its TOML and command-line front
 //!   ends, and validation that reports every problem with its location;
 //!   [`config::check`] judges the namespaces a valid config names, for
@@ -16,9 +18,12 @@
 //! - [`proxy`]: listeners and relays per protocol ([`proxy::tcp`],
 //!   [`proxy::udp`], [`proxy::sctp`]); idle listeners wait without a task,
 //!   parked in one epoll set.
-//! - [`server`]: turns a [`config::Config`] into running bindings (one rule in
-//!   one namespace each), follows namespaces as they come and go, applies
-//!   reloads as a difference, reports state, and shuts down gracefully.
+//! - [`lifecycle`]: turns a [`config::Config`] into running bindings (one
+//!   rule in one namespace each), follows namespaces as they come and go,
+//!   applies reloads as a difference, reports state, and shuts down
+//!   gracefully. Its decisions are pure functions (`desired`, `reconcile`,
+//!   `retry`) that a thin shell (`apply`, `leases`) carries out on sockets;
+//!   `report` renders states as text.
 //! - [`runtime`]: the tokio runtime with a fixed thread count.
 //! - [`sctp`]: kernel SCTP through a thin layer over libc (socket options,
 //!   `recvmsg`/`sendmsg` with stream id and PPID, notifications).
@@ -27,7 +32,7 @@
 //! - [`metrics`]: Prometheus text exposition.
 //! - [`systemd`]: readiness notifications (`sd_notify`).
 //!
-//! The `nsproxy` binary is a thin command-line layer over [`server::Server`]:
+//! The `nsproxy` binary is a thin command-line layer over [`lifecycle::Server`]:
 //! it parses arguments, sets up logging, signals, the control socket and the
 //! metrics endpoint.
 
@@ -35,12 +40,12 @@
 
 pub mod config;
 pub mod control;
+pub mod lifecycle;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod runtime;
 pub mod sctp;
-pub mod server;
 pub mod status;
 mod sys;
 pub mod systemd;

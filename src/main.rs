@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use nsproxy::config::{self, Config, FORWARD_SYNTAX};
+use nsproxy::lifecycle::{Command as ServerCommand, Options, Server};
 use nsproxy::netns::{NsRef, Switcher};
-use nsproxy::server::{Options, Server};
+use nsproxy::status::BindingState;
 use nsproxy::{control, metrics, runtime, status, systemd};
 use tracing::{error, info, warn};
 
@@ -242,7 +243,7 @@ fn try_serve(config: Config, path: Option<PathBuf>, drain_pinned: bool) -> anyho
     rt.block_on(async {
         let mut signals = Signals::new().context("cannot install signal handlers")?;
         let options = Options {
-            drain: config.drain_timeout.unwrap_or(nsproxy::server::DEFAULT_DRAIN_TIMEOUT),
+            drain: config.drain_timeout.unwrap_or(nsproxy::lifecycle::DEFAULT_DRAIN_TIMEOUT),
             config_path: path,
             workers,
             drain_pinned,
@@ -283,8 +284,12 @@ fn try_serve(config: Config, path: Option<PathBuf>, drain_pinned: bool) -> anyho
         };
 
         let st = server.status().await;
-        let count = |state: &str| st.bindings.iter().filter(|b| b.state == state).count();
-        let (listening, waiting, failed) = (count("listening"), count("waiting"), count("failed"));
+        let count = |state: BindingState| st.bindings.iter().filter(|b| b.state == state).count();
+        let (listening, waiting, failed) = (
+            count(BindingState::Listening),
+            count(BindingState::Waiting),
+            count(BindingState::Failed),
+        );
         if listening == 0 && waiting == 0 && !has_pattern {
             server.shutdown().await;
             anyhow::bail!(
@@ -364,7 +369,7 @@ fn request_reload(server: &Server) {
     let commands = server.commands();
     tokio::spawn(async move {
         let (reply, done) = tokio::sync::oneshot::channel();
-        if commands.send(control::Command::Reload(reply)).await.is_ok() {
+        if commands.send(ServerCommand::Reload(reply)).await.is_ok() {
             let _ = done.await;
         }
     });

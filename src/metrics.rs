@@ -14,8 +14,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::control::http::{self, Endpoint};
-use crate::control::{Command, EndpointStats, HttpStats, Limits};
-use crate::status::{Counters, Status};
+use crate::control::{EndpointStats, HttpStats, Limits};
+use crate::lifecycle::Command;
+use crate::status::{BindingState, Counters, Status};
 
 /// (name, type, help, how to read it from a binding's counters)
 type Series = (
@@ -203,13 +204,14 @@ const SERIES: &[Series] = &[
 ];
 
 /// Listener states, one gauge series each, so that a state change is visible
-/// as a 0/1 flip.
-const STATES: &[&str] = &[
-    "listening",
-    "waiting",
-    "failed",
-    "same_namespace",
-    "draining",
+/// as a 0/1 flip. `draining` is never a binding's state (a draining listener
+/// has left its binding), but dashboards built on the series keep it.
+const STATES: &[(&str, Option<BindingState>)] = &[
+    ("listening", Some(BindingState::Listening)),
+    ("waiting", Some(BindingState::Waiting)),
+    ("failed", Some(BindingState::Failed)),
+    ("same_namespace", Some(BindingState::SameNamespace)),
+    ("draining", None),
 ];
 
 fn escape(v: &str) -> String {
@@ -245,12 +247,12 @@ pub fn render(s: &Status) -> String {
         "# HELP nsproxy_binding_state State of each rule in each namespace (1 for the current state).\n# TYPE nsproxy_binding_state gauge"
     );
     for b in &s.bindings {
-        for state in STATES {
+        for (state, is) in STATES {
             let _ = writeln!(
                 out,
                 "nsproxy_binding_state{{{},state=\"{state}\"}} {}",
                 labels(&b.rule, &b.netns, &b.protocol),
-                u8::from(b.state == *state)
+                u8::from(*is == Some(b.state))
             );
         }
     }
@@ -458,7 +460,7 @@ mod tests {
                 rule: "r".into(),
                 protocol: "tcp".into(),
                 netns: "/weird\"path\\x".into(),
-                state: "listening".into(),
+                state: BindingState::Listening,
                 parked: false,
                 max_connections: None,
                 reason: None,

@@ -53,7 +53,7 @@ pub struct BindingReport {
     pub netns: String,
     /// `listening`, `waiting` (for the namespace to exist), `failed` or
     /// `same_namespace` (served under another reference).
-    pub state: String,
+    pub state: BindingState,
     /// Why it is not listening, for `waiting`, `failed` and `same_namespace`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
@@ -71,6 +71,48 @@ pub struct BindingReport {
     /// The rule's `max_connections`, when it has one (TCP, SCTP).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub max_connections: Option<usize>,
+}
+
+/// Where a binding is, as `status` reports it (the JSON names are the
+/// snake_case ones: `listening`, `waiting`, `failed`, `same_namespace`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BindingState {
+    /// Its listener exists (served by a task, or parked while idle).
+    Listening,
+    /// For its namespace, its upstream namespace or its address to exist,
+    /// or for its listener to be opened again.
+    Waiting,
+    /// Could not listen; tried again at the next reload.
+    Failed,
+    /// Its namespace is the one another reference of the rule names, and
+    /// is served there.
+    SameNamespace,
+}
+
+impl BindingState {
+    /// The name in `status --json`, the table and metric labels.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BindingState::Listening => "listening",
+            BindingState::Waiting => "waiting",
+            BindingState::Failed => "failed",
+            BindingState::SameNamespace => "same_namespace",
+        }
+    }
+}
+
+impl std::fmt::Display for BindingState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// For callers holding a state's JSON name (scripts' habits, tests).
+impl PartialEq<&str> for BindingState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 /// A binding's counters (see [`BindingStats`] for what each means).
@@ -214,7 +256,7 @@ pub fn table(s: &Status) -> String {
         };
         let state = match &b.reason {
             Some(r) => format!("{}: {r}", b.state),
-            None => b.state.clone(),
+            None => b.state.to_string(),
         };
         rows.push(vec![
             b.rule.clone(),

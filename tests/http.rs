@@ -15,7 +15,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::*;
-use nsproxy::control::{self, Command, HttpStats, Limits};
+use nsproxy::control::{self, HttpStats, Limits};
+use nsproxy::lifecycle::Command;
 use nsproxy::netns::SocketSpec;
 use nsproxy::status::{ReloadReport, Status};
 use proptest::prelude::*;

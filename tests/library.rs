@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nsproxy::config::parse_toml;
+use nsproxy::lifecycle::{Options, Server};
 use nsproxy::netns::{NsError, NsRef, SocketSpec, Switcher};
-use nsproxy::server::{Options, Server};
 
 #[test]
 fn references_to_one_namespace_are_one_identity() {

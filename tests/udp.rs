@@ -636,7 +636,7 @@ fn counters_and_tasks_in_process() {
 /// a test can read its counters.
 struct InProcess {
     rt: tokio::runtime::Runtime,
-    server: nsproxy::server::Server,
+    server: nsproxy::lifecycle::Server,
     /// The bindings in the order of the rules.
     bindings: Vec<std::sync::Arc<nsproxy::proxy::Binding>>,
 }
@@ -645,10 +645,10 @@ impl InProcess {
     fn start(scenario: &Scenario) -> InProcess {
         let cfg = nsproxy::config::parse_toml(&scenario.config_text(), "test").unwrap();
         let rt = nsproxy::runtime::build(2).unwrap();
-        let server = rt.block_on(nsproxy::server::Server::start(
+        let server = rt.block_on(nsproxy::lifecycle::Server::start(
             cfg,
             switcher().clone(),
-            nsproxy::server::Options {
+            nsproxy::lifecycle::Options {
                 drain: Duration::from_secs(1),
                 ..Default::default()
             },

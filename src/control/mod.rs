@@ -27,17 +27,11 @@ use tokio::sync::{mpsc, oneshot};
 use self::http::{Answer, Endpoint};
 pub use self::http::{EndpointStats, HttpStats, Limits};
 
+use crate::lifecycle::Command;
 use crate::status::{ReloadReport, Status};
 
 /// Where the control socket is unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/nsproxy/control.sock";
-
-/// A request from the API to whoever owns the running state.
-#[derive(Debug)]
-pub enum Command {
-    Status(oneshot::Sender<Status>),
-    Reload(oneshot::Sender<Result<ReloadReport, String>>),
-}
 
 /// Why the control socket could not be set up or reached.
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +177,7 @@ async fn route(method: &Method, path: &str, commands: &mpsc::Sender<Command>) ->
             }
             match rx.await {
                 Ok(Ok(r)) => encode(serde_json::to_string(&r)),
-                Ok(Err(e)) => error(StatusCode::BAD_REQUEST, &e),
+                Ok(Err(e)) => error(StatusCode::BAD_REQUEST, &e.to_string()),
                 Err(_) => gone(),
             }
         }

@@ -23,6 +23,7 @@
 //! ```
 
 pub mod discovery;
+mod factory;
 mod nsfs;
 mod reference;
 mod switcher;
@@ -35,6 +36,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
+pub use factory::{Lease, Leases, ResolveFuture, SocketFactory, SocketFuture};
 pub use reference::{NETNS_RUN_DIR, NsId, NsRef, NsRefError};
 pub use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::oneshot;

@@ -26,11 +26,13 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, AtomicUsize,
 use std::time::Duration;
 
 use crate::config::{Keepalive, Protocol, ProxyProtocol, Rule};
-use crate::netns::{NsError, NsId, NsRef, Switcher};
+#[cfg(any(test, doc))]
+use crate::netns::Switcher;
+use crate::netns::{Lease, NsError, NsId, NsRef, SocketFactory};
 
 #[cfg(test)]
 pub(crate) use park::tests as park_tests;
-pub(crate) use park::{Lost, Parking};
+pub(crate) use park::{Loss, Lost, Parking};
 
 /// After the first warning of a kind (on one binding), further ones in this
 /// interval are counted and logged together at its end.
@@ -46,7 +48,8 @@ pub struct Binding {
     pub ns: NsId,
     /// The namespace upstream sockets are created in.
     pub upstream_ns: NsId,
-    pub switcher: Switcher,
+    /// Where its sockets come from (the switcher, or a test's fake).
+    pub sockets: Arc<dyn SocketFactory>,
     pub stats: BindingStats,
     /// Set when the binding's listener is to stop accepting.
     pub(crate) stop: Stop,
@@ -67,20 +70,13 @@ pub struct Binding {
     /// of fds or memory (0: none since the accept loop last looked), which
     /// makes the accept loop pause (see [`exhausted`]).
     exhausted: AtomicI32,
-    /// Told `upstream_ns` when the binding is gone: its listener, its last
-    /// connection or session, and every handle to it. New upstream sockets
-    /// need that namespace's fd until then (a closing listener's backlog is
-    /// served while it drains), so the server releases the fd only now.
-    on_drop: Option<tokio::sync::mpsc::UnboundedSender<NsId>>,
-}
-
-impl Drop for Binding {
-    fn drop(&mut self) {
-        if let Some(tx) = &self.on_drop {
-            // The server may have ended first; then nothing is left to free.
-            let _ = tx.send(self.upstream_ns);
-        }
-    }
+    /// Holds `upstream_ns` open while the binding exists: its listener,
+    /// its last connection or session, and every handle to it. New upstream
+    /// sockets need that namespace's fd until then (a closing listener's
+    /// backlog is served while it drains), so it is given back only when the
+    /// last holder of the binding goes. `None` for bindings made outside the
+    /// server (tests).
+    _upstream: Option<Lease>,
 }
 
 impl Binding {
@@ -94,15 +90,15 @@ impl Binding {
         netns: NsRef,
         ns: NsId,
         upstream_ns: NsId,
-        switcher: Switcher,
-        on_drop: Option<tokio::sync::mpsc::UnboundedSender<NsId>>,
+        sockets: Arc<dyn SocketFactory>,
+        upstream: Option<Lease>,
     ) -> Binding {
         let b = Binding {
             rule,
             netns,
             ns,
             upstream_ns,
-            switcher,
+            sockets,
             stats: BindingStats::default(),
             stop: Stop::default(),
             parked_at: AtomicUsize::new(park::NOT_PARKED),
@@ -112,7 +108,7 @@ impl Binding {
             half_close_timeout_ms: AtomicU64::new(0),
             tcp_keepalive: AtomicU64::new(0),
             exhausted: AtomicI32::new(0),
-            on_drop,
+            _upstream: upstream,
         };
         b.set_tuning(&b.rule);
         b
@@ -284,7 +280,7 @@ pub(crate) async fn test_binding(extra: &str) -> Arc<Binding> {
         NsRef::Host,
         host,
         host,
-        switcher,
+        Arc::new(switcher),
         None,
     ))
 }

@@ -7,7 +7,7 @@
 //! of a slot here and the kernel's epoll entry. When a connection or datagram
 //! arrives, the hub hands the socket to a serve task of its own, which runs as
 //! before; once the listener has had nothing to do for a while
-//! ([`crate::server::Options::park_after`]) and owns no connection or
+//! ([`crate::lifecycle::Options::park_after`]) and owns no connection or
 //! session, the task ends and the socket is parked again.
 //!
 //! Stopping a binding ([`Parking::stop`]) closes a parked socket at once, so
@@ -83,7 +83,20 @@ impl std::fmt::Debug for Parking {
 #[derive(Debug)]
 pub(crate) struct Lost {
     pub(crate) binding: Arc<Binding>,
-    pub(crate) reason: String,
+    pub(crate) cause: Loss,
+}
+
+/// Why a listener was lost.
+#[derive(Debug)]
+pub(crate) enum Loss {
+    /// Its socket could not be kept (the reason); a new one is opened.
+    Listener(String),
+    /// Its task panicked (the message); it stays failed until a reload.
+    #[allow(
+        dead_code,
+        reason = "made by the serve task once it catches panics (the relay change)"
+    )]
+    Panicked(String),
 }
 
 /// The task that watches the parked sockets; see [`Hub::run`].
@@ -317,7 +330,8 @@ impl Parking {
             if tests::LOSE_NEXT.swap(false, SeqCst) {
                 drop(listener);
                 let reason = "lost on purpose (test)".to_owned();
-                let _ = parking.lost.send(Lost { binding: b, reason });
+                let cause = Loss::Listener(reason);
+                let _ = parking.lost.send(Lost { binding: b, cause });
                 return;
             }
             match listener
@@ -329,7 +343,8 @@ impl Parking {
                 Served::Lost(reason) => {
                     error!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
                         "listener closed: {reason}; opening it again");
-                    let _ = parking.lost.send(Lost { binding: b, reason });
+                    let cause = Loss::Listener(reason);
+                    let _ = parking.lost.send(Lost { binding: b, cause });
                 }
             }
         });

@@ -110,7 +110,7 @@ fn in_family(addr: SocketAddr, v6: bool) -> SocketAddr {
 pub(crate) async fn listen(b: &Binding) -> Result<Socket, ListenError> {
     let addr = b.rule.listen;
     let socket = b
-        .switcher
+        .sockets
         .socket(b.ns, SocketSpec::sctp(&addr))
         .await
         .map_err(socket_error)?;
@@ -438,7 +438,7 @@ async fn connect(b: &Binding) -> Result<AsyncFd<Socket>, ConnectError> {
     let waited = Instant::now();
     let socket = loop {
         match b
-            .switcher
+            .sockets
             .pooled_socket(b.upstream_ns, SocketSpec::sctp(&family))
             .await
         {

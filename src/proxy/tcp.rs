@@ -33,7 +33,7 @@ const BUF_SIZE: usize = 32 * 1024;
 /// Creates the listening socket for `binding` in its namespace.
 pub(crate) async fn listen(b: &Binding) -> Result<std::net::TcpListener, ListenError> {
     let addr = b.rule.listen;
-    let socket = b.switcher.socket(b.ns, SocketSpec::tcp(&addr)).await?;
+    let socket = b.sockets.socket(b.ns, SocketSpec::tcp(&addr)).await?;
     let at = |source: io::Error| ListenError::Socket { addr, source };
     socket.set_reuse_address(true).map_err(at)?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
@@ -82,7 +82,7 @@ pub(crate) async fn serve(
             // wait in the backlog (see `early`).
             let first = early(
                 &b,
-                b.switcher
+                b.sockets
                     .pooled_socket(b.upstream_ns, SocketSpec::tcp(&b.rule.upstream)),
             );
             handle(b, client, peer, first).instrument(span)
@@ -386,7 +386,7 @@ async fn connect(
                 Some(first) => (first.f.await, first.counted),
                 None => {
                     let made = b
-                        .switcher
+                        .sockets
                         .pooled_socket(b.upstream_ns, SocketSpec::tcp(&to))
                         .await;
                     (made, false)

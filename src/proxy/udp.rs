@@ -111,7 +111,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Creates the listening socket for `b` in its namespace.
 pub(crate) async fn listen(b: &Binding) -> Result<std::net::UdpSocket, ListenError> {
     let addr = b.rule.listen;
-    let socket = b.switcher.socket(b.ns, SocketSpec::udp(&addr)).await?;
+    let socket = b.sockets.socket(b.ns, SocketSpec::udp(&addr)).await?;
     let at = |source: io::Error| ListenError::Socket { addr, source };
     // No SO_REUSEADDR: on UDP it would let a second socket share the port
     // and take some of its datagrams, instead of failing with "in use".
@@ -553,7 +553,7 @@ enum UpstreamError {
 async fn open_upstream(b: &Binding) -> Result<UdpSocket, UpstreamError> {
     let to = b.rule.upstream;
     let socket = b
-        .switcher
+        .sockets
         .pooled_socket(b.upstream_ns, SocketSpec::udp(&to))
         .await?;
     if let Err(e) = udp_sys::enable_drop_count(socket.as_fd()) {

@@ -1,0 +1,133 @@
+//! Rules × known namespaces → the bindings that should exist, and how two
+//! versions of a rule differ. Pure: no sockets, no namespaces opened.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::config::Rule;
+use crate::netns::NsRef;
+
+/// A binding's identity: (rule name, namespace reference). A rule with a
+/// glob has one key per matching name.
+pub(crate) type Key = (String, NsRef);
+
+/// The bindings `rules` ask for when the names in `names` exist, in
+/// configuration order (rule, then its `netns` list; a glob's matches in
+/// the order of `names`), each key once.
+pub(crate) fn desired(rules: &[Arc<Rule>], names: &[String]) -> Vec<(Key, Arc<Rule>)> {
+    let mut out = Vec::new();
+    let mut seen: HashSet<Key> = HashSet::new();
+    for rule in rules {
+        for sel in &rule.netns {
+            let refs: Vec<NsRef> = match sel {
+                NsRef::Glob(_) => names
+                    .iter()
+                    .filter(|n| sel.matches(n))
+                    .map(|n| NsRef::Named(n.clone()))
+                    .collect(),
+                other => vec![other.clone()],
+            };
+            for r in refs {
+                let key = (rule.name.clone(), r);
+                if seen.insert(key.clone()) {
+                    out.push((key, rule.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether `rule` listens in the named namespace `name` (listed, or matched
+/// by a glob).
+pub(crate) fn listens_in(rule: &Rule, name: &str) -> bool {
+    rule.netns
+        .iter()
+        .any(|s| matches!(s, NsRef::Named(n) if n == name) || s.matches(name))
+}
+
+/// Whether `rule` lists `a` before `b` (a name matched by a glob counts at
+/// the glob's place).
+pub(crate) fn listed_before(rule: &Rule, a: &NsRef, b: &NsRef) -> bool {
+    let place = |r: &NsRef| {
+        rule.netns
+            .iter()
+            .position(|s| s == r || matches!(r, NsRef::Named(n) if s.matches(n)))
+            .unwrap_or(usize::MAX)
+    };
+    place(a) < place(b)
+}
+
+/// How a rule's new version differs from the one a binding runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// Nothing a binding uses (perhaps its `netns` list or its place).
+    Same,
+    /// Only settings a running binding takes in place
+    /// ([`Binding::retune`](crate::proxy::Binding)).
+    Retunable,
+    /// Anything else: the binding is closed and opened again.
+    Reopen,
+}
+
+/// How `new` differs from `old`. The namespace list is not part of it:
+/// adding a namespace to a rule must not reopen the listeners it already
+/// has (and comparing the list per binding would cost N² at N namespaces).
+/// Nor is `origin` (a moved line).
+pub(crate) fn compare(old: &Rule, new: &Rule) -> Change {
+    if !same_listener(old, new) {
+        Change::Reopen
+    } else if old.max_connections != new.max_connections
+        || old.proxy_protocol != new.proxy_protocol
+        || old.idle_timeout != new.idle_timeout
+        || old.half_close_timeout != new.half_close_timeout
+        || old.tcp_keepalive != new.tcp_keepalive
+    {
+        Change::Retunable
+    } else {
+        Change::Same
+    }
+}
+
+/// Whether a binding of rule `a` serves as one of rule `b` would, but for
+/// the retunable settings.
+fn same_listener(a: &Rule, b: &Rule) -> bool {
+    // Destructured so that a new field cannot be forgotten here.
+    let Rule {
+        name,
+        protocol,
+        listen,
+        netns: _,
+        upstream,
+        upstream_netns,
+        connect_timeout,
+        backlog,
+        max_connections: _,
+        proxy_protocol: _,
+        idle_timeout: _,
+        half_close_timeout: _,
+        tcp_keepalive: _,
+        udp_idle_timeout,
+        udp_max_sessions,
+        on_netns_delete,
+        sctp_streams,
+        sctp_listen_addrs,
+        sctp_upstream_addrs,
+        sctp_source_addrs,
+        origin: _,
+    } = a;
+    *name == b.name
+        && *protocol == b.protocol
+        && *listen == b.listen
+        && *upstream == b.upstream
+        && *upstream_netns == b.upstream_netns
+        && *connect_timeout == b.connect_timeout
+        && *backlog == b.backlog
+        && *udp_idle_timeout == b.udp_idle_timeout
+        && *udp_max_sessions == b.udp_max_sessions
+        && *on_netns_delete == b.on_netns_delete
+        && *sctp_streams == b.sctp_streams
+        && *sctp_listen_addrs == b.sctp_listen_addrs
+        && *sctp_upstream_addrs == b.sctp_upstream_addrs
+        && *sctp_source_addrs == b.sctp_source_addrs
+}
