@@ -75,59 +75,14 @@ pub(crate) enum Change {
 /// has (and comparing the list per binding would cost N² at N namespaces).
 /// Nor is `origin` (a moved line).
 pub(crate) fn compare(old: &Rule, new: &Rule) -> Change {
-    if !same_listener(old, new) {
+    // Which settings need a new socket and which a running binding takes
+    // in place follows from the per-protocol settings types (see
+    // `config::settings`), not from a list kept here.
+    if !old.same_identity(new) {
         Change::Reopen
-    } else if old.max_connections != new.max_connections
-        || old.proxy_protocol != new.proxy_protocol
-        || old.idle_timeout != new.idle_timeout
-        || old.half_close_timeout != new.half_close_timeout
-        || old.tcp_keepalive != new.tcp_keepalive
-    {
+    } else if old.tuning() != new.tuning() {
         Change::Retunable
     } else {
         Change::Same
     }
-}
-
-/// Whether a binding of rule `a` serves as one of rule `b` would, but for
-/// the retunable settings.
-fn same_listener(a: &Rule, b: &Rule) -> bool {
-    // Destructured so that a new field cannot be forgotten here.
-    let Rule {
-        name,
-        protocol,
-        listen,
-        netns: _,
-        upstream,
-        upstream_netns,
-        connect_timeout,
-        backlog,
-        max_connections: _,
-        proxy_protocol: _,
-        idle_timeout: _,
-        half_close_timeout: _,
-        tcp_keepalive: _,
-        udp_idle_timeout,
-        udp_max_sessions,
-        on_netns_delete,
-        sctp_streams,
-        sctp_listen_addrs,
-        sctp_upstream_addrs,
-        sctp_source_addrs,
-        origin: _,
-    } = a;
-    *name == b.name
-        && *protocol == b.protocol
-        && *listen == b.listen
-        && *upstream == b.upstream
-        && *upstream_netns == b.upstream_netns
-        && *connect_timeout == b.connect_timeout
-        && *backlog == b.backlog
-        && *udp_idle_timeout == b.udp_idle_timeout
-        && *udp_max_sessions == b.udp_max_sessions
-        && *on_netns_delete == b.on_netns_delete
-        && *sctp_streams == b.sctp_streams
-        && *sctp_listen_addrs == b.sctp_listen_addrs
-        && *sctp_upstream_addrs == b.sctp_upstream_addrs
-        && *sctp_source_addrs == b.sctp_source_addrs
 }
