@@ -793,7 +793,7 @@ impl Supervisor {
         }
         entry.state = State::Waiting(format!(
             "the listener was lost ({}); opening it again",
-            lost.reason
+            lost.cause
         ));
         self.by_ns.remove(&(key.0.clone(), lost.binding.ns));
         self.addr_retry.insert(
@@ -1262,63 +1262,5 @@ async fn open_listener(b: &Binding, replacing: bool) -> Result<Listener, ListenE
             }
             other => return other,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::Ordering::SeqCst;
-
-    use super::*;
-    use crate::proxy::park_tests::LOSE_NEXT;
-
-    /// Polls `server` until its one binding listens with a binding other
-    /// than `not` (bounded); returns it and its port.
-    async fn listening(server: &Server, not: Option<&Arc<Binding>>) -> (Arc<Binding>, u16) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let st = server.status().await;
-            let live = server.bindings().await;
-            if let (Some(b), Some(local)) = (live.first(), &st.bindings[0].local) {
-                if not.is_none_or(|n| !Arc::ptr_eq(n, b)) {
-                    return (b.clone(), local.parse::<SocketAddr>().unwrap().port());
-                }
-            }
-            assert!(Instant::now() < deadline, "not listening again: {st:?}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    #[test]
-    fn a_lost_listener_is_opened_again() {
-        // Nothing listens on the discard port: a served connection counts
-        // as connect_failed, which shows that a live listener took it.
-        let cfg = crate::config::parse_toml(
-            "[[proxy]]\nname = \"l\"\nprotocol = \"tcp\"\nlisten = \"127.0.0.1:0\"\nnetns = [\"host\"]\nupstream = \"127.0.0.1:9\"\nupstream_netns = \"host\"\n",
-            "test",
-        )
-        .unwrap();
-        let rt = crate::runtime::build(1).unwrap();
-        rt.block_on(async {
-            let options = Options {
-                park_after: Duration::from_millis(50),
-                ..Options::default()
-            };
-            let server = Server::start(cfg, Switcher::spawn().unwrap(), options).await;
-            let (first, port) = listening(&server, None).await;
-            LOSE_NEXT.store(true, SeqCst);
-            // The client wakes the parked listener, whose serve task loses
-            // it; the server opens a new one (port 0: a new port).
-            let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-            let (_, second) = listening(&server, Some(&first)).await;
-            assert!(!LOSE_NEXT.load(SeqCst), "the wake-up happened");
-            let _client = std::net::TcpStream::connect(("127.0.0.1", second)).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while server.status().await.bindings[0].counters.connect_failed == 0 {
-                assert!(Instant::now() < deadline, "{:?}", server.status().await);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            server.shutdown().await;
-        });
     }
 }
