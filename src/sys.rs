@@ -2,6 +2,9 @@
 
 #![allow(unsafe_code)]
 
+pub(crate) mod epoll;
+pub(crate) mod splice;
+
 use std::io;
 
 /// Most open files nsproxy asks for: what systemd gives services as their

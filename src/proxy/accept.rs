@@ -8,14 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tokio::task::{JoinError, JoinSet};
+use tracing::{debug, error, info, warn};
 
-use super::{Binding, REPORT_INTERVAL, StopMode};
-
-/// Accept back-off after running out of fds or memory: first and longest pause.
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+use super::relay::{IdleCheck, LISTENER_BACKOFF, canonical, is_resource_exhaustion, pause};
+use super::report::{REPORT_INTERVAL, Rated, Window};
+use super::{Binding, StopMode, catch};
 
 /// A listening socket that yields connections (or associations).
 pub(crate) trait Accept: Send + Sync + 'static {
@@ -73,23 +71,22 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let mut conns = JoinSet::new();
-    let mut backoff = BACKOFF_MIN;
-    // Checked every `park_after`, rather than re-armed per connection.
-    let idle_check = tokio::time::sleep(park_after);
-    tokio::pin!(idle_check);
-    let mut accepted_since_check = false;
-    let mut at_cap = CapWarnings::default();
+    let mut backoff = LISTENER_BACKOFF;
+    let mut idle = IdleCheck::new(park_after);
+    let mut at_cap = Window::default();
     let report = tokio::time::sleep(REPORT_INTERVAL);
     tokio::pin!(report);
     let mut paused = false;
     // Out of fds or memory (accept(2), or an upstream socket): each logged
     // at most once per REPORT_INTERVAL, the rest counted into its next line.
     let (mut accept_exhausted, mut upstream_exhausted) = (Rated::default(), Rated::default());
-    let mut upstream_backoff = BACKOFF_MIN;
+    let mut upstream_backoff = LISTENER_BACKOFF;
     loop {
         // `len` counts finished tasks until they are reaped: reap them all,
         // so that the cap counts open connections only.
-        while conns.try_join_next().is_some() {}
+        while let Some(done) = conns.try_join_next() {
+            ended(done, noun);
+        }
         // Made before the stop flag and the cap are read: a stop or a
         // reload changing the cap after this wakes it.
         let woken = b.stop.woken();
@@ -102,17 +99,16 @@ where
             // would only take more fds and reset them; clients wait in the
             // backlog instead, as when accept(2) itself runs out.
             let e = io::Error::from_raw_os_error(errno);
+            let d = upstream_backoff.next();
             if let Some(more) = upstream_exhausted.ready() {
-                warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
-                    "cannot create upstream sockets: {e}{}; pausing accepts for {upstream_backoff:?} (clients wait in the listen backlog; counted in upstream_socket_exhausted){}",
-                    crate::sys::fd_exhaustion_hint(&e), more.since());
+                warn!(
+                    "cannot create upstream sockets: {e}{}; pausing accepts for {d:?} (clients wait in the listen backlog; counted in upstream_socket_exhausted){}",
+                    crate::sys::fd_exhaustion_hint(&e),
+                    more.since()
+                );
             }
-            accepted_since_check = true;
-            tokio::select! {
-                () = tokio::time::sleep(upstream_backoff) => {}
-                () = b.stop.requested() => {}
-            }
-            upstream_backoff = (upstream_backoff * 2).min(BACKOFF_MAX);
+            idle.busy();
+            pause(&b, d).await;
             continue;
         }
         let cap = b.max_connections().unwrap_or(usize::MAX);
@@ -122,9 +118,10 @@ where
             // lowering the cap brought it.
             b.stats.paused_at_cap.fetch_add(1, Relaxed);
             if at_cap.first() {
-                warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                warn!(
                     "{} {noun}(s) open, max_connections is {cap}: not accepting more until one closes (clients wait in the listen backlog); further pauses are counted (paused_at_cap) and reported every {REPORT_INTERVAL:?}",
-                    conns.len());
+                    conns.len()
+                );
                 report
                     .as_mut()
                     .reset(tokio::time::Instant::now() + REPORT_INTERVAL);
@@ -138,62 +135,82 @@ where
             biased;
             () = woken => {}
             // A connection ended: its fds are free again.
-            Some(_) = conns.join_next(), if !conns.is_empty() => upstream_backoff = BACKOFF_MIN,
-            () = &mut idle_check => {
-                if !accepted_since_check && conns.is_empty() {
-                    at_cap.flush(&b, noun);
+            Some(done) = conns.join_next(), if !conns.is_empty() => {
+                ended(done, noun);
+                upstream_backoff.reset();
+            }
+            () = idle.due() => {
+                if idle.idle(!conns.is_empty()) {
+                    flush_cap_warnings(&mut at_cap, noun);
                     return Some(listener);
                 }
-                accepted_since_check = false;
-                idle_check.as_mut().reset(tokio::time::Instant::now() + park_after);
             }
-            () = &mut report, if at_cap.open => {
-                if at_cap.flush(&b, noun) {
+            () = &mut report, if at_cap.is_open() => {
+                if flush_cap_warnings(&mut at_cap, noun) {
                     report.as_mut().reset(tokio::time::Instant::now() + REPORT_INTERVAL);
                 }
             }
             accepted = listener.accept_one(), if !full => match accepted {
                 Ok((conn, peer)) => {
-                    backoff = BACKOFF_MIN;
-                    accepted_since_check = true;
+                    backoff.reset();
+                    idle.busy();
                     b.stats.accepted.fetch_add(1, Relaxed);
                     conns.spawn(handle(b.clone(), conn, canonical(peer)));
                 }
                 Err(e) if is_resource_exhaustion(&e) => {
                     b.stats.accept_errors.fetch_add(1, Relaxed);
+                    let d = backoff.next();
                     if let Some(more) = accept_exhausted.ready() {
-                        warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
-                            "accept failed: {e}{}; pausing accepts for {backoff:?} (counted in accept_errors){}",
+                        warn!("accept failed: {e}{}; pausing accepts for {d:?} (counted in accept_errors){}",
                             crate::sys::fd_exhaustion_hint(&e), more.since());
                     }
-                    accepted_since_check = true;
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = b.stop.requested() => {}
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    idle.busy();
+                    pause(&b, d).await;
                 }
                 Err(e) => {
                     // The pending connection died before we took it
                     // (ECONNABORTED, EPROTO, ...): nothing to back off from.
                     b.stats.accept_errors.fetch_add(1, Relaxed);
-                    debug!(rule = %b.rule.name, netns = %b.netns, "accept failed: {e}");
+                    debug!("accept failed: {e}");
                 }
             },
         }
     }
     take_backlog(&b, &listener, &mut conns, &handle, noun);
     drop(listener);
-    at_cap.flush(&b, noun);
+    flush_cap_warnings(&mut at_cap, noun);
     if !conns.is_empty() {
         if b.stop.mode() == Some(StopMode::Close) {
-            info!(rule = %b.rule.name, netns = %b.netns, "listener closed; closing {} {noun}(s)", conns.len());
+            info!("listener closed; closing {} {noun}(s)", conns.len());
         } else {
             // The timeout of when the stop came: a reload may have changed it.
-            drain_all(&b, conns, b.stop.drain().unwrap_or(drain), noun).await;
+            drain_all(conns, b.stop.drain().unwrap_or(drain), noun).await;
         }
     }
     None
+}
+
+/// Looks at how a connection's task ended: a panic is a bug in that
+/// connection's handling, logged, and the listener goes on.
+fn ended(done: Result<(), JoinError>, noun: &str) {
+    if let Err(e) = done {
+        if let Some(msg) = catch::panicked(e) {
+            error!("a {noun}'s task panicked: {msg}; the {noun} was dropped, the listener goes on");
+        }
+    }
+}
+
+/// Logs the times the cap was reached since the last line; returns whether
+/// there were any (the interval goes on), else closes it.
+fn flush_cap_warnings(at_cap: &mut Window, noun: &str) -> bool {
+    let Some(n) = at_cap.take() else {
+        return false;
+    };
+    warn!(
+        count = n,
+        "max_connections reached {n} more time(s) since the last report (each time, accepting paused until a {noun} closed)"
+    );
+    true
 }
 
 /// Takes the clients waiting in the listen backlog (their handshake done,
@@ -237,21 +254,21 @@ fn take_backlog<L, H, F>(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if is_resource_exhaustion(&e) => {
                 b.stats.accept_errors.fetch_add(1, Relaxed);
-                warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                warn!(
                     "accept failed while closing the listener: {e}{}; {noun}(s) still in its backlog are reset",
-                    crate::sys::fd_exhaustion_hint(&e));
+                    crate::sys::fd_exhaustion_hint(&e)
+                );
                 break;
             }
             Err(e) => {
                 // One that died in the backlog: skip it, as the loop does.
                 b.stats.accept_errors.fetch_add(1, Relaxed);
-                debug!(rule = %b.rule.name, netns = %b.netns, "accept failed: {e}");
+                debug!("accept failed: {e}");
             }
         }
     }
     if taken > 0 {
-        info!(rule = %b.rule.name, netns = %b.netns,
-            "took {taken} {noun}(s) waiting in the listen backlog before closing the listener");
+        info!("took {taken} {noun}(s) waiting in the listen backlog before closing the listener");
     }
     if reset > 0 {
         let why = if b.stop.mode() == Some(StopMode::Close) {
@@ -259,110 +276,30 @@ fn take_backlog<L, H, F>(
         } else {
             "max_connections are open"
         };
-        warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen, count = reset,
-            "reset {reset} {noun}(s) waiting in the listen backlog as the listener closed: {why} (see backlog_reset)");
-    }
-}
-
-/// Rate limits the warning that a listener reached `max_connections`: the
-/// first time is logged at once; later ones within [`REPORT_INTERVAL`] are
-/// counted and logged as one line when it ends (or when the loop ends, so
-/// that no count is lost with it).
-#[derive(Default)]
-struct CapWarnings {
-    /// A warning was logged and its interval has not ended.
-    open: bool,
-    /// Times the cap was reached since, not yet logged.
-    suppressed: u64,
-}
-
-impl CapWarnings {
-    /// Whether this time is to be logged now (else it is counted).
-    fn first(&mut self) -> bool {
-        if self.open {
-            self.suppressed += 1;
-            return false;
-        }
-        self.open = true;
-        true
-    }
-
-    /// Logs the times counted since the last line; returns whether there
-    /// were any (the interval goes on), else closes it.
-    fn flush(&mut self, b: &Binding, noun: &str) -> bool {
-        let n = std::mem::take(&mut self.suppressed);
-        if n == 0 {
-            self.open = false;
-            return false;
-        }
-        warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen, count = n,
-            "max_connections reached {n} more time(s) since the last report (each time, accepting paused until a {noun} closed)");
-        true
-    }
-}
-
-/// A warning logged at most once per [`REPORT_INTERVAL`]; the times in
-/// between are counted and told with the next line.
-#[derive(Default)]
-struct Rated {
-    last: Option<tokio::time::Instant>,
-    suppressed: u64,
-}
-
-/// How many times a rated warning was not logged since its last line.
-struct Suppressed(u64);
-
-impl Suppressed {
-    fn since(&self) -> String {
-        match self.0 {
-            0 => String::new(),
-            n => format!("; {n} more time(s) since the last such line ({REPORT_INTERVAL:?} apart)"),
-        }
-    }
-}
-
-impl Rated {
-    /// Whether to log now: `Some` with the times suppressed since the last
-    /// line, or `None` (counted).
-    fn ready(&mut self) -> Option<Suppressed> {
-        let now = tokio::time::Instant::now();
-        match self.last {
-            Some(t) if now < t + REPORT_INTERVAL => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(Suppressed(std::mem::take(&mut self.suppressed)))
-            }
-        }
+        warn!(
+            count = reset,
+            "reset {reset} {noun}(s) waiting in the listen backlog as the listener closed: {why} (see backlog_reset)"
+        );
     }
 }
 
 /// Gives open connections up to `drain` to finish, then closes the rest.
-async fn drain_all(b: &Binding, mut conns: JoinSet<()>, drain: Duration, noun: &str) {
+async fn drain_all(mut conns: JoinSet<()>, drain: Duration, noun: &str) {
     let open = conns.len();
-    info!(rule = %b.rule.name, netns = %b.netns, "listener closed; draining {open} {noun}(s) for up to {drain:?}");
-    let drained =
-        tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
+    info!("listener closed; draining {open} {noun}(s) for up to {drain:?}");
+    let drained = tokio::time::timeout(drain, async {
+        while let Some(done) = conns.join_next().await {
+            ended(done, noun);
+        }
+    })
+    .await;
     if drained.is_err() {
-        warn!(rule = %b.rule.name, netns = %b.netns, "closing {} {noun}(s) still open after {drain:?}", conns.len());
+        warn!(
+            "closing {} {noun}(s) still open after {drain:?}",
+            conns.len()
+        );
         conns.shutdown().await;
     }
-}
-
-/// Whether an error means the process or the kernel is short of fds or
-/// memory: a condition that passes, worth waiting out.
-pub(crate) fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-}
-
-/// Shows IPv4 clients of a dual-stack listener as 1.2.3.4, not ::ffff:1.2.3.4.
-pub(crate) fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 #[cfg(test)]
@@ -389,7 +326,7 @@ mod tests {
                 let mut clients: Vec<std::net::TcpStream> = (0..3)
                     .map(|_| std::net::TcpStream::connect(addr).unwrap())
                     .collect();
-                crate::proxy::park_tests::until_queued(&listener, 3).await;
+                crate::proxy::until_queued(&listener, 3).await;
                 b.stop.request(mode);
                 let served = Arc::new(AtomicUsize::new(0));
                 let counted = served.clone();

@@ -8,8 +8,11 @@
 //! [`Switcher`]; nothing here switches namespaces.
 
 mod accept;
+mod catch;
 mod park;
 mod proxy_header;
+mod relay;
+mod report;
 pub mod sctp;
 mod splice;
 pub mod tcp;
@@ -25,18 +28,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use crate::config::{Keepalive, Protocol, ProxyProtocol, Rule};
 #[cfg(any(test, doc))]
 use crate::netns::Switcher;
 use crate::netns::{Lease, NsError, NsId, NsRef, SocketFactory};
 
-#[cfg(test)]
-pub(crate) use park::tests as park_tests;
+// `Loss` is for the lifecycle, which tells a panicked binding (failed) from
+// a lost listener (opened again).
 pub(crate) use park::{Loss, Lost, Parking};
-
-/// After the first warning of a kind (on one binding), further ones in this
-/// interval are counted and logged together at its end.
-const REPORT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One rule in one namespace: the unit that listens, counts and is reported.
 #[derive(Debug)]
@@ -285,6 +286,22 @@ pub(crate) async fn test_binding(extra: &str) -> Arc<Binding> {
     ))
 }
 
+/// Waits (bounded) until `n` connections are in TCP listener `l`'s accept
+/// queue: a client's connect() may return before the listener has queued it.
+#[cfg(test)]
+pub(crate) async fn until_queued(l: &impl AsFd, n: u32) {
+    let queued = || crate::sys::epoll::accept_queue_len(l.as_fd()).expect("TCP_INFO");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while queued() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} connections queued",
+            queued()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// How a binding's listener stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StopMode {
@@ -482,14 +499,17 @@ impl AsFd for Listener {
 impl Listener {
     /// Creates, binds and (TCP) listens on the socket for `b` in its namespace.
     pub(crate) async fn open(b: &Binding) -> Result<Listener, ListenError> {
-        match b.rule.protocol {
-            Protocol::Tcp => tcp::listen(b).await.map(Listener::Tcp),
-            Protocol::Udp => udp::listen(b).await.map(|socket| Listener::Udp {
-                socket,
-                kernel_drops: 0,
-            }),
-            Protocol::Sctp => sctp::listen(b).await.map(Listener::Sctp),
-        }
+        let opened = async {
+            match b.rule.protocol {
+                Protocol::Tcp => tcp::listen(b).await.map(Listener::Tcp),
+                Protocol::Udp => udp::listen(b).await.map(|socket| Listener::Udp {
+                    socket,
+                    kernel_drops: 0,
+                }),
+                Protocol::Sctp => sctp::listen(b).await.map(Listener::Sctp),
+            }
+        };
+        opened.instrument(b.span()).await
     }
 
     /// The address actually bound (the real port when the rule said 0).

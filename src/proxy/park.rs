@@ -13,11 +13,9 @@
 //! Stopping a binding ([`Parking::stop`]) closes a parked socket at once, so
 //! its port is free for a replacement; a running serve task sees the stop
 //! itself. A listener lost between the reactor and the set (the kernel
-//! refusing an epoll change) is reported as a [`Lost`], for the server to
-//! open it again. Should the hub itself fail, every listener gets a task of
-//! its own, as if parking did not exist.
-
-#![allow(unsafe_code)]
+//! refusing an epoll change), or whose serve task panicked, is reported as a
+//! [`Lost`], for the server to deal with. Should the hub itself fail, every
+//! listener gets a task of its own, as if parking did not exist.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -30,9 +28,11 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc};
-use tracing::{debug, error};
+use tracing::{Instrument, debug, error};
 
+use super::catch::caught;
 use super::{Binding, Listener, Served, StopMode};
+use crate::sys::epoll;
 
 /// Readiness reports taken from the epoll set per call.
 const EVENTS: usize = 256;
@@ -78,25 +78,32 @@ impl std::fmt::Debug for Parking {
     }
 }
 
-/// A binding whose listening socket was closed because it could not be moved
-/// between the reactor and the parking set; the binding needs a new one.
+/// A binding whose listening socket was closed by its serve task; the
+/// binding needs a new one, or is failed ([`Loss`]).
 #[derive(Debug)]
 pub(crate) struct Lost {
     pub(crate) binding: Arc<Binding>,
     pub(crate) cause: Loss,
 }
 
-/// Why a listener was lost.
-#[derive(Debug)]
+/// Why a serve task closed its binding's listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Loss {
-    /// Its socket could not be kept (the reason); a new one is opened.
+    /// The socket could not be moved between the reactor and the parking
+    /// set (the kernel refused an epoll change): open it again.
     Listener(String),
-    /// Its task panicked (the message); it stays failed until a reload.
-    #[allow(
-        dead_code,
-        reason = "made by the serve task once it catches panics (the relay change)"
-    )]
+    /// The serve task panicked, with this message: a bug, so opening the
+    /// listener again would likely panic again; the binding is failed.
     Panicked(String),
+}
+
+impl std::fmt::Display for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Loss::Listener(why) => f.write_str(why),
+            Loss::Panicked(msg) => write!(f, "its serve task panicked: {msg}"),
+        }
+    }
 }
 
 /// The task that watches the parked sockets; see [`Hub::run`].
@@ -147,13 +154,7 @@ impl Parking {
     ) -> (Arc<Parking>, Option<Hub>, mpsc::UnboundedReceiver<Lost>) {
         let made = mio::Poll::new().and_then(|poll| {
             let registry = poll.registry().try_clone()?;
-            // SAFETY: the Poll owns its epoll fd, which stays open and is
-            // what `as_raw_fd` returns until the Poll is dropped; only the
-            // AsyncFd drops it (or hands it back), after deregistering it.
-            let poll =
-                unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) }
-                    .map_err(|e| e.into_parts().1)?;
-            Ok((registry, poll))
+            Ok((registry, epoll::register_poll(poll)?))
         });
         let (registry, poll) = match made {
             Ok((r, p)) => (Some(r), Some(p)),
@@ -240,7 +241,8 @@ impl Parking {
                 // task of its own instead, which tries again when idle.
                 slots.free.push(slot);
                 drop(slots);
-                debug!(rule = %b.rule.name, netns = %b.netns, "cannot park an idle listener: {e}; it keeps a task");
+                b.span()
+                    .in_scope(|| debug!("cannot park an idle listener: {e}; it keeps a task"));
                 self.serve(b, listener);
             }
         }
@@ -324,30 +326,29 @@ impl Parking {
         // Made outside the task, so that a task dropped unpolled (the
         // runtime shutting down) still counts itself out.
         let running = Running(self.clone());
-        tokio::spawn(async move {
-            let parking = &running.0;
-            #[cfg(test)]
-            if tests::LOSE_NEXT.swap(false, SeqCst) {
-                drop(listener);
-                let reason = "lost on purpose (test)".to_owned();
-                let cause = Loss::Listener(reason);
+        let span = b.span();
+        tokio::spawn(
+            async move {
+                let parking = &running.0;
+                let served = listener.serve(b.clone(), parking.drain(), parking.park_after);
+                let cause = match caught(served).await {
+                    Ok(Served::Idle(idle)) => return parking.park(b, idle),
+                    Ok(Served::Stopped) => return,
+                    Ok(Served::Lost(reason)) => {
+                        error!("listener closed: {reason}; opening it again");
+                        Loss::Listener(reason)
+                    }
+                    // Its connections went with it; the other bindings'
+                    // tasks are untouched.
+                    Err(msg) => {
+                        error!("listener closed: its serve task panicked: {msg}");
+                        Loss::Panicked(msg)
+                    }
+                };
                 let _ = parking.lost.send(Lost { binding: b, cause });
-                return;
             }
-            match listener
-                .serve(b.clone(), parking.drain(), parking.park_after)
-                .await
-            {
-                Served::Idle(idle) => parking.park(b, idle),
-                Served::Stopped => {}
-                Served::Lost(reason) => {
-                    error!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
-                        "listener closed: {reason}; opening it again");
-                    let cause = Loss::Listener(reason);
-                    let _ = parking.lost.send(Lost { binding: b, cause });
-                }
-            }
-        });
+            .instrument(span),
+        );
     }
 
     /// Completes when no serve task is left; call after stopping every
@@ -365,18 +366,7 @@ impl Parking {
 
 /// Whether connections (associations) wait in `listener`'s backlog.
 fn has_queued_clients(listener: &Listener) -> bool {
-    if matches!(listener, Listener::Udp { .. }) {
-        return false;
-    }
-    let mut pfd = libc::pollfd {
-        fd: listener.as_fd().as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is one valid pollfd for the call, whose fd `listener`
-    // keeps open; a zero timeout makes it a query, never a wait.
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n == 1 && pfd.revents & libc::POLLIN != 0
+    !matches!(listener, Listener::Udp { .. }) && epoll::readable_now(listener.as_fd())
 }
 
 /// Counts a serve task as running until it ends, however it ends.
@@ -463,48 +453,8 @@ impl Hub {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use std::sync::atomic::AtomicBool;
-
-    /// Makes the next serve task lose its listener, as if the kernel had
-    /// refused to register it, so that the server's recovery can be tested.
-    pub(crate) static LOSE_NEXT: AtomicBool = AtomicBool::new(false);
-
-    /// Connections waiting in TCP listener `l`'s accept queue (what
-    /// `TCP_INFO` reports for a listener as `tcpi_unacked`).
-    fn accept_queue_len(l: &impl std::os::fd::AsFd) -> u32 {
-        use std::os::fd::AsRawFd;
-        // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
-        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        // SAFETY: `info` and `len` are valid for writes of the sizes given,
-        // and `l` keeps the fd open for the call.
-        let r = unsafe {
-            libc::getsockopt(
-                l.as_fd().as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_INFO,
-                (&raw mut info).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-        info.tcpi_unacked
-    }
-
-    /// Waits (bounded) until `n` connections are in `l`'s accept queue: a
-    /// client's connect() may return before the listener has queued it.
-    pub(crate) async fn until_queued(l: &impl std::os::fd::AsFd, n: u32) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while accept_queue_len(l) < n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} of {n} connections queued",
-                accept_queue_len(l)
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-    }
+mod tests {
+    use crate::proxy::until_queued;
 
     /// Clients that completed their handshake while the listener was
     /// parked are taken when it stops: served within `max_connections`,

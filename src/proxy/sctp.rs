@@ -30,18 +30,27 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::{SockAddr, Socket};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, warn};
 
-use super::timeout::{self, Activity, Expired, Verdict};
+use super::relay::{
+    self, Abort, Active, ConnectError, Cut, Dir, End, Gauge, Tally, Words, conn_span,
+};
+use super::timeout::Activity;
 use super::{Binding, ListenError, Served, accept};
-use crate::config::Rule;
+use crate::config::{Protocol, Rule};
 use crate::netns::{NsError, SocketSpec};
 use crate::sctp::{self, AssocState, Events, Notification, Reassembler, Received, SndInfo};
+
+/// How SCTP's close lines word the end of a relay.
+const WORDS: Words = Words {
+    closed: "both sides shut down",
+    cut: "aborted",
+};
 
 /// Each direction's buffer at rest; it grows for larger messages.
 const BUF_INITIAL: usize = 64 * 1024;
@@ -165,13 +174,7 @@ pub(crate) async fn serve(
         park_after,
         "association",
         |b, client, peer| {
-            let span = info_span!(
-                "assoc",
-                rule = %b.rule.name,
-                netns = %b.netns,
-                peer = %peer,
-                upstream = %b.rule.upstream,
-            );
+            let span = conn_span!("assoc", b, peer);
             handle(b, client).instrument(span)
         },
     )
@@ -216,22 +219,16 @@ fn abort(s: &AsyncFd<Socket>) {
 }
 
 async fn handle(b: Arc<Binding>, client: AsyncFd<Socket>) {
-    // Declared first, dropped last: after the relay freed its buffers.
-    let _open = super::trim::Open::new();
-    b.stats.active.fetch_add(1, Relaxed);
-    let _active = Active(&b);
+    let _active = Active::new(b.clone(), Gauge::Connections);
     let flows = Flows::default();
     let upstream = {
         // Should the association be cut meanwhile, the client is aborted.
         let cut = Cut::new(&b, &client, None, &flows);
-        let r = tokio::select! {
-            r = connect(&b) => r,
-            e = aborted(&client) => Err(ConnectError::ClientGone(e)),
-        };
+        let r = relay::connect_within(b.rule.connect_timeout, connect(&b), aborted(&client)).await;
         cut.disarm();
         match r {
             Ok(s) => s,
-            Err(ConnectError::ClientGone(e)) => {
+            Err(ConnectError::ClientGone(e, _)) => {
                 b.stats.client_gone_connecting.fetch_add(1, Relaxed);
                 flows.log(
                     &b,
@@ -256,7 +253,7 @@ async fn handle(b: Arc<Binding>, client: AsyncFd<Socket>) {
     cut.disarm();
     match &end {
         End::Closed => {}
-        End::Aborted(..) => {
+        End::Failed(..) => {
             abort(&client);
             abort(&upstream);
         }
@@ -266,7 +263,7 @@ async fn handle(b: Arc<Binding>, client: AsyncFd<Socket>) {
             b.stats.idle_timeouts.fetch_add(1, Relaxed);
         }
     }
-    flows.log(&b, &format!("association closed: {end}"));
+    flows.log(&b, &format!("association closed: {}", end.describe(&WORDS)));
 }
 
 /// What both directions of an association moved, and when last.
@@ -311,78 +308,19 @@ impl Flows {
     }
 }
 
-/// Aborts the legs of an association whose task is dropped before it ends
-/// on its own (a drain timeout ran out, the listener closed at once), so
-/// that neither peer takes the cut for a graceful end; counts and logs it.
-struct Cut<'a> {
-    b: &'a Binding,
-    client: &'a AsyncFd<Socket>,
-    upstream: Option<&'a AsyncFd<Socket>>,
-    flows: &'a Flows,
-    armed: bool,
-}
-
-impl<'a> Cut<'a> {
-    fn new(
-        b: &'a Binding,
-        client: &'a AsyncFd<Socket>,
-        upstream: Option<&'a AsyncFd<Socket>>,
-        flows: &'a Flows,
-    ) -> Cut<'a> {
-        Cut {
+impl Tally for Flows {
+    fn cut(&self, b: &Binding, why: &str, _connecting: bool) {
+        self.log(
             b,
-            client,
-            upstream,
-            flows,
-            armed: true,
-        }
-    }
-
-    /// The association ends on its own terms.
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Cut<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        abort(self.client);
-        if let Some(u) = self.upstream {
-            abort(u);
-        }
-        let why = super::cut_reason(self.b);
-        self.flows.log(
-            self.b,
             &format!("association cut: {why}; both sides were aborted"),
         );
     }
 }
 
-/// Decrements the active count however `handle` ends (including abort).
-struct Active<'a>(&'a Binding);
-impl Drop for Active<'_> {
-    fn drop(&mut self) {
-        self.0.stats.active.fetch_sub(1, Relaxed);
+impl Abort for AsyncFd<Socket> {
+    fn abort(&self) {
+        abort(self);
     }
-}
-
-/// Why an upstream association could not be set up.
-#[derive(Debug, thiserror::Error)]
-enum ConnectError {
-    #[error("{0}")]
-    Socket(#[from] NsError),
-    #[error("cannot set up the upstream socket: {0}")]
-    Setup(io::Error),
-    #[error("{} after {:?}", describe(.0), .1)]
-    Connect(io::Error, Duration),
-    #[error("no answer within {0:?} (connect_timeout)")]
-    Timeout(Duration),
-    /// Not a failure of the upstream: the client aborted meanwhile.
-    #[error("the client aborted ({0})")]
-    ClientGone(io::Error),
 }
 
 /// Completes when the client's association fails (an ABORT sets the
@@ -398,14 +336,6 @@ async fn aborted(client: &AsyncFd<Socket>) -> io::Error {
             Err(e) => return e,
             Ok(None) => ready.clear_ready(),
         }
-    }
-}
-
-fn describe(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::ECONNREFUSED) => "association refused (nothing listens there)".into(),
-        Some(libc::ENETUNREACH) => "network unreachable from the upstream namespace".into(),
-        _ => super::tcp::describe(e),
     }
 }
 
@@ -434,28 +364,9 @@ async fn connect(b: &Binding) -> Result<AsyncFd<Socket>, ConnectError> {
     } else {
         SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0)
     };
-    let mut backoff = Duration::from_millis(10);
-    let waited = Instant::now();
-    let socket = loop {
-        match b
-            .sockets
-            .pooled_socket(b.upstream_ns, SocketSpec::sctp(&family))
-            .await
-        {
-            Ok(s) => break s,
-            // Out of fds or memory: wait (within connect_timeout) while the
-            // accept loop pauses, rather than abort the client at once.
-            Err(NsError::Socket { source, .. })
-                if accept::is_resource_exhaustion(&source)
-                    && waited.elapsed() < rule.connect_timeout =>
-            {
-                super::exhausted(b, &source);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
+    // Out of fds or memory: waits (within connect_timeout) while the
+    // accept loop pauses, rather than abort the client at once.
+    let socket = relay::upstream_socket(b, SocketSpec::sctp(&family), None).await?;
     configure(&socket, rule).map_err(ConnectError::Setup)?;
     if let Some((first, rest)) = rule.sctp_source_addrs.split_first() {
         let first = in_family(SocketAddr::new(*first, 0), v6);
@@ -464,7 +375,7 @@ async fn connect(b: &Binding) -> Result<AsyncFd<Socket>, ConnectError> {
         sctp::bindx(&socket, &rest).map_err(ConnectError::Setup)?;
     }
     let fd = sctp::register(socket).map_err(ConnectError::Setup)?;
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let initiated = if peers.len() == 1 {
         fd.get_ref().connect(&in_family(peers[0], v6).into())
     } else {
@@ -473,13 +384,12 @@ async fn connect(b: &Binding) -> Result<AsyncFd<Socket>, ConnectError> {
     match initiated {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(ConnectError::Connect(e, started.elapsed())),
+        Err(e) => return Err(ConnectError::Connect(Protocol::Sctp, e, started.elapsed())),
     }
-    match tokio::time::timeout(rule.connect_timeout, connected(&fd)).await {
-        Ok(Ok(())) => Ok(fd),
-        Ok(Err(e)) => Err(ConnectError::Connect(e, started.elapsed())),
-        Err(_) => Err(ConnectError::Timeout(rule.connect_timeout)),
-    }
+    connected(&fd)
+        .await
+        .map(|()| fd)
+        .map_err(|e| ConnectError::Connect(Protocol::Sctp, e, started.elapsed()))
 }
 
 /// Waits until a non-blocking connect has finished: the association is up
@@ -531,27 +441,6 @@ impl Flow {
     }
 }
 
-/// How a relay ended.
-#[derive(Debug)]
-enum End {
-    /// Both sides shut down gracefully.
-    Closed,
-    /// One side aborted or failed; the other side was aborted.
-    Aborted(&'static str, io::Error),
-    /// `idle_timeout` ran out; both sides were aborted.
-    Expired(Expired),
-}
-
-impl std::fmt::Display for End {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            End::Closed => f.write_str("both sides shut down"),
-            End::Aborted(what, e) => write!(f, "{what}: {e}; the other side was aborted"),
-            End::Expired(why) => write!(f, "{why}; both sides were aborted"),
-        }
-    }
-}
-
 /// How one direction stopped.
 enum PumpEnd {
     /// The sending side shut down gracefully.
@@ -600,54 +489,30 @@ async fn relay(
         );
     }
     let activity = &flows.activity;
-    let mut to_upstream = std::pin::pin!(pump(b, &c, &u, &flows.up, activity));
-    let mut to_client = std::pin::pin!(pump(b, &u, &c, &flows.down, activity));
-    let (mut up_done, mut down_done) = (false, false);
-    let timer = tokio::time::sleep_until(activity.start());
-    tokio::pin!(timer);
-    loop {
-        // Made before the limits are read, so that a reload changing them
-        // in between still wakes this (a `Notified` hears `notify_waiters`
-        // from the moment it exists).
-        let woken = b.stop.woken();
-        // After every event, not per message. SCTP has no half-close:
-        // only the idle limit applies.
-        let now = tokio::time::Instant::now();
-        let limits = timeout::Limits {
-            half_close: None,
-            ..b.timeouts()
-        };
-        match timeout::check(now, activity.last(), false, limits) {
-            Verdict::Expired(why) => return End::Expired(why),
-            Verdict::WakeAt(t) => timer.as_mut().reset(t),
-            Verdict::Never => timer.as_mut().reset(timeout::far_future(now)),
+    let to_upstream = async {
+        match pump(b, &c, &u, &flows.up, activity).await {
+            PumpEnd::Shutdown => {
+                // SCTP has no half-close: a SHUTDOWN ends both directions
+                // once in-flight messages are delivered.
+                let _ = upstream.get_ref().shutdown(std::net::Shutdown::Write);
+                Dir::Done
+            }
+            PumpEnd::Read(e) => Dir::Failed("client aborted or failed", e),
+            PumpEnd::Write(e) => Dir::Failed("upstream send failed", e),
         }
-        tokio::select! {
-            r = &mut to_upstream, if !up_done => match r {
-                PumpEnd::Shutdown => {
-                    up_done = true;
-                    // SCTP has no half-close: a SHUTDOWN ends both
-                    // directions once in-flight messages are delivered.
-                    let _ = upstream.get_ref().shutdown(std::net::Shutdown::Write);
-                }
-                PumpEnd::Read(e) => return End::Aborted("client aborted or failed", e),
-                PumpEnd::Write(e) => return End::Aborted("upstream send failed", e),
-            },
-            r = &mut to_client, if !down_done => match r {
-                PumpEnd::Shutdown => {
-                    down_done = true;
-                    let _ = client.get_ref().shutdown(std::net::Shutdown::Write);
-                }
-                PumpEnd::Read(e) => return End::Aborted("upstream aborted or failed", e),
-                PumpEnd::Write(e) => return End::Aborted("client send failed", e),
-            },
-            () = &mut timer => {}
-            () = woken => {}
+    };
+    let to_client = async {
+        match pump(b, &u, &c, &flows.down, activity).await {
+            PumpEnd::Shutdown => {
+                let _ = client.get_ref().shutdown(std::net::Shutdown::Write);
+                Dir::Done
+            }
+            PumpEnd::Read(e) => Dir::Failed("upstream aborted or failed", e),
+            PumpEnd::Write(e) => Dir::Failed("client send failed", e),
         }
-        if up_done && down_done {
-            return End::Closed;
-        }
-    }
+    };
+    // No half-close: only the idle limit applies.
+    relay::both_ways(b, activity, false, to_upstream, to_client).await
 }
 
 /// True for send errors that mean the receiving association is shutting

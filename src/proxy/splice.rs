@@ -10,12 +10,12 @@
 //! pipe2(2), and after a burst the pool shrinks back to the floor (16 fds)
 //! as the last pipes come back.
 
-#![allow(unsafe_code)]
-
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use crate::sys::splice::{PipeFds as Fds, pipe, splice};
 
 /// Pipe capacity asked for (F_SETPIPE_SZ). The default 64 KiB pipe means a
 /// syscall pair per 64 KiB; 256 KiB moves bulk data in fewer, and pages are
@@ -25,15 +25,6 @@ const PIPE_SIZE: usize = 256 * 1024;
 pub(crate) const IDLE_FLOOR: usize = 8;
 /// Most idle pipes kept, however many are borrowed.
 const POOL_MAX: usize = 128;
-
-/// The two ends of a non-blocking pipe.
-#[derive(Debug)]
-struct Fds {
-    read: OwnedFd,
-    write: OwnedFd,
-    /// What the kernel granted.
-    size: usize,
-}
 
 /// A pipe borrowed from the pool; it goes back when dropped, if
 /// [`Pipe::give_back`] said it is empty, and is closed otherwise.
@@ -54,49 +45,23 @@ fn idle_limit(borrowed: usize) -> usize {
     borrowed.clamp(IDLE_FLOOR, POOL_MAX)
 }
 
-impl Fds {
-    fn new() -> io::Result<Fds> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: `fds` has room for the two fds pipe2 writes.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded: both fds are open and now owned here only.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: fcntl on an fd we own; a failure leaves the default size.
-        let granted = unsafe {
-            libc::fcntl(
-                write.as_raw_fd(),
-                libc::F_SETPIPE_SZ,
-                PIPE_SIZE as libc::c_int,
-            )
-        };
-        let size = if granted > 0 {
-            granted as usize
-        } else {
-            64 * 1024
-        };
-        Ok(Fds { read, write, size })
-    }
-
-    fn pipe(self) -> Pipe {
-        BORROWED.fetch_add(1, Relaxed);
-        Pipe {
-            size: self.size,
-            fds: Some(self),
-            empty: false,
-        }
-    }
-}
-
 impl Pipe {
     /// A pipe from the pool, or a new one.
     pub(crate) fn take() -> io::Result<Pipe> {
         let pooled = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        Ok(match pooled {
-            Some(fds) => fds.pipe(),
-            None => Fds::new()?.pipe(),
-        })
+        Ok(Pipe::lend(match pooled {
+            Some(fds) => fds,
+            None => pipe(PIPE_SIZE)?,
+        }))
+    }
+
+    fn lend(fds: Fds) -> Pipe {
+        BORROWED.fetch_add(1, Relaxed);
+        Pipe {
+            size: fds.size,
+            fds: Some(fds),
+            empty: false,
+        }
     }
 
     /// Returns the pipe: to the pool when `empty`, else closed (its bytes
@@ -112,13 +77,13 @@ impl Pipe {
     }
 
     /// Moves up to `len` bytes from socket `from` into the pipe.
-    pub(crate) fn fill(&self, from: RawFd, len: usize) -> io::Result<usize> {
-        splice(from, self.fds().write.as_raw_fd(), len)
+    pub(crate) fn fill(&self, from: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        splice(from, self.fds().write.as_fd(), len)
     }
 
     /// Moves up to `len` bytes from the pipe to socket `to`.
-    pub(crate) fn drain(&self, to: RawFd, len: usize) -> io::Result<usize> {
-        splice(self.fds().read.as_raw_fd(), to, len)
+    pub(crate) fn drain(&self, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        splice(self.fds().read.as_fd(), to, len)
     }
 }
 
@@ -145,27 +110,6 @@ fn idle() -> usize {
     POOL.lock().unwrap().len()
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: both fds are open for the duration of the call (borrowed from
-    // live sockets and pipes); null offsets mean "current position", which
-    // is what sockets and pipes require.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,7 +128,7 @@ mod tests {
         assert!(p.size >= 64 * 1024);
         let mut n = 0;
         for _ in 0..1000 {
-            match p.fill(b.as_raw_fd(), p.size) {
+            match p.fill(b.as_fd(), p.size) {
                 Ok(k) => {
                     n = k;
                     break;
@@ -194,7 +138,7 @@ mod tests {
             }
         }
         assert_eq!(n, 7);
-        assert_eq!(p.drain(c.as_raw_fd(), n).unwrap(), 7);
+        assert_eq!(p.drain(c.as_fd(), n).unwrap(), 7);
         let mut buf = [0u8; 7];
         d.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"spliced");

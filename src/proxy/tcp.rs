@@ -7,25 +7,32 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::SockRef;
-use std::os::fd::AsRawFd;
-use std::sync::atomic::AtomicU64;
-use std::task::{Context, Poll, Waker};
-use std::{future::Future, pin::Pin};
-
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, warn};
 
+use super::relay::{
+    self, Abort, Active, ConnectError, Cut, Dir, Early, End, Gauge, Tally, Words, conn_span,
+    is_resource_exhaustion,
+};
 use super::splice::Pipe;
-use super::timeout::{self, Activity, Expired, Verdict};
+use super::timeout::{Activity, Expired};
 use super::{Binding, ListenError, Served, accept, proxy_header};
-use crate::config::ProxyProtocol;
-use crate::netns::{NsError, SocketSpec};
+use crate::config::{Protocol, ProxyProtocol};
+use crate::netns::SocketSpec;
+
+/// How TCP's close lines word the end of a relay.
+const WORDS: Words = Words {
+    closed: "both sides closed",
+    cut: "reset",
+};
 
 /// Size of each direction's relay buffer.
 const BUF_SIZE: usize = 32 * 1024;
@@ -70,21 +77,11 @@ pub(crate) async fn serve(
         park_after,
         "connection",
         |b, client, peer| {
-            let span = info_span!(
-                "conn",
-                rule = %b.rule.name,
-                netns = %b.netns,
-                peer = %peer,
-                upstream = %b.rule.upstream,
-            );
+            let span = conn_span!("conn", b, peer);
             // Asked for now, before the accept loop takes another client:
             // out of fds, it pauses at once and the clients after this one
-            // wait in the backlog (see `early`).
-            let first = early(
-                &b,
-                b.sockets
-                    .pooled_socket(b.upstream_ns, SocketSpec::tcp(&b.rule.upstream)),
-            );
+            // wait in the backlog (see `Early::ask`).
+            let first = Early::ask(&b, SocketSpec::tcp(&b.rule.upstream));
             handle(b, client, peer, first).instrument(span)
         },
     )
@@ -96,46 +93,8 @@ pub(crate) async fn serve(
     }
 }
 
-/// An upstream socket on its way (a pool or the namespace thread) or made;
-/// `counted`: it failed for lack of fds and that was already reported.
-struct SocketFuture {
-    f: Pin<Box<dyn Future<Output = Result<socket2::Socket, NsError>> + Send>>,
-    counted: bool,
-}
-
-/// Polls `f` once, now: a socket of nsproxy's own namespace is made on the
-/// spot, and if that failed for lack of fds the accept loop is told before
-/// it accepts again. (Otherwise a burst of clients is accepted first, each
-/// holding an fd while it waits for one more, and none gets it.)
-fn early(
-    b: &Binding,
-    f: impl Future<Output = Result<socket2::Socket, NsError>> + Send + 'static,
-) -> SocketFuture {
-    let mut f: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(f);
-    let mut cx = Context::from_waker(Waker::noop());
-    match f.as_mut().poll(&mut cx) {
-        Poll::Pending => SocketFuture { f, counted: false },
-        Poll::Ready(r) => {
-            let mut counted = false;
-            if let Err(NsError::Socket { source, .. }) = &r {
-                if accept::is_resource_exhaustion(source) {
-                    super::exhausted(b, source);
-                    counted = true;
-                }
-            }
-            SocketFuture {
-                f: Box::pin(std::future::ready(r)),
-                counted,
-            }
-        }
-    }
-}
-
-async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: SocketFuture) {
-    // Declared first, dropped last: after the relay freed its buffers.
-    let _open = super::trim::Open::new();
-    b.stats.active.fetch_add(1, Relaxed);
-    let _active = scopeguard(&b);
+async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Early) {
+    let _active = Active::new(b.clone(), Gauge::Connections);
     // As it was when the client was accepted, whatever a reload does meanwhile.
     let proxy_header = b.proxy_protocol();
     let keepalive = b.tcp_keepalive();
@@ -148,6 +107,8 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Soc
         match r {
             Ok(s) => s,
             Err(ConnectError::ClientGone(e, after)) => {
+                // The connect is not an upstream failure: not counted in
+                // connect_failed, and logged at info.
                 b.stats.client_gone_connecting.fetch_add(1, Relaxed);
                 info!(
                     duration_ms = moved.activity.start().elapsed().as_millis() as u64,
@@ -191,7 +152,7 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Soc
     cut.disarm();
     match &end {
         End::Closed => {}
-        End::Error(..) => {
+        End::Failed(..) => {
             reset(&client);
             reset(&upstream);
         }
@@ -209,7 +170,8 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Soc
         bytes_from_client = moved.c2u.load(Relaxed),
         bytes_to_client = moved.u2c.load(Relaxed),
         duration_ms = moved.activity.start().elapsed().as_millis() as u64,
-        "connection closed: {end}"
+        "connection closed: {}",
+        end.describe(&WORDS)
     );
 }
 
@@ -241,62 +203,25 @@ impl Moved {
     }
 }
 
-/// Resets the legs of a connection whose task is dropped before it ends on
-/// its own: its listener's drain timeout ran out, or the listener closed at
-/// once (a namespace deleted with `on_netns_delete = "close"`). A plain drop
-/// would send FIN, which the peers could take for a complete exchange; the
-/// cut is also counted and logged with its reason and byte counts.
-struct Cut<'a> {
-    b: &'a Binding,
-    client: &'a TcpStream,
-    upstream: Option<&'a TcpStream>,
-    moved: &'a Moved,
-    armed: bool,
-}
-
-impl<'a> Cut<'a> {
-    fn new(
-        b: &'a Binding,
-        client: &'a TcpStream,
-        upstream: Option<&'a TcpStream>,
-        moved: &'a Moved,
-    ) -> Cut<'a> {
-        Cut {
-            b,
-            client,
-            upstream,
-            moved,
-            armed: true,
-        }
-    }
-
-    /// The connection ends on its own terms.
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Cut<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        reset(self.client);
-        if let Some(u) = self.upstream {
-            reset(u);
-        }
-        let why = super::cut_reason(self.b);
+impl Tally for Moved {
+    fn cut(&self, _b: &Binding, why: &str, connecting: bool) {
         info!(
-            bytes_from_client = self.moved.c2u.load(Relaxed),
-            bytes_to_client = self.moved.u2c.load(Relaxed),
-            duration_ms = self.moved.activity.start().elapsed().as_millis() as u64,
+            bytes_from_client = self.c2u.load(Relaxed),
+            bytes_to_client = self.u2c.load(Relaxed),
+            duration_ms = self.activity.start().elapsed().as_millis() as u64,
             "connection cut: {why}; both sides were reset{}",
-            if self.upstream.is_none() {
+            if connecting {
                 " (the upstream connect was under way)"
             } else {
                 ""
             }
         );
+    }
+}
+
+impl Abort for TcpStream {
+    fn abort(&self) {
+        reset(self);
     }
 }
 
@@ -323,111 +248,36 @@ async fn send_proxy_header(
     Ok(())
 }
 
-/// Decrements the active count however `handle` ends (including abort).
-fn scopeguard(b: &Arc<Binding>) -> impl Drop + '_ {
-    struct Active<'a>(&'a Binding);
-    impl Drop for Active<'_> {
-        fn drop(&mut self) {
-            self.0.stats.active.fetch_sub(1, Relaxed);
-        }
-    }
-    Active(b)
-}
-
-/// Why an upstream connection could not be made.
-#[derive(Debug, thiserror::Error)]
-enum ConnectError {
-    #[error("{0}")]
-    Socket(#[from] NsError),
-    #[error("{} after {:?}", describe(.0), .1)]
-    Connect(io::Error, Duration),
-    #[error("no answer within {0:?} (connect_timeout)")]
-    Timeout(Duration),
-    /// Not a failure of the upstream: the client reset meanwhile.
-    #[error("the client reset ({0}) after {1:?}")]
-    ClientGone(io::Error, Duration),
-}
-
-/// What a connect error means, in the words of where it comes from.
-pub(crate) fn describe(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::ECONNREFUSED) => "connection refused".into(),
-        Some(libc::ENETUNREACH) => "network unreachable from the upstream namespace".into(),
-        Some(libc::EHOSTUNREACH) => "host unreachable from the upstream namespace".into(),
-        // What connect(2) says when the route found is a blackhole.
-        Some(libc::EINVAL) => format!(
-            "no route: the upstream namespace's routing table blackholes the upstream address (a `blackhole` route; see `ip route get` there) ({e})"
-        ),
-        // A `prohibit` route, or a firewall rule in the OUTPUT path.
-        Some(libc::EACCES | libc::EPERM) => format!(
-            "prohibited by a route or firewall rule in the upstream namespace (a `prohibit` route, or a rule rejecting the connection) ({e})"
-        ),
-        _ => e.to_string(),
-    }
-}
-
 /// Connects upstream within `connect_timeout`, unless `client` resets
-/// first. Out of fds or memory for the upstream socket, it waits and tries
-/// again (within the same limit), and tells the accept loop to pause, so
-/// that clients wait in the backlog rather than being accepted and reset.
-async fn connect(
-    b: &Binding,
-    client: &TcpStream,
-    first: SocketFuture,
-) -> Result<TcpStream, ConnectError> {
-    let started = Instant::now();
-    let limit = b.rule.connect_timeout;
+/// first; out of fds or memory for the upstream socket, it waits and tries
+/// again within the same limit (see [`relay::upstream_socket`]).
+async fn connect(b: &Binding, client: &TcpStream, first: Early) -> Result<TcpStream, ConnectError> {
+    let to = b.rule.upstream;
     let attempt = async {
-        let to = b.rule.upstream;
-        let mut backoff = Duration::from_millis(10);
-        let mut next = Some(first);
-        let socket = loop {
-            let (made, counted) = match next.take() {
-                Some(first) => (first.f.await, first.counted),
-                None => {
-                    let made = b
-                        .sockets
-                        .pooled_socket(b.upstream_ns, SocketSpec::tcp(&to))
-                        .await;
-                    (made, false)
-                }
-            };
-            match made {
-                Ok(s) => break s,
-                Err(NsError::Socket { source, .. }) if accept::is_resource_exhaustion(&source) => {
-                    if !counted {
-                        super::exhausted(b, &source);
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
-                Err(e) => return Err(ConnectError::Socket(e)),
-            }
-        };
+        let started = tokio::time::Instant::now();
+        let socket = relay::upstream_socket(b, SocketSpec::tcp(&to), Some(first)).await?;
         let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
         socket
             .connect(to)
             .await
-            .map_err(|e| ConnectError::Connect(e, started.elapsed()))
+            .map_err(|e| ConnectError::Connect(Protocol::Tcp, e, started.elapsed()))
     };
-    // Only a reset (the socket's error set: EPOLLERR) ends the wait, even
-    // after data: a FIN may be a client that sent everything and waits for
-    // the answer, or one that reads a banner after closing its side.
-    let gone = async {
-        let e = match client.ready(Interest::ERROR).await {
-            Err(e) => e,
-            Ok(_) => match client.take_error() {
-                Ok(Some(e)) | Err(e) => e,
-                // No error after all (nothing here uses the error queue):
-                // nothing to wait for.
-                Ok(None) => std::future::pending().await,
-            },
-        };
-        ConnectError::ClientGone(e, started.elapsed())
-    };
-    tokio::select! {
-        r = tokio::time::timeout(limit, attempt) => r.unwrap_or(Err(ConnectError::Timeout(limit))),
-        e = gone => Err(e),
+    relay::connect_within(b.rule.connect_timeout, attempt, reset_by(client)).await
+}
+
+/// Completes when `client` resets. Only a reset (the socket's error set:
+/// EPOLLERR) ends the wait, even after data: a FIN may be a client that
+/// sent everything and waits for the answer, or one that reads a banner
+/// after closing its side.
+async fn reset_by(client: &TcpStream) -> io::Error {
+    match client.ready(Interest::ERROR).await {
+        Err(e) => e,
+        Ok(_) => match client.take_error() {
+            Ok(Some(e)) | Err(e) => e,
+            // No error after all (nothing here uses the error queue):
+            // nothing to wait for.
+            Ok(None) => std::future::pending().await,
+        },
     }
 }
 
@@ -435,27 +285,6 @@ async fn connect(
 /// rather than seeing a clean, empty end of stream.
 fn reset(s: &TcpStream) {
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
-}
-
-/// How a relay ended.
-#[derive(Debug)]
-pub(crate) enum End {
-    /// Both sides sent FIN.
-    Closed,
-    /// One side failed or reset; the other side was reset.
-    Error(&'static str, io::Error),
-    /// A limit ran out; both sides were reset.
-    Expired(Expired),
-}
-
-impl std::fmt::Display for End {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            End::Closed => f.write_str("both sides closed"),
-            End::Error(what, e) => write!(f, "{what}: {e}; the other side was reset"),
-            End::Expired(why) => write!(f, "{why}; both sides were reset"),
-        }
-    }
 }
 
 enum PumpError {
@@ -581,15 +410,13 @@ async fn splice_pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<b
             // Out of fds (or pipe memory): nothing is in flight, so this
             // direction goes on copying instead of failing a working
             // connection.
-            Err(e) if accept::is_resource_exhaustion(&e) => {
+            Err(e) if is_resource_exhaustion(&e) => {
                 debug!("no pipe for splice ({e}); copying instead");
                 return Ok(false);
             }
             Err(e) => return Err(PumpError::Read(e)),
         };
-        let n = match from.try_io(Interest::READABLE, || {
-            pipe.fill(from.as_raw_fd(), pipe.size)
-        }) {
+        let n = match from.try_io(Interest::READABLE, || pipe.fill(from.as_fd(), pipe.size)) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 pipe.give_back(true);
                 continue;
@@ -609,7 +436,7 @@ async fn splice_pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<b
         let mut in_pipe = n;
         while in_pipe > 0 {
             to.writable().await.map_err(PumpError::Write)?;
-            match to.try_io(Interest::WRITABLE, || pipe.drain(to.as_raw_fd(), in_pipe)) {
+            match to.try_io(Interest::WRITABLE, || pipe.drain(to.as_fd(), in_pipe)) {
                 Ok(k) => {
                     in_pipe -= k;
                     c.add(k);
@@ -642,49 +469,27 @@ async fn relay(b: &Binding, client: &TcpStream, upstream: &TcpStream, moved: &Mo
         total: &b.stats.bytes_out,
         activity,
     };
-    let mut up = std::pin::pin!(pump(client, upstream, up_count));
-    let mut down = std::pin::pin!(pump(upstream, client, down_count));
-    let (mut up_done, mut down_done) = (false, false);
-    let timer = tokio::time::sleep_until(activity.start());
-    tokio::pin!(timer);
-    loop {
-        // Made before the limits are read, so that a reload changing them
-        // in between still wakes this (a `Notified` hears `notify_waiters`
-        // from the moment it exists).
-        let woken = b.stop.woken();
-        // After every event (a direction finished, the timer fired, a
-        // reload): not per chunk.
-        let now = tokio::time::Instant::now();
-        let half = up_done || down_done;
-        match timeout::check(now, activity.last(), half, b.timeouts()) {
-            Verdict::Expired(why) => return End::Expired(why),
-            Verdict::WakeAt(t) => timer.as_mut().reset(t),
-            Verdict::Never => timer.as_mut().reset(timeout::far_future(now)),
+    let up = async {
+        match pump(client, upstream, up_count).await {
+            Ok(()) => {
+                activity.touch();
+                Dir::Done
+            }
+            Err(PumpError::Read(e)) => Dir::Failed("client read failed", e),
+            Err(PumpError::Write(e)) => Dir::Failed("upstream write failed", e),
         }
-        tokio::select! {
-            r = &mut up, if !up_done => match r {
-                Ok(()) => {
-                    up_done = true;
-                    activity.touch();
-                }
-                Err(PumpError::Read(e)) => return End::Error("client read failed", e),
-                Err(PumpError::Write(e)) => return End::Error("upstream write failed", e),
-            },
-            r = &mut down, if !down_done => match r {
-                Ok(()) => {
-                    down_done = true;
-                    activity.touch();
-                }
-                Err(PumpError::Read(e)) => return End::Error("upstream read failed", e),
-                Err(PumpError::Write(e)) => return End::Error("client write failed", e),
-            },
-            () = &mut timer => {}
-            () = woken => {}
+    };
+    let down = async {
+        match pump(upstream, client, down_count).await {
+            Ok(()) => {
+                activity.touch();
+                Dir::Done
+            }
+            Err(PumpError::Read(e)) => Dir::Failed("upstream read failed", e),
+            Err(PumpError::Write(e)) => Dir::Failed("client write failed", e),
         }
-        if up_done && down_done {
-            return End::Closed;
-        }
-    }
+    };
+    relay::both_ways(b, activity, true, up, down).await
 }
 
 #[cfg(test)]
@@ -712,7 +517,7 @@ mod tests {
         let end = relay(&b, &client, &upstream, &moved).await;
         assert!(
             matches!(end, End::Expired(Expired::Idle(d)) if d == Duration::from_secs(30)),
-            "{end}"
+            "{end:?}"
         );
         assert!(t0.elapsed() >= Duration::from_secs(30));
 
@@ -741,7 +546,7 @@ mod tests {
         };
         assert!(
             matches!(end, End::Expired(Expired::HalfClose(d)) if d == Duration::from_secs(5)),
-            "{end}"
+            "{end:?}"
         );
         let took = t0.elapsed();
         assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(30));

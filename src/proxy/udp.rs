@@ -60,13 +60,16 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
-use tokio::time::Instant;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tokio::task::{JoinError, JoinSet};
+use tracing::{Instrument, debug, error, info};
 
+use super::relay::{Active, Gauge, IdleCheck, LISTENER_BACKOFF, canonical, conn_span, pause};
+use super::report::{Kind, Reporter};
 use super::udp_sys::{self, BATCH, RecvBatch, ReplyFrom};
-use super::{Binding, ListenError, REPORT_INTERVAL, Served, StopMode};
-use crate::netns::{NsError, SocketSpec};
+use super::{Binding, ListenError, Served, StopMode, catch};
+use crate::netns::SocketSpec;
+
+mod session;
 
 /// Receive slot size, both directions: larger than any UDP payload short
 /// of an IPv6 jumbogram (65,507 bytes over IPv4, 65,527 over IPv6), so a
@@ -104,9 +107,6 @@ const QUEUE_BYTES: usize = 2 << 20;
 const _: () = assert!(QUEUE_BYTES >= RECV_BUF && QUEUE_BYTES >= QUEUE_LEN * POOLED_LEN);
 /// How long sessions get at shutdown to finish the send they are in.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
-/// Pause after receiving on the listening socket failed: first, longest.
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Creates the listening socket for `b` in its namespace.
 pub(crate) async fn listen(b: &Binding) -> Result<std::net::UdpSocket, ListenError> {
@@ -152,7 +152,8 @@ pub(crate) async fn serve(
         ipv6: b.rule.listen.is_ipv6(),
         gso_to_client: udp_sys::Gso::new(),
         gso_to_upstream: udp_sys::Gso::new(),
-        warnings: Arc::new(Warnings::new(&b)),
+        // Its reports are logged in the serve task's span, the binding's.
+        warnings: Arc::new(Reporter::new(tracing::Span::current())),
         b,
         socket,
         sessions: Mutex::new(HashMap::new()),
@@ -160,12 +161,8 @@ pub(crate) async fn serve(
     });
     let b = &shared.b;
     let mut tasks = JoinSet::new();
-    let mut backoff = BACKOFF_MIN;
-    // Checked every `park_after`, rather than re-armed per datagram.
-    let idle_check = tokio::time::sleep(park_after);
-    tokio::pin!(idle_check);
-    let mut received_since_check = false;
-    let mut park = false;
+    let mut backoff = LISTENER_BACKOFF;
+    let mut idle = IdleCheck::new(park_after);
     // One batch of datagrams between receiving and dispatching them; kept,
     // so that its room is reused. Allocated with the first datagram: at
     // thousands of namespaces most listeners stay idle, and the room for a
@@ -174,72 +171,108 @@ pub(crate) async fn serve(
     loop {
         tokio::select! {
             _ = b.stop.requested() => break,
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Err(e) = done {
-                    error!(rule = %b.rule.name, netns = %b.netns, "UDP session task failed: {e}");
-                }
-            }
-            () = &mut idle_check => {
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => ended(done),
+            () = idle.due() => {
                 // No session task left means no one else holds `shared`.
-                if !received_since_check && tasks.is_empty() && Arc::strong_count(&shared) == 1 {
-                    park = true;
-                    break;
+                let open = !tasks.is_empty() || Arc::strong_count(&shared) > 1;
+                if idle.idle(open) {
+                    drop(tasks);
+                    return park(shared, kernel_drops);
                 }
-                received_since_check = false;
-                idle_check.as_mut().reset(tokio::time::Instant::now() + park_after);
             }
             r = shared.socket.async_io(Interest::READABLE, || recv_from_clients(&shared.socket, &mut inbox)) => match r {
                 Ok(()) => {
-                    backoff = BACKOFF_MIN;
-                    received_since_check = true;
-                    for Incoming { meta, data } in inbox.drain(..) {
-                        kernel_dropped(&shared, &mut kernel_drops, meta.kernel_drops, Warn::KernelDrops, |new| format!(
-                            "the kernel dropped {new} datagram(s) for {}: the socket's receive buffer was full (raise net.core.rmem_max to allow a larger one)",
-                            b.rule.listen
-                        ));
-                        let Some(peer) = meta.peer else {
-                            // Only a socket that is not IP has senders
-                            // without an IP address: never here.
-                            b.stats.recv_errors.fetch_add(1, Relaxed);
-                            continue;
-                        };
-                        if meta.truncated {
-                            dropped_truncated(&shared, meta.len, canonical(peer));
-                            continue;
-                        }
-                        dispatch(&shared, &mut tasks, peer, Datagram { data, reply_from: meta.reply_from });
-                    }
+                    backoff.reset();
+                    idle.busy();
+                    pass_on(&shared, &mut tasks, &mut inbox, &mut kernel_drops);
                 }
                 Err(e) => {
                     // An unconnected socket gets no ICMP errors, so this is
                     // the kernel short of memory (or something stranger):
                     // pause rather than spin on it.
                     b.stats.recv_errors.fetch_add(1, Relaxed);
+                    let d = backoff.next();
                     shared.warnings.warn(Warn::RecvFailed, || format!(
-                        "receiving on {} failed: {e}; pausing this listener for {backoff:?}",
+                        "receiving on {} failed: {e}; pausing this listener for {d:?}",
                         b.rule.listen
                     ));
-                    received_since_check = true;
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = b.stop.requested() => {}
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    idle.busy();
+                    pause(b, d).await;
                 }
             },
         }
     }
+    end_sessions(&shared, tasks).await;
+    Served::Stopped
+}
 
-    if park {
-        drop(tasks);
-        let Ok(shared) = Arc::try_unwrap(shared) else {
-            unreachable!("the last reference to an idle listener's state")
-        };
-        return match shared.socket.into_std() {
-            Ok(socket) => Served::Idle((socket, kernel_drops)),
-            Err(e) => Served::Lost(format!("cannot park the idle socket: {e}")),
-        };
+/// Looks at how a session's task ended: a panic is a bug in that session,
+/// logged, and the listener goes on (the client's next datagram starts a
+/// new session, as its queue is closed).
+fn ended(done: Result<(), JoinError>) {
+    if let Err(e) = done {
+        match catch::panicked(e) {
+            Some(msg) => error!(
+                "a UDP session's task panicked: {msg}; the session was dropped, the listener goes on"
+            ),
+            None => error!("a UDP session's task was cancelled"),
+        }
     }
+}
+
+/// Hands each datagram of a received batch to its session.
+fn pass_on(
+    shared: &Arc<Shared>,
+    tasks: &mut JoinSet<()>,
+    inbox: &mut Vec<Incoming>,
+    kernel_drops: &mut u32,
+) {
+    let b = &shared.b;
+    for Incoming { meta, data } in inbox.drain(..) {
+        kernel_dropped(
+            shared,
+            kernel_drops,
+            meta.kernel_drops,
+            Warn::KernelDrops,
+            |new| {
+                format!(
+                    "the kernel dropped {new} datagram(s) for {}: the socket's receive buffer was full (raise net.core.rmem_max to allow a larger one)",
+                    b.rule.listen
+                )
+            },
+        );
+        let Some(peer) = meta.peer else {
+            // Only a socket that is not IP has senders without an IP
+            // address: never here.
+            b.stats.recv_errors.fetch_add(1, Relaxed);
+            continue;
+        };
+        if meta.truncated {
+            dropped_truncated(shared, meta.len, canonical(peer));
+            continue;
+        }
+        let d = Datagram {
+            data,
+            reply_from: meta.reply_from,
+        };
+        dispatch(shared, tasks, peer, d);
+    }
+}
+
+/// Gives an idle listener's socket back, to be parked.
+fn park(shared: Arc<Shared>, kernel_drops: u32) -> Served<(std::net::UdpSocket, u32)> {
+    let Ok(shared) = Arc::try_unwrap(shared) else {
+        unreachable!("the last reference to an idle listener's state")
+    };
+    match shared.socket.into_std() {
+        Ok(socket) => Served::Idle((socket, kernel_drops)),
+        Err(e) => Served::Lost(format!("cannot park the idle socket: {e}")),
+    }
+}
+
+/// Ends every session of a stopped listener: at once when it closes at
+/// once, else after a short grace to finish the send they are in.
+async fn end_sessions(shared: &Shared, mut tasks: JoinSet<()>) {
     // Closing every queue tells each session to end; it logs what it moved.
     let open = {
         let mut sessions = shared.lock_sessions();
@@ -248,9 +281,9 @@ pub(crate) async fn serve(
         n
     };
     if open > 0 {
-        info!(rule = %b.rule.name, netns = %b.netns, "listener closed; ending {open} UDP session(s)");
+        info!("listener closed; ending {open} UDP session(s)");
     }
-    let grace = match b.stop.mode() {
+    let grace = match shared.b.stop.mode() {
         Some(StopMode::Close) => Duration::ZERO,
         _ => SHUTDOWN_GRACE,
     };
@@ -259,7 +292,6 @@ pub(crate) async fn serve(
     if ended.is_err() {
         tasks.shutdown().await;
     }
-    Served::Stopped
 }
 
 /// Counts the datagrams the kernel dropped on a socket, from its running
@@ -285,9 +317,12 @@ fn kernel_dropped(
     }
 }
 
-/// Shows IPv4 clients of a dual-stack listener as 1.2.3.4, not ::ffff:1.2.3.4.
-fn canonical(a: SocketAddr) -> SocketAddr {
-    SocketAddr::new(a.ip().to_canonical(), a.port())
+/// Counts and logs a datagram dropped because it did not fit a receive slot.
+fn dropped_truncated(shared: &Shared, len: usize, from: impl std::fmt::Display) {
+    shared.b.stats.truncated.fetch_add(1, Relaxed);
+    shared.warnings.warn(Warn::Truncated, || {
+        format!("dropped a {len}-byte datagram from {from}: larger than the {RECV_BUF}-byte buffer")
+    });
 }
 
 /// What one binding's listener task and its sessions share.
@@ -309,7 +344,7 @@ struct Shared {
     sessions: Mutex<HashMap<SocketAddr, Entry>>,
     /// Tells a session apart from a later one of the same client.
     next_id: AtomicU64,
-    warnings: Arc<Warnings>,
+    warnings: Arc<Reporter<Warn>>,
 }
 
 impl Shared {
@@ -512,423 +547,16 @@ fn dispatch(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, peer: SocketAddr, d: 
     b.stats.sessions_created.fetch_add(1, Relaxed);
     // Made here, not in the task: a task aborted before its first poll
     // still drops it.
-    let active = Active::new(b.clone());
-    let span = info_span!(
-        "udp_session",
-        rule = %b.rule.name,
-        netns = %b.netns,
-        peer = %canonical(peer),
-        upstream = %b.rule.upstream,
-    );
-    tasks.spawn(session(shared.clone(), peer, id, rx, queued, active).instrument(span));
-}
-
-/// Counts a session in `sessions_active` for as long as it lives.
-struct Active(Arc<Binding>);
-
-impl Active {
-    fn new(b: Arc<Binding>) -> Active {
-        b.stats.sessions_active.fetch_add(1, Relaxed);
-        Active(b)
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.stats.sessions_active.fetch_sub(1, Relaxed);
-    }
-}
-
-/// Why a session could not get its upstream socket.
-#[derive(Debug, thiserror::Error)]
-enum UpstreamError {
-    #[error("{0}")]
-    Socket(#[from] NsError),
-    #[error("cannot connect a UDP socket to {to} in the upstream namespace: {source}")]
-    Connect { to: SocketAddr, source: io::Error },
-    #[error("cannot register the upstream socket: {0}")]
-    Register(io::Error),
-}
-
-async fn open_upstream(b: &Binding) -> Result<UdpSocket, UpstreamError> {
-    let to = b.rule.upstream;
-    let socket = b
-        .sockets
-        .pooled_socket(b.upstream_ns, SocketSpec::udp(&to))
-        .await?;
-    if let Err(e) = udp_sys::enable_drop_count(socket.as_fd()) {
-        debug!(upstream = %to, "cannot count the kernel's drops (SO_RXQ_OVFL): {e}");
-    }
-    // UDP connect sends nothing: it fixes the peer (replies from anyone
-    // else are dropped by the kernel) and picks the source address and port.
-    socket
-        .connect(&to.into())
-        .map_err(|source| UpstreamError::Connect { to, source })?;
-    UdpSocket::from_std(std::net::UdpSocket::from(socket)).map_err(UpstreamError::Register)
-}
-
-/// What one session moved, for its closing log line.
-#[derive(Default)]
-struct Moved {
-    datagrams_from_client: u64,
-    datagrams_to_client: u64,
-    bytes_from_client: u64,
-    bytes_to_client: u64,
-}
-
-async fn session(
-    shared: Arc<Shared>,
-    peer: SocketAddr,
-    id: u64,
-    mut rx: mpsc::Receiver<Datagram>,
-    queued: Arc<AtomicUsize>,
-    _active: Active,
-) {
-    let _open = super::trim::Open::new();
-    let b = &shared.b;
-    let started = Instant::now();
-    let upstream = match open_upstream(b).await {
-        Ok(s) => s,
-        Err(e) => {
-            b.stats.sessions_failed.fetch_add(1, Relaxed);
-            // Out of the map first, so that nothing more is queued; then
-            // count what was.
-            forget(&mut shared.lock_sessions(), peer, id);
-            rx.close();
-            let mut lost = 0;
-            while rx.try_recv().is_ok() {
-                lost += 1;
-            }
-            b.stats.send_errors.fetch_add(lost, Relaxed);
-            shared.warnings.warn(Warn::NoUpstream, || {
-                format!("cannot start a session: {e}; dropped {lost} datagram(s) from the client")
-            });
-            return;
-        }
+    let active = Active::new(b.clone(), Gauge::Sessions);
+    let span = conn_span!("udp_session", b, canonical(peer));
+    let session = session::Session {
+        shared: shared.clone(),
+        peer,
+        id,
+        queued,
+        _active: active,
     };
-    debug!("session opened");
-    let idle = b.rule.udp_idle_timeout;
-    let mut moved = Moved::default();
-    let mut reply_from = None;
-    let mut last = Instant::now();
-    let timer = tokio::time::sleep_until(last + idle);
-    tokio::pin!(timer);
-    // What the queue held at once, up to BATCH; kept, so that its room is
-    // reused.
-    let mut batch = Vec::new();
-    let mut replies = Replies::default();
-    let end = loop {
-        tokio::select! {
-            n = rx.recv_many(&mut batch, BATCH) => {
-                // The listener dropped the queue: it is closing (shutdown,
-                // or its binding was removed).
-                if n == 0 {
-                    break "the listener closed";
-                }
-                last = Instant::now();
-                queued.fetch_sub(batch.iter().map(Datagram::size).sum(), Relaxed);
-                if let Some(from) = batch.iter().rev().find_map(|d| d.reply_from) {
-                    reply_from = Some(from);
-                }
-                to_upstream(&shared, &upstream, &batch, &mut moved).await;
-                POOL.put_back(batch.drain(..).map(|d| d.data));
-            }
-            // ERROR too: an ICMP report (port unreachable) makes the
-            // socket report only EPOLLERR, not readable; waiting for reads
-            // alone would leave it unread (and the lost datagram uncounted)
-            // until the client sent again, or for good if it never did.
-            r = upstream.async_io(Interest::READABLE | Interest::ERROR, || {
-                relay_replies(&shared, &upstream, peer, reply_from, &mut moved, &mut replies)
-            }) => match r {
-                Ok(()) => {
-                    last = Instant::now();
-                    for data in replies.waiting.drain(..) {
-                        if to_client(&shared, peer, reply_from, &data).await {
-                            moved.datagrams_to_client += 1;
-                            moved.bytes_to_client += data.len() as u64;
-                        }
-                    }
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => refused(&shared, "receiving"),
-                Err(e) => {
-                    // Other ICMP errors (host or network unreachable) end
-                    // here too; the session stays, like for "refused".
-                    b.stats.recv_errors.fetch_add(1, Relaxed);
-                    shared.warnings.warn(Warn::RecvFailed, || format!(
-                        "receiving from the upstream failed: {e}"
-                    ));
-                }
-            },
-            () = &mut timer => {
-                let deadline = last + idle;
-                if Instant::now() < deadline {
-                    timer.as_mut().reset(deadline);
-                } else if shared.remove_if_idle(peer, id, &rx) {
-                    b.stats.sessions_expired.fetch_add(1, Relaxed);
-                    break "idle";
-                } else {
-                    // A datagram arrived just as the session went idle.
-                    last = Instant::now();
-                    timer.as_mut().reset(last + idle);
-                }
-            }
-        }
-    };
-    info!(
-        datagrams_from_client = moved.datagrams_from_client,
-        datagrams_to_client = moved.datagrams_to_client,
-        bytes_from_client = moved.bytes_from_client,
-        bytes_to_client = moved.bytes_to_client,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "session closed: {end}"
-    );
-}
-
-/// Counts and logs a "port unreachable" report for a session socket.
-fn refused(shared: &Shared, doing: &str) {
-    shared.b.stats.upstream_refused.fetch_add(1, Relaxed);
-    shared.warnings.warn(Warn::Refused, || {
-        format!(
-            "upstream {} refused ({doing}: nothing listens on that port); the session stays open",
-            shared.b.rule.upstream
-        )
-    });
-}
-
-/// Sends a batch of a client's datagrams to the upstream, in order, with
-/// as few `sendmmsg` calls as errors allow.
-async fn to_upstream(shared: &Shared, upstream: &UdpSocket, batch: &[Datagram], moved: &mut Moved) {
-    let b = &shared.b;
-    let mut next = 0;
-    while next < batch.len() {
-        let rest = &batch[next..];
-        let sent = upstream
-            .async_io(Interest::WRITABLE, || {
-                udp_sys::send_batch(
-                    upstream.as_fd(),
-                    rest.iter().map(|d| &d.data[..]),
-                    None,
-                    None,
-                    false,
-                    &shared.gso_to_upstream,
-                )
-            })
-            .await;
-        let failed = match sent {
-            Ok(sent) => {
-                let k = sent.count;
-                let bytes: usize = rest[..k].iter().map(|d| d.data.len()).sum();
-                b.stats.datagrams_in.fetch_add(k as u64, Relaxed);
-                b.stats.bytes_in.fetch_add(bytes as u64, Relaxed);
-                moved.datagrams_from_client += k as u64;
-                moved.bytes_from_client += bytes as u64;
-                next += k;
-                if !sent.stopped {
-                    continue;
-                }
-                // The kernel stopped at `batch[next]` without saying why:
-                // send it on its own, which says. (If what stopped the
-                // batch was a pending ICMP report, the kernel cleared it
-                // and it goes uncounted; the datagram does not.)
-                None
-            }
-            Err(e) => Some(e),
-        };
-        if next < batch.len() {
-            let data = &batch[next].data;
-            if to_upstream_one(shared, upstream, data, failed).await {
-                moved.datagrams_from_client += 1;
-                moved.bytes_from_client += data.len() as u64;
-            }
-            next += 1;
-        }
-    }
-}
-
-/// Sends one datagram to the upstream, after a first try that failed with
-/// `failed` if there was one; true if it went.
-async fn to_upstream_one(
-    shared: &Shared,
-    upstream: &UdpSocket,
-    data: &[u8],
-    failed: Option<io::Error>,
-) -> bool {
-    let b = &shared.b;
-    let mut result = match failed {
-        Some(e) => Err(e),
-        None => upstream.send(data).await,
-    };
-    if matches!(&result, Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED)) {
-        // The error was a report about an earlier datagram, which the
-        // kernel hands to the next call on the socket; this one was not
-        // sent yet. Reading the report cleared it: try once more.
-        refused(shared, "sending");
-        result = upstream.send(data).await;
-    }
-    match result {
-        Ok(_) => {
-            b.stats.datagrams_in.fetch_add(1, Relaxed);
-            b.stats.bytes_in.fetch_add(data.len() as u64, Relaxed);
-            true
-        }
-        Err(e) => {
-            b.stats.send_errors.fetch_add(1, Relaxed);
-            shared.warnings.warn(Warn::SendFailed, || {
-                format!(
-                    "dropped a {}-byte datagram to the upstream: {e}",
-                    data.len()
-                )
-            });
-            false
-        }
-    }
-}
-
-/// A session's reply path, between batches.
-#[derive(Default)]
-struct Replies {
-    /// Replies that found the listening socket's send buffer full: copied
-    /// out of the receive slots to wait for room (rare, so not pooled).
-    waiting: Vec<Vec<u8>>,
-    /// The kernel's running count of drops on the upstream socket, as last
-    /// reported.
-    kernel_drops: u32,
-}
-
-/// Receives what the upstream socket holds (up to [`BATCH`] datagrams) and
-/// sends it on to the client, from the address in `from`, straight out of
-/// the receive slots: one `recvmmsg` and, usually, one `sendmmsg`. Replies
-/// that find the listening socket's send buffer full are copied into
-/// `replies.waiting`, for the caller to send once there is room.
-/// `WouldBlock` only when nothing was received.
-///
-/// Batches are per session: what one session's upstream sent since it was
-/// last polled. Replies of different sessions are not gathered into one
-/// `sendmmsg` on the listening socket, because that needs a queue per
-/// listener and a task to flush it: a handoff and a wakeup per reply, and
-/// a wait for the flush, which cost about what the batch saves (0.9 µs per
-/// datagram, measured) and add latency. With one reply per session in
-/// flight, as in DNS, there is nothing to gather anyway.
-fn relay_replies(
-    shared: &Shared,
-    upstream: &UdpSocket,
-    peer: SocketAddr,
-    from: Option<ReplyFrom>,
-    moved: &mut Moved,
-    replies: &mut Replies,
-) -> io::Result<()> {
-    SLOTS.with_borrow_mut(|slots| {
-        let n = slots.recv(upstream.as_fd(), false)?;
-        // The slots to send, in order: all but the truncated ones.
-        let mut order = [0; BATCH];
-        let mut count = 0;
-        for i in 0..n {
-            let (meta, _) = slots.get(i);
-            let drops = meta.kernel_drops;
-            kernel_dropped(shared, &mut replies.kernel_drops, drops, Warn::UpstreamKernelDrops, |new| {
-                format!(
-                    "the kernel dropped {new} datagram(s) from the upstream to {}: the session socket's receive buffer was full (the upstream sent faster than they could be passed on)",
-                    canonical(peer)
-                )
-            });
-            if meta.truncated {
-                dropped_truncated(shared, meta.len, "the upstream");
-            } else {
-                order[count] = i;
-                count += 1;
-            }
-        }
-        let (fd, ipv6) = (shared.socket.as_fd(), shared.ipv6);
-        let data = |i: &usize| slots.get(*i).1;
-        let mut rest = &order[..count];
-        while !rest.is_empty() {
-            let gso = &shared.gso_to_client;
-            let sent = udp_sys::send_batch(fd, rest.iter().map(data), Some(peer), from, ipv6, gso);
-            let failed = match sent {
-                Ok(sent) => {
-                    for i in &rest[..sent.count] {
-                        sent_to_client(shared, moved, data(i).len());
-                    }
-                    rest = &rest[sent.count..];
-                    if !sent.stopped {
-                        continue;
-                    }
-                    let stopped = &rest[0];
-                    // The kernel stopped at this one without saying why: on
-                    // its own, it says.
-                    match udp_sys::send_to_from(fd, data(stopped), peer, from, ipv6) {
-                        Ok(()) => {
-                            sent_to_client(shared, moved, data(stopped).len());
-                            rest = &rest[1..];
-                            continue;
-                        }
-                        Err(e) => e,
-                    }
-                }
-                Err(e) => e,
-            };
-            if failed.kind() == io::ErrorKind::WouldBlock {
-                replies.waiting.extend(rest.iter().map(|i| data(i).to_vec()));
-                break;
-            }
-            client_send_failed(shared, from, data(&rest[0]).len(), &failed);
-            rest = &rest[1..];
-        }
-        Ok(())
-    })
-}
-
-/// Counts a datagram sent to the client.
-fn sent_to_client(shared: &Shared, moved: &mut Moved, len: usize) {
-    shared.b.stats.datagrams_out.fetch_add(1, Relaxed);
-    shared.b.stats.bytes_out.fetch_add(len as u64, Relaxed);
-    moved.datagrams_to_client += 1;
-    moved.bytes_to_client += len as u64;
-}
-
-/// Counts and logs a datagram dropped because it did not fit a receive slot.
-fn dropped_truncated(shared: &Shared, len: usize, from: impl std::fmt::Display) {
-    shared.b.stats.truncated.fetch_add(1, Relaxed);
-    shared.warnings.warn(Warn::Truncated, || {
-        format!("dropped a {len}-byte datagram from {from}: larger than the {RECV_BUF}-byte buffer")
-    });
-}
-
-/// Sends an upstream datagram to the client from the address the client
-/// last sent to, waiting for room in the send buffer; true if it went.
-async fn to_client(
-    shared: &Shared,
-    peer: SocketAddr,
-    from: Option<ReplyFrom>,
-    data: &[u8],
-) -> bool {
-    let b = &shared.b;
-    let sent = shared
-        .socket
-        .async_io(Interest::WRITABLE, || {
-            udp_sys::send_to_from(shared.socket.as_fd(), data, peer, from, shared.ipv6)
-        })
-        .await;
-    match sent {
-        Ok(()) => {
-            b.stats.datagrams_out.fetch_add(1, Relaxed);
-            b.stats.bytes_out.fetch_add(data.len() as u64, Relaxed);
-            true
-        }
-        Err(e) => {
-            client_send_failed(shared, from, data.len(), &e);
-            false
-        }
-    }
-}
-
-/// Counts and logs a datagram to a client that could not be sent.
-fn client_send_failed(shared: &Shared, from: Option<ReplyFrom>, len: usize, e: &io::Error) {
-    shared.b.stats.send_errors.fetch_add(1, Relaxed);
-    shared.warnings.warn(Warn::SendFailed, || {
-        let from = from.map_or_else(|| "any address".to_owned(), |f| f.ip.to_string());
-        format!("dropped a {len}-byte datagram to the client (sent from {from}): {e}")
-    });
+    tasks.spawn(session.run(rx).instrument(span));
 }
 
 /// The kinds of warning a UDP binding rate-limits, each on its own.
@@ -945,10 +573,13 @@ enum Warn {
     UpstreamKernelDrops,
 }
 
-impl Warn {
+impl Kind for Warn {
     const COUNT: usize = 9;
 
-    /// Names the events of this kind in the periodic count.
+    fn index(self) -> usize {
+        self as usize
+    }
+
     fn events(self) -> &'static str {
         match self {
             Warn::AtCap => "datagram(s) from new clients dropped at the session limit",
@@ -964,74 +595,6 @@ impl Warn {
             Warn::UpstreamKernelDrops => {
                 "report(s) of upstream datagrams dropped by the kernel (see dropped_by_kernel)"
             }
-        }
-    }
-}
-
-/// Rate-limited warnings of one binding. The first warning of a kind is
-/// logged at once, with its details; later ones within [`REPORT_INTERVAL`]
-/// are counted, and the count is logged when the interval ends. So a flood
-/// of drops costs one line per kind per interval, and none goes unlogged.
-struct Warnings {
-    rule: String,
-    netns: String,
-    windows: [Mutex<Window>; Warn::COUNT],
-}
-
-#[derive(Default)]
-struct Window {
-    /// A warning was logged and its interval has not ended yet.
-    open: bool,
-    /// Events since then, not yet logged.
-    suppressed: u64,
-}
-
-impl Warnings {
-    fn new(b: &Binding) -> Warnings {
-        Warnings {
-            rule: b.rule.name.clone(),
-            netns: b.netns.to_string(),
-            windows: Default::default(),
-        }
-    }
-
-    fn window(&self, kind: Warn) -> MutexGuard<'_, Window> {
-        self.windows[kind as usize]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Logs `message()` now, or counts it for the next report.
-    fn warn(self: &Arc<Self>, kind: Warn, message: impl FnOnce() -> String) {
-        {
-            let mut w = self.window(kind);
-            if w.open {
-                w.suppressed += 1;
-                return;
-            }
-            w.open = true;
-        }
-        warn!(rule = %self.rule, netns = %self.netns,
-            "{}; more of these are counted and reported every {REPORT_INTERVAL:?}", message());
-        // Lives only while warnings of this kind keep coming, and holds
-        // nothing but the counts (no socket).
-        let me = self.clone();
-        tokio::spawn(async move { me.report(kind).await });
-    }
-
-    async fn report(&self, kind: Warn) {
-        loop {
-            tokio::time::sleep(REPORT_INTERVAL).await;
-            let n = {
-                let mut w = self.window(kind);
-                if w.suppressed == 0 {
-                    w.open = false;
-                    return;
-                }
-                std::mem::take(&mut w.suppressed)
-            };
-            warn!(rule = %self.rule, netns = %self.netns, count = n,
-                "{n} more {} in the last {REPORT_INTERVAL:?}", kind.events());
         }
     }
 }
