@@ -265,7 +265,7 @@ pub(super) fn recvmsg(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<RawRecv>
 /// last, should there be several), decoded field by field from the bytes:
 /// pure, so that any bytes can be fed to it in tests.
 pub(super) fn rcvinfo_in(control: &[u8]) -> Option<SctpRcvinfo> {
-    crate::sys::control_messages(control)
+    crate::sys::cmsg::control_messages(control)
         .filter(|c| c.level == SOL_SCTP && c.kind == SCTP_RCVINFO)
         .filter_map(|c| rcvinfo_from(c.data))
         .last()
