@@ -2,6 +2,16 @@
 //! laying out the ones a `sendmsg` carries. Shared by the UDP and SCTP
 //! calls.
 
+/// Control-message space for one call, aligned like `cmsghdr`, as the
+/// `CMSG_*` accessors require. 128 bytes hold what any nsproxy call asks
+/// for, with margin: a UDP datagram's `IP_PKTINFO`, `IPV6_PKTINFO` (a
+/// dual-stack socket gets both for an IPv4 datagram) and `SO_RXQ_OVFL`
+/// (32 + 40 + 24 bytes on 64-bit), or an SCTP message's `SCTP_RCVINFO`
+/// and `SCTP_NXTINFO`.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+pub(crate) struct CmsgBuf(pub(crate) [u8; 128]);
+
 /// One control message (`cmsghdr` and its payload) out of a `recvmsg`
 /// control buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

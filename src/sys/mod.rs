@@ -30,6 +30,7 @@ pub(crate) mod cmsg;
 pub(crate) mod inotify;
 pub(crate) mod netns;
 pub(crate) mod reactor;
+pub(crate) mod sctp;
 
 use std::io;
 
