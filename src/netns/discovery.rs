@@ -9,21 +9,19 @@
 //! which inotify reports. Nothing here polls on a timer.
 //!
 //! While `/run/netns` does not exist, its parent is watched for its creation.
-
-#![allow(unsafe_code)]
+//! The inotify calls are in the syscall layer (`src/sys/inotify.rs`).
 
 use std::collections::{BTreeSet, VecDeque};
-use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use super::nsfs;
+use crate::sys::inotify::{self, Inotify, Watch};
+use crate::sys::reactor;
 
 /// A change in the set of named namespaces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,11 +35,11 @@ pub enum NsEvent {
 /// Watches a directory of namespace pins (normally `/run/netns`).
 pub struct Discovery {
     dir: PathBuf,
-    inotify: AsyncFd<OwnedFd>,
+    inotify: AsyncFd<Inotify>,
     /// Watch descriptor of `dir`, when it exists.
-    dir_wd: Option<i32>,
+    dir_wd: Option<Watch>,
     /// Watch descriptor of the parent, while `dir` does not exist.
-    parent_wd: Option<i32>,
+    parent_wd: Option<Watch>,
     mountinfo: AsyncFd<File>,
     /// Names whose file exists and is a namespace.
     known: BTreeSet<String>,
@@ -64,21 +62,9 @@ impl Discovery {
     /// [`NsEvent::Appeared`] by the first calls to [`Discovery::next`]. Must
     /// be called inside a tokio runtime.
     pub fn start(dir: &Path) -> io::Result<Discovery> {
-        // SAFETY: plain syscall; the returned fd is checked and owned below.
-        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh fd that nothing else owns.
-        let inotify = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: the OwnedFd stays open, and its fd unchanged, for as long
-        // as the AsyncFd owns it.
-        let inotify = unsafe { AsyncFd::register_with_interest(inotify, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
+        let inotify = reactor::register(Inotify::new()?, Interest::READABLE)?;
         let mountinfo = File::open("/proc/self/mountinfo")?;
-        // SAFETY: as above; `drain_mountinfo` only seeks and reads the File.
-        let mountinfo = unsafe { AsyncFd::register_with_interest(mountinfo, Interest::PRIORITY) }
-            .map_err(|e| e.into_parts().1)?;
+        let mountinfo = reactor::register(mountinfo, Interest::PRIORITY)?;
         let mut d = Discovery {
             dir: dir.to_owned(),
             inotify,
@@ -155,23 +141,12 @@ impl Discovery {
         }
     }
 
-    fn add_watch(&self, path: &Path, mask: u32) -> io::Result<i32> {
-        let c = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with NUL"))?;
-        // SAFETY: the inotify fd is open and `c` is a valid C string.
-        let wd = unsafe {
-            libc::inotify_add_watch(self.inotify.get_ref().as_raw_fd(), c.as_ptr(), mask)
-        };
-        if wd < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(wd)
-        }
+    fn add_watch(&self, path: &Path, mask: u32) -> io::Result<Watch> {
+        self.inotify.get_ref().add_watch(path, mask)
     }
 
-    fn rm_watch(&self, wd: i32) {
-        // SAFETY: removing a watch from our own inotify fd; errors are harmless.
-        unsafe { libc::inotify_rm_watch(self.inotify.get_ref().as_raw_fd(), wd) };
+    fn rm_watch(&self, wd: Watch) {
+        self.inotify.get_ref().rm_watch(wd);
     }
 
     /// Compares the directory with what we know, queueing the differences.
@@ -238,40 +213,20 @@ impl Discovery {
         // Room for many events; each is 16 bytes plus a NUL-padded name.
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            // SAFETY: reading into a buffer we own, of the length given.
-            let n = unsafe {
-                libc::read(
-                    self.inotify.get_ref().as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                )
+            let n = match self.inotify.get_ref().read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    return Ok(());
-                }
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            let mut off = 0usize;
-            let n = n as usize;
-            while off + HEADER <= n {
-                let wd = i32::from_ne_bytes(buf[off..off + 4].try_into().unwrap());
-                let mask = u32::from_ne_bytes(buf[off + 4..off + 8].try_into().unwrap());
-                let len = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap()) as usize;
-                let raw = &buf[off + HEADER..(off + HEADER + len).min(n)];
-                let name = raw.split(|b| *b == 0).next().unwrap_or(&[]);
-                let name = OsStr::from_bytes(name).to_str().map(str::to_owned);
-                off += HEADER + len;
-                self.on_event(wd, mask, name);
+            for e in inotify::events(&buf[..n]) {
+                let name = e.name.to_str().map(str::to_owned);
+                self.on_event(e.watch, e.mask, name);
             }
         }
     }
 
-    fn on_event(&mut self, wd: i32, mask: u32, name: Option<String>) {
+    fn on_event(&mut self, wd: Watch, mask: u32, name: Option<String>) {
         if mask & libc::IN_Q_OVERFLOW != 0 {
             // Events were lost: start over from what is really there.
             self.rescan();
@@ -311,9 +266,6 @@ impl Discovery {
         }
     }
 }
-
-/// Size of `struct inotify_event` without its name.
-const HEADER: usize = 16;
 
 fn is_netns(path: &Path) -> bool {
     nsfs::open_netns(path).is_ok()

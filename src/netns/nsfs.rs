@@ -9,22 +9,16 @@
 //! it is a regular file on nsfs is it opened for real, through
 //! `/proc/self/fd`, so the file checked is the file opened. `setns(2)` and
 //! the `NS_GET_NSTYPE` ioctl refuse an `O_PATH` fd (EBADF), hence the
-//! second open.
-
-#![allow(unsafe_code)]
+//! second open. The calls themselves are in [`crate::sys::netns`].
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::NsId;
-
-/// `statfs.f_type` of the nsfs pseudo file system (linux/magic.h).
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-/// `ioctl(fd, NS_GET_NSTYPE)` (linux/nsfs.h, since Linux 4.11): `_IO(0xb7, 0x3)`.
-const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+use crate::sys::netns::{self as sys, NSFS_MAGIC};
 
 /// What is wrong with a file that was supposed to be a network namespace.
 #[derive(Debug)]
@@ -62,7 +56,7 @@ pub(crate) fn open_netns(path: &Path) -> Result<(File, NsId), Problem> {
     }
     // fstatfs accepts an O_PATH fd: the file system is known before the
     // file's own open runs, and nsfs's open never blocks.
-    let f_type = fs_type(probe.as_raw_fd())?;
+    let f_type = fs_type(&probe)?;
     if f_type != NSFS_MAGIC {
         return Err(Problem::NotNsfs(f_type));
     }
@@ -114,32 +108,17 @@ fn not_a_file(t: std::fs::FileType) -> Option<&'static str> {
     }
 }
 
-fn fs_type(fd: libc::c_int) -> Result<i64, Problem> {
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: `fd` is open for the duration of the call (borrowed from the
-    // caller's File) and `st` points to writable memory of the right size.
-    if unsafe { libc::fstatfs(fd, st.as_mut_ptr()) } != 0 {
-        return Err(Problem::Inspect(io::Error::last_os_error()));
-    }
-    // SAFETY: fstatfs succeeded, so it filled the struct.
-    // (`f_type` is i64 on x86_64 but narrower elsewhere, hence the cast.)
-    #[allow(clippy::unnecessary_cast)]
-    let f_type = unsafe { st.assume_init() }.f_type as i64;
-    Ok(f_type)
+fn fs_type(file: &File) -> Result<i64, Problem> {
+    sys::fs_type(file.as_fd()).map_err(Problem::Inspect)
 }
 
 /// Checks an open file: nsfs, of kind "net"; returns its identity.
 pub(crate) fn inspect(file: &File) -> Result<NsId, Problem> {
-    let fd = file.as_raw_fd();
-    let f_type = fs_type(fd)?;
+    let f_type = fs_type(file)?;
     if f_type != NSFS_MAGIC {
         return Err(Problem::NotNsfs(f_type));
     }
-    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the open fd.
-    let kind = unsafe { libc::ioctl(fd, NS_GET_NSTYPE as _) };
-    if kind < 0 {
-        return Err(Problem::Inspect(io::Error::last_os_error()));
-    }
+    let kind = sys::ns_type(file.as_fd()).map_err(Problem::Inspect)?;
     if kind != libc::CLONE_NEWNET {
         return Err(Problem::WrongKind(kind_name(kind)));
     }
@@ -219,9 +198,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nsproxy-fifo-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let fifo = dir.join("ns");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: `c` is a valid C string; mkfifo only creates a file.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        crate::sys::mkfifo(&fifo).unwrap();
         let got = open_netns(&fifo);
         let _ = std::fs::remove_dir_all(&dir);
         assert!(matches!(got, Err(Problem::NotAFile("a FIFO"))), "{got:?}");

@@ -1,7 +1,8 @@
 //! The one thread that switches network namespaces.
 //!
-//! Nothing else in the process calls `setns`: `.clippy.toml` forbids it and
-//! this module alone allows it. The thread is a plain OS thread started from
+//! Nothing else in the process calls `setns`: `.clippy.toml` forbids both
+//! `libc::setns` (allowed only in its wrapper, [`crate::sys::netns`]) and
+//! that wrapper (allowed only here, at its three calls). The thread is a plain OS thread started from
 //! the home namespace. It owns every cached namespace fd, does
 //! `setns(target)` → `socket()` → `setns(home)` synchronously for each
 //! request, and hands the socket back. It never awaits, never spawns and never
@@ -14,13 +15,10 @@
 //! namespace nsproxy may not enter fails there, with its name), and opening
 //! its file never blocks (see `nsfs`).
 
-#![allow(unsafe_code)]
-#![allow(clippy::disallowed_methods)]
-
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::sync::mpsc;
 
 use socket2::Socket;
@@ -30,6 +28,7 @@ use super::nsfs::{self, Problem};
 use std::sync::Arc;
 
 use super::{NsError, NsId, NsRef, Pool, SocketSpec};
+use crate::sys::netns::setns_net;
 
 pub(super) enum Request {
     Resolve {
@@ -189,13 +188,12 @@ impl Thread {
             // their connections later (a listener in `host` connecting into
             // it would otherwise listen and reset every client). The thread
             // stays there: the sockets asked for next are usually for it.
-            // SAFETY: `file` is open for the whole call; setns only changes
-            // this thread's network namespace.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            #[allow(clippy::disallowed_methods)]
+            if let Err(source) = setns_net(file.as_fd()) {
                 return Err(NsError::CannotEnter {
                     reference: reference.clone(),
                     path,
-                    source: io::Error::last_os_error(),
+                    source,
                 });
             }
             self.current = id;
@@ -209,13 +207,9 @@ impl Thread {
             let Some(file) = self.cache.get(&ns) else {
                 return Err(NsError::NotOpen { ns });
             };
-            // SAFETY: the fd is open (owned by the cache entry) for the whole
-            // call; setns only changes this thread's network namespace.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(NsError::Enter {
-                    ns,
-                    source: io::Error::last_os_error(),
-                });
+            #[allow(clippy::disallowed_methods)]
+            if let Err(source) = setns_net(file.as_fd()) {
+                return Err(NsError::Enter { ns, source });
             }
             self.current = ns;
         }
@@ -231,9 +225,8 @@ impl Thread {
             .cache
             .get(&self.home)
             .expect("home fd is never released");
-        // SAFETY: as in `socket_in`.
-        if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            let err = io::Error::last_os_error();
+        #[allow(clippy::disallowed_methods)]
+        if let Err(err) = setns_net(home.as_fd()) {
             // Every later socket would be born in namespace `current`, which
             // is somebody else's network: a security bug, not an error to
             // recover from.

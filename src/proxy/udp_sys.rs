@@ -286,7 +286,7 @@ struct Control {
 /// do for the kernel's own cmsg walkers.
 fn parse_control(control: &[u8]) -> Control {
     let (mut v4, mut v6, mut kernel_drops) = (None, None, None);
-    for c in crate::sys::control_messages(control) {
+    for c in crate::sys::cmsg::control_messages(control) {
         match (c.level, c.kind) {
             (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
                 if let Some(r) = in_pktinfo(c.data) {
@@ -1154,7 +1154,7 @@ mod control_props {
                 prop_assert!(can_be_source(r.ip));
             }
             // Every step of the walk moves past a whole header.
-            let n = crate::sys::control_messages(&bytes).count();
+            let n = crate::sys::cmsg::control_messages(&bytes).count();
             prop_assert!(n <= bytes.len() / size_of::<libc::cmsghdr>());
         }
 
@@ -1176,7 +1176,7 @@ mod control_props {
                 bytes.extend_from_slice(&kind.to_ne_bytes());
                 bytes.extend_from_slice(payload);
             }
-            for c in crate::sys::control_messages(&bytes) {
+            for c in crate::sys::cmsg::control_messages(&bytes) {
                 let inside = bytes.as_ptr_range();
                 prop_assert!(inside.start <= c.data.as_ptr() && c.data.as_ptr_range().end <= inside.end);
             }

@@ -1,8 +1,37 @@
-//! Process-wide system settings that need raw libc calls.
+//! The syscall layer: every call into libc that Rust cannot check, behind
+//! safe functions, and the only place in the crate where `unsafe` code is
+//! allowed (the crate root denies it).
+//!
+//! Why a layer of its own: the rest of nsproxy (namespaces, relays, the
+//! lifecycle) reads as ordinary safe Rust, and what the compiler cannot
+//! prove (a pointer's length, an fd's lifetime, a C struct's layout) is
+//! argued once, here, in a `// SAFETY:` comment beside each `unsafe` block.
+//! Wrappers take and return `OwnedFd`/`BorrowedFd` (or types that own their
+//! fd), never a bare `RawFd` closed by hand; they decide nothing, so the
+//! logic that uses them stays where its concern is.
+//!
+//! - this file: process-wide settings (the open-file limit, the monotonic
+//!   clock, the allocator's free memory and heap in use).
+//! - [`cmsg`]: control messages, walked out of a receive and laid out for a
+//!   send.
+//! - [`netns`]: `setns(2)` (for the namespace thread only, enforced by
+//!   `.clippy.toml`) and the nsfs checks (`fstatfs`, `NS_GET_NSTYPE`).
+//! - [`inotify`]: the inotify instance and event decoding behind namespace
+//!   discovery.
+//! - [`reactor`]: handing an fd-owning value to tokio's reactor.
+//! - [`sctp`]: the `SOL_SCTP` socket options and `recvmsg`/`sendmsg` with
+//!   one SCTP control message each.
+//! - [`udp`]: `recvmmsg`/`sendmmsg` batches with packet info, drop counts
+//!   and UDP GSO.
 
 #![allow(unsafe_code)]
 
+pub(crate) mod cmsg;
 pub(crate) mod epoll;
+pub(crate) mod inotify;
+pub(crate) mod netns;
+pub(crate) mod reactor;
+pub(crate) mod sctp;
 pub(crate) mod splice;
 
 use std::io;
@@ -139,42 +168,14 @@ pub(crate) fn heap_allocated() -> Option<u64> {
     None
 }
 
-/// One control message (`cmsghdr` and its payload) out of a `recvmsg`
-/// control buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Cmsg<'a> {
-    pub(crate) level: libc::c_int,
-    pub(crate) kind: libc::c_int,
-    pub(crate) data: &'a [u8],
-}
-
-/// The control messages in `control` (the first `msg_controllen` bytes of a
-/// `recvmsg` control buffer), in order; what CMSG_FIRSTHDR / CMSG_NXTHDR
-/// walk, but over a byte slice, so that no length in it can lead a read
-/// outside it. A header that is cut short or claims more bytes than remain
-/// ends the walk.
-pub(crate) fn control_messages(control: &[u8]) -> impl Iterator<Item = Cmsg<'_>> {
-    /// Header size; also where the payload starts (CMSG_DATA), as the
-    /// header's size is a multiple of the alignment.
-    const HDR: usize = size_of::<libc::cmsghdr>();
-    /// CMSG_ALIGN: headers start at multiples of size_t.
-    const ALIGN: usize = size_of::<usize>();
-    const _: () = assert!(HDR % ALIGN == 0);
-    let mut rest = control;
-    std::iter::from_fn(move || {
-        let header = rest.get(..HDR)?;
-        // SAFETY: `header` holds HDR = size_of::<cmsghdr>() initialised
-        // bytes; read_unaligned needs no alignment, and cmsghdr consists of
-        // integers, for which every bit pattern is valid.
-        let h = unsafe { std::ptr::read_unaligned(header.as_ptr().cast::<libc::cmsghdr>()) };
-        // size_t with glibc, socklen_t with musl.
-        let len: usize = h.cmsg_len as _;
-        let data = rest.get(HDR..len)?;
-        rest = rest.get(len.next_multiple_of(ALIGN)..).unwrap_or_default();
-        Some(Cmsg {
-            level: h.cmsg_level,
-            kind: h.cmsg_type,
-            data,
-        })
-    })
+/// `mkfifo(path, 0600)`, for tests that need a file whose open blocks.
+#[cfg(test)]
+pub(crate) fn mkfifo(path: &std::path::Path) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path with NUL"))?;
+    // SAFETY: `c` is a valid C string; mkfifo only creates a file.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

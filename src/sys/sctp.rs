@@ -1,12 +1,11 @@
 //! The raw calls: `setsockopt`/`getsockopt` at level `SOL_SCTP`, and
 //! `recvmsg`/`sendmsg` with one SCTP control message each.
 //!
-//! This is the only unsafe code of the SCTP layer. The structures mirror the
-//! kernel's UAPI header `<linux/sctp.h>` (stable ABI); libc 0.2 exports none of
-//! them for Linux, so they are declared here with their sizes checked at
-//! compile time against the C layout.
-
-#![allow(unsafe_code)]
+//! This is the only unsafe code of the SCTP layer; the safe one is
+//! [`crate::sctp`]. The structures mirror the kernel's UAPI header
+//! `<linux/sctp.h>` (stable ABI); libc 0.2 exports none of them for Linux, so
+//! they are declared here with their sizes checked at compile time against
+//! the C layout.
 
 use std::io;
 use std::mem::{self, size_of};
@@ -15,19 +14,21 @@ use std::ptr;
 
 use libc::{c_int, c_void, socklen_t};
 
+use super::cmsg::CmsgBuf;
+
 /// Socket option level of SCTP (`SOL_SCTP`, equal to `IPPROTO_SCTP`).
-pub(super) const SOL_SCTP: c_int = libc::IPPROTO_SCTP;
+pub(crate) const SOL_SCTP: c_int = libc::IPPROTO_SCTP;
 
 // Socket options (<linux/sctp.h>).
-pub(super) const SCTP_INITMSG: c_int = 2;
-pub(super) const SCTP_NODELAY: c_int = 3;
-pub(super) const SCTP_EVENTS: c_int = 11;
-pub(super) const SCTP_STATUS: c_int = 14;
-pub(super) const SCTP_RECVRCVINFO: c_int = 32;
-pub(super) const SCTP_SOCKOPT_BINDX_ADD: c_int = 100;
-pub(super) const SCTP_SOCKOPT_CONNECTX: c_int = 110;
-pub(super) const SCTP_GET_PEER_ADDRS: c_int = 108;
-pub(super) const SCTP_GET_LOCAL_ADDRS: c_int = 109;
+pub(crate) const SCTP_INITMSG: c_int = 2;
+pub(crate) const SCTP_NODELAY: c_int = 3;
+pub(crate) const SCTP_EVENTS: c_int = 11;
+pub(crate) const SCTP_STATUS: c_int = 14;
+pub(crate) const SCTP_RECVRCVINFO: c_int = 32;
+pub(crate) const SCTP_SOCKOPT_BINDX_ADD: c_int = 100;
+pub(crate) const SCTP_SOCKOPT_CONNECTX: c_int = 110;
+pub(crate) const SCTP_GET_PEER_ADDRS: c_int = 108;
+pub(crate) const SCTP_GET_LOCAL_ADDRS: c_int = 109;
 
 // Control message types (`cmsg_type` at level `SOL_SCTP`).
 const SCTP_SNDINFO: c_int = 2;
@@ -36,7 +37,7 @@ const SCTP_RCVINFO: c_int = 3;
 /// `struct sctp_initmsg`: stream counts and INIT retries for new associations.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
-pub(super) struct SctpInitmsg {
+pub(crate) struct SctpInitmsg {
     pub num_ostreams: u16,
     pub max_instreams: u16,
     pub max_attempts: u16,
@@ -46,7 +47,7 @@ pub(super) struct SctpInitmsg {
 /// `struct sctp_sndinfo` (RFC 6458 5.3.4), sent as an `SCTP_SNDINFO` cmsg.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
-pub(super) struct SctpSndinfo {
+pub(crate) struct SctpSndinfo {
     pub snd_sid: u16,
     pub snd_flags: u16,
     pub snd_ppid: u32,
@@ -58,7 +59,7 @@ pub(super) struct SctpSndinfo {
 /// cmsg once `SCTP_RECVRCVINFO` is on.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
-pub(super) struct SctpRcvinfo {
+pub(crate) struct SctpRcvinfo {
     pub rcv_sid: u16,
     pub rcv_ssn: u16,
     pub rcv_flags: u16,
@@ -75,7 +76,7 @@ pub(super) struct SctpRcvinfo {
 /// prefix works on every kernel with SCTP.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
-pub(super) struct SctpEventSubscribe {
+pub(crate) struct SctpEventSubscribe {
     pub data_io: u8,
     pub association: u8,
     pub address: u8,
@@ -89,7 +90,7 @@ pub(super) struct SctpEventSubscribe {
 /// `struct sctp_paddrinfo` (packed, aligned to 4), part of [`SctpStatus`].
 #[repr(C, packed(4))]
 #[derive(Clone, Copy)]
-pub(super) struct SctpPaddrinfo {
+pub(crate) struct SctpPaddrinfo {
     pub assoc_id: i32,
     pub address: libc::sockaddr_storage,
     pub state: i32,
@@ -103,7 +104,7 @@ pub(super) struct SctpPaddrinfo {
 /// (176 bytes) or fails with `EINVAL`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(super) struct SctpStatus {
+pub(crate) struct SctpStatus {
     pub assoc_id: i32,
     pub state: i32,
     pub rwnd: u32,
@@ -141,7 +142,7 @@ fn cvt(ret: c_int) -> io::Result<c_int> {
 
 /// `setsockopt(fd, SOL_SCTP, name, bytes)`; returns the call's result, which
 /// `SCTP_SOCKOPT_CONNECTX` uses for the new association's id.
-pub(super) fn setsockopt_bytes(fd: BorrowedFd<'_>, name: c_int, bytes: &[u8]) -> io::Result<c_int> {
+pub(crate) fn setsockopt_bytes(fd: BorrowedFd<'_>, name: c_int, bytes: &[u8]) -> io::Result<c_int> {
     let len =
         socklen_t::try_from(bytes.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: the fd is open for the borrow's lifetime; the kernel reads
@@ -158,7 +159,7 @@ pub(super) fn setsockopt_bytes(fd: BorrowedFd<'_>, name: c_int, bytes: &[u8]) ->
 }
 
 /// `setsockopt(fd, level, name, &value)` for a plain-old-data value.
-pub(super) fn setsockopt<T: Copy>(
+pub(crate) fn setsockopt<T: Copy>(
     fd: BorrowedFd<'_>,
     level: c_int,
     name: c_int,
@@ -181,7 +182,7 @@ pub(super) fn setsockopt<T: Copy>(
 
 /// `getsockopt(fd, SOL_SCTP, name)` into a value that starts as `value` (some
 /// options read an association id from it first).
-pub(super) fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, name: c_int, mut value: T) -> io::Result<T> {
+pub(crate) fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, name: c_int, mut value: T) -> io::Result<T> {
     let mut len = size_of::<T>() as socklen_t;
     // SAFETY: the fd is open; the kernel writes at most `len` bytes into the
     // live `value`, whose type (integers only) is valid for any bytes.
@@ -199,7 +200,7 @@ pub(super) fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, name: c_int, mut value: T)
 
 /// `getsockopt(fd, SOL_SCTP, name)` into a byte buffer whose start the
 /// caller filled in; returns how many bytes the kernel wrote.
-pub(super) fn getsockopt_bytes(
+pub(crate) fn getsockopt_bytes(
     fd: BorrowedFd<'_>,
     name: c_int,
     buf: &mut [u8],
@@ -220,20 +221,15 @@ pub(super) fn getsockopt_bytes(
     Ok(len as usize)
 }
 
-/// Control-message space, aligned for `cmsghdr`. Room for an `SCTP_RCVINFO`
-/// and an `SCTP_NXTINFO` (should anything turn the latter on).
-#[repr(C, align(8))]
-struct CmsgBuf([u8; 128]);
-
 /// What one `recvmsg` returned.
-pub(super) struct RawRecv {
+pub(crate) struct RawRecv {
     pub len: usize,
     pub flags: c_int,
     pub rcvinfo: Option<SctpRcvinfo>,
 }
 
 /// One `recvmsg(fd, buf)`; never blocks on a non-blocking fd.
-pub(super) fn recvmsg(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<RawRecv> {
+pub(crate) fn recvmsg(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<RawRecv> {
     let mut cbuf = CmsgBuf([0; 128]);
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast::<c_void>(),
@@ -264,8 +260,8 @@ pub(super) fn recvmsg(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<RawRecv>
 /// The `SCTP_RCVINFO` among the control messages `recvmsg` wrote (the
 /// last, should there be several), decoded field by field from the bytes:
 /// pure, so that any bytes can be fed to it in tests.
-pub(super) fn rcvinfo_in(control: &[u8]) -> Option<SctpRcvinfo> {
-    crate::sys::control_messages(control)
+pub(crate) fn rcvinfo_in(control: &[u8]) -> Option<SctpRcvinfo> {
+    super::cmsg::control_messages(control)
         .filter(|c| c.level == SOL_SCTP && c.kind == SCTP_RCVINFO)
         .filter_map(|c| rcvinfo_from(c.data))
         .last()
@@ -292,7 +288,7 @@ fn rcvinfo_from(b: &[u8]) -> Option<SctpRcvinfo> {
 /// One `sendmsg(fd, data)` with an `SCTP_SNDINFO` cmsg: the whole of `data`
 /// as one message. `MSG_NOSIGNAL`: a closed association gives `EPIPE`, not
 /// `SIGPIPE`.
-pub(super) fn sendmsg(fd: BorrowedFd<'_>, data: &[u8], info: &SctpSndinfo) -> io::Result<usize> {
+pub(crate) fn sendmsg(fd: BorrowedFd<'_>, data: &[u8], info: &SctpSndinfo) -> io::Result<usize> {
     // SAFETY: CMSG_SPACE is a pure size computation.
     const SPACE: usize = unsafe { libc::CMSG_SPACE(size_of::<SctpSndinfo>() as u32) } as usize;
     let mut cbuf = CmsgBuf([0; 128]);
@@ -327,13 +323,11 @@ pub(super) fn sendmsg(fd: BorrowedFd<'_>, data: &[u8], info: &SctpSndinfo) -> io
 }
 
 /// Registers `socket` with the current tokio runtime's reactor.
-pub(super) fn register(
+pub(crate) fn register(
     socket: socket2::Socket,
 ) -> io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
-    // SAFETY: a socket2::Socket owns its fd: the fd stays open, and
-    // `as_raw_fd` returns that same fd, until the Socket is dropped, which
-    // only the AsyncFd does (when it is dropped or gives the Socket back).
-    unsafe { tokio::io::unix::AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)
+    use tokio::io::Interest;
+    super::reactor::register(socket, Interest::READABLE | Interest::WRITABLE)
 }
 
 #[cfg(test)]
