@@ -1,7 +1,7 @@
 //! Listeners and relays, one module per protocol: [`tcp`] (a relay per
 //! connection), [`udp`] (a session per client address; its raw
-//! `recvmsg`/`sendmsg` calls live in `udp_sys`) and [`sctp`] (a message relay
-//! per association, over the [`crate::sctp`] syscall layer).
+//! `recvmmsg`/`sendmmsg` calls live in the syscall layer, `sys::udp`) and
+//! [`sctp`] (a message relay per association, over [`crate::sctp`]).
 //!
 //! Everything here works on a [`Binding`]: one rule in one namespace, with the
 //! sockets already resolved to namespace identities. Sockets come from the
@@ -19,7 +19,6 @@ pub mod tcp;
 mod timeout;
 mod trim;
 pub mod udp;
-mod udp_sys;
 
 use std::io;
 use std::net::SocketAddr;

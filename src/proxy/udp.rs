@@ -18,7 +18,7 @@
 //! its own session: when a session's queue is full, the datagram is
 //! dropped and counted. Replies leave the listening socket from the
 //! address the client's datagram was sent to (`IP_PKTINFO` /
-//! `IPV6_PKTINFO`, in the private `udp_sys` module), which matters for a
+//! `IPV6_PKTINFO`, in the syscall layer, `sys::udp`), which matters for a
 //! wildcard listener on a namespace with several addresses.
 //!
 //! **Batches.** Every hop moves up to `BATCH` (32) datagrams per syscall when
@@ -65,9 +65,9 @@ use tracing::{Instrument, debug, error, info};
 
 use super::relay::{Active, Gauge, IdleCheck, LISTENER_BACKOFF, canonical, conn_span, pause};
 use super::report::{Kind, Reporter};
-use super::udp_sys::{self, BATCH, RecvBatch, ReplyFrom};
 use super::{Binding, ListenError, Served, StopMode, catch};
 use crate::netns::SocketSpec;
+use crate::sys::udp::{self as udp_sys, BATCH, RecvBatch, ReplyFrom};
 
 mod session;
 

@@ -33,6 +33,7 @@ pub(crate) mod netns;
 pub(crate) mod reactor;
 pub(crate) mod sctp;
 pub(crate) mod splice;
+pub(crate) mod udp;
 
 use std::io;
 
