@@ -4,15 +4,19 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::task::{JoinError, JoinSet};
+use tokio::time::Sleep;
 use tracing::{debug, error, info, warn};
 
-use super::relay::{IdleCheck, LISTENER_BACKOFF, canonical, is_resource_exhaustion, pause};
-use super::report::{REPORT_INTERVAL, Rated, Window};
+use super::relay::{
+    Backoff, IdleCheck, LISTENER_BACKOFF, canonical, is_resource_exhaustion, pause,
+};
+use super::report::{REPORT_INTERVAL, Rated, Suppressed, Window};
 use super::{Binding, StopMode, catch};
 
 /// A listening socket that yields connections (or associations).
@@ -71,16 +75,10 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let mut conns = JoinSet::new();
-    let mut backoff = LISTENER_BACKOFF;
     let mut idle = IdleCheck::new(park_after);
-    let mut at_cap = Window::default();
-    let report = tokio::time::sleep(REPORT_INTERVAL);
-    tokio::pin!(report);
-    let mut paused = false;
-    // Out of fds or memory (accept(2), or an upstream socket): each logged
-    // at most once per REPORT_INTERVAL, the rest counted into its next line.
-    let (mut accept_exhausted, mut upstream_exhausted) = (Rated::default(), Rated::default());
-    let mut upstream_backoff = LISTENER_BACKOFF;
+    let mut at_cap = CapPause::default();
+    // Out of fds or memory: for accept(2), and for upstream sockets.
+    let (mut accept_short, mut upstream_short) = (Shortage::default(), Shortage::default());
     loop {
         // `len` counts finished tasks until they are reaped: reap them all,
         // so that the cap counts open connections only.
@@ -99,35 +97,14 @@ where
             // would only take more fds and reset them; clients wait in the
             // backlog instead, as when accept(2) itself runs out.
             let e = io::Error::from_raw_os_error(errno);
-            let d = upstream_backoff.next();
-            if let Some(more) = upstream_exhausted.ready() {
-                warn!(
-                    "cannot create upstream sockets: {e}{}; pausing accepts for {d:?} (clients wait in the listen backlog; counted in upstream_socket_exhausted){}",
-                    crate::sys::fd_exhaustion_hint(&e),
-                    more.since()
-                );
-            }
-            idle.busy();
-            pause(&b, d).await;
+            upstream_short.pause(&b, &mut idle, |d, more| warn!(
+                "cannot create upstream sockets: {e}{}; pausing accepts for {d:?} (clients wait in the listen backlog; counted in upstream_socket_exhausted){}",
+                crate::sys::fd_exhaustion_hint(&e),
+                more.since()
+            )).await;
             continue;
         }
-        let cap = b.max_connections().unwrap_or(usize::MAX);
-        let full = conns.len() >= cap;
-        if full && !paused {
-            // Counted once per pause, whether an accept or a reload
-            // lowering the cap brought it.
-            b.stats.paused_at_cap.fetch_add(1, Relaxed);
-            if at_cap.first() {
-                warn!(
-                    "{} {noun}(s) open, max_connections is {cap}: not accepting more until one closes (clients wait in the listen backlog); further pauses are counted (paused_at_cap) and reported every {REPORT_INTERVAL:?}",
-                    conns.len()
-                );
-                report
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + REPORT_INTERVAL);
-            }
-        }
-        paused = full;
+        let full = at_cap.check(&b, conns.len(), noun);
         tokio::select! {
             // In this order: a stop or new cap is seen before another
             // accept; finished connections are reaped at the top, so none of
@@ -137,35 +114,28 @@ where
             // A connection ended: its fds are free again.
             Some(done) = conns.join_next(), if !conns.is_empty() => {
                 ended(done, noun);
-                upstream_backoff.reset();
+                upstream_short.backoff.reset();
             }
             () = idle.due() => {
                 if idle.idle(!conns.is_empty()) {
-                    flush_cap_warnings(&mut at_cap, noun);
+                    at_cap.flush(noun);
                     return Some(listener);
                 }
             }
-            () = &mut report, if at_cap.is_open() => {
-                if flush_cap_warnings(&mut at_cap, noun) {
-                    report.as_mut().reset(tokio::time::Instant::now() + REPORT_INTERVAL);
-                }
-            }
+            () = at_cap.report.as_mut(), if at_cap.window.is_open() => at_cap.report_due(noun),
             accepted = listener.accept_one(), if !full => match accepted {
                 Ok((conn, peer)) => {
-                    backoff.reset();
+                    accept_short.backoff.reset();
                     idle.busy();
                     b.stats.accepted.fetch_add(1, Relaxed);
                     conns.spawn(handle(b.clone(), conn, canonical(peer)));
                 }
                 Err(e) if is_resource_exhaustion(&e) => {
                     b.stats.accept_errors.fetch_add(1, Relaxed);
-                    let d = backoff.next();
-                    if let Some(more) = accept_exhausted.ready() {
-                        warn!("accept failed: {e}{}; pausing accepts for {d:?} (counted in accept_errors){}",
-                            crate::sys::fd_exhaustion_hint(&e), more.since());
-                    }
-                    idle.busy();
-                    pause(&b, d).await;
+                    accept_short.pause(&b, &mut idle, |d, more| warn!(
+                        "accept failed: {e}{}; pausing accepts for {d:?} (counted in accept_errors){}",
+                        crate::sys::fd_exhaustion_hint(&e), more.since()
+                    )).await;
                 }
                 Err(e) => {
                     // The pending connection died before we took it
@@ -176,9 +146,27 @@ where
             },
         }
     }
-    take_backlog(&b, &listener, &mut conns, &handle, noun);
+    at_cap.flush(noun);
+    close(&b, listener, conns, &handle, noun, drain).await;
+    None
+}
+
+/// Closes a stopped listener: takes its backlog, then lets connections
+/// drain for up to `drain` (none with [`StopMode::Close`]).
+async fn close<L, H, F>(
+    b: &Arc<Binding>,
+    listener: L,
+    mut conns: JoinSet<()>,
+    handle: &H,
+    noun: &str,
+    drain: Duration,
+) where
+    L: Accept,
+    H: Fn(Arc<Binding>, L::Conn, SocketAddr) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    take_backlog(b, &listener, &mut conns, handle, noun);
     drop(listener);
-    flush_cap_warnings(&mut at_cap, noun);
     if !conns.is_empty() {
         if b.stop.mode() == Some(StopMode::Close) {
             info!("listener closed; closing {} {noun}(s)", conns.len());
@@ -187,7 +175,109 @@ where
             drain_all(conns, b.stop.drain().unwrap_or(drain), noun).await;
         }
     }
-    None
+}
+
+/// Pauses of the accept loop for lack of fds or memory, of one kind: each
+/// logged at most once per [`REPORT_INTERVAL`], the rest counted into its
+/// next line.
+struct Shortage {
+    backoff: Backoff,
+    rated: Rated,
+}
+
+impl Default for Shortage {
+    fn default() -> Shortage {
+        Shortage {
+            backoff: LISTENER_BACKOFF,
+            rated: Rated::default(),
+        }
+    }
+}
+
+impl Shortage {
+    /// Pauses the loop (a busy period for the idle check), or less if the
+    /// binding stops; `log` tells the pause, unless a line was logged less
+    /// than an interval ago.
+    async fn pause(
+        &mut self,
+        b: &Binding,
+        idle: &mut IdleCheck,
+        log: impl FnOnce(Duration, Suppressed),
+    ) {
+        let d = self.backoff.next();
+        if let Some(more) = self.rated.ready() {
+            log(d, more);
+        }
+        idle.busy();
+        pause(b, d).await;
+    }
+}
+
+/// The listener at `max_connections`: counted once per pause, the first
+/// pause logged at once, later ones reported every [`REPORT_INTERVAL`].
+struct CapPause {
+    paused: bool,
+    window: Window,
+    /// When the pauses counted in `window` are reported.
+    report: Pin<Box<Sleep>>,
+}
+
+impl Default for CapPause {
+    fn default() -> CapPause {
+        CapPause {
+            paused: false,
+            window: Window::default(),
+            report: Box::pin(tokio::time::sleep(REPORT_INTERVAL)),
+        }
+    }
+}
+
+impl CapPause {
+    /// Whether `open` connections fill the cap in force (a reload may have
+    /// changed it); counts and logs the start of a pause.
+    fn check(&mut self, b: &Binding, open: usize, noun: &str) -> bool {
+        let cap = b.max_connections().unwrap_or(usize::MAX);
+        let full = open >= cap;
+        if full && !self.paused {
+            // Counted once per pause, whether an accept or a reload
+            // lowering the cap brought it.
+            b.stats.paused_at_cap.fetch_add(1, Relaxed);
+            if self.window.first() {
+                warn!(
+                    "{open} {noun}(s) open, max_connections is {cap}: not accepting more until one closes (clients wait in the listen backlog); further pauses are counted (paused_at_cap) and reported every {REPORT_INTERVAL:?}"
+                );
+                self.rearm();
+            }
+        }
+        self.paused = full;
+        full
+    }
+
+    fn rearm(&mut self) {
+        self.report
+            .as_mut()
+            .reset(tokio::time::Instant::now() + REPORT_INTERVAL);
+    }
+
+    /// At the end of an interval: reports its pauses, if any.
+    fn report_due(&mut self, noun: &str) {
+        if self.flush(noun) {
+            self.rearm();
+        }
+    }
+
+    /// Logs the times the cap was reached since the last line; returns
+    /// whether there were any (the interval goes on), else closes it.
+    fn flush(&mut self, noun: &str) -> bool {
+        let Some(n) = self.window.take() else {
+            return false;
+        };
+        warn!(
+            count = n,
+            "max_connections reached {n} more time(s) since the last report (each time, accepting paused until a {noun} closed)"
+        );
+        true
+    }
 }
 
 /// Looks at how a connection's task ended: a panic is a bug in that
@@ -198,19 +288,6 @@ fn ended(done: Result<(), JoinError>, noun: &str) {
             error!("a {noun}'s task panicked: {msg}; the {noun} was dropped, the listener goes on");
         }
     }
-}
-
-/// Logs the times the cap was reached since the last line; returns whether
-/// there were any (the interval goes on), else closes it.
-fn flush_cap_warnings(at_cap: &mut Window, noun: &str) -> bool {
-    let Some(n) = at_cap.take() else {
-        return false;
-    };
-    warn!(
-        count = n,
-        "max_connections reached {n} more time(s) since the last report (each time, accepting paused until a {noun} closed)"
-    );
-    true
 }
 
 /// Takes the clients waiting in the listen backlog (their handshake done,

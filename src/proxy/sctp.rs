@@ -543,6 +543,13 @@ async fn pump(
     // still arriving are read (so closing does not turn into an ABORT) and
     // dropped.
     let mut to_closing = false;
+    let dir = Direction {
+        b,
+        from,
+        to,
+        flow,
+        activity,
+    };
     loop {
         let got = from
             .fd
@@ -601,12 +608,41 @@ async fn pump(
             unknown_stream(b, from, to, info.sid, streams, flow);
             continue;
         }
-        let mut sent = send(to, msg, &info).await;
+        match dir.send_on(msg, &info, &mut streams).await {
+            Ok(closing) => to_closing = closing,
+            Err(e) => return PumpEnd::Write(e),
+        }
+    }
+}
+
+/// One direction of a relay, as its pump sends messages on.
+struct Direction<'a> {
+    b: &'a Binding,
+    from: &'a Leg<'a>,
+    to: &'a Leg<'a>,
+    flow: &'a Flow,
+    activity: &'a Activity,
+}
+
+impl Direction<'_> {
+    /// Sends `msg` on, growing the send buffer if it must, and counts it
+    /// (moved or dropped); `streams`, the other leg's outbound stream
+    /// count, is read again when a send says EINVAL. `Ok(true)`: the other
+    /// leg is shutting down, and drops what still comes; `Err`: the send
+    /// failed.
+    async fn send_on(
+        &self,
+        msg: &[u8],
+        info: &sctp::RcvInfo,
+        streams: &mut u16,
+    ) -> io::Result<bool> {
+        let (b, from, to, flow) = (self.b, self.from, self.to, self.flow);
+        let mut sent = send(to, msg, info).await;
         if matches!(&sent, Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE)) {
             // Larger than the send buffer: SCTP sends messages whole, so
             // the buffer must grow to hold it.
             match sctp::fit_send_buffer(to.fd.get_ref(), msg.len()) {
-                Ok(true) => sent = send(to, msg, &info).await,
+                Ok(true) => sent = send(to, msg, info).await,
                 Ok(false) | Err(_) => {
                     b.stats.oversized.fetch_add(1, Relaxed);
                     warn!(
@@ -617,7 +653,7 @@ async fn pump(
                         to.name
                     );
                     flow.drop_one();
-                    continue;
+                    return Ok(false);
                 }
             }
         }
@@ -625,18 +661,18 @@ async fn pump(
             Ok(_) => {
                 flow.messages.fetch_add(1, Relaxed);
                 flow.bytes.fetch_add(msg.len() as u64, Relaxed);
-                activity.touch();
+                self.activity.touch();
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // The stream counts may have changed; only a stream the
                 // association does not have is a dropped message.
-                streams = sctp::status(to.fd.get_ref())
+                *streams = sctp::status(to.fd.get_ref())
                     .map(|s| s.outbound_streams)
-                    .unwrap_or(streams);
-                if info.sid >= streams {
-                    unknown_stream(b, from, to, info.sid, streams, flow);
+                    .unwrap_or(*streams);
+                if info.sid >= *streams {
+                    unknown_stream(b, from, to, info.sid, *streams, flow);
                 } else {
-                    return PumpEnd::Write(e);
+                    return Err(e);
                 }
             }
             Err(e) if is_closing(&e) => {
@@ -644,11 +680,12 @@ async fn pump(
                     "{} is shutting down ({e}); dropping what {} still sends",
                     to.name, from.name
                 );
-                to_closing = true;
                 flow.drop_one();
+                return Ok(true);
             }
-            Err(e) => return PumpEnd::Write(e),
+            Err(e) => return Err(e),
         }
+        Ok(false)
     }
 }
 
