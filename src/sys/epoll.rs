@@ -2,7 +2,6 @@
 //! (registered with tokio's reactor), and a query of whether clients wait
 //! in a listener's backlog.
 
-
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 

@@ -1,7 +1,6 @@
 //! The syscalls of the zero-copy TCP relay: pipe2(2) with a capacity, and
 //! splice(2) between a socket and a pipe.
 
-
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
