@@ -365,19 +365,10 @@ enum OpenError {
     Task(String),
 }
 
-/// The message of a panicked (or cancelled) task.
+/// The message of a panicked task, or why a cancelled one ended.
 fn panic_message(e: JoinError) -> String {
-    if !e.is_panic() {
-        return e.to_string();
-    }
-    let payload = e.into_panic();
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic without a message".to_owned()
-    }
+    let cancelled = e.to_string();
+    crate::proxy::catch::panicked(e).unwrap_or(cancelled)
 }
 
 fn log_retuned(rule: &Rule) {

@@ -8,7 +8,7 @@
 //! [`Switcher`]; nothing here switches namespaces.
 
 mod accept;
-mod catch;
+pub(crate) mod catch;
 mod park;
 mod proxy_header;
 mod relay;
