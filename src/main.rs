@@ -176,7 +176,7 @@ fn main() -> ExitCode {
         } => match config::parse_forward(&specs, workers) {
             Ok(mut c) => {
                 if let Some(t) = connect_timeout {
-                    c.rules.iter_mut().for_each(|r| r.connect_timeout = t);
+                    config::set_connect_timeout(&mut c, t);
                 }
                 c.drain_timeout = drain_timeout;
                 c.control_socket = control_socket;

@@ -288,6 +288,9 @@ fn tcp_exchange(ns: &TestNs, addr: &str, seed: u64) -> Result<usize, String> {
         std::io::ErrorKind::ConnectionReset => format!("reset on connect: {e}"),
         _ => format!("connect failed: {e}"),
     })?;
+    // Named in a failure, so that the daemon's lines about this connection
+    // (its span's `peer`) can be found.
+    let me = c.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let got = thread::scope(|s| {
         let mut w = c.try_clone().map_err(|e| format!("clone: {e}"))?;
         // Written from its own thread: a large echo does not fit in the
@@ -302,7 +305,8 @@ fn tcp_exchange(ns: &TestNs, addr: &str, seed: u64) -> Result<usize, String> {
         let read = r.read_to_end(&mut got).map_err(|e| format!("read: {e}"));
         writer.join().unwrap()?;
         read.map(|_| got)
-    })?;
+    })
+    .map_err(|e| format!("{e} [peer={me}]"))?;
     let want = random_bytes(len, seed);
     if got.len() != len || checksum(&got) != checksum(&want) {
         return Err(format!("WRONG DATA: {} of {len} bytes", got.len()));
@@ -804,6 +808,7 @@ fn soak() {
          (pipes {pipes0} -> {pipes1}; peak {max_fds}); RSS {rss0} KiB -> {rss1} KiB (peak {max_rss} KiB)"
     );
 
+    let tcp_unexplained: Vec<String> = seen.tcp_unexplained.lock().unwrap().clone();
     let mut problems = Vec::new();
     let mut check = |ok: bool, what: String| {
         if !ok {
@@ -856,6 +861,19 @@ fn soak() {
         tcp_ok > 0 && udp_sent > 0 && seen.churned.load(Relaxed) > 0,
         "no traffic".into(),
     );
+    for what in &tcp_unexplained {
+        if let Some(peer) = what.split("[peer=").nth(1).map(|p| p.trim_end_matches(']')) {
+            let about: Vec<&str> = log
+                .lines()
+                .filter(|l| !peer.is_empty() && l.contains(&format!("\"peer\":\"{peer}\"")))
+                .collect();
+            problems.push(format!(
+                "the daemon's lines for peer {peer} (the last 5 of {}):\n{}",
+                about.len(),
+                about[about.len().saturating_sub(5)..].join("\n")
+            ));
+        }
+    }
     if !problems.is_empty() {
         // The daemon's log goes with its scratch directory: keep it.
         let kept = std::env::temp_dir().join(format!("nsproxy-soak-{pid}.log"));
