@@ -316,3 +316,65 @@ pub fn table(s: &Status) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use super::Counters;
+    use crate::config::Protocol;
+    use crate::proxy::BindingStats;
+
+    /// Each protocol's counters land in their flat fields, and the fields
+    /// of other protocols read 0, as `status --json` always showed them.
+    #[test]
+    fn counters_are_flat_whatever_the_protocol() {
+        let tcp = BindingStats::new(Protocol::Tcp);
+        tcp.tcp().conn.accepted.store(2, Relaxed);
+        tcp.tcp().conn.bytes_out.store(3, Relaxed);
+        tcp.tcp().half_close_timeouts.store(4, Relaxed);
+        assert_eq!(
+            Counters::from_stats(&tcp),
+            Counters {
+                connections_accepted: 2,
+                bytes_out: 3,
+                half_close_timeouts: 4,
+                ..Counters::default()
+            }
+        );
+
+        let udp = BindingStats::new(Protocol::Udp);
+        udp.udp().sessions_active.store(5, Relaxed);
+        udp.udp().bytes_in.store(6, Relaxed);
+        udp.udp().dropped_by_kernel.store(7, Relaxed);
+        assert_eq!(
+            Counters::from_stats(&udp),
+            Counters {
+                sessions_active: 5,
+                bytes_in: 6,
+                dropped_by_kernel: 7,
+                ..Counters::default()
+            }
+        );
+
+        let sctp = BindingStats::new(Protocol::Sctp);
+        sctp.sctp().conn.idle_timeouts.store(8, Relaxed);
+        sctp.sctp().messages_out.store(9, Relaxed);
+        sctp.sctp().oversized.store(10, Relaxed);
+        assert_eq!(
+            Counters::from_stats(&sctp),
+            Counters {
+                idle_timeouts: 8,
+                messages_out: 9,
+                oversized: 10,
+                ..Counters::default()
+            }
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "a UDP binding has no connection counters")]
+    fn a_udp_binding_has_no_connection_counters() {
+        BindingStats::new(Protocol::Udp).conn();
+    }
+}
