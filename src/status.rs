@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use serde::{Deserialize, Serialize};
 
-use crate::proxy::BindingStats;
+use crate::proxy::{BindingStats, ConnStats, UdpStats};
 
 /// A snapshot of the whole daemon.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -115,7 +115,9 @@ impl PartialEq<&str> for BindingState {
     }
 }
 
-/// A binding's counters (see [`BindingStats`] for what each means).
+/// A binding's counters, flat whatever its protocol: those of other
+/// protocols read 0 (see [`BindingStats`] and its parts for what each
+/// means).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Counters {
     pub connections_accepted: u64,
@@ -156,8 +158,25 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// Reads every counter of `s`.
+    /// Reads every counter of `s`; those of other protocols are 0.
     pub fn from_stats(s: &BindingStats) -> Counters {
+        match s {
+            BindingStats::Tcp(t) => Counters {
+                half_close_timeouts: t.half_close_timeouts.load(Relaxed),
+                ..Counters::from_conn(&t.conn)
+            },
+            BindingStats::Sctp(s) => Counters {
+                messages_in: s.messages_in.load(Relaxed),
+                messages_out: s.messages_out.load(Relaxed),
+                unknown_stream: s.unknown_stream.load(Relaxed),
+                oversized: s.oversized.load(Relaxed),
+                ..Counters::from_conn(&s.conn)
+            },
+            BindingStats::Udp(u) => Counters::from_udp(u),
+        }
+    }
+
+    fn from_conn(s: &ConnStats) -> Counters {
         Counters {
             connections_accepted: s.accepted.load(Relaxed),
             connections_active: s.active.load(Relaxed),
@@ -166,9 +185,16 @@ impl Counters {
             paused_at_cap: s.paused_at_cap.load(Relaxed),
             backlog_reset: s.backlog_reset.load(Relaxed),
             idle_timeouts: s.idle_timeouts.load(Relaxed),
-            half_close_timeouts: s.half_close_timeouts.load(Relaxed),
             client_gone_connecting: s.client_gone_connecting.load(Relaxed),
             upstream_socket_exhausted: s.upstream_socket_exhausted.load(Relaxed),
+            bytes_in: s.bytes_in.load(Relaxed),
+            bytes_out: s.bytes_out.load(Relaxed),
+            ..Counters::default()
+        }
+    }
+
+    fn from_udp(s: &UdpStats) -> Counters {
+        Counters {
             bytes_in: s.bytes_in.load(Relaxed),
             bytes_out: s.bytes_out.load(Relaxed),
             datagrams_in: s.datagrams_in.load(Relaxed),
@@ -184,10 +210,7 @@ impl Counters {
             send_errors: s.send_errors.load(Relaxed),
             upstream_refused: s.upstream_refused.load(Relaxed),
             recv_errors: s.recv_errors.load(Relaxed),
-            messages_in: s.messages_in.load(Relaxed),
-            messages_out: s.messages_out.load(Relaxed),
-            unknown_stream: s.unknown_stream.load(Relaxed),
-            oversized: s.oversized.load(Relaxed),
+            ..Counters::default()
         }
     }
 }
@@ -292,4 +315,66 @@ pub fn table(s: &Status) -> String {
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use super::Counters;
+    use crate::config::Protocol;
+    use crate::proxy::BindingStats;
+
+    /// Each protocol's counters land in their flat fields, and the fields
+    /// of other protocols read 0, as `status --json` always showed them.
+    #[test]
+    fn counters_are_flat_whatever_the_protocol() {
+        let tcp = BindingStats::new(Protocol::Tcp);
+        tcp.tcp().conn.accepted.store(2, Relaxed);
+        tcp.tcp().conn.bytes_out.store(3, Relaxed);
+        tcp.tcp().half_close_timeouts.store(4, Relaxed);
+        assert_eq!(
+            Counters::from_stats(&tcp),
+            Counters {
+                connections_accepted: 2,
+                bytes_out: 3,
+                half_close_timeouts: 4,
+                ..Counters::default()
+            }
+        );
+
+        let udp = BindingStats::new(Protocol::Udp);
+        udp.udp().sessions_active.store(5, Relaxed);
+        udp.udp().bytes_in.store(6, Relaxed);
+        udp.udp().dropped_by_kernel.store(7, Relaxed);
+        assert_eq!(
+            Counters::from_stats(&udp),
+            Counters {
+                sessions_active: 5,
+                bytes_in: 6,
+                dropped_by_kernel: 7,
+                ..Counters::default()
+            }
+        );
+
+        let sctp = BindingStats::new(Protocol::Sctp);
+        sctp.sctp().conn.idle_timeouts.store(8, Relaxed);
+        sctp.sctp().messages_out.store(9, Relaxed);
+        sctp.sctp().oversized.store(10, Relaxed);
+        assert_eq!(
+            Counters::from_stats(&sctp),
+            Counters {
+                idle_timeouts: 8,
+                messages_out: 9,
+                oversized: 10,
+                ..Counters::default()
+            }
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "a UDP binding has no connection counters")]
+    fn a_udp_binding_has_no_connection_counters() {
+        BindingStats::new(Protocol::Udp).conn();
+    }
 }

@@ -586,7 +586,7 @@ fn counters_and_tasks_in_process() {
             let msg = format!("{i}");
             assert_eq!(udp_round_trip(c, msg.as_bytes()).unwrap(), msg.as_bytes());
         }
-        let st = &open.stats;
+        let st = open.stats.udp();
         assert_eq!(st.sessions_created.load(Relaxed), 300);
         assert_eq!(st.datagrams_in.load(Relaxed), 300);
         // (The idle timeout is long enough for all 300 to be alive still.)
@@ -616,7 +616,7 @@ fn counters_and_tasks_in_process() {
                 answered += 1;
             }
         }
-        let st = &capped.stats;
+        let st = capped.stats.udp();
         assert_eq!(answered, 5);
         assert_eq!(st.dropped_at_cap.load(Relaxed), 3);
         assert_eq!(st.sessions_active.load(Relaxed), 5);
@@ -661,8 +661,8 @@ impl InProcess {
         }
     }
 
-    fn stats(&self, i: usize) -> &nsproxy::proxy::BindingStats {
-        &self.bindings[i].stats
+    fn stats(&self, i: usize) -> &nsproxy::proxy::UdpStats {
+        self.bindings[i].stats.udp()
     }
 
     fn stop(self) {
@@ -785,7 +785,7 @@ fn bursts_pass_whole_in_order_and_every_datagram_is_accounted_for() {
         // counts are final once the sessions have ended.
         let binding = p.bindings[0].clone();
         p.stop();
-        let st = &binding.stats;
+        let st = binding.stats.udp();
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
         let sent = u64::from(CLIENTS * (BURST + 1));
         let (to_upstream, to_clients) = (load(&st.datagrams_in), load(&st.datagrams_out));

@@ -74,6 +74,7 @@ where
     H: Fn(Arc<Binding>, L::Conn, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
+    let stats = b.stats.conn();
     let mut conns = JoinSet::new();
     let mut idle = IdleCheck::new(park_after);
     let mut at_cap = CapPause::default();
@@ -127,11 +128,11 @@ where
                 Ok((conn, peer)) => {
                     accept_short.backoff.reset();
                     idle.busy();
-                    b.stats.accepted.fetch_add(1, Relaxed);
+                    stats.accepted.fetch_add(1, Relaxed);
                     conns.spawn(handle(b.clone(), conn, canonical(peer)));
                 }
                 Err(e) if is_resource_exhaustion(&e) => {
-                    b.stats.accept_errors.fetch_add(1, Relaxed);
+                    stats.accept_errors.fetch_add(1, Relaxed);
                     accept_short.pause(&b, &mut idle, |d, more| warn!(
                         "accept failed: {e}{}; pausing accepts for {d:?} (counted in accept_errors){}",
                         crate::sys::fd_exhaustion_hint(&e), more.since()
@@ -140,7 +141,7 @@ where
                 Err(e) => {
                     // The pending connection died before we took it
                     // (ECONNABORTED, EPROTO, ...): nothing to back off from.
-                    b.stats.accept_errors.fetch_add(1, Relaxed);
+                    stats.accept_errors.fetch_add(1, Relaxed);
                     debug!("accept failed: {e}");
                 }
             },
@@ -241,7 +242,7 @@ impl CapPause {
         if full && !self.paused {
             // Counted once per pause, whether an accept or a reload
             // lowering the cap brought it.
-            b.stats.paused_at_cap.fetch_add(1, Relaxed);
+            b.stats.conn().paused_at_cap.fetch_add(1, Relaxed);
             if self.window.first() {
                 warn!(
                     "{open} {noun}(s) open, max_connections is {cap}: not accepting more until one closes (clients wait in the listen backlog); further pauses are counted (paused_at_cap) and reported every {REPORT_INTERVAL:?}"
@@ -312,6 +313,7 @@ fn take_backlog<L, H, F>(
             .max_connections()
             .map_or(usize::MAX, |cap| cap.saturating_sub(conns.len())),
     };
+    let stats = b.stats.conn();
     let (mut taken, mut reset) = (0u64, 0u64);
     // Bounded: the backlog holds at most `backlog` (the kernel may allow
     // one more); clients still arriving are not chased.
@@ -319,18 +321,18 @@ fn take_backlog<L, H, F>(
         match listener.accept_queued() {
             Ok((conn, peer)) if (taken as usize) < room => {
                 taken += 1;
-                b.stats.accepted.fetch_add(1, Relaxed);
+                stats.accepted.fetch_add(1, Relaxed);
                 conns.spawn(handle(b.clone(), conn, canonical(peer)));
             }
             Ok((conn, _)) => {
                 reset += 1;
-                b.stats.backlog_reset.fetch_add(1, Relaxed);
+                stats.backlog_reset.fetch_add(1, Relaxed);
                 L::refuse(conn);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if is_resource_exhaustion(&e) => {
-                b.stats.accept_errors.fetch_add(1, Relaxed);
+                stats.accept_errors.fetch_add(1, Relaxed);
                 warn!(
                     "accept failed while closing the listener: {e}{}; {noun}(s) still in its backlog are reset",
                     crate::sys::fd_exhaustion_hint(&e)
@@ -339,7 +341,7 @@ fn take_backlog<L, H, F>(
             }
             Err(e) => {
                 // One that died in the backlog: skip it, as the loop does.
-                b.stats.accept_errors.fetch_add(1, Relaxed);
+                stats.accept_errors.fetch_add(1, Relaxed);
                 debug!("accept failed: {e}");
             }
         }
@@ -425,8 +427,11 @@ mod tests {
                 .await;
                 assert!(idle.is_none());
                 assert_eq!(served.load(Relaxed), served_want, "{mode:?}");
-                assert_eq!(b.stats.accepted.load(Relaxed), served_want as u64);
-                assert_eq!(b.stats.backlog_reset.load(Relaxed), 3 - served_want as u64);
+                assert_eq!(b.stats.conn().accepted.load(Relaxed), served_want as u64);
+                assert_eq!(
+                    b.stats.conn().backlog_reset.load(Relaxed),
+                    3 - served_want as u64
+                );
                 let mut answered = 0;
                 for c in &mut clients {
                     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

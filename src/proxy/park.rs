@@ -483,7 +483,7 @@ mod tests {
                 assert!(b.is_parked());
                 parking.stop(&b, mode);
                 parking.stopped().await;
-                let s = &b.stats;
+                let s = b.stats.conn();
                 assert_eq!(s.accepted.load(Relaxed), served, "{mode:?}");
                 // Served: the upstream (the discard port) refused them.
                 assert_eq!(s.connect_failed.load(Relaxed), served, "{mode:?}");

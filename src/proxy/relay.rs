@@ -148,8 +148,8 @@ impl Active {
 
     fn counter(b: &Binding, gauge: Gauge) -> &AtomicU64 {
         match gauge {
-            Gauge::Connections => &b.stats.active,
-            Gauge::Sessions => &b.stats.sessions_active,
+            Gauge::Connections => &b.stats.conn().active,
+            Gauge::Sessions => &b.stats.udp().sessions_active,
         }
     }
 }

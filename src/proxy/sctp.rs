@@ -220,6 +220,7 @@ fn abort(s: &AsyncFd<Socket>) {
 
 async fn handle(b: Arc<Binding>, client: AsyncFd<Socket>) {
     let _active = Active::new(b.clone(), Gauge::Connections);
+    let stats = b.stats.conn();
     let flows = Flows::default();
     let upstream = {
         // Should the association be cut meanwhile, the client is aborted.
@@ -229,7 +230,7 @@ async fn handle(b: Arc<Binding>, client: AsyncFd<Socket>) {
         match r {
             Ok(s) => s,
             Err(ConnectError::ClientGone(e, _)) => {
-                b.stats.client_gone_connecting.fetch_add(1, Relaxed);
+                stats.client_gone_connecting.fetch_add(1, Relaxed);
                 flows.log(
                     &b,
                     &format!(
@@ -239,7 +240,7 @@ async fn handle(b: Arc<Binding>, client: AsyncFd<Socket>) {
                 return;
             }
             Err(e) => {
-                b.stats.connect_failed.fetch_add(1, Relaxed);
+                stats.connect_failed.fetch_add(1, Relaxed);
                 warn!("upstream connect failed: {e}; aborting the client association");
                 abort(&client);
                 return;
@@ -260,7 +261,7 @@ async fn handle(b: Arc<Binding>, client: AsyncFd<Socket>) {
         End::Expired(_) => {
             abort(&client);
             abort(&upstream);
-            b.stats.idle_timeouts.fetch_add(1, Relaxed);
+            stats.idle_timeouts.fetch_add(1, Relaxed);
         }
     }
     flows.log(&b, &format!("association closed: {}", end.describe(&WORDS)));
@@ -291,10 +292,11 @@ impl Flows {
     /// association ends) and logs the end.
     fn log(&self, b: &Binding, what: &str) {
         let (up, down) = (self.up.read(), self.down.read());
-        b.stats.bytes_in.fetch_add(up.bytes, Relaxed);
-        b.stats.bytes_out.fetch_add(down.bytes, Relaxed);
-        b.stats.messages_in.fetch_add(up.messages, Relaxed);
-        b.stats.messages_out.fetch_add(down.messages, Relaxed);
+        let stats = b.stats.sctp();
+        stats.conn.bytes_in.fetch_add(up.bytes, Relaxed);
+        stats.conn.bytes_out.fetch_add(down.bytes, Relaxed);
+        stats.messages_in.fetch_add(up.messages, Relaxed);
+        stats.messages_out.fetch_add(down.messages, Relaxed);
         info!(
             messages_from_client = up.messages,
             messages_to_client = down.messages,
@@ -581,7 +583,7 @@ async fn pump(
                 continue;
             }
             Ok(Received::Oversized { len, info }) => {
-                b.stats.oversized.fetch_add(1, Relaxed);
+                b.stats.sctp().oversized.fetch_add(1, Relaxed);
                 warn!(
                     "message of {len} bytes from the {} on stream {} dropped: larger than {MAX_MESSAGE} bytes, the most nsproxy reassembles",
                     from.name, info.sid
@@ -644,7 +646,7 @@ impl Direction<'_> {
             match sctp::fit_send_buffer(to.fd.get_ref(), msg.len()) {
                 Ok(true) => sent = send(to, msg, info).await,
                 Ok(false) | Err(_) => {
-                    b.stats.oversized.fetch_add(1, Relaxed);
+                    b.stats.sctp().oversized.fetch_add(1, Relaxed);
                     warn!(
                         "message of {} bytes from the {} on stream {} dropped: larger than the {} send buffer can be made (net.core.wmem_max; SO_SNDBUFFORCE needs CAP_NET_ADMIN)",
                         msg.len(),
@@ -701,7 +703,7 @@ async fn send(to: &Leg<'_>, msg: &[u8], info: &sctp::RcvInfo) -> io::Result<usiz
 /// Reports a message on a stream the other side does not have: counted,
 /// logged for the first one of each direction, and dropped.
 fn unknown_stream(b: &Binding, from: &Leg<'_>, to: &Leg<'_>, sid: u16, streams: u16, flow: &Flow) {
-    b.stats.unknown_stream.fetch_add(1, Relaxed);
+    b.stats.sctp().unknown_stream.fetch_add(1, Relaxed);
     if flow.unknown_stream.fetch_add(1, Relaxed) == 0 {
         warn!(
             "message from the {} on stream {sid} dropped: the {} association has only {streams} outbound stream(s) (ids 0..{}); raise sctp_streams or the peer's stream count. Further drops are counted in the close line",

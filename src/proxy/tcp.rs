@@ -95,6 +95,7 @@ pub(crate) async fn serve(
 
 async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Early) {
     let _active = Active::new(b.clone(), Gauge::Connections);
+    let stats = b.stats.tcp();
     // As it was when the client was accepted, whatever a reload does meanwhile.
     let proxy_header = b.proxy_protocol();
     let keepalive = b.tcp_keepalive();
@@ -109,7 +110,7 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Ear
             Err(ConnectError::ClientGone(e, after)) => {
                 // The connect is not an upstream failure: not counted in
                 // connect_failed, and logged at info.
-                b.stats.client_gone_connecting.fetch_add(1, Relaxed);
+                stats.conn.client_gone_connecting.fetch_add(1, Relaxed);
                 info!(
                     duration_ms = moved.activity.start().elapsed().as_millis() as u64,
                     "connection closed: the client reset ({e}) while the upstream connect was under way, after {after:?}; the connect was abandoned"
@@ -117,7 +118,7 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Ear
                 return;
             }
             Err(e) => {
-                b.stats.connect_failed.fetch_add(1, Relaxed);
+                stats.conn.connect_failed.fetch_add(1, Relaxed);
                 warn!("upstream connect failed: {e}; resetting the client connection");
                 reset(&client);
                 return;
@@ -130,7 +131,7 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Ear
     if let Some(version) = proxy_header {
         if let Err(e) = send_proxy_header(&b, version, &client, peer, &upstream).await {
             cut.disarm();
-            b.stats.connect_failed.fetch_add(1, Relaxed);
+            stats.conn.connect_failed.fetch_add(1, Relaxed);
             warn!(
                 "sending the PROXY protocol {version} header to the upstream failed: {e}; resetting both connections"
             );
@@ -160,8 +161,8 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Ear
             reset(&client);
             reset(&upstream);
             match why {
-                Expired::Idle(_) => &b.stats.idle_timeouts,
-                Expired::HalfClose(_) => &b.stats.half_close_timeouts,
+                Expired::Idle(_) => &stats.conn.idle_timeouts,
+                Expired::HalfClose(_) => &stats.half_close_timeouts,
             }
             .fetch_add(1, Relaxed);
         }
@@ -459,14 +460,15 @@ fn shutdown_write(s: &TcpStream) -> io::Result<()> {
 /// connections are live.
 async fn relay(b: &Binding, client: &TcpStream, upstream: &TcpStream, moved: &Moved) -> End {
     let activity = &moved.activity;
+    let totals = b.stats.conn();
     let up_count = Count {
         moved: &moved.c2u,
-        total: &b.stats.bytes_in,
+        total: &totals.bytes_in,
         activity,
     };
     let down_count = Count {
         moved: &moved.u2c,
-        total: &b.stats.bytes_out,
+        total: &totals.bytes_out,
         activity,
     };
     let up = async {

@@ -65,7 +65,7 @@ use tracing::{Instrument, debug, error, info};
 
 use super::relay::{Active, Gauge, IdleCheck, LISTENER_BACKOFF, canonical, conn_span, pause};
 use super::report::{Kind, Reporter};
-use super::{Binding, ListenError, Served, StopMode, catch};
+use super::{Binding, ListenError, Served, StopMode, UdpStats, catch};
 use crate::netns::SocketSpec;
 use crate::sys::udp::{self as udp_sys, BATCH, RecvBatch, ReplyFrom};
 
@@ -154,6 +154,7 @@ pub(crate) async fn serve(
         gso_to_upstream: udp_sys::Gso::new(),
         // Its reports are logged in the serve task's span, the binding's.
         warnings: Arc::new(Reporter::new(tracing::Span::current())),
+        stats: b.stats.udp().clone(),
         b,
         socket,
         sessions: Mutex::new(HashMap::new()),
@@ -190,7 +191,7 @@ pub(crate) async fn serve(
                     // An unconnected socket gets no ICMP errors, so this is
                     // the kernel short of memory (or something stranger):
                     // pause rather than spin on it.
-                    b.stats.recv_errors.fetch_add(1, Relaxed);
+                    shared.stats.recv_errors.fetch_add(1, Relaxed);
                     let d = backoff.next();
                     shared.warnings.warn(Warn::RecvFailed, || format!(
                         "receiving on {} failed: {e}; pausing this listener for {d:?}",
@@ -244,7 +245,7 @@ fn pass_on(
         let Some(peer) = meta.peer else {
             // Only a socket that is not IP has senders without an IP
             // address: never here.
-            b.stats.recv_errors.fetch_add(1, Relaxed);
+            shared.stats.recv_errors.fetch_add(1, Relaxed);
             continue;
         };
         if meta.truncated {
@@ -309,7 +310,6 @@ fn kernel_dropped(
     *last = total;
     if new > 0 {
         shared
-            .b
             .stats
             .dropped_by_kernel
             .fetch_add(u64::from(new), Relaxed);
@@ -319,7 +319,7 @@ fn kernel_dropped(
 
 /// Counts and logs a datagram dropped because it did not fit a receive slot.
 fn dropped_truncated(shared: &Shared, len: usize, from: impl std::fmt::Display) {
-    shared.b.stats.truncated.fetch_add(1, Relaxed);
+    shared.stats.truncated.fetch_add(1, Relaxed);
     shared.warnings.warn(Warn::Truncated, || {
         format!("dropped a {len}-byte datagram from {from}: larger than the {RECV_BUF}-byte buffer")
     });
@@ -328,6 +328,9 @@ fn dropped_truncated(shared: &Shared, len: usize, from: impl std::fmt::Display) 
 /// What one binding's listener task and its sessions share.
 struct Shared {
     b: Arc<Binding>,
+    /// `b`'s counters, held apart so that counting a datagram goes straight
+    /// to them.
+    stats: Arc<UdpStats>,
     /// The listening socket: the listener task receives on it; sessions send
     /// their replies with it, so that replies come from the listen port.
     socket: UdpSocket,
@@ -499,7 +502,7 @@ fn dispatch(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, peer: SocketAddr, d: 
         Ok(()) => return,
         Err(mpsc::error::TrySendError::Full(d)) => {
             drop(sessions);
-            b.stats.dropped_queue_full.fetch_add(1, Relaxed);
+            shared.stats.dropped_queue_full.fetch_add(1, Relaxed);
             shared.warnings.warn(Warn::QueueFull, || {
                 format!(
                     "dropped a {}-byte datagram from {}: its session's queue to the upstream is full",
@@ -520,7 +523,7 @@ fn dispatch(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, peer: SocketAddr, d: 
     let max = b.rule.udp_max_sessions;
     if sessions.len() >= max {
         drop(sessions);
-        b.stats.dropped_at_cap.fetch_add(1, Relaxed);
+        shared.stats.dropped_at_cap.fetch_add(1, Relaxed);
         shared.warnings.warn(Warn::AtCap, || {
             format!(
                 "session limit reached (udp_max_sessions = {max}): dropped a datagram from new client {}",
@@ -544,7 +547,7 @@ fn dispatch(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, peer: SocketAddr, d: 
     sessions.insert(peer, entry);
     drop(sessions);
 
-    b.stats.sessions_created.fetch_add(1, Relaxed);
+    shared.stats.sessions_created.fetch_add(1, Relaxed);
     // Made here, not in the task: a task aborted before its first poll
     // still drops it.
     let active = Active::new(b.clone(), Gauge::Sessions);

@@ -98,15 +98,14 @@ impl Session {
     /// map first, so that nothing more is queued; then counts what was.
     fn failed(&self, mut rx: mpsc::Receiver<Datagram>, e: &UpstreamError) {
         let shared = &self.shared;
-        let b = &shared.b;
-        b.stats.sessions_failed.fetch_add(1, Relaxed);
+        shared.stats.sessions_failed.fetch_add(1, Relaxed);
         forget(&mut shared.lock_sessions(), self.peer, self.id);
         rx.close();
         let mut lost = 0;
         while rx.try_recv().is_ok() {
             lost += 1;
         }
-        b.stats.send_errors.fetch_add(lost, Relaxed);
+        shared.stats.send_errors.fetch_add(lost, Relaxed);
         shared.warnings.warn(Warn::NoUpstream, || {
             format!("cannot start a session: {e}; dropped {lost} datagram(s) from the client")
         });
@@ -169,7 +168,7 @@ impl Session {
                         // Other ICMP errors (host or network unreachable)
                         // end here too; the session stays, like for
                         // "refused".
-                        b.stats.recv_errors.fetch_add(1, Relaxed);
+                        shared.stats.recv_errors.fetch_add(1, Relaxed);
                         shared.warnings.warn(Warn::RecvFailed, || format!(
                             "receiving from the upstream failed: {e}"
                         ));
@@ -180,7 +179,7 @@ impl Session {
                     if Instant::now() < deadline {
                         timer.as_mut().reset(deadline);
                     } else if shared.remove_if_idle(peer, self.id, rx) {
-                        b.stats.sessions_expired.fetch_add(1, Relaxed);
+                        shared.stats.sessions_expired.fetch_add(1, Relaxed);
                         return "idle";
                     } else {
                         // A datagram arrived just as the session went idle.
@@ -195,7 +194,7 @@ impl Session {
 
 /// Counts and logs a "port unreachable" report for a session socket.
 fn refused(shared: &Shared, doing: &str) {
-    shared.b.stats.upstream_refused.fetch_add(1, Relaxed);
+    shared.stats.upstream_refused.fetch_add(1, Relaxed);
     shared.warnings.warn(Warn::Refused, || {
         format!(
             "upstream {} refused ({doing}: nothing listens on that port); the session stays open",
@@ -207,7 +206,6 @@ fn refused(shared: &Shared, doing: &str) {
 /// Sends a batch of a client's datagrams to the upstream, in order, with
 /// as few `sendmmsg` calls as errors allow.
 async fn to_upstream(shared: &Shared, upstream: &UdpSocket, batch: &[Datagram], moved: &mut Moved) {
-    let b = &shared.b;
     let mut next = 0;
     while next < batch.len() {
         let rest = &batch[next..];
@@ -227,8 +225,8 @@ async fn to_upstream(shared: &Shared, upstream: &UdpSocket, batch: &[Datagram], 
             Ok(sent) => {
                 let k = sent.count;
                 let bytes: usize = rest[..k].iter().map(|d| d.data.len()).sum();
-                b.stats.datagrams_in.fetch_add(k as u64, Relaxed);
-                b.stats.bytes_in.fetch_add(bytes as u64, Relaxed);
+                shared.stats.datagrams_in.fetch_add(k as u64, Relaxed);
+                shared.stats.bytes_in.fetch_add(bytes as u64, Relaxed);
                 moved.datagrams_from_client += k as u64;
                 moved.bytes_from_client += bytes as u64;
                 next += k;
@@ -262,7 +260,6 @@ async fn to_upstream_one(
     data: &[u8],
     failed: Option<io::Error>,
 ) -> bool {
-    let b = &shared.b;
     let mut result = match failed {
         Some(e) => Err(e),
         None => upstream.send(data).await,
@@ -276,12 +273,12 @@ async fn to_upstream_one(
     }
     match result {
         Ok(_) => {
-            b.stats.datagrams_in.fetch_add(1, Relaxed);
-            b.stats.bytes_in.fetch_add(data.len() as u64, Relaxed);
+            shared.stats.datagrams_in.fetch_add(1, Relaxed);
+            shared.stats.bytes_in.fetch_add(data.len() as u64, Relaxed);
             true
         }
         Err(e) => {
-            b.stats.send_errors.fetch_add(1, Relaxed);
+            shared.stats.send_errors.fetch_add(1, Relaxed);
             shared.warnings.warn(Warn::SendFailed, || {
                 format!(
                     "dropped a {}-byte datagram to the upstream: {e}",
@@ -389,8 +386,8 @@ fn relay_replies(
 
 /// Counts a datagram sent to the client.
 fn sent_to_client(shared: &Shared, moved: &mut Moved, len: usize) {
-    shared.b.stats.datagrams_out.fetch_add(1, Relaxed);
-    shared.b.stats.bytes_out.fetch_add(len as u64, Relaxed);
+    shared.stats.datagrams_out.fetch_add(1, Relaxed);
+    shared.stats.bytes_out.fetch_add(len as u64, Relaxed);
     moved.datagrams_to_client += 1;
     moved.bytes_to_client += len as u64;
 }
@@ -403,7 +400,6 @@ async fn to_client(
     from: Option<ReplyFrom>,
     data: &[u8],
 ) -> bool {
-    let b = &shared.b;
     let sent = shared
         .socket
         .async_io(Interest::WRITABLE, || {
@@ -412,8 +408,8 @@ async fn to_client(
         .await;
     match sent {
         Ok(()) => {
-            b.stats.datagrams_out.fetch_add(1, Relaxed);
-            b.stats.bytes_out.fetch_add(data.len() as u64, Relaxed);
+            shared.stats.datagrams_out.fetch_add(1, Relaxed);
+            shared.stats.bytes_out.fetch_add(data.len() as u64, Relaxed);
             true
         }
         Err(e) => {
@@ -425,7 +421,7 @@ async fn to_client(
 
 /// Counts and logs a datagram to a client that could not be sent.
 fn client_send_failed(shared: &Shared, from: Option<ReplyFrom>, len: usize, e: &io::Error) {
-    shared.b.stats.send_errors.fetch_add(1, Relaxed);
+    shared.stats.send_errors.fetch_add(1, Relaxed);
     shared.warnings.warn(Warn::SendFailed, || {
         let from = from.map_or_else(|| "any address".to_owned(), |f| f.ip.to_string());
         format!("dropped a {len}-byte datagram to the client (sent from {from}): {e}")
