@@ -16,13 +16,76 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::sync::oneshot;
 
 use super::{NsError, NsId, NsRef, Socket, SocketSpec, Switcher};
 
-/// A socket on its way: the request is already queued when this is
-/// returned (see [`Switcher::socket`]), so many asked for before awaiting
-/// any share the namespace thread's switches.
-pub type SocketFuture = Pin<Box<dyn Future<Output = Result<Socket, NsError>> + Send + 'static>>;
+/// A socket on its way, or already made: the request is already queued
+/// when this is returned (see [`Switcher::socket`]), so many asked for
+/// before awaiting any share the namespace thread's switches.
+///
+/// A concrete type rather than a boxed future because it is asked for once
+/// per connection: a socket of nsproxy's own namespace, or one from a pool,
+/// is there at once and costs no allocation; one queued for another thread
+/// (or process) waits on a channel.
+#[must_use = "a socket's request is made; await it or drop the socket"]
+pub struct SocketFuture(Pending);
+
+enum Pending {
+    Made(Option<Result<Socket, NsError>>),
+    Queued(oneshot::Receiver<Result<Socket, NsError>>),
+    Other(Pin<Box<dyn Future<Output = Result<Socket, NsError>> + Send + 'static>>),
+}
+
+impl SocketFuture {
+    /// A socket already made (or the error making it).
+    pub fn made(r: Result<Socket, NsError>) -> SocketFuture {
+        SocketFuture(Pending::Made(Some(r)))
+    }
+
+    /// A socket another thread will send; its end dropped unsent reads as
+    /// [`NsError::Stopped`].
+    pub fn queued(rx: oneshot::Receiver<Result<Socket, NsError>>) -> SocketFuture {
+        SocketFuture(Pending::Queued(rx))
+    }
+
+    /// Any other way of getting one (boxed).
+    pub fn other(
+        f: impl Future<Output = Result<Socket, NsError>> + Send + 'static,
+    ) -> SocketFuture {
+        SocketFuture(Pending::Other(Box::pin(f)))
+    }
+}
+
+impl Future for SocketFuture {
+    type Output = Result<Socket, NsError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Every variant is Unpin (a boxed future is pinned in its box).
+        match &mut self.get_mut().0 {
+            Pending::Made(r) => {
+                Poll::Ready(r.take().expect("a SocketFuture polled after it completed"))
+            }
+            Pending::Queued(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(NsError::Stopped))),
+            Pending::Other(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
+impl fmt::Debug for SocketFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.0 {
+            Pending::Made(_) => "made",
+            Pending::Queued(_) => "queued",
+            Pending::Other(_) => "other",
+        };
+        f.debug_tuple("SocketFuture").field(&state).finish()
+    }
+}
 
 /// Resolutions on their way, in the order of the references asked for.
 pub type ResolveFuture<'a> = Pin<Box<dyn Future<Output = Vec<Result<NsId, NsError>>> + Send + 'a>>;
@@ -55,11 +118,11 @@ impl SocketFactory for Switcher {
     }
 
     fn socket(&self, ns: NsId, spec: SocketSpec) -> SocketFuture {
-        Box::pin(Switcher::socket(self, ns, spec))
+        Switcher::socket(self, ns, spec)
     }
 
     fn pooled_socket(&self, ns: NsId, spec: SocketSpec) -> SocketFuture {
-        Box::pin(Switcher::pooled_socket(self, ns, spec))
+        Switcher::pooled_socket(self, ns, spec)
     }
 
     fn socket_blocking(&self, ns: NsId, spec: SocketSpec) -> Result<Socket, NsError> {
@@ -208,10 +271,10 @@ mod tests {
             Box::pin(async { Vec::new() })
         }
         fn socket(&self, _: NsId, _: SocketSpec) -> SocketFuture {
-            Box::pin(async { Err(NsError::Stopped) })
+            SocketFuture::made(Err(NsError::Stopped))
         }
         fn pooled_socket(&self, _: NsId, _: SocketSpec) -> SocketFuture {
-            Box::pin(async { Err(NsError::Stopped) })
+            SocketFuture::made(Err(NsError::Stopped))
         }
         fn socket_blocking(&self, _: NsId, _: SocketSpec) -> Result<Socket, NsError> {
             Err(NsError::Stopped)

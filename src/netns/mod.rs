@@ -29,7 +29,6 @@ mod reference;
 mod switcher;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -303,24 +302,14 @@ impl Switcher {
     /// The request is queued when this is called, not when the future is
     /// first polled, so that many requests made before awaiting any of them
     /// reach the namespace thread together and share its switches.
-    pub fn socket(
-        &self,
-        ns: NsId,
-        spec: SocketSpec,
-    ) -> impl Future<Output = Result<Socket, NsError>> + Send + 'static {
-        let queued = if ns == self.home {
-            Err(socket_here(ns, spec))
-        } else {
-            let (reply, rx) = oneshot::channel();
-            self.send(switcher::Request::Socket { ns, spec, reply })
-                .map(|()| rx)
-                .map_err(Err)
-        };
-        async move {
-            match queued {
-                Ok(rx) => rx.await.map_err(|_| NsError::Stopped)?,
-                Err(done) => done,
-            }
+    pub fn socket(&self, ns: NsId, spec: SocketSpec) -> SocketFuture {
+        if ns == self.home {
+            return SocketFuture::made(socket_here(ns, spec));
+        }
+        let (reply, rx) = oneshot::channel();
+        match self.send(switcher::Request::Socket { ns, spec, reply }) {
+            Ok(()) => SocketFuture::queued(rx),
+            Err(e) => SocketFuture::made(Err(e)),
         }
     }
 
@@ -329,12 +318,11 @@ impl Switcher {
     /// (namespace, kind) waits for the namespace thread, later ones take a
     /// ready socket while the pool refills in the background. The pool is
     /// dropped with [`Switcher::release`], so it never keeps a namespace alive.
-    pub fn pooled_socket(
-        &self,
-        ns: NsId,
-        spec: SocketSpec,
-    ) -> impl Future<Output = Result<Socket, NsError>> + Send + 'static {
-        let ready = if ns != self.home && pool_enabled() {
+    pub fn pooled_socket(&self, ns: NsId, spec: SocketSpec) -> SocketFuture {
+        if ns == self.home || !pool_enabled() {
+            return self.socket(ns, spec);
+        }
+        let ready = {
             let mut slots = self.pool.slots.lock().unwrap_or_else(|e| e.into_inner());
             let slot = slots.entry(pool_key(ns, &spec)).or_default();
             let ready = slot.ready.pop();
@@ -349,16 +337,10 @@ impl Switcher {
                 slot.refilling = self.send(refill).is_ok();
             }
             ready
-        } else {
-            None
         };
-        let fallback = ready.is_none().then(|| self.socket(ns, spec));
-        async move {
-            match (ready, fallback) {
-                (Some(s), _) => Ok(s),
-                (None, Some(f)) => f.await,
-                (None, None) => unreachable!("a socket or a request"),
-            }
+        match ready {
+            Some(s) => SocketFuture::made(Ok(s)),
+            None => self.socket(ns, spec),
         }
     }
 

@@ -22,7 +22,7 @@ use tokio::time::{Instant, Sleep};
 use super::timeout::{self, Activity, Expired, Verdict};
 use super::{Binding, trim};
 use crate::config::Protocol;
-use crate::netns::{NsError, SocketSpec};
+use crate::netns::{NsError, SocketFuture, SocketSpec};
 
 /// The span of one connection (association, session): a root span, so that
 /// a line's innermost span names the rule and namespace (what log readers
@@ -217,7 +217,7 @@ type SocketResult = Result<socket2::Socket, NsError>;
 /// An upstream socket on its way (a pool or the namespace thread) or made;
 /// `counted`: it failed for lack of fds and that was already reported.
 pub(crate) struct Early {
-    f: Pin<Box<dyn Future<Output = SocketResult> + Send>>,
+    f: SocketFuture,
     counted: bool,
 }
 
@@ -228,10 +228,9 @@ impl Early {
     /// again. (Otherwise a burst of clients is accepted first, each holding
     /// an fd while it waits for one more, and none gets it.)
     pub(crate) fn ask(b: &Binding, spec: SocketSpec) -> Early {
-        let mut f: Pin<Box<dyn Future<Output = _> + Send>> =
-            Box::pin(b.sockets.pooled_socket(b.upstream_ns, spec));
+        let mut f = b.sockets.pooled_socket(b.upstream_ns, spec);
         let mut cx = Context::from_waker(Waker::noop());
-        match f.as_mut().poll(&mut cx) {
+        match Pin::new(&mut f).poll(&mut cx) {
             Poll::Pending => Early { f, counted: false },
             Poll::Ready(r) => {
                 let mut counted = false;
@@ -242,7 +241,7 @@ impl Early {
                     }
                 }
                 Early {
-                    f: Box::pin(std::future::ready(r)),
+                    f: SocketFuture::made(r),
                     counted,
                 }
             }
