@@ -56,7 +56,7 @@ upstream = "127.0.0.1:0"
         err,
         format!(
             "{p}: invalid configuration (5 problems):
-  {p}:2:1: unknown key `colour` (expected one of: workers, control_socket, metrics_listen, drain_timeout, proxy)
+  {p}:2:1: unknown key `colour` (expected one of: workers, control_socket, metrics_listen, drain_timeout, user, proxy)
   {p}:7:10: rule web: `listen`: invalid listen address \"0.0.0.0:80:80\": expected IP:PORT, such as 0.0.0.0:8000, 127.0.0.1:8000 or [::]:8000
   {p}:8:18: rule web: `netns[1]`: \"ns/1\" is not a valid namespace name: a name under /run/netns has no '/' and is not \".\" or \"..\" (for a path, start it with '/')
   {p}:9:12: rule web: `upstream`: invalid upstream address \"db.local:5432\": expected IP:PORT such as 127.0.0.1:9000 or [::1]:9000 (host names are not resolved)

@@ -56,6 +56,7 @@ pub fn parse_forward(specs: &[String], workers: Option<usize>) -> Result<Config,
             workers,
             control_socket: None,
             metrics_listen: None,
+            user: None,
             drain_timeout: None,
             rules: rules.into_iter().map(|(r, _)| r).collect(),
         })

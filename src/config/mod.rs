@@ -127,6 +127,10 @@ pub struct Config {
     /// How long connections may take to finish when their listener closes
     /// gracefully; `None` means the default of 5 s.
     pub drain_timeout: Option<Duration>,
+    /// The account the relay runs as when nsproxy starts as root; `None`
+    /// means `nobody`, `"root"` keeps one privileged process (see the
+    /// README's Security section).
+    pub user: Option<String>,
     pub rules: Vec<Rule>,
 }
 

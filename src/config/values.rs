@@ -242,3 +242,20 @@ mod tests {
         );
     }
 }
+
+/// A user name as `useradd` accepts it (whether the account exists is
+/// checked when nsproxy starts, where it matters).
+pub(crate) fn check_user(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && !s.starts_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '$'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "invalid user name \"{s}\": expected an account name such as nobody or nsproxy (letters, digits, _ - . and a final $, at most 32)"
+        ))
+    }
+}

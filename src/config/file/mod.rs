@@ -24,13 +24,16 @@ use std::ops::Range;
 use toml::de::{DeTable, DeValue};
 
 use self::cx::Cx;
-use super::{Config, ConfigError, MAX_WORKERS, Problem, Rule, check_listen, check_rules};
+use super::{
+    Config, ConfigError, MAX_WORKERS, Problem, Rule, check_listen, check_rules, check_user,
+};
 
 const TOP_KEYS: &[&str] = &[
     "workers",
     "control_socket",
     "metrics_listen",
     "drain_timeout",
+    "user",
     "proxy",
 ];
 
@@ -73,6 +76,7 @@ pub fn parse_toml_located(
             control_socket: top.control_socket,
             metrics_listen: top.metrics_listen,
             drain_timeout: top.drain_timeout,
+            user: top.user,
             rules,
         },
         locations,
@@ -103,6 +107,7 @@ struct Top {
     control_socket: Option<std::path::PathBuf>,
     metrics_listen: Option<std::net::SocketAddr>,
     drain_timeout: Option<std::time::Duration>,
+    user: Option<String>,
     /// The rules read without a problem.
     rules: Vec<ReadRule>,
 }
@@ -115,6 +120,7 @@ impl Cx<'_> {
             control_socket: None,
             metrics_listen: None,
             drain_timeout: None,
+            user: None,
             rules: Vec::new(),
         };
         let mut saw_proxy = false;
@@ -134,6 +140,7 @@ impl Cx<'_> {
                     top.metrics_listen = self.checked(value, None, "metrics_listen", check_listen)
                 }
                 "drain_timeout" => top.drain_timeout = self.duration(value, None, "drain_timeout"),
+                "user" => top.user = self.checked(value, None, "user", check_user),
                 "proxy" => {
                     saw_proxy = true;
                     self.proxy_tables(value.get_ref(), value.span(), &mut top.rules);

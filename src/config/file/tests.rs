@@ -54,7 +54,7 @@ fn unknown_keys_are_named_with_their_line() {
     assert_eq!(
         problems(&text),
         vec![
-            "t.toml:3:1: unknown key `wrokers` (expected one of: workers, control_socket, metrics_listen, drain_timeout, proxy)",
+            "t.toml:3:1: unknown key `wrokers` (expected one of: workers, control_socket, metrics_listen, drain_timeout, user, proxy)",
             "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog, max_connections, proxy_protocol, udp_idle_timeout, udp_max_sessions, idle_timeout, half_close_timeout, tcp_keepalive, on_netns_delete, sctp_streams, sctp_listen_addrs, sctp_upstream_addrs, sctp_source_addrs)",
         ]
     );
