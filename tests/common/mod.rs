@@ -664,7 +664,13 @@ pub fn udp_echo_server(s: std::net::UdpSocket) {
 pub fn udp_round_trip(c: &std::net::UdpSocket, msg: &[u8]) -> io::Result<Vec<u8>> {
     c.send(msg)?;
     let mut buf = vec![0u8; 65536];
-    let n = c.recv(&mut buf)?;
+    // Interrupted by a signal to the test process: still waiting.
+    let n = loop {
+        match c.recv(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => break r?,
+        }
+    };
     buf.truncate(n);
     Ok(buf)
 }
