@@ -27,7 +27,16 @@ fn hello_when_ready(ns: &TestNs, addr: &str) -> Vec<u8> {
 
 /// Entries of /proc/PID/fd that are namespace files of inode `ino`, and
 /// sockets of `pid` that live in the namespace of `ns_file`.
-fn holds_namespace(pid: u32, ns_file: &File) -> Vec<String> {
+fn holds_namespace(d: &Daemon, ns_file: &File) -> Vec<String> {
+    // The daemon and, when it runs split, its socket broker: neither may
+    // keep a deleted namespace alive.
+    d.pids()
+        .into_iter()
+        .flat_map(|pid| holds_namespace_in(pid, ns_file))
+        .collect()
+}
+
+fn holds_namespace_in(pid: u32, ns_file: &File) -> Vec<String> {
     let ino = ns_file.metadata().unwrap().ino();
     let mut found = Vec::new();
     // Namespace fds, by what they are (an fd opened through /run/netns/X
@@ -83,14 +92,14 @@ fn globs_follow_namespaces_and_deletion_releases_them() {
         let mut open_conn = second.tcp_connect("127.0.0.1:7000").unwrap();
         let pin = File::open(format!("/run/netns/{}", second.name())).unwrap();
         assert!(
-            !holds_namespace(s.pid(), &pin).is_empty(),
+            !holds_namespace(&s, &pin).is_empty(),
             "nsproxy should hold it now"
         );
         let deleted = Instant::now();
         drop(second);
         let deadline = deleted + Duration::from_secs(1);
         loop {
-            let held = holds_namespace(s.pid(), &pin);
+            let held = holds_namespace(&s, &pin);
             if held.is_empty() {
                 break;
             }
@@ -492,14 +501,14 @@ fn drain_policy_keeps_open_connections_after_deletion() {
         let mut buf = [0u8; 5];
         c.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"still");
-        let held = holds_namespace(s.pid(), &pin);
+        let held = holds_namespace(&s, &pin);
         // Only the relayed connection's socket: not the listener, not the fd.
         assert_eq!(held.len(), 1, "only the connection may hold it: {held:?}");
         assert!(held[0].starts_with("socket"), "{held:?}");
         // Once the client is done, nothing holds the namespace any more.
         drop(c);
         s.wait_until("namespace released after the connection ended", || {
-            holds_namespace(s.pid(), &pin).is_empty()
+            holds_namespace(&s, &pin).is_empty()
         });
     })
 }
@@ -526,7 +535,7 @@ fn udp_sessions_close_when_their_namespace_is_deleted() {
         let pin = File::open(format!("/run/netns/{}", s.ns("udpdel").name())).unwrap();
         s.delete_ns("udpdel");
         s.wait_until("namespace released", || {
-            holds_namespace(s.pid(), &pin).is_empty()
+            holds_namespace(&s, &pin).is_empty()
         });
         // The 20 session sockets (in the host namespace) closed too.
         s.wait_until("session sockets closed", || {
@@ -555,10 +564,10 @@ fn deleting_the_upstream_namespace_releases_it_and_its_socket_pool() {
             c.read_exact(&mut b).unwrap();
         }
         let pin = File::open(format!("/run/netns/{}", s.ns("up").name())).unwrap();
-        s.wait_until("pool filled", || holds_namespace(s.pid(), &pin).len() > 3);
+        s.wait_until("pool filled", || holds_namespace(&s, &pin).len() > 3);
         s.delete_ns("up");
         s.wait_until("upstream namespace released", || {
-            holds_namespace(s.pid(), &pin).is_empty()
+            holds_namespace(&s, &pin).is_empty()
         });
         s.wait_log("upstream namespace");
         // The rule waits for its upstream namespace now.

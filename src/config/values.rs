@@ -206,6 +206,23 @@ pub(crate) fn check_rules<'a>(
     }
 }
 
+/// A user name as `useradd` accepts it (whether the account exists is
+/// checked when nsproxy starts, where it matters).
+pub(crate) fn check_user(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 32
+        && !s.starts_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '$'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "invalid user name \"{s}\": expected an account name such as nobody or nsproxy (letters, digits, _ - . and a final $, at most 32)"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,21 +258,16 @@ mod tests {
                 .contains("wildcard")
         );
     }
-}
 
-/// A user name as `useradd` accepts it (whether the account exists is
-/// checked when nsproxy starts, where it matters).
-pub(crate) fn check_user(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 32
-        && !s.starts_with('-')
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '$'));
-    if ok {
-        Ok(s.to_owned())
-    } else {
-        Err(format!(
-            "invalid user name \"{s}\": expected an account name such as nobody or nsproxy (letters, digits, _ - . and a final $, at most 32)"
-        ))
+    #[test]
+    fn user_names() {
+        assert_eq!(check_user("nobody").unwrap(), "nobody");
+        assert_eq!(check_user("svc-nsproxy_1").unwrap(), "svc-nsproxy_1");
+        for bad in ["", "-x", "a b", "ro/ot", &"x".repeat(33)] {
+            assert!(
+                check_user(bad).unwrap_err().contains("invalid user name"),
+                "{bad}"
+            );
+        }
     }
 }

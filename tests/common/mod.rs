@@ -423,6 +423,14 @@ impl Daemon {
         self.child.as_ref().unwrap().id()
     }
 
+    /// The daemon and its children (the socket broker when it runs split).
+    pub fn pids(&self) -> Vec<u32> {
+        let pid = self.pid();
+        let mut all = vec![pid];
+        all.extend(children(pid));
+        all
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -777,5 +785,24 @@ pub fn socket_namespaces(pid: u32) -> Vec<(String, u64)> {
             out.push((format!("fd {target_fd}"), m.ino()));
         }
     }
+    out
+}
+
+/// The child processes of `pid` (from every thread's `children` list).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
     out
 }
