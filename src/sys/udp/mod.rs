@@ -478,6 +478,46 @@ impl SendControl {
     }
 }
 
+/// Sends `run` (datagrams of `size` bytes each, the last maybe shorter) as
+/// one `UDP_SEGMENT` send: all of it, or nothing and the error.
+fn send_segmented(
+    fd: BorrowedFd<'_>,
+    run: &mut [libc::iovec],
+    size: usize,
+    to: Option<&SockAddr>,
+    pktinfo: Option<&Pktinfo>,
+) -> io::Result<()> {
+    let mut control = SendControl::new();
+    if let Some(info) = pktinfo {
+        control.push(info.level, info.kind, info.as_slice());
+    }
+    control.push(
+        libc::SOL_UDP,
+        libc::UDP_SEGMENT,
+        &(size as u16).to_ne_bytes(),
+    );
+    // SAFETY: all-zero bytes are a valid msghdr (null pointers, zero
+    // lengths); the fields that matter are set right below.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    if let Some(to) = to {
+        msg.msg_name = to.as_ptr().cast_mut().cast::<c_void>();
+        msg.msg_namelen = to.len();
+    }
+    msg.msg_iov = run.as_mut_ptr();
+    msg.msg_iovlen = run.len() as _;
+    control.attach(&mut msg);
+    // SAFETY: every pointer in `msg` points to live memory of the length
+    // given next to it (the address, the run's datagrams through `run`, the
+    // control messages), all of which outlive the call; the kernel only
+    // reads them.
+    let rc = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, 0) };
+    if rc >= 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Sends the first [`BATCH`] of `datagrams`, each whole, in order, to `to`
 /// (`None` on a connected socket) from the address in `from` (when given).
 /// `ipv6_socket` says which family the socket is, which decides the form of
@@ -519,44 +559,23 @@ pub(crate) fn send_batch<'a>(
     let pktinfo = from.map(|from| Pktinfo::new(from, ipv6_socket));
     let mut refused = None;
     if let Some((size, count)) = gso_run(iovs, gso.limit()) {
-        let mut control = SendControl::new();
-        if let Some(info) = &pktinfo {
-            control.push(info.level, info.kind, info.as_slice());
+        match send_segmented(fd, &mut iovs[..count], size, to.as_ref(), pktinfo.as_ref()) {
+            Ok(()) => {
+                return Ok(Sent {
+                    count,
+                    stopped: false,
+                });
+            }
+            Err(e) => {
+                refused = match e.raw_os_error() {
+                    // Segments too large for the route (older kernels say EINVAL).
+                    Some(libc::EMSGSIZE | libc::EINVAL) => Some(size - 1),
+                    // No GSO on this route or in this kernel.
+                    Some(libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP) => Some(0),
+                    _ => return Err(e),
+                }
+            }
         }
-        control.push(
-            libc::SOL_UDP,
-            libc::UDP_SEGMENT,
-            &(size as u16).to_ne_bytes(),
-        );
-        // SAFETY: all-zero bytes are a valid msghdr (null pointers, zero
-        // lengths); the fields that matter are set right below.
-        let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-        if let Some(to) = &to {
-            msg.msg_name = to.as_ptr().cast_mut().cast::<c_void>();
-            msg.msg_namelen = to.len();
-        }
-        msg.msg_iov = iovs.as_mut_ptr();
-        msg.msg_iovlen = count as _;
-        control.attach(&mut msg);
-        // SAFETY: every pointer in `msg` points to live memory of the
-        // length given next to it (the address, the run's datagrams through
-        // `iovs`, the control messages), all of which outlive the call; the
-        // kernel only reads them.
-        let rc = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, 0) };
-        if rc >= 0 {
-            return Ok(Sent {
-                count,
-                stopped: false,
-            });
-        }
-        let e = io::Error::last_os_error();
-        refused = match e.raw_os_error() {
-            // Segments too large for the route (older kernels say EINVAL).
-            Some(libc::EMSGSIZE | libc::EINVAL) => Some(size - 1),
-            // No GSO on this route or in this kernel.
-            Some(libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP) => Some(0),
-            _ => return Err(e),
-        };
     }
     let mut control = SendControl::new();
     if let Some(info) = &pktinfo {
