@@ -32,14 +32,18 @@
 //! - [`metrics`]: Prometheus text exposition.
 //! - [`systemd`]: readiness notifications (`sd_notify`).
 //!
-//! The `nsproxy` binary is a thin command-line layer over [`lifecycle::Server`]:
-//! it parses arguments, sets up logging, signals, the control socket and the
-//! metrics endpoint.
+//! - [`daemon`]: `nsproxy run` and `forward` from a parsed config to exit:
+//!   the namespace thread, the runtime, the control socket and metrics
+//!   endpoint, the server, signals, reload and drain.
+//!
+//! The `nsproxy` binary is a thin command-line layer over [`daemon`]: it
+//! parses arguments and sets up logging.
 
 #![deny(unsafe_code)]
 
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod lifecycle;
 pub mod metrics;
 pub mod netns;

@@ -4,14 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use nsproxy::config::{self, Config, FORWARD_SYNTAX};
-use nsproxy::lifecycle::{Command as ServerCommand, Options, Server};
 use nsproxy::netns::{NsRef, Switcher};
-use nsproxy::status::BindingState;
-use nsproxy::{control, metrics, runtime, status, systemd};
-use tracing::{error, info, warn};
+use nsproxy::{control, daemon, runtime, status};
+use tracing::error;
 
 #[derive(Parser)]
 #[command(
@@ -210,197 +207,17 @@ fn init_logging(format: LogFormat, level: &str) {
 }
 
 fn serve(config: Config, path: Option<PathBuf>, drain_pinned: bool) -> ExitCode {
-    match try_serve(config, path, drain_pinned) {
+    let run = daemon::Run {
+        config,
+        path,
+        drain_pinned,
+    };
+    match daemon::serve(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
             eprintln!("nsproxy: {e:#}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-fn try_serve(config: Config, path: Option<PathBuf>, drain_pinned: bool) -> anyhow::Result<()> {
-    match runtime::raise_fd_limit() {
-        Ok(l) if l.capped_by_hard => warn!(
-            "open file limit: {} (the hard limit, which nsproxy may not raise: each listener, connection leg and UDP session is an fd; raise it with LimitNOFILE= or `ulimit -Hn` for large setups)",
-            l.soft
-        ),
-        Ok(l) => info!("open file limit: {}", l.soft),
-        Err(e) => warn!(
-            "cannot raise the open file limit (RLIMIT_NOFILE): {e}; large configurations may run out of fds"
-        ),
-    }
-    // Started first, from the main thread, so that its home is the namespace
-    // nsproxy was started in.
-    let switcher = Switcher::spawn().context("cannot start the namespace thread")?;
-    let workers = config
-        .workers
-        .unwrap_or_else(runtime::default_workers)
-        .clamp(1, config::MAX_WORKERS);
-    let rt = runtime::build(workers).context("cannot start the runtime")?;
-    info!(workers, home = %switcher.home(), pid = std::process::id(), "nsproxy {} starting", env!("CARGO_PKG_VERSION"));
-    rt.block_on(async {
-        let mut signals = Signals::new().context("cannot install signal handlers")?;
-        let options = Options {
-            drain: config.drain_timeout.unwrap_or(nsproxy::lifecycle::DEFAULT_DRAIN_TIMEOUT),
-            config_path: path,
-            workers,
-            drain_pinned,
-            ..Options::default()
-        };
-        let socket_path = match &config.control_socket {
-            Some(p) if p.as_os_str().is_empty() => None,
-            Some(p) => Some(p.clone()),
-            None => Some(PathBuf::from(control::DEFAULT_SOCKET)),
-        };
-        let metrics_addr = config.metrics_listen;
-        let rules = config.rules.len();
-        // A pattern may match namespaces made later: then there is reason to wait.
-        let has_pattern = config
-            .rules
-            .iter()
-            .any(|r| r.netns.iter().any(|n| matches!(n, NsRef::Glob(_))));
-        // Signals are heard during start-up too: a stop then ends the
-        // process at once (nothing serves yet), and a reload is done once
-        // start-up is over.
-        let start = Server::start(config, switcher, options);
-        tokio::pin!(start);
-        let mut reload_when_started = false;
-        let server = loop {
-            tokio::select! {
-                server = &mut start => break server,
-                signal = signals.next() => match signal {
-                    Signal::Reload => {
-                        info!("SIGHUP received during start-up: reloading once started");
-                        reload_when_started = true;
-                    }
-                    Signal::Stop(name) => {
-                        info!("{name} received during start-up: stopping");
-                        return Ok(());
-                    }
-                },
-            }
-        };
-
-        let st = server.status().await;
-        let count = |state: BindingState| st.bindings.iter().filter(|b| b.state == state).count();
-        let (listening, waiting, failed) = (
-            count(BindingState::Listening),
-            count(BindingState::Waiting),
-            count(BindingState::Failed),
-        );
-        if listening == 0 && waiting == 0 && !has_pattern {
-            server.shutdown().await;
-            anyhow::bail!(
-                "no listener could be started ({} binding(s) failed; see the errors above)",
-                st.bindings.len()
-            );
-        }
-
-        let mut control_path = None;
-        let http_stats = std::sync::Arc::new(control::HttpStats::default());
-        if let Some(p) = socket_path {
-            match control::bind(&p).await {
-                Ok(l) => {
-                    info!("control API on {}", p.display());
-                    tokio::spawn(control::serve(l, server.commands(), control::Limits::CONTROL, http_stats.clone()));
-                    control_path = Some(p);
-                }
-                Err(e) => error!("{e}; the control API (nsproxy status, nsproxy reload) is off"),
-            }
-        }
-        if let Some(addr) = metrics_addr {
-            match metrics::bind(addr).await {
-                Ok(l) => {
-                    info!("metrics on http://{}/metrics", l.local_addr().unwrap_or(addr));
-                    tokio::spawn(metrics::serve(l, server.commands(), control::Limits::METRICS, http_stats));
-                }
-                Err(e) => error!("{e}; metrics are off"),
-            }
-        }
-
-        info!(
-            "ready: {listening} of {} binding(s) listening, {waiting} waiting for their namespace, {failed} failed, across {rules} rule(s)",
-            st.bindings.len()
-        );
-        if let Err(e) = systemd::notify("READY=1") {
-            warn!("cannot notify systemd: {e}");
-        }
-        if reload_when_started {
-            request_reload(&server);
-        }
-        loop {
-            match signals.next().await {
-                Signal::Reload => {
-                    info!("SIGHUP received: reloading");
-                    request_reload(&server);
-                }
-                Signal::Stop(name) => {
-                    info!("{name} received");
-                    break;
-                }
-            }
-        }
-        // A second stop signal during the drain ends it at once.
-        let shutdown = server.shutdown();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                signal = signals.next() => if let Signal::Stop(name) = signal {
-                    warn!("{name} received again: stopping without waiting for open connections");
-                    nsproxy::proxy::cut_drain_short();
-                    break;
-                },
-            }
-        }
-        if let Some(p) = control_path {
-            let _ = std::fs::remove_file(p);
-        }
-        info!("stopped");
-        Ok(())
-    })
-}
-
-/// Asks the server to reload without waiting for it: signals (a stop
-/// above all) are heard while it runs. The outcome is logged by the server.
-fn request_reload(server: &Server) {
-    let commands = server.commands();
-    tokio::spawn(async move {
-        let (reply, done) = tokio::sync::oneshot::channel();
-        if commands.send(ServerCommand::Reload(reply)).await.is_ok() {
-            let _ = done.await;
-        }
-    });
-}
-
-enum Signal {
-    Reload,
-    Stop(&'static str),
-}
-
-struct Signals {
-    hup: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> std::io::Result<Signals> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(Signals {
-            hup: signal(SignalKind::hangup())?,
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    async fn next(&mut self) -> Signal {
-        tokio::select! {
-            _ = self.hup.recv() => Signal::Reload,
-            _ = self.term.recv() => Signal::Stop("SIGTERM"),
-            _ = self.int.recv() => Signal::Stop("SIGINT"),
         }
     }
 }

@@ -1,0 +1,285 @@
+//! The daemon: `nsproxy run` and `nsproxy forward` from a parsed config to
+//! exit — the namespace thread, the runtime, the server, the operator
+//! interfaces (control API, metrics, systemd), signals and shutdown.
+//!
+//! The steps, in order: raise the fd limit; start where sockets come from
+//! (the namespace thread); build the runtime; bind the control socket and
+//! the metrics listener; start the server (signals are heard meanwhile);
+//! serve the interfaces and tell systemd; then reload on SIGHUP until a
+//! stop signal, and drain.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
+use tracing::{error, info, warn};
+
+use crate::config::{self, Config};
+use crate::lifecycle::{Command, Options, Server};
+use crate::netns::{NsRef, SocketFactory, Switcher};
+use crate::status::BindingState;
+use crate::{control, metrics, runtime, systemd};
+
+/// How `nsproxy run` or `forward` was asked to serve.
+#[derive(Debug)]
+pub struct Run {
+    pub config: Config,
+    /// The config file, for reloads (`None` for `forward`).
+    pub path: Option<PathBuf>,
+    /// The drain timeout was given on the command line: a reload keeps it.
+    pub drain_pinned: bool,
+}
+
+/// Serves until a stop signal; `Err` when nsproxy could not start or
+/// nothing could listen.
+pub fn serve(run: Run) -> anyhow::Result<()> {
+    raise_fd_limit();
+    // Started first, from the main thread, so that its home is the namespace
+    // nsproxy was started in.
+    let switcher = Switcher::spawn().context("cannot start the namespace thread")?;
+    let workers = run
+        .config
+        .workers
+        .unwrap_or_else(runtime::default_workers)
+        .clamp(1, config::MAX_WORKERS);
+    let rt = runtime::build(workers).context("cannot start the runtime")?;
+    info!(workers, home = %switcher.home(), pid = std::process::id(), "nsproxy {} starting", env!("CARGO_PKG_VERSION"));
+    rt.block_on(async {
+        let mut interfaces = Interfaces::bind(&run.config).await;
+        let options = Options {
+            drain: run
+                .config
+                .drain_timeout
+                .unwrap_or(crate::lifecycle::DEFAULT_DRAIN_TIMEOUT),
+            config_path: run.path,
+            workers,
+            drain_pinned: run.drain_pinned,
+            ..Options::default()
+        };
+        let mut signals = Signals::new().context("cannot install signal handlers")?;
+        let started = start(run.config, switcher, options, &mut signals).await;
+        let (server, ready, reload_when_started) = match started {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                interfaces.remove_socket();
+                return Ok(());
+            }
+            Err(e) => {
+                interfaces.remove_socket();
+                return Err(e);
+            }
+        };
+        interfaces.serve(&server);
+        info!("{ready}");
+        if let Err(e) = systemd::notify("READY=1") {
+            warn!("cannot notify systemd: {e}");
+        }
+        if reload_when_started {
+            request_reload(&server);
+        }
+        loop {
+            match signals.next().await {
+                Signal::Reload => {
+                    info!("SIGHUP received: reloading");
+                    request_reload(&server);
+                }
+                Signal::Stop(name) => {
+                    info!("{name} received");
+                    break;
+                }
+            }
+        }
+        drain(server, &mut signals).await;
+        interfaces.remove_socket();
+        info!("stopped");
+        Ok(())
+    })
+}
+
+fn raise_fd_limit() {
+    match runtime::raise_fd_limit() {
+        Ok(l) if l.capped_by_hard => warn!(
+            "open file limit: {} (the hard limit, which nsproxy may not raise: each listener, connection leg and UDP session is an fd; raise it with LimitNOFILE= or `ulimit -Hn` for large setups)",
+            l.soft
+        ),
+        Ok(l) => info!("open file limit: {}", l.soft),
+        Err(e) => warn!(
+            "cannot raise the open file limit (RLIMIT_NOFILE): {e}; large configurations may run out of fds"
+        ),
+    }
+}
+
+/// Starts the server, hearing signals meanwhile: a stop then ends the
+/// process at once (nothing serves yet: `None`), and a reload is done once
+/// start-up is over (the `bool`); with the line saying what listens. `Err`
+/// when nothing could listen and nothing is worth waiting for.
+async fn start(
+    config: Config,
+    sockets: impl Into<Arc<dyn SocketFactory>>,
+    options: Options,
+    signals: &mut Signals,
+) -> anyhow::Result<Option<(Server, String, bool)>> {
+    let rules = config.rules.len();
+    // A pattern may match namespaces made later: then there is reason to wait.
+    let has_pattern = config
+        .rules
+        .iter()
+        .any(|r| r.netns.iter().any(|n| matches!(n, NsRef::Glob(_))));
+    let start = Server::start(config, sockets, options);
+    tokio::pin!(start);
+    let mut reload_when_started = false;
+    let server = loop {
+        tokio::select! {
+            server = &mut start => break server,
+            signal = signals.next() => match signal {
+                Signal::Reload => {
+                    info!("SIGHUP received during start-up: reloading once started");
+                    reload_when_started = true;
+                }
+                Signal::Stop(name) => {
+                    info!("{name} received during start-up: stopping");
+                    return Ok(None);
+                }
+            },
+        }
+    };
+    let st = server.status().await;
+    let count = |state: BindingState| st.bindings.iter().filter(|b| b.state == state).count();
+    let (listening, waiting, failed) = (
+        count(BindingState::Listening),
+        count(BindingState::Waiting),
+        count(BindingState::Failed),
+    );
+    if listening == 0 && waiting == 0 && !has_pattern {
+        server.shutdown().await;
+        anyhow::bail!(
+            "no listener could be started ({} binding(s) failed; see the errors above)",
+            st.bindings.len()
+        );
+    }
+    let ready = format!(
+        "ready: {listening} of {} binding(s) listening, {waiting} waiting for their namespace, {failed} failed, across {rules} rule(s)",
+        st.bindings.len()
+    );
+    Ok(Some((server, ready, reload_when_started)))
+}
+
+/// Stops the server, letting connections drain; a second stop signal
+/// during the drain ends it at once.
+async fn drain(server: Server, signals: &mut Signals) {
+    let shutdown = server.shutdown();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            signal = signals.next() => if let Signal::Stop(name) = signal {
+                warn!("{name} received again: stopping without waiting for open connections");
+                crate::proxy::cut_drain_short();
+                break;
+            },
+        }
+    }
+}
+
+/// The operator's interfaces: bound before the server starts (and before
+/// any privilege is given up), served once it has.
+struct Interfaces {
+    control: Option<UnixListener>,
+    /// Removed at exit.
+    control_path: Option<PathBuf>,
+    metrics: Option<TcpListener>,
+}
+
+impl Interfaces {
+    async fn bind(config: &Config) -> Interfaces {
+        let socket_path = match &config.control_socket {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+            None => Some(PathBuf::from(control::DEFAULT_SOCKET)),
+        };
+        let (mut control, mut control_path) = (None, None);
+        if let Some(p) = socket_path {
+            match control::bind(&p).await {
+                Ok(l) => (control, control_path) = (Some(l), Some(p)),
+                Err(e) => error!("{e}; the control API (nsproxy status, nsproxy reload) is off"),
+            }
+        }
+        let mut metrics = None;
+        if let Some(addr) = config.metrics_listen {
+            match metrics::bind(addr).await {
+                Ok(l) => metrics = Some(l),
+                Err(e) => error!("{e}; metrics are off"),
+            }
+        }
+        Interfaces {
+            control,
+            control_path,
+            metrics,
+        }
+    }
+
+    /// Serves both on the server's commands.
+    fn serve(&mut self, server: &Server) {
+        let http_stats = Arc::new(control::HttpStats::default());
+        if let (Some(l), Some(p)) = (self.control.take(), &self.control_path) {
+            info!("control API on {}", p.display());
+            let limits = control::Limits::CONTROL;
+            tokio::spawn(control::serve(l, server.commands(), limits, http_stats.clone()));
+        }
+        if let Some(l) = self.metrics.take() {
+            let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            info!("metrics on http://{addr}/metrics");
+            let limits = control::Limits::METRICS;
+            tokio::spawn(metrics::serve(l, server.commands(), limits, http_stats));
+        }
+    }
+
+    fn remove_socket(&self) {
+        if let Some(p) = &self.control_path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Asks the server to reload without waiting for it: signals (a stop
+/// above all) are heard while it runs. The outcome is logged by the server.
+fn request_reload(server: &Server) {
+    let commands = server.commands();
+    tokio::spawn(async move {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        if commands.send(Command::Reload(reply)).await.is_ok() {
+            let _ = done.await;
+        }
+    });
+}
+
+enum Signal {
+    Reload,
+    Stop(&'static str),
+}
+
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.hup.recv() => Signal::Reload,
+            _ = self.term.recv() => Signal::Stop("SIGTERM"),
+            _ = self.int.recv() => Signal::Stop("SIGINT"),
+        }
+    }
+}
