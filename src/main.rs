@@ -50,6 +50,10 @@ enum Command {
         /// The control socket (overrides `control_socket`; "" turns the API off).
         #[arg(long, value_parser = parse_path)]
         control_socket: Option<PathBuf>,
+        /// Started as root, the account the relay runs as (overrides `user`;
+        /// default nobody; "root" keeps one privileged process).
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Show every rule in every namespace of the running daemon.
     Status {
@@ -90,6 +94,10 @@ enum Command {
         /// The control socket ("" turns the API off).
         #[arg(long, value_parser = parse_path)]
         control_socket: Option<PathBuf>,
+        /// Started as root, the account the relay runs as (default nobody;
+        /// "root" keeps one privileged process).
+        #[arg(long)]
+        user: Option<String>,
     },
 }
 
@@ -152,12 +160,15 @@ fn main() -> ExitCode {
             workers,
             drain_timeout,
             control_socket,
+            user,
         } => match config::load(&config) {
             Ok(mut c) => {
                 c.workers = workers.or(c.workers);
                 c.drain_timeout = drain_timeout.or(c.drain_timeout);
                 c.control_socket = control_socket.or(c.control_socket);
-                serve(c, Some(config), drain_timeout.is_some())
+                c.user = user.or(c.user);
+                let pinned = drain_timeout.is_some();
+                serve(c, daemon::Source::File(config), pinned)
             }
             Err(e) => {
                 eprintln!("nsproxy: {}: {e}", config.display());
@@ -170,6 +181,7 @@ fn main() -> ExitCode {
             connect_timeout,
             drain_timeout,
             control_socket,
+            user,
         } => match config::parse_forward(&specs, workers) {
             Ok(mut c) => {
                 if let Some(t) = connect_timeout {
@@ -177,7 +189,8 @@ fn main() -> ExitCode {
                 }
                 c.drain_timeout = drain_timeout;
                 c.control_socket = control_socket;
-                serve(c, None, true)
+                c.user = user;
+                serve(c, daemon::Source::Forward(specs), true)
             }
             Err(e) => {
                 eprintln!("nsproxy: {e}\n(syntax: {FORWARD_SYNTAX}; see nsproxy forward --help)");
@@ -206,10 +219,14 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
-fn serve(config: Config, path: Option<PathBuf>, drain_pinned: bool) -> ExitCode {
+fn serve(config: Config, source: daemon::Source, drain_pinned: bool) -> ExitCode {
+    if let Some(Err(e)) = config.user.as_deref().map(config::check_user) {
+        eprintln!("nsproxy: --user: {e}");
+        return ExitCode::from(2);
+    }
     let run = daemon::Run {
         config,
-        path,
+        source,
         drain_pinned,
     };
     match daemon::serve(run) {

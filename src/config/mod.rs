@@ -40,7 +40,7 @@ pub use forward::{FORWARD_SYNTAX, parse_forward, set_connect_timeout};
 pub use settings::{
     ConnSettings, Kind, SctpSettings, SettingKey, Settings, TcpSettings, Tuning, UdpSettings,
 };
-pub use values::parse_duration;
+pub use values::{check_user, parse_duration};
 pub(crate) use values::*;
 
 /// Default for [`Rule::connect_timeout`].

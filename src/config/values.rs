@@ -208,7 +208,7 @@ pub(crate) fn check_rules<'a>(
 
 /// A user name as `useradd` accepts it (whether the account exists is
 /// checked when nsproxy starts, where it matters).
-pub(crate) fn check_user(s: &str) -> Result<String, String> {
+pub fn check_user(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 32
         && !s.starts_with('-')

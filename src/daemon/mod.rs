@@ -21,14 +21,35 @@ use crate::netns::{NsRef, SocketFactory, Switcher};
 use crate::status::BindingState;
 use crate::{control, metrics, runtime, systemd};
 
+mod plan;
+
+pub use plan::{DEFAULT_USER, Plan, Single, plan};
+
 /// How `nsproxy run` or `forward` was asked to serve.
 #[derive(Debug)]
 pub struct Run {
     pub config: Config,
-    /// The config file, for reloads (`None` for `forward`).
-    pub path: Option<PathBuf>,
+    pub source: Source,
     /// The drain timeout was given on the command line: a reload keeps it.
     pub drain_pinned: bool,
+}
+
+/// Where the config came from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A file, read again at each reload.
+    File(PathBuf),
+    /// `nsproxy forward`'s specs (no reload).
+    Forward(Vec<String>),
+}
+
+impl Source {
+    fn path(&self) -> Option<PathBuf> {
+        match self {
+            Source::File(p) => Some(p.clone()),
+            Source::Forward(_) => None,
+        }
+    }
 }
 
 /// Serves until a stop signal; `Err` when nsproxy could not start or
@@ -52,7 +73,7 @@ pub fn serve(run: Run) -> anyhow::Result<()> {
                 .config
                 .drain_timeout
                 .unwrap_or(crate::lifecycle::DEFAULT_DRAIN_TIMEOUT),
-            config_path: run.path,
+            config_path: run.source.path(),
             workers,
             drain_pinned: run.drain_pinned,
             ..Options::default()
