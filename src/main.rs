@@ -304,7 +304,7 @@ fn try_serve(config: Config, path: Option<PathBuf>, drain_pinned: bool) -> anyho
             match control::bind(&p).await {
                 Ok(l) => {
                     info!("control API on {}", p.display());
-                    tokio::spawn(control::serve(l, server.commands(), control::Limits::CONTROL, http_stats.clone()));
+                    tokio::spawn(control::serve(l, server.commands(), control::Limits::CONTROL, http_stats.clone(), control::Peers::starting_user()));
                     control_path = Some(p);
                 }
                 Err(e) => error!("{e}; the control API (nsproxy status, nsproxy reload) is off"),

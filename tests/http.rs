@@ -75,6 +75,7 @@ fn endpoints() -> &'static Endpoints {
                 tx.clone(),
                 TEST_LIMITS,
                 stats.clone(),
+                control::Peers::starting_user(),
             ));
             let metrics = nsproxy::metrics::bind("127.0.0.1:0".parse().unwrap())
                 .await
