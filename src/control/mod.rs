@@ -131,14 +131,16 @@ fn not_a_socket(t: std::fs::FileType) -> Option<&'static str> {
 /// Who may use the control API: root and the user who started nsproxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peers {
-    /// The uids answered besides 0.
-    starting_uid: u32,
+    /// The uids answered.
+    allowed: Vec<u32>,
 }
 
 impl Peers {
     /// Root and `uid`.
     pub fn root_and(uid: u32) -> Peers {
-        Peers { starting_uid: uid }
+        let mut allowed = vec![0, uid];
+        allowed.dedup();
+        Peers { allowed }
     }
 
     /// Root and the real uid of this process now: call it before dropping
@@ -151,14 +153,22 @@ impl Peers {
     /// Whether a peer whose credentials read `uid` (`None`: they could not
     /// be read) is answered; if not, why, for the 403's body and the log.
     pub fn admit(&self, uid: Option<u32>) -> Result<(), String> {
+        let uids = || {
+            self.allowed
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" and ")
+        };
         match uid {
-            Some(0) => Ok(()),
-            Some(u) if u == self.starting_uid => Ok(()),
+            Some(u) if self.allowed.contains(&u) => Ok(()),
             Some(u) => Err(format!(
-                "uid {u} may not use the control API: it answers only root and uid {} (the user who started nsproxy)",
-                self.starting_uid
+                "uid {u} may not use the control API: it answers only uid {} (root and the user who started nsproxy)",
+                uids()
             )),
-            None => Err("the peer's credentials (SO_PEERCRED) could not be read".to_owned()),
+            None => {
+                Err("the peer's credentials (SO_PEERCRED) could not be read: refused".to_owned())
+            }
         }
     }
 }
@@ -355,6 +365,89 @@ mod tests {
             "{head}"
         );
         serde_json::from_str::<serde_json::Value>(body).unwrap();
+    }
+
+    #[test]
+    fn only_root_and_the_starting_user_are_admitted() {
+        let p = Peers::root_and(1000);
+        assert_eq!(p.admit(Some(0)), Ok(()));
+        assert_eq!(p.admit(Some(1000)), Ok(()));
+        let why = p.admit(Some(65534)).unwrap_err();
+        assert_eq!(
+            why,
+            "uid 65534 may not use the control API: it answers only uid 0 and 1000 (root and the user who started nsproxy)"
+        );
+        assert!(p.admit(None).unwrap_err().contains("SO_PEERCRED"));
+        // Started by root: root alone.
+        let p = Peers::root_and(0);
+        assert_eq!(p.allowed, vec![0]);
+        assert!(p.admit(Some(1)).is_err());
+    }
+
+    #[test]
+    fn the_403_is_a_whole_http_answer() {
+        let text = forbidden("uid 5 may not \"x\"");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{head}");
+        assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"], "uid 5 may not \"x\"");
+    }
+
+    /// A control API on a socket in a fresh directory, answering reloads
+    /// with an empty report, admitting `peers`.
+    async fn served(peers: Peers, name: &str) -> (PathBuf, Arc<HttpStats>) {
+        let dir = std::env::temp_dir().join(format!("nsproxy-peer-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("c.sock");
+        let listener = bind(&path).await.unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let stats = Arc::new(HttpStats::default());
+        tokio::spawn(serve(listener, tx, Limits::CONTROL, stats.clone(), peers));
+        tokio::spawn(async move {
+            while let Some(cmd) = rx.recv().await {
+                if let Command::Reload(reply) = cmd {
+                    let _ = reply.send(Ok(ReloadReport::default()));
+                }
+            }
+        });
+        (path, stats)
+    }
+
+    #[tokio::test]
+    async fn the_starting_user_is_answered() {
+        let me = crate::privsep::starting_uid();
+        let (path, stats) = served(Peers::root_and(me), "allow").await;
+        reload(&path).await.unwrap();
+        assert_eq!(stats.control.refused_peer.load(Relaxed), 0);
+        assert_eq!(stats.control.accepted.load(Relaxed), 1);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_user_not_admitted_gets_403_and_is_counted() {
+        let me = crate::privsep::starting_uid();
+        // A list without this process's uid (root included, if it is root).
+        let other = me.wrapping_add(4242);
+        let peers = Peers {
+            allowed: vec![other],
+        };
+        let (path, stats) = served(peers, "deny").await;
+        match reload(&path).await {
+            Err(ControlError::Refused {
+                status: 403,
+                message,
+            }) => {
+                assert!(
+                    message.starts_with(&format!("uid {me} may not use the control API")),
+                    "{message}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(stats.control.refused_peer.load(Relaxed), 1);
+        assert_eq!(stats.control.accepted.load(Relaxed), 0);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]
