@@ -34,7 +34,7 @@ fn root_or_skip(test: &str) -> bool {
 /// for the parent to close its stdin.
 #[test]
 fn relay_child() {
-    if std::env::var_os(CHILD_ENV).is_none() {
+    if std::env::var(CHILD_ENV).as_deref() != Ok("relay") {
         return;
     }
     let mut out = std::io::stdout().lock();
@@ -57,8 +57,9 @@ fn relay_child() {
     let tcp = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None);
     writeln!(out, "tcp {}", tcp.is_ok()).unwrap();
     let errno = |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error()).unwrap_or(0);
-    // What it must not do: a netlink socket, a file opened for writing, a
-    // program started.
+    // What it must not do, though nobody may do each without a filter: a
+    // netlink socket, a file opened for writing (/dev/null is mode 0666),
+    // a program started.
     let netlink = socket2::Socket::new(
         socket2::Domain::from(libc::AF_NETLINK),
         socket2::Type::RAW,
@@ -92,7 +93,7 @@ fn the_relay_holds_nothing_and_cannot_switch_namespaces() {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env(CHILD_ENV, "1")
+        .env(CHILD_ENV, "relay")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -132,7 +133,8 @@ fn the_relay_holds_nothing_and_cannot_switch_namespaces() {
     let st = ProcStatus::of_pid(child.id()).unwrap();
     assert_eq!(st.seccomp_filters.unwrap_or(2), 2, "{st:?}");
     drop(child.stdin.take());
-    assert!(child.wait().unwrap().success());
+    let rest: Vec<_> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().unwrap().success(), "{rest:?}");
     let eperm = libc::EPERM.to_string();
     for call in [
         "setns",
@@ -147,4 +149,92 @@ fn the_relay_holds_nothing_and_cannot_switch_namespaces() {
     }
     assert_eq!(seen.get("thread").map(String::as_str), Some("true"));
     assert_eq!(seen.get("tcp").map(String::as_str), Some("true"));
+}
+
+/// Runs only in the child: becomes the broker (on this thread: the broker
+/// is single-threaded), says what it sees, and waits.
+#[test]
+fn broker_child() {
+    if std::env::var(CHILD_ENV).as_deref() != Ok("broker") {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    become_broker(true).unwrap();
+    seccomp::Filter::broker()
+        .unwrap()
+        .apply_to_all_threads()
+        .unwrap();
+    let ns = std::fs::File::open("/proc/self/ns/net").unwrap();
+    let [setns, unshare, ptrace, setuid] = crate::sys::privs::forbidden_call_errnos(ns.as_fd());
+    let me = std::fs::read_link("/proc/thread-self").unwrap();
+    writeln!(out).unwrap();
+    writeln!(out, "task {}", me.display()).unwrap();
+    writeln!(out, "setns {setns}").unwrap();
+    writeln!(out, "unshare {unshare}").unwrap();
+    writeln!(out, "ptrace {ptrace}").unwrap();
+    writeln!(out, "setuid {setuid}").unwrap();
+    let exec = Command::new("/bin/true").status().map(drop);
+    let errno = |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error()).unwrap_or(0);
+    writeln!(out, "exec {}", errno(exec)).unwrap();
+    writeln!(out, "READY").unwrap();
+    out.flush().unwrap();
+    drop(out);
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
+#[test]
+fn the_broker_keeps_only_what_socket_birth_needs() {
+    if !root_or_skip("privsep::tests::the_broker_keeps_only_what_socket_birth_needs") {
+        return;
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "privsep::tests::broker_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "broker")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut seen = std::collections::HashMap::new();
+    // Kept open until the child exits: libtest writes its summary last.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line == "READY" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(' ') {
+            seen.insert(k.to_owned(), v.to_owned());
+        }
+    }
+    let task = seen
+        .get("task")
+        .unwrap_or_else(|| panic!("the child stopped early: {seen:?}"));
+    let st = ProcStatus::read(&std::path::Path::new("/proc").join(task).join("status")).unwrap();
+    let want = Cap::SysAdmin.bit() | Cap::NetBindService.bit();
+    assert_eq!(st.uid, [0; 4], "{st:?}");
+    assert_eq!(
+        (st.cap_eff, st.cap_prm, st.cap_bnd),
+        (want, want, want),
+        "{st:?}"
+    );
+    assert_eq!((st.cap_inh, st.cap_amb.unwrap_or(0)), (0, 0), "{st:?}");
+    assert_eq!(st.no_new_privs, Some(true));
+    assert_eq!(st.seccomp, Some(2));
+    drop(child.stdin.take());
+    let rest: Vec<_> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().unwrap().success(), "{rest:?}");
+    // setns into a network namespace is what the broker is for; the rest
+    // is refused.
+    assert_eq!(seen.get("setns").map(String::as_str), Some("0"), "{seen:?}");
+    let eperm = libc::EPERM.to_string();
+    for call in ["unshare", "ptrace", "setuid", "exec"] {
+        assert_eq!(seen.get(call), Some(&eperm), "{call}: {seen:?}");
+    }
 }

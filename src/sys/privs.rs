@@ -414,7 +414,7 @@ pub fn set_no_new_privs() -> Result<(), PrivError> {
     Ok(())
 }
 
-/// Calls `setns(fd, 0)`, `unshare(CLONE_NEWNET)`, `ptrace(PTRACE_TRACEME)`
+/// Calls `setns(fd, CLONE_NEWNET)`, `unshare(CLONE_NEWNET)`, `ptrace(PTRACE_TRACEME)`
 /// and `setuid(0)` and returns their errnos (0 for a success), for tests
 /// that check a seccomp filter refuses them. A success means the call was
 /// made: only for a process about to exit.
@@ -432,7 +432,11 @@ pub(crate) fn forbidden_call_errnos(ns_fd: std::os::fd::BorrowedFd<'_>) -> [i32;
     // valid. Each is expected to be refused by the filter.
     unsafe {
         [
-            errno(libc::syscall(libc::SYS_setns, ns_fd.as_raw_fd(), 0)),
+            errno(libc::syscall(
+                libc::SYS_setns,
+                ns_fd.as_raw_fd(),
+                libc::CLONE_NEWNET,
+            )),
             errno(libc::syscall(libc::SYS_unshare, libc::CLONE_NEWNET)),
             errno(libc::syscall(
                 libc::SYS_ptrace,
