@@ -45,6 +45,8 @@ pub enum Args {
     OneOf(u8, &'static [u64]),
     /// `(arg[index] & mask) == value`.
     Masked(u8, u64, u64),
+    /// Argument `index` is this value.
+    Eq(u8, u64),
     /// Argument `index` is a null pointer.
     Null(u8),
 }
@@ -150,11 +152,17 @@ fn common() -> Vec<Allowed> {
             SYS_rt_sigprocmask,
             SYS_rt_sigreturn,
             SYS_restart_syscall,
-            SYS_tgkill,
             SYS_getpid,
             SYS_gettid,
         ],
     );
+    // Only to this process's own threads: not to another process of the
+    // same user.
+    l.push(with(
+        "tgkill",
+        libc::SYS_tgkill,
+        Args::Eq(0, u64::from(std::process::id())),
+    ));
     // Time: vDSO calls fall back to these; sleeps.
     named(
         &mut l,
@@ -381,7 +389,8 @@ fn broker_only() -> Vec<Allowed> {
     l
 }
 
-/// The relay's allowlist, sorted by name.
+/// The relay's allowlist, sorted by name. For this process: `tgkill` is
+/// allowed to its own pid only.
 pub fn relay_allowlist() -> Vec<Allowed> {
     sorted(common().into_iter().chain(relay_only()).collect())
 }
@@ -404,7 +413,7 @@ pub fn describe(list: &[Allowed]) -> Vec<String> {
         .iter()
         .map(|a| match a.args {
             Args::Any => a.name.to_owned(),
-            Args::OneOf(i, _) | Args::Masked(i, _, _) | Args::Null(i) => {
+            Args::OneOf(i, _) | Args::Masked(i, _, _) | Args::Eq(i, _) | Args::Null(i) => {
                 format!("{} (argument {i} restricted)", a.name)
             }
         })
@@ -446,6 +455,7 @@ fn compile(list: &[Allowed]) -> Result<BpfProgram, PrivError> {
                     dword(i, SeccompCmpOp::MaskedEq(mask), value).map_err(backend)?,
                 ]]
             }
+            Args::Eq(i, v) => vec![vec![dword(i, SeccompCmpOp::Eq, v).map_err(backend)?]],
             Args::Null(i) => vec![vec![
                 SeccompCondition::new(i, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0)
                     .map_err(backend)?,
