@@ -50,8 +50,10 @@ pub fn starting_uid() -> u32 {
     privs::getuid()
 }
 
-/// Becomes `account` for good, with no capability left, and sets
-/// `no_new_privs`; checks all of it through `/proc/thread-self/status`. Refuses
+/// Becomes `account` for good, with no capability left, not dumpable (no
+/// other process of `account` may ptrace it or read its memory and fds, and
+/// it leaves no core dump), and sets `no_new_privs`; checks all of it
+/// through `/proc/thread-self/status`. Refuses
 /// uid 0 (that is not dropping). Needs root (CAP_SETUID, CAP_SETGID,
 /// CAP_SETPCAP). The seccomp filter is separate: see the module's "Order".
 pub fn become_relay(account: &Account) -> Result<(), PrivError> {
@@ -68,6 +70,7 @@ pub fn become_relay(account: &Account) -> Result<(), PrivError> {
     // The drop cleared effective, permitted and ambient; inheritable stays
     // unless cleared.
     privs::clear_caps()?;
+    privs::set_not_dumpable()?;
     privs::set_no_new_privs()?;
     let st = ProcStatus::of_thread_self().map_err(|e| PrivError::Verify(e.to_string()))?;
     let caps = privs::capget()?;

@@ -56,6 +56,11 @@ fn relay_child() {
     writeln!(out, "thread {}", thread.unwrap_or(false)).unwrap();
     let tcp = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None);
     writeln!(out, "tcp {}", tcp.is_ok()).unwrap();
+    // Discovery and the nsfs checks read these, not dumpable as it is.
+    use std::os::fd::AsRawFd;
+    let own_fd = std::fs::File::open(format!("/proc/self/fd/{}", ns.as_raw_fd()));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo");
+    writeln!(out, "proc {}", own_fd.is_ok() && mountinfo.is_ok()).unwrap();
     let errno = |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error()).unwrap_or(0);
     // What it must not do, though nobody may do each without a filter: a
     // netlink socket, a file opened for writing (/dev/null is mode 0666),
@@ -132,6 +137,11 @@ fn the_relay_holds_nothing_and_cannot_switch_namespaces() {
     }
     let st = ProcStatus::of_pid(child.id()).unwrap();
     assert_eq!(st.seccomp_filters.unwrap_or(2), 2, "{st:?}");
+    // Not dumpable: its /proc entries belong to root, not to nobody, so
+    // another process of nobody cannot ptrace it or open its fds.
+    use std::os::unix::fs::MetadataExt;
+    let fd_dir = std::fs::metadata(format!("/proc/{}/fd", child.id())).unwrap();
+    assert_eq!(fd_dir.uid(), 0);
     drop(child.stdin.take());
     let rest: Vec<_> = lines.map_while(Result::ok).collect();
     assert!(child.wait().unwrap().success(), "{rest:?}");
@@ -149,6 +159,7 @@ fn the_relay_holds_nothing_and_cannot_switch_namespaces() {
     }
     assert_eq!(seen.get("thread").map(String::as_str), Some("true"));
     assert_eq!(seen.get("tcp").map(String::as_str), Some("true"));
+    assert_eq!(seen.get("proc").map(String::as_str), Some("true"));
 }
 
 /// Runs only in the child: becomes the broker (on this thread: the broker

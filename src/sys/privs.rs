@@ -414,6 +414,25 @@ pub fn set_no_new_privs() -> Result<(), PrivError> {
     Ok(())
 }
 
+/// `PR_SET_DUMPABLE` 0, checked: no process of the same user may ptrace
+/// this one or open its `/proc/PID/mem`, fds or environment, and it leaves
+/// no core dump (with whatever traffic it held). The kernel does this on a
+/// uid change already unless `fs.suid_dumpable` says otherwise.
+pub fn set_not_dumpable() -> Result<(), PrivError> {
+    // SAFETY: plain integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(call_failed("prctl(PR_SET_DUMPABLE, 0)"));
+    }
+    // SAFETY: plain integer arguments; returns the flag.
+    match unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) } {
+        0 => Ok(()),
+        -1 => Err(call_failed("prctl(PR_GET_DUMPABLE)")),
+        n => Err(PrivError::Verify(format!(
+            "the process is still dumpable ({n})"
+        ))),
+    }
+}
+
 /// Calls `setns(fd, CLONE_NEWNET)`, `unshare(CLONE_NEWNET)`, `ptrace(PTRACE_TRACEME)`
 /// and `setuid(0)` and returns their errnos (0 for a success), for tests
 /// that check a seccomp filter refuses them. A success means the call was
