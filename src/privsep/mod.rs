@@ -136,6 +136,28 @@ pub fn keep_only_caps(keep: &[Cap]) -> Result<(), PrivError> {
     Ok(())
 }
 
+/// Compiles the relay's seccomp filter and installs it on every thread:
+/// for good, and last (see the module's "Order").
+pub fn install_relay_filter() -> Result<(), PrivError> {
+    seccomp::Filter::relay()?.apply_to_all_threads()
+}
+
+/// Compiles the broker's seccomp filter and installs it on every thread.
+pub fn install_broker_filter() -> Result<(), PrivError> {
+    seccomp::Filter::broker()?.apply_to_all_threads()
+}
+
+/// The relay's allowed system calls, one line each, sorted (for `nsproxy
+/// check --show-syscalls` and the README).
+pub fn relay_syscalls() -> Vec<String> {
+    seccomp::describe(&seccomp::relay_allowlist())
+}
+
+/// The broker's allowed system calls, one line each, sorted.
+pub fn broker_syscalls() -> Vec<String> {
+    seccomp::describe(&seccomp::broker_allowlist())
+}
+
 /// Sets `no_new_privs` on the calling thread.
 pub fn set_no_new_privs() -> Result<(), PrivError> {
     privs::set_no_new_privs()

@@ -82,6 +82,10 @@ fn with(name: &'static str, nr: libc::c_long, args: Args) -> Allowed {
 
 /// `linux/nsfs.h`: `_IO(0xb7, 0x3)`.
 const NS_GET_NSTYPE: u64 = 0xb703;
+/// `linux/sockios.h`: the network namespace a socket belongs to, as an
+/// nsfs fd (to check a socket from the broker is where it should be; the
+/// fd is of no use for entering without `setns` and CAP_SYS_ADMIN).
+const SIOCGSKNS: u64 = 0x894c;
 /// The flags that would make a clone a new namespace of some kind.
 const NEW_NAMESPACE: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWUTS
@@ -153,6 +157,7 @@ fn common() -> Vec<Allowed> {
             SYS_rt_sigreturn,
             SYS_restart_syscall,
             SYS_getpid,
+            SYS_getppid,
             SYS_gettid,
         ],
     );
@@ -316,7 +321,8 @@ fn relay_only() -> Vec<Allowed> {
     named(&mut l, any![SYS_accept]);
     // ioctl, only: is a terminal (the log format), non-blocking and
     // close-on-exec (std's socket setters), bytes queued (FIONREAD,
-    // SIOCOUTQ), and which kind of namespace an nsfs file is.
+    // SIOCOUTQ), which kind of namespace an nsfs file is, and which
+    // namespace a socket is in.
     l.push(with(
         "ioctl",
         libc::SYS_ioctl,
@@ -330,6 +336,7 @@ fn relay_only() -> Vec<Allowed> {
                 libc::FIONREAD as u64,
                 libc::TIOCOUTQ as u64,
                 NS_GET_NSTYPE,
+                SIOCGSKNS,
             ],
         ),
     ));
@@ -383,6 +390,7 @@ fn broker_only() -> Vec<Allowed> {
                 libc::FIONBIO as u64,
                 libc::FIOCLEX as u64,
                 NS_GET_NSTYPE,
+                SIOCGSKNS,
             ],
         ),
     ));
