@@ -50,6 +50,10 @@ fn relay_child() {
     writeln!(out, "unshare {unshare}").unwrap();
     writeln!(out, "ptrace {ptrace}").unwrap();
     writeln!(out, "setuid {setuid}").unwrap();
+    let [userns, clone, exec_map] = crate::sys::privs::unprivileged_call_errnos();
+    writeln!(out, "userns {userns}").unwrap();
+    writeln!(out, "clone-userns {clone}").unwrap();
+    writeln!(out, "exec-map {exec_map}").unwrap();
     // What the relay does must still work: a thread (clone3 refused with
     // ENOSYS, glibc falls back to clone), a TCP socket, reading /proc.
     let thread = std::thread::spawn(|| 7).join().map(|n| n == 7);

@@ -469,6 +469,66 @@ pub(crate) fn forbidden_call_errnos(ns_fd: std::os::fd::BorrowedFd<'_>) -> [i32;
     }
 }
 
+/// Tries what only a filter stops an unprivileged process from doing: a
+/// new user namespace (`unshare(CLONE_NEWUSER)`), a thread-less `clone`
+/// into a new user namespace, and an executable anonymous mapping; returns
+/// their errnos (0 for a success). Only for a process about to exit.
+#[cfg(test)]
+pub(crate) fn unprivileged_call_errnos() -> [i32; 3] {
+    let last = || io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+    // The raw syscall, not libc::unshare (which .clippy.toml keeps to the
+    // namespace thread): a test of the filter's refusal, not a switch.
+    // SAFETY: unshare with a flag only changes this process's namespaces
+    // (it is expected to be refused).
+    let userns = match unsafe { libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER) } {
+        0 => 0,
+        _ => last(),
+    };
+    // SAFETY: a raw clone with a null stack behaves like fork; the child,
+    // if one is made at all, exits at once without touching memory it
+    // shares with nothing (the fork copied it).
+    let clone = match unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_ulong,
+            0,
+            0,
+            0,
+            0,
+        )
+    } {
+        // SAFETY: _exit ends the child at once, running nothing of the
+        // parent's (no destructors, no atexit handlers).
+        0 => unsafe { libc::_exit(0) },
+        n if n > 0 => {
+            let mut status = 0;
+            // SAFETY: reaps the child just made.
+            unsafe { libc::waitpid(n as libc::pid_t, &mut status, 0) };
+            0
+        }
+        _ => last(),
+    };
+    // SAFETY: an anonymous private mapping that nothing else refers to;
+    // unmapped at once if it was made.
+    let exec_map = unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            last()
+        } else {
+            libc::munmap(p, 4096);
+            0
+        }
+    };
+    [userns, clone, exec_map]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
