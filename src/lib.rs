@@ -24,6 +24,9 @@
 //!   gracefully. Its decisions are pure functions (`desired`, `reconcile`,
 //!   `retry`) that a thin shell (`apply`, `leases`) carries out on sockets;
 //!   `report` renders states as text.
+//! - [`privsep`]: privilege separation: dropping to an unprivileged user,
+//!   keeping only the broker's capabilities, the seccomp allowlists, and
+//!   reading back what a process holds (`/proc/PID/status`).
 //! - [`runtime`]: the tokio runtime with a fixed thread count.
 //! - [`sctp`]: kernel SCTP through a thin layer over libc (socket options,
 //!   `recvmsg`/`sendmsg` with stream id and PPID, notifications).
@@ -47,6 +50,7 @@ pub mod daemon;
 pub mod lifecycle;
 pub mod metrics;
 pub mod netns;
+pub mod privsep;
 pub mod proxy;
 pub mod runtime;
 pub mod sctp;

@@ -378,6 +378,11 @@ const HTTP_SERIES: &[HttpSeries] = &[
         "Connections reset because the client did not take the answer within the write timeout.",
         |e| &e.write_timeouts,
     ),
+    (
+        "nsproxy_http_refused_peer_total",
+        "Connections answered 403 because the peer's user may not use the endpoint (the control API: root and the user who started nsproxy only).",
+        |e| &e.refused_peer,
+    ),
 ];
 
 /// The HTTP endpoints' own counters.

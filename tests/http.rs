@@ -75,6 +75,7 @@ fn endpoints() -> &'static Endpoints {
                 tx.clone(),
                 TEST_LIMITS,
                 stats.clone(),
+                control::Peers::starting_user(),
             ));
             let metrics = nsproxy::metrics::bind("127.0.0.1:0".parse().unwrap())
                 .await
@@ -631,4 +632,48 @@ fn control_socket_path_holding_a_file_is_left_alone() {
             .file_type()
             .is_fifo()
     );
+}
+
+#[test]
+fn another_user_is_refused_with_403_even_when_the_socket_lets_it_connect() {
+    as_root(|| {
+        let e = endpoints();
+        // Open the socket (and its directory) to everyone, as a mistaken
+        // mode or an fd passed on would: the peer check still refuses.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = e.control.parent().unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::fs::set_permissions(&e.control, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .args([
+                bin(),
+                "status",
+                "--control-socket",
+                e.control.to_str().unwrap(),
+            ])
+            .output()
+            .expect("setpriv (util-linux)");
+        std::fs::set_permissions(&e.control, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains("403"), "{stderr}");
+        assert!(
+            stderr.contains("uid 65534 may not use the control API"),
+            "{stderr}"
+        );
+        // Root is still answered, and the refusal was counted.
+        let (code, stdout, stderr) =
+            run_cli(&["status", "--control-socket", e.control.to_str().unwrap()]);
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        let metrics = metrics_exchange(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", false).unwrap();
+        let body = String::from_utf8_lossy(&metrics);
+        assert!(
+            counter(
+                &body,
+                "nsproxy_http_refused_peer_total{endpoint=\"control\"}"
+            ) >= 1,
+            "{body}"
+        );
+    })
 }

@@ -40,8 +40,8 @@ pub use forward::{FORWARD_SYNTAX, parse_forward, set_connect_timeout};
 pub use settings::{
     ConnSettings, Kind, SctpSettings, SettingKey, Settings, TcpSettings, Tuning, UdpSettings,
 };
-pub use values::{check_user, parse_duration};
 pub(crate) use values::*;
+pub use values::{check_user, parse_duration};
 
 /// Default for [`Rule::connect_timeout`].
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -80,6 +80,9 @@ pub struct EndpointStats {
     pub read_timeouts: AtomicU64,
     /// Connections reset because the client did not take the answer in time.
     pub write_timeouts: AtomicU64,
+    /// Connections answered 403 because the peer's user may not use the
+    /// endpoint (the control API checks SO_PEERCRED).
+    pub refused_peer: AtomicU64,
 }
 
 /// The two HTTP endpoints.
@@ -216,7 +219,7 @@ pub(crate) async fn serve<L, H, F>(
 
 /// Writes `refusal` if the socket takes it now, then closes: a client
 /// beyond the cap costs one fd for an instant, never a wait.
-fn refuse<C: AsFd>(conn: &C, refusal: &[u8]) {
+pub(crate) fn refuse<C: AsFd>(conn: &C, refusal: &[u8]) {
     let s = socket2::SockRef::from(conn);
     // A short answer fits in any send buffer; if it does not, the close
     // alone tells the client.

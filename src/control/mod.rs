@@ -8,8 +8,13 @@
 //! Another method on these paths is answered 405 with `Allow`, another path
 //! 404, a malformed request 400; [`Limits`] says what a client may take.
 //!
-//! The socket is created with mode 0600, so only its owner (the user
-//! nsproxy runs as) can use it.
+//! The socket is created with mode 0600, so only its owner (the user who
+//! started nsproxy) can connect to it; and every connection's peer is
+//! checked with SO_PEERCRED ([`Peers`]): only root and the user who started
+//! nsproxy are answered, anyone else gets 403. The check is what keeps the
+//! API the operator's once the relay runs as another user: a process of
+//! that user (a compromised relay's sibling, or anything else running as
+//! `nobody`) may still reach an fd of the socket, but not use it.
 
 pub(crate) mod http;
 
@@ -17,12 +22,14 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
 
 use self::http::{Answer, Endpoint};
 pub use self::http::{EndpointStats, HttpStats, Limits};
@@ -121,17 +128,118 @@ fn not_a_socket(t: std::fs::FileType) -> Option<&'static str> {
     }
 }
 
+/// Who may use the control API: root and the user who started nsproxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peers {
+    /// The uids answered.
+    allowed: Vec<u32>,
+}
+
+impl Peers {
+    /// Root and `uid`.
+    pub fn root_and(uid: u32) -> Peers {
+        let mut allowed = vec![0, uid];
+        allowed.dedup();
+        Peers { allowed }
+    }
+
+    /// Root and the real uid of this process now: call it before dropping
+    /// privileges (the user who started nsproxy; root under sudo or a
+    /// system service).
+    pub fn starting_user() -> Peers {
+        Peers::root_and(crate::privsep::starting_uid())
+    }
+
+    /// Whether a peer whose credentials read `uid` (`None`: they could not
+    /// be read) is answered; if not, why, for the 403's body and the log.
+    pub fn admit(&self, uid: Option<u32>) -> Result<(), String> {
+        let uids = || {
+            self.allowed
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" and ")
+        };
+        match uid {
+            Some(u) if self.allowed.contains(&u) => Ok(()),
+            Some(u) => Err(format!(
+                "uid {u} may not use the control API: it answers only uid {} (root and the user who started nsproxy)",
+                uids()
+            )),
+            None => {
+                Err("the peer's credentials (SO_PEERCRED) could not be read: refused".to_owned())
+            }
+        }
+    }
+}
+
+/// The control socket's listener: hands on only connections whose peer
+/// [`Peers::admit`]s; answers the others 403 at once, counts and logs them.
+struct Checked {
+    inner: UnixListener,
+    peers: Peers,
+    stats: Arc<HttpStats>,
+    last_warning: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// Refusals of peers within this long of a logged one are logged at debug
+/// level only: a local process looping on connect cannot flood the log.
+const PEER_WARN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl http::Listener for Checked {
+    type Conn = UnixStream;
+    async fn accept(&self) -> io::Result<UnixStream> {
+        loop {
+            let (conn, _) = self.inner.accept().await?;
+            let cred = conn.peer_cred().ok();
+            let Err(why) = self.peers.admit(cred.map(|c| c.uid())) else {
+                return Ok(conn);
+            };
+            let count = self.stats.control.refused_peer.fetch_add(1, Relaxed) + 1;
+            let pid = cred
+                .and_then(|c| c.pid())
+                .map_or("?".to_owned(), |p| p.to_string());
+            let now = std::time::Instant::now();
+            let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_none_or(|t| now.duration_since(t) >= PEER_WARN_INTERVAL) {
+                *last = Some(now);
+                warn!(pid = %pid, refused = count, "control API: refused a connection (403): {why}");
+            } else {
+                debug!(pid = %pid, "control API: refused a connection (403): {why}");
+            }
+            http::refuse(&conn, forbidden(&why).as_bytes());
+        }
+    }
+}
+
+/// The whole 403 answer naming `why`.
+fn forbidden(why: &str) -> String {
+    let body = serde_json::json!({ "error": why }).to_string();
+    format!(
+        "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// The whole answer to a client beyond [`Limits::max_connections`].
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 64\r\nConnection: close\r\n\r\n{\"error\":\"too many control connections open; try again shortly\"}";
 
-/// Answers API requests until the task is dropped, within `limits`
-/// ([`Limits::CONTROL`] unless testing), counting into `stats`.
+/// Answers API requests of the `peers` allowed until the task is dropped,
+/// within `limits` ([`Limits::CONTROL`] unless testing), counting into
+/// `stats`.
 pub async fn serve(
     listener: UnixListener,
     commands: mpsc::Sender<Command>,
     limits: Limits,
     stats: Arc<HttpStats>,
+    peers: Peers,
 ) {
+    let listener = Checked {
+        inner: listener,
+        peers,
+        stats: stats.clone(),
+        last_warning: std::sync::Mutex::new(None),
+    };
     let handler = move |req: Request<Incoming>| {
         let commands = commands.clone();
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
@@ -257,6 +365,89 @@ mod tests {
             "{head}"
         );
         serde_json::from_str::<serde_json::Value>(body).unwrap();
+    }
+
+    #[test]
+    fn only_root_and_the_starting_user_are_admitted() {
+        let p = Peers::root_and(1000);
+        assert_eq!(p.admit(Some(0)), Ok(()));
+        assert_eq!(p.admit(Some(1000)), Ok(()));
+        let why = p.admit(Some(65534)).unwrap_err();
+        assert_eq!(
+            why,
+            "uid 65534 may not use the control API: it answers only uid 0 and 1000 (root and the user who started nsproxy)"
+        );
+        assert!(p.admit(None).unwrap_err().contains("SO_PEERCRED"));
+        // Started by root: root alone.
+        let p = Peers::root_and(0);
+        assert_eq!(p.allowed, vec![0]);
+        assert!(p.admit(Some(1)).is_err());
+    }
+
+    #[test]
+    fn the_403_is_a_whole_http_answer() {
+        let text = forbidden("uid 5 may not \"x\"");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{head}");
+        assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"], "uid 5 may not \"x\"");
+    }
+
+    /// A control API on a socket in a fresh directory, answering reloads
+    /// with an empty report, admitting `peers`.
+    async fn served(peers: Peers, name: &str) -> (PathBuf, Arc<HttpStats>) {
+        let dir = std::env::temp_dir().join(format!("nsproxy-peer-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("c.sock");
+        let listener = bind(&path).await.unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let stats = Arc::new(HttpStats::default());
+        tokio::spawn(serve(listener, tx, Limits::CONTROL, stats.clone(), peers));
+        tokio::spawn(async move {
+            while let Some(cmd) = rx.recv().await {
+                if let Command::Reload(reply) = cmd {
+                    let _ = reply.send(Ok(ReloadReport::default()));
+                }
+            }
+        });
+        (path, stats)
+    }
+
+    #[tokio::test]
+    async fn the_starting_user_is_answered() {
+        let me = crate::privsep::starting_uid();
+        let (path, stats) = served(Peers::root_and(me), "allow").await;
+        reload(&path).await.unwrap();
+        assert_eq!(stats.control.refused_peer.load(Relaxed), 0);
+        assert_eq!(stats.control.accepted.load(Relaxed), 1);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_user_not_admitted_gets_403_and_is_counted() {
+        let me = crate::privsep::starting_uid();
+        // A list without this process's uid (root included, if it is root).
+        let other = me.wrapping_add(4242);
+        let peers = Peers {
+            allowed: vec![other],
+        };
+        let (path, stats) = served(peers, "deny").await;
+        match reload(&path).await {
+            Err(ControlError::Refused {
+                status: 403,
+                message,
+            }) => {
+                assert!(
+                    message.starts_with(&format!("uid {me} may not use the control API")),
+                    "{message}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(stats.control.refused_peer.load(Relaxed), 1);
+        assert_eq!(stats.control.accepted.load(Relaxed), 0);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
     #[test]

@@ -209,6 +209,9 @@ struct Interfaces {
     control: Option<UnixListener>,
     /// Removed at exit.
     control_path: Option<PathBuf>,
+    /// Who may use the control socket: root and the user who started
+    /// nsproxy, read before any privilege is given up.
+    peers: control::Peers,
     metrics: Option<TcpListener>,
 }
 
@@ -236,6 +239,7 @@ impl Interfaces {
         Interfaces {
             control,
             control_path,
+            peers: control::Peers::starting_user(),
             metrics,
         }
     }
@@ -246,7 +250,14 @@ impl Interfaces {
         if let (Some(l), Some(p)) = (self.control.take(), &self.control_path) {
             info!("control API on {}", p.display());
             let limits = control::Limits::CONTROL;
-            tokio::spawn(control::serve(l, server.commands(), limits, http_stats.clone()));
+            let peers = self.peers.clone();
+            tokio::spawn(control::serve(
+                l,
+                server.commands(),
+                limits,
+                http_stats.clone(),
+                peers,
+            ));
         }
         if let Some(l) = self.metrics.take() {
             let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();

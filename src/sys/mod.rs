@@ -18,6 +18,8 @@
 //!   `.clippy.toml`) and the nsfs checks (`fstatfs`, `NS_GET_NSTYPE`).
 //! - [`inotify`]: the inotify instance and event decoding behind namespace
 //!   discovery.
+//! - [`privs`]: accounts, dropping to another user, capability sets and
+//!   `no_new_privs`, each checked after it is done.
 //! - [`reactor`]: handing an fd-owning value to tokio's reactor.
 //! - [`sctp`]: the `SOL_SCTP` socket options and `recvmsg`/`sendmsg` with
 //!   one SCTP control message each.
@@ -30,6 +32,7 @@ pub(crate) mod cmsg;
 pub(crate) mod epoll;
 pub(crate) mod inotify;
 pub(crate) mod netns;
+pub(crate) mod privs;
 pub(crate) mod reactor;
 pub(crate) mod sctp;
 pub(crate) mod splice;
