@@ -70,11 +70,15 @@ enum Command {
     },
     /// Check a config file: print every problem, exit non-zero if there is one.
     Check {
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long, short, required_unless_present = "show_syscalls")]
+        config: Option<PathBuf>,
         /// Also fail when a namespace the config names does not exist (now).
         #[arg(long)]
         strict: bool,
+        /// Print the system calls the relay and the socket broker may make
+        /// (their seccomp allowlists) and exit.
+        #[arg(long)]
+        show_syscalls: bool,
     },
     /// Forward ports without a config file.
     #[command(after_help = FORWARD_HELP)]
@@ -128,7 +132,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log_level);
     match cli.command {
-        Command::Check { config, strict } => check(&config, strict),
+        Command::Check {
+            show_syscalls: true,
+            ..
+        } => show_syscalls(),
+        Command::Check { config, strict, .. } => {
+            check(&config.expect("clap requires it"), strict)
+        }
         Command::Status {
             json,
             control_socket,
@@ -234,6 +244,24 @@ fn serve(config: Config, source: daemon::Source, drain_pinned: bool) -> ExitCode
         Err(e) => {
             error!("{e:#}");
             eprintln!("nsproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn show_syscalls() -> ExitCode {
+    let mut out = String::from("# the relay (everything that handles traffic)\n");
+    for line in nsproxy::privsep::relay_syscalls() {
+        out += &format!("{line}\n");
+    }
+    out += "\n# the socket broker\n";
+    for line in nsproxy::privsep::broker_syscalls() {
+        out += &format!("{line}\n");
+    }
+    match print_out(&out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nsproxy: {e}");
             ExitCode::FAILURE
         }
     }
