@@ -101,8 +101,18 @@ pub struct BrokerChild {
 /// thread): the broker's parent-death signal follows the thread that
 /// forked it.
 pub fn spawn(source: &PolicySource, extra_args: &[OsString]) -> io::Result<BrokerChild> {
+    spawn_exe(std::path::Path::new("/proc/self/exe"), source, extra_args)
+}
+
+/// Like [`spawn`], with another nsproxy binary (for tests, whose own
+/// executable is not nsproxy).
+pub fn spawn_exe(
+    exe: &std::path::Path,
+    source: &PolicySource,
+    extra_args: &[OsString],
+) -> io::Result<BrokerChild> {
     let (relay, broker) = fdpass::seqpacket_pair()?;
-    let mut cmd = std::process::Command::new("/proc/self/exe");
+    let mut cmd = std::process::Command::new(exe);
     cmd.arg(SUBCOMMAND)
         .arg("--fd")
         .arg(BROKER_FD.to_string())

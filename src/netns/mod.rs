@@ -194,7 +194,7 @@ struct Remote {
 
 /// Wakes the forwarding thread, which also waits on the broker's socket.
 #[derive(Debug)]
-struct RemoteWake(mio::Waker);
+struct RemoteWake(Arc<mio::Waker>);
 
 impl Drop for RemoteWake {
     fn drop(&mut self) {

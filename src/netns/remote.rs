@@ -103,7 +103,7 @@ struct Outgoing {
 pub(super) fn spawn(
     fd: OwnedFd,
     pid: u32,
-) -> io::Result<(mpsc::Sender<Request>, Waker, BrokerLink)> {
+) -> io::Result<(mpsc::Sender<Request>, Arc<Waker>, BrokerLink)> {
     let poll = Poll::new()?;
     let raw = fd.as_raw_fd();
     poll.registry().register(
@@ -111,7 +111,9 @@ pub(super) fn spawn(
         SOCKET,
         Interest::READABLE | Interest::WRITABLE,
     )?;
-    let waker = Waker::new(poll.registry(), WAKE)?;
+    // Shared with the thread: closing the eventfd while its last wake is
+    // still unread would drop that wake from the epoll set.
+    let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
     let (tx, rx) = mpsc::channel();
     let (gone_tx, gone_rx) = watch::channel(false);
     let mut fwd = Forwarder {
@@ -124,6 +126,7 @@ pub(super) fn spawn(
         next_id: 1,
         gone: gone_tx,
         buf: vec![0; wire::MAX_MESSAGE + 1],
+        _waker: waker.clone(),
     };
     std::thread::Builder::new()
         .name("nsproxy-netns".into())
@@ -142,6 +145,7 @@ struct Forwarder {
     next_id: u64,
     gone: watch::Sender<bool>,
     buf: Vec<u8>,
+    _waker: Arc<Waker>,
 }
 
 impl Forwarder {
