@@ -60,6 +60,8 @@ impl BrokerLink {
 enum Waiting {
     Resolve(Vec<oneshot::Sender<Result<NsId, NsError>>>),
     Socket(NsId, oneshot::Sender<Result<Socket, NsError>>),
+    /// Several sockets asked for together, fulfilled by one refill.
+    Sockets(NsId, Vec<oneshot::Sender<Result<Socket, NsError>>>),
     Refill {
         ns: NsId,
         spec: SocketSpec,
@@ -81,6 +83,11 @@ impl Waiting {
             }
             Waiting::Socket(_, r) => {
                 let _ = r.send(Err(e()));
+            }
+            Waiting::Sockets(_, replies) => {
+                for r in replies {
+                    let _ = r.send(Err(e()));
+                }
             }
             // The slot stays "refilling": nothing could refill it anyway,
             // and callers fall back to asking (and are told).
@@ -208,11 +215,35 @@ impl Forwarder {
                     }
                 }
                 Request::Socket { ns, spec, reply } => {
-                    let op = Op::Socket {
-                        ns: ns.into(),
-                        spec: spec.into(),
+                    // Consecutive ones of one kind in one namespace travel
+                    // as one refill: one message and one switch for all.
+                    let mut replies = vec![reply];
+                    while replies.len() < wire::MAX_REFILL as usize {
+                        match batch.peek() {
+                            Some(Request::Socket { ns: n, spec: s, .. })
+                                if *n == ns && *s == spec => {}
+                            _ => break,
+                        }
+                        let Some(Request::Socket { reply, .. }) = batch.next() else {
+                            unreachable!("peeked")
+                        };
+                        replies.push(reply);
+                    }
+                    let (op, waiting) = if replies.len() == 1 {
+                        let op = Op::Socket {
+                            ns: ns.into(),
+                            spec: spec.into(),
+                        };
+                        (op, Waiting::Socket(ns, replies.pop().expect("one")))
+                    } else {
+                        let op = Op::Refill {
+                            ns: ns.into(),
+                            spec: spec.into(),
+                            n: replies.len() as u32,
+                        };
+                        (op, Waiting::Sockets(ns, replies))
                     };
-                    self.queue(op, None, Waiting::Socket(ns, reply));
+                    self.queue(op, None, waiting);
                 }
                 Request::Refill { ns, spec, n, pool } => {
                     let op = Op::Refill {
@@ -348,6 +379,17 @@ impl Forwarder {
                     fds.next()
                         .ok_or_else(|| NsError::Socket { ns, source: lost() }),
                 );
+            }
+            (Waiting::Sockets(ns, replies), Outcome::Refilled { error, .. }) => {
+                for r in replies {
+                    let _ = r.send(match fds.next() {
+                        Some(s) => Ok(s),
+                        None => Err(match &error {
+                            Some(e) => e.clone().into_ns_error(),
+                            None => NsError::Socket { ns, source: lost() },
+                        }),
+                    });
+                }
             }
             (Waiting::Refill { ns, spec, pool }, Outcome::Refilled { .. }) => {
                 pool.refilled(ns, &spec, fds.collect());
