@@ -135,3 +135,40 @@ fn socket_birth_through_the_broker() {
         assert!(wait_exit(&mut b.child).success());
     })
 }
+
+/// Resolving many namespaces (what start-up does first) through the broker
+/// and locally; `NSPROXY_BROKER_NAMESPACES` namespaces (default 1,000).
+/// Slow to set up: run with `--ignored`.
+#[test]
+#[ignore]
+fn resolving_many_namespaces_through_the_broker() {
+    as_root(|| {
+        let n = std::env::var("NSPROXY_BROKER_NAMESPACES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
+        let all = TestNs::many("brkm", n);
+        let refs: Vec<NsRef> = all.iter().map(|ns| ns.reference()).collect();
+        // Every test namespace of this process, by the pattern of their names.
+        let pattern = format!("tcp:[::]:80@nspt-{}-*=127.0.0.1:9", std::process::id());
+        let mut b = spawn(&[pattern]);
+        let remote = Switcher::remote(b.fd, b.pid).unwrap();
+        let rt = rt();
+        for (what, sw) in [("local", switcher()), ("broker", &remote)] {
+            let t = Instant::now();
+            let got = rt.block_on(sw.resolve_many(&refs));
+            let took = t.elapsed();
+            assert!(
+                got.iter().all(|r| r.is_ok()),
+                "{:?}",
+                got.iter().find(|r| r.is_err())
+            );
+            eprintln!("resolving {n} namespaces ({what}): {took:?}");
+            for id in got.into_iter().flatten() {
+                sw.release(id);
+            }
+        }
+        drop(remote);
+        assert!(wait_exit(&mut b.child).success());
+    })
+}
