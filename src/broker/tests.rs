@@ -432,3 +432,55 @@ fn a_broker_reads_the_config_and_updates_its_policy() {
     t.join().unwrap().unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A broker whose policy names only `host`: nothing it may do switches
+    /// namespaces, so it runs on the test's thread without root.
+    fn host_only() -> Broker {
+        let config = config::parse_forward(&["tcp:127.0.0.1:1=127.0.0.1:2".into()], None).unwrap();
+        Broker::with_config(PolicySource::Forward(vec![]), &config).unwrap()
+    }
+
+    fn received(len: usize, fds: usize, truncated: bool, ctrunc: bool) -> fdpass::Received {
+        let fds = (0..fds)
+            .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap()))
+            .collect();
+        fdpass::Received {
+            len,
+            fds,
+            truncated,
+            ctrunc,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any bytes, any fds: a reply, never a panic, and sockets only
+        /// where the reply says so.
+        #[test]
+        fn any_bytes_get_a_reply(bytes in prop::collection::vec(any::<u8>(), 0..300), fds in 0..3usize, t in any::<bool>(), c in any::<bool>()) {
+            let mut b = host_only();
+            let (reply, sockets) = b.handle(&bytes, received(bytes.len(), fds, t, c));
+            prop_assert!(matches!(reply.outcome, Outcome::Failed(_)));
+            prop_assert!(sockets.is_empty());
+        }
+
+        /// Well-formed requests of every kind, with and without an fd, in
+        /// any order: each gets a reply whose fds match it.
+        #[test]
+        fn any_requests_get_consistent_replies(ops in prop::collection::vec((wire::tests::op(), 0..2usize), 1..12)) {
+            let mut b = host_only();
+            for (i, (op, fds)) in ops.into_iter().enumerate() {
+                let bytes = wire::encode_request(&Request { id: i as u64, op }).unwrap();
+                let (reply, sockets) = b.handle(&bytes, received(bytes.len(), fds, false, false));
+                prop_assert_eq!(reply.id, i as u64);
+                prop_assert_eq!(reply.outcome.fds(), sockets.len());
+            }
+        }
+    }
+}

@@ -523,7 +523,7 @@ pub fn resolve_chunks(refs: &[String]) -> Vec<std::ops::Range<usize>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -539,7 +539,7 @@ mod tests {
         })
     }
 
-    fn op() -> impl Strategy<Value = Op> {
+    pub(crate) fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             prop::collection::vec(".{0,40}", 0..8).prop_map(|refs| Op::Resolve { refs }),
             (ns(), spec()).prop_map(|(ns, spec)| Op::Socket { ns, spec }),
