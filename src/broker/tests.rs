@@ -433,6 +433,62 @@ fn a_broker_reads_the_config_and_updates_its_policy() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[test]
+fn a_relay_without_the_privilege_gets_its_low_port_bound_by_the_broker() {
+    if !root_or_skip("a_relay_without_the_privilege_gets_its_low_port_bound_by_the_broker") {
+        return;
+    }
+    let ns1 = TestNs::new("p");
+    let spec = format!("tcp:[::]:80@{}=127.0.0.1:9", ns1.0);
+    // The broker thread keeps every capability; the relay's thread below
+    // drops CAP_NET_BIND_SERVICE.
+    let (fd, _refusals, t) = start(std::slice::from_ref(&spec));
+    let rule = Arc::new(
+        config::parse_forward(&[spec], None)
+            .unwrap()
+            .rules
+            .remove(0),
+    );
+    let relay = std::thread::spawn(move || {
+        const CAP_NET_BIND_SERVICE: u32 = 10;
+        fdpass::drop_thread_capability(CAP_NET_BIND_SERVICE).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let remote = Switcher::remote(fd, 0).unwrap();
+        let local = Switcher::spawn().unwrap();
+        rt.block_on(async {
+            let r: NsRef = ns1.0.parse().unwrap();
+            for (sw, through_broker) in [(local, false), (remote, true)] {
+                let ns = sw.resolve(&r).await.unwrap();
+                let b = crate::proxy::Binding::new(
+                    rule.clone(),
+                    r.clone(),
+                    ns,
+                    sw.home(),
+                    Arc::new(sw.clone()),
+                    None,
+                );
+                let got = crate::proxy::tcp::listen(&b).await;
+                if through_broker {
+                    let l = got.unwrap();
+                    assert_eq!(l.local_addr().unwrap().port(), 80);
+                } else {
+                    // No broker: this thread may not bind port 80 itself.
+                    let e = got.unwrap_err();
+                    assert!(e.to_string().contains("Permission denied"), "{e}");
+                }
+                drop(b);
+                sw.release(ns);
+            }
+        });
+        drop(ns1);
+    });
+    relay.join().unwrap();
+    t.join().unwrap().unwrap();
+}
+
 mod fuzz {
     use proptest::prelude::*;
 

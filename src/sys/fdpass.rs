@@ -280,6 +280,44 @@ pub(crate) fn take_inherited_seqpacket(raw: RawFd) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Drops capability `cap` from the calling thread's effective set only
+/// (capabilities are per thread), so that a test can act as a relay
+/// without privileges on one thread while the rest of the process keeps
+/// them. Threads it starts afterwards inherit the smaller set.
+#[cfg(test)]
+pub(crate) fn drop_thread_capability(cap: u32) -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut h = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut d = [Data::default(); 2];
+    // SAFETY: capget reads a version-3 header and writes two Data structs,
+    // both live and of the layout the kernel expects.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut h as *mut Header, d.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    d[(cap / 32) as usize].effective &= !(1 << (cap % 32));
+    // SAFETY: as above; capset only reads them, and changes this thread's
+    // capabilities (pid 0: the caller).
+    if unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;
