@@ -11,6 +11,9 @@
 //!   switches namespaces (the only `setns` in the process), and the seam
 //!   sockets come through ([`netns::SocketFactory`], with the
 //!   [`netns::Lease`]s that hold a namespace open).
+//! - [`broker`]: the socket broker, the small privileged process that makes
+//!   sockets in namespaces for a relay without privileges (split mode), its
+//!   protocol and its policy.
 //! - [`config`]: the configuration model, its TOML and command-line front
 //!   ends, and validation that reports every problem with its location;
 //!   [`config::check`] judges the namespaces a valid config names, for
@@ -44,6 +47,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod broker;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -103,6 +103,19 @@ enum Command {
         #[arg(long)]
         user: Option<String>,
     },
+    /// The socket broker of a split nsproxy (started by nsproxy itself).
+    #[command(name = "__broker", hide = true)]
+    Broker {
+        /// The inherited end of the relay's socket.
+        #[arg(long)]
+        fd: i32,
+        /// The config file the policy comes from.
+        #[arg(long, conflicts_with = "forward")]
+        config: Option<PathBuf>,
+        /// Forward specs the policy comes from.
+        #[arg(long)]
+        forward: Vec<String>,
+    },
 }
 
 const FORWARD_HELP: &str = "\
@@ -132,6 +145,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log_level);
     match cli.command {
+        Command::Broker {
+            fd,
+            config,
+            forward,
+        } => nsproxy::broker::run_inherited(
+            fd,
+            match config {
+                Some(path) => nsproxy::broker::PolicySource::File(path),
+                None => nsproxy::broker::PolicySource::Forward(forward),
+            },
+        ),
         Command::Check {
             show_syscalls: true,
             ..

@@ -377,6 +377,12 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse_toml(&text, &path.display().to_string())
 }
 
+/// A config file's text, read as [`load`] reads it (never waiting on a
+/// FIFO or device), for a caller that parses it itself ([`parse_toml`]).
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    read_file(path)
+}
+
 /// Reads a config file without ever waiting on it: opened with `O_NONBLOCK`
 /// (which does nothing to a regular file) and refused unless it is one, so
 /// a FIFO or device named as the config fails at once instead of stalling

@@ -418,11 +418,16 @@ impl Supervisor {
         };
         self.parsing = true;
         let back = self.control.clone();
+        // Through the factory: split, the socket broker reads the file.
+        let sockets = self.sockets.clone();
         tokio::spawn(async move {
-            let result = config::load(&path).map_err(|e| ReloadError::Invalid {
-                path: path.clone(),
-                message: e.to_string(),
-            });
+            let text = sockets.read_config(&path).await;
+            let result = text
+                .and_then(|t| config::parse_toml(&t, &path.display().to_string()))
+                .map_err(|e| ReloadError::Invalid {
+                    path: path.clone(),
+                    message: e.to_string(),
+                });
             if let Some(tx) = back.upgrade() {
                 // A supervisor gone meanwhile drops the replies: their
                 // callers are told the server stopped.

@@ -14,6 +14,9 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -106,7 +109,36 @@ pub trait SocketFactory: Send + Sync + fmt::Debug {
     fn socket_blocking(&self, ns: NsId, spec: SocketSpec) -> Result<Socket, NsError>;
     /// Closes the fd of `ns`; callers use [`Leases`] rather than this.
     fn release(&self, ns: NsId);
+    /// The text of the config file at `path`, for a reload. Split, the
+    /// socket broker reads it (and updates its policy from it), as the relay
+    /// may not; by default, it is read here.
+    fn read_config<'a>(&'a self, path: &'a Path) -> ConfigFuture<'a> {
+        Box::pin(async move { crate::config::read_text(path) })
+    }
+    /// Binds `socket` to `addrs` where this process may not (a port below
+    /// 1024 without CAP_NET_BIND_SERVICE): split, the socket broker does.
+    /// By default: `PermissionDenied`.
+    fn bind_privileged<'a>(
+        &'a self,
+        socket: &'a Socket,
+        addrs: &'a [SocketAddr],
+    ) -> BindFuture<'a> {
+        let _ = (socket, addrs);
+        Box::pin(async {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "this process may not bind ports below 1024",
+            ))
+        })
+    }
 }
+
+/// A config file's text on its way ([`SocketFactory::read_config`]).
+pub type ConfigFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<String, crate::config::ConfigError>> + Send + 'a>>;
+
+/// A bind on its way ([`SocketFactory::bind_privileged`]).
+pub type BindFuture<'a> = Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>;
 
 impl SocketFactory for Switcher {
     fn home(&self) -> NsId {
@@ -131,6 +163,26 @@ impl SocketFactory for Switcher {
 
     fn release(&self, ns: NsId) {
         Switcher::release(self, ns);
+    }
+
+    fn read_config<'a>(&'a self, path: &'a Path) -> ConfigFuture<'a> {
+        Box::pin(async move {
+            match self.read_config_remote().await {
+                None => crate::config::read_text(path),
+                Some(r) => r.map_err(|source| crate::config::ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                }),
+            }
+        })
+    }
+
+    fn bind_privileged<'a>(
+        &'a self,
+        socket: &'a Socket,
+        addrs: &'a [SocketAddr],
+    ) -> BindFuture<'a> {
+        Box::pin(Switcher::bind_privileged(self, socket, addrs))
     }
 }
 

@@ -26,6 +26,7 @@ pub mod discovery;
 mod factory;
 mod nsfs;
 mod reference;
+mod remote;
 mod switcher;
 
 use std::collections::HashMap;
@@ -35,9 +36,13 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-pub use factory::{Lease, Leases, ResolveFuture, SocketFactory, SocketFuture};
+pub use factory::{
+    BindFuture, ConfigFuture, Lease, Leases, ResolveFuture, SocketFactory, SocketFuture,
+};
 pub use reference::{NETNS_RUN_DIR, NsId, NsRef, NsRefError};
+pub use remote::BrokerLink;
 pub use socket2::{Domain, Protocol, Socket, Type};
+pub(crate) use switcher::Thread as SwitchingThread;
 use tokio::sync::oneshot;
 
 /// What kind of socket to create: the arguments of `socket(2)`.
@@ -134,6 +139,12 @@ pub enum NsError {
     NotOpen { ns: NsId },
     #[error("the namespace thread has stopped")]
     Stopped,
+    /// The socket broker (a process of its own, when nsproxy runs split)
+    /// refused the request: its policy allows only what the config uses.
+    #[error("the socket broker refused: {reason}")]
+    Refused { reason: String },
+    #[error("the socket broker (pid {pid}) is gone: no new socket can be made")]
+    BrokerGone { pid: u32 },
 }
 
 /// `socket(2)` on the calling thread, with the flags every nsproxy socket gets.
@@ -167,6 +178,28 @@ pub struct Switcher {
     home: NsId,
     /// Sockets made ahead of need for [`Switcher::pooled_socket`].
     pool: Arc<Pool>,
+    /// Set when requests go to a socket broker ([`Switcher::remote`]).
+    remote: Option<Remote>,
+}
+
+/// What a remote switcher has besides the channel. Shared by the clones
+/// of one switcher; declared after `tx`, so that when the last clone goes
+/// the channel is closed before [`RemoteWake`]'s drop wakes the thread to
+/// see it.
+#[derive(Clone, Debug)]
+struct Remote {
+    wake: Arc<RemoteWake>,
+    link: BrokerLink,
+}
+
+/// Wakes the forwarding thread, which also waits on the broker's socket.
+#[derive(Debug)]
+struct RemoteWake(Arc<mio::Waker>);
+
+impl Drop for RemoteWake {
+    fn drop(&mut self) {
+        let _ = self.0.wake();
+    }
 }
 
 /// Upstream sockets created ahead of time, per (namespace, kind of socket),
@@ -233,7 +266,72 @@ impl Switcher {
             tx,
             home,
             pool: Arc::default(),
+            remote: None,
         })
+    }
+
+    /// A switcher whose sockets come from the socket broker at the other end
+    /// of `fd` (process `broker_pid`, see [`crate::broker::spawn`]) instead
+    /// of a namespace thread: its thread (named like the namespace thread)
+    /// forwards the same requests over the socket, so that this process
+    /// never calls `setns` and needs no privileges. Its home is the calling
+    /// thread's namespace (which is the broker's too): call this before
+    /// dropping privileges, as it opens `/proc/thread-self/ns/net`.
+    ///
+    /// When the broker goes, every request fails with
+    /// [`NsError::BrokerGone`], and [`Switcher::broker`] tells.
+    pub fn remote(fd: std::os::fd::OwnedFd, broker_pid: u32) -> io::Result<Self> {
+        let (_, home) = switcher::own_namespace()?;
+        let (tx, wake, link) = remote::spawn(fd, broker_pid)?;
+        Ok(Switcher {
+            tx,
+            home,
+            pool: Arc::default(),
+            remote: Some(Remote {
+                wake: Arc::new(RemoteWake(wake)),
+                link,
+            }),
+        })
+    }
+
+    /// The socket broker's state, for a [`Switcher::remote`] one.
+    pub fn broker(&self) -> Option<&BrokerLink> {
+        self.remote.as_ref().map(|r| &r.link)
+    }
+
+    /// Binds `socket` to `addrs` through the socket broker (for ports below
+    /// 1024, which a relay without privileges cannot bind). Without a
+    /// broker: `PermissionDenied`.
+    pub async fn bind_privileged(&self, socket: &Socket, addrs: &[SocketAddr]) -> io::Result<()> {
+        if self.remote.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "no socket broker to bind a privileged port",
+            ));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(switcher::Request::Bind {
+            socket: socket.try_clone()?,
+            addrs: addrs.to_vec(),
+            reply,
+        })
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        rx.await
+            .map_err(|_| io::Error::other(NsError::Stopped.to_string()))?
+    }
+
+    /// The config file's text, read by the socket broker (which also
+    /// updates its policy from it); without a broker, `None`.
+    pub async fn read_config_remote(&self) -> Option<io::Result<String>> {
+        self.remote.as_ref()?;
+        let (reply, rx) = oneshot::channel();
+        if let Err(e) = self.send(switcher::Request::ReadConfig { reply }) {
+            return Some(Err(io::Error::other(e.to_string())));
+        }
+        Some(
+            rx.await
+                .unwrap_or_else(|_| Err(io::Error::other(NsError::Stopped.to_string()))),
+        )
     }
 
     /// The namespace nsproxy started in (`host`).
@@ -366,6 +464,11 @@ impl Switcher {
     }
 
     fn send(&self, req: switcher::Request) -> Result<(), NsError> {
-        self.tx.send(req).map_err(|_| NsError::Stopped)
+        self.tx.send(req).map_err(|_| NsError::Stopped)?;
+        if let Some(r) = &self.remote {
+            // Lost only if the thread's poll is gone, and then so is it.
+            let _ = r.wake.0.wake();
+        }
+        Ok(())
     }
 }

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::mpsc;
 
@@ -50,6 +51,17 @@ pub(super) enum Request {
         n: usize,
         pool: Arc<Pool>,
     },
+    /// Bind `socket` to `addrs` (a port below 1024): only the broker can,
+    /// for a relay without privileges.
+    Bind {
+        socket: Socket,
+        addrs: Vec<SocketAddr>,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    /// The config file's text, read by the broker.
+    ReadConfig {
+        reply: oneshot::Sender<io::Result<String>>,
+    },
 }
 
 /// Starts the thread; returns the home namespace's identity once the thread
@@ -62,18 +74,15 @@ pub(super) fn spawn() -> io::Result<(mpsc::Sender<Request>, NsId)> {
         .spawn(move || {
             // The thread's own namespace is home: it inherited it from the
             // thread that spawned it.
-            let home = nsfs::open_netns("/proc/thread-self/ns/net".as_ref());
-            let (file, id) = match home {
-                Ok(v) => v,
-                Err(p) => {
-                    let _ = ready_tx.send(Err(io::Error::other(format!(
-                        "cannot open this thread's own network namespace (/proc/thread-self/ns/net): {p:?}"
-                    ))));
+            let thread = match Thread::here() {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
-            let _ = ready_tx.send(Ok(id));
-            Thread::new(file, id).serve(rx);
+            let _ = ready_tx.send(Ok(thread.home));
+            thread.serve(rx);
         })?;
     let home = ready_rx
         .recv()
@@ -81,7 +90,10 @@ pub(super) fn spawn() -> io::Result<(mpsc::Sender<Request>, NsId)> {
     Ok((tx, home))
 }
 
-struct Thread {
+/// The switching logic: resolve, create a socket in a namespace, release,
+/// go home. Run by the namespace thread of this process, or by the socket
+/// broker's main thread (`crate::broker`), which is its process's only one.
+pub(crate) struct Thread {
     home: NsId,
     /// Where this thread is right now; equal to `home` between batches.
     current: NsId,
@@ -90,7 +102,29 @@ struct Thread {
     cache: HashMap<NsId, File>,
 }
 
+/// This thread's own network namespace: its file and identity.
+pub(crate) fn own_namespace() -> io::Result<(File, NsId)> {
+    nsfs::open_netns("/proc/thread-self/ns/net".as_ref()).map_err(|p| {
+        io::Error::other(format!(
+            "cannot open this thread's own network namespace (/proc/thread-self/ns/net): {p:?}"
+        ))
+    })
+}
+
 impl Thread {
+    /// Switching from the calling thread, whose namespace now is home.
+    /// The caller must be a thread nothing else runs on, as the namespace
+    /// thread and the broker's main thread are.
+    pub(crate) fn here() -> io::Result<Thread> {
+        let (file, id) = own_namespace()?;
+        Ok(Thread::new(file, id))
+    }
+
+    /// The namespace this thread returns to.
+    pub(crate) fn home(&self) -> NsId {
+        self.home
+    }
+
     fn new(home_file: File, home: NsId) -> Self {
         let mut cache = HashMap::new();
         cache.insert(home, home_file);
@@ -124,11 +158,18 @@ impl Thread {
                             .collect();
                         pool.refilled(ns, &spec, made);
                     }
-                    Request::Release { ns } => {
-                        self.go_home();
-                        if ns != self.home {
-                            self.cache.remove(&ns);
-                        }
+                    Request::Release { ns } => self.release(ns),
+                    Request::Bind { reply, .. } => {
+                        let _ = reply.send(Err(io::Error::new(
+                            io::ErrorKind::PermissionDenied,
+                            "no socket broker: this process binds its sockets itself",
+                        )));
+                    }
+                    Request::ReadConfig { reply } => {
+                        let _ = reply.send(Err(io::Error::new(
+                            io::ErrorKind::Unsupported,
+                            "no socket broker to read the config",
+                        )));
                     }
                 }
                 next = rx.try_recv().ok();
@@ -137,7 +178,15 @@ impl Thread {
         }
     }
 
-    fn resolve(&mut self, reference: &NsRef) -> Result<NsId, NsError> {
+    /// Closes the cached fd of `ns` (never home's), from home.
+    pub(crate) fn release(&mut self, ns: NsId) {
+        self.go_home();
+        if ns != self.home {
+            self.cache.remove(&ns);
+        }
+    }
+
+    pub(crate) fn resolve(&mut self, reference: &NsRef) -> Result<NsId, NsError> {
         let path = match reference {
             NsRef::Host => return Ok(self.home),
             NsRef::Glob(_) => {
@@ -202,7 +251,7 @@ impl Thread {
         Ok(id)
     }
 
-    fn socket_in(&mut self, ns: NsId, spec: SocketSpec) -> Result<Socket, NsError> {
+    pub(crate) fn socket_in(&mut self, ns: NsId, spec: SocketSpec) -> Result<Socket, NsError> {
         if ns != self.current {
             let Some(file) = self.cache.get(&ns) else {
                 return Err(NsError::NotOpen { ns });
@@ -217,7 +266,7 @@ impl Thread {
     }
 
     /// Returns to the home namespace, or ends the process.
-    fn go_home(&mut self) {
+    pub(crate) fn go_home(&mut self) {
         if self.current == self.home {
             return;
         }

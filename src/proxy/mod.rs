@@ -666,6 +666,42 @@ impl<L> Served<L> {
     }
 }
 
+/// Binds a listening socket to `addrs` (the first with bind(2), the others,
+/// SCTP's, with `sctp_bindx`); a port below 1024 this process may not bind
+/// (EACCES) is bound by the socket factory instead (the broker, split).
+pub(crate) async fn bind_listen(
+    b: &Binding,
+    socket: &socket2::Socket,
+    addrs: &[SocketAddr],
+) -> Result<(), ListenError> {
+    let addr = addrs[0];
+    match socket.bind(&addr.into()) {
+        Err(source) if source.raw_os_error() == Some(libc::EACCES) => b
+            .sockets
+            .bind_privileged(socket, addrs)
+            .await
+            .map_err(|e| ListenError::Bind {
+                addr,
+                source: privileged_bind_error(source, e),
+            }),
+        Err(source) => Err(ListenError::Bind { addr, source }),
+        Ok(()) => crate::sctp::bindx(socket, &addrs[1..]).map_err(|source| ListenError::Bind {
+            addr: addrs.get(1).copied().unwrap_or(addr),
+            source,
+        }),
+    }
+}
+
+/// What to report when a privileged bind failed: the broker's bind error
+/// (an errno) as it is, else the first EACCES with the reason added.
+pub(crate) fn privileged_bind_error(eacces: io::Error, e: io::Error) -> io::Error {
+    if e.raw_os_error().is_some() {
+        e
+    } else {
+        io::Error::new(eacces.kind(), format!("{eacces}; {e}"))
+    }
+}
+
 /// Why a binding could not listen.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {

@@ -14,6 +14,8 @@
 //!   clock, the allocator's free memory and heap in use).
 //! - [`cmsg`]: control messages, walked out of a receive and laid out for a
 //!   send.
+//! - [`fdpass`]: fds over a unix `SOCK_SEQPACKET` pair (`SCM_RIGHTS`), for
+//!   the socket broker; its parent-death signal.
 //! - [`netns`]: `setns(2)` (for the namespace thread only, enforced by
 //!   `.clippy.toml`) and the nsfs checks (`fstatfs`, `NS_GET_NSTYPE`).
 //! - [`inotify`]: the inotify instance and event decoding behind namespace
@@ -30,6 +32,7 @@
 
 pub(crate) mod cmsg;
 pub(crate) mod epoll;
+pub(crate) mod fdpass;
 pub(crate) mod inotify;
 pub(crate) mod netns;
 pub(crate) mod privs;

@@ -1,0 +1,389 @@
+//! What the broker may do for the relay: only what the running config
+//! needs. Pure: built from a [`Config`], asked about references, socket
+//! kinds and addresses, and testable without root.
+//!
+//! - Resolve: `host`; any reference a rule names (its `netns` list or its
+//!   `upstream_netns`); a `/run/netns` name one of the rules' patterns
+//!   matches.
+//! - Socket and Refill: only in a namespace resolved under the current
+//!   policy ([`Resolved`]), and only of a kind (domain, type, protocol) a
+//!   rule uses there: its listen socket where it listens, its upstream
+//!   socket in its upstream namespace.
+//! - Bind: only of the addresses a rule listens on (its `listen`, and for
+//!   SCTP its `sctp_listen_addrs` at that port), with that rule's kind of
+//!   socket.
+//! - Release: always.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::config::{Config, Protocol as RuleProtocol, Rule};
+use crate::netns::{NsId, NsRef, SocketSpec};
+
+/// The broker's policy for one config.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: Vec<RulePolicy>,
+}
+
+#[derive(Debug, Clone)]
+struct RulePolicy {
+    rule: Rule,
+    listen: SocketSpec,
+    upstream: SocketSpec,
+    /// `listen` and, for SCTP, its extra addresses at the same port.
+    addrs: Vec<SocketAddr>,
+}
+
+/// Why the policy refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "namespace \"{0}\" is not named by any rule of the config nor matched by one of its patterns"
+    )]
+    Namespace(NsRef),
+    #[error("namespace {0} was not resolved under the current config")]
+    NotResolved(NsId),
+    #[error("no rule of the config uses a {kind} socket in namespace {ns} ({refs})")]
+    Kind {
+        ns: NsId,
+        kind: String,
+        refs: String,
+    },
+    #[error("no rule of the config listens on {addrs} with a {kind} socket in namespace {refs}")]
+    Bind {
+        addrs: String,
+        kind: String,
+        refs: String,
+    },
+}
+
+/// A socket kind in words: "TCP/IPv6 stream".
+pub fn describe(spec: &SocketSpec) -> String {
+    let domain = match i32::from(spec.domain) {
+        libc::AF_INET => "IPv4".to_owned(),
+        libc::AF_INET6 => "IPv6".to_owned(),
+        libc::AF_UNIX => "unix".to_owned(),
+        d => format!("domain {d}"),
+    };
+    let ty = match i32::from(spec.ty) {
+        libc::SOCK_STREAM => "stream".to_owned(),
+        libc::SOCK_DGRAM => "datagram".to_owned(),
+        libc::SOCK_SEQPACKET => "seqpacket".to_owned(),
+        libc::SOCK_RAW => "raw".to_owned(),
+        t => format!("type {t}"),
+    };
+    let proto = match spec.protocol.map(i32::from) {
+        None | Some(0) => "default protocol".to_owned(),
+        Some(libc::IPPROTO_TCP) => "TCP".to_owned(),
+        Some(libc::IPPROTO_UDP) => "UDP".to_owned(),
+        Some(libc::IPPROTO_SCTP) => "SCTP".to_owned(),
+        Some(p) => format!("protocol {p}"),
+    };
+    format!("{proto}/{domain} {ty}")
+}
+
+fn unspecified(v6: bool) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)
+    } else {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+    }
+}
+
+impl RulePolicy {
+    fn new(rule: &Rule) -> RulePolicy {
+        let (listen, upstream) = match rule.protocol {
+            RuleProtocol::Tcp => (
+                SocketSpec::tcp(&rule.listen),
+                SocketSpec::tcp(&rule.upstream),
+            ),
+            RuleProtocol::Udp => (
+                SocketSpec::udp(&rule.listen),
+                SocketSpec::udp(&rule.upstream),
+            ),
+            RuleProtocol::Sctp => {
+                // As the SCTP relay picks its upstream socket's family.
+                let v6 = crate::sctp::needs_ipv6(
+                    std::iter::once(rule.upstream.ip())
+                        .chain(rule.sctp_upstream_addrs.iter().copied())
+                        .chain(rule.sctp_source_addrs.iter().copied()),
+                );
+                (
+                    SocketSpec::sctp(&rule.listen),
+                    SocketSpec::sctp(&unspecified(v6)),
+                )
+            }
+        };
+        let mut addrs = vec![rule.listen];
+        if rule.protocol == RuleProtocol::Sctp {
+            addrs.extend(
+                rule.sctp_listen_addrs
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, rule.listen.port())),
+            );
+        }
+        RulePolicy {
+            rule: rule.clone(),
+            listen,
+            upstream,
+            addrs,
+        }
+    }
+
+    fn listens_in(&self, r: &NsRef) -> bool {
+        self.rule.rank(r).is_some()
+    }
+
+    fn connects_from(&self, r: &NsRef) -> bool {
+        self.rule.upstream_netns == *r
+    }
+}
+
+impl Policy {
+    /// What `config` needs.
+    pub fn from_config(config: &Config) -> Policy {
+        Policy {
+            rules: config.rules.iter().map(RulePolicy::new).collect(),
+        }
+    }
+
+    /// Whether `r` may be resolved.
+    pub fn allows_resolve(&self, r: &NsRef) -> Result<(), Refusal> {
+        if *r == NsRef::Host
+            || self
+                .rules
+                .iter()
+                .any(|p| p.listens_in(r) || p.connects_from(r))
+        {
+            Ok(())
+        } else {
+            Err(Refusal::Namespace(r.clone()))
+        }
+    }
+
+    /// Whether a socket of `spec` may be made in `ns`, resolved earlier
+    /// (under this policy) as recorded in `resolved`.
+    pub fn allows_socket(
+        &self,
+        resolved: &Resolved,
+        ns: NsId,
+        spec: &SocketSpec,
+    ) -> Result<(), Refusal> {
+        let Some(refs) = resolved.refs(ns) else {
+            return Err(Refusal::NotResolved(ns));
+        };
+        let used = refs.iter().any(|r| {
+            self.rules.iter().any(|p| {
+                (p.listen == *spec && p.listens_in(r))
+                    || (p.upstream == *spec && p.connects_from(r))
+            })
+        });
+        if used {
+            Ok(())
+        } else {
+            Err(Refusal::Kind {
+                ns,
+                kind: describe(spec),
+                refs: refs
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+        }
+    }
+
+    /// Whether a socket of `spec`, in the namespace resolved from `refs`,
+    /// may be bound to `addrs` (all of them the listen addresses of one
+    /// rule that listens there).
+    pub fn allows_bind(
+        &self,
+        refs: &BTreeSet<NsRef>,
+        spec: &SocketSpec,
+        addrs: &[SocketAddr],
+    ) -> Result<(), Refusal> {
+        let ok = !addrs.is_empty()
+            && self.rules.iter().any(|p| {
+                p.listen == *spec
+                    && addrs.iter().all(|a| p.addrs.contains(a))
+                    && refs.iter().any(|r| p.listens_in(r))
+            });
+        if ok {
+            Ok(())
+        } else {
+            Err(Refusal::Bind {
+                addrs: addrs
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                kind: describe(spec),
+                refs: refs
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+        }
+    }
+}
+
+/// The namespaces the broker has open, with the references each was
+/// resolved from: what Socket and Refill may use.
+#[derive(Debug, Default)]
+pub struct Resolved {
+    by_ns: HashMap<NsId, BTreeSet<NsRef>>,
+}
+
+impl Resolved {
+    /// `r` resolved to `ns`.
+    pub fn insert(&mut self, ns: NsId, r: NsRef) {
+        self.by_ns.entry(ns).or_default().insert(r);
+    }
+
+    /// `ns` was released: it must be resolved again before use.
+    pub fn release(&mut self, ns: NsId) {
+        self.by_ns.remove(&ns);
+    }
+
+    /// The references `ns` was resolved from, if it is open.
+    pub fn refs(&self, ns: NsId) -> Option<&BTreeSet<NsRef>> {
+        self.by_ns.get(&ns)
+    }
+
+    /// After a reload: forgets the references `policy` no longer allows,
+    /// and the namespaces left with none (returned, for closing).
+    pub fn retain_allowed(&mut self, policy: &Policy) -> Vec<NsId> {
+        let mut gone = Vec::new();
+        self.by_ns.retain(|ns, refs| {
+            refs.retain(|r| policy.allows_resolve(r).is_ok());
+            if refs.is_empty() {
+                gone.push(*ns);
+            }
+            !refs.is_empty()
+        });
+        gone
+    }
+
+    /// How many namespaces are open.
+    pub fn len(&self) -> usize {
+        self.by_ns.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.by_ns.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse_forward, parse_toml};
+
+    fn forward(specs: &[&str]) -> Policy {
+        let specs: Vec<String> = specs.iter().map(|s| s.to_string()).collect();
+        Policy::from_config(&parse_forward(&specs, None).unwrap())
+    }
+
+    fn r(s: &str) -> NsRef {
+        s.parse().unwrap()
+    }
+
+    const A: NsId = NsId { dev: 1, ino: 10 };
+    const B: NsId = NsId { dev: 1, ino: 11 };
+
+    #[test]
+    fn only_named_and_matching_references_resolve() {
+        let p = forward(&[
+            "tcp:[::]:80@tenant-*,pid:42,/var/run/x=127.0.0.1:9@edge",
+            "udp:0.0.0.0:53@ns1=10.0.0.1:53",
+        ]);
+        for ok in ["host", "tenant-7", "pid:42", "/var/run/x", "edge", "ns1"] {
+            assert_eq!(p.allows_resolve(&r(ok)), Ok(()), "{ok}");
+        }
+        for bad in ["other", "pid:43", "/run/netns/ns1", "/proc/1/ns/net"] {
+            let e = p.allows_resolve(&r(bad)).unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn sockets_only_of_the_kinds_a_rule_uses_where_it_uses_them() {
+        let p = forward(&[
+            "tcp:[::]:80@ns1=127.0.0.1:9@edge",
+            "udp:0.0.0.0:53@tenant-*=10.0.0.1:53",
+        ]);
+        let v6: SocketAddr = "[::]:0".parse().unwrap();
+        let v4: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        let mut res = Resolved::default();
+        assert_eq!(
+            p.allows_socket(&res, A, &SocketSpec::tcp(&v6)),
+            Err(Refusal::NotResolved(A))
+        );
+        res.insert(A, r("ns1"));
+        res.insert(B, r("edge"));
+        assert_eq!(p.allows_socket(&res, A, &SocketSpec::tcp(&v6)), Ok(()));
+        // The upstream kind only in the upstream namespace.
+        assert!(p.allows_socket(&res, A, &SocketSpec::tcp(&v4)).is_err());
+        assert_eq!(p.allows_socket(&res, B, &SocketSpec::tcp(&v4)), Ok(()));
+        let e = p.allows_socket(&res, A, &SocketSpec::udp(&v4)).unwrap_err();
+        assert!(e.to_string().contains("UDP/IPv4 datagram"), "{e}");
+        assert!(e.to_string().contains("ns1"), "{e}");
+        res.insert(A, r("tenant-3"));
+        assert_eq!(p.allows_socket(&res, A, &SocketSpec::udp(&v4)), Ok(()));
+        res.release(A);
+        assert!(p.allows_socket(&res, A, &SocketSpec::tcp(&v6)).is_err());
+    }
+
+    #[test]
+    fn binds_only_of_listen_addresses() {
+        let toml = r#"
+            [[proxy]]
+            name = "s"
+            protocol = "sctp"
+            listen = "10.0.0.1:38"
+            sctp_listen_addrs = ["10.0.0.2"]
+            netns = ["ns1"]
+            upstream = "10.1.0.1:38"
+
+            [[proxy]]
+            name = "w"
+            protocol = "tcp"
+            listen = "[::]:80"
+            netns = ["ns1"]
+            upstream = "127.0.0.1:8080"
+        "#;
+        let p = Policy::from_config(&parse_toml(toml, "t.toml").unwrap());
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let tcp6 = SocketSpec::tcp(&a("[::]:0"));
+        let sctp4 = SocketSpec::sctp(&a("0.0.0.0:0"));
+        let ns1: BTreeSet<NsRef> = [r("ns1")].into();
+        let host: BTreeSet<NsRef> = [NsRef::Host].into();
+        assert_eq!(p.allows_bind(&ns1, &tcp6, &[a("[::]:80")]), Ok(()));
+        assert!(p.allows_bind(&host, &tcp6, &[a("[::]:80")]).is_err());
+        assert_eq!(
+            p.allows_bind(&ns1, &sctp4, &[a("10.0.0.1:38"), a("10.0.0.2:38")]),
+            Ok(())
+        );
+        assert!(p.allows_bind(&ns1, &sctp4, &[a("[::]:80")]).is_err());
+        let e = p.allows_bind(&ns1, &tcp6, &[a("[::]:81")]).unwrap_err();
+        assert!(e.to_string().contains("[::]:81"), "{e}");
+        assert!(p.allows_bind(&ns1, &tcp6, &[]).is_err());
+    }
+
+    #[test]
+    fn a_reload_keeps_what_is_still_allowed() {
+        let old = forward(&["tcp:[::]:80@ns1,ns2=127.0.0.1:9"]);
+        let new = forward(&["tcp:[::]:80@ns1=127.0.0.1:9"]);
+        let mut res = Resolved::default();
+        for (ns, name) in [(A, "ns1"), (B, "ns2")] {
+            assert!(old.allows_resolve(&r(name)).is_ok());
+            res.insert(ns, r(name));
+        }
+        assert_eq!(res.retain_allowed(&new), vec![B]);
+        assert_eq!(res.len(), 1);
+        assert!(res.refs(A).is_some());
+    }
+}

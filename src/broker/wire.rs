@@ -1,0 +1,698 @@
+//! The broker's protocol: one request or reply per `SOCK_SEQPACKET`
+//! message, a JSON body of at most [`MAX_MESSAGE`] bytes, fds as
+//! `SCM_RIGHTS` only where the table says so.
+//!
+//! | request (relay → broker)        | fds | reply (broker → relay)                    | fds       |
+//! |---------------------------------|-----|-------------------------------------------|-----------|
+//! | `Resolve { refs }`              | 0   | `Resolved([Ok(ns) or Err(error), ...])`, in order | 0 |
+//! | `Socket { ns, spec }`           | 0   | `Socket`                                  | 1         |
+//! | `Refill { ns, spec, n ≤ 64 }`   | 0   | `Refilled { made, error }`                | `made`    |
+//! | `Release { ns }`                | 0   | `Released`                                | 0         |
+//! | `Bind { addrs }`                | 1   | `Bound`                                   | 0         |
+//! | `ReadConfig`                    | 0   | `Config(text)`                            | 0         |
+//! | anything, failed or refused     |     | `Failed(error)`                           | 0         |
+//!
+//! Every message is `{"id": N, ...}`: a reply carries its request's `id`
+//! (0 when the request was too broken to have one), and every request gets
+//! exactly one reply, in the order the requests came. `refs` are
+//! [`NsRef`]s in their text form (`host`, `ns1`, `/path`, `pid:42`);
+//! `ns` is a namespace's identity `{dev, ino}`; `spec` is `socket(2)`'s
+//! `{domain, ty, protocol}` (protocol 0: the default); `addrs` are socket
+//! addresses as text (`10.0.0.1:80`, `[::]:443`); the one fd of `Bind` is
+//! the socket to bind (several addresses: SCTP, `sctp_bindx`). Errors
+//! ([`WireError`]) are data that map back to [`NsError`] variants, io
+//! errors by errno.
+//!
+//! A `Resolve` batch is split ([`resolve_chunks`]) so that both it and its
+//! reply fit in a message. Anything that does not decode, is cut short
+//! (`MSG_TRUNC`, `MSG_CTRUNC`), is longer than [`MAX_MESSAGE`] or carries
+//! fds it should not is refused (the fds closed) and counted by the broker.
+//! Encoding and decoding are pure functions, property-tested below.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::netns::{Domain, NsError, NsId, NsRef, Protocol, SocketSpec, Type};
+
+/// Longest message either side sends or accepts.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Most sockets one `Refill` asks for.
+pub const MAX_REFILL: u32 = 64;
+
+/// A namespace's identity on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Ns {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl From<NsId> for Ns {
+    fn from(n: NsId) -> Ns {
+        Ns {
+            dev: n.dev,
+            ino: n.ino,
+        }
+    }
+}
+
+impl From<Ns> for NsId {
+    fn from(n: Ns) -> NsId {
+        NsId {
+            dev: n.dev,
+            ino: n.ino,
+        }
+    }
+}
+
+/// `socket(2)`'s arguments on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Spec {
+    pub domain: i32,
+    pub ty: i32,
+    /// 0: the default protocol of the type.
+    pub protocol: i32,
+}
+
+impl From<SocketSpec> for Spec {
+    fn from(s: SocketSpec) -> Spec {
+        Spec {
+            domain: s.domain.into(),
+            ty: s.ty.into(),
+            protocol: s.protocol.map_or(0, i32::from),
+        }
+    }
+}
+
+impl From<Spec> for SocketSpec {
+    fn from(s: Spec) -> SocketSpec {
+        SocketSpec {
+            domain: Domain::from(s.domain),
+            ty: Type::from(s.ty),
+            protocol: (s.protocol != 0).then(|| Protocol::from(s.protocol)),
+        }
+    }
+}
+
+/// One request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    pub op: Op,
+}
+
+/// What a request asks for (see the table in the module doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Resolve { refs: Vec<String> },
+    Socket { ns: Ns, spec: Spec },
+    Refill { ns: Ns, spec: Spec, n: u32 },
+    Release { ns: Ns },
+    Bind { addrs: Vec<SocketAddr> },
+    ReadConfig,
+}
+
+impl Op {
+    /// How many fds a request of this kind must carry.
+    pub fn fds(&self) -> usize {
+        match self {
+            Op::Bind { .. } => 1,
+            _ => 0,
+        }
+    }
+
+    /// The kind's name, for logs and counters.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Resolve { .. } => "resolve",
+            Op::Socket { .. } => "socket",
+            Op::Refill { .. } => "refill",
+            Op::Release { .. } => "release",
+            Op::Bind { .. } => "bind",
+            Op::ReadConfig => "read-config",
+        }
+    }
+}
+
+/// One reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub id: u64,
+    pub outcome: Outcome,
+}
+
+/// What came of a request (see the table in the module doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Resolved(Vec<Result<Ns, WireError>>),
+    /// One fd: the socket.
+    Socket,
+    /// `made` fds; `error`: why it stopped short, if it did.
+    Refilled {
+        made: u32,
+        error: Option<WireError>,
+    },
+    Released,
+    Bound,
+    Config(String),
+    Failed(WireError),
+}
+
+impl Outcome {
+    /// How many fds a reply of this kind carries.
+    pub fn fds(&self) -> usize {
+        match self {
+            Outcome::Socket => 1,
+            Outcome::Refilled { made, .. } => *made as usize,
+            _ => 0,
+        }
+    }
+}
+
+/// An io error on the wire: its errno when it has one, and its text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireIo {
+    pub errno: Option<i32>,
+    pub message: String,
+}
+
+impl From<&io::Error> for WireIo {
+    fn from(e: &io::Error) -> WireIo {
+        WireIo {
+            errno: e.raw_os_error(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<WireIo> for io::Error {
+    fn from(w: WireIo) -> io::Error {
+        match w.errno {
+            Some(n) => io::Error::from_raw_os_error(n),
+            None => io::Error::other(w.message),
+        }
+    }
+}
+
+/// An error on the wire: the [`NsError`] variants, plus the broker's own
+/// refusals and io errors of `Bind` and `ReadConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireError {
+    NotFound {
+        reference: String,
+        path: String,
+    },
+    Open {
+        reference: String,
+        path: String,
+        error: WireIo,
+    },
+    NotNsfs {
+        reference: String,
+        path: String,
+        fs: String,
+    },
+    NotAFile {
+        reference: String,
+        path: String,
+        kind: String,
+    },
+    WrongKind {
+        reference: String,
+        path: String,
+        kind: String,
+    },
+    CannotEnter {
+        reference: String,
+        path: String,
+        error: WireIo,
+    },
+    Enter {
+        ns: Ns,
+        error: WireIo,
+    },
+    Socket {
+        ns: Ns,
+        error: WireIo,
+    },
+    Pattern {
+        reference: String,
+    },
+    NotOpen {
+        ns: Ns,
+    },
+    Stopped,
+    /// The broker's policy (or its input checks) refused the request.
+    Refused {
+        reason: String,
+    },
+    Io(WireIo),
+}
+
+fn path_text(p: &std::path::Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+impl From<&NsError> for WireError {
+    fn from(e: &NsError) -> WireError {
+        let r = |r: &NsRef| r.to_string();
+        match e {
+            NsError::NotFound { reference, path } => WireError::NotFound {
+                reference: r(reference),
+                path: path_text(path),
+            },
+            NsError::Open {
+                reference,
+                path,
+                source,
+            } => WireError::Open {
+                reference: r(reference),
+                path: path_text(path),
+                error: source.into(),
+            },
+            NsError::NotNsfs {
+                reference,
+                path,
+                fs,
+            } => WireError::NotNsfs {
+                reference: r(reference),
+                path: path_text(path),
+                fs: fs.clone(),
+            },
+            NsError::NotAFile {
+                reference,
+                path,
+                kind,
+            } => WireError::NotAFile {
+                reference: r(reference),
+                path: path_text(path),
+                kind: (*kind).to_owned(),
+            },
+            NsError::WrongKind {
+                reference,
+                path,
+                kind,
+            } => WireError::WrongKind {
+                reference: r(reference),
+                path: path_text(path),
+                kind: (*kind).to_owned(),
+            },
+            NsError::CannotEnter {
+                reference,
+                path,
+                source,
+            } => WireError::CannotEnter {
+                reference: r(reference),
+                path: path_text(path),
+                error: source.into(),
+            },
+            NsError::Enter { ns, source } => WireError::Enter {
+                ns: (*ns).into(),
+                error: source.into(),
+            },
+            NsError::Socket { ns, source } => WireError::Socket {
+                ns: (*ns).into(),
+                error: source.into(),
+            },
+            NsError::Pattern { reference } => WireError::Pattern {
+                reference: r(reference),
+            },
+            NsError::NotOpen { ns } => WireError::NotOpen { ns: (*ns).into() },
+            NsError::Stopped => WireError::Stopped,
+            NsError::Refused { reason } => WireError::Refused {
+                reason: reason.clone(),
+            },
+            NsError::BrokerGone { .. } => WireError::Stopped,
+        }
+    }
+}
+
+/// The `&'static str` kinds [`NsError`] names files and namespaces by.
+const KINDS: &[&str] = &[
+    "a FIFO",
+    "a socket",
+    "a device",
+    "a directory",
+    "not a regular file",
+    "mount",
+    "uts",
+    "ipc",
+    "user",
+    "pid",
+    "cgroup",
+    "time",
+    "net",
+];
+
+fn kind(s: &str) -> &'static str {
+    KINDS
+        .iter()
+        .find(|k| **k == s)
+        .copied()
+        .unwrap_or("unknown")
+}
+
+fn reference(s: String) -> NsRef {
+    s.parse().unwrap_or(NsRef::Named(s))
+}
+
+impl WireError {
+    /// The [`NsError`] this stands for.
+    pub fn into_ns_error(self) -> NsError {
+        match self {
+            WireError::NotFound { reference: r, path } => NsError::NotFound {
+                reference: reference(r),
+                path: PathBuf::from(path),
+            },
+            WireError::Open {
+                reference: r,
+                path,
+                error,
+            } => NsError::Open {
+                reference: reference(r),
+                path: PathBuf::from(path),
+                source: error.into(),
+            },
+            WireError::NotNsfs {
+                reference: r,
+                path,
+                fs,
+            } => NsError::NotNsfs {
+                reference: reference(r),
+                path: PathBuf::from(path),
+                fs,
+            },
+            WireError::NotAFile {
+                reference: r,
+                path,
+                kind: k,
+            } => NsError::NotAFile {
+                reference: reference(r),
+                path: PathBuf::from(path),
+                kind: kind(&k),
+            },
+            WireError::WrongKind {
+                reference: r,
+                path,
+                kind: k,
+            } => NsError::WrongKind {
+                reference: reference(r),
+                path: PathBuf::from(path),
+                kind: kind(&k),
+            },
+            WireError::CannotEnter {
+                reference: r,
+                path,
+                error,
+            } => NsError::CannotEnter {
+                reference: reference(r),
+                path: PathBuf::from(path),
+                source: error.into(),
+            },
+            WireError::Enter { ns, error } => NsError::Enter {
+                ns: ns.into(),
+                source: error.into(),
+            },
+            WireError::Socket { ns, error } => NsError::Socket {
+                ns: ns.into(),
+                source: error.into(),
+            },
+            WireError::Pattern { reference: r } => NsError::Pattern {
+                reference: reference(r),
+            },
+            WireError::NotOpen { ns } => NsError::NotOpen { ns: ns.into() },
+            WireError::Stopped => NsError::Stopped,
+            WireError::Refused { reason } => NsError::Refused { reason },
+            WireError::Io(e) => NsError::Refused {
+                reason: e.message.clone(),
+            },
+        }
+    }
+
+    /// The io error this stands for (for `Bind` and `ReadConfig`).
+    pub fn into_io_error(self) -> io::Error {
+        match self {
+            WireError::Io(e) => e.into(),
+            WireError::Refused { reason } => io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the socket broker refused: {reason}"),
+            ),
+            other => io::Error::other(other.into_ns_error().to_string()),
+        }
+    }
+}
+
+/// Why a message could not be encoded or decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireFault {
+    #[error("message of {0} bytes, over the limit of {MAX_MESSAGE}")]
+    TooLong(usize),
+    #[error("undecodable message: {0}")]
+    Malformed(String),
+}
+
+fn encode<T: Serialize>(m: &T) -> Result<Vec<u8>, WireFault> {
+    let v = serde_json::to_vec(m).map_err(|e| WireFault::Malformed(e.to_string()))?;
+    if v.len() > MAX_MESSAGE {
+        return Err(WireFault::TooLong(v.len()));
+    }
+    Ok(v)
+}
+
+fn decode<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, WireFault> {
+    if b.len() > MAX_MESSAGE {
+        return Err(WireFault::TooLong(b.len()));
+    }
+    serde_json::from_slice(b).map_err(|e| WireFault::Malformed(e.to_string()))
+}
+
+pub fn encode_request(r: &Request) -> Result<Vec<u8>, WireFault> {
+    encode(r)
+}
+
+pub fn decode_request(b: &[u8]) -> Result<Request, WireFault> {
+    decode(b)
+}
+
+pub fn encode_reply(r: &Reply) -> Result<Vec<u8>, WireFault> {
+    encode(r)
+}
+
+pub fn decode_reply(b: &[u8]) -> Result<Reply, WireFault> {
+    decode(b)
+}
+
+/// The `id` of a message that does not decode as a whole, if it has one
+/// (so that its refusal reaches the right caller).
+pub fn salvage_id(b: &[u8]) -> u64 {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: u64,
+    }
+    serde_json::from_slice::<IdOnly>(b).map_or(0, |m| m.id)
+}
+
+/// Room left in a message for what is not the references themselves.
+const CHUNK_BUDGET: usize = MAX_MESSAGE - 4096;
+
+/// Splits `refs` (text forms) into consecutive ranges whose `Resolve`
+/// request and reply each fit in a message. A reference too long for any
+/// message is a range of its own (its encoding then fails, and only it).
+pub fn resolve_chunks(refs: &[String]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut used = 0;
+    for (i, r) in refs.iter().enumerate() {
+        // Its JSON text, in the request once and in an error reply at most
+        // twice (as the reference and in its path), plus the error's words.
+        let escaped = serde_json::to_string(r).map_or(r.len() * 6, |s| s.len());
+        let cost = 2 * escaped + 24 + 256;
+        if i > start && used + cost > CHUNK_BUDGET {
+            out.push(start..i);
+            start = i;
+            used = 0;
+        }
+        used += cost;
+    }
+    if start < refs.len() {
+        out.push(start..refs.len());
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ns() -> impl Strategy<Value = Ns> {
+        (any::<u64>(), any::<u64>()).prop_map(|(dev, ino)| Ns { dev, ino })
+    }
+
+    fn spec() -> impl Strategy<Value = Spec> {
+        (any::<i32>(), any::<i32>(), any::<i32>()).prop_map(|(domain, ty, protocol)| Spec {
+            domain,
+            ty,
+            protocol,
+        })
+    }
+
+    pub(crate) fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            prop::collection::vec(".{0,40}", 0..8).prop_map(|refs| Op::Resolve { refs }),
+            (ns(), spec()).prop_map(|(ns, spec)| Op::Socket { ns, spec }),
+            (ns(), spec(), 0..=MAX_REFILL).prop_map(|(ns, spec, n)| Op::Refill { ns, spec, n }),
+            ns().prop_map(|ns| Op::Release { ns }),
+            prop::collection::vec(any::<SocketAddr>(), 0..4).prop_map(|mut addrs| {
+                // Text form: an IPv6 address's flow label and scope are not
+                // part of it (nor of any address a config names).
+                for a in &mut addrs {
+                    if let SocketAddr::V6(v6) = a {
+                        v6.set_flowinfo(0);
+                        v6.set_scope_id(0);
+                    }
+                }
+                Op::Bind { addrs }
+            }),
+            Just(Op::ReadConfig),
+        ]
+    }
+
+    fn wire_io() -> impl Strategy<Value = WireIo> {
+        (prop::option::of(1..200i32), ".{0,30}")
+            .prop_map(|(errno, message)| WireIo { errno, message })
+    }
+
+    fn error() -> impl Strategy<Value = WireError> {
+        prop_oneof![
+            (".{0,20}", ".{0,20}")
+                .prop_map(|(reference, path)| WireError::NotFound { reference, path }),
+            (".{0,20}", ".{0,20}", wire_io()).prop_map(|(reference, path, error)| {
+                WireError::CannotEnter {
+                    reference,
+                    path,
+                    error,
+                }
+            }),
+            (ns(), wire_io()).prop_map(|(ns, error)| WireError::Socket { ns, error }),
+            ".{0,40}".prop_map(|reason| WireError::Refused { reason }),
+            wire_io().prop_map(WireError::Io),
+            Just(WireError::Stopped),
+        ]
+    }
+
+    fn outcome() -> impl Strategy<Value = Outcome> {
+        prop_oneof![
+            prop::collection::vec(prop::result::maybe_ok(ns(), error()), 0..6)
+                .prop_map(Outcome::Resolved),
+            Just(Outcome::Socket),
+            (0..=MAX_REFILL, prop::option::of(error()))
+                .prop_map(|(made, error)| Outcome::Refilled { made, error }),
+            Just(Outcome::Released),
+            Just(Outcome::Bound),
+            ".{0,200}".prop_map(Outcome::Config),
+            error().prop_map(Outcome::Failed),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(id in any::<u64>(), op in op()) {
+            let r = Request { id, op };
+            let b = encode_request(&r).unwrap();
+            prop_assert_eq!(decode_request(&b).unwrap(), r);
+            prop_assert_eq!(salvage_id(&b), id);
+        }
+
+        #[test]
+        fn replies_round_trip(id in any::<u64>(), outcome in outcome()) {
+            let r = Reply { id, outcome };
+            let b = encode_reply(&r).unwrap();
+            prop_assert_eq!(decode_reply(&b).unwrap(), r);
+        }
+
+        #[test]
+        fn decoding_any_bytes_never_panics(b in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_request(&b);
+            let _ = decode_reply(&b);
+            let _ = salvage_id(&b);
+        }
+
+        #[test]
+        fn decoding_near_valid_text_never_panics(id in any::<u64>(), op in op(), cut in any::<prop::sample::Index>(), flip in any::<u8>()) {
+            let mut b = encode_request(&Request { id, op }).unwrap();
+            let i = cut.index(b.len());
+            b[i] ^= flip;
+            let _ = decode_request(&b);
+            b.truncate(i);
+            let _ = decode_request(&b);
+        }
+
+        #[test]
+        fn errors_keep_their_variant_and_errno(e in error()) {
+            let before = format!("{:?}", std::mem::discriminant(&e));
+            let back = WireError::from(&e.clone().into_ns_error());
+            // Io travels as a refusal; every other variant comes back as itself.
+            if !matches!(e, WireError::Io(_)) {
+                prop_assert_eq!(format!("{:?}", std::mem::discriminant(&back)), before);
+            }
+            if let (WireError::Socket { error: a, .. }, WireError::Socket { error: b, .. }) = (&e, &back) {
+                prop_assert_eq!(a.errno, b.errno);
+            }
+        }
+
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn resolve_chunks_cover_everything_and_fit(refs in prop::collection::vec("[a-z0-9/\u{1}-\u{1f}]{1,300}", 0..600)) {
+            let chunks = resolve_chunks(&refs);
+            let mut next = 0;
+            for c in &chunks {
+                prop_assert_eq!(c.start, next);
+                prop_assert!(c.end > c.start);
+                next = c.end;
+                let req = Request { id: u64::MAX, op: Op::Resolve { refs: refs[c.clone()].to_vec() } };
+                prop_assert!(encode_request(&req).is_ok());
+                let worst = Reply { id: u64::MAX, outcome: Outcome::Resolved(refs[c.clone()].iter().map(|r| Err(WireError::Open {
+                    reference: r.clone(),
+                    path: format!("/run/netns/{r}"),
+                    error: WireIo { errno: Some(24), message: "Too many open files (os error 24)".into() },
+                })).collect()) };
+                prop_assert!(encode_reply(&worst).is_ok());
+            }
+            prop_assert_eq!(next, refs.len());
+        }
+    }
+
+    #[test]
+    fn an_oversized_message_is_refused_before_parsing() {
+        let b = vec![b' '; MAX_MESSAGE + 1];
+        assert_eq!(decode_request(&b), Err(WireFault::TooLong(MAX_MESSAGE + 1)));
+        let huge = Request {
+            id: 1,
+            op: Op::Resolve {
+                refs: vec!["x".repeat(MAX_MESSAGE)],
+            },
+        };
+        assert!(matches!(encode_request(&huge), Err(WireFault::TooLong(_))));
+    }
+
+    #[test]
+    fn specs_and_namespaces_convert_both_ways() {
+        let addr: SocketAddr = "[::1]:80".parse().unwrap();
+        for s in [
+            SocketSpec::tcp(&addr),
+            SocketSpec::udp(&addr),
+            SocketSpec::sctp(&addr),
+        ] {
+            assert_eq!(SocketSpec::from(Spec::from(s)), s);
+        }
+        let id = NsId { dev: 4, ino: 9 };
+        assert_eq!(NsId::from(Ns::from(id)), id);
+    }
+}

@@ -1,0 +1,432 @@
+//! The namespace thread of a relay without privileges: it takes the same
+//! requests as the switching thread, but forwards them to the socket broker
+//! (`crate::broker`) over a `SOCK_SEQPACKET` socket and fulfils the replies,
+//! so that the pool, batching, release and resolve API stay the same.
+//!
+//! The thread waits on both the request channel (through a waker that every
+//! send rings) and the socket, so that it hears the broker's end at once,
+//! even when idle. Everything drained from the channel together is sent
+//! back to back (pipelined; consecutive resolutions in one message, chunked
+//! to fit), and the broker answers in order. Sends and receives never
+//! block: with both socket buffers full, a thread blocked sending while the
+//! broker blocks sending its replies would wait for ever.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::{Arc, mpsc};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use socket2::Socket;
+use tokio::sync::{oneshot, watch};
+use tracing::{error, warn};
+
+use super::switcher::Request;
+use super::{NsError, NsId, Pool, SocketSpec};
+use crate::broker::wire::{self, Op, Outcome};
+use crate::sys::fdpass;
+
+const SOCKET: Token = Token(0);
+const WAKE: Token = Token(1);
+
+/// The socket broker as the relay sees it: whether it is still there.
+#[derive(Clone, Debug)]
+pub struct BrokerLink {
+    pid: u32,
+    gone: watch::Receiver<bool>,
+}
+
+impl BrokerLink {
+    /// The broker's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// True once the broker is gone (its socket reached EOF or failed):
+    /// no new socket can be made from then on.
+    pub fn is_gone(&self) -> bool {
+        *self.gone.borrow()
+    }
+
+    /// Waits until the broker is gone.
+    pub async fn gone(&self) {
+        let mut rx = self.gone.clone();
+        let _ = rx.wait_for(|g| *g).await;
+    }
+}
+
+/// What a request sent waits for.
+enum Waiting {
+    Resolve(Vec<oneshot::Sender<Result<NsId, NsError>>>),
+    Socket(NsId, oneshot::Sender<Result<Socket, NsError>>),
+    /// Several sockets asked for together, fulfilled by one refill.
+    Sockets(NsId, Vec<oneshot::Sender<Result<Socket, NsError>>>),
+    Refill {
+        ns: NsId,
+        spec: SocketSpec,
+        pool: Arc<Pool>,
+    },
+    Release,
+    Bind(oneshot::Sender<io::Result<()>>),
+    ReadConfig(oneshot::Sender<io::Result<String>>),
+}
+
+impl Waiting {
+    /// Tells the requester `e`.
+    fn fail(self, e: impl Fn() -> NsError) {
+        match self {
+            Waiting::Resolve(replies) => {
+                for r in replies {
+                    let _ = r.send(Err(e()));
+                }
+            }
+            Waiting::Socket(_, r) => {
+                let _ = r.send(Err(e()));
+            }
+            Waiting::Sockets(_, replies) => {
+                for r in replies {
+                    let _ = r.send(Err(e()));
+                }
+            }
+            // The slot stays "refilling": nothing could refill it anyway,
+            // and callers fall back to asking (and are told).
+            Waiting::Refill { .. } | Waiting::Release => {}
+            Waiting::Bind(r) => {
+                let _ = r.send(Err(io::Error::other(e().to_string())));
+            }
+            Waiting::ReadConfig(r) => {
+                let _ = r.send(Err(io::Error::other(e().to_string())));
+            }
+        }
+    }
+}
+
+struct Outgoing {
+    bytes: Vec<u8>,
+    fd: Option<OwnedFd>,
+}
+
+pub(super) fn spawn(
+    fd: OwnedFd,
+    pid: u32,
+) -> io::Result<(mpsc::Sender<Request>, Arc<Waker>, BrokerLink)> {
+    let poll = Poll::new()?;
+    let raw = fd.as_raw_fd();
+    poll.registry().register(
+        &mut SourceFd(&raw),
+        SOCKET,
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    // Shared with the thread: closing the eventfd while its last wake is
+    // still unread would drop that wake from the epoll set.
+    let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+    let (tx, rx) = mpsc::channel();
+    let (gone_tx, gone_rx) = watch::channel(false);
+    let mut fwd = Forwarder {
+        fd,
+        pid,
+        poll,
+        rx,
+        out: VecDeque::new(),
+        pending: VecDeque::new(),
+        next_id: 1,
+        gone: gone_tx,
+        buf: vec![0; wire::MAX_MESSAGE + 1],
+        _waker: waker.clone(),
+    };
+    std::thread::Builder::new()
+        .name("nsproxy-netns".into())
+        .spawn(move || fwd.run())?;
+    Ok((tx, waker, BrokerLink { pid, gone: gone_rx }))
+}
+
+struct Forwarder {
+    fd: OwnedFd,
+    pid: u32,
+    poll: Poll,
+    rx: mpsc::Receiver<Request>,
+    out: VecDeque<Outgoing>,
+    /// Sent (or queued to send) and not answered, in order.
+    pending: VecDeque<(u64, Waiting)>,
+    next_id: u64,
+    gone: watch::Sender<bool>,
+    buf: Vec<u8>,
+    _waker: Arc<Waker>,
+}
+
+impl Forwarder {
+    fn is_gone(&self) -> bool {
+        *self.gone.borrow()
+    }
+
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(8);
+        loop {
+            let open = self.drain_channel();
+            if !self.is_gone() {
+                self.flush();
+                self.receive();
+            }
+            if !open && (self.pending.is_empty() || self.is_gone()) {
+                // Every handle is dropped: closing the socket ends the broker.
+                return;
+            }
+            if let Err(e) = self.poll.poll(&mut events, None) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    error!("the namespace thread cannot wait on the socket broker: {e}");
+                    self.broker_gone(&format!("cannot wait on its socket: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Takes every request waiting; false once every sender is dropped.
+    fn drain_channel(&mut self) -> bool {
+        let mut batch = Vec::new();
+        let open = loop {
+            match self.rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(mpsc::TryRecvError::Empty) => break true,
+                Err(mpsc::TryRecvError::Disconnected) => break false,
+            }
+        };
+        let mut batch = batch.into_iter().peekable();
+        while let Some(req) = batch.next() {
+            match req {
+                Request::Resolve { reference, reply } => {
+                    let mut refs = vec![reference];
+                    let mut replies = vec![reply];
+                    while let Some(Request::Resolve { .. }) = batch.peek() {
+                        let Some(Request::Resolve { reference, reply }) = batch.next() else {
+                            unreachable!("peeked")
+                        };
+                        refs.push(reference);
+                        replies.push(reply);
+                    }
+                    let texts: Vec<String> = refs.iter().map(|r| r.to_string()).collect();
+                    let mut replies = replies.into_iter();
+                    for range in wire::resolve_chunks(&texts) {
+                        let mine: Vec<_> = replies.by_ref().take(range.len()).collect();
+                        let op = Op::Resolve {
+                            refs: texts[range].to_vec(),
+                        };
+                        self.queue(op, None, Waiting::Resolve(mine));
+                    }
+                }
+                Request::Socket { ns, spec, reply } => {
+                    // Consecutive ones of one kind in one namespace travel
+                    // as one refill: one message and one switch for all.
+                    let mut replies = vec![reply];
+                    while replies.len() < wire::MAX_REFILL as usize {
+                        match batch.peek() {
+                            Some(Request::Socket { ns: n, spec: s, .. })
+                                if *n == ns && *s == spec => {}
+                            _ => break,
+                        }
+                        let Some(Request::Socket { reply, .. }) = batch.next() else {
+                            unreachable!("peeked")
+                        };
+                        replies.push(reply);
+                    }
+                    let (op, waiting) = if replies.len() == 1 {
+                        let op = Op::Socket {
+                            ns: ns.into(),
+                            spec: spec.into(),
+                        };
+                        (op, Waiting::Socket(ns, replies.pop().expect("one")))
+                    } else {
+                        let op = Op::Refill {
+                            ns: ns.into(),
+                            spec: spec.into(),
+                            n: replies.len() as u32,
+                        };
+                        (op, Waiting::Sockets(ns, replies))
+                    };
+                    self.queue(op, None, waiting);
+                }
+                Request::Refill { ns, spec, n, pool } => {
+                    let op = Op::Refill {
+                        ns: ns.into(),
+                        spec: spec.into(),
+                        n: (n as u32).min(wire::MAX_REFILL),
+                    };
+                    self.queue(op, None, Waiting::Refill { ns, spec, pool });
+                }
+                Request::Release { ns } => {
+                    self.queue(Op::Release { ns: ns.into() }, None, Waiting::Release);
+                }
+                Request::Bind {
+                    socket,
+                    addrs,
+                    reply,
+                } => {
+                    let fd = OwnedFd::from(socket);
+                    self.queue(Op::Bind { addrs }, Some(fd), Waiting::Bind(reply));
+                }
+                Request::ReadConfig { reply } => {
+                    self.queue(Op::ReadConfig, None, Waiting::ReadConfig(reply));
+                }
+            }
+        }
+        open
+    }
+
+    fn queue(&mut self, op: Op, fd: Option<OwnedFd>, waiting: Waiting) {
+        if self.is_gone() {
+            let pid = self.pid;
+            waiting.fail(|| NsError::BrokerGone { pid });
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        match wire::encode_request(&wire::Request { id, op }) {
+            Ok(bytes) => {
+                self.out.push_back(Outgoing { bytes, fd });
+                self.pending.push_back((id, waiting));
+            }
+            Err(e) => {
+                let reason = format!("request not sent: {e}");
+                waiting.fail(|| NsError::Refused {
+                    reason: reason.clone(),
+                });
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        while let Some(m) = self.out.front() {
+            let fds: Vec<_> = m.fd.iter().map(|f| f.as_fd()).collect();
+            match fdpass::send(self.fd.as_fd(), &m.bytes, &fds, true) {
+                Ok(_) => {
+                    self.out.pop_front();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.broker_gone(&format!("sending to it failed: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn receive(&mut self) {
+        loop {
+            let got = match fdpass::recv(self.fd.as_fd(), &mut self.buf, fdpass::MAX_FDS, true) {
+                Ok(g) => g,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.broker_gone(&format!("receiving from it failed: {e}"));
+                    return;
+                }
+            };
+            if got.len == 0 && got.fds.is_empty() && !got.truncated {
+                self.broker_gone("its socket was closed");
+                return;
+            }
+            self.fulfil(got);
+        }
+    }
+
+    fn fulfil(&mut self, got: fdpass::Received) {
+        let Some((id, waiting)) = self.pending.pop_front() else {
+            warn!("the socket broker sent a reply to nothing; ignored");
+            return;
+        };
+        let reply = if got.truncated {
+            Err("longer than the limit".to_owned())
+        } else {
+            wire::decode_reply(&self.buf[..got.len]).map_err(|e| e.to_string())
+        };
+        let reply = match reply {
+            Ok(r) if r.id == id => r,
+            Ok(r) => {
+                let e = format!("reply {} to request {id}", r.id);
+                warn!("the socket broker's reply does not match: {e}");
+                waiting.fail(|| NsError::Refused { reason: e.clone() });
+                return;
+            }
+            Err(e) => {
+                warn!("undecodable reply from the socket broker: {e}");
+                waiting.fail(|| NsError::Refused {
+                    reason: format!("undecodable reply: {e}"),
+                });
+                return;
+            }
+        };
+        // Fds lost on the way in: this process could not take them (out of
+        // fds), which the relays handle as EMFILE.
+        let lost = || io::Error::from_raw_os_error(libc::EMFILE);
+        let mut fds = got.fds.into_iter().map(Socket::from);
+        match (waiting, reply.outcome) {
+            (w, Outcome::Failed(e)) => w.fail(|| e.clone().into_ns_error()),
+            (Waiting::Resolve(replies), Outcome::Resolved(results)) => {
+                let mut results = results.into_iter();
+                for r in replies {
+                    let _ = r.send(match results.next() {
+                        Some(Ok(ns)) => Ok(ns.into()),
+                        Some(Err(e)) => Err(e.into_ns_error()),
+                        None => Err(NsError::Refused {
+                            reason: "the broker's reply has fewer results than asked".into(),
+                        }),
+                    });
+                }
+            }
+            (Waiting::Socket(ns, r), Outcome::Socket) => {
+                let _ = r.send(
+                    fds.next()
+                        .ok_or_else(|| NsError::Socket { ns, source: lost() }),
+                );
+            }
+            (Waiting::Sockets(ns, replies), Outcome::Refilled { error, .. }) => {
+                for r in replies {
+                    let _ = r.send(match fds.next() {
+                        Some(s) => Ok(s),
+                        None => Err(match &error {
+                            Some(e) => e.clone().into_ns_error(),
+                            None => NsError::Socket { ns, source: lost() },
+                        }),
+                    });
+                }
+            }
+            (Waiting::Refill { ns, spec, pool }, Outcome::Refilled { .. }) => {
+                pool.refilled(ns, &spec, fds.collect());
+            }
+            (Waiting::Release, Outcome::Released) => {}
+            (Waiting::Bind(r), Outcome::Bound) => {
+                let _ = r.send(Ok(()));
+            }
+            (Waiting::ReadConfig(r), Outcome::Config(text)) => {
+                let _ = r.send(Ok(text));
+            }
+            (w, other) => {
+                let e = format!("unexpected reply {other:?}");
+                warn!("the socket broker sent an {e}");
+                w.fail(|| NsError::Refused { reason: e.clone() });
+            }
+        }
+    }
+
+    /// Fails everything pending and everything asked from now on.
+    fn broker_gone(&mut self, why: &str) {
+        if self.is_gone() {
+            return;
+        }
+        error!(
+            "the socket broker (pid {}) is gone ({why}): nsproxy keeps serving what it has, but can make no new socket",
+            self.pid
+        );
+        self.gone.send_replace(true);
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&self.fd.as_raw_fd()));
+        self.out.clear();
+        let pid = self.pid;
+        for (_, w) in self.pending.drain(..) {
+            w.fail(|| NsError::BrokerGone { pid });
+        }
+    }
+}

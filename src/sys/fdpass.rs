@@ -1,0 +1,367 @@
+//! Passing file descriptors between the relay and the socket broker: a
+//! `SOCK_SEQPACKET` unix socket pair (one message per `send`, boundaries
+//! kept, EOF when the peer is gone), messages carrying fds as
+//! `SCM_RIGHTS`, and the parent-death signal the broker asks for.
+//!
+//! Every fd a receive brings is owned at once ([`OwnedFd`]), so that one
+//! a caller refuses (an unexpected fd, a message it cannot decode) is closed
+//! when dropped rather than leaked into the process for good.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use super::cmsg::control_messages;
+
+/// Most fds one message carries (a refill of the upstream pool). The
+/// kernel's own limit is 253 (`SCM_MAX_FD`).
+pub(crate) const MAX_FDS: usize = 64;
+
+/// Control space for [`MAX_FDS`] fds: CMSG_SPACE(64 * 4) is 16 + 256 bytes.
+#[repr(C, align(8))]
+struct FdCmsgBuf([u8; 16 + MAX_FDS * 4 + 16]);
+
+/// `socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC)`.
+pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a writable array of two ints, as socketpair needs.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: socketpair succeeded: both fds are new and owned only here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sends `bytes` as one message, with `fds` as `SCM_RIGHTS` (none: no
+/// control message). `MSG_NOSIGNAL`: a peer gone is `EPIPE`, not a signal.
+/// With `dontwait`, a full socket buffer is `WouldBlock`.
+pub(crate) fn send(
+    fd: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+    dontwait: bool,
+) -> io::Result<usize> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} fds in one message (at most {MAX_FDS})", fds.len()),
+        ));
+    }
+    let mut cbuf = FdCmsgBuf([0; 16 + MAX_FDS * 4 + 16]);
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr().cast_mut().cast::<libc::c_void>(),
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let data_len = (fds.len() * size_of::<RawFd>()) as u32;
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+        debug_assert!(space <= cbuf.0.len());
+        msg.msg_control = cbuf.0.as_mut_ptr().cast::<libc::c_void>();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `space` writable, aligned bytes, so
+        // CMSG_FIRSTHDR returns a header inside them.
+        let h = unsafe { &mut *libc::CMSG_FIRSTHDR(&msg) };
+        h.cmsg_level = libc::SOL_SOCKET;
+        h.cmsg_type = libc::SCM_RIGHTS;
+        // SAFETY: CMSG_LEN only computes a size.
+        h.cmsg_len = unsafe { libc::CMSG_LEN(data_len) } as _;
+        // SAFETY: CMSG_DATA points just past the header, and CMSG_SPACE
+        // reserved room for `fds.len()` ints there; write_unaligned needs
+        // no alignment.
+        unsafe {
+            let data = libc::CMSG_DATA(h).cast::<RawFd>();
+            for (i, f) in fds.iter().enumerate() {
+                data.add(i).write_unaligned(f.as_raw_fd());
+            }
+        }
+    }
+    let mut flags = libc::MSG_NOSIGNAL;
+    if dontwait {
+        flags |= libc::MSG_DONTWAIT;
+    }
+    // SAFETY: `msg` points at one iovec over the live `bytes` (only read)
+    // and, if any, the live `cbuf` holding open fds (borrowed for the call).
+    let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, flags) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// One received message.
+#[derive(Debug)]
+pub(crate) struct Received {
+    /// Bytes of the message in the buffer (0 with no fds: the peer closed).
+    pub len: usize,
+    /// The fds it carried, owned: closed when dropped.
+    pub fds: Vec<OwnedFd>,
+    /// The message was longer than the buffer (`MSG_TRUNC`); the rest is lost.
+    pub truncated: bool,
+    /// More fds came than there was room for (`MSG_CTRUNC`), or this
+    /// process could not take them (out of fds): the kernel closed the rest.
+    pub ctrunc: bool,
+}
+
+/// Receives one message into `buf`, keeping at most `max_fds` fds (at most
+/// [`MAX_FDS`]); the fds are close-on-exec (`MSG_CMSG_CLOEXEC`). With
+/// `dontwait`, nothing waiting is `WouldBlock`.
+pub(crate) fn recv(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+    dontwait: bool,
+) -> io::Result<Received> {
+    let max_fds = max_fds.min(MAX_FDS);
+    let mut cbuf = FdCmsgBuf([0; 16 + MAX_FDS * 4 + 16]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast::<libc::c_void>(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid (empty) value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((max_fds * size_of::<RawFd>()) as u32) } as usize;
+    if max_fds > 0 {
+        msg.msg_control = cbuf.0.as_mut_ptr().cast::<libc::c_void>();
+        msg.msg_controllen = space.min(cbuf.0.len()) as _;
+    }
+    let mut flags = libc::MSG_CMSG_CLOEXEC;
+    if dontwait {
+        flags |= libc::MSG_DONTWAIT;
+    }
+    // SAFETY: `msg` points at one iovec over the live, writable `buf` and at
+    // the live `cbuf`; the kernel writes within their stated lengths.
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, flags) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let written: usize = msg.msg_controllen as _;
+    let written = if max_fds > 0 {
+        written.min(cbuf.0.len())
+    } else {
+        0
+    };
+    let mut fds = Vec::new();
+    for c in control_messages(&cbuf.0[..written]) {
+        if c.level != libc::SOL_SOCKET || c.kind != libc::SCM_RIGHTS {
+            continue;
+        }
+        for chunk in c.data.chunks_exact(size_of::<RawFd>()) {
+            let raw = RawFd::from_ne_bytes(chunk.try_into().expect("chunks of 4"));
+            if raw >= 0 {
+                // SAFETY: the kernel installed this fd in this process for
+                // this message; nothing else owns it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+    }
+    // CMSG_SPACE rounds up, so room for one more may have been taken.
+    let over = fds.len() > max_fds;
+    fds.truncate(max_fds);
+    Ok(Received {
+        len: n as usize,
+        fds,
+        truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+        ctrunc: over || msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
+}
+
+/// `prctl(PR_SET_PDEATHSIG, sig)`: the kernel sends `sig` to this process
+/// when the thread that forked it exits.
+pub(crate) fn set_parent_death_signal(sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number and changes only this
+    // process's own setting.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The pid of this process's parent.
+pub(crate) fn parent_pid() -> u32 {
+    // SAFETY: getppid takes nothing and cannot fail.
+    unsafe { libc::getppid() as u32 }
+}
+
+/// The identity (device, inode) of the network namespace socket `fd`
+/// belongs to (`SIOCGSKNS`, Linux 4.10).
+pub(crate) fn socket_netns(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    // SAFETY: SIOCGSKNS takes no argument and returns a new fd of the
+    // socket's network namespace, or -1.
+    let ns = unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSKNS as _) };
+    if ns < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd, owned only here.
+    let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(ns) });
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Makes `fd` the child's fd `target` (and not close-on-exec there) when
+/// `cmd` spawns. `fd` must stay open until then (the caller keeps it).
+pub(crate) fn pass_fd_as(cmd: &mut std::process::Command, fd: BorrowedFd<'_>, target: RawFd) {
+    use std::os::unix::process::CommandExt;
+    let raw = fd.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec, and
+    // calls only dup2 and fcntl, which are async-signal-safe; it allocates
+    // nothing. `raw` is open in the parent when it forks (the caller keeps
+    // it until the spawn returns), so it is open in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if raw == target {
+                // dup2 onto itself keeps FD_CLOEXEC: clear it by hand.
+                let flags = libc::fcntl(raw, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, target) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Takes ownership of fd `raw`, inherited from the parent, after checking
+/// that it is open and a unix `SOCK_SEQPACKET` socket (so that a wrong
+/// number cannot make this process own an fd something else owns); it is
+/// made close-on-exec.
+pub(crate) fn take_inherited_seqpacket(raw: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only reads the flags of fd `raw`, if it is open.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut ty: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `ty` and `len` are valid and writable, of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if ty != libc::SOCK_SEQPACKET {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("fd {raw} is not a SOCK_SEQPACKET socket"),
+        ));
+    }
+    // SAFETY: fd `raw` is open (F_GETFD succeeded) and was handed to this
+    // process to own; nothing else in it refers to it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: F_SETFD on an fd owned here.
+    if unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Drops capability `cap` from the calling thread's effective set only
+/// (capabilities are per thread), so that a test can act as a relay
+/// without privileges on one thread while the rest of the process keeps
+/// them. Threads it starts afterwards inherit the smaller set.
+#[cfg(test)]
+pub(crate) fn drop_thread_capability(cap: u32) -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut h = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut d = [Data::default(); 2];
+    // SAFETY: capget reads a version-3 header and writes two Data structs,
+    // both live and of the layout the kernel expects.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut h as *mut Header, d.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    d[(cap / 32) as usize].effective &= !(1 << (cap % 32));
+    // SAFETY: as above; capset only reads them, and changes this thread's
+    // capabilities (pid 0: the caller).
+    if unsafe { libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    #[test]
+    fn a_message_and_its_fds_arrive_whole() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let (x, y) = seqpacket_pair().unwrap();
+        send(a.as_fd(), b"hello", &[x.as_fd(), y.as_fd()], false).unwrap();
+        let mut buf = [0u8; 64];
+        let r = recv(b.as_fd(), &mut buf, 4, false).unwrap();
+        assert_eq!(&buf[..r.len], b"hello");
+        assert_eq!(r.fds.len(), 2);
+        assert!(!r.truncated && !r.ctrunc);
+        // The fd that came is the socket sent: a message through it arrives.
+        send(r.fds[0].as_fd(), b"via", &[], false).unwrap();
+        let r2 = recv(r.fds[1].as_fd(), &mut buf, 0, false).unwrap();
+        assert_eq!(&buf[..r2.len], b"via");
+    }
+
+    #[test]
+    fn too_long_and_too_many_are_flagged() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let (x, y) = seqpacket_pair().unwrap();
+        send(a.as_fd(), &[7u8; 100], &[x.as_fd(), y.as_fd()], false).unwrap();
+        let mut buf = [0u8; 10];
+        let r = recv(b.as_fd(), &mut buf, 1, false).unwrap();
+        assert!(r.truncated && r.ctrunc, "{r:?}");
+        assert_eq!(r.fds.len(), 1);
+        // Nothing else waits, and a closed peer reads as 0 bytes.
+        let e = recv(b.as_fd(), &mut buf, 1, true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        drop(a);
+        let r = recv(b.as_fd(), &mut buf, 1, false).unwrap();
+        assert_eq!((r.len, r.fds.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_socket_knows_its_namespace() {
+        let (a, _b) = seqpacket_pair().unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata("/proc/self/ns/net").unwrap();
+        assert_eq!(socket_netns(a.as_fd()).unwrap(), (m.dev(), m.ino()));
+    }
+}
