@@ -1,5 +1,6 @@
 //! The `nsproxy` command: a thin layer over the library.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -144,6 +145,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log_level);
+    // The socket broker logs as the daemon does.
+    let broker_args: Vec<OsString> = vec![
+        "--log-format".into(),
+        match cli.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+        .into(),
+        "--log-level".into(),
+        cli.log_level.clone().into(),
+    ];
     match cli.command {
         Command::Broker {
             fd,
@@ -160,9 +172,7 @@ fn main() -> ExitCode {
             show_syscalls: true,
             ..
         } => show_syscalls(),
-        Command::Check { config, strict, .. } => {
-            check(&config.expect("clap requires it"), strict)
-        }
+        Command::Check { config, strict, .. } => check(&config.expect("clap requires it"), strict),
         Command::Status {
             json,
             control_socket,
@@ -202,7 +212,7 @@ fn main() -> ExitCode {
                 c.control_socket = control_socket.or(c.control_socket);
                 c.user = user.or(c.user);
                 let pinned = drain_timeout.is_some();
-                serve(c, daemon::Source::File(config), pinned)
+                serve(c, daemon::Source::File(config), pinned, &broker_args)
             }
             Err(e) => {
                 eprintln!("nsproxy: {}: {e}", config.display());
@@ -224,7 +234,7 @@ fn main() -> ExitCode {
                 c.drain_timeout = drain_timeout;
                 c.control_socket = control_socket;
                 c.user = user;
-                serve(c, daemon::Source::Forward(specs), true)
+                serve(c, daemon::Source::Forward(specs), true, &broker_args)
             }
             Err(e) => {
                 eprintln!("nsproxy: {e}\n(syntax: {FORWARD_SYNTAX}; see nsproxy forward --help)");
@@ -253,7 +263,12 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
-fn serve(config: Config, source: daemon::Source, drain_pinned: bool) -> ExitCode {
+fn serve(
+    config: Config,
+    source: daemon::Source,
+    drain_pinned: bool,
+    broker_args: &[OsString],
+) -> ExitCode {
     if let Some(Err(e)) = config.user.as_deref().map(config::check_user) {
         eprintln!("nsproxy: --user: {e}");
         return ExitCode::from(2);
@@ -262,6 +277,7 @@ fn serve(config: Config, source: daemon::Source, drain_pinned: bool) -> ExitCode
         config,
         source,
         drain_pinned,
+        broker_args: broker_args.to_vec(),
     };
     match daemon::serve(run) {
         Ok(()) => ExitCode::SUCCESS,

@@ -266,6 +266,13 @@ pub fn render(s: &Status) -> String {
         "# HELP nsproxy_connections_cut_total Connections and associations nsproxy reset (aborted) itself: still open when their closing listener's drain timeout ran out, or their listener closed at once.\n# TYPE nsproxy_connections_cut_total counter\nnsproxy_connections_cut_total{{reason=\"drain_timeout\"}} {}\nnsproxy_connections_cut_total{{reason=\"close\"}} {}",
         s.connections_cut.at_drain_timeout, s.connections_cut.at_close
     );
+    if let Some(b) = s.broker {
+        let _ = writeln!(
+            out,
+            "# HELP nsproxy_broker_up Whether the socket broker (split mode) is alive; 0: no new socket can be made in another namespace, and nsproxy is draining to exit.\n# TYPE nsproxy_broker_up gauge\nnsproxy_broker_up {}",
+            u8::from(b.alive)
+        );
+    }
     if let Some(bytes) = s.heap_allocated_bytes {
         let _ = writeln!(
             out,
@@ -461,6 +468,7 @@ mod tests {
             namespaces_known: 3,
             connections_cut: Default::default(),
             heap_allocated_bytes: Some(4096),
+            broker: None,
             bindings: vec![BindingReport {
                 rule: "r".into(),
                 protocol: "tcp".into(),

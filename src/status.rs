@@ -29,8 +29,21 @@ pub struct Status {
     /// allocator keeps for reuse; this does not, so a leak shows here.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub heap_allocated_bytes: Option<u64>,
+    /// The socket broker, when nsproxy runs split (started as root); absent
+    /// when it runs as one process.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub broker: Option<BrokerReport>,
     /// Every rule × namespace, in configuration order.
     pub bindings: Vec<BindingReport>,
+}
+
+/// The socket broker of a split nsproxy.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BrokerReport {
+    pub pid: u32,
+    /// False once it is gone: no new socket can be made in another
+    /// namespace, and nsproxy is draining to exit non-zero.
+    pub alive: bool,
 }
 
 /// Connections and associations nsproxy cut, by why.

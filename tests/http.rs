@@ -95,6 +95,7 @@ fn endpoints() -> &'static Endpoints {
                                 namespaces_known: 0,
                                 connections_cut: Default::default(),
                                 heap_allocated_bytes: None,
+                                broker: None,
                                 bindings: Vec::new(),
                             });
                         }

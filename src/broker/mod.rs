@@ -21,6 +21,7 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
 use std::net::SocketAddr;
@@ -158,6 +159,10 @@ pub fn run_broker(fd: OwnedFd, source: PolicySource) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = broker.give_up_privileges() {
+        eprintln!("nsproxy broker: {e}");
+        return ExitCode::from(2);
+    }
     info!(
         pid = std::process::id(),
         parent = fdpass::parent_pid(),
@@ -211,6 +216,10 @@ pub(crate) struct Broker {
     source: PolicySource,
     policy: Policy,
     resolved: Resolved,
+    /// The namespace of each cookie (`SO_NETNS_COOKIE`) seen on a socket
+    /// made here: how a socket given back to bind is placed, without the
+    /// CAP_NET_ADMIN that asking the kernel for its namespace needs.
+    cookies: HashMap<u64, NsId>,
     refusals: Arc<Refusals>,
     warned: (Instant, u32, u64),
 }
@@ -223,14 +232,42 @@ impl Broker {
 
     pub(crate) fn with_config(source: PolicySource, config: &Config) -> Result<Broker, String> {
         let thread = SwitchingThread::here().map_err(|e| e.to_string())?;
+        let mut cookies = HashMap::new();
+        // The relay makes its own namespace's sockets itself.
+        let home = thread.home();
+        let probe =
+            crate::netns::socket_here(home, SocketSpec::udp(&"127.0.0.1:0".parse().unwrap()));
+        if let Ok(cookie) = probe
+            .map_err(drop)
+            .and_then(|s| fdpass::netns_cookie(s.as_fd()).map_err(drop))
+        {
+            cookies.insert(cookie, home);
+        }
         Ok(Broker {
             thread,
             source,
             policy: Policy::from_config(config),
             resolved: Resolved::default(),
+            cookies,
             refusals: Arc::default(),
             warned: (Instant::now(), 0, 0),
         })
+    }
+
+    /// Keeps only the capabilities its policy needs (on this, its only
+    /// thread) and installs its seccomp filter. Started without root there
+    /// is nothing to give up but what the filter takes.
+    fn give_up_privileges(&self) -> Result<(), String> {
+        let caps = self.policy.capabilities();
+        if crate::privsep::is_root() {
+            crate::privsep::keep_only_caps(&caps)
+                .map_err(|e| format!("cannot give up privileges: {e}"))?;
+        }
+        crate::privsep::install_broker_filter()
+            .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
+        let names: Vec<&str> = caps.iter().map(|c| c.name()).collect();
+        info!("socket broker keeps {}", names.join(", "));
+        Ok(())
     }
 
     #[cfg(test)]
@@ -366,6 +403,7 @@ impl Broker {
                 let ns: NsId = ns.into();
                 self.thread.release(ns);
                 self.resolved.release(ns);
+                self.cookies.retain(|_, n| *n != ns);
                 (Outcome::Released, Vec::new())
             }
             Op::Bind { addrs } => {
@@ -426,9 +464,22 @@ impl Broker {
 
     fn socket(&mut self, ns: NsId, spec: SocketSpec) -> Result<Socket, WireError> {
         self.allow_socket(ns, &spec)?;
-        self.thread
+        let s = self
+            .thread
             .socket_in(ns, spec)
-            .map_err(|e| WireError::from(&e))
+            .map_err(|e| WireError::from(&e))?;
+        self.note(ns, &s);
+        Ok(s)
+    }
+
+    /// Learns `ns`'s cookie from a socket made in it (once per namespace).
+    fn note(&mut self, ns: NsId, s: &Socket) {
+        if self.cookies.values().any(|n| *n == ns) {
+            return;
+        }
+        if let Ok(cookie) = fdpass::netns_cookie(s.as_fd()) {
+            self.cookies.insert(cookie, ns);
+        }
     }
 
     fn refill(&mut self, ns: NsId, spec: SocketSpec, n: u32) -> (Outcome, Vec<Socket>) {
@@ -454,6 +505,9 @@ impl Broker {
                 }
             }
         }
+        if let Some(s) = made.first() {
+            self.note(ns, s);
+        }
         (
             Outcome::Refilled {
                 made: made.len() as u32,
@@ -470,8 +524,12 @@ impl Broker {
             ty: socket.r#type().map_err(|e| io(&e))?,
             protocol: socket.protocol().map_err(|e| io(&e))?,
         };
-        let (dev, ino) = fdpass::socket_netns(socket.as_fd()).map_err(|e| io(&e))?;
-        let ns = NsId { dev, ino };
+        let cookie = fdpass::netns_cookie(socket.as_fd()).map_err(|e| io(&e))?;
+        let Some(&ns) = self.cookies.get(&cookie) else {
+            let why = "a socket of a namespace this broker made no socket in".to_owned();
+            self.refuse(|r| &r.policy, "a bind", &why);
+            return Err(WireError::Refused { reason: why });
+        };
         let mut refs = self.resolved.refs(ns).cloned().unwrap_or_default();
         if ns == self.thread.home() {
             refs.insert(NsRef::Host);

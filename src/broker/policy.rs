@@ -141,6 +141,33 @@ impl RulePolicy {
 }
 
 impl Policy {
+    /// The capabilities making this policy's sockets needs, beyond
+    /// CAP_SYS_ADMIN for `setns`: CAP_NET_BIND_SERVICE when a rule listens
+    /// on a port below 1024, CAP_SYS_PTRACE when a rule names a namespace
+    /// by `pid:N` (opening another user's `/proc/N/ns/net` needs it).
+    pub fn capabilities(&self) -> Vec<crate::privsep::Cap> {
+        use crate::privsep::Cap;
+        let mut caps = vec![Cap::SysAdmin];
+        let low = self
+            .rules
+            .iter()
+            .any(|r| r.addrs.iter().any(|a| a.port() != 0 && a.port() < 1024));
+        if low {
+            caps.push(Cap::NetBindService);
+        }
+        let by_pid = self.rules.iter().any(|r| {
+            r.rule
+                .netns
+                .iter()
+                .chain(std::iter::once(&r.rule.upstream_netns))
+                .any(|n| matches!(n, NsRef::Pid(_)))
+        });
+        if by_pid {
+            caps.push(Cap::SysPtrace);
+        }
+        caps
+    }
+
     /// What `config` needs.
     pub fn from_config(config: &Config) -> Policy {
         Policy {

@@ -19,7 +19,7 @@ use crate::config::{self, Config};
 use crate::lifecycle::{Command, Options, Server};
 use crate::netns::{NsRef, SocketFactory, Switcher};
 use crate::status::BindingState;
-use crate::{control, metrics, runtime, systemd};
+use crate::{broker, control, metrics, privsep, runtime, systemd};
 
 mod plan;
 
@@ -32,6 +32,8 @@ pub struct Run {
     pub source: Source,
     /// The drain timeout was given on the command line: a reload keeps it.
     pub drain_pinned: bool,
+    /// Given to the socket broker, when there is one (logging options).
+    pub broker_args: Vec<std::ffi::OsString>,
 }
 
 /// Where the config came from.
@@ -53,12 +55,18 @@ impl Source {
 }
 
 /// Serves until a stop signal; `Err` when nsproxy could not start or
-/// nothing could listen.
+/// nothing could listen, or (split) when the socket broker died.
 pub fn serve(run: Run) -> anyhow::Result<()> {
     raise_fd_limit();
+    let plan = plan(privsep::effective_uid(), run.config.user.as_deref());
+    match &plan {
+        Plan::Single(Single::Unprivileged { .. }) => warn!("{plan}"),
+        _ => info!("{plan}"),
+    }
     // Started first, from the main thread, so that its home is the namespace
-    // nsproxy was started in.
-    let switcher = Switcher::spawn().context("cannot start the namespace thread")?;
+    // nsproxy was started in (and, split, so that the broker lives as long
+    // as this thread: its parent-death signal follows the thread).
+    let (switcher, split) = sockets(&plan, &run)?;
     let workers = run
         .config
         .workers
@@ -66,13 +74,20 @@ pub fn serve(run: Run) -> anyhow::Result<()> {
         .clamp(1, config::MAX_WORKERS);
     let rt = runtime::build(workers).context("cannot start the runtime")?;
     info!(workers, home = %switcher.home(), pid = std::process::id(), "nsproxy {} starting", env!("CARGO_PKG_VERSION"));
-    rt.block_on(async {
+    let broker = switcher.broker().cloned();
+    let served = rt.block_on(async {
+        // Bound while nsproxy may still: the socket is made by, and
+        // belongs to, the user who started it.
         let mut interfaces = Interfaces::bind(&run.config).await;
+        if let Some(split) = &split {
+            split.drop_privileges()?;
+        }
+        let drain_timeout = run
+            .config
+            .drain_timeout
+            .unwrap_or(crate::lifecycle::DEFAULT_DRAIN_TIMEOUT);
         let options = Options {
-            drain: run
-                .config
-                .drain_timeout
-                .unwrap_or(crate::lifecycle::DEFAULT_DRAIN_TIMEOUT),
+            drain: drain_timeout,
             config_path: run.source.path(),
             workers,
             drain_pinned: run.drain_pinned,
@@ -99,23 +114,133 @@ pub fn serve(run: Run) -> anyhow::Result<()> {
         if reload_when_started {
             request_reload(&server);
         }
+        let broker_gone = async {
+            match &broker {
+                Some(link) => link.gone().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(broker_gone);
+        let mut lost_broker = None;
         loop {
-            match signals.next().await {
-                Signal::Reload => {
-                    info!("SIGHUP received: reloading");
-                    request_reload(&server);
-                }
-                Signal::Stop(name) => {
-                    info!("{name} received");
+            tokio::select! {
+                signal = signals.next() => match signal {
+                    Signal::Reload => {
+                        info!("SIGHUP received: reloading");
+                        request_reload(&server);
+                    }
+                    Signal::Stop(name) => {
+                        info!("{name} received");
+                        break;
+                    }
+                },
+                () = &mut broker_gone => {
+                    let pid = broker.as_ref().map_or(0, |b| b.pid());
+                    error!(
+                        "the socket broker (pid {pid}) is gone: no new socket can be made in another namespace; serving what is open for {drain_timeout:?} (drain_timeout), then exiting non-zero for the service manager to restart nsproxy"
+                    );
+                    let _ = systemd::notify("STOPPING=1");
+                    lost_broker = Some(pid);
                     break;
                 }
             }
         }
+        if lost_broker.is_some() {
+            // Still answering status and metrics (which say the broker is
+            // gone) while open connections finish; then what is left is cut.
+            tokio::select! {
+                () = tokio::time::sleep(drain_timeout) => {}
+                signal = signals.next() => if let Signal::Stop(name) = signal {
+                    info!("{name} received");
+                },
+            }
+            crate::proxy::cut_drain_short();
+        }
         drain(server, &mut signals).await;
         interfaces.remove_socket();
-        info!("stopped");
+        match lost_broker {
+            Some(pid) => anyhow::bail!("stopped: the socket broker (pid {pid}) died"),
+            None => {
+                info!("stopped");
+                Ok(())
+            }
+        }
+    });
+    // The broker ends when its socket closes (the switcher went with the
+    // runtime's tasks); reaped here so that it leaves no zombie.
+    drop(rt);
+    if let Some(split) = split {
+        split.reap();
+    }
+    served
+}
+
+/// Where sockets come from, as planned: the namespace thread of this
+/// process, or (split) a socket broker started now, with what the relay
+/// is to become.
+fn sockets(plan: &Plan, run: &Run) -> anyhow::Result<(Switcher, Option<Split>)> {
+    let Plan::Split { user } = plan else {
+        let switcher = Switcher::spawn().context("cannot start the namespace thread")?;
+        return Ok((switcher, None));
+    };
+    let account = privsep::lookup_user(user).with_context(|| format!("user = \"{user}\""))?;
+    if account.uid == 0 {
+        anyhow::bail!(
+            "user = \"{user}\" is uid 0: the relay would keep root's powers; name an unprivileged account, or user = \"root\" for one privileged process"
+        );
+    }
+    let source = match &run.source {
+        Source::File(p) => broker::PolicySource::File(p.clone()),
+        Source::Forward(specs) => broker::PolicySource::Forward(specs.clone()),
+    };
+    let child =
+        broker::spawn(&source, &run.broker_args).context("cannot start the socket broker")?;
+    info!(pid = child.pid, "socket broker started");
+    let switcher =
+        Switcher::remote(child.fd, child.pid).context("cannot start the socket broker's thread")?;
+    Ok((
+        switcher,
+        Some(Split {
+            account,
+            broker: child.child,
+        }),
+    ))
+}
+
+/// A split nsproxy's relay side: whom it becomes, and its broker.
+struct Split {
+    account: privsep::Account,
+    broker: std::process::Child,
+}
+
+impl Split {
+    /// Becomes the unprivileged relay: the account, no capability,
+    /// `no_new_privs`, not dumpable, then the seccomp filter on every thread.
+    fn drop_privileges(&self) -> anyhow::Result<()> {
+        let a = &self.account;
+        privsep::become_relay(a)
+            .with_context(|| format!("cannot become {} (uid {})", a.name, a.uid))?;
+        privsep::install_relay_filter().context("cannot install the seccomp filter")?;
+        info!(
+            user = %a.name,
+            uid = a.uid,
+            broker = self.broker.id(),
+            "relay running as {} with no capability and a seccomp allowlist; the socket broker (pid {}) makes the sockets",
+            a.name,
+            self.broker.id()
+        );
         Ok(())
-    })
+    }
+
+    fn reap(mut self) {
+        match self.broker.wait() {
+            Ok(status) if !status.success() => {
+                warn!("the socket broker exited: {status}")
+            }
+            Ok(_) => {}
+            Err(e) => warn!("cannot wait for the socket broker: {e}"),
+        }
+    }
 }
 
 fn raise_fd_limit() {

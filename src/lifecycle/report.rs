@@ -156,6 +156,7 @@ impl Supervisor {
                 at_close,
             },
             heap_allocated_bytes: crate::sys::heap_allocated(),
+            broker: self.sockets.broker(),
             bindings: self.sorted_entries().into_iter().map(report).collect(),
         }
     }

@@ -115,6 +115,11 @@ pub trait SocketFactory: Send + Sync + fmt::Debug {
     fn read_config<'a>(&'a self, path: &'a Path) -> ConfigFuture<'a> {
         Box::pin(async move { crate::config::read_text(path) })
     }
+    /// The socket broker sockets come from, when they come from another
+    /// process (for status and metrics); `None` by default.
+    fn broker(&self) -> Option<crate::status::BrokerReport> {
+        None
+    }
     /// Binds `socket` to `addrs` where this process may not (a port below
     /// 1024 without CAP_NET_BIND_SERVICE): split, the socket broker does.
     /// By default: `PermissionDenied`.
@@ -183,6 +188,13 @@ impl SocketFactory for Switcher {
         addrs: &'a [SocketAddr],
     ) -> BindFuture<'a> {
         Box::pin(Switcher::bind_privileged(self, socket, addrs))
+    }
+
+    fn broker(&self) -> Option<crate::status::BrokerReport> {
+        Switcher::broker(self).map(|link| crate::status::BrokerReport {
+            pid: link.pid(),
+            alive: !link.is_gone(),
+        })
     }
 }
 

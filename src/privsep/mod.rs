@@ -41,7 +41,12 @@ pub fn lookup_user(name: &str) -> Result<Account, PrivError> {
 
 /// True when the process runs as root (effective uid 0).
 pub fn is_root() -> bool {
-    privs::getresuid().1 == 0
+    effective_uid() == 0
+}
+
+/// The effective uid.
+pub fn effective_uid() -> u32 {
+    privs::getresuid().1
 }
 
 /// The real uid: the user who started nsproxy (sudo and systemd set it

@@ -279,6 +279,9 @@ fn relay_only() -> Vec<Allowed> {
     );
     // TCP splice relays: a pipe per connection, splice in and out.
     named(&mut l, any![SYS_pipe2, SYS_splice]);
+    // Reaping the socket broker, the one child, at exit (waiting only
+    // reads a child's status: nothing to guard).
+    named(&mut l, any![SYS_wait4, SYS_waitid]);
     // Sockets. New ones only of the families nsproxy uses (IPv4 and IPv6
     // for TCP, UDP and SCTP; unix for sd_notify, the control API and the
     // broker), never netlink, packet, vsock, alg and the like, whose code

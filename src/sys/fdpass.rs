@@ -199,6 +199,7 @@ pub(crate) fn parent_pid() -> u32 {
 
 /// The identity (device, inode) of the network namespace socket `fd`
 /// belongs to (`SIOCGSKNS`, Linux 4.10).
+#[cfg(test)]
 pub(crate) fn socket_netns(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     const SIOCGSKNS: libc::c_ulong = 0x894C;
     // SAFETY: SIOCGSKNS takes no argument and returns a new fd of the
@@ -212,6 +213,30 @@ pub(crate) fn socket_netns(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let m = f.metadata()?;
     Ok((m.dev(), m.ino()))
+}
+
+/// The cookie of the network namespace socket `fd` belongs to
+/// (`SO_NETNS_COOKIE`, Linux 5.14): unlike `SIOCGSKNS`, it needs no
+/// capability, and a namespace's cookie is unique while the system runs.
+pub(crate) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `cookie`, a live
+    // u64, and the new length into `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// Makes `fd` the child's fd `target` (and not close-on-exec there) when
