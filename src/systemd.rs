@@ -4,10 +4,31 @@
 use std::io;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::OnceLock;
+
+/// The notification socket, connected by [`connect`]: permission to
+/// reach a socket file is checked when connecting, so a relay that gave up
+/// its privileges afterwards still reaches one only root may open.
+static CONNECTED: OnceLock<UnixDatagram> = OnceLock::new();
+
+/// Connects to `$NOTIFY_SOCKET` now, for every later [`notify`]; call it
+/// before giving up privileges. Without `$NOTIFY_SOCKET`, does nothing.
+pub fn connect() -> io::Result<()> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let s = UnixDatagram::unbound()?;
+    s.connect_addr(&address(&path.to_string_lossy())?)?;
+    let _ = CONNECTED.set(s);
+    Ok(())
+}
 
 /// Sends `state` (such as `READY=1`) to systemd. Returns `Ok(false)` when
 /// not started by systemd with `Type=notify` (no `$NOTIFY_SOCKET`).
 pub fn notify(state: &str) -> io::Result<bool> {
+    if let Some(s) = CONNECTED.get() {
+        return s.send(state.as_bytes()).map(|_| true);
+    }
     match std::env::var_os("NOTIFY_SOCKET") {
         Some(path) => notify_to(&path.to_string_lossy(), state).map(|()| true),
         None => Ok(false),
@@ -16,13 +37,16 @@ pub fn notify(state: &str) -> io::Result<bool> {
 
 /// Sends `state` to the notification socket `path` ('@' = abstract).
 pub(crate) fn notify_to(path: &str, state: &str) -> io::Result<()> {
-    let addr = match path.strip_prefix('@') {
-        // An abstract socket: '@' stands for the leading NUL byte.
-        Some(name) => SocketAddr::from_abstract_name(name.as_bytes())?,
-        None => SocketAddr::from_pathname(path)?,
-    };
-    UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr)?;
+    UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &address(path)?)?;
     Ok(())
+}
+
+fn address(path: &str) -> io::Result<SocketAddr> {
+    match path.strip_prefix('@') {
+        // An abstract socket: '@' stands for the leading NUL byte.
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(path),
+    }
 }
 
 /// `RELOADING=1` with the CLOCK_MONOTONIC timestamp that systemd 253+

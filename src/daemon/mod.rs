@@ -79,6 +79,9 @@ pub fn serve(run: Run) -> anyhow::Result<()> {
         // Bound while nsproxy may still: the socket is made by, and
         // belongs to, the user who started it.
         let mut interfaces = Interfaces::bind(&run.config).await;
+        if let Err(e) = systemd::connect() {
+            warn!("cannot connect to systemd's notification socket: {e}");
+        }
         if let Some(split) = &split {
             split.drop_privileges()?;
         }
