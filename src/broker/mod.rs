@@ -258,7 +258,23 @@ impl Broker {
     /// thread) and installs its seccomp filter. Started without root there
     /// is nothing to give up but what the filter takes.
     fn give_up_privileges(&self) -> Result<(), String> {
-        let caps = self.policy.capabilities();
+        let mut caps = self.policy.capabilities();
+        // Started with fewer (root without CAP_SYS_ADMIN, say): keeps what
+        // it has of them, and each binding that needs a missing one fails
+        // with the reason, as in one process.
+        let held = crate::privsep::self_status().map_or(0, |st| st.cap_prm);
+        let missing: Vec<&str> = caps
+            .iter()
+            .filter(|c| held & c.bit() == 0)
+            .map(|c| c.name())
+            .collect();
+        if !missing.is_empty() {
+            warn!(
+                "socket broker started without {}: sockets that need it will fail",
+                missing.join(", ")
+            );
+        }
+        caps.retain(|c| held & c.bit() != 0);
         if crate::privsep::is_root() {
             crate::privsep::keep_only_caps(&caps)
                 .map_err(|e| format!("cannot give up privileges: {e}"))?;
