@@ -235,8 +235,9 @@ if [ ! -f "$BASE" ]; then
     write_init > "$b/init"
     chmod 755 "$b/init"
     printf '127.0.0.1 localhost\n::1 localhost\n' > "$b/etc/hosts"
-    echo 'root:x:0:0:root:/root:/bin/sh' > "$b/etc/passwd"
-    echo 'root:x:0:' > "$b/etc/group"
+    # nobody: the account a split nsproxy's relay runs as.
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' > "$b/etc/passwd"
+    printf 'root:x:0:\nnogroup:x:65534:\n' > "$b/etc/group"
     (cd "$b" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) > "$BASE.tmp" ||
         die "cpio failed"
     mv "$BASE.tmp" "$BASE"
