@@ -41,7 +41,9 @@ fi
     exit 1
 }
 unit_log=$(mktemp)
-if ! HOME=/nonexistent "${unprivileged[@]}" "$lib_bin" 2>&1 | tee "$unit_log"; then
+# The few unit tests that need root (the broker, dropping privileges) ran
+# as root above; here they skip, as they would for any user.
+if ! HOME=/nonexistent env -u NSPROXY_REQUIRE_ROOT "${unprivileged[@]}" "$lib_bin" 2>&1 | tee "$unit_log"; then
     rm -f "$unit_log"
     echo "test.sh: the library's unit tests failed as nobody" >&2
     exit 1
