@@ -241,3 +241,31 @@ fn another_process_of_the_relays_user_may_not_use_the_control_socket() {
         assert_eq!(code, 0, "{err}");
     })
 }
+
+#[test]
+fn user_root_serves_udp_and_reloads_as_before() {
+    as_root(|| {
+        let udp_rule = udp("u")
+            .listen("127.0.0.1:7001")
+            .netns(["a"])
+            .upstream_in("b", "127.0.0.1:9001");
+        let s = Scenario::with(&["a", "b"])
+            .tcp_echo("b", "127.0.0.1:9000")
+            .udp_echo("b", "127.0.0.1:9001")
+            .head("user = \"root\"")
+            .rule(a_to_b())
+            .rule(udp_rule.clone())
+            .start();
+        let c = s.ns("a").udp_client("127.0.0.1:7001");
+        assert_eq!(udp_round_trip(&c, b"as root").unwrap(), b"as root");
+        // A reload as a diff: the TCP rule moves port, the UDP one stays.
+        s.write_config(&[a_to_b().listen("127.0.0.1:7002"), udp_rule]);
+        let (code, out, err) = s.cli(&["reload"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("1 replaced") && out.contains("1 unchanged"), "{out}");
+        let mut t = s.ns("a").tcp_connect_when_ready("127.0.0.1:7002");
+        echo_once(&mut t, b"moved");
+        assert_eq!(udp_round_trip(&c, b"kept").unwrap(), b"kept");
+        assert!(children(s.pid()).is_empty());
+    })
+}
