@@ -39,8 +39,13 @@
 //! - [`systemd`]: readiness notifications (`sd_notify`).
 //!
 //! - [`daemon`]: `nsproxy run` and `forward` from a parsed config to exit:
-//!   the namespace thread, the runtime, the control socket and metrics
-//!   endpoint, the server, signals, reload and drain.
+//!   where sockets come from, the runtime, the control socket and metrics
+//!   endpoint, privileges given up, the server, signals, reload and drain.
+//! - [`broker`]: the socket broker of a split nsproxy (started as root):
+//!   the one process that keeps CAP_SYS_ADMIN, making sockets in
+//!   namespaces its policy allows and passing them to the relay.
+//! - [`privsep`]: the relay's and the broker's privileges: accounts,
+//!   capabilities, `no_new_privs`, seccomp allowlists.
 //!
 //! The `nsproxy` binary is a thin command-line layer over [`daemon`]: it
 //! parses arguments and sets up logging.
