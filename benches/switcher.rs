@@ -1,4 +1,6 @@
-//! Cost of creating a socket through the namespace path.
+//! Cost of creating a socket through the namespace path: the namespace
+//! thread of this process, and (split, as nsproxy runs when started as
+//! root) the socket broker in another process behind a remote switcher.
 //!
 //! Run as root: `cargo bench --bench switcher`. The benchmark makes one
 //! namespace of its own (`nsproxy-bench-PID`) and removes it at the end.
@@ -13,6 +15,9 @@ struct Setup {
     switcher: Switcher,
     other: Option<NsId>,
     name: String,
+    /// The same namespace through a socket broker (the nsproxy binary's
+    /// `__broker`, allowed that namespace by a forward spec).
+    remote: Option<(Switcher, NsId)>,
 }
 
 static SETUP: LazyLock<Setup> = LazyLock::new(|| {
@@ -32,10 +37,27 @@ static SETUP: LazyLock<Setup> = LazyLock::new(|| {
             "note: cannot create a namespace (not root?): the other-namespace benchmarks are skipped"
         );
     }
+    let remote = other.map(|_| {
+        let spec = format!("tcp:127.0.0.1:80@{name}=127.0.0.1:9");
+        let b = nsproxy::broker::spawn_exe(
+            env!("CARGO_BIN_EXE_nsproxy").as_ref(),
+            &nsproxy::broker::PolicySource::Forward(vec![spec]),
+            &["--log-level".into(), "warn".into()],
+        )
+        .expect("start the broker");
+        let remote = Switcher::remote(b.fd, b.pid).expect("remote switcher");
+        let id = remote
+            .resolve_blocking(&NsRef::Named(name.clone()))
+            .expect("resolve through the broker");
+        // The broker exits when the switcher's socket closes, at the end.
+        std::mem::forget(b.child);
+        (remote, id)
+    });
     Setup {
         switcher,
         other,
         name,
+        remote,
     }
 });
 
@@ -98,6 +120,47 @@ fn other_namespace_batch_of_64(bencher: divan::Bencher) {
                 let mut set = Vec::with_capacity(64);
                 for _ in 0..64 {
                     set.push(s.switcher.socket(ns, SocketSpec::tcp(&addr())));
+                }
+                for f in set {
+                    drop(f.await.unwrap());
+                }
+            })
+        });
+}
+
+/// A socket in another namespace through the socket broker: request over
+/// the unix socket, the broker's setns in, socket(), setns home, the fd
+/// sent back (SCM_RIGHTS).
+#[divan::bench]
+fn broker_other_namespace() {
+    let s = &*SETUP;
+    let Some((remote, ns)) = &s.remote else {
+        return;
+    };
+    drop(
+        remote
+            .socket_blocking(*ns, SocketSpec::tcp(&addr()))
+            .unwrap(),
+    );
+}
+
+/// 64 sockets through the broker requested at once (pipelined).
+#[divan::bench]
+fn broker_batch_of_64(bencher: divan::Bencher) {
+    let s = &*SETUP;
+    let Some((remote, ns)) = &s.remote else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    bencher
+        .counter(divan::counter::ItemsCount::new(64usize))
+        .bench_local(|| {
+            rt.block_on(async {
+                let mut set = Vec::with_capacity(64);
+                for _ in 0..64 {
+                    set.push(remote.socket(*ns, SocketSpec::tcp(&addr())));
                 }
                 for f in set {
                     drop(f.await.unwrap());

@@ -1,6 +1,7 @@
 //! The socket broker as its own process (the nsproxy binary's hidden
 //! `__broker` subcommand) behind a remote switcher in this process: each
-//! side notices the other's end, and socket birth through it is timed.
+//! side notices the other's end. (Socket birth through it is timed in
+//! `benches/switcher.rs`, start-up at scale in the comparative bench.)
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nsproxy::broker::{self, PolicySource};
-use nsproxy::netns::{NsError, NsRef, SocketSpec, Switcher};
+use nsproxy::netns::{NsError, NsRef, Switcher};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -84,91 +85,4 @@ fn a_broker_with_a_bad_fd_says_so() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not the relay's socket"), "{err}");
-}
-
-/// Socket birth in a namespace through the broker and through this
-/// process's own namespace thread, one at a time and 64 together. Prints
-/// the times; fails only if the broker is wildly slower (10×), which no
-/// loaded machine explains.
-#[test]
-fn socket_birth_through_the_broker() {
-    as_root(|| {
-        let ns = TestNs::new("brk");
-        let mut b = spawn(&[format!("tcp:[::]:80@{}=127.0.0.1:9", ns.name())]);
-        let remote = Switcher::remote(b.fd, b.pid).unwrap();
-        let local = switcher();
-        let rt = rt();
-        let addr = "[::]:0".parse().unwrap();
-        let spec = SocketSpec::tcp(&addr);
-        let mut times = Vec::new();
-        for (what, sw) in [("local", local), ("broker", &remote)] {
-            let id = rt.block_on(sw.resolve(&ns.reference())).unwrap();
-            // Warm up, then time.
-            for _ in 0..20 {
-                rt.block_on(sw.socket(id, spec)).unwrap();
-            }
-            let n = 500;
-            let t = Instant::now();
-            for _ in 0..n {
-                rt.block_on(sw.socket(id, spec)).unwrap();
-            }
-            let one = t.elapsed() / n;
-            let rounds = 50;
-            let t = Instant::now();
-            for _ in 0..rounds {
-                let futures: Vec<_> = (0..64).map(|_| sw.socket(id, spec)).collect();
-                for f in futures {
-                    rt.block_on(f).unwrap();
-                }
-            }
-            let batch = t.elapsed() / rounds;
-            eprintln!("socket birth ({what}): one {one:?}, 64 together {batch:?}");
-            times.push((one, batch));
-            sw.release(id);
-        }
-        let (local, broker) = (times[0], times[1]);
-        assert!(
-            broker.0 < local.0 * 10 + Duration::from_micros(200),
-            "{broker:?} vs {local:?}"
-        );
-        drop(remote);
-        assert!(wait_exit(&mut b.child).success());
-    })
-}
-
-/// Resolving many namespaces (what start-up does first) through the broker
-/// and locally; `NSPROXY_BROKER_NAMESPACES` namespaces (default 1,000).
-/// Slow to set up: run with `--ignored`.
-#[test]
-#[ignore]
-fn resolving_many_namespaces_through_the_broker() {
-    as_root(|| {
-        let n = std::env::var("NSPROXY_BROKER_NAMESPACES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1000);
-        let all = TestNs::many("brkm", n);
-        let refs: Vec<NsRef> = all.iter().map(|ns| ns.reference()).collect();
-        // Every test namespace of this process, by the pattern of their names.
-        let pattern = format!("tcp:[::]:80@nspt-{}-*=127.0.0.1:9", std::process::id());
-        let mut b = spawn(&[pattern]);
-        let remote = Switcher::remote(b.fd, b.pid).unwrap();
-        let rt = rt();
-        for (what, sw) in [("local", switcher()), ("broker", &remote)] {
-            let t = Instant::now();
-            let got = rt.block_on(sw.resolve_many(&refs));
-            let took = t.elapsed();
-            assert!(
-                got.iter().all(|r| r.is_ok()),
-                "{:?}",
-                got.iter().find(|r| r.is_err())
-            );
-            eprintln!("resolving {n} namespaces ({what}): {took:?}");
-            for id in got.into_iter().flatten() {
-                sw.release(id);
-            }
-        }
-        drop(remote);
-        assert!(wait_exit(&mut b.child).success());
-    })
 }

@@ -262,7 +262,10 @@ fn user_root_serves_udp_and_reloads_as_before() {
         s.write_config(&[a_to_b().listen("127.0.0.1:7002"), udp_rule]);
         let (code, out, err) = s.cli(&["reload"]);
         assert_eq!(code, 0, "{err}");
-        assert!(out.contains("1 replaced") && out.contains("1 unchanged"), "{out}");
+        assert!(
+            out.contains("1 replaced") && out.contains("1 unchanged"),
+            "{out}"
+        );
         let mut t = s.ns("a").tcp_connect_when_ready("127.0.0.1:7002");
         echo_once(&mut t, b"moved");
         assert_eq!(udp_round_trip(&c, b"kept").unwrap(), b"kept");

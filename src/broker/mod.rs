@@ -220,6 +220,8 @@ pub(crate) struct Broker {
     /// made here: how a socket given back to bind is placed, without the
     /// CAP_NET_ADMIN that asking the kernel for its namespace needs.
     cookies: HashMap<u64, NsId>,
+    /// The other way round: each namespace's cookie.
+    cookie_known: HashMap<NsId, u64>,
     refusals: Arc<Refusals>,
     warned: (Instant, u32, u64),
 }
@@ -243,12 +245,14 @@ impl Broker {
         {
             cookies.insert(cookie, home);
         }
+        let cookie_known = cookies.iter().map(|(c, n)| (*n, *c)).collect();
         Ok(Broker {
             thread,
             source,
             policy: Policy::from_config(config),
             resolved: Resolved::default(),
             cookies,
+            cookie_known,
             refusals: Arc::default(),
             warned: (Instant::now(), 0, 0),
         })
@@ -415,11 +419,14 @@ impl Broker {
                 Err(e) => (Outcome::Failed(e), Vec::new()),
             },
             Op::Refill { ns, spec, n } => self.refill(ns.into(), spec.into(), n),
+            Op::Sockets { items } => self.sockets(items),
             Op::Release { ns } => {
                 let ns: NsId = ns.into();
                 self.thread.release(ns);
                 self.resolved.release(ns);
-                self.cookies.retain(|_, n| *n != ns);
+                if let Some(cookie) = self.cookie_known.remove(&ns) {
+                    self.cookies.remove(&cookie);
+                }
                 (Outcome::Released, Vec::new())
             }
             Op::Bind { addrs } => {
@@ -429,8 +436,13 @@ impl Broker {
                     Err(e) => (Outcome::Failed(e), Vec::new()),
                 }
             }
-            Op::ReadConfig => match self.read_config() {
-                Ok(text) => (Outcome::Config(text), Vec::new()),
+            Op::ReadConfig => match self.read_config().and_then(|text| {
+                let fd = fdpass::sealed_memfd("nsproxy-config", text.as_bytes())
+                    .map_err(|e| WireError::Io(WireIo::from(&e)))?;
+                Ok((text.len() as u64, fd))
+            }) {
+                // Passed like the sockets: the reply's fds are plain fds.
+                Ok((len, fd)) => (Outcome::Config { len }, vec![Socket::from(fd)]),
                 Err(e) => (Outcome::Failed(e), Vec::new()),
             },
         };
@@ -490,12 +502,40 @@ impl Broker {
 
     /// Learns `ns`'s cookie from a socket made in it (once per namespace).
     fn note(&mut self, ns: NsId, s: &Socket) {
-        if self.cookies.values().any(|n| *n == ns) {
+        if self.cookie_known.contains_key(&ns) {
             return;
         }
         if let Ok(cookie) = fdpass::netns_cookie(s.as_fd()) {
             self.cookies.insert(cookie, ns);
+            self.cookie_known.insert(ns, cookie);
         }
+    }
+
+    fn sockets(&mut self, items: Vec<(wire::Ns, wire::Spec)>) -> (Outcome, Vec<Socket>) {
+        if items.len() > wire::MAX_REFILL as usize {
+            let why = format!(
+                "{} sockets at once (at most {})",
+                items.len(),
+                wire::MAX_REFILL
+            );
+            self.refuse(|r| &r.policy, "a batch of sockets", &why);
+            return (
+                Outcome::Failed(WireError::Refused { reason: why }),
+                Vec::new(),
+            );
+        }
+        let mut made = Vec::with_capacity(items.len());
+        let results = items
+            .into_iter()
+            .map(|(ns, spec)| match self.socket(ns.into(), spec.into()) {
+                Ok(s) => {
+                    made.push(s);
+                    None
+                }
+                Err(e) => Some(e),
+            })
+            .collect();
+        (Outcome::Sockets(results), made)
     }
 
     fn refill(&mut self, ns: NsId, spec: SocketSpec, n: u32) -> (Outcome, Vec<Socket>) {

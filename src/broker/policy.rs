@@ -24,6 +24,13 @@ use crate::netns::{NsId, NsRef, SocketSpec};
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     rules: Vec<RulePolicy>,
+    /// The rules that name each reference explicitly (listen or upstream
+    /// side), and those with a glob: the only rules a reference can match,
+    /// so that a check costs the rules that could match it, not all of
+    /// them (a generated config has a rule per namespace; a rule can list
+    /// thousands of namespaces).
+    by_ref: HashMap<NsRef, Vec<usize>>,
+    with_glob: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -33,6 +40,10 @@ struct RulePolicy {
     upstream: SocketSpec,
     /// `listen` and, for SCTP, its extra addresses at the same port.
     addrs: Vec<SocketAddr>,
+    /// The rule's explicit listen references and its globs, for checks
+    /// that do not scan a list of thousands.
+    listen_refs: std::collections::HashSet<NsRef>,
+    listen_globs: Vec<NsRef>,
 }
 
 /// Why the policy refused a request.
@@ -123,16 +134,29 @@ impl RulePolicy {
                     .map(|ip| SocketAddr::new(*ip, rule.listen.port())),
             );
         }
+        let (listen_globs, listen_refs): (Vec<NsRef>, Vec<NsRef>) = rule
+            .netns
+            .iter()
+            .cloned()
+            .partition(|n| matches!(n, NsRef::Glob(_)));
+        let listen_refs = listen_refs.into_iter().collect();
         RulePolicy {
             rule: rule.clone(),
             listen,
             upstream,
             addrs,
+            listen_refs,
+            listen_globs,
         }
     }
 
+    /// As [`Rule::rank`] says, without its scan.
     fn listens_in(&self, r: &NsRef) -> bool {
-        self.rule.rank(r).is_some()
+        self.listen_refs.contains(r)
+            || match r {
+                NsRef::Named(name) => self.listen_globs.iter().any(|g| g.matches(name)),
+                _ => false,
+            }
     }
 
     fn connects_from(&self, r: &NsRef) -> bool {
@@ -170,17 +194,51 @@ impl Policy {
 
     /// What `config` needs.
     pub fn from_config(config: &Config) -> Policy {
-        Policy {
-            rules: config.rules.iter().map(RulePolicy::new).collect(),
+        let rules: Vec<RulePolicy> = config.rules.iter().map(RulePolicy::new).collect();
+        let mut by_ref: HashMap<NsRef, Vec<usize>> = HashMap::new();
+        let mut with_glob = Vec::new();
+        for (i, p) in rules.iter().enumerate() {
+            let mut glob = false;
+            for r in p
+                .rule
+                .netns
+                .iter()
+                .chain(std::iter::once(&p.rule.upstream_netns))
+            {
+                if matches!(r, NsRef::Glob(_)) {
+                    glob = true;
+                    continue;
+                }
+                let list = by_ref.entry(r.clone()).or_default();
+                if list.last() != Some(&i) {
+                    list.push(i);
+                }
+            }
+            if glob {
+                with_glob.push(i);
+            }
         }
+        Policy {
+            rules,
+            by_ref,
+            with_glob,
+        }
+    }
+
+    /// The rules that may listen in or connect from `r`, maybe more.
+    fn candidates<'a>(&'a self, r: &NsRef) -> impl Iterator<Item = &'a RulePolicy> + 'a {
+        let named = self.by_ref.get(r).map_or(&[][..], Vec::as_slice);
+        named
+            .iter()
+            .chain(self.with_glob.iter())
+            .map(|&i| &self.rules[i])
     }
 
     /// Whether `r` may be resolved.
     pub fn allows_resolve(&self, r: &NsRef) -> Result<(), Refusal> {
         if *r == NsRef::Host
             || self
-                .rules
-                .iter()
+                .candidates(r)
                 .any(|p| p.listens_in(r) || p.connects_from(r))
         {
             Ok(())
@@ -201,7 +259,7 @@ impl Policy {
             return Err(Refusal::NotResolved(ns));
         };
         let used = refs.iter().any(|r| {
-            self.rules.iter().any(|p| {
+            self.candidates(r).any(|p| {
                 (p.listen == *spec && p.listens_in(r))
                     || (p.upstream == *spec && p.connects_from(r))
             })
@@ -231,10 +289,12 @@ impl Policy {
         addrs: &[SocketAddr],
     ) -> Result<(), Refusal> {
         let ok = !addrs.is_empty()
-            && self.rules.iter().any(|p| {
-                p.listen == *spec
-                    && addrs.iter().all(|a| p.addrs.contains(a))
-                    && refs.iter().any(|r| p.listens_in(r))
+            && refs.iter().any(|r| {
+                self.candidates(r).any(|p| {
+                    p.listen == *spec
+                        && addrs.iter().all(|a| p.addrs.contains(a))
+                        && p.listens_in(r)
+                })
             });
         if ok {
             Ok(())

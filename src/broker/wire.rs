@@ -7,9 +7,10 @@
 //! | `Resolve { refs }`              | 0   | `Resolved([Ok(ns) or Err(error), ...])`, in order | 0 |
 //! | `Socket { ns, spec }`           | 0   | `Socket`                                  | 1         |
 //! | `Refill { ns, spec, n ≤ 64 }`   | 0   | `Refilled { made, error }`                | `made`    |
+//! | `Sockets { items ≤ 64 }`        | 0   | `Sockets([None or Some(error), ...])`     | the `None`s, in order |
 //! | `Release { ns }`                | 0   | `Released`                                | 0         |
 //! | `Bind { addrs }`                | 1   | `Bound`                                   | 0         |
-//! | `ReadConfig`                    | 0   | `Config(text)`                            | 0         |
+//! | `ReadConfig`                    | 0   | `Config { len }`                          | 1 (sealed memfd: the text) |
 //! | anything, failed or refused     |     | `Failed(error)`                           | 0         |
 //!
 //! Every message is `{"id": N, ...}`: a reply carries its request's `id`
@@ -106,11 +107,29 @@ pub struct Request {
 /// What a request asks for (see the table in the module doc).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Resolve { refs: Vec<String> },
-    Socket { ns: Ns, spec: Spec },
-    Refill { ns: Ns, spec: Spec, n: u32 },
-    Release { ns: Ns },
-    Bind { addrs: Vec<SocketAddr> },
+    Resolve {
+        refs: Vec<String>,
+    },
+    Socket {
+        ns: Ns,
+        spec: Spec,
+    },
+    Refill {
+        ns: Ns,
+        spec: Spec,
+        n: u32,
+    },
+    /// Sockets of several namespaces or kinds at once (start-up opens
+    /// thousands of listeners, each in its own namespace): one message.
+    Sockets {
+        items: Vec<(Ns, Spec)>,
+    },
+    Release {
+        ns: Ns,
+    },
+    Bind {
+        addrs: Vec<SocketAddr>,
+    },
     ReadConfig,
 }
 
@@ -129,6 +148,7 @@ impl Op {
             Op::Resolve { .. } => "resolve",
             Op::Socket { .. } => "socket",
             Op::Refill { .. } => "refill",
+            Op::Sockets { .. } => "sockets",
             Op::Release { .. } => "release",
             Op::Bind { .. } => "bind",
             Op::ReadConfig => "read-config",
@@ -154,9 +174,15 @@ pub enum Outcome {
         made: u32,
         error: Option<WireError>,
     },
+    /// One result per item asked for, in order; one fd per `None`.
+    Sockets(Vec<Option<WireError>>),
     Released,
     Bound,
-    Config(String),
+    /// One fd: a sealed memfd holding the config's text, `len` bytes (a
+    /// config can be far larger than a message).
+    Config {
+        len: u64,
+    },
     Failed(WireError),
 }
 
@@ -164,8 +190,9 @@ impl Outcome {
     /// How many fds a reply of this kind carries.
     pub fn fds(&self) -> usize {
         match self {
-            Outcome::Socket => 1,
+            Outcome::Socket | Outcome::Config { .. } => 1,
             Outcome::Refilled { made, .. } => *made as usize,
+            Outcome::Sockets(results) => results.iter().filter(|r| r.is_none()).count(),
             _ => 0,
         }
     }
@@ -544,6 +571,8 @@ pub(crate) mod tests {
             prop::collection::vec(".{0,40}", 0..8).prop_map(|refs| Op::Resolve { refs }),
             (ns(), spec()).prop_map(|(ns, spec)| Op::Socket { ns, spec }),
             (ns(), spec(), 0..=MAX_REFILL).prop_map(|(ns, spec, n)| Op::Refill { ns, spec, n }),
+            prop::collection::vec((ns(), spec()), 0..=MAX_REFILL as usize)
+                .prop_map(|items| Op::Sockets { items }),
             ns().prop_map(|ns| Op::Release { ns }),
             prop::collection::vec(any::<SocketAddr>(), 0..4).prop_map(|mut addrs| {
                 // Text form: an IPv6 address's flow label and scope are not
@@ -590,9 +619,10 @@ pub(crate) mod tests {
             Just(Outcome::Socket),
             (0..=MAX_REFILL, prop::option::of(error()))
                 .prop_map(|(made, error)| Outcome::Refilled { made, error }),
+            prop::collection::vec(prop::option::of(error()), 0..8).prop_map(Outcome::Sockets),
             Just(Outcome::Released),
             Just(Outcome::Bound),
-            ".{0,200}".prop_map(Outcome::Config),
+            any::<u64>().prop_map(|len| Outcome::Config { len }),
             error().prop_map(Outcome::Failed),
         ]
     }

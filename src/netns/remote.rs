@@ -62,6 +62,8 @@ enum Waiting {
     Socket(NsId, oneshot::Sender<Result<Socket, NsError>>),
     /// Several sockets asked for together, fulfilled by one refill.
     Sockets(NsId, Vec<oneshot::Sender<Result<Socket, NsError>>>),
+    /// Sockets of several namespaces asked for together (`Op::Sockets`).
+    Mixed(Vec<(NsId, oneshot::Sender<Result<Socket, NsError>>)>),
     Refill {
         ns: NsId,
         spec: SocketSpec,
@@ -86,6 +88,11 @@ impl Waiting {
             }
             Waiting::Sockets(_, replies) => {
                 for r in replies {
+                    let _ = r.send(Err(e()));
+                }
+            }
+            Waiting::Mixed(replies) => {
+                for (_, r) in replies {
                     let _ = r.send(Err(e()));
                 }
             }
@@ -215,33 +222,41 @@ impl Forwarder {
                     }
                 }
                 Request::Socket { ns, spec, reply } => {
-                    // Consecutive ones of one kind in one namespace travel
-                    // as one refill: one message and one switch for all.
-                    let mut replies = vec![reply];
-                    while replies.len() < wire::MAX_REFILL as usize {
-                        match batch.peek() {
-                            Some(Request::Socket { ns: n, spec: s, .. })
-                                if *n == ns && *s == spec => {}
-                            _ => break,
-                        }
-                        let Some(Request::Socket { reply, .. }) = batch.next() else {
+                    // Consecutive ones travel together, up to a message's
+                    // worth: of one kind in one namespace as one refill (one
+                    // switch for all), else as one batch of sockets.
+                    let mut asked = vec![(ns, spec, reply)];
+                    while asked.len() < wire::MAX_REFILL as usize
+                        && matches!(batch.peek(), Some(Request::Socket { .. }))
+                    {
+                        let Some(Request::Socket { ns, spec, reply }) = batch.next() else {
                             unreachable!("peeked")
                         };
-                        replies.push(reply);
+                        asked.push((ns, spec, reply));
                     }
-                    let (op, waiting) = if replies.len() == 1 {
+                    let alike = asked.iter().all(|(n, s, _)| *n == ns && *s == spec);
+                    let (op, waiting) = if asked.len() == 1 {
+                        let (ns, spec, reply) = asked.pop().expect("one");
                         let op = Op::Socket {
                             ns: ns.into(),
                             spec: spec.into(),
                         };
-                        (op, Waiting::Socket(ns, replies.pop().expect("one")))
-                    } else {
+                        (op, Waiting::Socket(ns, reply))
+                    } else if alike {
                         let op = Op::Refill {
                             ns: ns.into(),
                             spec: spec.into(),
-                            n: replies.len() as u32,
+                            n: asked.len() as u32,
                         };
+                        let replies = asked.into_iter().map(|(_, _, r)| r).collect();
                         (op, Waiting::Sockets(ns, replies))
+                    } else {
+                        let items = asked
+                            .iter()
+                            .map(|(n, s, _)| ((*n).into(), (*s).into()))
+                            .collect();
+                        let replies = asked.into_iter().map(|(n, _, r)| (n, r)).collect();
+                        (Op::Sockets { items }, Waiting::Mixed(replies))
                     };
                     self.queue(op, None, waiting);
                 }
@@ -391,6 +406,20 @@ impl Forwarder {
                     });
                 }
             }
+            (Waiting::Mixed(replies), Outcome::Sockets(results)) => {
+                let mut results = results.into_iter();
+                for (ns, r) in replies {
+                    let _ = r.send(match results.next() {
+                        Some(None) => fds
+                            .next()
+                            .ok_or_else(|| NsError::Socket { ns, source: lost() }),
+                        Some(Some(e)) => Err(e.into_ns_error()),
+                        None => Err(NsError::Refused {
+                            reason: "the broker's reply has fewer results than asked".into(),
+                        }),
+                    });
+                }
+            }
             (Waiting::Refill { ns, spec, pool }, Outcome::Refilled { .. }) => {
                 pool.refilled(ns, &spec, fds.collect());
             }
@@ -398,8 +427,8 @@ impl Forwarder {
             (Waiting::Bind(r), Outcome::Bound) => {
                 let _ = r.send(Ok(()));
             }
-            (Waiting::ReadConfig(r), Outcome::Config(text)) => {
-                let _ = r.send(Ok(text));
+            (Waiting::ReadConfig(r), Outcome::Config { len }) => {
+                let _ = r.send(read_text(fds.next(), len));
             }
             (w, other) => {
                 let e = format!("unexpected reply {other:?}");
@@ -429,4 +458,21 @@ impl Forwarder {
             w.fail(|| NsError::BrokerGone { pid });
         }
     }
+}
+
+/// The config text the broker sent in a sealed memfd of `len` bytes.
+fn read_text(fd: Option<Socket>, len: u64) -> io::Result<String> {
+    use std::io::Read;
+    let fd = fd.ok_or_else(|| io::Error::other("the socket broker sent no config text"))?;
+    let mut text = String::new();
+    std::fs::File::from(std::os::fd::OwnedFd::from(fd))
+        .take(len)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 != len {
+        return Err(io::Error::other(format!(
+            "the socket broker's config text is {} bytes, not the {len} it said",
+            text.len()
+        )));
+    }
+    Ok(text)
 }

@@ -369,6 +369,8 @@ fn broker_only() -> Vec<Allowed> {
         any![
             SYS_bind,
             SYS_listen,
+            // The config's text passed to the relay as a sealed memfd.
+            SYS_memfd_create,
             SYS_getsockname,
             SYS_getsockopt,
             SYS_setsockopt,

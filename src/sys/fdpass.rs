@@ -239,6 +239,31 @@ pub(crate) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// A read-only copy of `bytes` to pass as an fd: a memfd holding them,
+/// sealed against any change, its offset at the start. For what does not
+/// fit in a message (a config file's text).
+pub(crate) fn sealed_memfd(name: &str, bytes: &[u8]) -> io::Result<OwnedFd> {
+    use std::io::{Seek, Write};
+    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call; the
+    // flags are valid; the result is a new fd or -1.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd, owned only here.
+    let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    f.write_all(bytes)?;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS takes an int of seal flags, on an fd of ours.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    f.rewind()?;
+    Ok(OwnedFd::from(f))
+}
+
 /// Makes `fd` the child's fd `target` (and not close-on-exec there) when
 /// `cmd` spawns. `fd` must stay open until then (the caller keeps it).
 pub(crate) fn pass_fd_as(cmd: &mut std::process::Command, fd: BorrowedFd<'_>, target: RawFd) {
