@@ -265,6 +265,18 @@ pub fn table(s: &Status) -> String {
             .map(|c| format!(", config {c}"))
             .unwrap_or_default()
     );
+    match s.broker {
+        Some(BrokerReport { pid, alive: true }) => {
+            let _ = writeln!(out, "split: socket broker pid {pid}");
+        }
+        Some(BrokerReport { pid, alive: false }) => {
+            let _ = writeln!(
+                out,
+                "split: the socket broker (pid {pid}) is GONE: no new socket can be made; nsproxy is draining to exit"
+            );
+        }
+        None => {}
+    }
     let head = [
         "RULE",
         "PROTO",
