@@ -200,7 +200,8 @@ fn echo_until_killed(
                 return;
             }
             Ok(n) => {
-                if c.write_all(&buf[..n]).is_err() {
+                if let Err(e) = c.write_all(&buf[..n]) {
+                    eprintln!("soak: the upstream's write failed: {e}; closing that connection");
                     return;
                 }
             }
@@ -209,7 +210,13 @@ fn echo_until_killed(
                     return;
                 }
             }
-            Err(_) => return,
+            // A signal to this process is no reason to drop a connection
+            // (which, with bytes unread, resets it).
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                eprintln!("soak: the upstream's read failed: {e}; closing that connection");
+                return;
+            }
         }
     }
 }
