@@ -173,32 +173,7 @@ fn main() -> ExitCode {
             ..
         } => show_syscalls(),
         Command::Check { config, strict, .. } => check(&config.expect("clap requires it"), strict),
-        Command::Status {
-            json,
-            control_socket,
-        } => client(|| async move {
-            let s = control::status(&control_socket).await?;
-            if json {
-                print_out(&format!("{}\n", serde_json::to_string_pretty(&s)?))?;
-            } else {
-                print_out(&status::table(&s))?;
-            }
-            Ok(())
-        }),
-        Command::Reload { control_socket } => client(|| async move {
-            let r = control::reload(&control_socket).await?;
-            // Reopened bindings only when there are some, so that the
-            // usual line stays as it was.
-            let reopened = match r.reopened {
-                0 => String::new(),
-                n => format!(", {n} reopened (were not listening)"),
-            };
-            println!(
-                "reloaded: {} added, {} removed, {} replaced, {} updated in place, {} unchanged{reopened}",
-                r.added, r.removed, r.replaced, r.retuned, r.unchanged
-            );
-            Ok(())
-        }),
+        command @ (Command::Status { .. } | Command::Reload { .. }) => control_client(command),
         Command::Run {
             config,
             workers,
@@ -241,6 +216,39 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+    }
+}
+
+/// `nsproxy status` and `nsproxy reload`: calls to the running daemon.
+fn control_client(command: Command) -> ExitCode {
+    match command {
+        Command::Status {
+            json,
+            control_socket,
+        } => client(|| async move {
+            let s = control::status(&control_socket).await?;
+            if json {
+                print_out(&format!("{}\n", serde_json::to_string_pretty(&s)?))?;
+            } else {
+                print_out(&status::table(&s))?;
+            }
+            Ok(())
+        }),
+        Command::Reload { control_socket } => client(|| async move {
+            let r = control::reload(&control_socket).await?;
+            // Reopened bindings only when there are some, so that the
+            // usual line stays as it was.
+            let reopened = match r.reopened {
+                0 => String::new(),
+                n => format!(", {n} reopened (were not listening)"),
+            };
+            println!(
+                "reloaded: {} added, {} removed, {} replaced, {} updated in place, {} unchanged{reopened}",
+                r.added, r.removed, r.replaced, r.retuned, r.unchanged
+            );
+            Ok(())
+        }),
+        _ => unreachable!("status or reload"),
     }
 }
 

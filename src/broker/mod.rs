@@ -448,7 +448,10 @@ impl Broker {
         };
         (Reply { id, outcome }, sockets)
     }
+}
 
+/// What each request does, once it is decoded and its fds checked.
+impl Broker {
     fn resolve(&mut self, refs: &[String]) -> Vec<Result<wire::Ns, WireError>> {
         refs.iter()
             .map(|text| {

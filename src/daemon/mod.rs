@@ -83,7 +83,10 @@ pub fn serve(run: Run) -> anyhow::Result<()> {
             warn!("cannot connect to systemd's notification socket: {e}");
         }
         if let Some(split) = &split {
-            split.drop_privileges()?;
+            if let Err(e) = split.drop_privileges() {
+                interfaces.remove_socket();
+                return Err(e);
+            }
         }
         let drain_timeout = run
             .config
@@ -117,48 +120,8 @@ pub fn serve(run: Run) -> anyhow::Result<()> {
         if reload_when_started {
             request_reload(&server);
         }
-        let broker_gone = async {
-            match &broker {
-                Some(link) => link.gone().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(broker_gone);
-        let mut lost_broker = None;
-        loop {
-            tokio::select! {
-                signal = signals.next() => match signal {
-                    Signal::Reload => {
-                        info!("SIGHUP received: reloading");
-                        request_reload(&server);
-                    }
-                    Signal::Stop(name) => {
-                        info!("{name} received");
-                        break;
-                    }
-                },
-                () = &mut broker_gone => {
-                    let pid = broker.as_ref().map_or(0, |b| b.pid());
-                    error!(
-                        "the socket broker (pid {pid}) is gone: no new socket can be made in another namespace; serving what is open for {drain_timeout:?} (drain_timeout), then exiting non-zero for the service manager to restart nsproxy"
-                    );
-                    let _ = systemd::notify("STOPPING=1");
-                    lost_broker = Some(pid);
-                    break;
-                }
-            }
-        }
-        if lost_broker.is_some() {
-            // Still answering status and metrics (which say the broker is
-            // gone) while open connections finish; then what is left is cut.
-            tokio::select! {
-                () = tokio::time::sleep(drain_timeout) => {}
-                signal = signals.next() => if let Signal::Stop(name) = signal {
-                    info!("{name} received");
-                },
-            }
-            crate::proxy::cut_drain_short();
-        }
+        let lost_broker =
+            until_stopped(&server, &mut signals, broker.as_ref(), drain_timeout).await;
         drain(server, &mut signals).await;
         interfaces.remove_socket();
         match lost_broker {
@@ -176,6 +139,52 @@ pub fn serve(run: Run) -> anyhow::Result<()> {
         split.reap();
     }
     served
+}
+
+/// Serves, reloading on SIGHUP, until a stop signal (`None`) or the socket
+/// broker's death (its pid): then, still answering status and metrics
+/// (which say the broker is gone), open connections get `drain_timeout`
+/// to finish before what is left is cut.
+async fn until_stopped(
+    server: &Server,
+    signals: &mut Signals,
+    broker: Option<&crate::netns::BrokerLink>,
+    drain_timeout: std::time::Duration,
+) -> Option<u32> {
+    let broker_gone = async {
+        match broker {
+            Some(link) => link.gone().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(broker_gone);
+    let pid = loop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Reload => {
+                    info!("SIGHUP received: reloading");
+                    request_reload(server);
+                }
+                Signal::Stop(name) => {
+                    info!("{name} received");
+                    return None;
+                }
+            },
+            () = &mut broker_gone => break broker.map_or(0, |b| b.pid()),
+        }
+    };
+    error!(
+        "the socket broker (pid {pid}) is gone: no new socket can be made in another namespace; serving what is open for {drain_timeout:?} (drain_timeout), then exiting non-zero for the service manager to restart nsproxy"
+    );
+    let _ = systemd::notify("STOPPING=1");
+    tokio::select! {
+        () = tokio::time::sleep(drain_timeout) => {}
+        signal = signals.next() => if let Signal::Stop(name) = signal {
+            info!("{name} received");
+        },
+    }
+    crate::proxy::cut_drain_short();
+    Some(pid)
 }
 
 /// Where sockets come from, as planned: the namespace thread of this
