@@ -9,16 +9,7 @@ use super::wire::{self, Ns, Op, Outcome, Reply, Request, Spec, WireError};
 use super::*;
 use crate::netns::{NsError, Switcher};
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
-        })
-        .is_some_and(|euid| euid == "0")
-}
+use crate::privsep::is_root;
 
 /// Whether a test needing root may run; without root it says why it skips,
 /// and under `NSPROXY_REQUIRE_ROOT=1` a skip is a failure.

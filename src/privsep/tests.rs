@@ -11,6 +11,46 @@ use super::*;
 
 const CHILD_ENV: &str = "NSPROXY_PRIVSEP_CHILD";
 
+type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// Runs this test binary again as a child playing `role` (its `ROLE_child`
+/// test), and reads what it reports (`KEY VALUE` lines) until it says
+/// READY. The rest of its output stays open until it exits: libtest writes
+/// its summary last.
+fn start_child(
+    role: &str,
+) -> (
+    std::process::Child,
+    std::collections::HashMap<String, String>,
+    Lines,
+) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            &format!("privsep::tests::{role}_child"),
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, role)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut seen = std::collections::HashMap::new();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line == "READY" {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(' ') {
+            seen.insert(k.to_owned(), v.to_owned());
+        }
+    }
+    (child, seen, lines)
+}
+
 fn is_root() -> bool {
     super::is_root()
 }
@@ -95,30 +135,7 @@ fn the_relay_holds_nothing_and_cannot_switch_namespaces() {
         return;
     }
     let nobody = lookup_user("nobody").unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "privsep::tests::relay_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "relay")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut seen = std::collections::HashMap::new();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if line == "READY" {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(' ') {
-            seen.insert(k.to_owned(), v.to_owned());
-        }
-    }
+    let (mut child, seen, lines) = start_child("relay");
     assert!(
         seen.contains_key("exec"),
         "the child stopped early: {seen:?}"
@@ -203,31 +220,7 @@ fn the_broker_keeps_only_what_socket_birth_needs() {
     if !root_or_skip("privsep::tests::the_broker_keeps_only_what_socket_birth_needs") {
         return;
     }
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "privsep::tests::broker_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "broker")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut seen = std::collections::HashMap::new();
-    // Kept open until the child exits: libtest writes its summary last.
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if line == "READY" {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(' ') {
-            seen.insert(k.to_owned(), v.to_owned());
-        }
-    }
+    let (mut child, seen, lines) = start_child("broker");
     let task = seen
         .get("task")
         .unwrap_or_else(|| panic!("the child stopped early: {seen:?}"));
