@@ -270,11 +270,7 @@ impl Policy {
             Err(Refusal::Kind {
                 ns,
                 kind: describe(spec),
-                refs: refs
-                    .iter()
-                    .map(|r| r.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                refs: listed(refs),
             })
         }
     }
@@ -300,17 +296,9 @@ impl Policy {
             Ok(())
         } else {
             Err(Refusal::Bind {
-                addrs: addrs
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                addrs: listed(addrs),
                 kind: describe(spec),
-                refs: refs
-                    .iter()
-                    .map(|r| r.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                refs: listed(refs),
             })
         }
     }
@@ -362,6 +350,15 @@ impl Resolved {
     pub fn is_empty(&self) -> bool {
         self.by_ns.is_empty()
     }
+}
+
+/// `items` as text, comma-separated, for a refusal's message.
+fn listed<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    items
+        .into_iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

@@ -244,13 +244,28 @@ impl Split {
         Ok(())
     }
 
+    /// Waits (at most 2 s: something may still hold the socket) for the
+    /// broker to exit. Left running, it ends with this process anyway (its
+    /// parent-death signal); the relay may not signal it (no `kill`).
     fn reap(mut self) {
-        match self.broker.wait() {
-            Ok(status) if !status.success() => {
-                warn!("the socket broker exited: {status}")
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match self.broker.try_wait() {
+                Ok(Some(status)) if !status.success() => {
+                    return warn!("the socket broker exited: {status}");
+                }
+                Ok(Some(_)) => return,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Ok(None) => {
+                    return warn!(
+                        "the socket broker (pid {}) has not exited; it ends with this process",
+                        self.broker.id()
+                    );
+                }
+                Err(e) => return warn!("cannot wait for the socket broker: {e}"),
             }
-            Ok(_) => {}
-            Err(e) => warn!("cannot wait for the socket broker: {e}"),
         }
     }
 }

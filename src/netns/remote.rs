@@ -374,6 +374,12 @@ impl Forwarder {
         // Fds lost on the way in: this process could not take them (out of
         // fds), which the relays handle as EMFILE.
         let lost = || io::Error::from_raw_os_error(libc::EMFILE);
+        let missing = reply.outcome.fds().saturating_sub(got.fds.len());
+        if missing > 0 || got.ctrunc {
+            warn!(
+                "{missing} socket(s) the broker sent were lost on the way in (this process is out of fds); their requests fail as EMFILE"
+            );
+        }
         let mut fds = got.fds.into_iter().map(Socket::from);
         match (waiting, reply.outcome) {
             (w, Outcome::Failed(e)) => w.fail(|| e.clone().into_ns_error()),

@@ -486,29 +486,45 @@ impl<L> Served<L> {
     }
 }
 
-/// Binds a listening socket to `addrs` (the first with bind(2), the others,
-/// SCTP's, with `sctp_bindx`); a port below 1024 this process may not bind
-/// (EACCES) is bound by the socket factory instead (the broker, split).
+/// Binds a listening socket to `addr`, and (SCTP multi-homing) to each of
+/// `extra` at the same port with `sctp_bindx` — the port bound, so that
+/// port 0 means one port for all. A port below 1024 this process may not
+/// bind (EACCES) is bound, all addresses at once, by the socket factory
+/// instead (the broker, split).
 pub(crate) async fn bind_listen(
     b: &Binding,
     socket: &socket2::Socket,
-    addrs: &[SocketAddr],
+    addr: SocketAddr,
+    extra: &[std::net::IpAddr],
 ) -> Result<(), ListenError> {
-    let addr = addrs[0];
+    let at_port =
+        |port| -> Vec<SocketAddr> { extra.iter().map(|ip| SocketAddr::new(*ip, port)).collect() };
     match socket.bind(&addr.into()) {
-        Err(source) if source.raw_os_error() == Some(libc::EACCES) => b
-            .sockets
-            .bind_privileged(socket, addrs)
-            .await
-            .map_err(|e| ListenError::Bind {
-                addr,
-                source: privileged_bind_error(source, e),
-            }),
+        Err(source) if source.raw_os_error() == Some(libc::EACCES) => {
+            let mut all = vec![addr];
+            all.extend(at_port(addr.port()));
+            b.sockets
+                .bind_privileged(socket, &all)
+                .await
+                .map_err(|e| ListenError::Bind {
+                    addr,
+                    source: privileged_bind_error(source, e),
+                })
+        }
         Err(source) => Err(ListenError::Bind { addr, source }),
-        Ok(()) => crate::sctp::bindx(socket, &addrs[1..]).map_err(|source| ListenError::Bind {
-            addr: addrs.get(1).copied().unwrap_or(addr),
-            source,
-        }),
+        Ok(()) if extra.is_empty() => Ok(()),
+        Ok(()) => {
+            let port = socket
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .map_or(addr.port(), |a| a.port());
+            let extra = at_port(port);
+            crate::sctp::bindx(socket, &extra).map_err(|source| ListenError::Bind {
+                addr: extra[0],
+                source,
+            })
+        }
     }
 }
 

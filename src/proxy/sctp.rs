@@ -130,42 +130,7 @@ pub(crate) async fn listen(b: &Binding) -> Result<Socket, ListenError> {
         socket.set_only_v6(false).map_err(at)?;
     }
     configure(&socket, &b.rule).map_err(at)?;
-    if let Err(source) = socket.bind(&addr.into()) {
-        if source.raw_os_error() != Some(libc::EACCES) {
-            return Err(ListenError::Bind { addr, source });
-        }
-        // A port below 1024 without the privilege: the broker binds it,
-        // with the extra addresses at the same port.
-        let all: Vec<SocketAddr> = std::iter::once(addr)
-            .chain(
-                b.rule
-                    .sctp_listen_addrs
-                    .iter()
-                    .map(|ip| SocketAddr::new(*ip, addr.port())),
-            )
-            .collect();
-        b.sockets
-            .bind_privileged(&socket, &all)
-            .await
-            .map_err(|e| ListenError::Bind {
-                addr,
-                source: super::privileged_bind_error(source, e),
-            })?;
-    } else if !b.rule.sctp_listen_addrs.is_empty() {
-        let port = to_socket_addr(socket.local_addr().map_err(at)?)
-            .map_err(at)?
-            .port();
-        let extra: Vec<SocketAddr> = b
-            .rule
-            .sctp_listen_addrs
-            .iter()
-            .map(|ip| SocketAddr::new(*ip, port))
-            .collect();
-        sctp::bindx(&socket, &extra).map_err(|source| ListenError::Bind {
-            addr: extra[0],
-            source,
-        })?;
-    }
+    super::bind_listen(b, &socket, addr, &b.rule.sctp_listen_addrs).await?;
     socket
         .listen(b.rule.backlog.min(i32::MAX as u32) as i32)
         .map_err(|source| ListenError::Bind { addr, source })?;

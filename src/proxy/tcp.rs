@@ -47,7 +47,7 @@ pub(crate) async fn listen(b: &Binding) -> Result<std::net::TcpListener, ListenE
         // `[::]` means both families, whatever net.ipv6.bindv6only says.
         socket.set_only_v6(false).map_err(at)?;
     }
-    super::bind_listen(b, &socket, &[addr]).await?;
+    super::bind_listen(b, &socket, addr, &[]).await?;
     socket
         .listen(b.rule.backlog.min(i32::MAX as u32) as i32)
         .map_err(|source| ListenError::Bind { addr, source })?;

@@ -127,7 +127,7 @@ pub(crate) async fn listen(b: &Binding) -> Result<std::net::UdpSocket, ListenErr
     if let Err(e) = socket.set_recv_buffer_size(LISTEN_RCVBUF) {
         debug!(listen = %addr, "cannot enlarge the receive buffer: {e}");
     }
-    super::bind_listen(b, &socket, &[addr]).await?;
+    super::bind_listen(b, &socket, addr, &[]).await?;
     // Non-blocking since socket(2), as tokio needs when a task serves it.
     Ok(std::net::UdpSocket::from(socket))
 }
