@@ -194,11 +194,11 @@ struct Remote {
 
 /// Wakes the forwarding thread, which also waits on the broker's socket.
 #[derive(Debug)]
-struct RemoteWake(Arc<mio::Waker>);
+struct RemoteWake(Arc<remote::Wake>);
 
 impl Drop for RemoteWake {
     fn drop(&mut self) {
-        let _ = self.0.wake();
+        self.0.force();
     }
 }
 
@@ -466,8 +466,7 @@ impl Switcher {
     fn send(&self, req: switcher::Request) -> Result<(), NsError> {
         self.tx.send(req).map_err(|_| NsError::Stopped)?;
         if let Some(r) = &self.remote {
-            // Lost only if the thread's poll is gone, and then so is it.
-            let _ = r.wake.0.wake();
+            r.wake.0.ring();
         }
         Ok(())
     }

@@ -14,6 +14,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering::AcqRel};
 use std::sync::{Arc, mpsc};
 
 use mio::unix::SourceFd;
@@ -109,6 +110,43 @@ impl Waiting {
     }
 }
 
+/// Wakes the forwarding thread once per batch of requests, not once per
+/// request: a caller asking for 64 sockets in a row would otherwise pay 64
+/// eventfd writes and wake the thread while it is still reading the first
+/// few, which split the batch into many small messages (and the broker's
+/// switches with them).
+#[derive(Debug)]
+pub(super) struct Wake {
+    waker: Waker,
+    /// Set by the first request since the thread last looked.
+    rung: AtomicBool,
+}
+
+impl Wake {
+    /// After a request is sent on the channel: wakes the thread unless a
+    /// wake is already on its way. The swap orders the send before the
+    /// thread's [`Wake::clear`], so the thread, woken or not, sees the
+    /// request when it next drains the channel.
+    pub(super) fn ring(&self) {
+        if !self.rung.swap(true, AcqRel) {
+            // Lost only if the thread's poll is gone, and then so is it.
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// Wakes the thread whatever the state (the last handle is dropped).
+    pub(super) fn force(&self) {
+        self.rung.store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.waker.wake();
+    }
+
+    /// Before the thread drains the channel: requests sent from now on ring
+    /// again.
+    fn clear(&self) {
+        self.rung.swap(false, AcqRel);
+    }
+}
+
 struct Outgoing {
     bytes: Vec<u8>,
     fd: Option<OwnedFd>,
@@ -117,7 +155,7 @@ struct Outgoing {
 pub(super) fn spawn(
     fd: OwnedFd,
     pid: u32,
-) -> io::Result<(mpsc::Sender<Request>, Arc<Waker>, BrokerLink)> {
+) -> io::Result<(mpsc::Sender<Request>, Arc<Wake>, BrokerLink)> {
     let poll = Poll::new()?;
     let raw = fd.as_raw_fd();
     poll.registry().register(
@@ -127,7 +165,10 @@ pub(super) fn spawn(
     )?;
     // Shared with the thread: closing the eventfd while its last wake is
     // still unread would drop that wake from the epoll set.
-    let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+    let waker = Arc::new(Wake {
+        waker: Waker::new(poll.registry(), WAKE)?,
+        rung: AtomicBool::new(false),
+    });
     let (tx, rx) = mpsc::channel();
     let (gone_tx, gone_rx) = watch::channel(false);
     let mut fwd = Forwarder {
@@ -140,7 +181,7 @@ pub(super) fn spawn(
         next_id: 1,
         gone: gone_tx,
         buf: vec![0; wire::MAX_MESSAGE + 1],
-        _waker: waker.clone(),
+        wake: waker.clone(),
     };
     std::thread::Builder::new()
         .name("nsproxy-netns".into())
@@ -159,7 +200,7 @@ struct Forwarder {
     next_id: u64,
     gone: watch::Sender<bool>,
     buf: Vec<u8>,
-    _waker: Arc<Waker>,
+    wake: Arc<Wake>,
 }
 
 impl Forwarder {
@@ -170,6 +211,7 @@ impl Forwarder {
     fn run(&mut self) {
         let mut events = Events::with_capacity(8);
         loop {
+            self.wake.clear();
             let open = self.drain_channel();
             if !self.is_gone() {
                 self.flush();
