@@ -272,3 +272,59 @@ fn user_root_serves_udp_and_reloads_as_before() {
         assert!(children(s.pid()).is_empty());
     })
 }
+
+#[test]
+fn out_of_fds_the_relay_drops_what_the_broker_sent_and_recovers() {
+    as_root(|| {
+        // 64 fds for the relay (and the broker it starts): the pool's 32
+        // sockets made ahead and a few dozen clients exhaust them, so that
+        // fds arrive from the broker while none is free.
+        let s = Scenario::with(&["a", "b"])
+            .tcp_echo("b", "127.0.0.1:9000")
+            .rule(a_to_b().extra("connect_timeout = \"10s\""))
+            .wrapper(&["prlimit", "--nofile=64:64", "--"])
+            .start();
+        let a = s.ns("a");
+        let mut first = a.tcp_connect_when_ready("127.0.0.1:7000");
+        echo_once(&mut first, b"first");
+        let held: Vec<_> = (0..80)
+            .filter_map(|_| a.tcp_connect("127.0.0.1:7000").ok())
+            .collect();
+        let log = s.wait_log("Too many open files");
+        assert!(
+            log.contains("pausing accepts")
+                || log.contains("lost on the way in")
+                || log.contains("cannot create upstream sockets"),
+            "{log}"
+        );
+        drop(held);
+        drop(first);
+        // Served again, with sockets the broker makes from now on (more
+        // connections than the pool held): replies still match requests.
+        let deadline = Instant::now() + WAIT;
+        let mut served = 0;
+        while served < 40 {
+            match a.tcp_connect("127.0.0.1:7000").and_then(|mut c| {
+                c.set_read_timeout(Some(WAIT))?;
+                c.write_all(b"back")?;
+                let mut buf = [0u8; 4];
+                c.read_exact(&mut buf)?;
+                Ok(buf)
+            }) {
+                Ok(buf) => {
+                    assert_eq!(&buf, b"back");
+                    served += 1;
+                }
+                Err(e) if Instant::now() > deadline => {
+                    panic!("{served} served, then: {e}\n{}", s.log())
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        let (code, out, _) = s.cli(&["status", "--json"]);
+        assert_eq!(code, 0);
+        let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(st["broker"]["alive"], true, "{st}");
+        assert!(!s.log().contains("panicked"), "{}", s.log());
+    })
+}
