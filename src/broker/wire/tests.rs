@@ -23,12 +23,12 @@ pub(crate) fn op() -> impl Strategy<Value = Op> {
             .prop_map(|items| Op::Sockets { items }),
         ns().prop_map(|ns| Op::Release { ns }),
         prop::collection::vec(any::<SocketAddr>(), 0..4).prop_map(|mut addrs| {
-            // Text form: an IPv6 address's flow label and scope are not
-            // part of it (nor of any address a config names).
+            // Text form: an IPv6 address's flow label is not part of it
+            // (nor of any address a config names); its scope id is
+            // (`[fe80::1%2]:80`), so link-local binds keep their interface.
             for a in &mut addrs {
                 if let SocketAddr::V6(v6) = a {
                     v6.set_flowinfo(0);
-                    v6.set_scope_id(0);
                 }
             }
             Op::Bind { addrs }
