@@ -21,7 +21,7 @@
 //! first datagrams, while its socket is being made in the upstream
 //! namespace; a full send buffer) it queues them for the session's task,
 //! and keeps queueing until the queue is empty, so that order holds (see
-//! [`Link`]). A slow or dead upstream stalls nobody but its own session:
+//! `Link`). A slow or dead upstream stalls nobody but its own session:
 //! when a session's queue is full, the datagram is dropped and counted.
 //! Replies leave the listening socket from the
 //! address the client's datagram was sent to (`IP_PKTINFO` /
