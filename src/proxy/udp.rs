@@ -63,7 +63,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -239,6 +238,10 @@ fn ended(done: Result<(), JoinError>) {
     }
 }
 
+/// The shortest run of one client's datagrams in a full batch that the
+/// listener still sends upstream itself (see `pass_on`).
+const DIRECT_RUN: usize = 8;
+
 /// Most batches the listener takes in one turn, before it looks at its
 /// other duties (a stop, ended sessions) and lets other tasks run.
 const TURN_BATCHES: usize = 8;
@@ -281,9 +284,10 @@ fn receive(
     })
 }
 
-/// Hands the `n` datagrams of a received batch to their sessions: each
-/// run of datagrams from one client (to one address) at once, so that a
-/// single flow's batch goes upstream in one send.
+/// Hands the `n` datagrams of a received batch to their sessions: all of
+/// one client's at once, in the order they came, so that they go upstream
+/// in one send (a `UDP_SEGMENT` one when they are of one size) also when
+/// several clients' datagrams are interleaved in the batch.
 fn pass_on(
     shared: &Arc<Shared>,
     tasks: &mut JoinSet<()>,
@@ -293,9 +297,10 @@ fn pass_on(
 ) {
     let b = &shared.b;
     let stamp = shared.stamp(Instant::now());
-    // The run so far: its client, where it sent to, and its first slot.
-    let mut run: Option<(SocketAddr, Option<ReplyFrom>, usize)> = None;
-    for k in 0..n {
+    // Each datagram's client and where it sent to; None once handed on,
+    // or for one that is dropped.
+    let mut senders: [Option<(SocketAddr, Option<ReplyFrom>)>; BATCH] = [None; BATCH];
+    for (k, sender) in senders.iter_mut().enumerate().take(n) {
         let (meta, _) = slots.get(k);
         kernel_dropped(
             shared,
@@ -309,7 +314,7 @@ fn pass_on(
                 )
             },
         );
-        let this = match meta.peer {
+        *sender = match meta.peer {
             // Only a socket that is not IP has senders without an IP
             // address: never here.
             None => {
@@ -322,20 +327,31 @@ fn pass_on(
             }
             Some(peer) => Some((peer, meta.reply_from)),
         };
-        if let Some((peer, from, first)) = run
-            && this != Some((peer, from))
-        {
-            dispatch(shared, tasks, peer, from, slots, first..k, stamp);
-            run = None;
-        }
-        if run.is_none()
-            && let Some((peer, from)) = this
-        {
-            run = Some((peer, from, k));
-        }
     }
-    if let Some((peer, from, first)) = run {
-        dispatch(shared, tasks, peer, from, slots, first..n, stamp);
+    let mut run = [0; BATCH];
+    for i in 0..n {
+        let Some((peer, mut from)) = senders[i].take() else {
+            continue;
+        };
+        run[0] = i;
+        let mut len = 1;
+        for (j, sender) in senders.iter_mut().enumerate().take(n).skip(i + 1) {
+            if let Some((p, f)) = *sender
+                && p == peer
+            {
+                // Replies come from where the client sent to last.
+                from = f.or(from);
+                *sender = None;
+                run[len] = j;
+                len += 1;
+            }
+        }
+        // A full batch means the listener is behind: then a client's few
+        // datagrams go to its session's task, on whichever worker is free,
+        // rather than cost the listener a send each; a long run is one
+        // send anyway.
+        let direct = (n < BATCH || len >= DIRECT_RUN).then_some(stamp);
+        dispatch(shared, tasks, peer, from, slots, &run[..len], direct);
     }
 }
 
@@ -637,17 +653,19 @@ fn copy_out(free: &mut Vec<Vec<u8>>, data: &[u8]) -> Vec<u8> {
     buf
 }
 
-/// Hands a run of a client's datagrams (slots `run`, sent to `from`) to
+/// Hands a run of a client's datagrams (slots `run`, in order; the last
+/// sent to `from`) to
 /// its session, starting one if needed: sends them upstream at once when
-/// the session allows it (see [`Link`]), else queues them.
+/// `direct` (the time stamp to leave for the session) and the session
+/// allow it (see `Link`), else queues them.
 fn dispatch(
     shared: &Arc<Shared>,
     tasks: &mut JoinSet<()>,
     peer: SocketAddr,
     from: Option<ReplyFrom>,
     slots: &RecvBatch,
-    run: Range<usize>,
-    stamp: u64,
+    run: &[usize],
+    direct: Option<u64>,
 ) {
     let b = &shared.b;
     let mut sessions = shared.lock_sessions();
@@ -663,21 +681,22 @@ fn dispatch(
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = from;
         }
-        let mut next = run.start;
-        if let Some(up) = e.link.upstream.get()
+        let mut next = 0;
+        if let Some(stamp) = direct
+            && let Some(up) = e.link.upstream.get()
             && e.link.queued.load(Acquire) == 0
         {
             e.link.sent_at.store(stamp, Relaxed);
-            next = send_direct(shared, &e.link, up, slots, run.clone());
+            next = send_direct(shared, &e.link, up, slots, run);
         }
-        queue(shared, e, peer, slots, next..run.end);
+        queue(shared, e, peer, slots, &run[next..]);
         return;
     }
     sessions.remove(&peer);
     let max = b.rule.udp_max_sessions;
     if sessions.len() >= max {
         drop(sessions);
-        for _ in run {
+        for _ in 0..run.len() {
             shared.stats.dropped_at_cap.fetch_add(1, Relaxed);
             shared.warnings.warn(Warn::AtCap, || {
                 format!(
@@ -720,14 +739,14 @@ fn dispatch(
 
 /// Copies datagrams `run` out of their slots into `e`'s queue; those that
 /// find it full are dropped and counted.
-fn queue(shared: &Shared, e: &Entry, peer: SocketAddr, slots: &RecvBatch, run: Range<usize>) {
+fn queue(shared: &Shared, e: &Entry, peer: SocketAddr, slots: &RecvBatch, run: &[usize]) {
     if run.is_empty() {
         return;
     }
     let mut dropped = Vec::new();
     {
         let mut free = POOL.lock();
-        for k in run {
+        for &k in run {
             let d = Datagram {
                 data: copy_out(&mut free, slots.data(k)),
             };
@@ -754,7 +773,7 @@ fn queue(shared: &Shared, e: &Entry, peer: SocketAddr, slots: &RecvBatch, run: R
 }
 
 /// Sends datagrams `run` of `slots` to a session's upstream socket, in
-/// order, without waiting; returns where it stopped: the end of `run`, or
+/// order, without waiting; returns where in `run` it stopped: its end, or
 /// the first datagram that found the socket's send buffer full, for the
 /// caller to queue from there. What fails otherwise is counted and logged
 /// as the session's own sends are (`session::to_upstream`).
@@ -763,7 +782,7 @@ fn send_direct(
     link: &Link,
     up: &UdpSocket,
     slots: &RecvBatch,
-    run: Range<usize>,
+    run: &[usize],
 ) -> usize {
     let fd = up.as_fd();
     let send_one = |data: &[u8]| match udp_sys::send_batch(
@@ -778,11 +797,12 @@ fn send_direct(
         Ok(_) => Err(io::Error::other("the kernel sent nothing and said not why")),
         Err(e) => Err(e),
     };
-    let mut next = run.start;
-    while next < run.end {
+    let data = |k: &usize| slots.data(*k);
+    let mut next = 0;
+    while next < run.len() {
         let sent = udp_sys::send_batch(
             fd,
-            (next..run.end).map(|k| slots.data(k)),
+            run[next..].iter().map(data),
             None,
             None,
             false,
@@ -790,10 +810,8 @@ fn send_direct(
         );
         let failed = match sent {
             Ok(sent) => {
-                link.sent(
-                    shared,
-                    (next..next + sent.count).map(|k| slots.data(k).len()),
-                );
+                let lens = run[next..next + sent.count].iter().map(|k| data(k).len());
+                link.sent(shared, lens);
                 next += sent.count;
                 if !sent.stopped {
                     continue;
@@ -803,28 +821,25 @@ fn send_direct(
             }
             Err(e) => Some(e),
         };
-        let data = slots.data(next);
+        let one = data(&run[next]);
         let mut result = match failed {
             Some(e) => Err(e),
-            None => send_one(data),
+            None => send_one(one),
         };
         if matches!(&result, Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED)) {
             // A report about an earlier datagram, which the kernel hands to
             // the next call; this one was not sent yet. Reading the report
             // cleared it: try once more.
             session::refused(shared, "sending");
-            result = send_one(data);
+            result = send_one(one);
         }
         match result {
-            Ok(()) => link.sent(shared, [data.len()].into_iter()),
+            Ok(()) => link.sent(shared, [one.len()].into_iter()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return next,
             Err(e) => {
                 shared.stats.send_errors.fetch_add(1, Relaxed);
                 shared.warnings.warn(Warn::SendFailed, || {
-                    format!(
-                        "dropped a {}-byte datagram to the upstream: {e}",
-                        data.len()
-                    )
+                    format!("dropped a {}-byte datagram to the upstream: {e}", one.len())
                 });
             }
         }
