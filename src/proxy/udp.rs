@@ -8,23 +8,34 @@
 //! cut short, merged or split.
 //!
 //! ```text
-//! client ─► listening socket ─► listener task ─queue─► session task ─► upstream socket ─► upstream
+//! client ─► listening socket ─► listener task ─(sendmmsg)──────────────► upstream socket ─► upstream
+//!                                            └─queue─► session task ─┘   (first datagrams, full buffer)
 //! client ◄─ listening socket ◄──────────────────────── session task ◄─ upstream socket ◄─ upstream
 //!           (sendmmsg from the address the client sent to)
 //! ```
 //!
-//! The listener task only receives, looks the client up and queues the
-//! datagram without waiting, so a slow or dead upstream stalls nobody but
-//! its own session: when a session's queue is full, the datagram is
-//! dropped and counted. Replies leave the listening socket from the
+//! The listener task receives, looks the client up and, once the
+//! session's upstream socket is open and nothing waits in its queue, sends
+//! the datagrams upstream itself, without waiting: one flow's datagrams
+//! cost no hand-off between tasks or threads. Otherwise (the session's
+//! first datagrams, while its socket is being made in the upstream
+//! namespace; a full send buffer) it queues them for the session's task,
+//! and keeps queueing until the queue is empty, so that order holds (see
+//! `Link`). A slow or dead upstream stalls nobody but its own session:
+//! when a session's queue is full, the datagram is dropped and counted.
+//! Replies leave the listening socket from the
 //! address the client's datagram was sent to (`IP_PKTINFO` /
-//! `IPV6_PKTINFO`, in the syscall layer, `sys::udp`), which matters for a
-//! wildcard listener on a namespace with several addresses.
+//! `IPV6_PKTINFO`, in the syscall layer, `sys::udp`, asked for only on
+//! wildcard listeners: a socket bound to one address answers from it),
+//! which matters for a wildcard listener on a namespace with several
+//! addresses.
 //!
 //! **Batches.** Every hop moves up to `BATCH` (32) datagrams per syscall when
 //! that many are waiting, and one when one is: the listener takes what the
-//! kernel has queued with one `recvmmsg`; a session takes what its queue
-//! holds and sends it upstream with one `sendmmsg`; it takes what its
+//! kernel has queued with one `recvmmsg` (up to `TURN_BATCHES` of them per
+//! wake-up) and sends each client's run of it upstream with one
+//! `sendmmsg`; a session sends what its queue holds the same way;
+//! it takes what its
 //! upstream socket holds with one `recvmmsg` and sends it to its client
 //! with one `sendmmsg`, straight from the receive slots. Nothing waits to
 //! fill a batch. Replies are batched per session, not across the sessions
@@ -34,8 +45,9 @@
 //! where they do not, the limit is learnt once and the datagrams go one
 //! by one.
 //!
-//! **Buffers.** Datagrams are received into per-thread slots (`SLOTS`);
-//! a client's datagram is copied out of its slot into a buffer from a pool
+//! **Buffers.** Datagrams are received into per-thread slots (`SLOTS`)
+//! and sent upstream from there. Only a datagram that must wait in a
+//! session's queue is copied out of its slot, into a buffer from a pool
 //! (`POOL`) that its session gives back once it has sent it, so the
 //! steady path allocates nothing per datagram. Replies are never copied.
 //!
@@ -52,15 +64,16 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::{JoinError, JoinSet};
+use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info};
 
 use super::relay::{Active, Gauge, IdleCheck, LISTENER_BACKOFF, canonical, conn_span, pause};
@@ -120,7 +133,11 @@ pub(crate) async fn listen(b: &Binding) -> Result<std::net::UdpSocket, ListenErr
         // `[::]` means both families, whatever net.ipv6.bindv6only says.
         socket.set_only_v6(false).map_err(at)?;
     }
-    udp_sys::enable_pktinfo(socket.as_fd(), addr.is_ipv6(), dual_stack).map_err(at)?;
+    if addr.ip().is_unspecified() {
+        // A socket bound to one address answers from it anyway: packet
+        // info would only cost a control message per datagram.
+        udp_sys::enable_pktinfo(socket.as_fd(), addr.is_ipv6(), dual_stack).map_err(at)?;
+    }
     if let Err(e) = udp_sys::enable_drop_count(socket.as_fd()) {
         debug!(listen = %addr, "cannot count the kernel's drops (SO_RXQ_OVFL): {e}");
     }
@@ -148,6 +165,8 @@ pub(crate) async fn serve(
     };
     let shared = Arc::new(Shared {
         ipv6: b.rule.listen.is_ipv6(),
+        pktinfo: b.rule.listen.ip().is_unspecified(),
+        epoch: Instant::now(),
         gso_to_client: udp_sys::Gso::new(),
         gso_to_upstream: udp_sys::Gso::new(),
         // Its reports are logged in the serve task's span, the binding's.
@@ -158,18 +177,19 @@ pub(crate) async fn serve(
         sessions: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(0),
     });
-    let b = &shared.b;
+    // Its own handle, so that the stop request can be made once, not per
+    // batch (each one locks the notifier's waiter list twice), and still
+    // leave `shared` free to be given back when parking.
+    let binding = shared.b.clone();
+    let b = &*binding;
+    let stop = b.stop.requested();
+    tokio::pin!(stop);
     let mut tasks = JoinSet::new();
     let mut backoff = LISTENER_BACKOFF;
     let mut idle = IdleCheck::new(park_after);
-    // One batch of datagrams between receiving and dispatching them; kept,
-    // so that its room is reused. Allocated with the first datagram: at
-    // thousands of namespaces most listeners stay idle, and the room for a
-    // batch is 3 KiB.
-    let mut inbox = Vec::new();
     loop {
         tokio::select! {
-            _ = b.stop.requested() => break,
+            () = &mut stop => break,
             Some(done) = tasks.join_next(), if !tasks.is_empty() => ended(done),
             () = idle.due() => {
                 // No session task left means no one else holds `shared`.
@@ -179,11 +199,10 @@ pub(crate) async fn serve(
                     return park(shared, kernel_drops);
                 }
             }
-            r = shared.socket.async_io(Interest::READABLE, || recv_from_clients(&shared.socket, &mut inbox)) => match r {
+            r = shared.socket.readable() => match r.and_then(|()| receive(&shared, &mut tasks, &mut kernel_drops)) {
                 Ok(()) => {
                     backoff.reset();
                     idle.busy();
-                    pass_on(&shared, &mut tasks, &mut inbox, &mut kernel_drops);
                 }
                 Err(e) => {
                     // An unconnected socket gets no ICMP errors, so this is
@@ -219,15 +238,70 @@ fn ended(done: Result<(), JoinError>) {
     }
 }
 
-/// Hands each datagram of a received batch to its session.
+/// The shortest run of one client's datagrams in a full batch that the
+/// listener still sends upstream itself (see `pass_on`).
+const DIRECT_RUN: usize = 8;
+
+/// Most batches the listener takes in one turn, before it looks at its
+/// other duties (a stop, ended sessions) and lets other tasks run.
+const TURN_BATCHES: usize = 8;
+
+/// Receives what the listening socket holds, up to [`TURN_BATCHES`]
+/// batches, and passes each datagram on.
+///
+/// A batch that did not fill up emptied the socket's queue, so it counts
+/// as "would block": tokio forgets the readiness at once instead of after
+/// one more `recvmmsg` that finds nothing, a syscall per wake-up saved. A
+/// datagram that arrived meanwhile still wakes the listener: the socket
+/// is registered edge-triggered, and tokio clears only the readiness it
+/// had seen before the call.
+fn receive(
+    shared: &Arc<Shared>,
+    tasks: &mut JoinSet<()>,
+    kernel_drops: &mut u32,
+) -> io::Result<()> {
+    SLOTS.with_borrow_mut(|slots| {
+        for _ in 0..TURN_BATCHES {
+            let mut got = 0;
+            let r = shared.socket.try_io(Interest::READABLE, || {
+                got = slots.recv(shared.socket.as_fd(), true)?;
+                if got < BATCH {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            if got > 0 {
+                pass_on(shared, tasks, slots, got, kernel_drops);
+            }
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Hands the `n` datagrams of a received batch to their sessions: all of
+/// one client's at once, in the order they came, so that they go upstream
+/// in one send (a `UDP_SEGMENT` one when they are of one size) also when
+/// several clients' datagrams are interleaved in the batch.
 fn pass_on(
     shared: &Arc<Shared>,
     tasks: &mut JoinSet<()>,
-    inbox: &mut Vec<Incoming>,
+    slots: &RecvBatch,
+    n: usize,
     kernel_drops: &mut u32,
 ) {
     let b = &shared.b;
-    for Incoming { meta, data } in inbox.drain(..) {
+    let stamp = shared.stamp(Instant::now());
+    // Each datagram's client and where it sent to; None once handed on,
+    // or for one that is dropped.
+    let mut senders: [Option<(SocketAddr, Option<ReplyFrom>)>; BATCH] = [None; BATCH];
+    for (k, sender) in senders.iter_mut().enumerate().take(n) {
+        let (meta, _) = slots.get(k);
         kernel_dropped(
             shared,
             kernel_drops,
@@ -240,21 +314,44 @@ fn pass_on(
                 )
             },
         );
-        let Some(peer) = meta.peer else {
+        *sender = match meta.peer {
             // Only a socket that is not IP has senders without an IP
             // address: never here.
-            shared.stats.recv_errors.fetch_add(1, Relaxed);
+            None => {
+                shared.stats.recv_errors.fetch_add(1, Relaxed);
+                None
+            }
+            Some(peer) if meta.truncated => {
+                dropped_truncated(shared, meta.len, canonical(peer));
+                None
+            }
+            Some(peer) => Some((peer, meta.reply_from)),
+        };
+    }
+    let mut run = [0; BATCH];
+    for i in 0..n {
+        let Some((peer, mut from)) = senders[i].take() else {
             continue;
         };
-        if meta.truncated {
-            dropped_truncated(shared, meta.len, canonical(peer));
-            continue;
+        run[0] = i;
+        let mut len = 1;
+        for (j, sender) in senders.iter_mut().enumerate().take(n).skip(i + 1) {
+            if let Some((p, f)) = *sender
+                && p == peer
+            {
+                // Replies come from where the client sent to last.
+                from = f.or(from);
+                *sender = None;
+                run[len] = j;
+                len += 1;
+            }
         }
-        let d = Datagram {
-            data,
-            reply_from: meta.reply_from,
-        };
-        dispatch(shared, tasks, peer, d);
+        // A full batch means the listener is behind: then a client's few
+        // datagrams go to its session's task, on whichever worker is free,
+        // rather than cost the listener a send each; a long run is one
+        // send anyway.
+        let direct = (n < BATCH || len >= DIRECT_RUN).then_some(stamp);
+        dispatch(shared, tasks, peer, from, slots, &run[..len], direct);
     }
 }
 
@@ -334,6 +431,12 @@ struct Shared {
     socket: UdpSocket,
     /// The listening socket's family, which decides the packet-info form.
     ipv6: bool,
+    /// The listening socket reports where each datagram was sent to (a
+    /// wildcard listener), so replies must say where they come from.
+    pktinfo: bool,
+    /// What the listener's time stamps for its sessions count from (see
+    /// `Link::sent_at`).
+    epoch: Instant,
     /// How large a segment the routes to clients and to the upstream take
     /// in one UDP GSO send, as learnt so far.
     gso_to_client: udp_sys::Gso,
@@ -355,15 +458,30 @@ impl Shared {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Removes session `id` of `peer` if nothing waits in its queue; false
-    /// if a datagram arrived meanwhile (the session is not idle after all).
-    fn remove_if_idle(&self, peer: SocketAddr, id: u64, rx: &mpsc::Receiver<Datagram>) -> bool {
+    /// Removes session `id` of `peer` if nothing waits in its queue and
+    /// the listener sent nothing for it since `idle` ago; false if a
+    /// datagram arrived meanwhile (the session is not idle after all).
+    fn remove_if_idle(
+        &self,
+        peer: SocketAddr,
+        id: u64,
+        rx: &mpsc::Receiver<Datagram>,
+        link: &Link,
+        idle: Duration,
+    ) -> bool {
         let mut sessions = self.lock_sessions();
-        if !rx.is_empty() {
+        if !rx.is_empty() || link.sent_at(self) + idle > Instant::now() {
             return false;
         }
         forget(&mut sessions, peer, id);
         true
+    }
+
+    /// `now` as a [`Link::sent_at`] stamp: whole milliseconds since
+    /// `epoch`, rounded up so that a session never looks idle early; 0 is
+    /// "never".
+    fn stamp(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64 + 1
     }
 }
 
@@ -383,45 +501,111 @@ fn forget(sessions: &mut HashMap<SocketAddr, Entry>, peer: SocketAddr, id: u64) 
 struct Entry {
     id: u64,
     tx: mpsc::Sender<Datagram>,
-    /// Buffer bytes (capacity) waiting in the queue, against
-    /// [`QUEUE_BYTES`].
-    queued: Arc<AtomicUsize>,
+    link: Arc<Link>,
+    /// `link.reply_from` as the listener last set it, so that it locks
+    /// that only when the client sends to another address.
+    reply_from: Option<ReplyFrom>,
 }
 
 impl Entry {
     /// Queues `d` without waiting.
     fn offer(&self, d: Datagram) -> Result<(), mpsc::error::TrySendError<Datagram>> {
+        let queued = &self.link.queued;
         let size = d.size();
-        if self.queued.fetch_add(size, Relaxed) + size > QUEUE_BYTES {
-            self.queued.fetch_sub(size, Relaxed);
+        if queued.fetch_add(size, Relaxed) + size > QUEUE_BYTES {
+            queued.fetch_sub(size, Relaxed);
             return Err(mpsc::error::TrySendError::Full(d));
         }
         self.tx.try_send(d).inspect_err(|_| {
-            self.queued.fetch_sub(size, Relaxed);
+            queued.fetch_sub(size, Relaxed);
         })
     }
 }
 
-/// A client's datagram on its way to the upstream.
-struct Datagram {
-    /// Usually a pooled buffer (see [`POOL`]), which the session gives back.
-    data: Vec<u8>,
-    /// Where the client sent it, which is where replies must come from.
-    reply_from: Option<ReplyFrom>,
+/// What a session and its listener share besides the queue.
+///
+/// Once the session has its upstream socket and its queue is empty, the
+/// listener sends the client's datagrams to that socket itself, straight
+/// from the receive slots: no copy, no hand-off to the session's task (a
+/// wake-up, often on the other worker), no timer touched. The queue
+/// carries a session's first datagrams (while its socket is being made)
+/// and those that find the socket's send buffer full, for the session's
+/// task to send once there is room; while anything is queued the listener
+/// queues too, so that datagrams leave in the order they came.
+struct Link {
+    /// Buffer bytes (capacity) in the queue or in the batch the session's
+    /// task is sending, against [`QUEUE_BYTES`]. The task subtracts a batch
+    /// only once it is sent (Release), so the listener sees 0 (Acquire)
+    /// only when everything it queued has left.
+    queued: AtomicUsize,
+    /// The session's upstream socket, once it is open.
+    upstream: OnceLock<Arc<UdpSocket>>,
+    /// When the listener last sent a datagram itself (a `Shared::stamp`),
+    /// for the session's idle check; stored before the send, under the
+    /// sessions lock, which that check takes too.
+    sent_at: AtomicU64,
+    /// What the listener sent itself, for the session's closing line.
+    datagrams: AtomicU64,
+    bytes: AtomicU64,
+    /// Where the client last sent to, which is where replies must come
+    /// from (a wildcard listener's only; else always `None`).
+    reply_from: Mutex<Option<ReplyFrom>>,
 }
 
-impl Datagram {
-    /// The memory it holds, as counted against [`QUEUE_BYTES`].
-    fn size(&self) -> usize {
-        self.data.capacity()
+impl Link {
+    fn new(reply_from: Option<ReplyFrom>) -> Link {
+        Link {
+            queued: AtomicUsize::new(0),
+            upstream: OnceLock::new(),
+            sent_at: AtomicU64::new(0),
+            datagrams: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            reply_from: Mutex::new(reply_from),
+        }
+    }
+
+    /// When the listener last sent a datagram itself (its epoch if never).
+    fn sent_at(&self, shared: &Shared) -> Instant {
+        shared.epoch + Duration::from_millis(self.sent_at.load(Relaxed))
+    }
+
+    fn reply_from(&self, shared: &Shared) -> Option<ReplyFrom> {
+        if !shared.pktinfo {
+            return None;
+        }
+        *self
+            .reply_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts datagrams of these lengths that the listener sent itself.
+    fn sent(&self, shared: &Shared, lens: impl Iterator<Item = usize>) {
+        let (mut n, mut bytes) = (0, 0);
+        for len in lens {
+            n += 1;
+            bytes += len as u64;
+        }
+        shared.stats.datagrams_in.fetch_add(n, Relaxed);
+        shared.stats.bytes_in.fetch_add(bytes, Relaxed);
+        self.datagrams.fetch_add(n, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
     }
 }
 
-/// One datagram of a batch from the listening socket, copied out of its
-/// slot (or not, when it was truncated: then `data` is empty).
-struct Incoming {
-    meta: udp_sys::Received,
+/// A client's datagram on its way to the upstream, through its session's
+/// queue.
+struct Datagram {
+    /// Usually a pooled buffer (see [`POOL`]), which the session gives back.
     data: Vec<u8>,
+}
+
+impl Datagram {
+    /// The memory it holds, as counted against [`QUEUE_BYTES`]; never 0,
+    /// so that a queued datagram always shows in `Link::queued`.
+    fn size(&self) -> usize {
+        self.data.capacity().max(1)
+    }
 }
 
 thread_local! {
@@ -469,66 +653,58 @@ fn copy_out(free: &mut Vec<Vec<u8>>, data: &[u8]) -> Vec<u8> {
     buf
 }
 
-/// Receives a batch of datagrams from the listening socket into `inbox`.
-fn recv_from_clients(socket: &UdpSocket, inbox: &mut Vec<Incoming>) -> io::Result<()> {
-    SLOTS.with_borrow_mut(|slots| {
-        let n = slots.recv(socket.as_fd(), true)?;
-        inbox.reserve_exact(BATCH);
-        let mut free = POOL.lock();
-        for i in 0..n {
-            let (meta, bytes) = slots.get(i);
-            let data = if meta.truncated {
-                Vec::new()
-            } else {
-                copy_out(&mut free, bytes)
-            };
-            inbox.push(Incoming { meta, data });
-        }
-        Ok(())
-    })
-}
-
-/// Hands a client's datagram to its session, starting one if needed.
-fn dispatch(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, peer: SocketAddr, d: Datagram) {
+/// Hands a run of a client's datagrams (slots `run`, in order; the last
+/// sent to `from`) to
+/// its session, starting one if needed: sends them upstream at once when
+/// `direct` (the time stamp to leave for the session) and the session
+/// allow it (see `Link`), else queues them.
+fn dispatch(
+    shared: &Arc<Shared>,
+    tasks: &mut JoinSet<()>,
+    peer: SocketAddr,
+    from: Option<ReplyFrom>,
+    slots: &RecvBatch,
+    run: &[usize],
+    direct: Option<u64>,
+) {
     let b = &shared.b;
     let mut sessions = shared.lock_sessions();
-    let offered = match sessions.get(&peer) {
-        Some(e) => e.offer(d),
-        None => Err(mpsc::error::TrySendError::Closed(d)),
-    };
-    let d = match offered {
-        Ok(()) => return,
-        Err(mpsc::error::TrySendError::Full(d)) => {
-            drop(sessions);
-            shared.stats.dropped_queue_full.fetch_add(1, Relaxed);
-            shared.warnings.warn(Warn::QueueFull, || {
-                format!(
-                    "dropped a {}-byte datagram from {}: its session's queue to the upstream is full",
-                    d.data.len(),
-                    canonical(peer)
-                )
-            });
-            POOL.put_back([d.data]);
-            return;
+    // A closed queue means (only after a bug killed a session task) a
+    // session that is gone: a fresh one starts below.
+    if let Some(e) = sessions.get_mut(&peer)
+        && !e.tx.is_closed()
+    {
+        if e.reply_from != from {
+            e.reply_from = from;
+            *e.link
+                .reply_from
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = from;
         }
-        Err(mpsc::error::TrySendError::Closed(d)) => {
-            // A new client, or (only after a bug killed a session task) a
-            // closed queue: start a fresh session.
-            sessions.remove(&peer);
-            d
+        let mut next = 0;
+        if let Some(stamp) = direct
+            && let Some(up) = e.link.upstream.get()
+            && e.link.queued.load(Acquire) == 0
+        {
+            e.link.sent_at.store(stamp, Relaxed);
+            next = send_direct(shared, &e.link, up, slots, run);
         }
-    };
+        queue(shared, e, peer, slots, &run[next..]);
+        return;
+    }
+    sessions.remove(&peer);
     let max = b.rule.udp_max_sessions;
     if sessions.len() >= max {
         drop(sessions);
-        shared.stats.dropped_at_cap.fetch_add(1, Relaxed);
-        shared.warnings.warn(Warn::AtCap, || {
-            format!(
-                "session limit reached (udp_max_sessions = {max}): dropped a datagram from new client {}",
-                canonical(peer)
-            )
-        });
-        POOL.put_back([d.data]);
+        for _ in 0..run.len() {
+            shared.stats.dropped_at_cap.fetch_add(1, Relaxed);
+            shared.warnings.warn(Warn::AtCap, || {
+                format!(
+                    "session limit reached (udp_max_sessions = {max}): dropped a datagram from new client {}",
+                    canonical(peer)
+                )
+            });
+        }
         return;
     }
     let (tx, rx) = mpsc::channel(QUEUE_LEN);
@@ -536,12 +712,13 @@ fn dispatch(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, peer: SocketAddr, d: 
     let entry = Entry {
         id,
         tx,
-        queued: Arc::new(AtomicUsize::new(0)),
+        link: Arc::new(Link::new(from)),
+        reply_from: from,
     };
-    let queued = entry.queued.clone();
-    if entry.offer(d).is_err() {
-        unreachable!("an empty queue has room for one datagram (QUEUE_BYTES >= RECV_BUF)");
-    }
+    let link = entry.link.clone();
+    // An empty queue has room for the first datagram (QUEUE_BYTES >=
+    // RECV_BUF), so a session never starts without one.
+    queue(shared, &entry, peer, slots, run);
     sessions.insert(peer, entry);
     drop(sessions);
 
@@ -554,10 +731,121 @@ fn dispatch(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, peer: SocketAddr, d: 
         shared: shared.clone(),
         peer,
         id,
-        queued,
+        link,
         _active: active,
     };
     tasks.spawn(session.run(rx).instrument(span));
+}
+
+/// Copies datagrams `run` out of their slots into `e`'s queue; those that
+/// find it full are dropped and counted.
+fn queue(shared: &Shared, e: &Entry, peer: SocketAddr, slots: &RecvBatch, run: &[usize]) {
+    if run.is_empty() {
+        return;
+    }
+    let mut dropped = Vec::new();
+    {
+        let mut free = POOL.lock();
+        for &k in run {
+            let d = Datagram {
+                data: copy_out(&mut free, slots.data(k)),
+            };
+            // Closed only if the session's task died since the caller
+            // looked (a bug): its datagrams are lost like on a full queue.
+            if let Err(mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d)) =
+                e.offer(d)
+            {
+                dropped.push(d.data);
+            }
+        }
+    }
+    for data in &dropped {
+        shared.stats.dropped_queue_full.fetch_add(1, Relaxed);
+        shared.warnings.warn(Warn::QueueFull, || {
+            format!(
+                "dropped a {}-byte datagram from {}: its session's queue to the upstream is full",
+                data.len(),
+                canonical(peer)
+            )
+        });
+    }
+    POOL.put_back(dropped);
+}
+
+/// Sends datagrams `run` of `slots` to a session's upstream socket, in
+/// order, without waiting; returns where in `run` it stopped: its end, or
+/// the first datagram that found the socket's send buffer full, for the
+/// caller to queue from there. What fails otherwise is counted and logged
+/// as the session's own sends are (`session::to_upstream`).
+fn send_direct(
+    shared: &Shared,
+    link: &Link,
+    up: &UdpSocket,
+    slots: &RecvBatch,
+    run: &[usize],
+) -> usize {
+    let fd = up.as_fd();
+    let send_one = |data: &[u8]| match udp_sys::send_batch(
+        fd,
+        [data],
+        None,
+        None,
+        false,
+        &shared.gso_to_upstream,
+    ) {
+        Ok(sent) if sent.count == 1 => Ok(()),
+        Ok(_) => Err(io::Error::other("the kernel sent nothing and said not why")),
+        Err(e) => Err(e),
+    };
+    let data = |k: &usize| slots.data(*k);
+    let mut next = 0;
+    while next < run.len() {
+        let sent = udp_sys::send_batch(
+            fd,
+            run[next..].iter().map(data),
+            None,
+            None,
+            false,
+            &shared.gso_to_upstream,
+        );
+        let failed = match sent {
+            Ok(sent) => {
+                let lens = run[next..next + sent.count].iter().map(|k| data(k).len());
+                link.sent(shared, lens);
+                next += sent.count;
+                if !sent.stopped {
+                    continue;
+                }
+                // Stopped without saying why: on its own, it says.
+                None
+            }
+            Err(e) => Some(e),
+        };
+        let one = data(&run[next]);
+        let mut result = match failed {
+            Some(e) => Err(e),
+            None => send_one(one),
+        };
+        if matches!(&result, Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED)) {
+            // A report about an earlier datagram, which the kernel hands to
+            // the next call; this one was not sent yet. Reading the report
+            // cleared it: try once more.
+            session::refused(shared, "sending");
+            result = send_one(one);
+        }
+        match result {
+            Ok(()) => link.sent(shared, [one.len()].into_iter()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return next,
+            Err(e) => {
+                shared.stats.send_errors.fetch_add(1, Relaxed);
+                shared.warnings.warn(Warn::SendFailed, || {
+                    format!("dropped a {}-byte datagram to the upstream: {e}", one.len())
+                });
+            }
+        }
+        next += 1;
+    }
+    next
 }
 
 /// The kinds of warning a UDP binding rate-limits, each on its own.

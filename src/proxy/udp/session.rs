@@ -5,8 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, Release};
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -15,7 +14,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::{
-    BATCH, Datagram, POOL, ReplyFrom, SLOTS, Shared, Warn, dropped_truncated, forget,
+    BATCH, Datagram, Link, POOL, ReplyFrom, SLOTS, Shared, Warn, dropped_truncated, forget,
     kernel_dropped, udp_sys,
 };
 use crate::netns::{NsError, SocketSpec};
@@ -66,8 +65,9 @@ pub(super) struct Session {
     pub(super) peer: SocketAddr,
     /// Tells it apart from a later session of the same client.
     pub(super) id: u64,
-    /// Buffer bytes waiting in its queue (see `Entry::queued`).
-    pub(super) queued: Arc<AtomicUsize>,
+    /// What it shares with its listener, which sends to its upstream
+    /// socket itself when it can.
+    pub(super) link: Arc<Link>,
     /// Counts it in `sessions_active` while it lives.
     pub(super) _active: Active,
 }
@@ -78,12 +78,19 @@ impl Session {
     pub(super) async fn run(self, mut rx: mpsc::Receiver<Datagram>) {
         let started = Instant::now();
         let upstream = match open_upstream(&self.shared.b).await {
-            Ok(s) => s,
+            Ok(s) => Arc::new(s),
             Err(e) => return self.failed(rx, &e),
         };
         debug!("session opened");
+        // From here on the listener sends to it itself whenever the queue
+        // is empty.
+        if self.link.upstream.set(upstream.clone()).is_err() {
+            unreachable!("a session opens its upstream socket once");
+        }
         let mut moved = Moved::default();
         let end = self.relay(&upstream, &mut rx, &mut moved).await;
+        moved.datagrams_from_client += self.link.datagrams.load(Relaxed);
+        moved.bytes_from_client += self.link.bytes.load(Relaxed);
         info!(
             datagrams_from_client = moved.datagrams_from_client,
             datagrams_to_client = moved.datagrams_to_client,
@@ -122,7 +129,7 @@ impl Session {
         let (shared, peer) = (&self.shared, self.peer);
         let b = &shared.b;
         let idle = b.rule.udp_idle_timeout;
-        let mut reply_from = None;
+        let link = &*self.link;
         let mut last = Instant::now();
         let timer = tokio::time::sleep_until(last + idle);
         tokio::pin!(timer);
@@ -139,12 +146,12 @@ impl Session {
                         return "the listener closed";
                     }
                     last = Instant::now();
-                    self.queued.fetch_sub(batch.iter().map(Datagram::size).sum(), Relaxed);
-                    if let Some(from) = batch.iter().rev().find_map(|d| d.reply_from) {
-                        reply_from = Some(from);
-                    }
+                    let size = batch.iter().map(Datagram::size).sum();
                     to_upstream(shared, upstream, &batch, moved).await;
                     POOL.put_back(batch.drain(..).map(|d| d.data));
+                    // Only now: until these have left, the listener must
+                    // queue behind them rather than send past them.
+                    link.queued.fetch_sub(size, Release);
                 }
                 // ERROR too: an ICMP report (port unreachable) makes the
                 // socket report only EPOLLERR, not readable; waiting for
@@ -152,10 +159,11 @@ impl Session {
                 // uncounted) until the client sent again, or for good if it
                 // never did.
                 r = upstream.async_io(Interest::READABLE | Interest::ERROR, || {
-                    relay_replies(shared, upstream, peer, reply_from, moved, &mut replies)
+                    relay_replies(shared, upstream, peer, link.reply_from(shared), moved, &mut replies)
                 }) => match r {
                     Ok(()) => {
                         last = Instant::now();
+                        let reply_from = link.reply_from(shared);
                         for data in replies.waiting.drain(..) {
                             if to_client(shared, peer, reply_from, &data).await {
                                 moved.datagrams_to_client += 1;
@@ -175,10 +183,12 @@ impl Session {
                     }
                 },
                 () = &mut timer => {
-                    let deadline = last + idle;
+                    // The listener's own sends count as activity too; it
+                    // stamps them instead of waking this task.
+                    let deadline = last.max(link.sent_at(shared)) + idle;
                     if Instant::now() < deadline {
                         timer.as_mut().reset(deadline);
-                    } else if shared.remove_if_idle(peer, self.id, rx) {
+                    } else if shared.remove_if_idle(peer, self.id, rx, link, idle) {
                         shared.stats.sessions_expired.fetch_add(1, Relaxed);
                         return "idle";
                     } else {
@@ -193,7 +203,7 @@ impl Session {
 }
 
 /// Counts and logs a "port unreachable" report for a session socket.
-fn refused(shared: &Shared, doing: &str) {
+pub(super) fn refused(shared: &Shared, doing: &str) {
     shared.stats.upstream_refused.fetch_add(1, Relaxed);
     shared.warnings.warn(Warn::Refused, || {
         format!(

@@ -213,6 +213,15 @@ impl RecvBatch {
         Ok(self.count)
     }
 
+    /// The bytes of datagram `i` of the last call, as [`RecvBatch::get`]
+    /// gives them, without reading its control messages again.
+    pub(crate) fn data(&self, i: usize) -> &[u8] {
+        assert!(i < self.count, "datagram {i} of {}", self.count);
+        let len = (self.hdrs[i].msg_len as usize).min(self.slot_len);
+        let start = i * self.slot_len;
+        &self.bufs[start..start + len]
+    }
+
     /// Datagram `i` of the last call: what the kernel said about it, and
     /// its bytes (all of them unless truncated).
     pub(crate) fn get(&self, i: usize) -> (Received, &[u8]) {
