@@ -657,6 +657,10 @@ impl InProcess {
             switcher().clone(),
             nsproxy::lifecycle::Options {
                 drain: Duration::from_secs(1),
+                // The task counts below are back to their baseline only
+                // once idle listeners have parked again: soon, not after
+                // the default minute-long wait.
+                park_after: Duration::from_secs(1),
                 ..Default::default()
             },
         ));
