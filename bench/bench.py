@@ -6,7 +6,10 @@ Topology: two network namespaces this script creates (unique names nsb<PID>-cli 
 with only their loopback up and no link between them. Servers (iperf3, a TCP request/reply
 server, a UDP sink) listen on 127.0.0.1 in the server namespace; clients run in the client
 namespace and talk to 127.0.0.1 there, where each proxy listens. "direct" runs the same
-clients in the server namespace against the same servers: the same loopback path minus the proxy.
+clients in the server namespace against the same servers: the same loopback path minus the proxy. The host -> namespace workloads (host-rr, host-tcp1) run
+their clients in the host namespace against a free port on host loopback, where nsproxy (a
+rule with netns = ["host"]), HAProxy (a bind without namespace) and pasta (-t, attached to the
+server namespace) listen.
 
 Everything this script creates is recorded in the state directory (namespace names before they
 are created; process ids with their start times) so bench/run.sh can clean up even after a crash,
