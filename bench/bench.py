@@ -339,6 +339,9 @@ class Proxy:
         self.roots = list(roots)  # Popen objects to measure
         self.notes = notes
         self.na_reason = {}
+        # Starts another instance of this proxy with only the rr and hold rules, for `idle`: what
+        # N connections cost a process that has not served (and kept memory for) others before.
+        self.fresh = None
 
     def pids(self):
         return [p.pid for p in self.roots]
@@ -397,16 +400,21 @@ def nsproxy_run_opts(h, tag):
     return []
 
 
-def start_nsproxy(h, workers, variant="nsproxy"):
+def start_nsproxy(h, workers, variant="nsproxy", fresh=False):
     b = PROXY_BASE[variant]
-    ports = {"iperf": b + 201, "rr": b + 300, "udp": b + 400, "udp-iperf": b + 201, "hold": b + 500}
-    ports.update(host_ports(variant))
+    if fresh:
+        ports = {"rr": b + 601, "hold": b + 602}
+    else:
+        ports = {"iperf": b + 201, "rr": b + 300, "udp": b + 400, "udp-iperf": b + 201, "hold": b + 500}
+        ports.update(host_ports(variant))
     # (port kind, protocol, upstream port, namespace it listens in); udp-iperf shares iperf's port,
     # as iperf3 -u needs its TCP control connection and its datagrams on one port number.
     rules = [("iperf", "tcp", SRV_PORTS["iperf"], h.cli), ("rr", "tcp", SRV_PORTS["rr"], h.cli),
              ("udp", "udp", SRV_PORTS["udp"], h.cli), ("udp-iperf", "udp", SRV_PORTS["iperf"], h.cli),
              ("hold", "tcp", SRV_PORTS["hold"], h.cli),
              ("h-iperf", "tcp", SRV_PORTS["iperf"], "host"), ("h-rr", "tcp", SRV_PORTS["rr"], "host")]
+    rules = [r for r in rules if r[0] in ports]
+    tag = variant + ("-fresh" if fresh else "")
 
     def config(with_udp):
         out = [f"workers = {workers}", ""]
@@ -425,7 +433,7 @@ def start_nsproxy(h, workers, variant="nsproxy"):
             ]
         return "\n".join(out)
 
-    cfg = os.path.join(h.work, f"{variant}.toml")
+    cfg = os.path.join(h.work, f"{tag}.toml")
     with open(cfg, "w") as f:
         f.write(config(True))
     binary = ARGS.nsproxy_before if variant == "nsproxy-before" else h.nsproxy
@@ -443,9 +451,12 @@ def start_nsproxy(h, workers, variant="nsproxy"):
     # Connection lines (nsproxy::proxy, info) are off, as the other proxies log nothing per
     # connection here; startup and the "ready:" line stay at info.
     env = NSPROXY_VARIANTS[variant]
-    p = h.spawn(variant, [binary, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg]
-                + nsproxy_run_opts(h, "main" if variant == "nsproxy" else variant), env=env)
+    p = h.spawn(tag, [binary, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg]
+                + nsproxy_run_opts(h, "main" if tag == "nsproxy" else tag), env=env)
     px.roots = [p]
+    if fresh:
+        return px
+    px.fresh = lambda: start_nsproxy(h, workers, variant, fresh=True)
     px.notes = (f"`workers = {workers}`; split as root (a socket broker as root + the relay as nobody, CPU and RSS summed); "
                 f"listens in the client ns (host -> ns: in the host ns, 127.0.0.1:{ports['h-rr']} and :{ports['h-iperf']}), "
                 "connects from the server ns")
@@ -456,11 +467,15 @@ def start_nsproxy(h, workers, variant="nsproxy"):
     return px
 
 
-def start_haproxy(h, workers):
+def start_haproxy(h, workers, fresh=False):
     b = PROXY_BASE["haproxy"]
-    ports = {"iperf": b + 201, "rr": b + 300, "udp": None, "udp-iperf": None, "hold": b + 500}
-    ports.update(host_ports("haproxy"))
-    cfg = os.path.join(h.work, "haproxy.cfg")
+    if fresh:
+        ports = {"rr": b + 601, "hold": b + 602}
+    else:
+        ports = {"iperf": b + 201, "rr": b + 300, "udp": None, "udp-iperf": None, "hold": b + 500}
+        ports.update(host_ports("haproxy"))
+    tag = "haproxy" + ("-fresh" if fresh else "")
+    cfg = os.path.join(h.work, f"{tag}.cfg")
     lines = [
         "global",
         f"    nbthread {workers}",
@@ -474,6 +489,8 @@ def start_haproxy(h, workers):
     # host -> ns: the bind without a namespace (HAProxy's own, the host's), the server in the server ns.
     for kind, up, bind_ns in (("iperf", "iperf", h.cli), ("rr", "rr", h.cli), ("hold", "hold", h.cli),
                               ("h-iperf", "iperf", None), ("h-rr", "rr", None)):
+        if kind not in ports:
+            continue
         lines += [
             f"frontend fe_{kind}",
             f"    bind {LOCAL}:{ports[kind]}" + (f" namespace {bind_ns}" if bind_ns else ""),
@@ -483,10 +500,13 @@ def start_haproxy(h, workers):
         ]
     with open(cfg, "w") as f:
         f.write("\n".join(lines) + "\n")
-    p = h.spawn("haproxy", ["haproxy", "-db", "-f", cfg])
+    p = h.spawn(tag, ["haproxy", "-db", "-f", cfg])
+    if fresh:
+        return Proxy(tag, h.cli, ports, [p])
     px = Proxy("haproxy", h.cli, ports, [p], f"one process, `nbthread {workers}`, mode tcp; `bind ... namespace` + `server ... namespace` "
                f"(host -> ns: `bind 127.0.0.1:{ports['h-rr']}` without namespace)", hns=None)
     px.na_reason["udp"] = px.na_reason["udp-iperf"] = "HAProxy has no generic UDP proxy"
+    px.fresh = lambda: start_haproxy(h, workers, fresh=True)
     return px
 
 
@@ -875,7 +895,16 @@ def run_workload(h, px, wl, dur, udp_rate, idle_conns=2000):
     if wl == "host-tcp1":
         return w_iperf(h, px, 1, dur, port=px.ports["h-iperf"], ns=px.hns)
     if wl == "idle":
-        return w_idle(h, px, idle_conns)
+        if px.fresh is None:
+            return w_idle(h, px, idle_conns)
+        f = px.fresh()
+        try:
+            if not h.probe(f.ns, f.ports["rr"], within=15):
+                return None, f"the fresh {f.name} did not answer; see {h.logs}"
+            return w_idle(h, f, idle_conns)
+        finally:
+            for r in f.roots:
+                h.stop(r)
     if wl == "tcp1":
         return w_iperf(h, px, 1, dur)
     if wl == "tcp4":
