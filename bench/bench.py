@@ -362,7 +362,12 @@ def free_host_port(base, taken):
         try:
             for fam, addr in ((socket.SOCK_STREAM, LOCAL), (socket.SOCK_STREAM, "0.0.0.0"), (socket.SOCK_DGRAM, LOCAL)):
                 with socket.socket(socket.AF_INET, fam) as sk:
+                    # As the proxies bind: TIME_WAIT left by an earlier run does not make a port busy.
+                    if fam == socket.SOCK_STREAM:
+                        sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     sk.bind((addr, port))
+                    if fam == socket.SOCK_STREAM:
+                        sk.listen(1)
         except OSError:
             continue
         taken.add(port)
@@ -876,6 +881,9 @@ def w_idle(h, px, n):
             out, _ = bp.communicate(timeout=15)
             res["bulk_gbps"] = json.loads(out.decode().strip().splitlines()[-1])["bytes_sent"] * 8 / 2 / 1e9
             res["bulk_fds"], res["bulk_pipes"] = peak
+            # Pipes still held once the transfer is over: a pool's idle pipes (the README's fd accounting).
+            time.sleep(0.5)
+            res["pipes_after_bulk"] = fd_counts(process_tree(pids))[1] - b0[1]
     finally:
         h.stop(bp, grace=1)
     return res, None
@@ -965,11 +973,12 @@ METRICS = [
     ("idle_ksock", "idle", "ksock_kib_per_conn", "idle conns: kernel socket structs per connection (sockets x slab object sizes)", "KiB", False),
     ("bulk_fds", "idle", "bulk_fds", "one bulk connection: added proxy fds during the transfer", "fds", False),
     ("bulk_pipes", "idle", "bulk_pipes", "one bulk connection: of which pipes", "fds", False),
+    ("pipes_rest", "idle", "pipes_after_bulk", "after the bulk connection closed: pipes the proxy still holds", "fds", False),
     ("bulk_kmem", "idle", "bulk_kmem_kib", "one bulk connection: kernel socket buffers during the transfer (whole path)", "KiB", False),
 ]
 # Cells with no ratio to direct: losses, and what direct has no value for.
 NO_RATIO = {"udp50k_loss", "udp1_loss", "udp1_loss_pre", "udp1_loss_srv", "udp1_loss_px", "udp1_loss_bl", "idle_rss", "idle_fds",
-            "idle_kmem", "bulk_fds", "bulk_pipes", "bulk_kmem"}
+            "idle_kmem", "bulk_fds", "bulk_pipes", "pipes_rest", "bulk_kmem"}
 # What the plot shows (the rest is in the tables): one panel each.
 PLOT_KEYS = {"tcp1_gbps", "tcp4_gbps", "rr_cps", "rr_p99", "udpmax_kpps", "udp50k_loss", "udp1_kpps", "udp1_loss",
              "hrr_cps", "hrr_p99", "htcp1_gbps", "idle_rss", "idle_fds", "bulk_fds"}
