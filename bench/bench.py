@@ -733,7 +733,8 @@ def w_udp1(h, px, dur):
     # What the proxy took in (client ns) minus what reached the server's socket (delivered or
     # dropped there; server ns): what the proxy itself did not send on. (Not the server ns's
     # OutDatagrams: one UDP_SEGMENT send counts once there, however many datagrams it carries.)
-    in_proxy = (max(0, d(h.cli, "InDatagrams") - d(h.srv, "InDatagrams") - drops[h.srv]) if proxied else None)
+    # InErrors holds RcvbufErrors and the other drops at a socket (MemErrors: the machine's udp_mem).
+    in_proxy = (max(0, d(h.cli, "InDatagrams") - d(h.srv, "InDatagrams") - d(h.srv, "InErrors")) if proxied else None)
     return {
         "sent": sent,
         "received": recv,
@@ -745,6 +746,7 @@ def w_udp1(h, px, dur):
         "loss_at_server_pct": pct(drops[h.srv]),
         "loss_in_proxy_pct": pct(in_proxy) if proxied else None,
         "proxy_sndbuf_errors": d(h.srv, "SndbufErrors") if proxied else None,
+        "udp_counters": {"client ns" if ns == h.cli else "server ns": {k: d(ns, k) for k in after[ns]} for ns in after},
         # Machine-wide (other sessions' traffic too), so only an indication.
         "loss_backlog_pct": pct(backlog),
     }, None
