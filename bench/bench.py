@@ -342,6 +342,17 @@ class Proxy:
         # Starts another instance of this proxy with only the rr and hold rules, for `idle`: what
         # N connections cost a process that has not served (and kept memory for) others before.
         self.fresh = None
+        # nsproxy: `nsproxy status --json` argv, for its own counters (what it dropped and why).
+        self.status_argv = None
+
+    def status(self, h):
+        if not self.status_argv:
+            return None
+        r = h.run(self.status_argv, timeout=15)
+        try:
+            return json.loads(r.stdout)
+        except json.JSONDecodeError:
+            return None
 
     def pids(self):
         return [p.pid for p in self.roots]
@@ -456,9 +467,11 @@ def start_nsproxy(h, workers, variant="nsproxy", fresh=False):
     # Connection lines (nsproxy::proxy, info) are off, as the other proxies log nothing per
     # connection here; startup and the "ready:" line stay at info.
     env = NSPROXY_VARIANTS[variant]
-    p = h.spawn(tag, [binary, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg]
-                + nsproxy_run_opts(h, "main" if tag == "nsproxy" else tag), env=env)
+    ctl = nsproxy_run_opts(h, "main" if tag == "nsproxy" else tag)
+    p = h.spawn(tag, [binary, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg] + ctl, env=env)
     px.roots = [p]
+    if ctl:
+        px.status_argv = [binary, "status", "--json"] + ctl
     if fresh:
         return px
     px.fresh = lambda: start_nsproxy(h, workers, variant, fresh=True)
@@ -713,11 +726,13 @@ def w_udp1(h, px, dur):
     port = px.ports["udp-iperf"]
     proxied = px.ns != h.srv
     before = {ns: udp_snmp(h, ns) for ns in (h.cli, h.srv)}
+    st0 = px.status(h)
     backlog0 = softnet_drops()
     r = h.run(["iperf3", "-c", LOCAL, "-p", str(port), "-u", "-l", "64", "-b", "0", "-t", str(dur), "-J",
                "--connect-timeout", "3000"], ns=px.ns, timeout=dur + 30)
     backlog = softnet_drops() - backlog0
     after = {ns: udp_snmp(h, ns) for ns in (h.cli, h.srv)}
+    st1 = px.status(h)
     try:
         j = json.loads(r.stdout)
     except json.JSONDecodeError:
@@ -747,9 +762,29 @@ def w_udp1(h, px, dur):
         "loss_in_proxy_pct": pct(in_proxy) if proxied else None,
         "proxy_sndbuf_errors": d(h.srv, "SndbufErrors") if proxied else None,
         "udp_counters": {"client ns" if ns == h.cli else "server ns": {k: d(ns, k) for k in after[ns]} for ns in after},
+        # nsproxy's own count of what it sent on and what it dropped, and why.
+        "nsproxy_counters": udp_rule_delta(st0, st1, "bench-udp-iperf"),
+        "dropped_queue_full_pct": pct(udp_rule_delta(st0, st1, "bench-udp-iperf").get("dropped_queue_full", 0))
+        if st0 and st1 else None,
         # Machine-wide (other sessions' traffic too), so only an indication.
         "loss_backlog_pct": pct(backlog),
     }, None
+
+
+def udp_rule_delta(st0, st1, rule):
+    """The change of one rule's counters between two `nsproxy status --json` answers ({} if either is missing)."""
+    if not (st0 and st1):
+        return {}
+
+    def counters(st):
+        for b in st.get("bindings", []):
+            if b.get("rule") == rule:
+                return b.get("counters", {})
+        return {}
+
+    c0, c1 = counters(st0), counters(st1)
+    keys = ("datagrams_in", "dropped_queue_full", "dropped_by_kernel", "send_errors", "truncated", "recv_errors", "sessions_created")
+    return {k: c1.get(k, 0) - c0.get(k, 0) for k in keys if k in c1}
 
 
 def tcp_skmem_bytes(h, ns):
@@ -829,8 +864,9 @@ def w_idle(h, px, n):
         st = tree_stats(pids) if pids else {}
         fds, pipes = fd_counts(tree)
         mem = [tcp_skmem_bytes(h, ns) for ns in nss]
+        status = px.status(h) or {}
         return {"rss": st.get("rss_kib"), "fds": fds, "pipes": pipes, "skmem": sum(m[0] for m in mem),
-                "sockets": sum(m[1] for m in mem)}
+                "sockets": sum(m[1] for m in mem), "heap": status.get("heap_allocated_bytes")}
 
     hold_s = 3
     ssize = socket_struct_bytes()
@@ -858,6 +894,8 @@ def w_idle(h, px, n):
            "kmem_kib_per_conn": (s1["skmem"] - s0["skmem"]) / 1024 / held,
            "sockets_per_conn": (s1["sockets"] - s0["sockets"]) / held,
            "ksock_kib_per_conn": (s1["sockets"] - s0["sockets"]) / held * ssize / 1024 if ssize else None,
+           # nsproxy's own count of its heap (status --json), where it reports one.
+           "heap_kib_per_conn": (s1["heap"] - s0["heap"]) / 1024 / held if s0["heap"] is not None and s1["heap"] is not None else None,
            "rss_kib_before": s0["rss"], "rss_kib_held": s1["rss"], "fds_before": s0["fds"], "fds_held": s1["fds"]}
     if not pids:
         return res, None
@@ -963,12 +1001,14 @@ METRICS = [
     ("udp1_loss_pre", "udp1", "loss_before_proxy_pct", "UDP 1 flow: lost before the proxy (client ns RcvbufErrors)", "%", False),
     ("udp1_loss_srv", "udp1", "loss_at_server_pct", "UDP 1 flow: lost at the server (server ns RcvbufErrors)", "%", False),
     ("udp1_loss_px", "udp1", "loss_in_proxy_pct", "UDP 1 flow: taken in by the proxy, not sent on", "%", False),
+    ("udp1_qfull", "udp1", "dropped_queue_full_pct", "UDP 1 flow: of which nsproxy's own count, session queue full", "%", False),
     ("udp1_loss_bl", "udp1", "loss_backlog_pct", "UDP 1 flow: input backlog drops (softnet_stat, machine-wide)", "%", False),
     ("hrr_cps", "host-rr", "cps", "host -> ns: new TCP conns/s (64 B req/reply, 8 concurrent)", "conn/s", True),
     ("hrr_p50", "host-rr", "p50_ms", "host -> ns: conn+req+reply latency p50", "ms", False),
     ("hrr_p99", "host-rr", "p99_ms", "host -> ns: conn+req+reply latency p99", "ms", False),
     ("htcp1_gbps", "host-tcp1", "gbps", "host -> ns: TCP bulk, 1 stream", "Gbit/s", True),
     ("idle_rss", "idle", "rss_kib_per_conn", "idle conns: proxy RSS per connection", "KiB", False),
+    ("idle_heap", "idle", "heap_kib_per_conn", "idle conns: nsproxy's heap per connection (its own count)", "KiB", False),
     ("idle_fds", "idle", "fds_per_conn", "idle conns: proxy fds per connection", "fds", False),
     ("idle_kmem", "idle", "kmem_kib_per_conn", "idle conns: kernel socket buffers per connection (ss -tm, whole path)", "KiB", False),
     ("idle_socks", "idle", "sockets_per_conn", "idle conns: TCP sockets per connection (whole path)", "sockets", False),
@@ -979,7 +1019,7 @@ METRICS = [
     ("bulk_kmem", "idle", "bulk_kmem_kib", "one bulk connection: kernel socket buffers during the transfer (whole path)", "KiB", False),
 ]
 # Cells with no ratio to direct: losses, and what direct has no value for.
-NO_RATIO = {"udp50k_loss", "udp1_loss", "udp1_loss_pre", "udp1_loss_srv", "udp1_loss_px", "udp1_loss_bl", "idle_rss", "idle_fds",
+NO_RATIO = {"udp50k_loss", "udp1_loss", "udp1_loss_pre", "udp1_loss_srv", "udp1_loss_px", "udp1_qfull", "udp1_loss_bl", "idle_rss", "idle_heap", "idle_fds",
             "idle_kmem", "bulk_fds", "bulk_pipes", "pipes_rest", "bulk_kmem"}
 # What the plot shows (the rest is in the tables): one panel each.
 PLOT_KEYS = {"tcp1_gbps", "tcp4_gbps", "rr_cps", "rr_p99", "udpmax_kpps", "udp50k_loss", "udp1_kpps", "udp1_loss",
