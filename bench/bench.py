@@ -6,7 +6,10 @@ Topology: two network namespaces this script creates (unique names nsb<PID>-cli 
 with only their loopback up and no link between them. Servers (iperf3, a TCP request/reply
 server, a UDP sink) listen on 127.0.0.1 in the server namespace; clients run in the client
 namespace and talk to 127.0.0.1 there, where each proxy listens. "direct" runs the same
-clients in the server namespace against the same servers: the same loopback path minus the proxy.
+clients in the server namespace against the same servers: the same loopback path minus the proxy. The host -> namespace workloads (host-rr, host-tcp1) run
+their clients in the host namespace against a free port on host loopback, where nsproxy (a
+rule with netns = ["host"]), HAProxy (a bind without namespace) and pasta (-t, attached to the
+server namespace) listen.
 
 Everything this script creates is recorded in the state directory (namespace names before they
 are created; process ids with their start times) so bench/run.sh can clean up even after a crash,
@@ -34,9 +37,18 @@ HZ = os.sysconf("SC_CLK_TCK")
 LOCAL = "127.0.0.1"
 
 # Ports inside the namespaces (all on 127.0.0.1).
-SRV_PORTS = {"iperf": 5201, "rr": 5300, "udp": 5400}
+SRV_PORTS = {"iperf": 5201, "rr": 5300, "udp": 5400, "hold": 5500}
+# What each workload's client connects to (a key of Proxy.ports).
+WORKLOAD_KIND = {"tcp1": "iperf", "tcp4": "iperf", "rr": "rr", "udpmax": "udp", "udp50k": "udp",
+                 "udp1": "udp-iperf", "host-rr": "h-rr", "host-tcp1": "h-iperf", "idle": "hold"}
+HOST_WORKLOADS = ("host-rr", "host-tcp1")
 PROXY_BASE = {"nsproxy": 11000, "haproxy": 12000, "socat": 13000, "nginx": 14000,
               "nsproxy-copy": 15000, "nsproxy-nopool": 16000, "nsproxy-before": 17000}
+# Host-namespace loopback ports (host -> namespace topology): below the ephemeral range
+# (32768-60999), so that no outgoing connection of the machine takes one mid-run; each is checked
+# free before use and moved if not (free_host_port).
+HOST_BASE = {"nsproxy": 21000, "haproxy": 22000, "pasta": 23000, "nsproxy-copy": 25000,
+             "nsproxy-nopool": 26000, "nsproxy-before": 27000}
 # nsproxy with one of its optimisations turned off, for measuring what each brings
 # (not in the default run: `--proxies direct,nsproxy,nsproxy-copy,nsproxy-nopool`).
 NSPROXY_VARIANTS = {
@@ -50,8 +62,8 @@ SCALE_PORT = 7000
 SCALE_TCP_UPSTREAM = 5300  # the request/reply server
 SCALE_UDP_UPSTREAM = 5401  # a UDP echo server, for the probes
 
-ALL_PROXIES = ["direct", "nsproxy", "haproxy", "socat", "nginx"]
-ALL_WORKLOADS = ["tcp1", "tcp4", "rr", "udpmax", "udp50k"]
+ALL_PROXIES = ["direct", "nsproxy", "haproxy", "pasta", "socat", "nginx"]
+ALL_WORKLOADS = ["tcp1", "tcp4", "rr", "udpmax", "udp50k", "udp1", "host-rr", "host-tcp1", "idle"]
 
 
 def log(msg):
@@ -319,22 +331,74 @@ class Harness:
 
 
 class Proxy:
-    def __init__(self, name, ns, ports, roots=(), notes=""):
+    def __init__(self, name, ns, ports, roots=(), notes="", hns=None):
         self.name = name
         self.ns = ns  # where clients run
+        self.hns = hns  # where clients of the host -> namespace workloads run (None: the host namespace)
         self.ports = ports  # workload kind -> port, None if unsupported
         self.roots = list(roots)  # Popen objects to measure
         self.notes = notes
         self.na_reason = {}
+        # Starts another instance of this proxy with only the rr and hold rules, for `idle`: what
+        # N connections cost a process that has not served (and kept memory for) others before.
+        self.fresh = None
+        # nsproxy: `nsproxy status --json` argv, for its own counters (what it dropped and why).
+        self.status_argv = None
+
+    def status(self, h):
+        if not self.status_argv:
+            return None
+        r = h.run(self.status_argv, timeout=15)
+        try:
+            return json.loads(r.stdout)
+        except json.JSONDecodeError:
+            return None
 
     def pids(self):
         return [p.pid for p in self.roots]
+
+    def client_ns(self, wl):
+        return self.hns if wl in HOST_WORKLOADS else self.ns
+
+
+def free_host_port(base, taken):
+    """`base`, or the first of base+1000, base+2000, ... that nothing on the host holds (TCP and UDP
+    on 127.0.0.1 and the wildcard), and that this run has not handed out already."""
+    import socket
+
+    for k in range(20):
+        port = base + 1000 * k
+        if port in taken or port >= 32768:
+            continue
+        try:
+            for fam, addr in ((socket.SOCK_STREAM, LOCAL), (socket.SOCK_STREAM, "0.0.0.0"), (socket.SOCK_DGRAM, LOCAL)):
+                with socket.socket(socket.AF_INET, fam) as sk:
+                    # As the proxies bind: TIME_WAIT left by an earlier run does not make a port busy.
+                    if fam == socket.SOCK_STREAM:
+                        sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sk.bind((addr, port))
+                    if fam == socket.SOCK_STREAM:
+                        sk.listen(1)
+        except OSError:
+            continue
+        taken.add(port)
+        return port
+    raise RuntimeError(f"no free host loopback port near {base}")
+
+
+HOST_PORTS_TAKEN = set()
+
+
+def host_ports(name):
+    b = HOST_BASE[name]
+    return {"h-iperf": free_host_port(b + 201, HOST_PORTS_TAKEN), "h-rr": free_host_port(b + 300, HOST_PORTS_TAKEN)}
 
 
 def start_servers(h):
     srv = h.srv
     h.spawn("srv-iperf3", ["iperf3", "-s", "-B", LOCAL, "-p", str(SRV_PORTS["iperf"]), "--idle-timeout", "60"], ns=srv)
     h.spawn("srv-rr", [h.loadgen, "tcp-rr-server", "--listen", f"{LOCAL}:{SRV_PORTS['rr']}", "--size", "64", "--max-time", "7200s"], ns=srv)
+    h.spawn("srv-hold", [h.loadgen, "tcp-hold-server", "--listen", f"{LOCAL}:{SRV_PORTS['hold']}", "--max-time", "7200s"], ns=srv)
     h.spawn(
         "srv-udp-echo",
         [h.loadgen, "udp-server", "--mode", "echo", "--listen", f"{LOCAL}:{SCALE_UDP_UPSTREAM}", "--max-time", "7200s"],
@@ -352,14 +416,25 @@ def nsproxy_run_opts(h, tag):
     return []
 
 
-def start_nsproxy(h, workers, variant="nsproxy"):
+def start_nsproxy(h, workers, variant="nsproxy", fresh=False):
     b = PROXY_BASE[variant]
-    ports = {"iperf": b + 201, "rr": b + 300, "udp": b + 400}
-    rules = [("iperf", "tcp", SRV_PORTS["iperf"]), ("rr", "tcp", SRV_PORTS["rr"]), ("udp", "udp", SRV_PORTS["udp"])]
+    if fresh:
+        ports = {"rr": b + 601, "hold": b + 602}
+    else:
+        ports = {"iperf": b + 201, "rr": b + 300, "udp": b + 400, "udp-iperf": b + 201, "hold": b + 500}
+        ports.update(host_ports(variant))
+    # (port kind, protocol, upstream port, namespace it listens in); udp-iperf shares iperf's port,
+    # as iperf3 -u needs its TCP control connection and its datagrams on one port number.
+    rules = [("iperf", "tcp", SRV_PORTS["iperf"], h.cli), ("rr", "tcp", SRV_PORTS["rr"], h.cli),
+             ("udp", "udp", SRV_PORTS["udp"], h.cli), ("udp-iperf", "udp", SRV_PORTS["iperf"], h.cli),
+             ("hold", "tcp", SRV_PORTS["hold"], h.cli),
+             ("h-iperf", "tcp", SRV_PORTS["iperf"], "host"), ("h-rr", "tcp", SRV_PORTS["rr"], "host")]
+    rules = [r for r in rules if r[0] in ports]
+    tag = variant + ("-fresh" if fresh else "")
 
     def config(with_udp):
         out = [f"workers = {workers}", ""]
-        for kind, proto, up in rules:
+        for kind, proto, up, listen_ns in rules:
             if proto == "udp" and not with_udp:
                 continue
             out += [
@@ -367,35 +442,42 @@ def start_nsproxy(h, workers, variant="nsproxy"):
                 f'name = "bench-{kind}"',
                 f'protocol = "{proto}"',
                 f'listen = "{LOCAL}:{ports[kind]}"',
-                f'netns = ["{h.cli}"]',
+                f'netns = ["{listen_ns}"]',
                 f'upstream = "{LOCAL}:{up}"',
                 f'upstream_netns = "{h.srv}"',
                 "",
             ]
         return "\n".join(out)
 
-    cfg = os.path.join(h.work, f"{variant}.toml")
+    cfg = os.path.join(h.work, f"{tag}.toml")
     with open(cfg, "w") as f:
         f.write(config(True))
     binary = ARGS.nsproxy_before if variant == "nsproxy-before" else h.nsproxy
     chk = h.run([binary, "check", "--config", cfg], timeout=30)
-    px = Proxy(variant, h.cli, dict(ports))
+    px = Proxy(variant, h.cli, dict(ports), hns=None)
     if chk.returncode != 0:
         log("nsproxy check refused the UDP rule; UDP workloads are n/a for nsproxy: " + (chk.stdout + chk.stderr).strip().replace("\n", " | ")[:300])
         with open(cfg, "w") as f:
             f.write(config(False))
-        px.ports["udp"] = None
-        px.na_reason["udp"] = "this nsproxy build has no UDP"
+        px.ports["udp"] = px.ports["udp-iperf"] = None
+        px.na_reason["udp"] = px.na_reason["udp-iperf"] = "this nsproxy build has no UDP"
         chk = h.run([binary, "check", "--config", cfg], timeout=30)
         if chk.returncode != 0:
             raise RuntimeError("nsproxy check failed: " + chk.stdout + chk.stderr)
     # Connection lines (nsproxy::proxy, info) are off, as the other proxies log nothing per
     # connection here; startup and the "ready:" line stay at info.
     env = NSPROXY_VARIANTS[variant]
-    p = h.spawn(variant, [binary, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg]
-                + nsproxy_run_opts(h, "main" if variant == "nsproxy" else variant), env=env)
+    ctl = nsproxy_run_opts(h, "main" if tag == "nsproxy" else tag)
+    p = h.spawn(tag, [binary, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg] + ctl, env=env)
     px.roots = [p]
-    px.notes = f"one process, `workers = {workers}`; listens in the client ns, connects from the server ns"
+    if ctl:
+        px.status_argv = [binary, "status", "--json"] + ctl
+    if fresh:
+        return px
+    px.fresh = lambda: start_nsproxy(h, workers, variant, fresh=True)
+    px.notes = (f"`workers = {workers}`; split as root (a socket broker as root + the relay as nobody, CPU and RSS summed); "
+                f"listens in the client ns (host -> ns: in the host ns, 127.0.0.1:{ports['h-rr']} and :{ports['h-iperf']}), "
+                "connects from the server ns")
     if env:
         px.notes += "; " + ", ".join(f"`{k}={v}`" for k, v in env.items())
     if variant == "nsproxy-before":
@@ -403,10 +485,15 @@ def start_nsproxy(h, workers, variant="nsproxy"):
     return px
 
 
-def start_haproxy(h, workers):
+def start_haproxy(h, workers, fresh=False):
     b = PROXY_BASE["haproxy"]
-    ports = {"iperf": b + 201, "rr": b + 300, "udp": None}
-    cfg = os.path.join(h.work, "haproxy.cfg")
+    if fresh:
+        ports = {"rr": b + 601, "hold": b + 602}
+    else:
+        ports = {"iperf": b + 201, "rr": b + 300, "udp": None, "udp-iperf": None, "hold": b + 500}
+        ports.update(host_ports("haproxy"))
+    tag = "haproxy" + ("-fresh" if fresh else "")
+    cfg = os.path.join(h.work, f"{tag}.cfg")
     lines = [
         "global",
         f"    nbthread {workers}",
@@ -417,19 +504,51 @@ def start_haproxy(h, workers):
         "    timeout client 60s",
         "    timeout server 60s",
     ]
-    for kind in ("iperf", "rr"):
+    # host -> ns: the bind without a namespace (HAProxy's own, the host's), the server in the server ns.
+    for kind, up, bind_ns in (("iperf", "iperf", h.cli), ("rr", "rr", h.cli), ("hold", "hold", h.cli),
+                              ("h-iperf", "iperf", None), ("h-rr", "rr", None)):
+        if kind not in ports:
+            continue
         lines += [
             f"frontend fe_{kind}",
-            f"    bind {LOCAL}:{ports[kind]} namespace {h.cli}",
+            f"    bind {LOCAL}:{ports[kind]}" + (f" namespace {bind_ns}" if bind_ns else ""),
             f"    default_backend be_{kind}",
             f"backend be_{kind}",
-            f"    server s1 {LOCAL}:{SRV_PORTS[kind]} namespace {h.srv}",
+            f"    server s1 {LOCAL}:{SRV_PORTS[up]} namespace {h.srv}",
         ]
     with open(cfg, "w") as f:
         f.write("\n".join(lines) + "\n")
-    p = h.spawn("haproxy", ["haproxy", "-db", "-f", cfg])
-    px = Proxy("haproxy", h.cli, ports, [p], f"one process, `nbthread {workers}`, mode tcp; `bind ... namespace` + `server ... namespace`")
-    px.na_reason["udp"] = "HAProxy has no generic UDP proxy"
+    p = h.spawn(tag, ["haproxy", "-db", "-f", cfg])
+    if fresh:
+        return Proxy(tag, h.cli, ports, [p])
+    px = Proxy("haproxy", h.cli, ports, [p], f"one process, `nbthread {workers}`, mode tcp; `bind ... namespace` + `server ... namespace` "
+               f"(host -> ns: `bind 127.0.0.1:{ports['h-rr']}` without namespace)", hns=None)
+    px.na_reason["udp"] = px.na_reason["udp-iperf"] = "HAProxy has no generic UDP proxy"
+    px.fresh = lambda: start_haproxy(h, workers, fresh=True)
+    return px
+
+
+def start_pasta(h):
+    """pasta (passt), Podman's port forwarder, attached to the server namespace: `-t` forwards a
+    host loopback port into it, and a connection from host loopback takes pasta's spliced path
+    (a socket in each namespace, splice(2) between them), the path a Podman user's `-p
+    127.0.0.1:P:P` takes. No `--config-net`: pasta adds its tap device to the namespace and leaves
+    addresses and routes alone; the host side is two listening sockets and nothing else."""
+    ports = {"iperf": None, "rr": None, "udp": None, "udp-iperf": None, "hold": None}
+    ports.update(host_ports("pasta"))
+    # --runas 0:0: pasta drops to nobody by default, and as nobody it cannot join a namespace
+    # owned by the initial user namespace (it exits "Couldn't switch to pasta namespaces");
+    # a rootless Podman user runs it as themselves in a user namespace they own, the same rights.
+    argv = ["pasta", "-f", "-q", "--runas", "0:0", "--netns", f"/run/netns/{h.srv}",
+            "-t", f"{LOCAL}/{ports['h-iperf']}:{SRV_PORTS['iperf']}", "-t", f"{LOCAL}/{ports['h-rr']}:{SRV_PORTS['rr']}",
+            "-u", "none", "-T", "none", "-U", "none", "--no-map-gw"]
+    p = h.spawn("pasta", argv)
+    px = Proxy("pasta", h.cli, ports, [p],
+               f"`{' '.join(argv[:3] + ['--runas', '0:0', '--netns', 'SRV', '-t', '127.0.0.1/P:PORT', '...', '-u', 'none', '-T', 'none', '-U', 'none', '--no-map-gw'])}`: "
+               "host loopback -> spliced path into the server ns; host -> ns workloads only", hns=None)
+    for k in ("iperf", "rr", "hold"):
+        px.na_reason[k] = "pasta forwards host -> namespace, not between two namespaces"
+    px.na_reason["udp"] = px.na_reason["udp-iperf"] = "pasta: UDP host -> namespace not set up here"
     return px
 
 
@@ -519,11 +638,11 @@ def start_nginx(h, workers):
 # ------------------------------------------------------------------ workloads
 
 
-def w_iperf(h, px, streams, dur):
-    port = px.ports["iperf"]
+def w_iperf(h, px, streams, dur, port=None, ns=False):
+    port = port or px.ports["iperf"]
     r = h.run(
         ["iperf3", "-c", LOCAL, "-p", str(port), "-t", str(dur), "-P", str(streams), "-J", "--connect-timeout", "3000"],
-        ns=px.ns,
+        ns=px.ns if ns is False else ns,
         timeout=dur + 30,
     )
     try:
@@ -536,11 +655,11 @@ def w_iperf(h, px, streams, dur):
     return {"gbps": s["bits_per_second"] / 1e9, "bytes": s["bytes"], "seconds": s["seconds"]}, None
 
 
-def w_rr(h, px, dur):
-    port = px.ports["rr"]
+def w_rr(h, px, dur, port=None, ns=False):
+    port = port or px.ports["rr"]
     r = h.run(
         [h.loadgen, "tcp-rr", "--target", f"{LOCAL}:{port}", "--concurrency", "8", "--size", "64", "--duration", f"{dur}s"],
-        ns=px.ns,
+        ns=px.ns if ns is False else ns,
         timeout=dur + 30,
     )
     try:
@@ -590,10 +709,250 @@ def w_udp(h, px, dur, rate):
     }, None
 
 
-def run_workload(h, px, wl, dur, udp_rate):
-    kind = {"tcp1": "iperf", "tcp4": "iperf", "rr": "rr", "udpmax": "udp", "udp50k": "udp"}[wl]
+def udp_snmp(h, ns):
+    """The Udp: counters of /proc/net/snmp in `ns` (that file is per network namespace)."""
+    r = h.run(["cat", "/proc/net/snmp"], ns=ns, timeout=15)
+    rows = [l.split()[1:] for l in r.stdout.splitlines() if l.startswith("Udp:")]
+    if len(rows) < 2:
+        return {}
+    return {k: int(v) for k, v in zip(rows[0], rows[1])}
+
+
+def w_udp1(h, px, dur):
+    """One UDP flow at full rate, as a user tries it first: iperf3 -u -l 64 -b 0, one client socket.
+    Received = what the iperf3 server counted (sum_received: highest sequence seen minus the gaps).
+    Where the rest went: RcvbufErrors in the client namespace are datagrams the proxy's listening
+    socket had no room for (lost before the proxy); in the server namespace, at the iperf3 server."""
+    port = px.ports["udp-iperf"]
+    proxied = px.ns != h.srv
+    before = {ns: udp_snmp(h, ns) for ns in (h.cli, h.srv)}
+    st0 = px.status(h)
+    backlog0 = softnet_drops()
+    r = h.run(["iperf3", "-c", LOCAL, "-p", str(port), "-u", "-l", "64", "-b", "0", "-t", str(dur), "-J",
+               "--connect-timeout", "3000"], ns=px.ns, timeout=dur + 30)
+    backlog = softnet_drops() - backlog0
+    after = {ns: udp_snmp(h, ns) for ns in (h.cli, h.srv)}
+    st1 = px.status(h)
+    try:
+        j = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        return None, f"iperf3 -u: {r.stderr.strip()[:200]}"
+    if "error" in j:
+        return None, f"iperf3 -u: {j['error']}"
+    sent = j["end"]["sum_sent"]["packets"]
+    rcv = j["end"]["sum_received"]
+    recv = rcv["packets"] - rcv["lost_packets"]
+    d = lambda ns, k: after[ns].get(k, 0) - before[ns].get(k, 0)
+    drops = {ns: d(ns, "RcvbufErrors") for ns in after}
+    pct = lambda x: 100.0 * x / sent if sent else None
+    # What the proxy took in (client ns) minus what reached the server's socket (delivered or
+    # dropped there; server ns): what the proxy itself did not send on. (Not the server ns's
+    # OutDatagrams: one UDP_SEGMENT send counts once there, however many datagrams it carries.)
+    # InErrors holds RcvbufErrors and the other drops at a socket (MemErrors: the machine's udp_mem).
+    in_proxy = (max(0, d(h.cli, "InDatagrams") - d(h.srv, "InDatagrams") - d(h.srv, "InErrors")) if proxied else None)
+    return {
+        "sent": sent,
+        "received": recv,
+        "sent_kpps": sent / j["end"]["sum_sent"]["seconds"] / 1e3,
+        "rx_kpps": recv / rcv["seconds"] / 1e3 if rcv["seconds"] else 0.0,
+        "loss_pct": pct(sent - recv),
+        # Counted over the whole client namespace / server namespace: nothing else sends UDP there.
+        "loss_before_proxy_pct": pct(drops[h.cli]) if proxied else None,
+        "loss_at_server_pct": pct(drops[h.srv]),
+        "loss_in_proxy_pct": pct(in_proxy) if proxied else None,
+        "proxy_sndbuf_errors": d(h.srv, "SndbufErrors") if proxied else None,
+        "udp_counters": {"client ns" if ns == h.cli else "server ns": {k: d(ns, k) for k in after[ns]} for ns in after},
+        # nsproxy's own count of what it sent on and what it dropped, and why.
+        "nsproxy_counters": udp_rule_delta(st0, st1, "bench-udp-iperf"),
+        "dropped_queue_full_pct": pct(udp_rule_delta(st0, st1, "bench-udp-iperf").get("dropped_queue_full", 0))
+        if st0 and st1 else None,
+        # Machine-wide (other sessions' traffic too), so only an indication.
+        "loss_backlog_pct": pct(backlog),
+    }, None
+
+
+def udp_rule_delta(st0, st1, rule):
+    """The change of one rule's counters between two `nsproxy status --json` answers ({} if either is missing)."""
+    if not (st0 and st1):
+        return {}
+
+    def counters(st):
+        for b in st.get("bindings", []):
+            if b.get("rule") == rule:
+                return b.get("counters", {})
+        return {}
+
+    c0, c1 = counters(st0), counters(st1)
+    keys = ("datagrams_in", "dropped_queue_full", "dropped_by_kernel", "send_errors", "truncated", "recv_errors", "sessions_created")
+    return {k: c1.get(k, 0) - c0.get(k, 0) for k in keys if k in c1}
+
+
+def tcp_skmem_bytes(h, ns):
+    """Kernel memory charged to the TCP sockets of `ns` (ss -tm: rmem_alloc + wmem_queued +
+    forward_alloc + opt_mem per socket, summed), and the number of sockets."""
+    r = h.run(["ss", "-tmnaH"], ns=ns, timeout=30)
+    total = n = 0
+    for m in re.finditer(r"skmem:\(([^)]*)\)", r.stdout):
+        f = dict(re.match(r"([a-z]+)(\d+)", x).groups() for x in m.group(1).split(",") if re.match(r"[a-z]+\d+", x))
+        total += sum(int(f.get(k, 0)) for k in ("r", "w", "f", "o"))
+        n += 1
+    return total, n
+
+
+def socket_struct_bytes():
+    """What one TCP socket costs the kernel before any buffer: the object sizes of its slab caches
+    (the tcp_sock, and the socket inode that an fd-held socket has), from /proc/slabinfo. The
+    caches' totals are machine-wide and move with everything else, so they are not differenced."""
+    size = {}
+    try:
+        with open("/proc/slabinfo") as f:
+            for line in f:
+                x = line.split()
+                if x and x[0] in ("TCP", "sock_inode_cache"):
+                    size[x[0]] = int(x[3])
+    except OSError:
+        pass
+    return sum(size.values()) if len(size) == 2 else None
+
+
+def softnet_drops():
+    """Packets dropped machine-wide because a CPU's input backlog was full (loopback traffic is
+    queued there before any socket sees it), from /proc/net/softnet_stat's second column."""
+    try:
+        with open("/proc/net/softnet_stat") as f:
+            return sum(int(l.split()[1], 16) for l in f if l.strip())
+    except OSError:
+        return 0
+
+
+def fd_counts(pids):
+    """(all fds, pipe fds) held by the processes."""
+    n = pipes = 0
+    for p in pids:
+        try:
+            names = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        n += len(names)
+        for fd in names:
+            try:
+                pipes += os.readlink(f"/proc/{p}/fd/{fd}").startswith("pipe:")
+            except OSError:
+                pass
+    return n, pipes
+
+
+def read_line(proc, within):
+    """One line of proc's stdout, or b"" if none comes within `within` seconds."""
+    import select
+
+    ready, _, _ = select.select([proc.stdout], [], [], within)
+    return proc.stdout.readline() if ready else b""
+
+
+def w_idle(h, px, n):
+    """Memory of idle connections: N connections through the proxy, one 64-byte exchange on each
+    (so that both legs are set up), then held idle; the proxy's RSS, fds and the kernel's socket
+    memory with them open minus before, per connection. Then one bulk connection: the fds the
+    proxy holds while it moves data."""
+    port = px.ports["hold"]
+    pids = list(px.pids())
+    nss = [h.srv] if px.ns == h.srv else [h.cli, h.srv]
+
+    def snap():
+        tree = process_tree(pids)
+        st = tree_stats(pids) if pids else {}
+        fds, pipes = fd_counts(tree)
+        mem = [tcp_skmem_bytes(h, ns) for ns in nss]
+        status = px.status(h) or {}
+        return {"rss": st.get("rss_kib"), "fds": fds, "pipes": pipes, "skmem": sum(m[0] for m in mem),
+                "sockets": sum(m[1] for m in mem), "heap": status.get("heap_allocated_bytes")}
+
+    hold_s = 3
+    ssize = socket_struct_bytes()
+    s0 = snap()
+    hp = h.spawn("hold-idle", [h.loadgen, "tcp-hold", "--target", f"{LOCAL}:{port}", "--conns", str(n), "--hold", f"{hold_s}s",
+                               "--timeout", "30s"], ns=px.ns, stdout=subprocess.PIPE)
+    try:
+        first = read_line(hp, 45)
+        try:
+            held = json.loads(first)["held"]
+        except (ValueError, KeyError):
+            return None, f"tcp-hold: no 'held' line ({first[:100]!r})"
+        if held == 0:
+            return None, "tcp-hold: no connection opened: " + str(json.loads(first).get("first_error"))
+        time.sleep(0.5)  # the proxy has seen the reply go through; let it settle its bookkeeping
+        s1 = snap()
+        hp.communicate(timeout=hold_s + 15)
+    finally:
+        h.stop(hp, grace=1)
+    res = {"conns": held, "open_errors": n - held,
+           "rss_kib_per_conn": (s1["rss"] - s0["rss"]) / held if pids else None,
+           "fds_per_conn": (s1["fds"] - s0["fds"]) / held if pids else None,
+           # Buffers charged to the path's sockets (0 when every byte has been read), and the sockets
+           # themselves: TCP sockets in the namespaces per connection x the kernel's size of one.
+           "kmem_kib_per_conn": (s1["skmem"] - s0["skmem"]) / 1024 / held,
+           "sockets_per_conn": (s1["sockets"] - s0["sockets"]) / held,
+           "ksock_kib_per_conn": (s1["sockets"] - s0["sockets"]) / held * ssize / 1024 if ssize else None,
+           # nsproxy's own count of its heap (status --json), where it reports one.
+           "heap_kib_per_conn": (s1["heap"] - s0["heap"]) / 1024 / held if s0["heap"] is not None and s1["heap"] is not None else None,
+           "rss_kib_before": s0["rss"], "rss_kib_held": s1["rss"], "fds_before": s0["fds"], "fds_held": s1["fds"]}
+    if not pids:
+        return res, None
+    # Bulk: wait until the idle connections' fds are gone (bounded), then one writing connection.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and fd_counts(process_tree(pids))[0] > s0["fds"] + 4:
+        time.sleep(0.1)
+    b0 = fd_counts(process_tree(pids))
+    bp = h.spawn("hold-bulk", [h.loadgen, "tcp-hold", "--target", f"{LOCAL}:{port}", "--conns", "1", "--hold", "2s", "--bulk"],
+                 ns=px.ns, stdout=subprocess.PIPE)
+    peak = (0, 0)
+    kmem0 = sum(tcp_skmem_bytes(h, ns)[0] for ns in nss)
+    kpeak = 0
+    try:
+        if b'"held":1' in read_line(bp, 15):
+            end = time.monotonic() + 1.5
+            while time.monotonic() < end:
+                c = fd_counts(process_tree(pids))
+                peak = max(peak, (c[0] - b0[0], c[1] - b0[1]))
+                kpeak = max(kpeak, sum(tcp_skmem_bytes(h, ns)[0] for ns in nss) - kmem0)
+                time.sleep(0.1)
+            res["bulk_kmem_kib"] = kpeak / 1024
+            out, _ = bp.communicate(timeout=15)
+            res["bulk_gbps"] = json.loads(out.decode().strip().splitlines()[-1])["bytes_sent"] * 8 / 2 / 1e9
+            res["bulk_fds"], res["bulk_pipes"] = peak
+            # Pipes still held once the transfer is over: a pool's idle pipes (the README's fd accounting).
+            time.sleep(0.5)
+            res["pipes_after_bulk"] = fd_counts(process_tree(pids))[1] - b0[1]
+    finally:
+        h.stop(bp, grace=1)
+    return res, None
+
+
+def run_workload(h, px, wl, dur, udp_rate, idle_conns=2000):
+    kind = WORKLOAD_KIND[wl]
     if px.ports.get(kind) is None:
-        return None, px.na_reason.get(kind, "not supported")
+        why = px.na_reason.get(kind)
+        if why is None and kind.startswith("h-"):
+            why = "not set up host -> namespace in this harness"
+        return None, why or "not set up in this harness"
+    if wl == "udp1":
+        return w_udp1(h, px, dur)
+    if wl == "host-rr":
+        return w_rr(h, px, dur, port=px.ports["h-rr"], ns=px.hns)
+    if wl == "host-tcp1":
+        return w_iperf(h, px, 1, dur, port=px.ports["h-iperf"], ns=px.hns)
+    if wl == "idle":
+        if px.fresh is None:
+            return w_idle(h, px, idle_conns)
+        f = px.fresh()
+        try:
+            if not h.probe(f.ns, f.ports["rr"], within=15):
+                return None, f"the fresh {f.name} did not answer; see {h.logs}"
+            return w_idle(h, f, idle_conns)
+        finally:
+            for r in f.roots:
+                h.stop(r)
     if wl == "tcp1":
         return w_iperf(h, px, 1, dur)
     if wl == "tcp4":
@@ -606,11 +965,15 @@ def run_workload(h, px, wl, dur, udp_rate):
 
 
 def work_units(wl, res):
-    """(units, unit name) for the CPU-per-unit figure."""
-    if wl in ("tcp1", "tcp4"):
+    """(units, unit name) for the CPU-per-unit figure (ms of CPU per unit)."""
+    if wl in ("tcp1", "tcp4", "host-tcp1"):
         return res["bytes"] / 2**30, "GiB"
-    if wl == "rr":
+    if wl in ("rr", "host-rr"):
         return res["conns"] / 1e3, "1k conns"
+    if wl == "udp1":
+        return res["received"] / 1e3, "1k datagrams"  # ms per 1k = µs per datagram
+    if wl == "idle":
+        return None, None
     return res["received"] / 1e6, "M datagrams"
 
 
@@ -629,10 +992,42 @@ METRICS = [
     ("tcp1_gbps", "tcp1", "gbps", "TCP bulk, 1 stream", "Gbit/s", True),
     ("tcp4_gbps", "tcp4", "gbps", "TCP bulk, 4 streams", "Gbit/s", True),
     ("rr_cps", "rr", "cps", "new TCP conns/s (64 B req/reply, 8 concurrent)", "conn/s", True),
+    ("rr_p50", "rr", "p50_ms", "conn+req+reply latency p50", "ms", False),
     ("rr_p99", "rr", "p99_ms", "conn+req+reply latency p99", "ms", False),
     ("udpmax_kpps", "udpmax", "rx_kpps", "UDP 64 B, max offered: received", "kpps", True),
     ("udp50k_loss", "udp50k", "loss_pct", "UDP 64 B at 50k pps offered: loss", "%", False),
+    ("udp1_kpps", "udp1", "rx_kpps", "UDP 1 flow, iperf3 -u -l 64 -b 0: received", "kpps", True),
+    ("udp1_loss", "udp1", "loss_pct", "UDP 1 flow: loss (sent - received)", "%", False),
+    ("udp1_loss_pre", "udp1", "loss_before_proxy_pct", "UDP 1 flow: lost before the proxy (client ns RcvbufErrors)", "%", False),
+    ("udp1_loss_srv", "udp1", "loss_at_server_pct", "UDP 1 flow: lost at the server (server ns RcvbufErrors)", "%", False),
+    ("udp1_loss_px", "udp1", "loss_in_proxy_pct", "UDP 1 flow: taken in by the proxy, not sent on", "%", False),
+    ("udp1_qfull", "udp1", "dropped_queue_full_pct", "UDP 1 flow: of which nsproxy's own count, session queue full", "%", False),
+    ("udp1_loss_bl", "udp1", "loss_backlog_pct", "UDP 1 flow: input backlog drops (softnet_stat, machine-wide)", "%", False),
+    ("hrr_cps", "host-rr", "cps", "host -> ns: new TCP conns/s (64 B req/reply, 8 concurrent)", "conn/s", True),
+    ("hrr_p50", "host-rr", "p50_ms", "host -> ns: conn+req+reply latency p50", "ms", False),
+    ("hrr_p99", "host-rr", "p99_ms", "host -> ns: conn+req+reply latency p99", "ms", False),
+    ("htcp1_gbps", "host-tcp1", "gbps", "host -> ns: TCP bulk, 1 stream", "Gbit/s", True),
+    ("idle_rss", "idle", "rss_kib_per_conn", "idle conns: proxy RSS per connection", "KiB", False),
+    ("idle_heap", "idle", "heap_kib_per_conn", "idle conns: nsproxy's heap per connection (its own count)", "KiB", False),
+    ("idle_fds", "idle", "fds_per_conn", "idle conns: proxy fds per connection", "fds", False),
+    ("idle_kmem", "idle", "kmem_kib_per_conn", "idle conns: kernel socket buffers per connection (ss -tm, whole path)", "KiB", False),
+    ("idle_socks", "idle", "sockets_per_conn", "idle conns: TCP sockets per connection (whole path)", "sockets", False),
+    ("idle_ksock", "idle", "ksock_kib_per_conn", "idle conns: kernel socket structs per connection (sockets x slab object sizes)", "KiB", False),
+    ("bulk_fds", "idle", "bulk_fds", "one bulk connection: added proxy fds during the transfer", "fds", False),
+    ("bulk_pipes", "idle", "bulk_pipes", "one bulk connection: of which pipes", "fds", False),
+    ("pipes_rest", "idle", "pipes_after_bulk", "after the bulk connection closed: pipes the proxy still holds", "fds", False),
+    ("bulk_kmem", "idle", "bulk_kmem_kib", "one bulk connection: kernel socket buffers during the transfer (whole path)", "KiB", False),
 ]
+# Cells with no ratio to direct: losses, and what direct has no value for.
+NO_RATIO = {"udp50k_loss", "udp1_loss", "udp1_loss_pre", "udp1_loss_srv", "udp1_loss_px", "udp1_qfull", "udp1_loss_bl", "idle_rss", "idle_heap", "idle_fds",
+            "idle_kmem", "bulk_fds", "bulk_pipes", "pipes_rest", "bulk_kmem"}
+# What the plot shows (the rest is in the tables): one panel each.
+PLOT_KEYS = {"tcp1_gbps", "tcp4_gbps", "rr_cps", "rr_p99", "udpmax_kpps", "udp50k_loss", "udp1_kpps", "udp1_loss",
+             "hrr_cps", "hrr_p99", "htcp1_gbps", "idle_rss", "idle_fds", "bulk_fds"}
+# The proxy-CPU table's columns: workload, title.
+CPU_COLS = [("tcp1", "CPU ms per GiB (1 stream)"), ("tcp4", "CPU ms per GiB (4 streams)"), ("rr", "CPU ms per 1k conns"),
+            ("udpmax", "CPU ms per M datagrams (max rate)"), ("udp1", "CPU µs per datagram (1 flow, iperf3)"),
+            ("host-rr", "host -> ns: CPU ms per 1k conns"), ("host-tcp1", "host -> ns: CPU ms per GiB")]
 
 
 def fmt(x):
@@ -675,24 +1070,27 @@ def write_markdown(path, meta, proxies, table, cpu, mem, scale, na, measured=Tru
     L.append("| workload (unit) | " + " | ".join(f"**{p}**" for p in proxies) + " |")
     L.append("|---|" + "---|" * len(proxies))
     for key, wl, _field, title, unit, better in METRICS:
+        if not any(table[p].get(key) for p in proxies):
+            continue
         row = [f"{title} ({unit}, {'higher' if better else 'lower'} is better)"]
         for p in proxies:
             s = table[p].get(key)
             d = table["direct"].get(key) if p != "direct" else None
-            row.append(cell(s, d, ratio=(p != "direct" and key != "udp50k_loss")))
+            row.append(cell(s, d, ratio=(p != "direct" and key not in NO_RATIO)))
         L.append("| " + " | ".join(row) + " |")
     L.append("")
     L.append("Proxy cost: CPU time of the proxy's processes (utime+stime from `/proc/PID/stat`, including "
              "reaped per-connection children) per unit of work, median over repetitions; peak RSS = the largest "
              "sum of VmHWM over the proxy's processes seen during the run.")
     L.append("")
-    L.append("| proxy | CPU ms per GiB (1 stream) | CPU ms per GiB (4 streams) | CPU ms per 1k conns | CPU ms per M datagrams (max rate) | peak RSS (MiB) | processes / threads at rest |")
-    L.append("|---|---|---|---|---|---|---|")
+    cols = [(w, t) for w, t in CPU_COLS if w in meta.get("workloads", [w for w, _ in CPU_COLS])]
+    L.append("| proxy | " + " | ".join(t for _, t in cols) + " | peak RSS (MiB) | processes / threads at rest |")
+    L.append("|---|" + "---|" * (len(cols) + 2))
     for p in proxies:
         if p == "direct":
             continue
         c = cpu.get(p, {})
-        vals = [fmt(c[w]["median"]) if c.get(w) else "n/a" for w in ("tcp1", "tcp4", "rr", "udpmax")]
+        vals = [cell(c[w], None, ratio=False) if c.get(w) else "n/a" for w, _ in cols]
         m = mem.get(p, {})
         L.append(f"| **{p}** | " + " | ".join(vals) + f" | {fmt(m.get('peak_mib'))} | {m.get('procs', 'n/a')} / {m.get('threads', 'n/a')} |")
     L.append("")
@@ -760,15 +1158,15 @@ def write_plot(out_dir, logs, proxies, table, meta):
     if not shutil.which("gnuplot"):
         log("gnuplot not found: no plot")
         return
-    panels = [m for m in METRICS if any(table[p].get(m[0]) for p in proxies)]
+    panels = [m for m in METRICS if m[0] in PLOT_KEYS and any(table[p].get(m[0]) for p in proxies)]
     if not panels:
         return
-    cols = 3 if len(panels) > 4 else 2 if len(panels) > 1 else 1
+    cols = 4 if len(panels) > 9 else 3 if len(panels) > 4 else 2 if len(panels) > 1 else 1
     rows = (len(panels) + cols - 1) // cols
     script = [
         f"set terminal pngcairo size {500 * cols},{450 * rows} font 'DejaVu Sans,10'",
         f"set output '{os.path.join(out_dir, 'latest.png')}'",
-        f"set multiplot layout {rows},{cols} title 'nsproxy vs HAProxy, socat, nginx across two namespaces "
+        f"set multiplot layout {rows},{cols} title 'nsproxy vs HAProxy, pasta, socat, nginx (across two namespaces; host -> ns where marked) "
         f"(median, min–max bars; {meta['reps']} reps × {meta['duration']} s{', QUICK MODE: noisy' if meta['quick'] else ''})'",
         "set style fill solid 0.75 border -1",
         "set boxwidth 0.7",
@@ -784,7 +1182,8 @@ def write_plot(out_dir, logs, proxies, table, meta):
             # name median min max colour label label_y
             for p in proxies:
                 s = table[p].get(key)
-                colour = "0xee7733" if p == "nsproxy" else "0xf4b183" if p.startswith("nsproxy-") else "0x999999" if p == "direct" else "0x4477aa"
+                colour = ("0xee7733" if p == "nsproxy" else "0xf4b183" if p.startswith("nsproxy-") else "0x999999" if p == "direct"
+                          else "0x228833" if p == "pasta" else "0x4477aa")
                 if s is None:
                     f.write(f'{p} NaN NaN NaN {colour} "n/a" 0\n')
                 else:
@@ -824,6 +1223,7 @@ def versions():
         "socat": word(socat, r"socat version (\S+)"),
         "nginx": word(first(["nginx", "-v"]), r"nginx/(\S+)"),
         "iperf3": word(first(["iperf3", "--version"]), r"iperf (\S+)"),
+        "pasta": first(["dpkg-query", "-W", "-f", "${Version}", "passt"]) if shutil.which("pasta") else "?",
         "loadgen": "examples/loadgen.rs",
     }
 
@@ -869,7 +1269,10 @@ def probe_while_alive(h, ns, port, proc, within, give_up=lambda: False):
     return False
 
 
-def scale_run(h, n, workers, with_haproxy, idle_window=3):
+def scale_run(h, n, workers, with_haproxy, idle_window=3, shape="one-rule"):
+    """shape "one-rule": a TCP (and a UDP) rule listing all N namespaces, HAProxy one frontend with N
+    binds; "per-ns": a TCP and a UDP rule per namespace (2N rules, a generated config's shape),
+    HAProxy one frontend per namespace."""
     fd_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     names = [f"{h.prefix}-k{i}" for i in range(n)]
     log(f"scale N={n}: creating {n} namespaces (setup, not timed)")
@@ -882,9 +1285,9 @@ def scale_run(h, n, workers, with_haproxy, idle_window=3):
         # ---- nsproxy: TCP and UDP listeners, then TCP only (like for like with HAProxy)
         udp_ok = True
         for protos in (("tcp", "udp"), ("tcp",)):
-            if protos == ("tcp",) and not with_haproxy and udp_ok:
+            if protos == ("tcp",) and ((not with_haproxy and udp_ok) or shape == "per-ns"):
                 continue
-            res = scale_nsproxy(h, n, names, sample, workers, protos, fd_hard, idle_window)
+            res = scale_nsproxy(h, n, names, sample, workers, protos, fd_hard, idle_window, shape)
             results.append(res)
             udp_ok = "udp" in protos and not res.get("no_udp")
             if res.get("no_udp"):
@@ -895,14 +1298,20 @@ def scale_run(h, n, workers, with_haproxy, idle_window=3):
             hcfg = os.path.join(h.work, f"scale-{n}-haproxy.cfg")
             with open(hcfg, "w") as f:
                 f.write(f"global\n    nbthread {workers}\n    maxconn {n + 256}\ndefaults\n    mode tcp\n    timeout connect 5s\n"
-                        "    timeout client 60s\n    timeout server 60s\nfrontend fe\n")
-                for x in names:
-                    f.write(f"    bind {LOCAL}:{SCALE_PORT} namespace {x}\n")
-                f.write(f"    default_backend be\nbackend be\n    server s1 {LOCAL}:{SCALE_TCP_UPSTREAM} namespace {h.srv}\n")
+                        "    timeout client 60s\n    timeout server 60s\n")
+                if shape == "per-ns":
+                    for i, x in enumerate(names):
+                        f.write(f"frontend fe{i}\n    bind {LOCAL}:{SCALE_PORT} namespace {x}\n    default_backend be\n")
+                else:
+                    f.write("frontend fe\n")
+                    for x in names:
+                        f.write(f"    bind {LOCAL}:{SCALE_PORT} namespace {x}\n")
+                    f.write("    default_backend be\n")
+                f.write(f"backend be\n    server s1 {LOCAL}:{SCALE_TCP_UPSTREAM} namespace {h.srv}\n")
             t0 = time.monotonic()
             hp = h.spawn(f"scale-{n}-haproxy", ["haproxy", "-db", "-f", hcfg])
             ok_last = probe_while_alive(h, names[-1], SCALE_PORT, hp, within=300)
-            res = {"proxy": "haproxy (TCP)", "n": n, "startup_s": (time.monotonic() - t0) if ok_last else None,
+            res = {"proxy": "haproxy (TCP)" if shape != "per-ns" else "haproxy (TCP, frontend per ns)", "n": n, "startup_s": (time.monotonic() - t0) if ok_last else None,
                    "listeners": f"{n} TCP configured", "idle_window": idle_window}
             if hp.poll() is not None:
                 res["error"] = (f"needs ~{3 * n + 600} fds; the hard RLIMIT_NOFILE here is {fd_hard}; " if 3 * n + 600 > fd_hard else "") + f"haproxy exited with status {hp.returncode}: " + last_line(os.path.join(h.logs, f"scale-{n}-haproxy.err"))
@@ -914,17 +1323,26 @@ def scale_run(h, n, workers, with_haproxy, idle_window=3):
     finally:
         log(f"scale N={n}: removing the {n} namespaces")
         h.del_netns(names)
+    for r in results:
+        r["shape"] = shape
     return results
 
 
-def scale_nsproxy(h, n, names, sample, workers, protos, fd_hard, idle_window):
-    tag = "+".join(protos)
+def scale_nsproxy(h, n, names, sample, workers, protos, fd_hard, idle_window, shape="one-rule"):
+    tag = "+".join(protos) + ("-per-ns" if shape == "per-ns" else "")
     cfg = os.path.join(h.work, f"scale-{n}-{tag}.toml")
 
     def write(protos):
         ns_list = ", ".join(f'"{x}"' for x in names)
         with open(cfg, "w") as f:
             f.write(f"workers = {workers}\n\n")
+            if shape == "per-ns":
+                for i, x in enumerate(names):
+                    for proto in protos:
+                        up = SCALE_TCP_UPSTREAM if proto == "tcp" else SCALE_UDP_UPSTREAM
+                        f.write(f'[[proxy]]\nname = "{proto}{i}"\nprotocol = "{proto}"\nlisten = "{LOCAL}:{SCALE_PORT}"\n'
+                                f'netns = ["{x}"]\nupstream = "{LOCAL}:{up}"\nupstream_netns = "{h.srv}"\n\n')
+                return
             for proto in protos:
                 up = SCALE_TCP_UPSTREAM if proto == "tcp" else SCALE_UDP_UPSTREAM
                 f.write(f'[[proxy]]\nname = "scale-{proto}"\nprotocol = "{proto}"\nlisten = "{LOCAL}:{SCALE_PORT}"\n'
@@ -935,12 +1353,12 @@ def scale_nsproxy(h, n, names, sample, workers, protos, fd_hard, idle_window):
     if "udp" in protos and h.run([h.nsproxy, "check", "--config", cfg], timeout=120).returncode != 0:
         protos, no_udp = ("tcp",), True
         write(protos)
-    label = f"nsproxy ({'+'.join(p.upper() for p in protos)})"
+    label = f"nsproxy ({'+'.join(p.upper() for p in protos)}{', rule per ns' if shape == 'per-ns' else ''})"
     ready = {}
     errlog = open(os.path.join(h.logs, f"scale-{n}-nsproxy-{tag}.err"), "wb")
     t0 = time.monotonic()
     p = h.spawn(f"scale-{n}-nsproxy-{tag}",
-                [h.nsproxy, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg] + nsproxy_run_opts(h, f"scale{n}"),
+                [h.nsproxy, "--log-level", "info,nsproxy::proxy=warn", "run", "--config", cfg] + nsproxy_run_opts(h, f"scale{n}{shape}"),
                 stderr=subprocess.PIPE)
 
     def reader():
@@ -1018,7 +1436,7 @@ def report(out, logs, meta, raw, mem, scale):
     cpu = {p: {} for p in proxies}
     for key, wl, field, *_ in METRICS:
         for p in proxies:
-            vals = [r["result"][field] for r in raw if r["proxy"] == p and r["workload"] == wl and r["result"]]
+            vals = [r["result"].get(field) for r in raw if r["proxy"] == p and r["workload"] == wl and r["result"]]
             table[p][key] = summarize(vals)
     for p in proxies:
         for wl in workloads:
@@ -1037,13 +1455,15 @@ def report(out, logs, meta, raw, mem, scale):
     print()
     print(f"{'metric':45s} " + " ".join(f"{p:>26s}" for p in proxies))
     for key, wl, field, title, unit, _ in METRICS:
+        if not any(table[p].get(key) for p in proxies):
+            continue
         cells = []
         for p in proxies:
             s, d = table[p].get(key), table["direct"].get(key)
             if s is None:
                 cells.append(f"{'n/a':>26s}")
                 continue
-            r = f" x{s['median'] / d['median']:.2f}" if p != "direct" and d and d["median"] and key != "udp50k_loss" else ""
+            r = f" x{s['median'] / d['median']:.2f}" if p != "direct" and d and d["median"] and key not in NO_RATIO else ""
             cells.append(f"{fmt(s['median']) + ' [' + fmt(s['min']) + '-' + fmt(s['max']) + ']' + r:>26s}")
         print(f"{title + ' (' + unit + ')':45.45s} " + " ".join(cells))
     for s in scale:
@@ -1143,6 +1563,10 @@ def main():
     ap.add_argument("--no-fit", action="store_true",
                     help="do not add the largest N that fits the fd limit when a --scale N does not")
     ap.add_argument("--haproxy-scale-max", type=int, default=10000, help="largest N to try HAProxy at")
+    ap.add_argument("--startup-rules", help="comma-separated N values, or 'none': N namespaces with one TCP and one UDP "
+                    "rule each (2N rules), against HAProxy with one frontend per namespace (default 1000,5000; quick 100)")
+    ap.add_argument("--startup-haproxy-max", type=int, default=1000, help="largest N of --startup-rules to run HAProxy at")
+    ap.add_argument("--idle-conns", type=int, default=2000, help="connections the idle workload holds open (default 2000)")
     ap.add_argument("--proxies", default=",".join(ALL_PROXIES))
     ap.add_argument("--workloads", default=",".join(ALL_WORKLOADS))
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="threads/processes per proxy (default: CPUs)")
@@ -1178,6 +1602,8 @@ def main():
     dur = args.duration or (2 if args.quick else 5)
     scale_ns = args.scale or ("100" if args.quick else "1000,10000")
     scale_ns = [] if scale_ns == "none" else [int(x) for x in scale_ns.split(",") if x]
+    startup_ns = args.startup_rules or ("100" if args.quick else "1000,5000")
+    startup_ns = [] if startup_ns == "none" else [int(x) for x in startup_ns.split(",") if x]
     proxies = [p for p in args.proxies.split(",") if p]
     workloads = [w for w in args.workloads.split(",") if w and w != "none"]
     if "nsproxy-before" in proxies and not args.nsproxy_before:
@@ -1195,10 +1621,15 @@ def main():
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, _on_signal)
     # Many namespaces mean many fds (nsproxy raises its soft limit to the hard one).
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20))
-    except (ValueError, OSError):
-        pass
+    # Where the hard limit cannot be raised (no CAP_SYS_RESOURCE in the initial user namespace),
+    # the soft one still goes up to it: the idle-connection clients and servers inherit it.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    for want in ((1 << 20, 1 << 20), (hard, hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, want)
+            break
+        except (ValueError, OSError):
+            pass
 
     h = Harness(args)
     meta = {
@@ -1219,9 +1650,11 @@ def main():
         log(f"topology: client ns {h.cli}, server ns {h.srv} (loopback only, no link between them)")
         h.add_netns([h.cli, h.srv])
         start_servers(h)
-        px = {"direct": Proxy("direct", h.srv, dict(SRV_PORTS), [], "")}
+        direct_ports = dict(SRV_PORTS, **{"udp-iperf": SRV_PORTS["iperf"], "h-iperf": SRV_PORTS["iperf"], "h-rr": SRV_PORTS["rr"]})
+        px = {"direct": Proxy("direct", h.srv, direct_ports, [], "", hns=h.srv)}
         px["direct"].notes = ("no proxy: the same clients run in the server namespace and talk to the same servers over its "
-                              "loopback (one loopback hop, as the proxied paths have on each side)")
+                              "loopback (one loopback hop, as the proxied paths have on each side); also for host -> ns, "
+                              "where the same clients in the host namespace would have no path to the servers at all")
         if workloads:
             for variant in NSPROXY_VARIANTS:
                 if variant in proxies:
@@ -1232,10 +1665,16 @@ def main():
                 px["socat"] = start_socat(h)
             if "nginx" in proxies:
                 px["nginx"] = start_nginx(h, args.workers)
+            if "pasta" in proxies:
+                px["pasta"] = start_pasta(h)
             for name in proxies:
                 meta["notes"][name] = px[name].notes
-                if name != "direct" and not h.probe(h.cli, px[name].ports["rr"], within=15):
-                    raise RuntimeError(f"{name} does not answer on {px[name].ports['rr']}; see {h.logs}")
+                if name == "direct":
+                    continue
+                for kind, ns in (("rr", px[name].ns), ("h-rr", px[name].hns)):
+                    port = px[name].ports.get(kind)
+                    if port and not h.probe(ns, port, within=15):
+                        raise RuntimeError(f"{name} does not answer on {port} ({ns or 'host ns'}); see {h.logs}")
             log("all proxies answer; measuring")
         else:
             proxies = [p for p in proxies if p in px]
@@ -1251,12 +1690,12 @@ def main():
                     p = px[name]
                     c0 = tree_cpu_ticks(p.pids()) if p.roots else 0
                     t0 = time.monotonic()
-                    res, err = run_workload(h, p, wl, dur, args.udp_rate)
+                    res, err = run_workload(h, p, wl, dur, args.udp_rate, args.idle_conns)
                     wall = time.monotonic() - t0
                     time.sleep(0.3)  # let per-connection children exit and be reaped
                     c1 = tree_cpu_ticks(p.pids()) if p.roots else 0
                     rec = {"rep": rep + 1, "proxy": name, "workload": wl, "result": res, "error": err, "wall_s": wall}
-                    if res is not None and p.roots:
+                    if res is not None and p.roots and work_units(wl, res)[0] is not None:
                         units, unit = work_units(wl, res)
                         rec["cpu_s"] = (c1 - c0) / HZ
                         rec["cpu_ms_per_unit"] = 1000 * rec["cpu_s"] / units if units else None
@@ -1295,6 +1734,12 @@ def main():
             scale_ns = sorted(set(scale_ns + [hfit]))
         for n in scale_ns:
             scale += scale_run(h, n, args.workers, "haproxy" in args.proxies.split(",") and n <= args.haproxy_scale_max)
+        # Start-up with a generated config's shape: one TCP and one UDP rule per namespace.
+        for n in startup_ns:
+            if 2 * n + 600 > fd_hard:
+                log(f"start-up N={n}: needs ~{2 * n + 600} fds, the hard limit is {fd_hard}; measured anyway")
+            scale += scale_run(h, n, args.workers, "haproxy" in args.proxies.split(",") and n <= args.startup_haproxy_max,
+                               shape="per-ns")
     except Interrupted as e:
         log(f"interrupted ({e}); cleaning up")
         h.cleanup()

@@ -5,7 +5,7 @@
 #   bench/run.sh --quick    2 reps x 2 s, scale N=100 (a few minutes)
 #   bench/run.sh --help     every option (passed on to bench/bench.py)
 #
-# Installs what it needs through apt (haproxy, socat, nginx + libnginx-mod-stream, iperf3,
+# Installs what it needs through apt (haproxy, socat, nginx + libnginx-mod-stream, iperf3, passt,
 # gnuplot-nox, iproute2, procps, python3), builds nsproxy and the load generator in release,
 # then runs bench/bench.py. Results: bench/results/latest.{md,png,json}; logs: bench/results/logs/.
 #
@@ -37,6 +37,7 @@ declare -A NEED=(
     [socat]=socat
     [nginx]=nginx
     [iperf3]=iperf3
+    [pasta]=passt
     [gnuplot]=gnuplot-nox
     [ip]=iproute2
     [ps]=procps

@@ -15,6 +15,12 @@
 //!   as possible) for `--duration`.
 //! - `udp-server`: `--mode sink` counts datagrams and prints the count once no datagram came for
 //!   `--idle` after the first one (or at `--max-time`); `--mode echo` sends each one back.
+//! - `tcp-hold`: opens `--conns` TCP connections, exchanges one `--size`-byte message on each
+//!   (so that a proxy has set up both legs), prints `{"held": N, ...}`, keeps them open and idle
+//!   for `--hold` (with `--bulk`, writes as fast as it can on each instead), then closes them and
+//!   prints a summary. The harness measures the proxy between the two lines.
+//! - `tcp-hold-server`: the peer of `tcp-hold`: echoes the first read of each connection, then
+//!   reads and discards until the client closes (its own memory is not what is measured).
 //! - `probe`: one TCP request/reply (or, with `--udp`, one UDP datagram echoed back), retried
 //!   until it succeeds or `--within` passes; exit status 0 on success.
 
@@ -90,6 +96,32 @@ enum Mode {
         /// SO_RCVBUF to ask for, in bytes.
         #[arg(long, default_value_t = 4 << 20)]
         rcvbuf: usize,
+    },
+    /// Open N connections, one exchange each, then hold them (idle, or bulk with --bulk).
+    TcpHold {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// How long to keep the connections open after the "held" line.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        hold: Duration,
+        /// Write continuously on every connection while holding.
+        #[arg(long)]
+        bulk: bool,
+        /// Limit for the whole opening phase.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// The server side of tcp-hold.
+    TcpHoldServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Exit after this long whatever happens.
+        #[arg(long, default_value = "900s", value_parser = parse_duration)]
+        max_time: Duration,
     },
     /// One request/reply, retried until it works or `--within` passes.
     Probe {
@@ -168,6 +200,22 @@ fn main() -> ExitCode {
             max_time,
             rcvbuf,
         } => udp_server(listen, mode, idle, max_time, rcvbuf),
+        Mode::TcpHold {
+            target,
+            conns,
+            size,
+            hold,
+            bulk,
+            timeout,
+        } => tcp_hold(
+            target,
+            conns.clamp(1, 50_000),
+            size.clamp(1, 65_536),
+            hold,
+            bulk,
+            timeout,
+        ),
+        Mode::TcpHoldServer { listen, max_time } => tcp_hold_server(listen, max_time),
         Mode::Probe {
             target,
             udp,
@@ -474,6 +522,163 @@ fn udp_server(
     });
     println!("{out}");
     Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------- tcp-hold
+
+fn tcp_hold(
+    target: SocketAddr,
+    conns: usize,
+    size: usize,
+    hold: Duration,
+    bulk: bool,
+    timeout: Duration,
+) -> std::io::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let start = Instant::now();
+        let mut open = Vec::with_capacity(conns);
+        let mut errors = 0u64;
+        let mut first_error = None;
+        let req = vec![b'h'; size];
+        // A few at a time: a burst of thousands of SYNs would overflow the accept backlog.
+        for chunk in (0..conns).collect::<Vec<_>>().chunks(64) {
+            let opening = chunk.iter().map(|_| async {
+                let mut s = tokio::net::TcpStream::connect(target).await?;
+                s.set_nodelay(true)?;
+                s.write_all(&req).await?;
+                let mut reply = vec![0u8; size];
+                s.read_exact(&mut reply).await?;
+                Ok::<_, std::io::Error>(s)
+            });
+            let left = timeout.saturating_sub(start.elapsed());
+            match tokio::time::timeout(left, futures_join_all(opening)).await {
+                Ok(results) => {
+                    for r in results {
+                        match r {
+                            Ok(s) => open.push(s),
+                            Err(e) => {
+                                errors += 1;
+                                first_error.get_or_insert(e.to_string());
+                            }
+                        }
+                    }
+                }
+                Err(_) => {
+                    first_error.get_or_insert("timed out opening".to_string());
+                    break;
+                }
+            }
+        }
+        let opened_s = start.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({"held": open.len(), "errors": errors, "first_error": first_error, "open_s": opened_s})
+        );
+        let mut sent = 0u64;
+        if bulk {
+            let block = vec![0u8; 128 << 10];
+            let writers = open.iter_mut().map(|s| {
+                let block = &block;
+                async move {
+                    let mut n = 0u64;
+                    let _ = tokio::time::timeout(hold, async {
+                        while s.write_all(block).await.is_ok() {
+                            n += block.len() as u64;
+                        }
+                    })
+                    .await;
+                    n
+                }
+            });
+            sent = futures_join_all(writers).await.into_iter().sum();
+        } else {
+            tokio::time::sleep(hold).await;
+        }
+        let held = open.len();
+        drop(open);
+        println!(
+            "{}",
+            serde_json::json!({"mode": "tcp-hold", "target": target.to_string(), "conns": held,
+                "errors": errors, "bulk": bulk, "bytes_sent": sent,
+                "duration_s": start.elapsed().as_secs_f64()})
+        );
+        Ok(if held == conns {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    })
+}
+
+/// Runs the futures concurrently on the current task and returns their outputs in order
+/// (what `futures::future::join_all` does, without the dependency).
+async fn futures_join_all<F: std::future::Future>(
+    futs: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    let mut out: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in set.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|v| v.expect("every future finished"))
+        .collect()
+}
+
+fn tcp_hold_server(listen: SocketAddr, max_time: Duration) -> std::io::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        eprintln!("loadgen tcp-hold-server: listening on {listen}");
+        let serve = async {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _ = s.set_nodelay(true);
+                    let mut buf = vec![0u8; 64 << 10];
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    // Discard until the client closes (bulk mode writes here).
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+        };
+        let _ = tokio::time::timeout(max_time, serve).await;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 // ---------------------------------------------------------------- probe
