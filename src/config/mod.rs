@@ -22,6 +22,7 @@
 pub mod check;
 mod file;
 mod forward;
+mod ports;
 pub mod settings;
 #[cfg(test)]
 mod strategies;
@@ -37,6 +38,7 @@ use crate::sctp::Streams;
 
 pub use file::{RuleLocations, parse_toml, parse_toml_located};
 pub use forward::{FORWARD_SYNTAX, parse_forward, set_connect_timeout};
+pub use ports::PortRange;
 pub use settings::{
     ConnSettings, Kind, SctpSettings, SettingKey, Settings, TcpSettings, Tuning, UdpSettings,
 };
@@ -141,8 +143,12 @@ pub struct Rule {
     /// Unique; names the rule in logs, status and metrics.
     pub name: String,
     pub protocol: Protocol,
-    /// The address to bind inside each listen namespace.
+    /// The address to bind inside each listen namespace; with a port
+    /// range, its first port (or, in a binding's rule, its port).
     pub listen: SocketAddr,
+    /// `listen` is a port range: one binding per port
+    /// ([`Rule::per_port`]). `None`: one port.
+    pub ports: Option<PortRange>,
     /// The namespaces to listen in; no two entries are textually equal.
     pub netns: Vec<NsRef>,
     pub upstream: SocketAddr,
@@ -215,6 +221,7 @@ impl Rule {
             name,
             protocol: settings.protocol(),
             listen,
+            ports: None,
             netns,
             upstream,
             upstream_netns,

@@ -4,6 +4,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+pub(crate) use super::ports::check_range;
+use super::ports::parse_ports;
 use super::{OnDelete, Problem, Protocol, ProxyProtocol, Rule};
 use crate::netns::NsRef;
 
@@ -39,6 +41,37 @@ pub(crate) fn check_listen(s: &str) -> Result<SocketAddr, String> {
             "invalid listen address \"{s}\": expected IP:PORT, such as 0.0.0.0:8000, 127.0.0.1:8000 or [::]:8000"
         )
     })
+}
+
+/// A rule's `listen`: `IP:PORT`, or `IP:FIRST-LAST` for a port range (the
+/// address with the first port, and the last).
+pub(crate) fn check_listen_ports(s: &str) -> Result<(SocketAddr, Option<u16>), String> {
+    parse_ports(s).map_err(|m| {
+        if m.is_empty() {
+            format!(
+                "invalid listen address \"{s}\": expected IP:PORT, such as 0.0.0.0:8000, 127.0.0.1:8000 or [::]:8000"
+            )
+        } else {
+            format!("invalid listen address \"{s}\": {m}")
+        }
+    })
+}
+
+/// A rule's `upstream`: as [`check_upstream`], or `IP:FIRST-LAST`.
+pub(crate) fn check_upstream_ports(s: &str) -> Result<(SocketAddr, Option<u16>), String> {
+    let (addr, last) = parse_ports(s).map_err(|m| {
+        if m.is_empty() {
+            format!(
+                "invalid upstream address \"{s}\": expected IP:PORT such as 127.0.0.1:9000 or [::1]:9000 (host names are not resolved)"
+            )
+        } else {
+            format!("invalid upstream address \"{s}\": {m}")
+        }
+    })?;
+    match last {
+        None => check_upstream(s).map(|a| (a, None)),
+        Some(_) => check_upstream(&addr.to_string()).map(|a| (a, last)),
+    }
 }
 
 pub(crate) fn check_upstream(s: &str) -> Result<SocketAddr, String> {
@@ -185,21 +218,35 @@ pub(crate) fn check_rules<'a>(
             let here = netns_locs
                 .get(j)
                 .map_or(rule.origin.as_str(), |l| l.as_str());
-            match binds.entry((rule.protocol, ns, rule.listen)) {
-                std::collections::hash_map::Entry::Occupied(e) => {
-                    let (other, at) = e.get();
-                    problems.push(Problem {
-                        location: here.to_owned(),
-                        rule: Some(rule.name.clone()),
-                        key: Some(format!("netns[{j}]")),
-                        message: format!(
-                            "{} {} in namespace \"{ns}\" is already used by rule {other} (at {at})",
-                            rule.protocol, rule.listen
-                        ),
-                    });
-                }
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert((&rule.name, here));
+            // Each port of a range is its own bind: two ranges that share
+            // one port clash there, reported once per namespace entry.
+            for port in rule
+                .ports
+                .map_or(rule.listen.port()..=rule.listen.port(), |r| r.ports())
+            {
+                let mut addr = rule.listen;
+                addr.set_port(port);
+                match binds.entry((rule.protocol, ns, addr)) {
+                    std::collections::hash_map::Entry::Occupied(e) => {
+                        let (other, at) = e.get();
+                        let what = match rule.ports {
+                            Some(r) => format!("{addr} (of the range {r})"),
+                            None => addr.to_string(),
+                        };
+                        problems.push(Problem {
+                            location: here.to_owned(),
+                            rule: Some(rule.name.clone()),
+                            key: Some(format!("netns[{j}]")),
+                            message: format!(
+                                "{} {what} in namespace \"{ns}\" is already used by rule {other} (at {at})",
+                                rule.protocol
+                            ),
+                        });
+                        break;
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert((&rule.name, here));
+                    }
                 }
             }
         }

@@ -66,9 +66,9 @@ fn print_common(text: &mut String, rule: &Rule) {
         "[[proxy]]\nname = \"{}\"\nprotocol = \"{}\"\nlisten = \"{}\"\nnetns = {}\nupstream = \"{}\"\nupstream_netns = \"{}\"\non_netns_delete = \"{}\"",
         rule.name,
         rule.protocol,
-        rule.listen,
+        rule.listen_text(),
         list(&rule.netns),
-        rule.upstream,
+        rule.upstream_text(),
         rule.upstream_netns,
         rule.on_netns_delete,
     )
