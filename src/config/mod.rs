@@ -16,6 +16,8 @@
 //!   checks;
 //! - `file`: the TOML front end ([`parse_toml`]); `forward`: the one-line
 //!   form ([`parse_forward`]);
+//! - `ports`: port ranges ([`PortRange`]) and the one rule per port that
+//!   bindings run ([`Rule::per_port`]);
 //! - [`check`]: what `nsproxy check` says about the namespaces a config
 //!   names.
 
@@ -146,8 +148,10 @@ pub struct Rule {
     /// The address to bind inside each listen namespace; with a port
     /// range, its first port (or, in a binding's rule, its port).
     pub listen: SocketAddr,
-    /// `listen` is a port range: one binding per port
-    /// ([`Rule::per_port`]). `None`: one port.
+    /// `listen` is a port range: one binding per port. A
+    /// [`Binding`](crate::proxy::Binding) serves one port, that of its
+    /// rule's `listen`: make bindings from [`Rule::per_port`] (the server
+    /// does). `None`: one port.
     pub ports: Option<PortRange>,
     /// The namespaces to listen in; no two entries are textually equal.
     pub netns: Vec<NsRef>,
