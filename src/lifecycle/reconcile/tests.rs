@@ -732,3 +732,20 @@ fn a_shifted_port_to_port_mapping_reopens_the_ports_whose_upstream_moved() {
     let plan = reload(&m, desired(&rules(&range_rule("10-11", "30-31")), &[]));
     assert_eq!(plan.report.replaced, 2);
 }
+
+#[test]
+fn a_namespace_that_comes_and_goes_opens_and_closes_every_port_of_a_range() {
+    let toml = range_rule("10-12", "7").replace("\"a\"", "\"web-*\"");
+    let (mut m, rs) = started(&toml, &[]);
+    assert!(m.is_empty());
+    let acts = events(&m, &rs, &[NsEvent::Appeared("web-1".into())]);
+    let opened: Vec<Option<u16>> = opens(&acts).iter().map(|o| o.key.0.port).collect();
+    assert_eq!(opened, [Some(10), Some(11), Some(12)]);
+    apply(&mut m, &acts);
+    let acts = events(&m, &rs, &[NsEvent::Gone("web-1".into())]);
+    let closed = acts
+        .iter()
+        .filter(|a| matches!(a, Action::Close { .. }))
+        .count();
+    assert_eq!(closed, 3, "{acts:?}");
+}
