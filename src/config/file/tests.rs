@@ -522,3 +522,25 @@ upstream = "[::1]:9"
     assert_eq!(p.len(), 1, "{p:?}");
     assert!(p[0].starts_with("t.toml:13:10: rule single: `netns[0]`: udp [::]:5010 in namespace \"ns1\" is already used by rule range"), "{p:?}");
 }
+
+#[test]
+fn a_range_over_an_earlier_single_port_names_that_port() {
+    let rule = |name: &str, listen: &str, netns: &str| {
+        format!(
+            "[[proxy]]\nname = \"{name}\"\nprotocol = \"tcp\"\nlisten = \"{listen}\"\nnetns = [{netns}]\nupstream = \"[::1]:9\"\n"
+        )
+    };
+    let text = [
+        rule("single", "[::]:8042", "\"a\""),
+        rule("other-address", "127.0.0.1:8000-8100", "\"a\""),
+        rule("range", "[::]:8000-8100", "\"b\", \"a\""),
+        rule("elsewhere", "[::]:8000-8100", "\"c\""),
+    ]
+    .concat();
+    assert_eq!(
+        problems(&text),
+        vec![
+            "t.toml:17:15: rule range: `netns[1]`: tcp [::]:8042 (of the range 8000-8100) in namespace \"a\" is already used by rule single (at t.toml:5:10)",
+        ]
+    );
+}
