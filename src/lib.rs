@@ -22,7 +22,7 @@
 //!   [`proxy::udp`], [`proxy::sctp`]); idle listeners wait without a task,
 //!   parked in one epoll set.
 //! - [`lifecycle`]: turns a [`config::Config`] into running bindings (one
-//!   rule in one namespace each), follows namespaces as they come and go,
+//!   rule in one namespace each, and one per port of a port range), follows namespaces as they come and go,
 //!   applies reloads as a difference, reports state, and shuts down
 //!   gracefully. Its decisions are pure functions (`desired`, `reconcile`,
 //!   `retry`) that a thin shell (`apply`, `leases`) carries out on sockets;

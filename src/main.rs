@@ -384,7 +384,11 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
             config::check::NsReport {
-                bindings: config.rules.iter().map(|r| r.netns.len()).sum(),
+                bindings: config
+                    .rules
+                    .iter()
+                    .map(|r| r.netns.len() * r.port_count())
+                    .sum(),
                 ..Default::default()
             }
         }

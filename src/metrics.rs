@@ -223,23 +223,21 @@ fn escape(v: &str) -> String {
 /// Renders `s` as Prometheus text.
 pub fn render(s: &Status) -> String {
     let mut out = String::with_capacity(256 + s.bindings.len() * 1024);
-    let labels = |rule: &str, netns: &str, protocol: &str| {
+    // A port of a range is a binding of its own: its series carry `port`
+    // (a rule without a range keeps the series it always had).
+    let labels = |b: &crate::status::BindingReport| {
+        let port = b.port.map(|p| format!(",port=\"{p}\"")).unwrap_or_default();
         format!(
-            "rule=\"{}\",netns=\"{}\",protocol=\"{}\"",
-            escape(rule),
-            escape(netns),
-            escape(protocol)
+            "rule=\"{}\",netns=\"{}\",protocol=\"{}\"{port}",
+            escape(&b.rule),
+            escape(&b.netns),
+            escape(&b.protocol)
         )
     };
     for (name, kind, help, get) in SERIES {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for b in &s.bindings {
-            let _ = writeln!(
-                out,
-                "{name}{{{}}} {}",
-                labels(&b.rule, &b.netns, &b.protocol),
-                get(&b.counters)
-            );
+            let _ = writeln!(out, "{name}{{{}}} {}", labels(b), get(&b.counters));
         }
     }
     let _ = writeln!(
@@ -251,7 +249,7 @@ pub fn render(s: &Status) -> String {
             let _ = writeln!(
                 out,
                 "nsproxy_binding_state{{{},state=\"{state}\"}} {}",
-                labels(&b.rule, &b.netns, &b.protocol),
+                labels(b),
                 u8::from(*is == Some(b.state))
             );
         }
@@ -478,6 +476,7 @@ mod tests {
                 max_connections: None,
                 reason: None,
                 listen: "[::]:1".into(),
+                port: None,
                 local: None,
                 upstream: "127.0.0.1:2".into(),
                 upstream_netns: "host".into(),
@@ -487,6 +486,16 @@ mod tests {
                 },
             }],
         };
+        let mut ranged = s.bindings[0].clone();
+        ranged.port = Some(10005);
+        ranged.state = BindingState::Failed;
+        let mut with_range = s.clone();
+        with_range.bindings.push(ranged);
+        let text = render(&with_range);
+        assert!(
+            text.contains("protocol=\"tcp\",port=\"10005\",state=\"failed\"} 1"),
+            "{text}"
+        );
         let text = render(&s);
         assert!(text.contains("nsproxy_connections_accepted_total{rule=\"r\",netns=\"/weird\\\"path\\\\x\",protocol=\"tcp\"} 5"), "{text}");
         assert!(text.contains("state=\"listening\"} 1"));

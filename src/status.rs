@@ -70,8 +70,13 @@ pub struct BindingReport {
     /// Why it is not listening, for `waiting`, `failed` and `same_namespace`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<String>,
-    /// The configured listen address.
+    /// The configured listen address (for a port range, this binding's
+    /// port of it).
     pub listen: String,
+    /// For a rule with a port range, which of its listen ports this binding
+    /// is; each port listens and fails on its own.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub port: Option<u16>,
     /// The bound address (the real port when `listen` said 0).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub local: Option<String>,
@@ -307,7 +312,11 @@ pub fn table(s: &Status) -> String {
             None => b.state.to_string(),
         };
         rows.push(vec![
-            b.rule.clone(),
+            // One row per port of a range: the port says which failed.
+            match b.port {
+                Some(p) => format!("{}[{p}]", b.rule),
+                None => b.rule.clone(),
+            },
             b.protocol.clone(),
             b.netns.clone(),
             state,

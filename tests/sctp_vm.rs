@@ -916,3 +916,33 @@ fn a_port_below_1024_with_extra_addresses_is_bound_by_the_broker() {
         }
     })
 }
+
+/// A port range of SCTP listeners, below 1024 and multi-homed: each port is
+/// a binding of its own, bound by the broker at every address.
+#[test]
+fn a_port_range_listens_on_every_port_at_every_address() {
+    as_sctp(|| {
+        let s = Scenario::with(&["a", "b"]);
+        s.ns("a").add_lo_addr("127.0.0.2/8");
+        with_echo(s.ns("b")).unwrap();
+        let d = s
+            .rule(
+                rule("range")
+                    .listen("127.0.0.1:1020-1027")
+                    .netns(["a"])
+                    .upstream_in("b", "127.0.0.1:9000")
+                    .extra("sctp_listen_addrs = [\"127.0.0.2\"]"),
+            )
+            .start();
+        let log = d.ready_log();
+        assert!(log.contains("ready: 8 of 8 binding(s)"), "{log}");
+        for port in 1020..=1027 {
+            for ip in ["127.0.0.1", "127.0.0.2"] {
+                let addr = format!("{ip}:{port}");
+                let c = d.ns("a").sctp_connect_when_ready(&addr);
+                send(&c, addr.as_bytes(), 1, 7).unwrap();
+                assert_eq!(recv(&c).unwrap().unwrap().data, addr.as_bytes());
+            }
+        }
+    })
+}

@@ -159,6 +159,16 @@ impl RulePolicy {
             }
     }
 
+    /// Whether `a` is one of the rule's listen addresses; with a port
+    /// range, at any port of it (`addrs` holds them at its first port).
+    fn binds(&self, a: &SocketAddr) -> bool {
+        let mut at_first = *a;
+        if let Some(r) = self.rule.ports.filter(|r| r.contains(a.port())) {
+            at_first.set_port(r.first);
+        }
+        self.addrs.contains(&at_first)
+    }
+
     fn connects_from(&self, r: &NsRef) -> bool {
         self.rule.upstream_netns == *r
     }
@@ -287,9 +297,7 @@ impl Policy {
         let ok = !addrs.is_empty()
             && refs.iter().any(|r| {
                 self.candidates(r).any(|p| {
-                    p.listen == *spec
-                        && addrs.iter().all(|a| p.addrs.contains(a))
-                        && p.listens_in(r)
+                    p.listen == *spec && addrs.iter().all(|a| p.binds(a)) && p.listens_in(r)
                 })
             });
         if ok {
@@ -455,6 +463,24 @@ mod tests {
         let e = p.allows_bind(&ns1, &tcp6, &[a("[::]:81")]).unwrap_err();
         assert!(e.to_string().contains("[::]:81"), "{e}");
         assert!(p.allows_bind(&ns1, &tcp6, &[]).is_err());
+    }
+
+    #[test]
+    fn binds_at_every_port_of_a_range_privileged_ones_too() {
+        let p = forward(&["tcp:[::]:1000-1100@ns1=127.0.0.1:8080"]);
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let tcp6 = SocketSpec::tcp(&a("[::]:0"));
+        let ns1: BTreeSet<NsRef> = [r("ns1")].into();
+        for ok in ["[::]:1000", "[::]:1023", "[::]:1100"] {
+            assert_eq!(p.allows_bind(&ns1, &tcp6, &[a(ok)]), Ok(()), "{ok}");
+        }
+        for bad in ["[::]:999", "[::]:1101", "[::1]:1050"] {
+            assert!(p.allows_bind(&ns1, &tcp6, &[a(bad)]).is_err(), "{bad}");
+        }
+        assert!(
+            p.capabilities()
+                .contains(&crate::privsep::Cap::NetBindService)
+        );
     }
 
     #[test]

@@ -58,6 +58,11 @@ pub struct NsReport {
     pub patterns: usize,
     /// How many of [`NsReport::bindings`] come from patterns only.
     pub from_patterns: usize,
+    /// Rules whose `listen` is a port range (each port is a binding in
+    /// each of its namespaces).
+    pub ranges: usize,
+    /// The ports of those ranges, together.
+    pub range_ports: usize,
 }
 
 impl NsReport {
@@ -72,6 +77,12 @@ impl NsReport {
     /// The line `check` ends with, after `FILE: OK: `.
     pub fn summary(&self, rules: usize) -> String {
         let mut s = format!("{rules} rule(s), {} binding(s)", self.bindings);
+        if self.ranges > 0 {
+            s.push_str(&format!(
+                " ({} port range(s) of {} port(s) together: one binding per port in each namespace)",
+                self.ranges, self.range_ports
+            ));
+        }
         if self.patterns > 0 {
             s.push_str(&format!(
                 " ({} from {} pattern(s) over the names in /run/netns now; patterns follow names as they come and go)",
@@ -202,6 +213,20 @@ impl<'a> Checker<'a> {
 
     /// The rule's `upstream_netns`, then each of its `netns` entries.
     fn rule(&mut self, rule: &'a super::Rule, at: Option<&RuleLocations>) {
+        let (bindings, from_patterns) = (self.report.bindings, self.report.from_patterns);
+        self.namespaces(rule, at);
+        // Each port of a range is a binding of its own in every namespace.
+        let ports = rule.port_count();
+        if rule.ports.is_some() {
+            let r = &mut self.report;
+            r.ranges += 1;
+            r.range_ports += ports;
+            r.bindings = bindings + (r.bindings - bindings) * ports;
+            r.from_patterns = from_patterns + (r.from_patterns - from_patterns) * ports;
+        }
+    }
+
+    fn namespaces(&mut self, rule: &'a super::Rule, at: Option<&RuleLocations>) {
         let up = Entry {
             rule,
             location: at.and_then(|l| l.upstream_netns.as_ref()),
@@ -372,6 +397,23 @@ upstream_netns = "pid:77"
                 .collect()
         });
         (r, lookups)
+    }
+
+    #[test]
+    fn a_range_counts_a_binding_per_port_and_namespace() {
+        let text = TEXT.replace("127.0.0.1:80", "127.0.0.1:8000-8099");
+        let (config, locations) = parse_toml_located(&text, "t.toml").unwrap();
+        let names = ["tenant-1".to_owned()];
+        let r = check_namespaces(&config, &locations, &names, |refs| {
+            refs.iter().map(|_| Ok(NsId { dev: 1, ino: 1 })).collect()
+        });
+        // host, tenant-1, gone, /run/netns/t1, t1: five namespaces × 100 ports.
+        assert_eq!((r.bindings, r.from_patterns), (500, 100));
+        assert!(
+            r.summary(1).starts_with("1 rule(s), 500 binding(s) (1 port range(s) of 100 port(s) together: one binding per port in each namespace)"),
+            "{}",
+            r.summary(1)
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use super::{
-    Config, ConfigError, Problem, Rule, Settings, check_listen, check_netns, check_protocol,
-    check_rules, check_upstream, check_upstream_netns,
+    Config, ConfigError, Problem, Rule, Settings, check_listen_ports, check_netns, check_protocol,
+    check_range, check_rules, check_upstream_netns, check_upstream_ports,
 };
 use crate::netns::NsRef;
 
@@ -82,8 +82,12 @@ fn rule(
         })
     };
     let protocol = check_protocol(parts.proto).map_err(|m| bad("protocol", m));
-    let listen = check_listen(parts.listen).map_err(|m| bad("listen", m));
-    let upstream = check_upstream(parts.upstream).map_err(|m| bad("upstream", m));
+    let listen = check_listen_ports(parts.listen).map_err(|m| bad("listen", m));
+    let upstream = check_upstream_ports(parts.upstream).map_err(|m| bad("upstream", m));
+    let ports = match (listen, upstream) {
+        (Ok(l), Ok(u)) => check_range(l, u).map_err(|m| bad("upstream", m)),
+        _ => Ok(None),
+    };
     let upstream_netns = parts
         .upstream_ns
         .map_or(Ok(NsRef::Host), check_upstream_netns)
@@ -108,20 +112,22 @@ fn rule(
             }
         }
     }
-    let (Ok(protocol), Ok(listen), Ok(upstream), Ok(upstream_netns), true) =
-        (protocol, listen, upstream, upstream_netns, netns_ok)
+    let (Ok(protocol), Ok(listen), Ok(upstream), Ok(ports), Ok(upstream_netns), true) =
+        (protocol, listen, upstream, ports, upstream_netns, netns_ok)
     else {
         return None;
     };
-    Some(Rule::new(
+    let mut rule = Rule::new(
         name,
-        listen,
+        listen.0,
         netns,
-        upstream,
+        upstream.0,
         upstream_netns,
         Settings::defaults(protocol),
         location.to_owned(),
-    ))
+    );
+    rule.ports = ports;
+    Some(rule)
 }
 
 /// Sets `connect_timeout` (`nsproxy forward --connect-timeout`) on every

@@ -16,12 +16,15 @@
 //!   checks;
 //! - `file`: the TOML front end ([`parse_toml`]); `forward`: the one-line
 //!   form ([`parse_forward`]);
+//! - `ports`: port ranges ([`PortRange`]) and the one rule per port that
+//!   bindings run ([`Rule::per_port`]);
 //! - [`check`]: what `nsproxy check` says about the namespaces a config
 //!   names.
 
 pub mod check;
 mod file;
 mod forward;
+mod ports;
 pub mod settings;
 #[cfg(test)]
 mod strategies;
@@ -37,6 +40,7 @@ use crate::sctp::Streams;
 
 pub use file::{RuleLocations, parse_toml, parse_toml_located};
 pub use forward::{FORWARD_SYNTAX, parse_forward, set_connect_timeout};
+pub use ports::PortRange;
 pub use settings::{
     ConnSettings, Kind, SctpSettings, SettingKey, Settings, TcpSettings, Tuning, UdpSettings,
 };
@@ -141,8 +145,14 @@ pub struct Rule {
     /// Unique; names the rule in logs, status and metrics.
     pub name: String,
     pub protocol: Protocol,
-    /// The address to bind inside each listen namespace.
+    /// The address to bind inside each listen namespace; with a port
+    /// range, its first port (or, in a binding's rule, its port).
     pub listen: SocketAddr,
+    /// `listen` is a port range: one binding per port. A
+    /// [`Binding`](crate::proxy::Binding) serves one port, that of its
+    /// rule's `listen`: make bindings from [`Rule::per_port`] (the server
+    /// does). `None`: one port.
+    pub ports: Option<PortRange>,
     /// The namespaces to listen in; no two entries are textually equal.
     pub netns: Vec<NsRef>,
     pub upstream: SocketAddr,
@@ -215,6 +225,7 @@ impl Rule {
             name,
             protocol: settings.protocol(),
             listen,
+            ports: None,
             netns,
             upstream,
             upstream_netns,

@@ -1,9 +1,12 @@
 //! The value checks both front ends share, each returning the message a
 //! user reads, and the checks that hold across rules.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+pub(crate) use super::ports::check_range;
+use super::ports::parse_ports;
 use super::{OnDelete, Problem, Protocol, ProxyProtocol, Rule};
 use crate::netns::NsRef;
 
@@ -39,6 +42,37 @@ pub(crate) fn check_listen(s: &str) -> Result<SocketAddr, String> {
             "invalid listen address \"{s}\": expected IP:PORT, such as 0.0.0.0:8000, 127.0.0.1:8000 or [::]:8000"
         )
     })
+}
+
+/// A rule's `listen`: `IP:PORT`, or `IP:FIRST-LAST` for a port range (the
+/// address with the first port, and the last).
+pub(crate) fn check_listen_ports(s: &str) -> Result<(SocketAddr, Option<u16>), String> {
+    parse_ports(s).map_err(|m| {
+        if m.is_empty() {
+            format!(
+                "invalid listen address \"{s}\": expected IP:PORT, such as 0.0.0.0:8000, 127.0.0.1:8000 or [::]:8000"
+            )
+        } else {
+            format!("invalid listen address \"{s}\": {m}")
+        }
+    })
+}
+
+/// A rule's `upstream`: as [`check_upstream`], or `IP:FIRST-LAST`.
+pub(crate) fn check_upstream_ports(s: &str) -> Result<(SocketAddr, Option<u16>), String> {
+    let (addr, last) = parse_ports(s).map_err(|m| {
+        if m.is_empty() {
+            format!(
+                "invalid upstream address \"{s}\": expected IP:PORT such as 127.0.0.1:9000 or [::1]:9000 (host names are not resolved)"
+            )
+        } else {
+            format!("invalid upstream address \"{s}\": {m}")
+        }
+    })?;
+    match last {
+        None => check_upstream(s).map(|a| (a, None)),
+        Some(_) => check_upstream(&addr.to_string()).map(|a| (a, last)),
+    }
 }
 
 pub(crate) fn check_upstream(s: &str) -> Result<SocketAddr, String> {
@@ -164,9 +198,15 @@ pub(crate) fn check_rules<'a>(
     problems: &mut Vec<Problem>,
 ) {
     // The first use of a name or a (protocol, namespace, address) wins,
-    // later ones are reported with where the first is.
+    // later ones are reported with where the first is. Binds are kept by
+    // address without its port, single ports in order and ranges as
+    // ranges, so that a wide range in many namespaces costs one entry per
+    // namespace, not one per port, to record and to look up.
+    type Bind<'a> = (Protocol, &'a NsRef, SocketAddr);
     let mut names: std::collections::HashMap<&str, &str> = Default::default();
-    let mut binds: std::collections::HashMap<(Protocol, &NsRef, SocketAddr), (&str, &str)> =
+    let mut singles: std::collections::HashMap<Bind<'_>, BTreeMap<u16, (&str, &str)>> =
+        Default::default();
+    let mut ranges: std::collections::HashMap<Bind<'_>, Vec<(u16, u16, &str, &str)>> =
         Default::default();
     for (rule, name_loc, netns_locs) in rules {
         if let Some(first) = names.insert(&rule.name, &rule.origin) {
@@ -181,26 +221,63 @@ pub(crate) fn check_rules<'a>(
             });
             names.insert(&rule.name, first);
         }
+        let (first, last) = rule
+            .ports
+            .map_or((rule.listen.port(), rule.listen.port()), |r| {
+                (r.first, r.last)
+            });
+        let mut portless = rule.listen;
+        portless.set_port(0);
+        let at = |port: u16| {
+            let mut a = rule.listen;
+            a.set_port(port);
+            a
+        };
         for (j, ns) in rule.netns.iter().enumerate() {
             let here = netns_locs
                 .get(j)
                 .map_or(rule.origin.as_str(), |l| l.as_str());
-            match binds.entry((rule.protocol, ns, rule.listen)) {
-                std::collections::hash_map::Entry::Occupied(e) => {
-                    let (other, at) = e.get();
-                    problems.push(Problem {
-                        location: here.to_owned(),
-                        rule: Some(rule.name.clone()),
-                        key: Some(format!("netns[{j}]")),
-                        message: format!(
-                            "{} {} in namespace \"{ns}\" is already used by rule {other} (at {at})",
-                            rule.protocol, rule.listen
-                        ),
-                    });
-                }
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert((&rule.name, here));
-                }
+            let bucket = (rule.protocol, ns, portless);
+            // The first port another rule already listens on here, and who.
+            let in_ranges = ranges.get(&bucket).and_then(|list| {
+                list.iter()
+                    .find(|(f, l, ..)| *f <= last && first <= *l)
+                    .map(|(f, _, other, loc)| (first.max(*f), *other, *loc))
+            });
+            let in_singles = singles.get(&bucket).and_then(|ports| {
+                ports
+                    .range(first..=last)
+                    .next()
+                    .map(|(p, (other, loc))| (*p, *other, *loc))
+            });
+            let clash = match (in_ranges, in_singles) {
+                (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+                (a, b) => a.or(b),
+            };
+            if let Some((port, other, loc)) = clash {
+                let what = match rule.ports {
+                    Some(r) => format!("{} (of the range {r})", at(port)),
+                    None => at(port).to_string(),
+                };
+                problems.push(Problem {
+                    location: here.to_owned(),
+                    rule: Some(rule.name.clone()),
+                    key: Some(format!("netns[{j}]")),
+                    message: format!(
+                        "{} {what} in namespace \"{ns}\" is already used by rule {other} (at {loc})",
+                        rule.protocol
+                    ),
+                });
+            } else if rule.ports.is_some() {
+                ranges
+                    .entry(bucket)
+                    .or_default()
+                    .push((first, last, &rule.name, here));
+            } else {
+                singles
+                    .entry(bucket)
+                    .or_default()
+                    .insert(first, (&rule.name, here));
             }
         }
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::task::{Id, JoinError, JoinSet};
 use tracing::{error, info, warn};
 
-use super::desired::Key;
+use super::desired::{self, Key, Slot};
 use super::reconcile::{
     self, Action, CloseMode, CloseWhy, Open, OpenFailure, Resolved, Verdict, WaitReason,
 };
@@ -95,7 +95,7 @@ impl Supervisor {
         };
         if let State::Listening { live, .. } = &entry.state {
             self.by_ns
-                .remove(&(live.binding.rule.name.clone(), live.binding.ns));
+                .remove(&(Slot::of(&live.binding.rule), live.binding.ns));
         }
         entry.state = state;
     }
@@ -124,7 +124,7 @@ impl Supervisor {
                 self.parking.stop(b, StopMode::Drain);
             }
         }
-        self.by_ns.remove(&(b.rule.name.clone(), b.ns));
+        self.by_ns.remove(&(Slot::of(&b.rule), b.ns));
         // Its upstream namespace is given back once the binding is gone.
     }
 
@@ -208,7 +208,7 @@ impl Supervisor {
         let look = |r: &NsRef| Resolved::of(r, chunk.resolved.get(r));
         let (listen, upstream) = (look(&netns), look(&rule.upstream_netns));
         let serving = match &listen {
-            Resolved::Id(ns) => self.by_ns.get(&(rule.name.clone(), *ns)).cloned(),
+            Resolved::Id(ns) => self.by_ns.get(&(Slot::of(&rule), *ns)).cloned(),
             _ => None,
         };
         let verdict = reconcile::verdict(&rule, &netns, listen, upstream, serving.as_ref());
@@ -260,7 +260,7 @@ impl Supervisor {
             self.sockets.clone(),
             Some(lease),
         ));
-        self.by_ns.insert((rule.name.clone(), ns), netns.clone());
+        self.by_ns.insert((Slot::of(rule), ns), netns.clone());
         let b = binding.clone();
         let task = chunk
             .pending
@@ -274,12 +274,12 @@ impl Supervisor {
     /// listening one closes (draining), one being opened is dropped when its
     /// listener is made.
     fn demote(&mut self, rule: &Rule, loser: &NsRef, winner: &NsRef, ns: NsId) {
-        let key = (rule.name.clone(), loser.clone());
+        let key = desired::key(rule, loser.clone());
         let why = CloseWhy::SameAs {
             winner: winner.clone(),
         };
         self.close(&key, CloseMode::Drain, &why);
-        self.by_ns.remove(&(rule.name.clone(), ns));
+        self.by_ns.remove(&(Slot::of(rule), ns));
         if let Some(e) = self.entries.get_mut(&key) {
             info!(rule = %rule.name, netns = %loser, "{why}: serving it as \"{winner}\"");
             e.state = State::SameAs(winner.clone());
@@ -293,7 +293,7 @@ impl Supervisor {
         result: Result<Listener, OpenError>,
         retried: &HashMap<Key, u32>,
     ) {
-        let key = (binding.rule.name.clone(), binding.netns.clone());
+        let key = desired::key(&binding.rule, binding.netns.clone());
         if !matches!(
             self.entries.get(&key),
             Some(Entry {
@@ -336,7 +336,7 @@ impl Supervisor {
             Err(OpenError::Listen(e)) => OpenFailure::Other(e.to_string()),
             Err(OpenError::Task(msg)) => OpenFailure::Panicked(msg),
         };
-        self.by_ns.remove(&(b.rule.name.clone(), b.ns));
+        self.by_ns.remove(&(Slot::of(&b.rule), b.ns));
         let attempts = retried.get(&key).copied().unwrap_or(0);
         match &failure {
             OpenFailure::AddressMissing(e) if attempts == 0 => {

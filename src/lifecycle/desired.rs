@@ -7,11 +7,56 @@ use std::sync::Arc;
 use crate::config::Rule;
 use crate::netns::NsRef;
 
-/// A binding's identity: (rule name, namespace reference). A rule with a
-/// glob has one key per matching name.
-pub(crate) type Key = (String, NsRef);
+/// Which of a rule's bindings a key is, besides its namespace: the rule's
+/// name and, for a port range, the listen port (each port of a range is a
+/// binding of its own, which listens, fails and is reloaded alone).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Slot {
+    pub name: String,
+    pub port: Option<u16>,
+}
 
-/// The bindings `rules` ask for when the names in `names` exist, in
+impl Slot {
+    /// The slot of a binding's rule (one of [`Rule::per_port`]'s).
+    pub(crate) fn of(rule: &Rule) -> Slot {
+        Slot {
+            name: rule.name.clone(),
+            port: rule.range_port(),
+        }
+    }
+}
+
+/// A rule without a range, for tests.
+#[cfg(test)]
+impl From<&str> for Slot {
+    fn from(name: &str) -> Slot {
+        Slot {
+            name: name.to_owned(),
+            port: None,
+        }
+    }
+}
+
+/// A binding's identity: (rule and port, namespace reference). A rule with
+/// a glob has one key per matching name.
+pub(crate) type Key = (Slot, NsRef);
+
+/// The key of the binding of `rule` (one of [`Rule::per_port`]'s) in `ns`.
+pub(crate) fn key(rule: &Rule, ns: NsRef) -> Key {
+    (Slot::of(rule), ns)
+}
+
+/// The rules as bindings run them: one per port of a range
+/// ([`Rule::per_port`]), in configuration order.
+pub(crate) fn per_port(rules: &[Rule]) -> Vec<Arc<Rule>> {
+    rules
+        .iter()
+        .flat_map(Rule::per_port)
+        .map(Arc::new)
+        .collect()
+}
+
+/// The bindings `rules` (one per port, [`per_port`]) ask for when the names in `names` exist, in
 /// configuration order (rule, then its `netns` list; a glob's matches in
 /// the order of `names`), each key once.
 pub(crate) fn desired(rules: &[Arc<Rule>], names: &[String]) -> Vec<(Key, Arc<Rule>)> {
@@ -28,7 +73,7 @@ pub(crate) fn desired(rules: &[Arc<Rule>], names: &[String]) -> Vec<(Key, Arc<Ru
                 other => vec![other.clone()],
             };
             for r in refs {
-                let key = (rule.name.clone(), r);
+                let key = key(rule, r);
                 if seen.insert(key.clone()) {
                     out.push((key, rule.clone()));
                 }

@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use self::desired::Key;
+use self::desired::{Key, Slot};
 use self::reconcile::{FailReason, Phase, View, WaitReason};
 use crate::config::{self, Config, Rule};
 use crate::netns::discovery::{Discovery, NsEvent};
@@ -286,7 +286,8 @@ impl Drop for Live {
 }
 
 struct Supervisor {
-    /// The rules of `config`, shared with the bindings made from them.
+    /// The rules of `config`, one per port of a range, shared with the
+    /// bindings made from them.
     rules: Vec<Arc<Rule>>,
     config: Config,
     /// Where namespaces are resolved and listeners made.
@@ -298,9 +299,9 @@ struct Supervisor {
     started: Instant,
     discovery: Option<Discovery>,
     entries: HashMap<Key, Entry>,
-    /// (rule, namespace) → the reference it listens under: finds a second
-    /// reference to a namespace the rule already serves.
-    by_ns: HashMap<(String, NsId), NsRef>,
+    /// (rule and port, namespace) → the reference it listens under: finds
+    /// a second reference to a namespace the rule already serves.
+    by_ns: HashMap<(Slot, NsId), NsRef>,
     /// Bindings to open again later: their listen address is not (yet)
     /// configured in their namespace, or their listener was lost.
     retry: retry::Schedule,
@@ -481,7 +482,7 @@ impl Supervisor {
     /// closes (draining), what changed is replaced, the rest is untouched.
     async fn apply_config(&mut self, mut new: Config) -> ReloadReport {
         self.take_settings(&mut new);
-        self.rules = new.rules.iter().cloned().map(Arc::new).collect();
+        self.rules = desired::per_port(&new.rules);
         self.config = new;
         let desired = desired::desired(&self.rules, &self.known_names());
         let plan = reconcile::reload(&self.entries, desired);
@@ -564,7 +565,7 @@ impl Supervisor {
     /// next retry round if its socket went, failed if its task panicked;
     /// either only if the binding is still the one listening.
     async fn on_lost(&mut self, lost: Lost) {
-        let key = (lost.binding.rule.name.clone(), lost.binding.netns.clone());
+        let key = desired::key(&lost.binding.rule, lost.binding.netns.clone());
         let Some(Entry {
             state: State::Listening { live, .. },
             ..

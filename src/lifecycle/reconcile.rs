@@ -16,7 +16,7 @@ use crate::netns::{NsError, NsId, NsRef};
 use crate::status::ReloadReport;
 
 pub(crate) use super::desired::Key;
-use super::desired::{Change, compare, listed_before, listens_in};
+use super::desired::{Change, compare, key, listed_before, listens_in};
 
 /// Where an entry is, as far as decisions go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,7 +309,7 @@ impl<V: View> Batch<'_, V> {
         let named = NsRef::Named(name.to_owned());
         let mut upstream_of = HashSet::new();
         for rule in rules {
-            let key = (rule.name.clone(), named.clone());
+            let key = key(rule, named.clone());
             if listens_in(rule, name) && matches!(self.phase(&key), None | Some(Phase::Waiting)) {
                 self.opens.insert(key, rule.clone());
             }
@@ -324,7 +324,7 @@ impl<V: View> Batch<'_, V> {
             return;
         }
         for (k, e) in self.entries {
-            if upstream_of.contains(k.0.as_str())
+            if upstream_of.contains(k.0.name.as_str())
                 && k.1 != named
                 && self.phase(k) == Some(Phase::Waiting)
             {
@@ -341,7 +341,7 @@ impl<V: View> Batch<'_, V> {
         let mut affected: Vec<(Key, Arc<Rule>, bool)> = Vec::new();
         let mut upstream_of = HashSet::new();
         for rule in rules {
-            let key = (rule.name.clone(), named.clone());
+            let key = key(rule, named.clone());
             if self.phase(&key).is_some() || self.opens.contains_key(&key) {
                 affected.push((key, rule.clone(), false));
             }
@@ -351,7 +351,10 @@ impl<V: View> Batch<'_, V> {
         }
         if !upstream_of.is_empty() {
             for (k, e) in self.entries {
-                if upstream_of.contains(k.0.as_str()) && k.1 != named && self.phase(k).is_some() {
+                if upstream_of.contains(k.0.name.as_str())
+                    && k.1 != named
+                    && self.phase(k).is_some()
+                {
                     affected.push((k.clone(), e.rule().clone(), true));
                 }
             }

@@ -100,6 +100,7 @@ fn report(e: &Entry) -> BindingReport {
         state,
         reason,
         listen: e.rule.listen.to_string(),
+        port: e.rule.range_port(),
         local,
         upstream: e.rule.upstream.to_string(),
         upstream_netns: e.rule.upstream_netns.to_string(),
@@ -122,18 +123,23 @@ impl Supervisor {
 
     /// Entries in configuration order (rule, then namespace reference).
     fn sorted_entries(&self) -> Vec<&Entry> {
-        let position: HashMap<&str, usize> = self
-            .rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.name.as_str(), i))
-            .collect();
+        let position: HashMap<&str, usize> =
+            self.rules
+                .iter()
+                .enumerate()
+                .fold(HashMap::new(), |mut m, (i, r)| {
+                    m.entry(r.name.as_str()).or_insert(i);
+                    m
+                });
         let mut entries: Vec<(&Key, &Entry)> = self.entries.iter().collect();
         // Each key made once: formatting references per comparison cost
         // two strings per comparison, n log n of them per status.
         entries.sort_by_cached_key(|(k, _)| {
-            let place = position.get(k.0.as_str()).copied().unwrap_or(usize::MAX);
-            (place, k.1.to_string())
+            let place = position
+                .get(k.0.name.as_str())
+                .copied()
+                .unwrap_or(usize::MAX);
+            (place, k.1.to_string(), k.0.port)
         });
         entries.into_iter().map(|(_, e)| e).collect()
     }

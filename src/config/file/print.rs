@@ -66,9 +66,9 @@ fn print_common(text: &mut String, rule: &Rule) {
         "[[proxy]]\nname = \"{}\"\nprotocol = \"{}\"\nlisten = \"{}\"\nnetns = {}\nupstream = \"{}\"\nupstream_netns = \"{}\"\non_netns_delete = \"{}\"",
         rule.name,
         rule.protocol,
-        rule.listen,
+        rule.listen_text(),
         list(&rule.netns),
-        rule.upstream,
+        rule.upstream_text(),
         rule.upstream_netns,
         rule.on_netns_delete,
     )
@@ -85,13 +85,23 @@ pub(super) fn print(text: &mut String, rule: &Rule) {
     }
 }
 
-/// Gives the rules distinct names and ports, and the origins the printer
-/// will put them at.
+/// Gives the rules distinct names and ports (every other one a range),
+/// and the origins the printer will put them at.
 fn place(rules: &mut [Rule]) -> String {
     let mut text = String::new();
     for (i, r) in rules.iter_mut().enumerate() {
         r.name = format!("rule-{i}");
-        r.listen.set_port(1000 + i as u16);
+        r.listen.set_port(1000 + 100 * i as u16);
+        // Every other rule a port range, port to port or to one port.
+        if i % 2 == 1 {
+            let (first, up) = (r.listen.port(), r.upstream.port());
+            r.ports = Some(crate::config::PortRange {
+                first,
+                last: first + i as u16,
+                upstream_first: up,
+                to_one: i % 4 == 3 || up.checked_add(i as u16).is_none(),
+            });
+        }
         text.push('\n');
         r.origin = format!("t.toml:{}:1", text.matches('\n').count() + 1);
         print(&mut text, r);

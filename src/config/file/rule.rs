@@ -13,9 +13,10 @@ use super::cx::Cx;
 use super::{ReadRule, RuleLocations};
 use crate::config::settings::refusal;
 use crate::config::{
-    ConnSettings, MAX_CONNECTIONS, MAX_UDP_SESSIONS, OnDelete, Protocol, Rule, SctpSettings,
-    Settings, TcpSettings, UdpSettings, check_listen, check_name, check_on_delete, check_protocol,
-    check_proxy_protocol, check_sctp_listen_addrs, check_upstream, check_upstream_netns,
+    ConnSettings, MAX_CONNECTIONS, MAX_UDP_SESSIONS, OnDelete, PortRange, Protocol, Rule,
+    SctpSettings, Settings, TcpSettings, UdpSettings, check_listen_ports, check_name,
+    check_on_delete, check_protocol, check_proxy_protocol, check_range, check_sctp_listen_addrs,
+    check_upstream_netns, check_upstream_ports,
 };
 use crate::netns::NsRef;
 
@@ -52,6 +53,8 @@ struct Common {
     protocol: Option<Protocol>,
     listen: Option<SocketAddr>,
     upstream: Option<SocketAddr>,
+    /// `listen`'s port range, checked against `upstream`'s.
+    ports: Option<Option<PortRange>>,
     netns: Option<Vec<NsRef>>,
     netns_at: Option<Vec<String>>,
     upstream_netns: Option<NsRef>,
@@ -114,6 +117,7 @@ impl Cx<'_> {
             header,
         );
         r.on_netns_delete = c.on_netns_delete?;
+        r.ports = c.ports?;
         let at = RuleLocations {
             netns: c.netns_at?,
             upstream_netns: c.upstream_netns_at,
@@ -145,8 +149,21 @@ impl Cx<'_> {
         let name = name_v.and_then(|v| self.checked(v, rule, "name", check_name));
         let name_loc = name_v.map(|v| self.location(v.span()));
         let protocol = protocol_v.and_then(|v| self.checked(v, rule, "protocol", check_protocol));
-        let listen = listen_v.and_then(|v| self.checked(v, rule, "listen", check_listen));
-        let upstream = upstream_v.and_then(|v| self.checked(v, rule, "upstream", check_upstream));
+        let listen = listen_v.and_then(|v| self.checked(v, rule, "listen", check_listen_ports));
+        let upstream =
+            upstream_v.and_then(|v| self.checked(v, rule, "upstream", check_upstream_ports));
+        // A range that does not fit its upstream is reported at `upstream`.
+        let ports = match (listen, upstream, upstream_v) {
+            (Some(l), Some(u), Some(v)) => match check_range(l, u) {
+                Ok(r) => Some(r),
+                Err(m) => {
+                    self.problem(v.span(), rule, Some("upstream"), m);
+                    None
+                }
+            },
+            _ => None,
+        };
+        let (listen, upstream) = (listen.map(|l| l.0), upstream.map(|u| u.0));
         let netns = netns_v.and_then(|v| self.netns_list(v, rule));
         let (netns, netns_at) = netns.map(|l| l.into_iter().unzip()).unzip();
         let upstream_netns_at = t.get("upstream_netns").map(|v| self.location(v.span()));
@@ -162,6 +179,7 @@ impl Cx<'_> {
             protocol,
             listen,
             upstream,
+            ports,
             netns,
             netns_at,
             upstream_netns,

@@ -436,3 +436,111 @@ fn the_rule_keys_are_the_common_ones_and_every_settings_group() {
         assert!(RULE_KEYS.contains(&k), "`{k}` is missing from RULE_KEYS");
     }
 }
+
+#[test]
+fn port_ranges_parse_port_to_port_and_to_one() {
+    let text = r#"
+[[proxy]]
+name = "media"
+protocol = "udp"
+listen = "[::]:10000-10099"
+netns = "host"
+upstream = "127.0.0.1:20000-20099"
+
+[[proxy]]
+name = "one"
+protocol = "tcp"
+listen = "0.0.0.0:3000-3009"
+netns = "host"
+upstream = "127.0.0.1:80"
+"#;
+    let c = parse_toml(text, "t.toml").unwrap();
+    let r = &c.rules[0];
+    assert_eq!(r.listen, "[::]:10000".parse().unwrap());
+    assert_eq!(r.port_count(), 100);
+    assert_eq!(r.listen_text(), "[::]:10000-10099");
+    assert_eq!(r.upstream_text(), "127.0.0.1:20000-20099");
+    assert_eq!(c.rules[1].per_port()[9].upstream.port(), 80);
+    assert_eq!(c.rules[1].upstream_text(), "127.0.0.1:80");
+}
+
+#[test]
+fn bad_port_ranges_are_located() {
+    let rule = |name: &str, listen: &str, upstream: &str| {
+        format!(
+            "[[proxy]]\nname = \"{name}\"\nprotocol = \"tcp\"\nlisten = \"{listen}\"\nnetns = \"host\"\nupstream = \"{upstream}\"\n"
+        )
+    };
+    let text = [
+        rule("rev", "[::]:200-100", "[::1]:9"),
+        rule("big", "[::]:65000-65536", "[::1]:9"),
+        rule("zero", "[::]:0-5", "[::1]:9"),
+        rule("len", "[::]:10-19", "[::1]:20-30"),
+        rule("single", "[::]:10", "[::1]:20-30"),
+        rule("a", "[::]:1000-1099", "[::1]:9"),
+        rule("b", "[::]:1050-1060", "[::1]:9"),
+    ]
+    .concat();
+    assert_eq!(
+        problems(&text),
+        vec![
+            "t.toml:4:10: rule rev: `listen`: invalid listen address \"[::]:200-100\": the port range 200-100 is reversed: write the lower port first (100-200)",
+            "t.toml:10:10: rule big: `listen`: invalid listen address \"[::]:65000-65536\": port 65536 in the range 65000-65536 is out of range: ports of a range are 1 to 65535",
+            "t.toml:16:10: rule zero: `listen`: invalid listen address \"[::]:0-5\": port 0 in the range 0-5 is out of range: ports of a range are 1 to 65535",
+            "t.toml:24:12: rule len: `upstream`: the upstream range 20-30 has 11 port(s) and the listen range 10-19 has 10: give ranges of the same length (port to port) or one upstream port (every listen port to it)",
+            "t.toml:30:12: rule single: `upstream`: the upstream is the port range 20-30 but `listen` is one port (10): a single listen port forwards to a single upstream port",
+            "t.toml:41:9: rule b: `netns[0]`: tcp [::]:1050 (of the range 1050-1060) in namespace \"host\" is already used by rule a (at t.toml:35:9)",
+        ]
+    );
+}
+
+#[test]
+fn a_range_and_a_single_port_clash_where_they_meet() {
+    let text = r#"
+[[proxy]]
+name = "range"
+protocol = "udp"
+listen = "[::]:5000-5010"
+netns = ["ns1"]
+upstream = "[::1]:9"
+
+[[proxy]]
+name = "single"
+protocol = "udp"
+listen = "[::]:5010"
+netns = ["ns1"]
+upstream = "[::1]:9"
+
+[[proxy]]
+name = "other-protocol"
+protocol = "tcp"
+listen = "[::]:5000-5010"
+netns = ["ns1"]
+upstream = "[::1]:9"
+"#;
+    let p = problems(text);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].starts_with("t.toml:13:10: rule single: `netns[0]`: udp [::]:5010 in namespace \"ns1\" is already used by rule range"), "{p:?}");
+}
+
+#[test]
+fn a_range_over_an_earlier_single_port_names_that_port() {
+    let rule = |name: &str, listen: &str, netns: &str| {
+        format!(
+            "[[proxy]]\nname = \"{name}\"\nprotocol = \"tcp\"\nlisten = \"{listen}\"\nnetns = [{netns}]\nupstream = \"[::1]:9\"\n"
+        )
+    };
+    let text = [
+        rule("single", "[::]:8042", "\"a\""),
+        rule("other-address", "127.0.0.1:8000-8100", "\"a\""),
+        rule("range", "[::]:8000-8100", "\"b\", \"a\""),
+        rule("elsewhere", "[::]:8000-8100", "\"c\""),
+    ]
+    .concat();
+    assert_eq!(
+        problems(&text),
+        vec![
+            "t.toml:17:15: rule range: `netns[1]`: tcp [::]:8042 (of the range 8000-8100) in namespace \"a\" is already used by rule single (at t.toml:5:10)",
+        ]
+    );
+}

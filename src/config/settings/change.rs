@@ -76,6 +76,10 @@ impl Rule {
             name,
             protocol,
             listen,
+            // A binding is one port of a range: its port is in `listen` and
+            // `upstream`, so a port that a widened or narrowed range keeps
+            // keeps its socket.
+            ports: _,
             netns: _,
             upstream,
             upstream_netns,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 
 use super::*;
-use crate::lifecycle::desired::desired;
+use crate::lifecycle::desired::{Slot, desired};
 
 /// An entry as the tests model it.
 #[derive(Debug, Clone)]
@@ -39,13 +39,14 @@ fn rules(toml: &str) -> Vec<Arc<Rule>> {
     crate::config::parse_toml(toml, "test")
         .unwrap()
         .rules
-        .into_iter()
+        .iter()
+        .flat_map(Rule::per_port)
         .map(Arc::new)
         .collect()
 }
 
 fn key(rule: &str, ns: &str) -> Key {
-    (rule.to_owned(), ns.parse().unwrap())
+    (rule.into(), ns.parse().unwrap())
 }
 
 fn names(n: &[&str]) -> Vec<String> {
@@ -648,4 +649,103 @@ proptest! {
         opened.dedup();
         prop_assert_eq!(n, opened.len(), "each opened once");
     }
+}
+
+/// A rule `r` listening on `ports` (`"10-12"`) in `a`, to `upstream`.
+fn range_rule(ports: &str, upstream: &str) -> String {
+    rule("r", "\"a\"", "")
+        .replace(
+            "upstream = \"127.0.0.1:9\"",
+            &format!("upstream = \"127.0.0.1:{upstream}\""),
+        )
+        .replace("127.0.0.1:80", &format!("127.0.0.1:{ports}"))
+}
+
+fn port_key(port: u16) -> Key {
+    let slot = Slot {
+        name: "r".into(),
+        port: Some(port),
+    };
+    (slot, "a".parse().unwrap())
+}
+
+#[test]
+fn a_range_is_one_binding_per_port() {
+    let rs = rules(&range_rule("10-12", "20-22"));
+    let plan = reload(&Model::new(), desired(&rs, &[]));
+    let keys: Vec<&Key> = opens(&plan.actions).iter().map(|o| &o.key).collect();
+    assert_eq!(keys, [&port_key(10), &port_key(11), &port_key(12)]);
+    assert_eq!(plan.report.added, 3);
+}
+
+#[test]
+fn widening_a_range_keeps_the_ports_that_stay() {
+    let (m, _) = started(&range_rule("10-12", "20-22"), &[]);
+    let plan = reload(&m, desired(&rules(&range_rule("9-14", "19-24")), &[]));
+    for p in 10..=12 {
+        assert!(
+            matches!(
+                &touching(&plan.actions, &port_key(p))[..],
+                [Action::Keep { .. }]
+            ),
+            "port {p}: {:?}",
+            plan.actions
+        );
+    }
+    let mut opened: Vec<u16> = opens(&plan.actions)
+        .iter()
+        .map(|o| o.key.0.port.unwrap())
+        .collect();
+    opened.sort();
+    assert_eq!(opened, [9, 13, 14]);
+    assert_eq!((plan.report.added, plan.report.unchanged), (3, 3));
+}
+
+#[test]
+fn narrowing_a_range_closes_only_the_ports_that_go() {
+    let (m, _) = started(&range_rule("10-14", "7"), &[]);
+    let plan = reload(&m, desired(&rules(&range_rule("11-12", "7")), &[]));
+    for p in [10, 13, 14] {
+        assert!(matches!(
+            &touching(&plan.actions, &port_key(p))[..],
+            [
+                Action::Close {
+                    why: CloseWhy::Removed,
+                    ..
+                },
+                Action::Forget { .. }
+            ]
+        ));
+    }
+    for p in [11, 12] {
+        assert!(matches!(
+            &touching(&plan.actions, &port_key(p))[..],
+            [Action::Keep { .. }]
+        ));
+    }
+    assert_eq!((plan.report.removed, plan.report.unchanged), (3, 2));
+}
+
+#[test]
+fn a_shifted_port_to_port_mapping_reopens_the_ports_whose_upstream_moved() {
+    let (m, _) = started(&range_rule("10-11", "20-21"), &[]);
+    let plan = reload(&m, desired(&rules(&range_rule("10-11", "30-31")), &[]));
+    assert_eq!(plan.report.replaced, 2);
+}
+
+#[test]
+fn a_namespace_that_comes_and_goes_opens_and_closes_every_port_of_a_range() {
+    let toml = range_rule("10-12", "7").replace("\"a\"", "\"web-*\"");
+    let (mut m, rs) = started(&toml, &[]);
+    assert!(m.is_empty());
+    let acts = events(&m, &rs, &[NsEvent::Appeared("web-1".into())]);
+    let opened: Vec<Option<u16>> = opens(&acts).iter().map(|o| o.key.0.port).collect();
+    assert_eq!(opened, [Some(10), Some(11), Some(12)]);
+    apply(&mut m, &acts);
+    let acts = events(&m, &rs, &[NsEvent::Gone("web-1".into())]);
+    let closed = acts
+        .iter()
+        .filter(|a| matches!(a, Action::Close { .. }))
+        .count();
+    assert_eq!(closed, 3, "{acts:?}");
 }
