@@ -34,7 +34,7 @@ const WORDS: Words = Words {
     cut: "reset",
 };
 
-/// Size of each direction's relay buffer.
+/// Size of the per-thread buffer every read goes into (see [`copy_pump`]).
 const BUF_SIZE: usize = 32 * 1024;
 
 /// Creates the listening socket for `binding` in its namespace.
@@ -261,7 +261,12 @@ async fn connect(b: &Binding, client: &TcpStream, first: Early) -> Result<TcpStr
             .await
             .map_err(|e| ConnectError::Connect(Protocol::Tcp, e, started.elapsed()))
     };
-    relay::connect_within(b.rule.connect_timeout, attempt, reset_by(client)).await
+    relay::connect_within(
+        b.rule.connect_timeout,
+        std::pin::pin!(attempt),
+        std::pin::pin!(reset_by(client)),
+    )
+    .await
 }
 
 /// Completes when `client` resets. Only a reset (the socket's error set:
@@ -305,8 +310,6 @@ enum Copied {
 /// copied than spliced (one read and one write against two splices and a
 /// pipe), bulk transfers then go zero-copy.
 const SPLICE_AFTER: u64 = 64 * 1024;
-/// The buffer of that first, copied part.
-const SMALL_BUF: usize = 8 * 1024;
 
 /// How the bytes of a direction are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,8 +333,7 @@ fn mode() -> Mode {
 /// for the close log, `total` for the binding's live counters.
 async fn pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<(), PumpError> {
     if mode() == Mode::Splice {
-        let small = vec![0u8; SMALL_BUF];
-        if copy_pump(from, to, c, small, SPLICE_AFTER).await? == Copied::Eof {
+        if copy_pump(from, to, c, SPLICE_AFTER).await? == Copied::Eof {
             return Ok(());
         }
         // Ok(false): splice cannot serve this pair of sockets, copy instead.
@@ -339,8 +341,7 @@ async fn pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<(), Pump
             return Ok(());
         }
     }
-    let buf = vec![0u8; BUF_SIZE];
-    copy_pump(from, to, c, buf, u64::MAX).await.map(|_| ())
+    copy_pump(from, to, c, u64::MAX).await.map(|_| ())
 }
 
 /// Where a direction counts what it moves: for the close log (`moved`),
@@ -360,28 +361,65 @@ impl Count<'_> {
     }
 }
 
-/// Copies through `buf` until EOF, or until `moved` reaches `limit`.
+thread_local! {
+    /// Where every read of the copying relay lands: one buffer per worker
+    /// thread, not one per direction, so that an idle connection holds no
+    /// buffer at all (as HAProxy allocates its buffers on demand).
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; BUF_SIZE].into_boxed_slice());
+}
+
+/// What one read-and-forward step did.
+enum Step {
+    /// The source ended.
+    Eof,
+    /// Bytes were read; what `to` did not take at once is held here
+    /// (empty, unallocated, when it took them all) until written.
+    Read(Vec<u8>),
+}
+
+/// Reads what `from` has into the thread's scratch buffer and writes as
+/// much of it to `to` as goes at once, without waiting: only bytes `to`
+/// cannot take now get a buffer of their own. Synchronous, so the borrow of
+/// the scratch buffer never spans an await (another task of this thread
+/// uses it meanwhile).
+fn forward(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<Step, PumpError> {
+    SCRATCH.with_borrow_mut(|buf| {
+        let n = from.try_read(buf).map_err(PumpError::Read)?;
+        if n == 0 {
+            return Ok(Step::Eof);
+        }
+        c.activity.touch();
+        let k = match to.try_write(&buf[..n]) {
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(PumpError::Write(e)),
+        };
+        c.add(k);
+        Ok(Step::Read(buf[k..n].to_vec()))
+    })
+}
+
+/// Copies until EOF, or until `moved` reaches `limit`. Holds no buffer
+/// while waiting for data, and one only while `to` is slower than `from`.
 async fn copy_pump(
     from: &TcpStream,
     to: &TcpStream,
     c: Count<'_>,
-    mut buf: Vec<u8>,
     limit: u64,
 ) -> Result<Copied, PumpError> {
     while c.moved.load(Relaxed) < limit {
-        let n = loop {
-            from.readable().await.map_err(PumpError::Read)?;
-            match from.try_read(&mut buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => break r.map_err(PumpError::Read)?,
+        from.readable().await.map_err(PumpError::Read)?;
+        let rest = match forward(from, to, c) {
+            Err(PumpError::Read(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+            Ok(Step::Eof) => {
+                shutdown_write(to).map_err(PumpError::Write)?;
+                return Ok(Copied::Eof);
             }
+            Ok(Step::Read(rest)) => rest,
         };
-        if n == 0 {
-            shutdown_write(to).map_err(PumpError::Write)?;
-            return Ok(Copied::Eof);
-        }
-        c.activity.touch();
-        let mut data = &buf[..n];
+        let mut data = &rest[..];
         while !data.is_empty() {
             to.writable().await.map_err(PumpError::Write)?;
             match to.try_write(data) {
@@ -489,7 +527,7 @@ async fn relay(b: &Binding, client: &TcpStream, upstream: &TcpStream, moved: &Mo
             Err(PumpError::Write(e)) => Dir::Failed("client write failed", e),
         }
     };
-    relay::both_ways(b, activity, true, up, down).await
+    relay::both_ways(b, activity, true, std::pin::pin!(up), std::pin::pin!(down)).await
 }
 
 #[cfg(test)]
@@ -550,5 +588,18 @@ mod tests {
         );
         let took = t0.elapsed();
         assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(30));
+    }
+
+    /// An idle connection is its task and two sockets: the task is the
+    /// connection's memory, so its size is watched (the relay's buffers
+    /// are per thread, see `SCRATCH`).
+    #[tokio::test]
+    async fn an_idle_connection_holds_a_small_task() {
+        let b = crate::proxy::test_binding("").await;
+        let (_far, near) = pair().await;
+        let first = Early::ask(&b, SocketSpec::tcp(&b.rule.upstream));
+        let task = handle(b.clone(), near, "127.0.0.1:1".parse().unwrap(), first);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 2048, "the connection's future is {size} bytes");
     }
 }
