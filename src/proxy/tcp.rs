@@ -9,8 +9,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU8, AtomicU64};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -51,6 +51,15 @@ pub(crate) async fn listen(b: &Binding) -> Result<std::net::TcpListener, ListenE
     socket
         .listen(b.rule.backlog.min(i32::MAX as u32) as i32)
         .map_err(|source| ListenError::Bind { addr, source })?;
+    // Set once here rather than on every connection: an accepted socket
+    // starts as a copy of its listener, TCP_NODELAY and keepalive included.
+    // Failing, each connection sets them itself (see `Inherited`).
+    let _ = socket.set_tcp_nodelay(true);
+    if let Some(k) = b.tcp_keepalive() {
+        if let Err(e) = set_keepalive(SockRef::from(&socket), Some(k)) {
+            debug!("cannot set keepalive on the listener: {e}");
+        }
+    }
     // Non-blocking since socket(2), as tokio needs when a task serves it.
     Ok(std::net::TcpListener::from(socket))
 }
@@ -64,6 +73,7 @@ pub(crate) async fn serve(
     drain: Duration,
     park_after: Duration,
 ) -> Served<std::net::TcpListener> {
+    let inherited = Inherited::of(SockRef::from(&listener));
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => return Served::Lost(format!("cannot watch the socket: {e}")),
@@ -80,7 +90,7 @@ pub(crate) async fn serve(
             // out of fds, it pauses at once and the clients after this one
             // wait in the backlog (see `Early::ask`).
             let first = Early::ask(&b, SocketSpec::tcp(&b.rule.upstream));
-            handle(b, client, peer, first).instrument(span)
+            handle(b, client, peer, first, inherited).instrument(span)
         },
     )
     .await;
@@ -91,7 +101,41 @@ pub(crate) async fn serve(
     }
 }
 
-async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Early) {
+/// The options every accepted socket has from its listener, as read back
+/// from the listener (which may have been set up by an earlier serve, or
+/// under a keepalive a reload has changed since).
+#[derive(Debug, Clone, Copy)]
+struct Inherited {
+    nodelay: bool,
+    keepalive: Option<crate::config::Keepalive>,
+}
+
+impl Inherited {
+    fn of(s: SockRef<'_>) -> Inherited {
+        let keepalive = match s.keepalive() {
+            Ok(true) => (|| {
+                Some(crate::config::Keepalive {
+                    idle: s.tcp_keepalive_time().ok()?,
+                    interval: s.tcp_keepalive_interval().ok()?,
+                    count: s.tcp_keepalive_retries().ok()?,
+                })
+            })(),
+            _ => None,
+        };
+        Inherited {
+            nodelay: s.tcp_nodelay().unwrap_or(false),
+            keepalive,
+        }
+    }
+}
+
+async fn handle(
+    b: Arc<Binding>,
+    client: TcpStream,
+    peer: SocketAddr,
+    first: Early,
+    inherited: Inherited,
+) {
     let _active = Active::new(b.clone(), Gauge::Connections);
     let stats = b.stats.tcp();
     // As it was when the client was accepted, whatever a reload does meanwhile.
@@ -138,11 +182,19 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Ear
             return;
         }
     }
-    let _ = client.set_nodelay(true);
+    // The client leg has its listener's options, unless they differ from
+    // what this connection needs (a reload changed the keepalive since).
+    if !inherited.nodelay {
+        let _ = client.set_nodelay(true);
+    }
     let _ = upstream.set_nodelay(true);
-    if let Some(k) = keepalive {
-        for (leg, s) in [("client", &client), ("upstream", &upstream)] {
-            if let Err(e) = set_keepalive(s, k) {
+    let legs = [
+        ("client", &client, keepalive != inherited.keepalive),
+        ("upstream", &upstream, keepalive.is_some()),
+    ];
+    for (leg, s, needed) in legs {
+        if needed {
+            if let Err(e) = set_keepalive(SockRef::from(s), keepalive) {
                 debug!("cannot set keepalive on the {leg} leg: {e}");
             }
         }
@@ -175,13 +227,16 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Ear
 }
 
 /// TCP keepalive with the rule's timings (`SO_KEEPALIVE` and the three
-/// `TCP_KEEP*` options).
-fn set_keepalive(s: &TcpStream, k: crate::config::Keepalive) -> io::Result<()> {
+/// `TCP_KEEP*` options), or off.
+fn set_keepalive(s: SockRef<'_>, k: Option<crate::config::Keepalive>) -> io::Result<()> {
+    let Some(k) = k else {
+        return s.set_keepalive(false);
+    };
     let ka = socket2::TcpKeepalive::new()
         .with_time(k.idle)
         .with_interval(k.interval)
         .with_retries(k.count);
-    SockRef::from(s).set_tcp_keepalive(&ka)
+    s.set_tcp_keepalive(&ka)
 }
 
 /// What a connection moved so far, and when it last did: shared by its
@@ -190,6 +245,8 @@ struct Moved {
     c2u: AtomicU64,
     u2c: AtomicU64,
     activity: Activity,
+    /// Directions that reached EOF: see [`pass_fin`].
+    ended: AtomicU8,
 }
 
 impl Moved {
@@ -198,6 +255,7 @@ impl Moved {
             c2u: AtomicU64::new(0),
             u2c: AtomicU64::new(0),
             activity: Activity::new(),
+            ended: AtomicU8::new(0),
         }
     }
 }
@@ -351,6 +409,7 @@ struct Count<'a> {
     moved: &'a AtomicU64,
     total: &'a AtomicU64,
     activity: &'a Activity,
+    ended: &'a AtomicU8,
 }
 
 impl Count<'_> {
@@ -414,7 +473,7 @@ async fn copy_pump(
             Err(PumpError::Read(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
             Ok(Step::Eof) => {
-                shutdown_write(to).map_err(PumpError::Write)?;
+                pass_fin(to, c).map_err(PumpError::Write)?;
                 return Ok(Copied::Eof);
             }
             Ok(Step::Read(rest)) => rest,
@@ -466,7 +525,7 @@ async fn splice_pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<b
         };
         if n == 0 {
             pipe.give_back(true);
-            return shutdown_write(to).map(|()| true).map_err(PumpError::Write);
+            return pass_fin(to, c).map(|()| true).map_err(PumpError::Write);
         }
         spliced = true;
         c.activity.touch();
@@ -486,8 +545,15 @@ async fn splice_pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<b
     }
 }
 
-fn shutdown_write(s: &TcpStream) -> io::Result<()> {
-    SockRef::from(s).shutdown(std::net::Shutdown::Write)
+/// Passes the end of a direction on to `to`. For the second direction to
+/// end, the close that follows at once sends the same FIN (`to` has read
+/// its own EOF, so nothing unread can turn the close into a reset): the
+/// shutdown(2) is left out, one syscall less per connection.
+fn pass_fin(to: &TcpStream, c: Count<'_>) -> io::Result<()> {
+    if c.ended.fetch_add(1, Relaxed) > 0 {
+        return Ok(());
+    }
+    SockRef::from(to).shutdown(std::net::Shutdown::Write)
 }
 
 /// Relays both ways until both directions finished, one failed, or a
@@ -501,11 +567,13 @@ async fn relay(b: &Binding, client: &TcpStream, upstream: &TcpStream, moved: &Mo
         moved: &moved.c2u,
         total: &totals.bytes_in,
         activity,
+        ended: &moved.ended,
     };
     let down_count = Count {
         moved: &moved.u2c,
         total: &totals.bytes_out,
         activity,
+        ended: &moved.ended,
     };
     let up = async {
         match pump(client, upstream, up_count).await {
@@ -598,7 +666,17 @@ mod tests {
         let b = crate::proxy::test_binding("").await;
         let (_far, near) = pair().await;
         let first = Early::ask(&b, SocketSpec::tcp(&b.rule.upstream));
-        let task = handle(b.clone(), near, "127.0.0.1:1".parse().unwrap(), first);
+        let inherited = Inherited {
+            nodelay: true,
+            keepalive: None,
+        };
+        let task = handle(
+            b.clone(),
+            near,
+            "127.0.0.1:1".parse().unwrap(),
+            first,
+            inherited,
+        );
         let size = std::mem::size_of_val(&task);
         assert!(size <= 2048, "the connection's future is {size} bytes");
     }
