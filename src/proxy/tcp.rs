@@ -444,7 +444,7 @@ enum Step {
 /// uses it meanwhile).
 fn forward(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<Step, PumpError> {
     SCRATCH.with_borrow_mut(|buf| {
-        let n = from.try_read(buf).map_err(PumpError::Read)?;
+        let n = read_draining(from, buf).map_err(PumpError::Read)?;
         if n == 0 {
             return Ok(Step::Eof);
         }
@@ -457,6 +457,30 @@ fn forward(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<Step, PumpE
         c.add(k);
         Ok(Step::Read(buf[k..n].to_vec()))
     })
+}
+
+/// Reads from `from` into `buf`. A read that did not fill `buf` emptied
+/// the socket: its readiness is cleared then and there, as tokio's own
+/// reads do, so the next read waits for the next event instead of costing
+/// a recv(2) that only says `EAGAIN` (one per exchange, in
+/// request-response traffic). Cleared under the readiness seen before the
+/// read: an event after it still wakes the pump, and an EOF, once seen, is
+/// never cleared.
+fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read;
+    let mut short = None;
+    let r = from.try_io(Interest::READABLE, || {
+        let n = (&*SockRef::from(from)).read(buf)?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match short {
+        Some(n) => Ok(n),
+        None => r,
+    }
 }
 
 /// Copies until EOF, or until `moved` reaches `limit`. Holds no buffer
