@@ -527,3 +527,60 @@ fn a_reload_applies_new_timeouts_to_open_connections_in_place() {
         echo(&mut again, b"two");
     })
 }
+
+/// The client leg's options come from its listener, set when it opened;
+/// after a reload changes `tcp_keepalive` in place (the listener kept),
+/// new connections still get the new setting on both legs, and with it
+/// turned off, none.
+#[test]
+fn a_reload_changes_the_keepalive_of_new_connections_on_both_legs() {
+    as_root(|| {
+        let (host, a) = (TestNs::new("h"), TestNs::new("a"));
+        echo_server(host.tcp_listen("127.0.0.1:9000"));
+        let rule = |extra: &str| rule("ka2", &[a.name()], "127.0.0.1:9000", "host", extra);
+        let ka = |idle: u64| {
+            format!("tcp_keepalive = {{ idle = \"{idle}s\", interval = \"7s\", count = 3 }}")
+        };
+        let d = Daemon::run(&host, &config(&rule(&ka(42))), &[]);
+        d.wait_ready();
+        // What the daemon's connected legs have: (keepalive idle or None) per leg.
+        let legs = |d: &Daemon| {
+            let mut out = Vec::new();
+            for (fd, local, peer) in daemon_tcp_sockets(d.pid()) {
+                if local.port() != 7000 && peer.port() != 9000 {
+                    continue;
+                }
+                let s = socket2::SockRef::from(&fd);
+                let idle = s
+                    .keepalive()
+                    .unwrap()
+                    .then(|| s.tcp_keepalive_time().unwrap().as_secs());
+                out.push((local.port() == 7000, idle));
+            }
+            out.sort();
+            out
+        };
+        let mut first = a.tcp_connect("127.0.0.1:7000").unwrap();
+        echo(&mut first, b"one");
+        assert_eq!(legs(&d), [(false, Some(42)), (true, Some(42))]);
+        drop(first);
+        for (extra, want) in [(ka(50), Some(50)), ("tcp_keepalive = false".into(), None)] {
+            std::fs::write(d.config_path(), config(&rule(&extra))).unwrap();
+            let (code, _, err) = d.cli(&["reload"]);
+            assert_eq!(code, 0, "{err}");
+            // The earlier connection is gone once only the new one's legs remain.
+            let mut c = a.tcp_connect("127.0.0.1:7000").unwrap();
+            echo(&mut c, b"two");
+            let mut seen = Vec::new();
+            for _ in 0..200 {
+                seen = legs(&d);
+                if seen.len() == 2 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(seen, [(false, want), (true, want)], "after {extra}");
+            drop(c);
+        }
+    })
+}

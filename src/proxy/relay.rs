@@ -199,11 +199,14 @@ pub(crate) fn describe(protocol: Protocol, e: &io::Error) -> String {
 
 /// Runs `attempt` (make the upstream socket, connect it) within `limit`,
 /// the rule's `connect_timeout`, unless `gone` (the client resetting or
-/// aborting) completes first.
+/// aborting) completes first. Both are pinned by the caller: a future
+/// taken by value would be held twice in the connection's task (an async
+/// fn keeps its arguments beside what it moves them into), and that task
+/// lives as long as the connection.
 pub(crate) async fn connect_within<T>(
     limit: Duration,
-    attempt: impl Future<Output = Result<T, ConnectError>>,
-    gone: impl Future<Output = io::Error>,
+    attempt: Pin<&mut impl Future<Output = Result<T, ConnectError>>>,
+    gone: Pin<&mut impl Future<Output = io::Error>>,
 ) -> Result<T, ConnectError> {
     let started = Instant::now();
     tokio::select! {
@@ -322,16 +325,15 @@ impl End {
 /// has half-close, `half_close_timeout` once one direction is done. The
 /// limits are checked after events (a direction ending, the timer, a
 /// reload), never per chunk; the caller resets both legs on an error or
-/// expiry.
+/// expiry. The directions are pinned by the caller, so that the
+/// connection's task holds each once (see [`connect_within`]).
 pub(crate) async fn both_ways(
     b: &Binding,
     activity: &Activity,
     half_close: bool,
-    up: impl Future<Output = Dir>,
-    down: impl Future<Output = Dir>,
+    mut up: Pin<&mut impl Future<Output = Dir>>,
+    mut down: Pin<&mut impl Future<Output = Dir>>,
 ) -> End {
-    let mut up = std::pin::pin!(up);
-    let mut down = std::pin::pin!(down);
     let (mut up_done, mut down_done) = (false, false);
     let timer = tokio::time::sleep_until(activity.start());
     tokio::pin!(timer);
@@ -495,6 +497,7 @@ impl IdleCheck {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::pin;
 
     #[test]
     fn backoff_doubles_to_its_ceiling_and_resets() {
@@ -526,13 +529,18 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(60)).await;
             Ok(())
         };
-        let r = connect_within(limit, slow, std::future::pending()).await;
+        let r = connect_within(limit, pin!(slow), pin!(std::future::pending())).await;
         assert!(matches!(r, Err(ConnectError::Timeout(d)) if d == limit));
         let gone = async {
             tokio::time::sleep(Duration::from_secs(1)).await;
             io::Error::from_raw_os_error(libc::ECONNRESET)
         };
-        let r = connect_within(limit, std::future::pending::<Result<(), _>>(), gone).await;
+        let r = connect_within(
+            limit,
+            pin!(std::future::pending::<Result<(), _>>()),
+            pin!(gone),
+        )
+        .await;
         assert!(
             matches!(r, Err(ConnectError::ClientGone(_, d)) if d == Duration::from_secs(1)),
             "{r:?}"
@@ -558,7 +566,14 @@ mod tests {
         let b = crate::proxy::test_binding("").await;
         let activity = Activity::new();
         let failed = async { Dir::Failed("client read failed", io::Error::other("boom")) };
-        let end = both_ways(&b, &activity, true, failed, std::future::pending()).await;
+        let end = both_ways(
+            &b,
+            &activity,
+            true,
+            pin!(failed),
+            pin!(std::future::pending()),
+        )
+        .await;
         let words = Words {
             closed: "both sides closed",
             cut: "reset",
@@ -568,7 +583,7 @@ mod tests {
             "client read failed: boom; the other side was reset"
         );
         let done = || async { Dir::Done };
-        let end = both_ways(&b, &activity, true, done(), done()).await;
+        let end = both_ways(&b, &activity, true, pin!(done()), pin!(done())).await;
         assert!(matches!(end, End::Closed), "{end:?}");
     }
 }

@@ -208,7 +208,12 @@ async fn handle(b: Arc<Binding>, client: AsyncFd<Socket>) {
     let upstream = {
         // Should the association be cut meanwhile, the client is aborted.
         let cut = Cut::new(&b, &client, None, &flows);
-        let r = relay::connect_within(b.rule.connect_timeout, connect(&b), aborted(&client)).await;
+        let r = relay::connect_within(
+            b.rule.connect_timeout,
+            std::pin::pin!(connect(&b)),
+            std::pin::pin!(aborted(&client)),
+        )
+        .await;
         cut.disarm();
         match r {
             Ok(s) => s,
@@ -497,7 +502,14 @@ async fn relay(
         }
     };
     // No half-close: only the idle limit applies.
-    relay::both_ways(b, activity, false, to_upstream, to_client).await
+    relay::both_ways(
+        b,
+        activity,
+        false,
+        std::pin::pin!(to_upstream),
+        std::pin::pin!(to_client),
+    )
+    .await
 }
 
 /// True for send errors that mean the receiving association is shutting

@@ -9,8 +9,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU8, AtomicU64};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -34,7 +34,7 @@ const WORDS: Words = Words {
     cut: "reset",
 };
 
-/// Size of each direction's relay buffer.
+/// Size of the per-thread buffer every read goes into (see [`copy_pump`]).
 const BUF_SIZE: usize = 32 * 1024;
 
 /// Creates the listening socket for `binding` in its namespace.
@@ -51,6 +51,15 @@ pub(crate) async fn listen(b: &Binding) -> Result<std::net::TcpListener, ListenE
     socket
         .listen(b.rule.backlog.min(i32::MAX as u32) as i32)
         .map_err(|source| ListenError::Bind { addr, source })?;
+    // Set once here rather than on every connection: an accepted socket
+    // starts as a copy of its listener, TCP_NODELAY and keepalive included.
+    // Failing, each connection sets them itself (see `Inherited`).
+    let _ = socket.set_tcp_nodelay(true);
+    if let Some(k) = b.tcp_keepalive() {
+        if let Err(e) = set_keepalive(SockRef::from(&socket), Some(k)) {
+            debug!("cannot set keepalive on the listener: {e}");
+        }
+    }
     // Non-blocking since socket(2), as tokio needs when a task serves it.
     Ok(std::net::TcpListener::from(socket))
 }
@@ -64,6 +73,7 @@ pub(crate) async fn serve(
     drain: Duration,
     park_after: Duration,
 ) -> Served<std::net::TcpListener> {
+    let inherited = Inherited::of(SockRef::from(&listener));
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => return Served::Lost(format!("cannot watch the socket: {e}")),
@@ -80,7 +90,7 @@ pub(crate) async fn serve(
             // out of fds, it pauses at once and the clients after this one
             // wait in the backlog (see `Early::ask`).
             let first = Early::ask(&b, SocketSpec::tcp(&b.rule.upstream));
-            handle(b, client, peer, first).instrument(span)
+            handle(b, client, peer, first, inherited).instrument(span)
         },
     )
     .await;
@@ -91,7 +101,41 @@ pub(crate) async fn serve(
     }
 }
 
-async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Early) {
+/// The options every accepted socket has from its listener, as read back
+/// from the listener (which may have been set up by an earlier serve, or
+/// under a keepalive a reload has changed since).
+#[derive(Debug, Clone, Copy)]
+struct Inherited {
+    nodelay: bool,
+    keepalive: Option<crate::config::Keepalive>,
+}
+
+impl Inherited {
+    fn of(s: SockRef<'_>) -> Inherited {
+        let keepalive = match s.keepalive() {
+            Ok(true) => (|| {
+                Some(crate::config::Keepalive {
+                    idle: s.tcp_keepalive_time().ok()?,
+                    interval: s.tcp_keepalive_interval().ok()?,
+                    count: s.tcp_keepalive_retries().ok()?,
+                })
+            })(),
+            _ => None,
+        };
+        Inherited {
+            nodelay: s.tcp_nodelay().unwrap_or(false),
+            keepalive,
+        }
+    }
+}
+
+async fn handle(
+    b: Arc<Binding>,
+    client: TcpStream,
+    peer: SocketAddr,
+    first: Early,
+    inherited: Inherited,
+) {
     let _active = Active::new(b.clone(), Gauge::Connections);
     let stats = b.stats.tcp();
     // As it was when the client was accepted, whatever a reload does meanwhile.
@@ -138,11 +182,19 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Ear
             return;
         }
     }
-    let _ = client.set_nodelay(true);
+    // The client leg has its listener's options, unless they differ from
+    // what this connection needs (a reload changed the keepalive since).
+    if !inherited.nodelay {
+        let _ = client.set_nodelay(true);
+    }
     let _ = upstream.set_nodelay(true);
-    if let Some(k) = keepalive {
-        for (leg, s) in [("client", &client), ("upstream", &upstream)] {
-            if let Err(e) = set_keepalive(s, k) {
+    let legs = [
+        ("client", &client, keepalive != inherited.keepalive),
+        ("upstream", &upstream, keepalive.is_some()),
+    ];
+    for (leg, s, needed) in legs {
+        if needed {
+            if let Err(e) = set_keepalive(SockRef::from(s), keepalive) {
                 debug!("cannot set keepalive on the {leg} leg: {e}");
             }
         }
@@ -175,13 +227,16 @@ async fn handle(b: Arc<Binding>, client: TcpStream, peer: SocketAddr, first: Ear
 }
 
 /// TCP keepalive with the rule's timings (`SO_KEEPALIVE` and the three
-/// `TCP_KEEP*` options).
-fn set_keepalive(s: &TcpStream, k: crate::config::Keepalive) -> io::Result<()> {
+/// `TCP_KEEP*` options), or off.
+fn set_keepalive(s: SockRef<'_>, k: Option<crate::config::Keepalive>) -> io::Result<()> {
+    let Some(k) = k else {
+        return s.set_keepalive(false);
+    };
     let ka = socket2::TcpKeepalive::new()
         .with_time(k.idle)
         .with_interval(k.interval)
         .with_retries(k.count);
-    SockRef::from(s).set_tcp_keepalive(&ka)
+    s.set_tcp_keepalive(&ka)
 }
 
 /// What a connection moved so far, and when it last did: shared by its
@@ -190,6 +245,8 @@ struct Moved {
     c2u: AtomicU64,
     u2c: AtomicU64,
     activity: Activity,
+    /// Directions that reached EOF: see [`pass_fin`].
+    ended: AtomicU8,
 }
 
 impl Moved {
@@ -198,6 +255,7 @@ impl Moved {
             c2u: AtomicU64::new(0),
             u2c: AtomicU64::new(0),
             activity: Activity::new(),
+            ended: AtomicU8::new(0),
         }
     }
 }
@@ -261,7 +319,12 @@ async fn connect(b: &Binding, client: &TcpStream, first: Early) -> Result<TcpStr
             .await
             .map_err(|e| ConnectError::Connect(Protocol::Tcp, e, started.elapsed()))
     };
-    relay::connect_within(b.rule.connect_timeout, attempt, reset_by(client)).await
+    relay::connect_within(
+        b.rule.connect_timeout,
+        std::pin::pin!(attempt),
+        std::pin::pin!(reset_by(client)),
+    )
+    .await
 }
 
 /// Completes when `client` resets. Only a reset (the socket's error set:
@@ -305,8 +368,6 @@ enum Copied {
 /// copied than spliced (one read and one write against two splices and a
 /// pipe), bulk transfers then go zero-copy.
 const SPLICE_AFTER: u64 = 64 * 1024;
-/// The buffer of that first, copied part.
-const SMALL_BUF: usize = 8 * 1024;
 
 /// How the bytes of a direction are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,8 +391,7 @@ fn mode() -> Mode {
 /// for the close log, `total` for the binding's live counters.
 async fn pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<(), PumpError> {
     if mode() == Mode::Splice {
-        let small = vec![0u8; SMALL_BUF];
-        if copy_pump(from, to, c, small, SPLICE_AFTER).await? == Copied::Eof {
+        if copy_pump(from, to, c, SPLICE_AFTER).await? == Copied::Eof {
             return Ok(());
         }
         // Ok(false): splice cannot serve this pair of sockets, copy instead.
@@ -339,8 +399,7 @@ async fn pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<(), Pump
             return Ok(());
         }
     }
-    let buf = vec![0u8; BUF_SIZE];
-    copy_pump(from, to, c, buf, u64::MAX).await.map(|_| ())
+    copy_pump(from, to, c, u64::MAX).await.map(|_| ())
 }
 
 /// Where a direction counts what it moves: for the close log (`moved`),
@@ -350,6 +409,7 @@ struct Count<'a> {
     moved: &'a AtomicU64,
     total: &'a AtomicU64,
     activity: &'a Activity,
+    ended: &'a AtomicU8,
 }
 
 impl Count<'_> {
@@ -360,28 +420,89 @@ impl Count<'_> {
     }
 }
 
-/// Copies through `buf` until EOF, or until `moved` reaches `limit`.
+thread_local! {
+    /// Where every read of the copying relay lands: one buffer per worker
+    /// thread, not one per direction, so that an idle connection holds no
+    /// buffer at all (as HAProxy allocates its buffers on demand).
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; BUF_SIZE].into_boxed_slice());
+}
+
+/// What one read-and-forward step did.
+enum Step {
+    /// The source ended.
+    Eof,
+    /// Bytes were read; what `to` did not take at once is held here
+    /// (empty, unallocated, when it took them all) until written.
+    Read(Vec<u8>),
+}
+
+/// Reads what `from` has into the thread's scratch buffer and writes as
+/// much of it to `to` as goes at once, without waiting: only bytes `to`
+/// cannot take now get a buffer of their own. Synchronous, so the borrow of
+/// the scratch buffer never spans an await (another task of this thread
+/// uses it meanwhile).
+fn forward(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<Step, PumpError> {
+    SCRATCH.with_borrow_mut(|buf| {
+        let n = read_draining(from, buf).map_err(PumpError::Read)?;
+        if n == 0 {
+            return Ok(Step::Eof);
+        }
+        c.activity.touch();
+        let k = match to.try_write(&buf[..n]) {
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(PumpError::Write(e)),
+        };
+        c.add(k);
+        Ok(Step::Read(buf[k..n].to_vec()))
+    })
+}
+
+/// Reads from `from` into `buf`. A read that did not fill `buf` emptied
+/// the socket: its readiness is cleared then and there, as tokio's own
+/// reads do, so the next read waits for the next event instead of costing
+/// a recv(2) that only says `EAGAIN` (one per exchange, in
+/// request-response traffic). Cleared under the readiness seen before the
+/// read: an event after it still wakes the pump, and an EOF, once seen, is
+/// never cleared.
+fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read;
+    let mut short = None;
+    let r = from.try_io(Interest::READABLE, || {
+        let n = (&*SockRef::from(from)).read(buf)?;
+        if n > 0 && n < buf.len() {
+            short = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match short {
+        Some(n) => Ok(n),
+        None => r,
+    }
+}
+
+/// Copies until EOF, or until `moved` reaches `limit`. Holds no buffer
+/// while waiting for data, and one only while `to` is slower than `from`.
 async fn copy_pump(
     from: &TcpStream,
     to: &TcpStream,
     c: Count<'_>,
-    mut buf: Vec<u8>,
     limit: u64,
 ) -> Result<Copied, PumpError> {
     while c.moved.load(Relaxed) < limit {
-        let n = loop {
-            from.readable().await.map_err(PumpError::Read)?;
-            match from.try_read(&mut buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => break r.map_err(PumpError::Read)?,
+        from.readable().await.map_err(PumpError::Read)?;
+        let rest = match forward(from, to, c) {
+            Err(PumpError::Read(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+            Ok(Step::Eof) => {
+                pass_fin(to, c).map_err(PumpError::Write)?;
+                return Ok(Copied::Eof);
             }
+            Ok(Step::Read(rest)) => rest,
         };
-        if n == 0 {
-            shutdown_write(to).map_err(PumpError::Write)?;
-            return Ok(Copied::Eof);
-        }
-        c.activity.touch();
-        let mut data = &buf[..n];
+        let mut data = &rest[..];
         while !data.is_empty() {
             to.writable().await.map_err(PumpError::Write)?;
             match to.try_write(data) {
@@ -428,7 +549,7 @@ async fn splice_pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<b
         };
         if n == 0 {
             pipe.give_back(true);
-            return shutdown_write(to).map(|()| true).map_err(PumpError::Write);
+            return pass_fin(to, c).map(|()| true).map_err(PumpError::Write);
         }
         spliced = true;
         c.activity.touch();
@@ -448,8 +569,15 @@ async fn splice_pump(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<b
     }
 }
 
-fn shutdown_write(s: &TcpStream) -> io::Result<()> {
-    SockRef::from(s).shutdown(std::net::Shutdown::Write)
+/// Passes the end of a direction on to `to`. For the second direction to
+/// end, the close that follows at once sends the same FIN (`to` has read
+/// its own EOF, so nothing unread can turn the close into a reset): the
+/// shutdown(2) is left out, one syscall less per connection.
+fn pass_fin(to: &TcpStream, c: Count<'_>) -> io::Result<()> {
+    if c.ended.fetch_add(1, Relaxed) > 0 {
+        return Ok(());
+    }
+    SockRef::from(to).shutdown(std::net::Shutdown::Write)
 }
 
 /// Relays both ways until both directions finished, one failed, or a
@@ -463,11 +591,13 @@ async fn relay(b: &Binding, client: &TcpStream, upstream: &TcpStream, moved: &Mo
         moved: &moved.c2u,
         total: &totals.bytes_in,
         activity,
+        ended: &moved.ended,
     };
     let down_count = Count {
         moved: &moved.u2c,
         total: &totals.bytes_out,
         activity,
+        ended: &moved.ended,
     };
     let up = async {
         match pump(client, upstream, up_count).await {
@@ -489,7 +619,7 @@ async fn relay(b: &Binding, client: &TcpStream, upstream: &TcpStream, moved: &Mo
             Err(PumpError::Write(e)) => Dir::Failed("client write failed", e),
         }
     };
-    relay::both_ways(b, activity, true, up, down).await
+    relay::both_ways(b, activity, true, std::pin::pin!(up), std::pin::pin!(down)).await
 }
 
 #[cfg(test)]
@@ -550,5 +680,28 @@ mod tests {
         );
         let took = t0.elapsed();
         assert!(took >= Duration::from_secs(5) && took < Duration::from_secs(30));
+    }
+
+    /// An idle connection is its task and two sockets: the task is the
+    /// connection's memory, so its size is watched (the relay's buffers
+    /// are per thread, see `SCRATCH`).
+    #[tokio::test]
+    async fn an_idle_connection_holds_a_small_task() {
+        let b = crate::proxy::test_binding("").await;
+        let (_far, near) = pair().await;
+        let first = Early::ask(&b, SocketSpec::tcp(&b.rule.upstream));
+        let inherited = Inherited {
+            nodelay: true,
+            keepalive: None,
+        };
+        let task = handle(
+            b.clone(),
+            near,
+            "127.0.0.1:1".parse().unwrap(),
+            first,
+            inherited,
+        );
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 2048, "the connection's future is {size} bytes");
     }
 }

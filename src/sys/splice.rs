@@ -13,11 +13,11 @@ pub(crate) struct PipeFds {
     pub(crate) size: usize,
 }
 
-/// The capacity of a pipe the kernel would not resize.
-const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
-
 /// A new non-blocking, close-on-exec pipe, asked to hold `size` bytes
-/// (`F_SETPIPE_SZ`); if the kernel refuses, it keeps its default size.
+/// (`F_SETPIPE_SZ`). If the kernel refuses (an unprivileged user past
+/// `fs.pipe-user-pages-soft` gets `EPERM`, and its new pipes only the
+/// minimum of 2 pages), the pipe keeps what it was given: `size` is always
+/// what the kernel reports (`F_GETPIPE_SZ`), never what was asked for.
 pub(crate) fn pipe(size: usize) -> io::Result<PipeFds> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: `fds` has room for the two fds pipe2 writes.
@@ -27,12 +27,16 @@ pub(crate) fn pipe(size: usize) -> io::Result<PipeFds> {
     // SAFETY: pipe2 succeeded: both fds are open and now owned here only.
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let want = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
-    // SAFETY: fcntl on an fd owned here; a failure leaves the default size.
-    let granted = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    // SAFETY: fcntl on an fd owned here; a failure leaves the size as it was.
+    let mut granted = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want) };
+    if granted <= 0 {
+        // SAFETY: fcntl on an fd owned here, reading its capacity only.
+        granted = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    }
     let size = usize::try_from(granted)
         .ok()
         .filter(|&n| n > 0)
-        .unwrap_or(DEFAULT_PIPE_SIZE);
+        .ok_or_else(io::Error::last_os_error)?;
     Ok(PipeFds { read, write, size })
 }
 
