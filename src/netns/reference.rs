@@ -23,8 +23,10 @@ pub enum NsRef {
     /// `pid:PID`: the namespace of a running process (`/proc/PID/ns/net`).
     Pid(u32),
     /// A shell-style pattern over the names in `/run/netns` (`tenant-*`,
-    /// `*`): every matching namespace, as names come and go. Only valid
-    /// where a rule listens, never as an upstream namespace.
+    /// `*`), or, absolute, over the files of a directory
+    /// (`/var/run/docker/netns/*`; wildcards in the last component only):
+    /// every matching namespace, as files come and go. Only valid where a
+    /// rule listens, never as an upstream namespace.
     Glob(String),
 }
 
@@ -41,6 +43,10 @@ pub enum NsRefError {
     BadPid(String),
     #[error("\"{0}\" is not a valid pattern: a '[' has no closing ']'")]
     BadGlob(String),
+    #[error(
+        "\"{0}\" has a wildcard before its last component: only the file name of a path may be a pattern (list each directory's pattern, e.g. \"/run/user/1000/netns/*\")"
+    )]
+    GlobDir(String),
     #[error(
         "\"{0}\" is not a valid namespace name: a name under /run/netns has no '/' and is not \".\" or \"..\" (for a path, start it with '/')"
     )]
@@ -77,6 +83,15 @@ impl FromStr for NsRef {
             };
         }
         if s.starts_with('/') {
+            let (dir, last) = s.rsplit_once('/').unwrap_or(("", s));
+            if dir.contains(['*', '?', '[']) {
+                return Err(NsRefError::GlobDir(s.to_owned()));
+            }
+            if last.contains(['*', '?', '[']) {
+                return glob_is_valid(last)
+                    .then(|| NsRef::Glob(s.to_owned()))
+                    .ok_or_else(|| NsRefError::BadGlob(s.to_owned()));
+            }
             return Ok(NsRef::Path(PathBuf::from(s)));
         }
         if s.contains('/') || s.contains('\0') || s == "." || s == ".." {
@@ -104,14 +119,52 @@ impl fmt::Display for NsRef {
 }
 
 impl NsRef {
-    /// For a [`NsRef::Glob`], whether `name` matches it; other references
-    /// never match by pattern.
+    /// For a [`NsRef::Glob`] over `/run/netns` names, whether `name`
+    /// matches it; other references never match by pattern.
     pub fn matches(&self, name: &str) -> bool {
         match self {
-            NsRef::Glob(p) => glob_match(p.as_bytes(), name.as_bytes()),
+            NsRef::Glob(p) if !p.starts_with('/') => glob_match(p.as_bytes(), name.as_bytes()),
             _ => false,
         }
     }
+
+    /// For a [`NsRef::Glob`], whether `r` is one of the namespaces it
+    /// stands for: a `/run/netns` name for a pattern over names, a path
+    /// in its directory whose file name matches for an absolute one.
+    pub fn matches_ref(&self, r: &NsRef) -> bool {
+        match (self, r) {
+            (NsRef::Glob(_), NsRef::Named(n)) => self.matches(n),
+            (NsRef::Glob(p), NsRef::Path(path)) => match p.rsplit_once('/') {
+                Some((dir, last)) if p.starts_with('/') => {
+                    let (Some(pdir), Some(name)) = (path.parent(), path.file_name()) else {
+                        return false;
+                    };
+                    pdir == Path::new(if dir.is_empty() { "/" } else { dir })
+                        && glob_match(last.as_bytes(), name.as_encoded_bytes())
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// For an absolute [`NsRef::Glob`], its directory and the pattern over
+    /// the file names in it.
+    pub fn glob_dir(&self) -> Option<(&Path, &str)> {
+        match self {
+            NsRef::Glob(p) if p.starts_with('/') => {
+                let (dir, last) = p.rsplit_once('/')?;
+                Some((Path::new(if dir.is_empty() { "/" } else { dir }), last))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Whether the file name `name` matches the pattern `pattern` (fnmatch(3)
+/// without flags, as globs over `/run/netns` names).
+pub(crate) fn name_matches(pattern: &str, name: &str) -> bool {
+    glob_match(pattern.as_bytes(), name.as_bytes())
 }
 
 /// Whether every `[` of `p` opens a class that [`class`] finds the end of,
@@ -274,6 +327,40 @@ mod tests {
             Err(NsRefError::BadGlob("ns[0-".into()))
         );
         assert_eq!(g("t*").to_string(), "t*");
+    }
+
+    #[test]
+    fn absolute_globs_match_the_files_of_their_directory() {
+        let g: NsRef = "/var/run/docker/netns/*".parse().unwrap();
+        assert_eq!(g, NsRef::Glob("/var/run/docker/netns/*".into()));
+        assert_eq!(g.to_string(), "/var/run/docker/netns/*");
+        let p = |s: &str| NsRef::Path(s.into());
+        assert!(g.matches_ref(&p("/var/run/docker/netns/abc")));
+        assert!(!g.matches_ref(&p("/var/run/docker/netns/a/b")));
+        assert!(!g.matches_ref(&p("/var/run/docker/abc")));
+        assert!(!g.matches_ref(&NsRef::Named("abc".into())));
+        assert!(!g.matches("abc"), "not a pattern over /run/netns names");
+        assert_eq!(
+            g.glob_dir(),
+            Some((Path::new("/var/run/docker/netns"), "*"))
+        );
+        let cni: NsRef = "/var/run/netns/cni-*".parse().unwrap();
+        assert!(cni.matches_ref(&p("/var/run/netns/cni-1234")));
+        assert!(!cni.matches_ref(&p("/var/run/netns/other")));
+        assert!(
+            "tenant-*"
+                .parse::<NsRef>()
+                .unwrap()
+                .matches_ref(&NsRef::Named("tenant-1".into()))
+        );
+        assert_eq!(
+            "/run/user/*/netns/*".parse::<NsRef>(),
+            Err(NsRefError::GlobDir("/run/user/*/netns/*".into()))
+        );
+        assert_eq!(
+            "/x/ns[0-".parse::<NsRef>(),
+            Err(NsRefError::BadGlob("/x/ns[0-".into()))
+        );
     }
 
     #[test]
