@@ -259,3 +259,51 @@ fn a_directory_the_relay_cannot_read_is_named_and_resolved_at_load() {
         );
     })
 }
+
+#[test]
+fn check_counts_path_pattern_matches_and_names_what_cannot_be_followed() {
+    as_root(|| {
+        let pins = PinDir::new();
+        let a = TestNs::new("chk");
+        pins.pin("c-1", &a);
+        std::fs::create_dir(pins.path("private")).unwrap();
+        std::fs::set_permissions(
+            pins.path("private"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let missing = pins.path("gone");
+        let text = config(
+            &[
+                to_host("g", "127.0.0.1:7000")
+                    .netns([&pins.pattern("c-*"), &pins.pattern("none-*")]),
+                to_host("m", "127.0.0.1:7001").netns([missing.to_str().unwrap()]),
+                to_host("p", "127.0.0.1:7002")
+                    .netns([&format!("{}/*", pins.path("private").display())]),
+            ]
+            .map(|r| r.to_string())
+            .concat(),
+        );
+        let f = pins.dir.file("nsproxy.toml", &text);
+        let (code, out, err) = run_cli(&["check", "--config", f.to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}{err}");
+        // c-1 (a pattern match) and the missing path count as bindings;
+        // "none-*" and the private directory match nothing now.
+        assert!(out.contains("2 binding(s) (1 from 3 pattern(s)"), "{out}");
+        assert!(
+            err.contains(&format!("matches no file in {} now", pins.dir.0.display())),
+            "{err}"
+        );
+        assert!(
+            err.contains("its binding waits, and opens when a network namespace is mounted there"),
+            "{err}"
+        );
+        assert!(
+            err.contains(&format!(
+                "{} is not readable by `nobody`",
+                pins.path("private").display()
+            )),
+            "{err}"
+        );
+    })
+}

@@ -161,6 +161,11 @@ pub fn followed_paths<'a>(refs: impl IntoIterator<Item = &'a NsRef>) -> Vec<NsRe
     out
 }
 
+/// The directories [`Discovery`] watches for `paths` (besides `/run/netns`).
+pub fn followed_dirs(paths: &[NsRef]) -> Vec<PathBuf> {
+    wanted(paths).into_keys().collect()
+}
+
 impl Discovery {
     /// Starts watching `dir` for `/run/netns` names. The namespaces already
     /// there are reported as [`NsEvent::Appeared`] by the first calls to
