@@ -109,6 +109,32 @@ fn wait_unserved(ns: &TestNs, addr: &str, log: impl Fn() -> String) {
     }
 }
 
+/// The fds of nsproxy's processes (relay and broker) that keep the
+/// namespace of `ns_file` alive: namespace files, and sockets made in it.
+fn namespace_fds(s: &Running, ns_file: &std::fs::File) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = ns_file.metadata().unwrap().ino();
+    let mut found = Vec::new();
+    for pid in s.pids() {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for e in fds.flatten() {
+            let link = std::fs::read_link(e.path()).unwrap_or_default();
+            let is_ns = std::fs::metadata(e.path()).is_ok_and(|m| m.ino() == ino);
+            if is_ns && !link.to_string_lossy().starts_with("socket:") {
+                found.push(format!("{pid}: {}", link.display()));
+            }
+        }
+        for (fd, ns) in socket_namespaces(pid) {
+            if ns == ino {
+                found.push(format!("{pid}: socket fd {fd}"));
+            }
+        }
+    }
+    found
+}
+
 fn hello_when_ready(ns: &TestNs, addr: &str) -> Vec<u8> {
     let mut c = ns.tcp_connect_when_ready(addr);
     read_all(&mut c).unwrap()
@@ -154,9 +180,22 @@ fn a_path_pattern_follows_files_present_mounted_later_unmounted_and_remounted() 
         pins.pin("c-b", b);
         assert_eq!(hello_when_ready(b, "127.0.0.1:7000"), b"hi\n");
 
-        // Unmounted and removed: released; the other file still serves.
+        // Unmounted and removed: released (no fd of nsproxy's keeps the
+        // namespace alive); the other file still serves.
+        let pin = std::fs::File::open(format!("/run/netns/{}", a.name())).unwrap();
+        assert!(!namespace_fds(&s, &pin).is_empty(), "nsproxy holds it now");
         pins.remove("c-a");
         wait_unserved(a, "127.0.0.1:7000", || s.log());
+        let deadline = Instant::now() + WAIT;
+        while !namespace_fds(&s, &pin).is_empty() {
+            let held = namespace_fds(&s, &pin);
+            assert!(
+                Instant::now() < deadline,
+                "still held: {held:?}\n{}",
+                s.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         assert_eq!(hello_when_ready(b, "127.0.0.1:7000"), b"hi\n");
         assert!(
             s.ns("other").tcp_connect("127.0.0.1:7000").is_err(),
