@@ -346,3 +346,35 @@ fn check_counts_path_pattern_matches_and_names_what_cannot_be_followed() {
         );
     })
 }
+
+/// `/run/user/*/netns/*`: a wildcard directory too, its matches followed as
+/// they come and go (a user's runtime directory made, its netns directory
+/// made later, a pin in it, the whole directory removed).
+#[test]
+fn a_pattern_with_a_wildcard_directory_follows_new_directories() {
+    as_root(|| {
+        let pins = PinDir::new();
+        let s = Scenario::with(&["a", "b"]).tcp_hello("host", "127.0.0.1:9000", "u\n");
+        std::fs::create_dir_all(pins.path("u1/netns")).unwrap();
+        pins.pin("u1/netns/a", s.ns("a"));
+        let s = s
+            .rule(to_host("u", "127.0.0.1:7004").netns([&pins.pattern("*/netns/*")]))
+            .start();
+        assert_eq!(hello_when_ready(s.ns("a"), "127.0.0.1:7004"), b"u\n");
+        // A new user: its directory first, its netns directory afterwards.
+        std::fs::create_dir(pins.path("u2")).unwrap();
+        std::fs::create_dir(pins.path("u2/netns")).unwrap();
+        pins.pin("u2/netns/b", s.ns("b"));
+        assert_eq!(hello_when_ready(s.ns("b"), "127.0.0.1:7004"), b"u\n");
+        // The user goes: the pin, then the directories.
+        pins.remove("u2/netns/b");
+        std::fs::remove_dir(pins.path("u2/netns")).unwrap();
+        std::fs::remove_dir(pins.path("u2")).unwrap();
+        wait_unserved(s.ns("b"), "127.0.0.1:7004", || s.log());
+        // And comes back.
+        std::fs::create_dir_all(pins.path("u2/netns")).unwrap();
+        pins.pin("u2/netns/b", s.ns("b"));
+        assert_eq!(hello_when_ready(s.ns("b"), "127.0.0.1:7004"), b"u\n");
+        assert_eq!(hello_when_ready(s.ns("a"), "127.0.0.1:7004"), b"u\n");
+    })
+}

@@ -403,18 +403,15 @@ impl<'a> Checker<'a> {
 /// The paths of the files in the directories of `config`'s absolute
 /// patterns now, for [`check_namespaces`]'s `names` (reads the file system).
 pub fn files_of_path_patterns(config: &Config) -> Vec<String> {
-    let mut out = Vec::new();
-    let dirs: std::collections::BTreeSet<&std::path::Path> = config
+    let globs: Vec<NsRef> = config
         .rules
         .iter()
-        .flat_map(|r| r.netns.iter().filter_map(|n| n.glob_dir().map(|(d, _)| d)))
+        .flat_map(|r| r.netns.iter().filter(|n| n.glob_dir().is_some()).cloned())
         .collect();
-    for dir in dirs {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            out.extend(entries.filter_map(|e| e.ok()?.path().into_os_string().into_string().ok()));
-        }
-    }
-    out
+    crate::netns::discovery::pattern_files(&globs)
+        .into_iter()
+        .filter_map(|p| p.into_os_string().into_string().ok())
+        .collect()
 }
 
 /// The directories the daemon would follow that its relay, split (the
@@ -455,7 +452,13 @@ pub fn unwatchable_findings(
         let found = config.rules.iter().enumerate().find_map(|(i, rule)| {
             let j = rule.netns.iter().position(|n| match n {
                 NsRef::Path(p) => p.parent() == Some(dir.as_path()),
-                _ => n.glob_dir().is_some_and(|(d, _)| d == dir),
+                // A directory of the pattern's, or one where its wildcard
+                // directories are matched.
+                _ => {
+                    n.glob_dir().is_some()
+                        && crate::netns::discovery::followed_dirs(std::slice::from_ref(n))
+                            .contains(dir)
+                }
             })?;
             Some((i, rule, j))
         });

@@ -52,6 +52,12 @@ pub struct Discovery {
     mountinfo: AsyncFd<File>,
     dirs: Vec<Dir>,
     queue: VecDeque<NsEvent>,
+    /// The references followed by path ([`Discovery::set_paths`]), kept to
+    /// expand their wildcard directories again.
+    paths: Vec<NsRef>,
+    /// A directory appeared or went where a pattern's wildcard directory
+    /// is matched: expand the patterns again once the events are read.
+    reexpand: bool,
 }
 
 /// One watched directory and what of it is followed.
@@ -62,6 +68,8 @@ struct Dir {
     /// File-name patterns (an exact path's name is a pattern without
     /// wildcards) whose matches are reported as paths.
     patterns: Vec<String>,
+    /// A pattern's wildcard directory is matched here (see [`Wanted`]).
+    structure: bool,
     /// Watch descriptor of `path`, when it exists.
     wd: Option<Watch>,
     /// While `path` does not exist: the watch of its nearest existing
@@ -93,6 +101,7 @@ impl Dir {
             path,
             names: false,
             patterns: Vec::new(),
+            structure: false,
             wd: None,
             ancestor: None,
             known: BTreeMap::new(),
@@ -122,30 +131,73 @@ impl Dir {
     }
 }
 
-/// The directories and patterns that `paths` (references of a config)
-/// ask to follow: a path's directory for its file name, an absolute
-/// pattern's directory for its pattern. Files under `/proc` are not
-/// followed: inotify reports nothing there.
-fn wanted(paths: &[NsRef]) -> BTreeMap<PathBuf, BTreeSet<String>> {
-    let mut out: BTreeMap<PathBuf, BTreeSet<String>> = BTreeMap::new();
+/// What `paths` (references of a config) ask to follow.
+#[derive(Default)]
+struct Wanted {
+    /// Directory → the file-name patterns followed in it: a path's
+    /// directory for its file name, an absolute pattern's directories (its
+    /// wildcards expanded) for its last component.
+    files: BTreeMap<PathBuf, BTreeSet<String>>,
+    /// Directories where a wildcard component of a pattern is matched
+    /// (`/run/user` for `/run/user/*/netns/*`): a directory created or
+    /// removed there changes what `files` holds.
+    structure: BTreeSet<PathBuf>,
+}
+
+/// Files under `/proc` are not followed: inotify reports nothing there.
+fn wanted(paths: &[NsRef]) -> Wanted {
+    let mut out = Wanted::default();
     for r in paths {
-        let (dir, pattern) = match r {
+        let (dirs, pattern) = match r {
             NsRef::Path(p) => match (p.parent(), p.file_name().and_then(|n| n.to_str())) {
-                (Some(d), Some(n)) => (d.to_owned(), n.to_owned()),
+                (Some(d), Some(n)) => (vec![d.to_owned()], n.to_owned()),
                 _ => continue,
             },
             NsRef::Glob(_) => match r.glob_dir() {
-                Some((d, pat)) => (d.to_owned(), pat.to_owned()),
+                Some((d, pat)) => (expand(d, &mut out.structure), pat.to_owned()),
                 None => continue,
             },
             _ => continue,
         };
-        if dir.starts_with("/proc") {
-            continue;
+        for dir in dirs {
+            if !dir.starts_with("/proc") {
+                out.files.entry(dir).or_default().insert(pattern.clone());
+            }
         }
-        out.entry(dir).or_default().insert(pattern);
     }
     out
+}
+
+/// The directories a directory pattern (`/run/user/*/netns`) stands for
+/// now, each wildcard component matched against the subdirectories there
+/// (reads the file system); the directories where a wildcard was matched
+/// go to `structure`. A literal component need not exist yet.
+fn expand(pattern: &Path, structure: &mut BTreeSet<PathBuf>) -> Vec<PathBuf> {
+    let mut dirs = vec![PathBuf::from("/")];
+    for c in pattern.components().skip(1) {
+        let c = c.as_os_str().to_string_lossy();
+        if !c.contains(['*', '?', '[']) {
+            for d in &mut dirs {
+                d.push(&*c);
+            }
+            continue;
+        }
+        let mut next = Vec::new();
+        for d in dirs {
+            if let Ok(entries) = std::fs::read_dir(&d) {
+                for e in entries.flatten() {
+                    let matched = e.file_name().to_str().is_some_and(|n| name_matches(&c, n));
+                    if matched && e.file_type().is_ok_and(|t| t.is_dir()) {
+                        next.push(e.path());
+                    }
+                }
+            }
+            structure.insert(d);
+        }
+        next.sort();
+        dirs = next;
+    }
+    dirs
 }
 
 /// The references of `rules` that [`Discovery`] follows by path: their
@@ -161,9 +213,32 @@ pub fn followed_paths<'a>(refs: impl IntoIterator<Item = &'a NsRef>) -> Vec<NsRe
     out
 }
 
-/// The directories [`Discovery`] watches for `paths` (besides `/run/netns`).
+/// The directories [`Discovery`] watches for `paths` now (besides
+/// `/run/netns`): those of their files, and those where a wildcard
+/// directory of a pattern is matched. Reads the file system.
 pub fn followed_dirs(paths: &[NsRef]) -> Vec<PathBuf> {
-    wanted(paths).into_keys().collect()
+    let w = wanted(paths);
+    let mut out: Vec<PathBuf> = w.files.into_keys().chain(w.structure).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The files that the absolute patterns among `paths` match now (reads
+/// the file system), for `nsproxy check`.
+pub fn pattern_files(paths: &[NsRef]) -> Vec<PathBuf> {
+    let globs: Vec<NsRef> = paths
+        .iter()
+        .filter(|r| r.glob_dir().is_some())
+        .cloned()
+        .collect();
+    let mut out = Vec::new();
+    for dir in wanted(&globs).files.into_keys() {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            out.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    out
 }
 
 impl Discovery {
@@ -187,6 +262,8 @@ impl Discovery {
             mountinfo,
             dirs: Vec::new(),
             queue: VecDeque::new(),
+            paths: Vec::new(),
+            reexpand: false,
         };
         // The mount table is never read: the kernel marks the file at open
         // with the table's current version, and every poll that reports a
@@ -205,12 +282,17 @@ impl Discovery {
     /// before (a reload): files no longer followed are reported
     /// [`NsEvent::Gone`], newly followed namespaces [`NsEvent::Appeared`].
     pub fn set_paths(&mut self, paths: &[NsRef]) {
-        let mut want = wanted(paths);
+        self.paths = paths.to_vec();
+        let Wanted {
+            files: mut want,
+            mut structure,
+        } = wanted(paths);
         for i in 0..self.dirs.len() {
             let patterns: Vec<String> = want
                 .remove(&self.dirs[i].path)
                 .map(|s| s.into_iter().collect())
                 .unwrap_or_default();
+            self.dirs[i].structure = structure.remove(&self.dirs[i].path);
             if patterns != self.dirs[i].patterns {
                 self.dirs[i].patterns = patterns;
                 self.rescan(i);
@@ -219,15 +301,17 @@ impl Discovery {
         // Directories nothing follows any more.
         let mut i = 1;
         while i < self.dirs.len() {
-            if self.dirs[i].patterns.is_empty() {
+            if self.dirs[i].patterns.is_empty() && !self.dirs[i].structure {
                 let dir = self.dirs.remove(i);
                 self.unwatch(&dir);
             } else {
                 i += 1;
             }
         }
-        for (path, patterns) in want {
+        let structure = structure.into_iter().map(|p| (p, BTreeSet::new()));
+        for (path, patterns) in want.into_iter().chain(structure) {
             let mut dir = Dir::new(path);
+            dir.structure = patterns.is_empty();
             dir.patterns = patterns.into_iter().collect();
             self.dirs.push(dir);
             let i = self.dirs.len() - 1;
@@ -476,6 +560,10 @@ impl Discovery {
                 let name = e.name.to_str().map(str::to_owned);
                 self.on_event(e.watch, e.mask, name);
             }
+            if std::mem::take(&mut self.reexpand) {
+                let paths = std::mem::take(&mut self.paths);
+                self.set_paths(&paths);
+            }
         }
     }
 
@@ -494,11 +582,15 @@ impl Discovery {
                     && mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0
                 {
                     let _ = self.watch_dir(i);
+                    self.reexpand |= self.dirs[i].structure;
                 }
                 continue;
             }
             if self.dirs[i].wd != Some(wd) {
                 continue;
+            }
+            if self.dirs[i].structure && mask & libc::IN_ISDIR != 0 {
+                self.reexpand = true;
             }
             if mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_IGNORED) != 0 {
                 // The directory itself went away: everything in it is gone.
@@ -512,6 +604,7 @@ impl Discovery {
                 }
                 self.dirs[i].pending.clear();
                 let _ = self.watch_dir(i);
+                self.reexpand |= self.dirs[i].structure;
                 continue;
             }
             let Some(name) = name.clone() else { continue };

@@ -44,10 +44,6 @@ pub enum NsRefError {
     #[error("\"{0}\" is not a valid pattern: a '[' has no closing ']'")]
     BadGlob(String),
     #[error(
-        "\"{0}\" has a wildcard before its last component: only the file name of a path may be a pattern (list each directory's pattern, e.g. \"/run/user/1000/netns/*\")"
-    )]
-    GlobDir(String),
-    #[error(
         "\"{0}\" is not a valid namespace name: a name under /run/netns has no '/' and is not \".\" or \"..\" (for a path, start it with '/')"
     )]
     BadName(String),
@@ -83,12 +79,11 @@ impl FromStr for NsRef {
             };
         }
         if s.starts_with('/') {
-            let (dir, last) = s.rsplit_once('/').unwrap_or(("", s));
-            if dir.contains(['*', '?', '[']) {
-                return Err(NsRefError::GlobDir(s.to_owned()));
-            }
-            if last.contains(['*', '?', '[']) {
-                return glob_is_valid(last)
+            if s.contains(['*', '?', '[']) {
+                // Per component: a wildcard never matches a '/'.
+                return s
+                    .split('/')
+                    .all(glob_is_valid)
                     .then(|| NsRef::Glob(s.to_owned()))
                     .ok_or_else(|| NsRefError::BadGlob(s.to_owned()));
             }
@@ -134,22 +129,25 @@ impl NsRef {
     pub fn matches_ref(&self, r: &NsRef) -> bool {
         match (self, r) {
             (NsRef::Glob(_), NsRef::Named(n)) => self.matches(n),
-            (NsRef::Glob(p), NsRef::Path(path)) => match p.rsplit_once('/') {
-                Some((dir, last)) if p.starts_with('/') => {
-                    let (Some(pdir), Some(name)) = (path.parent(), path.file_name()) else {
-                        return false;
-                    };
-                    pdir == Path::new(if dir.is_empty() { "/" } else { dir })
-                        && glob_match(last.as_bytes(), name.as_encoded_bytes())
+            (NsRef::Glob(p), NsRef::Path(path)) if p.starts_with('/') => {
+                // Component by component, as the shell matches a path.
+                let mut want = p.split('/');
+                let mut have = path.as_os_str().as_encoded_bytes().split(|b| *b == b'/');
+                loop {
+                    match (want.next(), have.next()) {
+                        (None, None) => return true,
+                        (Some(w), Some(h)) if glob_match(w.as_bytes(), h) => {}
+                        _ => return false,
+                    }
                 }
-                _ => false,
-            },
+            }
             _ => false,
         }
     }
 
-    /// For an absolute [`NsRef::Glob`], its directory and the pattern over
-    /// the file names in it.
+    /// For an absolute [`NsRef::Glob`], its directory (which may hold
+    /// wildcards too: `/run/user/*/netns`) and the pattern over the file
+    /// names in it.
     pub fn glob_dir(&self) -> Option<(&Path, &str)> {
         match self {
             NsRef::Glob(p) if p.starts_with('/') => {
@@ -353,9 +351,17 @@ mod tests {
                 .unwrap()
                 .matches_ref(&NsRef::Named("tenant-1".into()))
         );
+        let users: NsRef = "/run/user/*/netns/*".parse().unwrap();
+        assert!(users.matches_ref(&p("/run/user/1000/netns/a")));
+        assert!(!users.matches_ref(&p("/run/user/1000/x/netns/a")));
+        assert!(!users.matches_ref(&p("/run/user/netns/a")));
         assert_eq!(
-            "/run/user/*/netns/*".parse::<NsRef>(),
-            Err(NsRefError::GlobDir("/run/user/*/netns/*".into()))
+            users.glob_dir(),
+            Some((Path::new("/run/user/*/netns"), "*"))
+        );
+        assert_eq!(
+            "/x[/y".parse::<NsRef>(),
+            Err(NsRefError::BadGlob("/x[/y".into()))
         );
         assert_eq!(
             "/x/ns[0-".parse::<NsRef>(),
