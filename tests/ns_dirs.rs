@@ -180,6 +180,16 @@ fn a_path_pattern_follows_files_present_mounted_later_unmounted_and_remounted() 
         pins.pin("c-b", b);
         assert_eq!(hello_when_ready(b, "127.0.0.1:7000"), b"hi\n");
 
+        // The mount changes of c-b left c-a's listener alone (it is looked
+        // at again on each, and is still the same namespace).
+        let c_a = format!("\"netns\":\"{}\"", pins.path("c-a").display());
+        let log = s.log();
+        let opened = log
+            .lines()
+            .filter(|l| l.contains("\"message\":\"listening\"") && l.contains(&c_a))
+            .count();
+        assert_eq!(opened, 1, "{log}");
+
         // Unmounted and removed: released (no fd of nsproxy's keeps the
         // namespace alive); the other file still serves.
         let pin = std::fs::File::open(format!("/run/netns/{}", a.name())).unwrap();
