@@ -569,10 +569,12 @@ impl Discovery {
 
     fn on_event(&mut self, wd: Watch, mask: u32, name: Option<String>) {
         if mask & libc::IN_Q_OVERFLOW != 0 {
-            // Events were lost: start over from what is really there.
+            // Events were lost: start over from what is really there,
+            // directories of patterns included.
             for i in 0..self.dirs.len() {
                 self.rescan(i);
             }
+            self.reexpand = true;
             return;
         }
         for i in 0..self.dirs.len() {
