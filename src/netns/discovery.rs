@@ -256,6 +256,11 @@ impl Discovery {
     pub fn start_with(names_dir: &Path, paths: &[NsRef]) -> io::Result<Discovery> {
         let inotify = reactor::register(Inotify::new()?, Interest::READABLE)?;
         let mountinfo = File::open("/proc/self/mountinfo")?;
+        // The mount table is never read: the kernel marks the file at open
+        // with the table's current version, and every poll that reports a
+        // change (POLLPRI) moves the mark to the new version. Reading it
+        // per change, as before, cost time in the size of the table, which
+        // grows with every namespace: following N additions was quadratic.
         let mountinfo = reactor::register(mountinfo, Interest::PRIORITY)?;
         let mut d = Discovery {
             inotify,
@@ -265,11 +270,6 @@ impl Discovery {
             paths: Vec::new(),
             reexpand: false,
         };
-        // The mount table is never read: the kernel marks the file at open
-        // with the table's current version, and every poll that reports a
-        // change (POLLPRI) moves the mark to the new version. Reading it
-        // per change, as before, cost time in the size of the table, which
-        // grows with every namespace: following N additions was quadratic.
         let mut names = Dir::new(names_dir.to_owned());
         names.names = true;
         d.dirs.push(names);
