@@ -366,14 +366,22 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
                 .rules
                 .iter()
                 .any(|r| r.netns.iter().any(|n| matches!(n, NsRef::Glob(_))));
-            let names = if has_pattern {
+            let mut names = if has_pattern {
                 netns_names()
             } else {
                 Vec::new()
             };
-            config::check::check_namespaces(&config, &locations, &names, |refs| {
+            names.extend(config::check::files_of_path_patterns(&config));
+            let mut report = config::check::check_namespaces(&config, &locations, &names, |refs| {
                 resolve_in_batches(&switcher, refs)
-            })
+            });
+            let unwatchable = config::check::dirs_the_relay_cannot_watch(&config);
+            report.findings.extend(config::check::unwatchable_findings(
+                &config,
+                &locations,
+                &unwatchable,
+            ));
+            report
         }
         Err(e) => {
             eprintln!(

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use nsproxy::netns::NsRef;
 use nsproxy::netns::discovery::{Discovery, NsEvent};
 
 fn next(d: &mut Discovery, rt: &tokio::runtime::Runtime) -> NsEvent {
@@ -37,10 +38,10 @@ fn appearing_and_vanishing_namespaces_are_reported() {
             panic!("never saw {want:?}");
         };
         let a = TestNs::new("disc");
-        wait_for(NsEvent::Appeared(a.name().to_owned()));
+        wait_for(NsEvent::Appeared(NsRef::Named(a.name().to_owned())));
         let name = a.name().to_owned();
         drop(a);
-        wait_for(NsEvent::Gone(name));
+        wait_for(NsEvent::Gone(NsRef::Named(name)));
     })
 }
 
@@ -70,13 +71,16 @@ fn a_directory_created_later_is_followed() {
             .status()
             .unwrap();
         assert!(mount.success());
-        assert_eq!(next(&mut d, &rt), NsEvent::Appeared("x".into()));
+        assert_eq!(
+            next(&mut d, &rt),
+            NsEvent::Appeared(NsRef::Named("x".into()))
+        );
         let umount = std::process::Command::new("umount")
             .arg(&pin)
             .status()
             .unwrap();
         assert!(umount.success());
         std::fs::remove_file(&pin).unwrap();
-        assert_eq!(next(&mut d, &rt), NsEvent::Gone("x".into()));
+        assert_eq!(next(&mut d, &rt), NsEvent::Gone(NsRef::Named("x".into())));
     })
 }

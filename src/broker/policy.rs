@@ -3,8 +3,8 @@
 //! kinds and addresses, and testable without root.
 //!
 //! - Resolve: `host`; any reference a rule names (its `netns` list or its
-//!   `upstream_netns`); a `/run/netns` name one of the rules' patterns
-//!   matches.
+//!   `upstream_netns`); a `/run/netns` name, or a path, one of the rules'
+//!   patterns matches (`tenant-*`, `/var/run/docker/netns/*`).
 //! - Socket and Refill: only in a namespace resolved under the current
 //!   policy ([`Resolved`]), and only of a kind (domain, type, protocol) a
 //!   rule uses there: its listen socket where it listens, its upstream
@@ -152,11 +152,7 @@ impl RulePolicy {
 
     /// As [`Rule::rank`] says, without its scan.
     fn listens_in(&self, r: &NsRef) -> bool {
-        self.listen_refs.contains(r)
-            || match r {
-                NsRef::Named(name) => self.listen_globs.iter().any(|g| g.matches(name)),
-                _ => false,
-            }
+        self.listen_refs.contains(r) || self.listen_globs.iter().any(|g| g.matches_ref(r))
     }
 
     /// Whether `a` is one of the rule's listen addresses; with a port
@@ -398,6 +394,23 @@ mod tests {
         for bad in ["other", "pid:43", "/run/netns/ns1", "/proc/1/ns/net"] {
             let e = p.allows_resolve(&r(bad)).unwrap_err();
             assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_path_pattern_resolves_the_files_of_its_directory_only() {
+        let p = forward(&["tcp:[::]:80@/var/run/docker/netns/*,/run/c/cni-*=127.0.0.1:9"]);
+        for ok in ["/var/run/docker/netns/1a2b", "/run/c/cni-9"] {
+            assert_eq!(p.allows_resolve(&r(ok)), Ok(()), "{ok}");
+        }
+        for bad in [
+            "/var/run/docker/netns/a/b",
+            "/var/run/docker/x",
+            "/run/c/other",
+            "1a2b",
+            "cni-9",
+        ] {
+            assert!(p.allows_resolve(&r(bad)).is_err(), "{bad}");
         }
     }
 

@@ -110,6 +110,9 @@ enum Outcome {
     Found(NsId),
     /// A name under /run/netns that does not exist: followed live.
     MissingName(String),
+    /// A file followed by path that is not a namespace now (missing, or
+    /// nothing mounted on it): followed live in its directory.
+    MissingPath(String),
     /// Anything else: looked at again only when the config is (re)loaded.
     Unusable(String),
 }
@@ -167,12 +170,29 @@ fn look_up(
                         ..
                     },
                 )) => Outcome::MissingName(err.to_string()),
+                Some(Err(err)) if followed_path(&err) => Outcome::MissingPath(err.to_string()),
                 Some(Err(err)) => Outcome::Unusable(err.to_string()),
                 None => Outcome::Unusable(format!("namespace \"{r}\" was not looked at")),
             };
             (r, o)
         })
         .collect()
+}
+
+/// Whether `err` says a path followed in its directory is not a namespace
+/// now (missing, or nothing mounted on it), so that it may become one.
+fn followed_path(err: &NsError) -> bool {
+    match err {
+        NsError::NotFound {
+            reference: NsRef::Path(p),
+            ..
+        }
+        | NsError::NotNsfs {
+            reference: NsRef::Path(p),
+            ..
+        } => !p.starts_with("/proc"),
+        _ => false,
+    }
 }
 
 /// The state of one [`check_namespaces`] pass over the rules.
@@ -241,6 +261,13 @@ impl<'a> Checker<'a> {
                     "{e}; the rule's bindings wait, and open when the name appears under /run/netns"
                 ),
             ),
+            Outcome::MissingPath(e) => self.finding(
+                Severity::Warning,
+                &up,
+                format!(
+                    "{e}; the rule's bindings wait, and open when a network namespace is mounted there"
+                ),
+            ),
             Outcome::Unusable(e) => self.finding(
                 Severity::Warning,
                 &up,
@@ -258,6 +285,7 @@ impl<'a> Checker<'a> {
             .iter()
             .filter_map(|r| match r {
                 NsRef::Named(n) => Some(n.as_str()),
+                NsRef::Path(p) => p.to_str(),
                 _ => None,
             })
             .collect();
@@ -292,9 +320,14 @@ impl<'a> Checker<'a> {
         } = self;
         report.patterns += 1;
         let hits = matches_of.entry(r).or_insert_with(|| {
+            // `names` holds /run/netns names and, for absolute patterns,
+            // the paths of their directories' files.
             names
                 .iter()
-                .filter(|n| r.matches(n))
+                .filter(|n| match n.starts_with('/') {
+                    true => r.matches_ref(&NsRef::Path(n.into())),
+                    false => r.matches(n),
+                })
                 .map(String::as_str)
                 .collect()
         });
@@ -305,11 +338,15 @@ impl<'a> Checker<'a> {
             }
         }
         if hits.is_empty() {
+            let place = match r.glob_dir() {
+                Some((dir, _)) => format!("file in {}", dir.display()),
+                None => "name under /run/netns".to_owned(),
+            };
             self.finding(
                 Severity::Note,
                 at,
                 format!(
-                    "\"{r}\" matches no name under /run/netns now; the rule listens in each matching namespace as it appears"
+                    "\"{r}\" matches no {place} now; the rule listens in each matching namespace as it appears"
                 ),
             );
         }
@@ -345,6 +382,13 @@ impl<'a> Checker<'a> {
                 at,
                 format!("{e}; its binding waits, and opens when the name appears"),
             ),
+            Outcome::MissingPath(e) => self.finding(
+                Severity::Warning,
+                at,
+                format!(
+                    "{e}; its binding waits, and opens when a network namespace is mounted there"
+                ),
+            ),
             Outcome::Unusable(e) => self.finding(
                 Severity::Warning,
                 at,
@@ -354,6 +398,88 @@ impl<'a> Checker<'a> {
             ),
         }
     }
+}
+
+/// The paths of the files in the directories of `config`'s absolute
+/// patterns now, for [`check_namespaces`]'s `names` (reads the file system).
+pub fn files_of_path_patterns(config: &Config) -> Vec<String> {
+    let globs: Vec<NsRef> = config
+        .rules
+        .iter()
+        .flat_map(|r| r.netns.iter().filter(|n| n.glob_dir().is_some()).cloned())
+        .collect();
+    crate::netns::discovery::pattern_files(&globs)
+        .into_iter()
+        .filter_map(|p| p.into_os_string().into_string().ok())
+        .collect()
+}
+
+/// The directories the daemon would follow that its relay, split (the
+/// default as root; not with `user = "root"`), cannot watch: it runs as
+/// `nobody`, so each must be readable and searchable by others, and its
+/// ancestors searchable (reads the file system; directories that do not
+/// exist are left out).
+pub fn dirs_the_relay_cannot_watch(config: &Config) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if config.user.as_deref() == Some("root") {
+        return Vec::new();
+    }
+    let refs: Vec<NsRef> = crate::netns::discovery::followed_paths(
+        config
+            .rules
+            .iter()
+            .flat_map(|r| r.netns.iter().chain(std::iter::once(&r.upstream_netns))),
+    );
+    let others = |p: &std::path::Path, bits: u32| {
+        std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & bits == bits)
+    };
+    crate::netns::discovery::followed_dirs(&refs)
+        .into_iter()
+        .filter(|d| d.is_dir())
+        .filter(|d| !others(d, 0o005) || !d.ancestors().skip(1).all(|a| others(a, 0o001)))
+        .collect()
+}
+
+/// A note per directory of [`dirs_the_relay_cannot_watch`], at the first
+/// rule that names a file in it.
+pub fn unwatchable_findings(
+    config: &Config,
+    locations: &[RuleLocations],
+    dirs: &[std::path::PathBuf],
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for dir in dirs {
+        let found = config.rules.iter().enumerate().find_map(|(i, rule)| {
+            let j = rule.netns.iter().position(|n| match n {
+                NsRef::Path(p) => p.parent() == Some(dir.as_path()),
+                // A directory of the pattern's, or one where its wildcard
+                // directories are matched.
+                _ => {
+                    n.glob_dir().is_some()
+                        && crate::netns::discovery::followed_dirs(std::slice::from_ref(n))
+                            .contains(dir)
+                }
+            })?;
+            Some((i, rule, j))
+        });
+        let Some((i, rule, j)) = found else { continue };
+        let location = locations
+            .get(i)
+            .and_then(|l| l.netns.get(j))
+            .unwrap_or(&rule.origin)
+            .clone();
+        out.push(Finding {
+            severity: Severity::Note,
+            location,
+            rule: rule.name.clone(),
+            key: format!("netns[{j}]"),
+            message: format!(
+                "{} is not readable by `nobody`, whom the relay runs as (split, the default as root): its namespace files are resolved when the config is loaded or reloaded, not followed as they come and go; make it (and its parents) readable to others, or set user = \"root\"",
+                dir.display()
+            ),
+        });
+    }
+    out
 }
 
 #[cfg(test)]

@@ -256,10 +256,10 @@ impl Rule {
     /// name in PROXY v2 headers, metric labels and status). `None` when the
     /// rule does not name `r` at all.
     pub fn rank(&self, r: &NsRef) -> Option<usize> {
-        self.netns.iter().position(|n| n == r).or_else(|| match r {
-            NsRef::Named(name) => self.netns.iter().position(|n| n.matches(name)),
-            _ => None,
-        })
+        self.netns
+            .iter()
+            .position(|n| n == r)
+            .or_else(|| self.netns.iter().position(|n| n.matches_ref(r)))
     }
 }
 

@@ -28,6 +28,7 @@ pub(super) fn ns_ref(glob: bool) -> BoxedStrategy<NsRef> {
         prop_oneof![
             4 => exact,
             1 => "[a-z-]{0,4}\\*[a-z-]{0,4}".prop_map(NsRef::Glob),
+            1 => "(/[a-z0-9*._-]{1,6}){0,2}/[a-z-]{0,3}\\*[a-z-]{0,3}".prop_map(NsRef::Glob),
         ]
         .boxed()
     } else {

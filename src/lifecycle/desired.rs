@@ -56,19 +56,20 @@ pub(crate) fn per_port(rules: &[Rule]) -> Vec<Arc<Rule>> {
         .collect()
 }
 
-/// The bindings `rules` (one per port, [`per_port`]) ask for when the names in `names` exist, in
-/// configuration order (rule, then its `netns` list; a glob's matches in
-/// the order of `names`), each key once.
-pub(crate) fn desired(rules: &[Arc<Rule>], names: &[String]) -> Vec<(Key, Arc<Rule>)> {
+/// The bindings `rules` (one per port, [`per_port`]) ask for when the
+/// namespaces in `known` (`/run/netns` names, files followed by path)
+/// exist, in configuration order (rule, then its `netns` list; a glob's
+/// matches in the order of `known`), each key once.
+pub(crate) fn desired(rules: &[Arc<Rule>], known: &[NsRef]) -> Vec<(Key, Arc<Rule>)> {
     let mut out = Vec::new();
     let mut seen: HashSet<Key> = HashSet::new();
     for rule in rules {
         for sel in &rule.netns {
             let refs: Vec<NsRef> = match sel {
-                NsRef::Glob(_) => names
+                NsRef::Glob(_) => known
                     .iter()
-                    .filter(|n| sel.matches(n))
-                    .map(|n| NsRef::Named(n.clone()))
+                    .filter(|n| sel.matches_ref(n))
+                    .cloned()
                     .collect(),
                 other => vec![other.clone()],
             };
@@ -83,12 +84,10 @@ pub(crate) fn desired(rules: &[Arc<Rule>], names: &[String]) -> Vec<(Key, Arc<Ru
     out
 }
 
-/// Whether `rule` listens in the named namespace `name` (listed, or matched
-/// by a glob).
-pub(crate) fn listens_in(rule: &Rule, name: &str) -> bool {
-    rule.netns
-        .iter()
-        .any(|s| matches!(s, NsRef::Named(n) if n == name) || s.matches(name))
+/// Whether `rule` listens in `r`, a `/run/netns` name or a followed path
+/// (listed, or matched by a glob).
+pub(crate) fn listens_in(rule: &Rule, r: &NsRef) -> bool {
+    rule.netns.iter().any(|s| s == r || s.matches_ref(r))
 }
 
 /// Whether `rule` lists `a` before `b` (a name matched by a glob counts at
@@ -97,7 +96,7 @@ pub(crate) fn listed_before(rule: &Rule, a: &NsRef, b: &NsRef) -> bool {
     let place = |r: &NsRef| {
         rule.netns
             .iter()
-            .position(|s| s == r || matches!(r, NsRef::Named(n) if s.matches(n)))
+            .position(|s| s == r || s.matches_ref(r))
             .unwrap_or(usize::MAX)
     };
     place(a) < place(b)

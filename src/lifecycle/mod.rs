@@ -147,7 +147,7 @@ impl Server {
         options: Options,
     ) -> Server {
         let sockets = sockets.into();
-        let discovery = match Discovery::start(&options.netns_dir) {
+        let discovery = match Discovery::start_with(&options.netns_dir, &followed(&config)) {
             Ok(d) => Some(d),
             Err(e) => {
                 error!(
@@ -386,10 +386,10 @@ impl Supervisor {
         out
     }
 
-    fn known_names(&self) -> Vec<String> {
+    fn known_refs(&self) -> Vec<NsRef> {
         self.discovery
             .as_ref()
-            .map(|d| d.known().map(str::to_owned).collect())
+            .map(|d| d.known().collect())
             .unwrap_or_default()
     }
 
@@ -483,8 +483,11 @@ impl Supervisor {
     async fn apply_config(&mut self, mut new: Config) -> ReloadReport {
         self.take_settings(&mut new);
         self.rules = desired::per_port(&new.rules);
+        if let Some(d) = self.discovery.as_mut() {
+            d.set_paths(&followed(&new));
+        }
         self.config = new;
-        let desired = desired::desired(&self.rules, &self.known_names());
+        let desired = desired::desired(&self.rules, &self.known_refs());
         let plan = reconcile::reload(&self.entries, desired);
         let mut report = plan.report;
         let reopening: Vec<Key> = plan
@@ -602,6 +605,17 @@ impl Supervisor {
         // namespace back as it goes (but those a library caller still holds).
         self.parking.stopped().await;
     }
+}
+
+/// The files `config` names by path or absolute pattern, for [`Discovery`]
+/// to follow.
+fn followed(config: &Config) -> Vec<NsRef> {
+    crate::netns::discovery::followed_paths(
+        config
+            .rules
+            .iter()
+            .flat_map(|r| r.netns.iter().chain(std::iter::once(&r.upstream_netns))),
+    )
 }
 
 async fn next_event(d: &mut Option<Discovery>) -> io::Result<NsEvent> {

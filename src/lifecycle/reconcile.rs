@@ -269,8 +269,8 @@ pub(crate) fn events<V: View>(
     };
     for event in batch {
         match event {
-            NsEvent::Appeared(name) => b.appeared(rules, name),
-            NsEvent::Gone(name) => b.gone(rules, name),
+            NsEvent::Appeared(r) => b.appeared(rules, r),
+            NsEvent::Gone(r) => b.gone(rules, r),
         }
     }
     let Batch {
@@ -305,15 +305,14 @@ impl<V: View> Batch<'_, V> {
         }
     }
 
-    fn appeared(&mut self, rules: &[Arc<Rule>], name: &str) {
-        let named = NsRef::Named(name.to_owned());
+    fn appeared(&mut self, rules: &[Arc<Rule>], named: &NsRef) {
         let mut upstream_of = HashSet::new();
         for rule in rules {
             let key = key(rule, named.clone());
-            if listens_in(rule, name) && matches!(self.phase(&key), None | Some(Phase::Waiting)) {
+            if listens_in(rule, named) && matches!(self.phase(&key), None | Some(Phase::Waiting)) {
                 self.opens.insert(key, rule.clone());
             }
-            if rule.upstream_netns == named {
+            if rule.upstream_netns == *named {
                 upstream_of.insert(rule.name.as_str());
             }
         }
@@ -325,7 +324,7 @@ impl<V: View> Batch<'_, V> {
         }
         for (k, e) in self.entries {
             if upstream_of.contains(k.0.name.as_str())
-                && k.1 != named
+                && k.1 != *named
                 && self.phase(k) == Some(Phase::Waiting)
             {
                 self.opens.insert(k.clone(), e.rule().clone());
@@ -333,8 +332,7 @@ impl<V: View> Batch<'_, V> {
         }
     }
 
-    fn gone(&mut self, rules: &[Arc<Rule>], name: &str) {
-        let named = NsRef::Named(name.to_owned());
+    fn gone(&mut self, rules: &[Arc<Rule>], named: &NsRef) {
         // Looked up per rule rather than by scanning every entry: with
         // thousands of namespaces going away, a scan per event would be
         // quadratic.
@@ -345,14 +343,14 @@ impl<V: View> Batch<'_, V> {
             if self.phase(&key).is_some() || self.opens.contains_key(&key) {
                 affected.push((key, rule.clone(), false));
             }
-            if rule.upstream_netns == named {
+            if rule.upstream_netns == *named {
                 upstream_of.insert(rule.name.as_str());
             }
         }
         if !upstream_of.is_empty() {
             for (k, e) in self.entries {
                 if upstream_of.contains(k.0.name.as_str())
-                    && k.1 != named
+                    && k.1 != *named
                     && self.phase(k).is_some()
                 {
                     affected.push((k.clone(), e.rule().clone(), true));
@@ -362,7 +360,7 @@ impl<V: View> Batch<'_, V> {
         for (key, rule, upstream) in affected {
             let phase = self.phase(&key);
             self.opens.remove(&key);
-            let name = name.to_owned();
+            let name = named.to_string();
             if phase == Some(Phase::Listening) {
                 self.actions.push(Action::Close {
                     key: key.clone(),
@@ -377,7 +375,7 @@ impl<V: View> Batch<'_, V> {
                 // Only an open decided earlier in this batch: undone above.
                 continue;
             }
-            let from_glob = !upstream && !rule.netns.contains(&named);
+            let from_glob = !upstream && !rule.netns.contains(named);
             if from_glob {
                 self.actions.push(Action::Forget { key: key.clone() });
                 self.changed.insert(key, None);
@@ -497,6 +495,18 @@ impl Resolved {
                     ..
                 },
             )) => Resolved::Missing(e.to_string()),
+            // A path is followed in its directory: gone, or not mounted
+            // (yet, or any more), it may be the namespace again later.
+            Some(Err(
+                e @ (NsError::NotFound {
+                    reference: NsRef::Path(p),
+                    ..
+                }
+                | NsError::NotNsfs {
+                    reference: NsRef::Path(p),
+                    ..
+                }),
+            )) if !p.starts_with("/proc") => Resolved::Missing(e.to_string()),
             Some(Err(e)) => Resolved::Broken(e.to_string()),
             None => Resolved::Broken(format!("namespace \"{r}\" was not resolved")),
         }

@@ -133,7 +133,7 @@ pub enum NsError {
         crate::sys::fd_exhaustion_hint(source)
     )]
     Socket { ns: NsId, source: io::Error },
-    #[error("\"{reference}\" is a pattern over /run/netns names, not one namespace")]
+    #[error("\"{reference}\" is a pattern over namespace files, not one namespace")]
     Pattern { reference: NsRef },
     #[error("namespace {ns} is not open (resolve a reference to it first)")]
     NotOpen { ns: NsId },

@@ -23,8 +23,10 @@ pub enum NsRef {
     /// `pid:PID`: the namespace of a running process (`/proc/PID/ns/net`).
     Pid(u32),
     /// A shell-style pattern over the names in `/run/netns` (`tenant-*`,
-    /// `*`): every matching namespace, as names come and go. Only valid
-    /// where a rule listens, never as an upstream namespace.
+    /// `*`), or, absolute, over the files of a directory
+    /// (`/var/run/docker/netns/*`; wildcards in the last component only):
+    /// every matching namespace, as files come and go. Only valid where a
+    /// rule listens, never as an upstream namespace.
     Glob(String),
 }
 
@@ -77,6 +79,14 @@ impl FromStr for NsRef {
             };
         }
         if s.starts_with('/') {
+            if s.contains(['*', '?', '[']) {
+                // Per component: a wildcard never matches a '/'.
+                return s
+                    .split('/')
+                    .all(glob_is_valid)
+                    .then(|| NsRef::Glob(s.to_owned()))
+                    .ok_or_else(|| NsRefError::BadGlob(s.to_owned()));
+            }
             return Ok(NsRef::Path(PathBuf::from(s)));
         }
         if s.contains('/') || s.contains('\0') || s == "." || s == ".." {
@@ -104,14 +114,55 @@ impl fmt::Display for NsRef {
 }
 
 impl NsRef {
-    /// For a [`NsRef::Glob`], whether `name` matches it; other references
-    /// never match by pattern.
+    /// For a [`NsRef::Glob`] over `/run/netns` names, whether `name`
+    /// matches it; other references never match by pattern.
     pub fn matches(&self, name: &str) -> bool {
         match self {
-            NsRef::Glob(p) => glob_match(p.as_bytes(), name.as_bytes()),
+            NsRef::Glob(p) if !p.starts_with('/') => glob_match(p.as_bytes(), name.as_bytes()),
             _ => false,
         }
     }
+
+    /// For a [`NsRef::Glob`], whether `r` is one of the namespaces it
+    /// stands for: a `/run/netns` name for a pattern over names, a path
+    /// in its directory whose file name matches for an absolute one.
+    pub fn matches_ref(&self, r: &NsRef) -> bool {
+        match (self, r) {
+            (NsRef::Glob(_), NsRef::Named(n)) => self.matches(n),
+            (NsRef::Glob(p), NsRef::Path(path)) if p.starts_with('/') => {
+                // Component by component, as the shell matches a path.
+                let mut want = p.split('/');
+                let mut have = path.as_os_str().as_encoded_bytes().split(|b| *b == b'/');
+                loop {
+                    match (want.next(), have.next()) {
+                        (None, None) => return true,
+                        (Some(w), Some(h)) if glob_match(w.as_bytes(), h) => {}
+                        _ => return false,
+                    }
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// For an absolute [`NsRef::Glob`], its directory (which may hold
+    /// wildcards too: `/run/user/*/netns`) and the pattern over the file
+    /// names in it.
+    pub fn glob_dir(&self) -> Option<(&Path, &str)> {
+        match self {
+            NsRef::Glob(p) if p.starts_with('/') => {
+                let (dir, last) = p.rsplit_once('/')?;
+                Some((Path::new(if dir.is_empty() { "/" } else { dir }), last))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Whether the file name `name` matches the pattern `pattern` (fnmatch(3)
+/// without flags, as globs over `/run/netns` names).
+pub(crate) fn name_matches(pattern: &str, name: &str) -> bool {
+    glob_match(pattern.as_bytes(), name.as_bytes())
 }
 
 /// Whether every `[` of `p` opens a class that [`class`] finds the end of,
@@ -274,6 +325,48 @@ mod tests {
             Err(NsRefError::BadGlob("ns[0-".into()))
         );
         assert_eq!(g("t*").to_string(), "t*");
+    }
+
+    #[test]
+    fn absolute_globs_match_the_files_of_their_directory() {
+        let g: NsRef = "/var/run/docker/netns/*".parse().unwrap();
+        assert_eq!(g, NsRef::Glob("/var/run/docker/netns/*".into()));
+        assert_eq!(g.to_string(), "/var/run/docker/netns/*");
+        let p = |s: &str| NsRef::Path(s.into());
+        assert!(g.matches_ref(&p("/var/run/docker/netns/abc")));
+        assert!(!g.matches_ref(&p("/var/run/docker/netns/a/b")));
+        assert!(!g.matches_ref(&p("/var/run/docker/abc")));
+        assert!(!g.matches_ref(&NsRef::Named("abc".into())));
+        assert!(!g.matches("abc"), "not a pattern over /run/netns names");
+        assert_eq!(
+            g.glob_dir(),
+            Some((Path::new("/var/run/docker/netns"), "*"))
+        );
+        let cni: NsRef = "/var/run/netns/cni-*".parse().unwrap();
+        assert!(cni.matches_ref(&p("/var/run/netns/cni-1234")));
+        assert!(!cni.matches_ref(&p("/var/run/netns/other")));
+        assert!(
+            "tenant-*"
+                .parse::<NsRef>()
+                .unwrap()
+                .matches_ref(&NsRef::Named("tenant-1".into()))
+        );
+        let users: NsRef = "/run/user/*/netns/*".parse().unwrap();
+        assert!(users.matches_ref(&p("/run/user/1000/netns/a")));
+        assert!(!users.matches_ref(&p("/run/user/1000/x/netns/a")));
+        assert!(!users.matches_ref(&p("/run/user/netns/a")));
+        assert_eq!(
+            users.glob_dir(),
+            Some((Path::new("/run/user/*/netns"), "*"))
+        );
+        assert_eq!(
+            "/x[/y".parse::<NsRef>(),
+            Err(NsRefError::BadGlob("/x[/y".into()))
+        );
+        assert_eq!(
+            "/x/ns[0-".parse::<NsRef>(),
+            Err(NsRefError::BadGlob("/x/ns[0-".into()))
+        );
     }
 
     #[test]

@@ -49,8 +49,8 @@ fn key(rule: &str, ns: &str) -> Key {
     (rule.into(), ns.parse().unwrap())
 }
 
-fn names(n: &[&str]) -> Vec<String> {
-    n.iter().map(|s| (*s).to_owned()).collect()
+fn names(n: &[&str]) -> Vec<NsRef> {
+    n.iter().map(|s| NsRef::Named((*s).to_owned())).collect()
 }
 
 /// Carries `actions` out on the model as if every open listened.
@@ -259,7 +259,7 @@ fn a_failed_binding_is_tried_again_at_a_reload_and_counted_once_tried() {
         "counted after the attempt"
     );
     // Discovery does not retry a failed binding.
-    let acts = events(&m, &rs, &[NsEvent::Appeared("a".into())]);
+    let acts = events(&m, &rs, &[NsEvent::Appeared(NsRef::Named("a".into()))]);
     assert!(acts.is_empty(), "{acts:?}");
 }
 
@@ -268,7 +268,7 @@ fn a_glob_gains_and_loses_a_namespace() {
     let toml = rule("g", "\"web-*\"", "on_netns_delete = \"drain\"");
     let (mut m, rs) = started(&toml, &["web-1"]);
     assert!(m.contains_key(&key("g", "web-1")));
-    let acts = events(&m, &rs, &[NsEvent::Appeared("web-2".into())]);
+    let acts = events(&m, &rs, &[NsEvent::Appeared(NsRef::Named("web-2".into()))]);
     assert_eq!(
         acts,
         [Action::Open(Open {
@@ -280,7 +280,7 @@ fn a_glob_gains_and_loses_a_namespace() {
     );
     apply(&mut m, &acts);
     let k = key("g", "web-1");
-    let acts = events(&m, &rs, &[NsEvent::Gone("web-1".into())]);
+    let acts = events(&m, &rs, &[NsEvent::Gone(NsRef::Named("web-1".into()))]);
     assert_eq!(
         acts,
         [
@@ -296,7 +296,47 @@ fn a_glob_gains_and_loses_a_namespace() {
         ]
     );
     // A name the glob does not match is no one's business.
-    assert!(events(&m, &rs, &[NsEvent::Appeared("db".into())]).is_empty());
+    assert!(events(&m, &rs, &[NsEvent::Appeared(NsRef::Named("db".into()))]).is_empty());
+}
+
+#[test]
+fn a_path_glob_and_an_exact_path_follow_their_files() {
+    let toml = rule("g", "\"/d/netns/*\", \"/e/ns\"", "");
+    let (mut m, rs) = started(&toml, &[]);
+    let path = |p: &str| NsRef::Path(p.into());
+    // The exact path waits for its file; the glob has no binding yet.
+    assert!(m.contains_key(&key("g", "/e/ns")));
+    assert!(!m.contains_key(&key("g", "/d/netns/c1")));
+    let acts = events(&m, &rs, &[NsEvent::Appeared(path("/d/netns/c1"))]);
+    assert!(
+        matches!(&acts[..], [Action::Open(o)] if o.key == key("g", "/d/netns/c1")),
+        "{acts:?}"
+    );
+    apply(&mut m, &acts);
+    // Another directory's file, or a /run/netns name, is not the glob's.
+    assert!(events(&m, &rs, &[NsEvent::Appeared(path("/d/other/c1"))]).is_empty());
+    assert!(events(&m, &rs, &[NsEvent::Appeared(NsRef::Named("c1".into()))]).is_empty());
+    let acts = events(&m, &rs, &[NsEvent::Gone(path("/d/netns/c1"))]);
+    assert!(
+        matches!(&acts[..], [Action::Close { .. }, Action::Forget { key: k }] if *k == key("g", "/d/netns/c1")),
+        "{acts:?}"
+    );
+    apply(&mut m, &acts);
+    // The exact path, listening, goes and comes back: it waits in between.
+    let mut e = m.get(&key("g", "/e/ns")).unwrap().clone();
+    e.phase = Phase::Listening;
+    m.insert(key("g", "/e/ns"), e);
+    let acts = events(&m, &rs, &[NsEvent::Gone(path("/e/ns"))]);
+    assert!(
+        matches!(&acts[..], [Action::Close { .. }, Action::Wait { key: k, .. }] if *k == key("g", "/e/ns")),
+        "{acts:?}"
+    );
+    apply(&mut m, &acts);
+    let acts = events(&m, &rs, &[NsEvent::Appeared(path("/e/ns"))]);
+    assert!(
+        matches!(&acts[..], [Action::Open(o)] if o.key == key("g", "/e/ns")),
+        "{acts:?}"
+    );
 }
 
 #[test]
@@ -305,7 +345,7 @@ fn a_listed_namespace_deleted_closes_as_configured_and_waits() {
         let toml = rule("r", "\"a\"", &format!("on_netns_delete = \"{policy}\""));
         let (mut m, rs) = started(&toml, &[]);
         let k = key("r", "a");
-        let acts = events(&m, &rs, &[NsEvent::Gone("a".into())]);
+        let acts = events(&m, &rs, &[NsEvent::Gone(NsRef::Named("a".into()))]);
         let deleted = CloseWhy::Deleted {
             name: "a".into(),
             upstream: false,
@@ -330,7 +370,7 @@ fn a_listed_namespace_deleted_closes_as_configured_and_waits() {
         );
         apply(&mut m, &acts);
         // And back: opened again.
-        let acts = events(&m, &rs, &[NsEvent::Appeared("a".into())]);
+        let acts = events(&m, &rs, &[NsEvent::Appeared(NsRef::Named("a".into()))]);
         assert_eq!(opens(&acts).len(), 1, "{policy}");
     }
 }
@@ -339,7 +379,7 @@ fn a_listed_namespace_deleted_closes_as_configured_and_waits() {
 fn an_upstream_namespace_deleted_and_back() {
     let toml = rule("r", "\"a\", \"b\"", "upstream_netns = \"up\"");
     let (mut m, rs) = started(&toml, &[]);
-    let acts = events(&m, &rs, &[NsEvent::Gone("up".into())]);
+    let acts = events(&m, &rs, &[NsEvent::Gone(NsRef::Named("up".into()))]);
     let mut closed: Vec<&Key> = acts
         .iter()
         .filter_map(|a| match a {
@@ -355,7 +395,7 @@ fn an_upstream_namespace_deleted_and_back() {
     assert_eq!(closed, [&key("r", "a"), &key("r", "b")]);
     apply(&mut m, &acts);
     assert!(m.values().all(|e| e.phase == Phase::Waiting));
-    let acts = events(&m, &rs, &[NsEvent::Appeared("up".into())]);
+    let acts = events(&m, &rs, &[NsEvent::Appeared(NsRef::Named("up".into()))]);
     let keys: Vec<&Key> = opens(&acts).iter().map(|o| &o.key).collect();
     assert_eq!(keys, [&key("r", "a"), &key("r", "b")]);
 }
@@ -365,16 +405,16 @@ fn a_name_that_comes_and_goes_in_one_batch_opens_nothing() {
     let toml = rule("g", "\"web-*\"", "");
     let (m, rs) = started(&toml, &[]);
     let batch = [
-        NsEvent::Appeared("web-1".into()),
-        NsEvent::Gone("web-1".into()),
+        NsEvent::Appeared(NsRef::Named("web-1".into())),
+        NsEvent::Gone(NsRef::Named("web-1".into())),
     ];
     assert!(events(&m, &rs, &batch).is_empty());
     // Gone and back within one batch: closed, then opened once.
     let (m, rs) = started(&toml, &["web-1"]);
     let batch = [
-        NsEvent::Gone("web-1".into()),
-        NsEvent::Appeared("web-1".into()),
-        NsEvent::Appeared("web-1".into()),
+        NsEvent::Gone(NsRef::Named("web-1".into())),
+        NsEvent::Appeared(NsRef::Named("web-1".into())),
+        NsEvent::Appeared(NsRef::Named("web-1".into())),
     ];
     let acts = events(&m, &rs, &batch);
     assert!(matches!(acts[0], Action::Close { .. }));
@@ -460,9 +500,10 @@ fn a_missing_address_backs_off_and_other_errors_fail() {
 }
 
 #[test]
-fn only_a_missing_name_is_worth_waiting_for() {
+fn only_a_missing_name_or_followed_path_is_worth_waiting_for() {
     let named: NsRef = "a".parse().unwrap();
     let path: NsRef = "/var/run/x".parse().unwrap();
+    let proc: NsRef = "/proc/7/ns/net".parse().unwrap();
     let not_found = |r: &NsRef| {
         Err(NsError::NotFound {
             reference: r.clone(),
@@ -473,8 +514,32 @@ fn only_a_missing_name_is_worth_waiting_for() {
         Resolved::of(&named, Some(&not_found(&named))),
         Resolved::Missing(_)
     ));
+    // A path is followed in its directory: it may come (back).
     assert!(matches!(
         Resolved::of(&path, Some(&not_found(&path))),
+        Resolved::Missing(_)
+    ));
+    let unmounted = Err(NsError::NotNsfs {
+        reference: path.clone(),
+        path: PathBuf::from("/var/run/x"),
+        fs: "tmpfs".into(),
+    });
+    assert!(matches!(
+        Resolved::of(&path, Some(&unmounted)),
+        Resolved::Missing(_)
+    ));
+    // Not under /proc, where nothing can be followed.
+    assert!(matches!(
+        Resolved::of(&proc, Some(&not_found(&proc))),
+        Resolved::Broken(_)
+    ));
+    let unmounted = Err(NsError::NotNsfs {
+        reference: named.clone(),
+        path: PathBuf::from("/run/netns/a"),
+        fs: "tmpfs".into(),
+    });
+    assert!(matches!(
+        Resolved::of(&named, Some(&unmounted)),
         Resolved::Broken(_)
     ));
     assert!(matches!(Resolved::of(&named, None), Resolved::Broken(_)));
@@ -577,8 +642,9 @@ fn config() -> impl Strategy<Value = Vec<Arc<Rule>>> {
     })
 }
 
-fn known() -> impl Strategy<Value = Vec<String>> {
-    proptest::sample::subsequence(vec!["a".to_owned(), "w1".into(), "w2".into()], 0..=3)
+fn known() -> impl Strategy<Value = Vec<NsRef>> {
+    let named = |n: &str| NsRef::Named(n.to_owned());
+    proptest::sample::subsequence(vec![named("a"), named("w1"), named("w2")], 0..=3)
 }
 
 /// The keys and rules of a model, to compare.
@@ -639,7 +705,7 @@ proptest! {
         apply(&mut m, &start.actions);
         let batch: Vec<NsEvent> = batch
             .into_iter()
-            .map(|(up, n)| if up { NsEvent::Appeared(n.into()) } else { NsEvent::Gone(n.into()) })
+            .map(|(up, n)| if up { NsEvent::Appeared(NsRef::Named(n.into())) } else { NsEvent::Gone(NsRef::Named(n.into())) })
             .collect();
         let acts = events(&m, &a, &batch);
         // `apply` asserts that only listeners are closed.
@@ -738,11 +804,11 @@ fn a_namespace_that_comes_and_goes_opens_and_closes_every_port_of_a_range() {
     let toml = range_rule("10-12", "7").replace("\"a\"", "\"web-*\"");
     let (mut m, rs) = started(&toml, &[]);
     assert!(m.is_empty());
-    let acts = events(&m, &rs, &[NsEvent::Appeared("web-1".into())]);
+    let acts = events(&m, &rs, &[NsEvent::Appeared(NsRef::Named("web-1".into()))]);
     let opened: Vec<Option<u16>> = opens(&acts).iter().map(|o| o.key.0.port).collect();
     assert_eq!(opened, [Some(10), Some(11), Some(12)]);
     apply(&mut m, &acts);
-    let acts = events(&m, &rs, &[NsEvent::Gone("web-1".into())]);
+    let acts = events(&m, &rs, &[NsEvent::Gone(NsRef::Named("web-1".into()))]);
     let closed = acts
         .iter()
         .filter(|a| matches!(a, Action::Close { .. }))
