@@ -180,20 +180,24 @@ fn main() -> ExitCode {
             drain_timeout,
             control_socket,
             user,
-        } => match config::load(&config) {
-            Ok(mut c) => {
-                c.workers = workers.or(c.workers);
-                c.drain_timeout = drain_timeout.or(c.drain_timeout);
-                c.control_socket = control_socket.or(c.control_socket);
-                c.user = user.or(c.user);
-                let pinned = drain_timeout.is_some();
-                serve(c, daemon::Source::File(config), pinned, &broker_args)
+        } => {
+            // Before the parse, so that the broker's start overlaps it.
+            let early = daemon::start_broker_early(&config, user.as_deref(), &broker_args);
+            match config::load(&config) {
+                Ok(mut c) => {
+                    c.workers = workers.or(c.workers);
+                    c.drain_timeout = drain_timeout.or(c.drain_timeout);
+                    c.control_socket = control_socket.or(c.control_socket);
+                    c.user = user.or(c.user);
+                    let pinned = drain_timeout.is_some();
+                    serve(c, daemon::Source::File(config), pinned, &broker_args, early)
+                }
+                Err(e) => {
+                    eprintln!("nsproxy: {}: {e}", config.display());
+                    ExitCode::from(2)
+                }
             }
-            Err(e) => {
-                eprintln!("nsproxy: {}: {e}", config.display());
-                ExitCode::from(2)
-            }
-        },
+        }
         Command::Forward {
             specs,
             workers,
@@ -209,7 +213,7 @@ fn main() -> ExitCode {
                 c.drain_timeout = drain_timeout;
                 c.control_socket = control_socket;
                 c.user = user;
-                serve(c, daemon::Source::Forward(specs), true, &broker_args)
+                serve(c, daemon::Source::Forward(specs), true, &broker_args, None)
             }
             Err(e) => {
                 eprintln!("nsproxy: {e}\n(syntax: {FORWARD_SYNTAX}; see nsproxy forward --help)");
@@ -276,6 +280,7 @@ fn serve(
     source: daemon::Source,
     drain_pinned: bool,
     broker_args: &[OsString],
+    early_broker: Option<std::io::Result<nsproxy::broker::BrokerChild>>,
 ) -> ExitCode {
     if let Some(Err(e)) = config.user.as_deref().map(config::check_user) {
         eprintln!("nsproxy: --user: {e}");
@@ -286,6 +291,7 @@ fn serve(
         source,
         drain_pinned,
         broker_args: broker_args.to_vec(),
+        early_broker,
     };
     match daemon::serve(run) {
         Ok(()) => ExitCode::SUCCESS,

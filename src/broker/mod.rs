@@ -155,7 +155,11 @@ pub fn run_broker(fd: OwnedFd, source: PolicySource) -> ExitCode {
     let mut broker = match Broker::new(source) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("nsproxy broker: {e}");
+            // Started before the relay parsed the same file, the relay says
+            // the same thing and exits: said once, by the relay.
+            if !relay_gone(fd.as_fd()) {
+                eprintln!("nsproxy broker: {e}");
+            }
             return ExitCode::from(2);
         }
     };
@@ -179,6 +183,18 @@ pub fn run_broker(fd: OwnedFd, source: PolicySource) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Waits (at most 5 s) for the relay's first message or the end of its
+/// socket: true at the end (the relay exited without asking anything).
+fn relay_gone(fd: BorrowedFd<'_>) -> bool {
+    let sock = socket2::SockRef::from(&fd);
+    if sock.set_read_timeout(Some(Duration::from_secs(5))).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    matches!(fdpass::recv(fd, &mut buf, MAX_REQUEST_FDS, false),
+        Ok(got) if got.len == 0 && got.fds.is_empty() && !got.truncated)
 }
 
 /// Counts of what the broker refused, by reason.

@@ -34,6 +34,67 @@ pub struct Run {
     pub drain_pinned: bool,
     /// Given to the socket broker, when there is one (logging options).
     pub broker_args: Vec<std::ffi::OsString>,
+    /// A socket broker started before the config was parsed
+    /// ([`start_broker_early`]), used if the plan is split.
+    pub early_broker: Option<std::io::Result<broker::BrokerChild>>,
+}
+
+/// Starts the socket broker of `nsproxy run --config PATH` before the relay
+/// parses the file, so that the broker's start (exec, its own parse of the
+/// file for its policy, capabilities, seccomp) overlaps the relay's parse
+/// instead of following it: with thousands of rules each parse is tens of
+/// milliseconds, all on the way to the first listener. Only when the plan
+/// will almost surely be split: root, and a relay account (`--user`, else a
+/// plain top-level `user = "NAME"` in the file, else nobody) that exists
+/// and is not uid 0 ([`file_user`]). A broker the plan turns out not to
+/// need is closed and reaped; nothing depends on the guess.
+///
+/// Call it from the main thread, like [`broker::spawn`].
+pub fn start_broker_early(
+    path: &std::path::Path,
+    cli_user: Option<&str>,
+    broker_args: &[std::ffi::OsString],
+) -> Option<std::io::Result<broker::BrokerChild>> {
+    if !matches!(plan(privsep::effective_uid(), cli_user), Plan::Split { .. }) {
+        return None;
+    }
+    let user = match cli_user {
+        Some(u) => u.to_owned(),
+        None => file_user(&config::read_text(path).ok()?)?.unwrap_or(DEFAULT_USER.into()),
+    };
+    // What would fail the start before the broker is needed, looked at now:
+    // the broker is then started only for a relay that goes on to use it.
+    config::check_user(&user).ok()?;
+    if privsep::lookup_user(&user).ok()?.uid == 0 {
+        return None;
+    }
+    Some(broker::spawn(
+        &broker::PolicySource::File(path.to_owned()),
+        broker_args,
+    ))
+}
+
+/// The top-level `user = "NAME"` of a config text (`Some(None)` without
+/// one), or `None` when a top-level line about `user` is anything else: a
+/// cheap look, not a parse, so it gives up on whatever it does not know.
+fn file_user(text: &str) -> Option<Option<String>> {
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            break;
+        }
+        if !line.contains("user") {
+            continue;
+        }
+        let value = line.strip_prefix("user")?.trim_start().strip_prefix('=')?;
+        let value = value.split('#').next()?.trim();
+        let name = value.strip_prefix('"')?.strip_suffix('"')?;
+        if name.contains(['\\', '"']) {
+            return None;
+        }
+        return Some(Some(name.to_owned()));
+    }
+    Some(None)
 }
 
 /// Where the config came from.
@@ -56,7 +117,7 @@ impl Source {
 
 /// Serves until a stop signal; `Err` when nsproxy could not start or
 /// nothing could listen, or (split) when the socket broker died.
-pub fn serve(run: Run) -> anyhow::Result<()> {
+pub fn serve(mut run: Run) -> anyhow::Result<()> {
     raise_fd_limit();
     let plan = plan(privsep::effective_uid(), run.config.user.as_deref());
     match &plan {
@@ -66,7 +127,8 @@ pub fn serve(run: Run) -> anyhow::Result<()> {
     // Started first, from the main thread, so that its home is the namespace
     // nsproxy was started in (and, split, so that the broker lives as long
     // as this thread: its parent-death signal follows the thread).
-    let (switcher, split) = sockets(&plan, &run)?;
+    let early = run.early_broker.take();
+    let (switcher, split, unneeded) = sockets(&plan, &run, early)?;
     let workers = run
         .config
         .workers
@@ -138,6 +200,10 @@ pub fn serve(run: Run) -> anyhow::Result<()> {
     if let Some(split) = split {
         split.reap();
     }
+    if let Some(mut child) = unneeded {
+        // Its socket closed long ago: it has exited, or soon will.
+        let _ = child.wait();
+    }
     served
 }
 
@@ -188,12 +254,18 @@ async fn until_stopped(
 }
 
 /// Where sockets come from, as planned: the namespace thread of this
-/// process, or (split) a socket broker started now, with what the relay
-/// is to become.
-fn sockets(plan: &Plan, run: &Run) -> anyhow::Result<(Switcher, Option<Split>)> {
+/// process, or (split) a socket broker (`early`, or started now), with what
+/// the relay is to become; and an early broker not needed, to reap.
+fn sockets(
+    plan: &Plan,
+    run: &Run,
+    early: Option<std::io::Result<broker::BrokerChild>>,
+) -> anyhow::Result<(Switcher, Option<Split>, Option<std::process::Child>)> {
     let Plan::Split { user } = plan else {
+        // Its socket closes here: it exits at once.
+        let unneeded = early.and_then(Result::ok).map(|c| c.child);
         let switcher = Switcher::spawn().context("cannot start the namespace thread")?;
-        return Ok((switcher, None));
+        return Ok((switcher, None, unneeded));
     };
     let account = privsep::lookup_user(user).with_context(|| format!("user = \"{user}\""))?;
     if account.uid == 0 {
@@ -205,8 +277,11 @@ fn sockets(plan: &Plan, run: &Run) -> anyhow::Result<(Switcher, Option<Split>)> 
         Source::File(p) => broker::PolicySource::File(p.clone()),
         Source::Forward(specs) => broker::PolicySource::Forward(specs.clone()),
     };
-    let child =
-        broker::spawn(&source, &run.broker_args).context("cannot start the socket broker")?;
+    let child = match early {
+        Some(child) => child,
+        None => broker::spawn(&source, &run.broker_args),
+    }
+    .context("cannot start the socket broker")?;
     info!(pid = child.pid, "socket broker started");
     let switcher =
         Switcher::remote(child.fd, child.pid).context("cannot start the socket broker's thread")?;
@@ -216,6 +291,7 @@ fn sockets(plan: &Plan, run: &Run) -> anyhow::Result<(Switcher, Option<Split>)> 
             account,
             broker: child.child,
         }),
+        None,
     ))
 }
 
@@ -465,5 +541,29 @@ impl Signals {
             _ = self.term.recv() => Signal::Stop("SIGTERM"),
             _ = self.int.recv() => Signal::Stop("SIGINT"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::file_user;
+
+    #[test]
+    fn the_relay_account_is_read_from_a_plain_top_level_line() {
+        let user = |t: &str| file_user(t);
+        assert_eq!(
+            user("workers = 2\n[[proxy]]\nname = \"user\"\n"),
+            Some(None)
+        );
+        assert_eq!(
+            user("user = \"nsproxy\" # relay\n"),
+            Some(Some("nsproxy".into()))
+        );
+        assert_eq!(user("  user=\"root\"\n"), Some(Some("root".into())));
+        // Anything less plain: no guess (the broker starts after the parse).
+        assert_eq!(user("user = 'root'\n"), None);
+        assert_eq!(user("\"user\" = \"root\"\n"), None);
+        assert_eq!(user("user = \"ro\\u006ft\"\n"), None);
+        assert_eq!(user("# the user is root\n"), None);
     }
 }

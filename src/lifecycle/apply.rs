@@ -18,8 +18,12 @@ use crate::config::Rule;
 use crate::netns::{NsError, NsId, NsRef};
 use crate::proxy::{Binding, ListenError, Listener, StopMode};
 
-/// Most bindings opened together; see `Supervisor::open_many`.
+/// Most namespaces a chunk of openings resolves (and holds an fd of) at
+/// once; see `Supervisor::open_many`.
 const OPEN_CHUNK: usize = 1024;
+
+/// Most bindings opened together (a chunk of many ports in few namespaces).
+const OPEN_CHUNK_BINDINGS: usize = 4 * OPEN_CHUNK;
 
 /// What the opens of a chunk share.
 struct Chunk {
@@ -30,6 +34,21 @@ struct Chunk {
     /// Which binding each open task makes a listener for (a panicking task
     /// returns nothing to tell).
     tasks: HashMap<Id, Arc<Binding>>,
+}
+
+/// How many of `opening` (sorted so that a namespace's bindings are
+/// together) go in the next chunk: at most [`OPEN_CHUNK`] namespaces (listen
+/// and upstream) and [`OPEN_CHUNK_BINDINGS`] bindings, and at least one.
+fn chunk_len(opening: &[Open]) -> usize {
+    let mut seen: HashSet<&NsRef> = HashSet::new();
+    for (i, o) in opening.iter().enumerate() {
+        seen.insert(&o.key.1);
+        seen.insert(&o.rule.upstream_netns);
+        if i > 0 && (seen.len() > OPEN_CHUNK || i == OPEN_CHUNK_BINDINGS) {
+            return i;
+        }
+    }
+    opening.len()
 }
 
 impl Supervisor {
@@ -149,9 +168,12 @@ impl Supervisor {
         opening.sort_by_key(|o| first_seen[&o.key.1]);
         // In chunks, so that the namespace fds held while listeners are made
         // stay bounded: at 10,000 namespaces, holding every one at once would
-        // need a third more fds than the listeners themselves.
+        // need a third more fds than the listeners themselves. Bounded by
+        // namespaces rather than bindings: each chunk is one resolve trip and
+        // waits for its last listener before the next starts, so a
+        // namespace's TCP and UDP rules must not halve the chunk.
         while !opening.is_empty() {
-            let rest = opening.split_off(opening.len().min(OPEN_CHUNK));
+            let rest = opening.split_off(chunk_len(&opening));
             let chunk = std::mem::replace(&mut opening, rest);
             self.open_chunk(chunk).await;
         }
@@ -402,5 +424,44 @@ async fn open_listener(b: &Binding, replacing: bool) -> Result<Listener, ListenE
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` namespaces with a TCP and a UDP rule each, as `open_many` sorts them.
+    fn openings(n: usize) -> Vec<Open> {
+        let mut toml = String::new();
+        for i in 0..n {
+            for p in ["tcp", "udp"] {
+                toml += &format!(
+                    "[[proxy]]\nname = \"{p}{i}\"\nprotocol = \"{p}\"\nlisten = \"127.0.0.1:80\"\nnetns = [\"ns{i}\"]\nupstream = \"127.0.0.1:9\"\n"
+                );
+            }
+        }
+        crate::config::parse_toml(&toml, "test")
+            .unwrap()
+            .rules
+            .into_iter()
+            .map(|r| Open {
+                key: desired::key(&r, r.netns[0].clone()),
+                rule: Arc::new(r),
+                replacing: false,
+                reopen: false,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_chunk_is_bounded_by_namespaces_not_by_their_rules() {
+        // 1,000 namespaces and the host (the upstream): one chunk.
+        assert_eq!(chunk_len(&openings(1000)), 2000);
+        // The 1,024th namespace (with the host) starts the next chunk,
+        // its two bindings together.
+        assert_eq!(chunk_len(&openings(1100)), 2 * (OPEN_CHUNK - 1));
+        assert_eq!(chunk_len(&openings(1)), 2);
+        assert_eq!(chunk_len(&[]), 0);
     }
 }
