@@ -1383,9 +1383,9 @@ def scale_nsproxy(h, n, names, sample, workers, protos, fd_hard, idle_window, sh
     res["listeners"] = f"{m.group(1)} of {m.group(2)}" if m else "?"
     notes = []
     # One fd per listener, plus namespace fds held while a chunk of listeners is opened (nsproxy
-    # opens at most 1,024 bindings at a time and releases the fds of namespaces it only listens
-    # in), plus a few of its own.
-    need = len(protos) * n + 600
+    # opens the bindings of at most 1,024 namespaces at a time and releases the fds of namespaces
+    # it only listens in), plus a few of its own.
+    need = len(protos) * n + 1100
     if need > fd_hard:
         notes.append(f"needs ~{need} fds; the hard RLIMIT_NOFILE here is {fd_hard}")
     if p.poll() is not None:

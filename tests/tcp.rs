@@ -262,8 +262,9 @@ fn nothing_listening_is_an_error_exit() {
             .rule(
                 rule("r")
                     .listen("127.0.0.1:7000")
-                    // A path (unlike a name under /run/netns) is not waited for.
-                    .netns(["/nonexistent/netns"])
+                    // A process's namespace that is gone is not waited for
+                    // (a name, or a file outside /proc, would be).
+                    .netns(["/proc/2147483646/ns/net"])
                     .upstream_in("host", "127.0.0.1:9000"),
             )
             .spawn();
