@@ -46,7 +46,7 @@ pub struct Run {
 /// milliseconds, all on the way to the first listener. Only when the plan
 /// will almost surely be split: root, and a relay account (`--user`, else a
 /// plain top-level `user = "NAME"` in the file, else nobody) that exists
-/// and is not uid 0 ([`file_user`]). A broker the plan turns out not to
+/// and is not uid 0. A broker the plan turns out not to
 /// need is closed and reaped; nothing depends on the guess.
 ///
 /// Call it from the main thread, like [`broker::spawn`].
