@@ -362,34 +362,49 @@ fn tcp_rr(
     })
 }
 
-fn tcp_rr_server(listen: SocketAddr, size: usize, max_time: Duration) -> std::io::Result<ExitCode> {
+/// Accepts on `listen` for up to `max_time`, each connection (TCP_NODELAY
+/// set) in a task of its own running `conn`.
+fn serve_tcp<F, Fut>(
+    name: &str,
+    listen: SocketAddr,
+    max_time: Duration,
+    conn: F,
+) -> std::io::Result<ExitCode>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await?;
-        eprintln!("loadgen tcp-rr-server: listening on {listen}");
+        eprintln!("loadgen {name}: listening on {listen}");
         let serve = async {
             loop {
-                let Ok((mut s, _)) = listener.accept().await else {
+                let Ok((s, _)) = listener.accept().await else {
                     // EMFILE and friends: back off instead of spinning.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
-                tokio::spawn(async move {
-                    let _ = s.set_nodelay(true);
-                    let mut buf = vec![0u8; size];
-                    let work = async {
-                        s.read_exact(&mut buf).await?;
-                        s.write_all(&buf).await?;
-                        s.shutdown().await
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(10), work).await;
-                });
+                let _ = s.set_nodelay(true);
+                tokio::spawn(conn(s));
             }
         };
         let _ = tokio::time::timeout(max_time, serve).await;
         Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn tcp_rr_server(listen: SocketAddr, size: usize, max_time: Duration) -> std::io::Result<ExitCode> {
+    serve_tcp("tcp-rr-server", listen, max_time, move |mut s| async move {
+        let mut buf = vec![0u8; size];
+        let work = async {
+            s.read_exact(&mut buf).await?;
+            s.write_all(&buf).await?;
+            s.shutdown().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), work).await;
     })
 }
 
@@ -646,38 +661,20 @@ async fn futures_join_all<F: std::future::Future>(
 }
 
 fn tcp_hold_server(listen: SocketAddr, max_time: Duration) -> std::io::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen).await?;
-        eprintln!("loadgen tcp-hold-server: listening on {listen}");
-        let serve = async {
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let _ = s.set_nodelay(true);
-                    let mut buf = vec![0u8; 64 << 10];
-                    let Ok(n) = s.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                    // Discard until the client closes (bulk mode writes here).
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 {
-                            return;
-                        }
-                    }
-                });
-            }
+    serve_tcp("tcp-hold-server", listen, max_time, |mut s| async move {
+        let mut buf = vec![0u8; 64 << 10];
+        let Ok(n) = s.read(&mut buf).await else {
+            return;
         };
-        let _ = tokio::time::timeout(max_time, serve).await;
-        Ok(ExitCode::SUCCESS)
+        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        // Discard until the client closes (bulk mode writes here).
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                return;
+            }
+        }
     })
 }
 
