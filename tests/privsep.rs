@@ -107,6 +107,7 @@ fn started_as_root_the_relay_holds_no_privilege_and_the_broker_only_sys_admin() 
 
         let broker = broker_of(&s);
         let st = proc_status(&format!("/proc/{broker}/status"));
+        assert_eq!(st["Name"], "nsproxy-broker", "what ps shows");
         assert_eq!(caps(&st, "CapEff"), CAP_SYS_ADMIN, "{st:?}");
         assert_eq!(caps(&st, "CapPrm"), CAP_SYS_ADMIN);
         assert_eq!(caps(&st, "CapBnd") & !CAP_SYS_ADMIN, 0);

@@ -145,6 +145,10 @@ pub fn run_inherited(raw: i32, source: PolicySource) -> ExitCode {
 /// (exit 0). Call it on the main thread of a process that runs nothing
 /// else.
 pub fn run_broker(fd: OwnedFd, source: PolicySource) -> ExitCode {
+    // Started as `/proc/self/exe`, it would show as "exe" in ps and top.
+    if let Err(e) = crate::sys::privs::set_thread_name(c"nsproxy-broker") {
+        warn!("cannot name the broker process: {e}");
+    }
     if let Err(e) = fdpass::set_parent_death_signal(libc::SIGKILL) {
         warn!("cannot ask to end with the relay (PR_SET_PDEATHSIG): {e}");
     }

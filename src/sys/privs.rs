@@ -402,6 +402,17 @@ pub fn clear_caps() -> Result<(), PrivError> {
     })
 }
 
+/// `PR_SET_NAME`: the calling thread's name (for the main thread, the
+/// process's `comm` that `ps` and `top` show). Up to 15 bytes are kept.
+pub fn set_thread_name(name: &std::ffi::CStr) -> Result<(), PrivError> {
+    // SAFETY: `name` is a NUL-terminated string that outlives the call; the
+    // kernel copies at most 16 bytes of it.
+    if unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0) } != 0 {
+        return Err(call_failed("prctl(PR_SET_NAME)"));
+    }
+    Ok(())
+}
+
 /// `PR_SET_NO_NEW_PRIVS`: no `execve` of the calling thread (or of threads
 /// and children it starts later) can gain privileges, through set-user-id
 /// files or file capabilities; it is also what lets an unprivileged
