@@ -212,7 +212,10 @@ fn a_path_pattern_follows_files_present_mounted_later_unmounted_and_remounted() 
             "x-other does not match c-*"
         );
         let log = s.log();
-        assert!(log.contains("was deleted"), "{log}");
+        assert!(
+            log.contains("is gone (its file was removed, unmounted or remounted)"),
+            "{log}"
+        );
     })
 }
 

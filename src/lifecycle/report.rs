@@ -50,14 +50,23 @@ impl fmt::Display for CloseWhy {
         match self {
             CloseWhy::Removed => f.write_str("removed from the config"),
             CloseWhy::RuleChanged => f.write_str("its rule changed"),
-            CloseWhy::Deleted {
-                name,
-                upstream: true,
-            } => write!(f, "upstream namespace \"{name}\" was deleted"),
-            CloseWhy::Deleted {
-                name,
-                upstream: false,
-            } => write!(f, "namespace \"{name}\" was deleted"),
+            CloseWhy::Deleted { name, upstream } => {
+                let which = if *upstream {
+                    "upstream namespace"
+                } else {
+                    "namespace"
+                };
+                // A path is followed in its directory: its file may have
+                // been unmounted or had another namespace mounted on it.
+                if name.starts_with('/') {
+                    write!(
+                        f,
+                        "{which} \"{name}\" is gone (its file was removed, unmounted or remounted)"
+                    )
+                } else {
+                    write!(f, "{which} \"{name}\" was deleted")
+                }
+            }
             CloseWhy::SameAs { winner } => write!(
                 f,
                 "\"{winner}\", listed before it in the rule, names the same namespace"
