@@ -160,7 +160,7 @@ fn check_takes_a_pattern_that_matches_nothing_as_a_note() {
         assert_eq!(
             out,
             format!(
-                "{p}: OK: 1 rule(s), 1 binding(s) (0 from 1 pattern(s) over the names in /run/netns now; patterns follow names as they come and go), 1 note(s)\n"
+                "{p}: OK: 1 rule(s), 1 binding(s) (0 from 1 pattern(s) over the namespaces there now; patterns follow them as they come and go), 1 note(s)\n"
             ),
             "{args:?}"
         );
@@ -194,7 +194,7 @@ fn check_counts_what_a_pattern_matches_in_real_namespaces() {
         // a.name() listed exactly, and b.name() through the pattern (a's match
         // of the pattern is the same binding as its exact entry).
         assert!(
-        out.ends_with(": OK: 1 rule(s), 2 binding(s) (1 from 1 pattern(s) over the names in /run/netns now; patterns follow names as they come and go)\n"),
+        out.ends_with(": OK: 1 rule(s), 2 binding(s) (1 from 1 pattern(s) over the namespaces there now; patterns follow them as they come and go)\n"),
         "{out}"
     );
     })

@@ -85,7 +85,7 @@ impl NsReport {
         }
         if self.patterns > 0 {
             s.push_str(&format!(
-                " ({} from {} pattern(s) over the names in /run/netns now; patterns follow names as they come and go)",
+                " ({} from {} pattern(s) over the namespaces there now; patterns follow them as they come and go)",
                 self.from_patterns, self.patterns
             ));
         }
@@ -568,7 +568,7 @@ upstream_netns = "pid:77"
         assert_eq!(lookups, 5, "each distinct reference once");
         assert_eq!(
             r.summary(1),
-            "1 rule(s), 6 binding(s) (2 from 2 pattern(s) over the names in /run/netns now; patterns follow names as they come and go), 2 namespace warning(s): those bindings do not listen now (each warning says when they will), 2 note(s)"
+            "1 rule(s), 6 binding(s) (2 from 2 pattern(s) over the namespaces there now; patterns follow them as they come and go), 2 namespace warning(s): those bindings do not listen now (each warning says when they will), 2 note(s)"
         );
     }
 
