@@ -638,6 +638,17 @@ def start_nginx(h, workers):
 # ------------------------------------------------------------------ workloads
 
 
+def iperf_json(r, what):
+    """iperf3 -J's report, or why there is none (its error, or what it printed)."""
+    try:
+        j = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        return None, f"{what}: {r.stderr.strip()[:200]}"
+    if "error" in j:
+        return None, f"{what}: {j['error']}"
+    return j, None
+
+
 def w_iperf(h, px, streams, dur, port=None, ns=False):
     port = port or px.ports["iperf"]
     r = h.run(
@@ -645,12 +656,9 @@ def w_iperf(h, px, streams, dur, port=None, ns=False):
         ns=px.ns if ns is False else ns,
         timeout=dur + 30,
     )
-    try:
-        j = json.loads(r.stdout)
-    except json.JSONDecodeError:
-        return None, f"iperf3: {r.stderr.strip()[:200]}"
-    if "error" in j:
-        return None, f"iperf3: {j['error']}"
+    j, err = iperf_json(r, "iperf3")
+    if err:
+        return None, err
     s = j["end"]["sum_received"]
     return {"gbps": s["bits_per_second"] / 1e9, "bytes": s["bytes"], "seconds": s["seconds"]}, None
 
@@ -733,12 +741,9 @@ def w_udp1(h, px, dur):
     backlog = softnet_drops() - backlog0
     after = {ns: udp_snmp(h, ns) for ns in (h.cli, h.srv)}
     st1 = px.status(h)
-    try:
-        j = json.loads(r.stdout)
-    except json.JSONDecodeError:
-        return None, f"iperf3 -u: {r.stderr.strip()[:200]}"
-    if "error" in j:
-        return None, f"iperf3 -u: {j['error']}"
+    j, err = iperf_json(r, "iperf3 -u")
+    if err:
+        return None, err
     sent = j["end"]["sum_sent"]["packets"]
     rcv = j["end"]["sum_received"]
     recv = rcv["packets"] - rcv["lost_packets"]

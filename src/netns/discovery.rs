@@ -315,13 +315,19 @@ impl Discovery {
             dir.patterns = patterns.into_iter().collect();
             self.dirs.push(dir);
             let i = self.dirs.len() - 1;
-            if let Err(e) = self.watch_dir(i) {
-                let uid = crate::privsep::effective_uid();
-                warn!(
-                    "cannot watch {} as uid {uid}: {e}; namespace files there are resolved when the config is loaded or reloaded, not followed as they come and go (split, the relay runs as `nobody`: make the directory readable to it, or run with user = \"root\")",
-                    self.dirs[i].path.display()
-                );
-            }
+            self.watch_or_warn(i);
+        }
+    }
+
+    /// Watches directory `i`, or says why it cannot be followed (when it
+    /// is set up, and when it appears or is made again later).
+    fn watch_or_warn(&mut self, i: usize) {
+        if let Err(e) = self.watch_dir(i) {
+            let uid = crate::privsep::effective_uid();
+            warn!(
+                "cannot watch {} as uid {uid}: {e}; namespace files there are resolved when the config is loaded or reloaded, not followed as they come and go (split, the relay runs as `nobody`: make the directory readable to it, or run with user = \"root\")",
+                self.dirs[i].path.display()
+            );
         }
     }
 
@@ -583,7 +589,7 @@ impl Discovery {
                 if name.as_deref() == on_the_way
                     && mask & (libc::IN_CREATE | libc::IN_MOVED_TO) != 0
                 {
-                    let _ = self.watch_dir(i);
+                    self.watch_or_warn(i);
                     self.reexpand |= self.dirs[i].structure;
                 }
                 continue;
@@ -605,7 +611,7 @@ impl Discovery {
                     self.removed(i, &n);
                 }
                 self.dirs[i].pending.clear();
-                let _ = self.watch_dir(i);
+                self.watch_or_warn(i);
                 self.reexpand |= self.dirs[i].structure;
                 continue;
             }

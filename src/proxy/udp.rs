@@ -836,12 +836,7 @@ fn send_direct(
         match result {
             Ok(()) => link.sent(shared, [one.len()].into_iter()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return next,
-            Err(e) => {
-                shared.stats.send_errors.fetch_add(1, Relaxed);
-                shared.warnings.warn(Warn::SendFailed, || {
-                    format!("dropped a {}-byte datagram to the upstream: {e}", one.len())
-                });
-            }
+            Err(e) => session::send_failed(shared, one.len(), &e),
         }
         next += 1;
     }

@@ -288,16 +288,20 @@ async fn to_upstream_one(
             true
         }
         Err(e) => {
-            shared.stats.send_errors.fetch_add(1, Relaxed);
-            shared.warnings.warn(Warn::SendFailed, || {
-                format!(
-                    "dropped a {}-byte datagram to the upstream: {e}",
-                    data.len()
-                )
-            });
+            send_failed(shared, data.len(), &e);
             false
         }
     }
+}
+
+/// A datagram of `len` bytes that could not be sent to the upstream:
+/// counted and logged, by the session's task and by the listener's direct
+/// sends alike.
+pub(super) fn send_failed(shared: &Shared, len: usize, e: &io::Error) {
+    shared.stats.send_errors.fetch_add(1, Relaxed);
+    shared.warnings.warn(Warn::SendFailed, || {
+        format!("dropped a {len}-byte datagram to the upstream: {e}")
+    });
 }
 
 /// A session's reply path, between batches.
