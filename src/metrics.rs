@@ -1,21 +1,21 @@
 //! Prometheus text exposition (format 0.0.4) of the daemon's counters,
-//! labelled by rule and namespace, served on `metrics_listen`.
+//! labelled by rule and namespace, served on `metrics_listen` with the
+//! status page, the status JSON and the health probes ([`serve`]).
+
+mod endpoint;
+mod health;
+
+pub use endpoint::serve;
+pub use health::{Health, LIVE_WAIT, Phase};
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use hyper::body::Incoming;
-use hyper::{Method, Request, StatusCode};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
 
-use crate::control::http::{self, Endpoint};
-use crate::control::{EndpointStats, HttpStats, Limits};
-use crate::lifecycle::Command;
+use crate::control::http::Endpoint;
+use crate::control::{EndpointStats, HttpStats};
 use crate::status::{BindingState, Counters, Status};
 
 /// (name, type, help, how to read it from a binding's counters)
@@ -305,59 +305,6 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|source| MetricsError { addr, source })
 }
 
-/// A rendered exposition younger than this, still being sent to someone,
-/// is served again as it is: it bounds the renders among overlapping
-/// scrapers and the copies slow clients hold (one per interval within the
-/// write timeout).
-const FRESH: Duration = Duration::from_secs(1);
-/// How long a scrape waits for the daemon's counters before a 503.
-const STATUS_WAIT: Duration = Duration::from_secs(10);
-
-/// The whole answer to a client beyond [`Limits::max_connections`].
-const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 53\r\nConnection: close\r\n\r\ntoo many metrics connections open; try again shortly\n";
-
-/// The last exposition, shared by every scraper that asks while it is fresh.
-struct Exposition {
-    commands: mpsc::Sender<Command>,
-    stats: Arc<HttpStats>,
-    /// Rendered when, and the text while anyone still sends it (so that an
-    /// idle daemon holds no copy).
-    last: tokio::sync::Mutex<Option<(Instant, Weak<Vec<u8>>)>>,
-}
-
-impl Exposition {
-    /// The current text: the last one if fresh, else a new one. Concurrent
-    /// scrapers wait for one render instead of making one each.
-    async fn text(&self) -> Result<Bytes, &'static str> {
-        let mut last = self.last.lock().await;
-        if let Some((at, text)) = last.as_ref() {
-            if let Some(text) = text.upgrade().filter(|_| at.elapsed() < FRESH) {
-                return Ok(Bytes::from_owner(SharedText(text)));
-            }
-        }
-        let (tx, rx) = oneshot::channel();
-        let status = async {
-            self.commands.send(Command::Status(tx)).await.ok()?;
-            rx.await.ok()
-        };
-        let status = status.await.ok_or("nsproxy is shutting down\n")?;
-        let mut out = render(&status);
-        render_http(&mut out, &self.stats);
-        let text = Arc::new(out.into_bytes());
-        *last = Some((Instant::now(), Arc::downgrade(&text)));
-        Ok(Bytes::from_owner(SharedText(text)))
-    }
-}
-
-/// One exposition's bytes, shared among the answers that carry it.
-struct SharedText(Arc<Vec<u8>>);
-
-impl AsRef<[u8]> for SharedText {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
 /// (name, help, how to read it from an endpoint's counters)
 type HttpSeries = (&'static str, &'static str, fn(&EndpointStats) -> &AtomicU64);
 
@@ -403,51 +350,6 @@ fn render_http(out: &mut String, stats: &HttpStats) {
             );
         }
     }
-}
-
-/// Serves `GET /metrics` until the task is dropped, within `limits`
-/// ([`Limits::METRICS`] unless testing), counting into `stats` (which the
-/// exposition includes, the control API's too).
-pub async fn serve(
-    listener: TcpListener,
-    commands: mpsc::Sender<Command>,
-    limits: Limits,
-    stats: Arc<HttpStats>,
-) {
-    let exposition = Arc::new(Exposition {
-        commands,
-        stats: stats.clone(),
-        last: tokio::sync::Mutex::new(None),
-    });
-    let handler = move |req: Request<Incoming>| {
-        let exposition = exposition.clone();
-        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-        async move {
-            let text = |s, body: &'static str| {
-                http::answer(s, "text/plain", Bytes::from_static(body.as_bytes()))
-            };
-            if path != "/metrics" {
-                return text(StatusCode::NOT_FOUND, "only /metrics is served here\n");
-            }
-            if method != Method::GET && method != Method::HEAD {
-                return http::not_allowed(
-                    "GET, HEAD",
-                    "text/plain",
-                    Bytes::from_static(b"only GET /metrics is served here\n"),
-                );
-            }
-            // Bounded as a whole: waiting for another scraper's render
-            // counts too.
-            let body = tokio::time::timeout(STATUS_WAIT, exposition.text())
-                .await
-                .unwrap_or(Err("nsproxy is busy: its counters did not come in time\n"));
-            match body {
-                Ok(body) => http::answer(StatusCode::OK, "text/plain; version=0.0.4", body),
-                Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
-            }
-        }
-    };
-    http::serve(listener, Endpoint::Metrics, limits, stats, REFUSAL, handler).await;
 }
 
 #[cfg(test)]
@@ -504,17 +406,6 @@ mod tests {
         for (name, ..) in SERIES {
             assert_eq!(text.matches(&format!("# TYPE {name} ")).count(), 1);
         }
-    }
-
-    #[test]
-    fn the_refusal_is_a_whole_http_answer() {
-        let text = std::str::from_utf8(REFUSAL).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 503 "));
-        assert!(
-            head.contains(&format!("Content-Length: {}\r\n", body.len())),
-            "{head}"
-        );
     }
 
     #[test]

@@ -81,7 +81,8 @@ fn endpoints() -> &'static Endpoints {
                 .await
                 .unwrap();
             let addr = metrics.local_addr().unwrap();
-            tokio::spawn(nsproxy::metrics::serve(metrics, tx, TEST_LIMITS, stats));
+            let health = Arc::new(nsproxy::metrics::Health::running(tx));
+            tokio::spawn(nsproxy::metrics::serve(metrics, health, TEST_LIMITS, stats));
             tokio::spawn(async move {
                 while let Some(cmd) = rx.recv().await {
                     match cmd {
@@ -101,6 +102,9 @@ fn endpoints() -> &'static Endpoints {
                         }
                         Command::Reload(reply) => {
                             let _ = reply.send(Ok(ReloadReport::default()));
+                        }
+                        Command::Ping(reply) => {
+                            let _ = reply.send(());
                         }
                     }
                 }

@@ -162,6 +162,10 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
             ..Options::default()
         };
         let mut signals = Signals::new().context("cannot install signal handlers")?;
+        // Served from now on, so that the readiness probe says "starting"
+        // (and liveness "alive") however long the start takes.
+        let health = Arc::new(metrics::Health::starting());
+        interfaces.serve_metrics(&health);
         let started = start(run.config, switcher, options, &mut signals).await;
         let (server, ready, reload_when_started) = match started {
             Ok(Some(s)) => s,
@@ -174,7 +178,8 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
                 return Err(e);
             }
         };
-        interfaces.serve(&server);
+        health.ready(server.commands());
+        interfaces.serve_control(&server);
         info!("{ready}");
         if let Err(e) = systemd::notify("READY=1") {
             warn!("cannot notify systemd: {e}");
@@ -182,8 +187,15 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
         if reload_when_started {
             request_reload(&server);
         }
-        let lost_broker =
-            until_stopped(&server, &mut signals, broker.as_ref(), drain_timeout).await;
+        let lost_broker = until_stopped(
+            &server,
+            &mut signals,
+            broker.as_ref(),
+            drain_timeout,
+            &health,
+        )
+        .await;
+        health.draining();
         drain(server, &mut signals).await;
         interfaces.remove_socket();
         match lost_broker {
@@ -216,6 +228,7 @@ async fn until_stopped(
     signals: &mut Signals,
     broker: Option<&crate::netns::BrokerLink>,
     drain_timeout: std::time::Duration,
+    health: &metrics::Health,
 ) -> Option<u32> {
     let broker_gone = async {
         match broker {
@@ -243,6 +256,7 @@ async fn until_stopped(
         "the socket broker (pid {pid}) is gone: no new socket can be made in another namespace; serving what is open for {drain_timeout:?} (drain_timeout), then exiting non-zero for the service manager to restart nsproxy"
     );
     let _ = systemd::notify("STOPPING=1");
+    health.draining();
     tokio::select! {
         () = tokio::time::sleep(drain_timeout) => {}
         signal = signals.next() => if let Signal::Stop(name) = signal {
@@ -441,6 +455,8 @@ struct Interfaces {
     /// nsproxy, read before any privilege is given up.
     peers: control::Peers,
     metrics: Option<TcpListener>,
+    /// Both endpoints' counters (the metrics show the control API's too).
+    http_stats: Arc<control::HttpStats>,
 }
 
 impl Interfaces {
@@ -469,12 +485,24 @@ impl Interfaces {
             control_path,
             peers: control::Peers::starting_user(),
             metrics,
+            http_stats: Arc::default(),
         }
     }
 
-    /// Serves both on the server's commands.
-    fn serve(&mut self, server: &Server) {
-        let http_stats = Arc::new(control::HttpStats::default());
+    /// Serves the metrics listener, which follows the daemon's `health`
+    /// (its probes answer before the server exists).
+    fn serve_metrics(&mut self, health: &Arc<metrics::Health>) {
+        if let Some(l) = self.metrics.take() {
+            let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            info!("metrics on http://{addr}/metrics, status page on http://{addr}/");
+            let limits = control::Limits::METRICS;
+            let stats = self.http_stats.clone();
+            tokio::spawn(metrics::serve(l, health.clone(), limits, stats));
+        }
+    }
+
+    /// Serves the control API on the server's commands.
+    fn serve_control(&mut self, server: &Server) {
         if let (Some(l), Some(p)) = (self.control.take(), &self.control_path) {
             info!("control API on {}", p.display());
             let limits = control::Limits::CONTROL;
@@ -483,15 +511,9 @@ impl Interfaces {
                 l,
                 server.commands(),
                 limits,
-                http_stats.clone(),
+                self.http_stats.clone(),
                 peers,
             ));
-        }
-        if let Some(l) = self.metrics.take() {
-            let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            info!("metrics on http://{addr}/metrics");
-            let limits = control::Limits::METRICS;
-            tokio::spawn(metrics::serve(l, server.commands(), limits, http_stats));
         }
     }
 

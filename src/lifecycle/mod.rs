@@ -102,6 +102,8 @@ pub enum Command {
     Status(oneshot::Sender<Status>),
     /// Re-read the config file and apply it.
     Reload(ReloadReply),
+    /// Answered at once: the server's loop is turning (the liveness probe).
+    Ping(oneshot::Sender<()>),
 }
 
 /// Where a reload's outcome goes.
@@ -341,6 +343,7 @@ impl Supervisor {
                 Some(cmd) = commands.recv() => match cmd {
                     Command::Status(reply) => { let _ = reply.send(self.status()); }
                     Command::Reload(reply) => self.request_reload(reply),
+                    Command::Ping(reply) => { let _ = reply.send(()); }
                 },
                 msg = control.recv() => match msg {
                     Some(Control::Apply(config, reply)) => {
