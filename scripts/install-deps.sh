@@ -14,6 +14,8 @@ declare -A NEED=(
     [nsenter]=util-linux
     [setpriv]=util-linux
     [promtool]=prometheus
+    # The status page's tests load it in headless Chromium.
+    [chromium]=chromium
     # The SCTP tests' VM (scripts/sctp-vm.sh): qemu, a busybox initramfs,
     # the kernel's module tools, and lz4 for its kernel image.
     [qemu-system-x86_64]=qemu-system-x86

@@ -35,7 +35,8 @@
 //!   `recvmsg`/`sendmsg` with stream id and PPID, notifications).
 //! - [`status`]: the snapshot behind `nsproxy status`, the API and metrics.
 //! - [`control`]: the HTTP/JSON control API on a unix socket, and its client.
-//! - [`metrics`]: Prometheus text exposition.
+//! - [`metrics`]: Prometheus text exposition, and the rest of the metrics
+//!   listener: the status page, the status JSON and the health probes.
 //! - [`systemd`]: readiness notifications (`sd_notify`).
 //!
 //! - [`daemon`]: `nsproxy run` and `forward` from a parsed config to exit:

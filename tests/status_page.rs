@@ -424,10 +424,11 @@ fn the_page_shows_and_filters_a_daemons_bindings_in_chromium() {
         let png = std::env::var("NSPROXY_STATUS_PAGE_PNG")
             .map(PathBuf::from)
             .unwrap_or_else(|_| dir.0.join("status.png"));
+        // Refreshed once within the budget, so that the rates show.
         headless(
             &browser,
             Some(host),
-            &url,
+            &format!("{url}#every=1"),
             &format!("--screenshot={}", png.display()),
         );
         let bytes = std::fs::read(&png).expect("the screenshot");

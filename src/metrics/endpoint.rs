@@ -49,8 +49,8 @@ pub(super) const PAGE: &str = include_str!("status_page.html");
 /// fetches of this origin; no frame may hold it.
 const PAGE_CSP: &str = concat!(
     "default-src 'none'; ",
-    "style-src 'sha256-FNaAVV4DtQKlrhDOn0HWT5bUaYdVnkbC6ME543fAb+c='; ",
-    "script-src 'sha256-gmmoQ7tBnuUoMPxrazZacyiAEmNrEKXXk+gIjSYIOfc='; ",
+    "style-src 'sha256-vZRvzLLLxSvX+Ao0ZuL8QoVDqtLg0ZohH3DIio76O+4='; ",
+    "script-src 'sha256-7bHqsxrsLBjk93DMiUKnRXBL+xdVeQ0laAqqvSHi170='; ",
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 );
 
