@@ -554,3 +554,82 @@ fn the_page_pages_through_10000_bindings_in_chromium() {
     assert_eq!(failed[0][2], "tenant-09900");
     assert!(failed.iter().all(|r| r[3] == "failed"));
 }
+
+/// The probes follow the daemon's phase, whatever the order of requests:
+/// `starting` (503) before the server is there, with `/status.json` waiting
+/// for it rather than failing; `ready` once it is; `draining` (503, still
+/// alive) once stopping. In process, on host loopback: the daemon's start
+/// is too quick to be caught in the middle reliably.
+#[test]
+fn readiness_is_starting_then_ready_then_draining() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let health = Arc::new(nsproxy::metrics::Health::starting());
+    let stats = Arc::new(HttpStats::default());
+    let addr = rt.block_on(async {
+        let l = nsproxy::metrics::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(nsproxy::metrics::serve(
+            l,
+            health.clone(),
+            Limits::METRICS,
+            stats.clone(),
+        ));
+        addr
+    });
+    let get = |path: &str| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        ask(&mut s, "GET", path)
+    };
+    let ready = get("/readyz");
+    assert_eq!((ready.status, ready.body.as_str()), (503, "starting\n"));
+    let live = get("/healthz");
+    assert_eq!((live.status, live.body.as_str()), (200, "ok\n"));
+    // Asked before the start, answered after it.
+    let early = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        ask(&mut s, "GET", "/status.json")
+    });
+    let deadline = Instant::now() + WAIT;
+    while stats
+        .metrics
+        .accepted
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 3
+    {
+        assert!(Instant::now() < deadline, "the early request never came");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The page is there at once (it fetches the JSON itself); and by the
+    // end of this exchange the early request has most likely been read.
+    assert_eq!(get("/").status, 200);
+
+    let mut status: Status = serde_json::from_value(serde_json::json!({
+        "version": "test", "pid": 1, "uptime_secs": 1, "workers": 1, "config": null,
+        "namespaces_known": 0, "bindings": []
+    }))
+    .unwrap();
+    status.bindings.push(binding(3));
+    let _in_rt = rt.enter();
+    health.ready(answer_with(status.clone()));
+    let ready = get("/readyz");
+    assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
+    let early = early.join().unwrap();
+    assert_eq!(early.status, 200, "{}", early.body);
+    assert_eq!(serde_json::from_str::<Status>(&early.body).unwrap(), status);
+    let live = get("/healthz");
+    assert_eq!((live.status, live.body.as_str()), (200, "ok\n"));
+
+    health.draining();
+    let ready = get("/readyz");
+    assert_eq!((ready.status, ready.body.as_str()), (503, "draining\n"));
+    assert_eq!(get("/healthz").status, 200);
+    assert_eq!(get("/status.json").status, 200, "served while draining");
+}

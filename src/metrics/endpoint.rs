@@ -50,7 +50,7 @@ pub(super) const PAGE: &str = include_str!("status_page.html");
 const PAGE_CSP: &str = concat!(
     "default-src 'none'; ",
     "style-src 'sha256-vZRvzLLLxSvX+Ao0ZuL8QoVDqtLg0ZohH3DIio76O+4='; ",
-    "script-src 'sha256-XscrHqjm5ebwOARDYGZBSe6dCyhjsJQQH2cx9fu3698='; ",
+    "script-src 'sha256-khFmMYE/Jd0Bc1mw7Dq7Zexf1n+9pAT0Osa8QLR3N5o='; ",
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 );
 
