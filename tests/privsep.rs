@@ -158,11 +158,18 @@ fn the_broker_killed_the_relay_drains_and_exits_non_zero() {
     as_root(|| {
         let s = Scenario::with(&["a", "b"])
             .tcp_echo("b", "127.0.0.1:9000")
+            .head("metrics_listen = \"127.0.0.1:9100\"")
             .rule(a_to_b())
             .args(&["--drain-timeout", "10s"])
             .start();
         let mut c = s.ns("a").tcp_connect_when_ready("127.0.0.1:7000");
         echo_once(&mut c, b"before");
+        let probe = |path: &str| {
+            let mut m = s.host().tcp_connect("127.0.0.1:9100").unwrap();
+            write!(m, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            String::from_utf8(read_all(&mut m).unwrap()).unwrap()
+        };
+        assert!(probe("/readyz").starts_with("HTTP/1.1 200 "));
         let broker = broker_of(&s);
         let killed = std::process::Command::new("kill")
             .args(["-KILL", &broker.to_string()])
@@ -177,6 +184,14 @@ fn the_broker_killed_the_relay_drains_and_exits_non_zero() {
         let st: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(st["broker"]["alive"], false, "{st}");
         assert_eq!(st["broker"]["pid"], broker, "{st}");
+        // Not ready (draining to exit), yet alive: no restart before the drain.
+        let deadline = Instant::now() + WAIT;
+        while !probe("/readyz").starts_with("HTTP/1.1 503 ") {
+            assert!(Instant::now() < deadline, "still ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(probe("/readyz").ends_with("\r\n\r\ndraining\n"));
+        assert!(probe("/healthz").starts_with("HTTP/1.1 200 "));
         drop(c);
         let (status, log) = s.wait_exit();
         assert!(!status.success(), "{status:?}\n{log}");

@@ -54,8 +54,8 @@ const PAGE_CSP: &str = concat!(
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 );
 
-/// Paths served here, for the 404.
-const PATHS: &str = "/, /metrics, /status.json, /healthz, /readyz";
+/// The 404, naming the paths served here.
+const NOT_FOUND: &str = "not found; served here: /, /metrics, /status.json, /healthz, /readyz\n";
 
 /// The last rendering of one kind, shared by every client that asks while
 /// it is fresh.
@@ -164,13 +164,8 @@ async fn route(method: &Method, path: &str, r: &Renders) -> Answer {
         "/" | "/metrics" | "/status.json" | "/healthz" | "/readyz"
     );
     if !known {
-        let mut a = http::answer(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            Bytes::from(format!("not found: {path}; served here: {PATHS}\n")),
-        );
-        header(&mut a, CACHE_CONTROL, "no-store");
-        return a;
+        // The path is not echoed: nothing a client sent comes back.
+        return text(StatusCode::NOT_FOUND, NOT_FOUND);
     }
     if method != Method::GET && method != Method::HEAD {
         return http::not_allowed(
