@@ -212,6 +212,10 @@ const SEEDS: &[&[u8]] = &[
     b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
     b"POST /reload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     b"GET /status?x=1 HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 3\r\n\r\nabc",
+    b"GET /status.json HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /?x#y HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"HEAD /readyz HTTP/1.1\r\n\r\n",
+    b"GET /healthz HTTP/1.0\r\n\r\n",
 ];
 
 /// Arbitrary bytes, or a seed with bytes flipped, inserted, removed or cut.

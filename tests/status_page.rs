@@ -627,6 +627,19 @@ fn readiness_is_starting_then_ready_then_draining() {
     let live = get("/healthz");
     assert_eq!((live.status, live.body.as_str()), (200, "ok\n"));
 
+    // Methods and paths as before the page came.
+    let mut post = TcpStream::connect(addr).unwrap();
+    post.set_read_timeout(Some(WAIT)).unwrap();
+    let post = ask(&mut post, "POST", "/status.json");
+    assert_eq!(post.status, 405);
+    assert!(post.has_header("allow: get, head"), "{}", post.head);
+    let nope = get("/status");
+    assert_eq!(nope.status, 404);
+    assert_eq!(
+        nope.body,
+        "not found; served here: /, /metrics, /status.json, /healthz, /readyz\n"
+    );
+
     health.draining();
     let ready = get("/readyz");
     assert_eq!((ready.status, ready.body.as_str()), (503, "draining\n"));
