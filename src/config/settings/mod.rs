@@ -342,11 +342,37 @@ impl Protocol {
 
     /// Whether a rule of this protocol takes the per-protocol key `key`.
     pub fn takes(self, key: &str) -> bool {
-        Settings::defaults(self)
-            .keys()
-            .iter()
-            .any(|k| k.name == key)
+        protocol_keys(self).iter().any(|k| k.name == key)
     }
+}
+
+/// The keys of a protocol's groups, listed once: the front end asks for
+/// every key of every rule, and a list per question made loading a
+/// generated config of thousands of rules spend a fifth of its time here.
+fn protocol_keys(protocol: Protocol) -> &'static [&'static SettingKey] {
+    static KEYS: std::sync::OnceLock<[Vec<&'static SettingKey>; 3]> = std::sync::OnceLock::new();
+    let all = KEYS.get_or_init(|| Protocol::ALL.map(|p| Settings::defaults(p).keys()));
+    let i = Protocol::ALL
+        .iter()
+        .position(|p| *p == protocol)
+        .expect("Protocol::ALL lists every protocol");
+    &all[i]
+}
+
+/// [`all_keys`], made once.
+fn key_table() -> &'static [&'static SettingKey] {
+    static TABLE: std::sync::OnceLock<Vec<&'static SettingKey>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut keys: Vec<&'static SettingKey> = Vec::new();
+        for p in Protocol::ALL {
+            for k in protocol_keys(p) {
+                if !keys.iter().any(|seen| seen.name == k.name) {
+                    keys.push(k);
+                }
+            }
+        }
+        keys
+    })
 }
 
 /// A per-protocol key written in a rule of a protocol without it.
@@ -377,22 +403,14 @@ impl std::error::Error for Refusal {}
 /// Every per-protocol key, each once, in the order of [`Protocol::ALL`]'s
 /// groups.
 pub fn all_keys() -> Vec<&'static SettingKey> {
-    let mut keys: Vec<&'static SettingKey> = Vec::new();
-    for p in Protocol::ALL {
-        for k in Settings::defaults(p).keys() {
-            if !keys.iter().any(|seen| seen.name == k.name) {
-                keys.push(k);
-            }
-        }
-    }
-    keys
+    key_table().to_vec()
 }
 
 /// Whether a rule of `protocol` refuses `key`, and why: `Err` for a key of
 /// another protocol's group. Keys of no group (the ones every rule has, and
 /// unknown ones) are the front end's to judge, and pass here.
 pub fn refusal(protocol: Protocol, key: &str) -> Result<(), Refusal> {
-    let Some(setting) = all_keys().into_iter().find(|k| k.name == key) else {
+    let Some(setting) = key_table().iter().copied().find(|k| k.name == key) else {
         return Ok(());
     };
     if protocol.takes(key) {
