@@ -61,27 +61,19 @@ fn upstream_side(ns: &TestNs, routing: bool) {
         &["-6", "addr", "add", &format!("{UP6}/128"), "dev", "lo"],
     );
     if routing {
-        ip_in(ns, &["rule", "add", "from", UP4, "lookup", "100"]);
-        ip_in(
-            ns,
-            &[
-                "route",
-                "add",
-                "local",
-                "0.0.0.0/0",
-                "dev",
-                "lo",
-                "table",
-                "100",
-            ],
-        );
-        ip_in(ns, &["-6", "rule", "add", "from", UP6, "lookup", "100"]);
-        ip_in(
-            ns,
-            &[
-                "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
-            ],
-        );
+        upstream_side_routing(ns);
+    }
+}
+
+/// The README's policy routing for an upstream at `UP4` and `UP6` in `ns`.
+fn upstream_side_routing(ns: &TestNs) {
+    for cmd in [
+        format!("rule add from {UP4} lookup 100"),
+        "route add local 0.0.0.0/0 dev lo table 100".to_owned(),
+        format!("-6 rule add from {UP6} lookup 100"),
+        "-6 route add local ::/0 dev lo table 100".to_owned(),
+    ] {
+        ip_in(ns, &cmd.split(' ').collect::<Vec<_>>());
     }
 }
 
@@ -404,5 +396,59 @@ fn a_rule_from_the_host_namespace_gets_its_transparent_socket_from_the_broker() 
         let mut c = tcp_from_when_ready(s.ns("a"), from, &format!("{CLIENT4}:7000"));
         assert_eq!(seen_peer(&c), from.to_string());
         echo_once(&mut c, b"home");
+    })
+}
+
+#[test]
+fn check_warns_where_the_policy_routing_is_missing_and_gives_the_commands() {
+    as_root(|| {
+        let up = TestNs::new("up");
+        upstream_side(&up, false);
+        let dir = TempDir::new();
+        let rules = [
+            tcp("t4")
+                .listen("0.0.0.0:7000")
+                .netns(["host"])
+                .upstream_in(up.name(), &format!("{UP4}:9000"))
+                .extra("upstream_source = \"client\""),
+            udp("u6")
+                .listen("[::]:7000")
+                .netns(["host"])
+                .upstream_in(up.name(), &format!("[{UP6}]:9000"))
+                .extra("upstream_source = \"client\""),
+            tcp("plain")
+                .listen("0.0.0.0:7001")
+                .netns(["host"])
+                .upstream_in(up.name(), &format!("{UP4}:9000")),
+        ];
+        let text: String = rules.iter().map(ToString::to_string).collect();
+        let path = dir.file("t.toml", &config(&text));
+        let path = path.to_str().unwrap();
+        let (code, out, err) = run_cli(&["check", "--config", path]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("2 routing warning(s)"), "{out}");
+        let n = up.name();
+        for want in [
+            format!(
+                "rule t4: `upstream_netns`: upstream_source = \"client\": namespace \"{n}\" has no IPv4 policy routing"
+            ),
+            format!(
+                "`ip -n {n} rule add from {UP4} lookup 100` and `ip -n {n} route add local 0.0.0.0/0 dev lo table 100`"
+            ),
+            format!(
+                "`ip -n {n} -6 rule add from {UP6} lookup 100` and `ip -n {n} -6 route add local ::/0 dev lo table 100`"
+            ),
+        ] {
+            assert!(err.contains(&want), "{want}\nin:\n{err}");
+        }
+        assert!(!err.contains("rule plain"), "{err}");
+        let (code, _, _) = run_cli(&["check", "--strict", "--config", path]);
+        assert_eq!(code, 1, "--strict fails on it");
+
+        // The README's commands, run: no warning.
+        upstream_side_routing(&up);
+        let (code, out, err) = run_cli(&["check", "--strict", "--config", path]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(!out.contains("routing warning"), "{out}");
     })
 }

@@ -27,6 +27,7 @@ mod factory;
 mod nsfs;
 mod reference;
 mod remote;
+pub mod routing;
 mod switcher;
 
 use std::collections::HashMap;
