@@ -452,3 +452,63 @@ fn check_warns_where_the_policy_routing_is_missing_and_gives_the_commands() {
         assert!(!out.contains("routing warning"), "{out}");
     })
 }
+
+#[test]
+fn in_one_process_too() {
+    as_root(|| {
+        let s = scenario()
+            .head("user = \"root\"")
+            .rule(client_rule("t", "0.0.0.0:7000", &format!("{UP4}:9000")))
+            .rule(
+                udp("u")
+                    .listen("0.0.0.0:7001")
+                    .netns(["a"])
+                    .upstream_in("up", &format!("{UP4}:9001"))
+                    .extra("upstream_source = \"client\""),
+            )
+            .start();
+        assert!(children(s.pid()).is_empty(), "no broker");
+        let from = free_port(s.ns("a"), CLIENT4);
+        let mut c = tcp_from_when_ready(s.ns("a"), from, &format!("{CLIENT4}:7000"));
+        assert_eq!(seen_peer(&c), from.to_string());
+        echo_once(&mut c, b"one process");
+        let u = s.ns("a").udp_bind(&format!("{CLIENT4}:0"));
+        let me = u.local_addr().unwrap();
+        u.connect(format!("{CLIENT4}:7001")).unwrap();
+        let got = udp_round_trip(&u, b"hi").unwrap();
+        assert_eq!(String::from_utf8(got).unwrap(), format!("{me} hi"));
+    })
+}
+
+#[test]
+fn split_a_reload_that_adds_the_first_such_rule_fails_its_connections_with_the_reason() {
+    as_root(|| {
+        let plain = tcp("t")
+            .listen("0.0.0.0:7000")
+            .netns(["a"])
+            .upstream_in("up", &format!("{UP4}:9000"));
+        let s = scenario().rule(plain).start();
+        let from = free_port(s.ns("a"), CLIENT4);
+        let c = tcp_from_when_ready(s.ns("a"), from, &format!("{CLIENT4}:7000"));
+        assert_ne!(seen_peer(&c), from.to_string(), "nsproxy's own address");
+        drop(c);
+        s.write_config(&[client_rule("t", "0.0.0.0:7000", &format!("{UP4}:9000"))]);
+        let (code, out, err) = s.cli(&["reload"]);
+        assert_eq!(code, 0, "{out}{err}");
+        // The binding is replaced (a new kind of upstream socket): the new
+        // listener, once there, resets its client with the reason.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let from = free_port(s.ns("a"), CLIENT4);
+            let r = tcp_from(s.ns("a"), from, &format!("{CLIENT4}:7000"))
+                .and_then(|mut c| c.read(&mut [0u8; 64]));
+            if matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never reset: {r:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s.wait_log("needs CAP_NET_ADMIN");
+        s.wait_log("restart nsproxy after adding the first one");
+    })
+}
