@@ -277,6 +277,7 @@ fn udp_upstream_sees_the_client_and_replies_reach_it() {
 fn the_same_client_address_in_two_namespaces_fails_the_second_alone() {
     as_root(|| {
         let s = scenario()
+            .head("metrics_listen = \"127.0.0.1:9100\"")
             .rule(client_rule("t", "0.0.0.0:7000", &format!("{UP4}:9000")))
             .rule(
                 udp("u")
@@ -314,6 +315,19 @@ fn the_same_client_address_in_two_namespaces_fails_the_second_alone() {
         assert_eq!(counters(&s, "u", b.name())["sessions_failed"], 1);
         let got = udp_round_trip(&c1, b"again").unwrap();
         assert_eq!(String::from_utf8(got).unwrap(), format!("{me} again"));
+
+        // The metric, per binding.
+        let mut m = s.host().tcp_connect("127.0.0.1:9100").unwrap();
+        m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let body = String::from_utf8(read_all(&mut m).unwrap()).unwrap();
+        for (rule, protocol) in [("t", "tcp"), ("u", "udp")] {
+            for (ns, want) in [(a.name(), 0), (b.name(), 1)] {
+                let series = format!(
+                    "nsproxy_upstream_source_failed_total{{rule=\"{rule}\",netns=\"{ns}\",protocol=\"{protocol}\"}} {want}"
+                );
+                assert!(body.contains(&series), "{series} in:\n{body}");
+            }
+        }
     })
 }
 
