@@ -387,6 +387,13 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
                 &locations,
                 &unwatchable,
             ));
+            let routing = routing_of(&switcher, &config::check::client_source_namespaces(&config));
+            let found = config::check::routing_findings(&config, &locations, &routing);
+            report.routing = found
+                .iter()
+                .filter(|f| f.severity == config::check::Severity::Warning)
+                .count();
+            report.findings.extend(found);
             report
         }
         Err(e) => {
@@ -432,6 +439,30 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
         report.summary(config.rules.len())
     );
     ExitCode::SUCCESS
+}
+
+/// The policy routing of each namespace in `refs` (those of the rules with
+/// `upstream_source = "client"`), read over a netlink socket made there;
+/// a namespace that cannot be looked up is left out (it has a finding of
+/// its own).
+fn routing_of(
+    switcher: &Switcher,
+    refs: &[NsRef],
+) -> std::collections::HashMap<NsRef, Result<nsproxy::netns::routing::Routing, String>> {
+    use nsproxy::netns::routing::{Routing, netlink_spec};
+    let mut out = std::collections::HashMap::new();
+    for r in refs {
+        let Ok(id) = switcher.resolve_blocking(r) else {
+            continue;
+        };
+        let read = switcher
+            .socket_blocking(id, netlink_spec())
+            .map_err(|e| e.to_string())
+            .and_then(|s| Routing::of(&s).map_err(|e| e.to_string()));
+        switcher.release(id);
+        out.insert(r.clone(), read);
+    }
+    out
 }
 
 /// Looks references up in batches (one trip to the namespace thread per

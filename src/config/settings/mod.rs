@@ -25,6 +25,7 @@
 //! | `backlog`, `sctp_streams`, `sctp_listen_addrs` | identity | set on the listening socket when it is made |
 //! | `connect_timeout`, `sctp_upstream_addrs`, `sctp_source_addrs` | identity | read by the relay from the rule the binding was opened with |
 //! | `udp_idle_timeout`, `udp_max_sessions` | identity | likewise, by the UDP session table |
+//! | `upstream_source` | identity | decides the kind of upstream socket (made with `IP_TRANSPARENT`, bound to the client) |
 //! | `on_netns_delete` | identity | as the reload has always had it; the server reads it from its entry's rule when a namespace goes, so it could become tuning |
 //! | `max_connections`, `idle_timeout`, `proxy_protocol`, `half_close_timeout`, `tcp_keepalive` | tuning | the binding keeps them in atomics that the accept loop and open connections read again ([`Tuning`]) |
 //! | `netns`, `origin` | neither | a binding is one entry of `netns`; `origin` is where the rule is written |
@@ -40,7 +41,7 @@ pub use change::Tuning;
 use super::{
     DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HALF_CLOSE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_SCTP_STREAMS, DEFAULT_TCP_KEEPALIVE, DEFAULT_UDP_IDLE_TIMEOUT,
-    DEFAULT_UDP_MAX_SESSIONS, Keepalive, Protocol, ProxyProtocol, Rule,
+    DEFAULT_UDP_MAX_SESSIONS, Keepalive, Protocol, ProxyProtocol, Rule, UpstreamSource,
 };
 use crate::sctp::Streams;
 
@@ -146,6 +147,8 @@ settings! {
         pub half_close_timeout: Option<Duration> => tuning, "only TCP has half-closed connections";
         /// Keepalive probes on both legs; `None`: off.
         pub tcp_keepalive: Option<Keepalive> => tuning, "keepalive probes are TCP's";
+        /// Whose address upstream connections come from.
+        pub upstream_source: UpstreamSource => identity, "Linux SCTP has no IP_TRANSPARENT: an association cannot be bound to the client's address";
     }
 }
 
@@ -156,6 +159,8 @@ settings! {
         pub udp_idle_timeout: Duration => identity, "connections and associations have idle_timeout";
         /// Most sessions at once per namespace.
         pub udp_max_sessions: usize => identity, "connections and associations are capped with max_connections";
+        /// Whose address upstream sessions come from.
+        pub upstream_source: UpstreamSource => identity, "Linux SCTP has no IP_TRANSPARENT: an association cannot be bound to the client's address";
     }
 }
 
@@ -190,6 +195,7 @@ impl Default for TcpSettings {
             proxy_protocol: None,
             half_close_timeout: Some(DEFAULT_HALF_CLOSE_TIMEOUT),
             tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
+            upstream_source: UpstreamSource::Proxy,
         }
     }
 }
@@ -199,6 +205,7 @@ impl Default for UdpSettings {
         UdpSettings {
             udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
             udp_max_sessions: DEFAULT_UDP_MAX_SESSIONS,
+            upstream_source: UpstreamSource::Proxy,
         }
     }
 }
