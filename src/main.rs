@@ -15,6 +15,7 @@ use tracing::error;
 #[command(
     name = "nsproxy",
     version,
+    propagate_version = true,
     about = "Listen on and proxy ports inside many network namespaces from one process"
 )]
 struct Cli {
@@ -39,6 +40,7 @@ enum LogFormat {
 enum Command {
     /// Run the proxy with a TOML config file.
     Run {
+        /// The TOML config file (re-read on SIGHUP and `nsproxy reload`).
         #[arg(long, short)]
         config: PathBuf,
         /// Forwarding threads (overrides `workers` in the file; default: one per CPU).
@@ -61,16 +63,19 @@ enum Command {
         /// Machine-readable JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The running daemon's control socket.
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         control_socket: PathBuf,
     },
     /// Make the running daemon re-read its config file (like SIGHUP).
     Reload {
+        /// The running daemon's control socket.
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         control_socket: PathBuf,
     },
     /// Check a config file: print every problem, exit non-zero if there is one.
     Check {
+        /// The TOML config file to check.
         #[arg(long, short, required_unless_present = "show_syscalls")]
         config: Option<PathBuf>,
         /// Also fail when a namespace the config names does not exist (now).
