@@ -24,6 +24,7 @@
 # namespace, so nothing listens on the machine's own.
 #
 # Without root it skips (with NSPROXY_REQUIRE_ROOT=1 that is a failure).
+# (`--inside ROOT DEB` is the script running itself inside those namespaces.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -210,7 +211,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if [ -z "$deb" ]; then
-    deb=$(scripts/package-deb.sh | tail -n 1)
+    # Its output (the build, lintian's findings) shown, its last line kept.
+    deb=$(scripts/package-deb.sh | tee /dev/stderr | tail -n 1)
 fi
 [ -f "$deb" ] || { echo "package-test: no package at $deb" >&2; exit 1; }
 
@@ -224,7 +226,8 @@ exec 9>"$cache/lock"
 flock 9
 if [ ! -s "$base" ]; then
     echo "package-test: making the base root $base (mmdebstrap, once)"
-    mmdebstrap --variant=minbase --include="$include" "$suite" "$base.tmp.$$"
+    mmdebstrap --variant=minbase --include="$include" "$suite" "$base.tmp.$$" ||
+        { rm -f "$base.tmp.$$"; echo "package-test: mmdebstrap failed" >&2; exit 1; }
     mv "$base.tmp.$$" "$base"
 fi
 flock -u 9
@@ -239,13 +242,15 @@ cleanup() {
     fi
     # The mounts were made in the test's own mount namespace, gone with it;
     # never remove a tree that still has something mounted in it here.
-    if findmnt -rn -o TARGET | grep -q "^$run"; then
+    # (grep reads everything: with pipefail, -q could fail findmnt on SIGPIPE.)
+    if findmnt -rn -o TARGET | grep "^$run" >/dev/null; then
         echo "package-test: something is still mounted under $run: not removing it" >&2
         return
     fi
     rm -rf "$run"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
 root="$run/root"
 mkdir "$root"
 tar -C "$root" -xpf "$base"
