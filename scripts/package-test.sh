@@ -212,7 +212,8 @@ fi
 
 if [ -z "$deb" ]; then
     # Its output (the build, lintian's findings) shown, its last line kept.
-    deb=$(scripts/package-deb.sh | tee /dev/stderr | tail -n 1)
+    # (Through cat: tee to /dev/stderr would reopen a log file at offset 0.)
+    deb=$(scripts/package-deb.sh | tee >(cat >&2) | tail -n 1)
 fi
 [ -f "$deb" ] || { echo "package-test: no package at $deb" >&2; exit 1; }
 
