@@ -95,6 +95,13 @@ inside() {
     fi
     in_root nsproxy --version
 
+    echo "== dpkg -i again, over an edited conffile"
+    echo "# edited by package-test" >>"$root/etc/nsproxy/nsproxy.toml"
+    in_root dpkg -i "$deb" </dev/null || fail "installing $deb a second time failed"
+    grep -qx '# edited by package-test' "$root/etc/nsproxy/nsproxy.toml" ||
+        fail "reinstalling replaced the edited /etc/nsproxy/nsproxy.toml"
+    [ "$(in_root getent passwd nsproxy)" = "$pw" ] || fail "reinstalling changed the user nsproxy"
+
     echo "== nsproxy check on the shipped example and on the conffile"
     in_root nsproxy check --config /usr/share/doc/nsproxy/examples/hello.toml ||
         fail "nsproxy check rejects the shipped example"
