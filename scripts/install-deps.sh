@@ -21,6 +21,10 @@ declare -A NEED=(
     [cpio]=cpio
     [modprobe]=kmod
     [lz4]=lz4
+    # The Debian package (scripts/package-deb.sh, package-test.sh): lintian
+    # checks it, mmdebstrap makes the clean root it is installed into.
+    [lintian]=lintian
+    [mmdebstrap]=mmdebstrap
 )
 missing=()
 for cmd in "${!NEED[@]}"; do

@@ -9,6 +9,9 @@
 # Then a two-minute soak (scripts/soak.sh: traffic, namespace churn, reloads
 # and upstream restarts, with leak and loss checks).
 #
+# Then the Debian package is built and installed into a clean Debian root,
+# where the daemon runs from the unit's command line (scripts/package-test.sh).
+#
 # Then the SCTP end-to-end tests (tests/sctp_vm.rs) run again inside a qemu
 # VM that boots Debian's stock kernel with the sctp module
 # (scripts/sctp-vm.sh), because the host kernel may have no SCTP; there they
@@ -54,6 +57,9 @@ echo "test.sh: ${ran:-?} library unit tests passed as nobody (uid 65534, no capa
 
 echo "== soak test, two minutes (scripts/soak.sh --duration 2m)"
 scripts/soak.sh --duration 2m
+
+echo "== the Debian package, installed and run in a clean root (scripts/package-test.sh)"
+scripts/package-test.sh
 
 echo "== SCTP end-to-end tests in a VM (scripts/sctp-vm.sh)"
 target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')

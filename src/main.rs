@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use nsproxy::config::{self, Config, FORWARD_SYNTAX};
 use nsproxy::netns::{NsRef, Switcher};
 use nsproxy::{control, daemon, runtime, status};
@@ -15,6 +15,7 @@ use tracing::error;
 #[command(
     name = "nsproxy",
     version,
+    propagate_version = true,
     about = "Listen on and proxy ports inside many network namespaces from one process"
 )]
 struct Cli {
@@ -39,6 +40,7 @@ enum LogFormat {
 enum Command {
     /// Run the proxy with a TOML config file.
     Run {
+        /// The TOML config file (re-read on SIGHUP and `nsproxy reload`).
         #[arg(long, short)]
         config: PathBuf,
         /// Forwarding threads (overrides `workers` in the file; default: one per CPU).
@@ -61,16 +63,19 @@ enum Command {
         /// Machine-readable JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The running daemon's control socket.
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         control_socket: PathBuf,
     },
     /// Make the running daemon re-read its config file (like SIGHUP).
     Reload {
+        /// The running daemon's control socket.
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         control_socket: PathBuf,
     },
     /// Check a config file: print every problem, exit non-zero if there is one.
     Check {
+        /// The TOML config file to check.
         #[arg(long, short, required_unless_present = "show_syscalls")]
         config: Option<PathBuf>,
         /// Also fail when a namespace the config names does not exist (now).
@@ -117,6 +122,23 @@ enum Command {
         #[arg(long)]
         forward: Vec<String>,
     },
+    /// Writes files generated from this command line's definition (for
+    /// packaging: scripts/package-deb.sh).
+    #[command(name = "__generate", hide = true)]
+    Generate {
+        what: Generated,
+        /// The directory to write into (it must exist).
+        dir: PathBuf,
+    },
+}
+
+/// What `__generate` writes.
+#[derive(Clone, Copy, ValueEnum)]
+enum Generated {
+    /// Manual pages: nsproxy.1 and one per subcommand (nsproxy-run.1, ...).
+    Man,
+    /// Completions for bash (nsproxy.bash), zsh (_nsproxy) and fish (nsproxy.fish).
+    Completions,
 }
 
 const FORWARD_HELP: &str = "\
@@ -144,6 +166,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Generate { what, dir } = &cli.command {
+        return generate(*what, dir);
+    }
     init_logging(cli.log_format, &cli.log_level);
     // The socket broker logs as the daemon does.
     let broker_args: Vec<OsString> = vec![
@@ -168,6 +193,7 @@ fn main() -> ExitCode {
                 None => nsproxy::broker::PolicySource::Forward(forward),
             },
         ),
+        Command::Generate { .. } => unreachable!("handled before logging starts"),
         Command::Check {
             show_syscalls: true,
             ..
@@ -301,6 +327,49 @@ fn serve(
             ExitCode::FAILURE
         }
     }
+}
+
+/// `nsproxy __generate`: the man pages or shell completions, from the one
+/// command-line definition above, so they cannot drift from it.
+fn generate(what: Generated, dir: &std::path::Path) -> ExitCode {
+    let written = match what {
+        Generated::Man => clap_mangen::generate_to(Cli::command(), dir),
+        Generated::Completions => {
+            use clap_complete::Shell;
+            let mut cmd = without_hidden_subcommands(Cli::command());
+            [Shell::Bash, Shell::Zsh, Shell::Fish]
+                .into_iter()
+                .try_for_each(|shell| {
+                    clap_complete::generate_to(shell, &mut cmd, "nsproxy", dir).map(drop)
+                })
+        }
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nsproxy: cannot write into {}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The command without its hidden subcommands (`__broker`, `__generate`):
+/// clap_complete would offer them on Tab (clap_mangen leaves them out itself).
+fn without_hidden_subcommands(cmd: clap::Command) -> clap::Command {
+    let visible: Vec<clap::Command> = cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    let mut out = clap::Command::new(env!("CARGO_BIN_NAME"))
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(cmd.get_arguments().cloned())
+        .subcommands(visible)
+        .subcommand_required(true);
+    if let Some(about) = cmd.get_about() {
+        out = out.about(about.clone());
+    }
+    out
 }
 
 fn show_syscalls() -> ExitCode {
