@@ -117,7 +117,7 @@ say "image built in $((SECONDS - build_start))s: $(podman image inspect --format
 # the same for theirs).
 ip netns add "$up"
 ip -n "$up" link set lo up
-findmnt -no PROPAGATION /run/netns | grep -q shared || fail "/run/netns is not a shared mount"
+[ "$(findmnt -no PROPAGATION /run/netns)" = shared ] || fail "/run/netns is not a shared mount"
 ip netns exec "$up" python3 -c '
 import socket
 s = socket.socket()
@@ -131,7 +131,7 @@ while True:
 ' &
 server_pid=$!
 
-rules 7100 | publish
+publish < <(rules 7100)
 say "starting the container $ctr"
 podman --runtime runc run -d --name "$ctr" \
     --network host \
@@ -143,9 +143,19 @@ podman --runtime runc run -d --name "$ctr" \
     -v "$cfg":/etc/nsproxy:ro \
     "$image" --log-format json run --config /etc/nsproxy/nsproxy.toml --watch-config >/dev/null
 logs() { podman logs "$ctr" 2>&1; }
-log_has() { logs | grep -qF -- "$1"; }
+# Read whole, then searched: `grep -q` leaving a pipe early would fail it (pipefail).
+log_has() { grep -qF -- "$1" <<<"$(logs)"; }
 wait_for "the container reports ready" 30 log_has '"ready: '
 log_has 'relay running as nobody' || fail "the relay did not drop to nobody"
+# What each process holds, seen from the host: the relay (the container's
+# pid 1) nothing, the broker (its child) CAP_SYS_ADMIN alone.
+relay=$(podman inspect --format '{{.State.Pid}}' "$ctr")
+broker=$(cat "/proc/$relay/task/$relay/children" | awk '{ print $1 }')
+cap() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"; }
+[ "$(cap "$relay" CapEff)" = 0000000000000000 ] || fail "the relay has capabilities: $(cap "$relay" CapEff)"
+[ "$(cap "$relay" NoNewPrivs)" = 1 ] || fail "the relay has no no_new_privs"
+[ "$(cap "$broker" CapEff)" = 0000000000200000 ] || fail "the broker holds $(cap "$broker" CapEff), not CAP_SYS_ADMIN alone"
+say "relay pid $relay: no capability; broker pid $broker: CAP_SYS_ADMIN"
 
 served() {
     # $1: port; the client runs in the namespace made after the start.
@@ -159,19 +169,23 @@ ip netns add "$pod"
 ip -n "$pod" link set lo up
 wait_for "$pod served on 7100" 20 served 7100
 status() { podman exec "$ctr" /usr/bin/nsproxy status; }
-status | grep -q "/var/run/netns/$pod" || fail "status does not list $pod"
+grep -qF "/var/run/netns/$pod" <<<"$(status)" || fail "status does not list $pod"
 
 say "2. a ConfigMap update (..data swapped) is followed"
-rules 7100 7101 | publish
+publish < <(rules 7100 7101)
 wait_for "the new rule served on 7101" 20 served 7101
 log_has 'changed: reloading' || fail "no reload for the changed config"
-log_has 'SIGHUP received' && fail "a SIGHUP was seen (nothing sent one)"
+if log_has 'SIGHUP received'; then fail "a SIGHUP was seen (nothing sent one)"; fi
 
 say "3. the namespace deleted is released"
 ip netns del "$pod"
-not_listed() { ! status | grep -q "/var/run/netns/$pod"; }
+not_listed() {
+    local s
+    s=$(status) || return 1
+    ! grep -qF "/var/run/netns/$pod" <<<"$s"
+}
 wait_for "$pod released" 20 not_listed
-logs | grep -F "/var/run/netns/$pod" | grep -qE 'gone|deleted' || fail "the log does not say $pod went"
+grep -F "/var/run/netns/$pod" <<<"$(logs)" | grep -E 'gone|deleted' >/dev/null || fail "the log does not say $pod went"
 
 podman rm -f -t 5 "$ctr" >/dev/null
 say "OK in $((SECONDS - started))s"
