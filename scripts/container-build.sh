@@ -62,7 +62,7 @@ GROUP
 printf 'passwd: files\ngroup: files\n' > "$root/etc/nsswitch.conf"
 cp contrib/container/Containerfile "$ctx/Containerfile"
 
-podman build --quiet --tag "$tag" "$ctx" >/dev/null
+podman --runtime runc build --quiet --tag "$tag" "$ctx" >/dev/null
 size=$(du -sh "$root" | cut -f1)
 echo "container-build.sh: built $tag (root: $size)" >&2
 echo "$tag"
