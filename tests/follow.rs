@@ -160,3 +160,26 @@ fn a_directory_only_root_may_read_is_followed_by_the_relay() {
         assert!(!log.contains("cannot watch"), "{log}");
     })
 }
+
+#[test]
+fn a_symlink_to_a_file_elsewhere_follows_edits_of_that_file() {
+    as_root(|| {
+        let one = to_host("one", "127.0.0.1:7000");
+        let two = to_host("two", "127.0.0.1:7001");
+        let s = Scenario::with(&["a"])
+            .tcp_hello("host", "127.0.0.1:9000", "hello\n")
+            .rule(one.clone());
+        let (links, files) = (TempDir::new(), TempDir::new());
+        let file = files.file("real.toml", &s.config_text());
+        let link = links.0.join("nsproxy.toml");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let path = link.display().to_string();
+        let s = s.start_command(&["run", "--config", &path, "--watch-config"]);
+        let a = s.ns("a");
+        a.tcp_connect_when_ready("127.0.0.1:7000");
+        // Nothing happens in the link's directory: the file's is watched too.
+        std::fs::write(&file, s.config_for(&[one, two])).unwrap();
+        s.wait_log("config reloaded");
+        a.tcp_connect_when_ready("127.0.0.1:7001");
+    })
+}
