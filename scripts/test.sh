@@ -6,6 +6,10 @@
 # Then the library's unit tests again as user nobody, without capabilities:
 # they must not need root.
 #
+# Then the Kubernetes manifests are validated offline (scripts/k8s-validate.sh)
+# and the container image is built and run as the DaemonSet runs it
+# (scripts/container-test.sh: podman, host network, /run/netns rslave).
+#
 # Then a two-minute soak (scripts/soak.sh: traffic, namespace churn, reloads
 # and upstream restarts, with leak and loss checks).
 #
@@ -54,6 +58,12 @@ fi
 ran=$(sed -n 's/^test result: ok\. \([0-9]*\) passed.*/\1/p' "$unit_log")
 rm -f "$unit_log"
 echo "test.sh: ${ran:-?} library unit tests passed as nobody (uid 65534, no capabilities)"
+
+echo "== Kubernetes manifests, offline (scripts/k8s-validate.sh)"
+scripts/k8s-validate.sh
+
+echo "== the container image, run as the DaemonSet runs it (scripts/container-test.sh)"
+scripts/container-test.sh
 
 echo "== soak test, two minutes (scripts/soak.sh --duration 2m)"
 scripts/soak.sh --duration 2m

@@ -57,6 +57,10 @@ enum Command {
         /// default nobody; "root" keeps one privileged process).
         #[arg(long)]
         user: Option<String>,
+        /// Follow the config file: reload when its text changes, as SIGHUP
+        /// would (for a Kubernetes ConfigMap; off by default).
+        #[arg(long)]
+        watch_config: bool,
     },
     /// Show every rule in every namespace of the running daemon.
     Status {
@@ -206,17 +210,24 @@ fn main() -> ExitCode {
             drain_timeout,
             control_socket,
             user,
+            watch_config,
         } => {
             // Before the parse, so that the broker's start overlaps it.
             let early = daemon::start_broker_early(&config, user.as_deref(), &broker_args);
-            match config::load(&config) {
+            let text = config::read_text(&config);
+            let follow = match &text {
+                Ok(t) if watch_config => Some(daemon::Fingerprint::of(t)),
+                _ => None,
+            };
+            match text.and_then(|t| config::parse_toml(&t, &config.display().to_string())) {
                 Ok(mut c) => {
                     c.workers = workers.or(c.workers);
                     c.drain_timeout = drain_timeout.or(c.drain_timeout);
                     c.control_socket = control_socket.or(c.control_socket);
                     c.user = user.or(c.user);
                     let pinned = drain_timeout.is_some();
-                    serve(c, daemon::Source::File(config), pinned, &broker_args, early)
+                    let source = daemon::Source::File(config);
+                    serve(c, source, pinned, &broker_args, early, follow)
                 }
                 Err(e) => {
                     eprintln!("nsproxy: {}: {e}", config.display());
@@ -239,7 +250,14 @@ fn main() -> ExitCode {
                 c.drain_timeout = drain_timeout;
                 c.control_socket = control_socket;
                 c.user = user;
-                serve(c, daemon::Source::Forward(specs), true, &broker_args, None)
+                serve(
+                    c,
+                    daemon::Source::Forward(specs),
+                    true,
+                    &broker_args,
+                    None,
+                    None,
+                )
             }
             Err(e) => {
                 eprintln!("nsproxy: {e}\n(syntax: {FORWARD_SYNTAX}; see nsproxy forward --help)");
@@ -307,6 +325,7 @@ fn serve(
     drain_pinned: bool,
     broker_args: &[OsString],
     early_broker: Option<std::io::Result<nsproxy::broker::BrokerChild>>,
+    follow: Option<daemon::Fingerprint>,
 ) -> ExitCode {
     if let Some(Err(e)) = config.user.as_deref().map(config::check_user) {
         eprintln!("nsproxy: --user: {e}");
@@ -318,6 +337,7 @@ fn serve(
         drain_pinned,
         broker_args: broker_args.to_vec(),
         early_broker,
+        follow,
     };
     match daemon::serve(run) {
         Ok(()) => ExitCode::SUCCESS,
