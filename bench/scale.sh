@@ -145,10 +145,15 @@ if [ -z "$ONLY" ] || [ "$ONLY" = discovery ]; then
     before=$(cpu_seconds "$DAEMON")
     t0=$(now)
     make_namespaces d "$ADDS"
+    served=0
     for ((i = 0; i < 30000; i++)); do
-        [ "$(grep -c 'server: listening' "$WORK/log")" -ge "$ADDS" ] && break
+        # One "listening" line per binding (lifecycle::apply); the glob's
+        # initial bindings match nothing, so every line is an addition's.
+        served=$(grep -c ': listening rule=' "$WORK/log" || true)
+        [ "$served" -ge "$ADDS" ] && break
         sleep 0.01
     done
+    [ "$served" -ge "$ADDS" ] || { echo "bench-scale: only $served of $ADDS additions were served" >&2; exit 1; }
     echo "  all listening after:         $(echo "$(now) - $t0" | bc) s"
     echo "  daemon CPU:                  $(echo "$(cpu_seconds "$DAEMON") - $before" | bc) s"
     stop

@@ -23,12 +23,26 @@ declare -A NEED=(
     [cpio]=cpio
     [modprobe]=kmod
     [lz4]=lz4
+    # The Debian package (scripts/package-deb.sh, package-test.sh): lintian
+    # checks it, mmdebstrap makes the clean root it is installed into.
+    [lintian]=lintian
+    [mmdebstrap]=mmdebstrap
+    # The container image and its test (scripts/container-build.sh,
+    # container-test.sh): podman with the runc runtime; python3 for the
+    # test's upstream and for kubernetes-validate (scripts/k8s-validate.sh).
+    [podman]=podman
+    [runc]=runc
+    [python3]=python3
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
 done
 [ -e /usr/include/stdio.h ] || missing+=(libc6-dev)
+# kubernetes-validate goes into a venv: Debian's python3 needs python3-venv.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import ensurepip' 2>/dev/null; then
+    missing+=(python3-venv)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "install-deps: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -6,8 +6,15 @@
 # Then the library's unit tests again as user nobody, without capabilities:
 # they must not need root.
 #
+# Then the Kubernetes manifests are validated offline (scripts/k8s-validate.sh)
+# and the container image is built and run as the DaemonSet runs it
+# (scripts/container-test.sh: podman, host network, /run/netns rslave).
+#
 # Then a two-minute soak (scripts/soak.sh: traffic, namespace churn, reloads
 # and upstream restarts, with leak and loss checks).
+#
+# Then the Debian package is built and installed into a clean Debian root,
+# where the daemon runs from the unit's command line (scripts/package-test.sh).
 #
 # Then the SCTP end-to-end tests (tests/sctp_vm.rs) run again inside a qemu
 # VM that boots Debian's stock kernel with the sctp module
@@ -52,8 +59,17 @@ ran=$(sed -n 's/^test result: ok\. \([0-9]*\) passed.*/\1/p' "$unit_log")
 rm -f "$unit_log"
 echo "test.sh: ${ran:-?} library unit tests passed as nobody (uid 65534, no capabilities)"
 
+echo "== Kubernetes manifests, offline (scripts/k8s-validate.sh)"
+scripts/k8s-validate.sh
+
+echo "== the container image, run as the DaemonSet runs it (scripts/container-test.sh)"
+scripts/container-test.sh
+
 echo "== soak test, two minutes (scripts/soak.sh --duration 2m)"
 scripts/soak.sh --duration 2m
+
+echo "== the Debian package, installed and run in a clean root (scripts/package-test.sh)"
+scripts/package-test.sh
 
 echo "== SCTP end-to-end tests in a VM (scripts/sctp-vm.sh)"
 target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')

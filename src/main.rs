@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use nsproxy::config::{self, Config, FORWARD_SYNTAX};
 use nsproxy::netns::{NsRef, Switcher};
 use nsproxy::{control, daemon, runtime, status};
@@ -15,6 +15,7 @@ use tracing::error;
 #[command(
     name = "nsproxy",
     version,
+    propagate_version = true,
     about = "Listen on and proxy ports inside many network namespaces from one process"
 )]
 struct Cli {
@@ -39,6 +40,7 @@ enum LogFormat {
 enum Command {
     /// Run the proxy with a TOML config file.
     Run {
+        /// The TOML config file (re-read on SIGHUP and `nsproxy reload`).
         #[arg(long, short)]
         config: PathBuf,
         /// Forwarding threads (overrides `workers` in the file; default: one per CPU).
@@ -55,22 +57,29 @@ enum Command {
         /// default nobody; "root" keeps one privileged process).
         #[arg(long)]
         user: Option<String>,
+        /// Follow the config file: reload when its text changes, as SIGHUP
+        /// would (for a Kubernetes ConfigMap; off by default).
+        #[arg(long)]
+        watch_config: bool,
     },
     /// Show every rule in every namespace of the running daemon.
     Status {
         /// Machine-readable JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The running daemon's control socket.
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         control_socket: PathBuf,
     },
     /// Make the running daemon re-read its config file (like SIGHUP).
     Reload {
+        /// The running daemon's control socket.
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         control_socket: PathBuf,
     },
     /// Check a config file: print every problem, exit non-zero if there is one.
     Check {
+        /// The TOML config file to check.
         #[arg(long, short, required_unless_present = "show_syscalls")]
         config: Option<PathBuf>,
         /// Also fail when a namespace the config names does not exist (now).
@@ -117,6 +126,23 @@ enum Command {
         #[arg(long)]
         forward: Vec<String>,
     },
+    /// Writes files generated from this command line's definition (for
+    /// packaging: scripts/package-deb.sh).
+    #[command(name = "__generate", hide = true)]
+    Generate {
+        what: Generated,
+        /// The directory to write into (it must exist).
+        dir: PathBuf,
+    },
+}
+
+/// What `__generate` writes.
+#[derive(Clone, Copy, ValueEnum)]
+enum Generated {
+    /// Manual pages: nsproxy.1 and one per subcommand (nsproxy-run.1, ...).
+    Man,
+    /// Completions for bash (nsproxy.bash), zsh (_nsproxy) and fish (nsproxy.fish).
+    Completions,
 }
 
 const FORWARD_HELP: &str = "\
@@ -144,6 +170,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Generate { what, dir } = &cli.command {
+        return generate(*what, dir);
+    }
     init_logging(cli.log_format, &cli.log_level);
     // The socket broker logs as the daemon does.
     let broker_args: Vec<OsString> = vec![
@@ -168,6 +197,7 @@ fn main() -> ExitCode {
                 None => nsproxy::broker::PolicySource::Forward(forward),
             },
         ),
+        Command::Generate { .. } => unreachable!("handled before logging starts"),
         Command::Check {
             show_syscalls: true,
             ..
@@ -180,17 +210,24 @@ fn main() -> ExitCode {
             drain_timeout,
             control_socket,
             user,
+            watch_config,
         } => {
             // Before the parse, so that the broker's start overlaps it.
             let early = daemon::start_broker_early(&config, user.as_deref(), &broker_args);
-            match config::load(&config) {
+            let text = config::read_text(&config);
+            let follow = match &text {
+                Ok(t) if watch_config => Some(daemon::Fingerprint::of(t)),
+                _ => None,
+            };
+            match text.and_then(|t| config::parse_toml(&t, &config.display().to_string())) {
                 Ok(mut c) => {
                     c.workers = workers.or(c.workers);
                     c.drain_timeout = drain_timeout.or(c.drain_timeout);
                     c.control_socket = control_socket.or(c.control_socket);
                     c.user = user.or(c.user);
                     let pinned = drain_timeout.is_some();
-                    serve(c, daemon::Source::File(config), pinned, &broker_args, early)
+                    let source = daemon::Source::File(config);
+                    serve(c, source, pinned, &broker_args, early, follow)
                 }
                 Err(e) => {
                     eprintln!("nsproxy: {}: {e}", config.display());
@@ -213,7 +250,14 @@ fn main() -> ExitCode {
                 c.drain_timeout = drain_timeout;
                 c.control_socket = control_socket;
                 c.user = user;
-                serve(c, daemon::Source::Forward(specs), true, &broker_args, None)
+                serve(
+                    c,
+                    daemon::Source::Forward(specs),
+                    true,
+                    &broker_args,
+                    None,
+                    None,
+                )
             }
             Err(e) => {
                 eprintln!("nsproxy: {e}\n(syntax: {FORWARD_SYNTAX}; see nsproxy forward --help)");
@@ -281,6 +325,7 @@ fn serve(
     drain_pinned: bool,
     broker_args: &[OsString],
     early_broker: Option<std::io::Result<nsproxy::broker::BrokerChild>>,
+    follow: Option<daemon::Fingerprint>,
 ) -> ExitCode {
     if let Some(Err(e)) = config.user.as_deref().map(config::check_user) {
         eprintln!("nsproxy: --user: {e}");
@@ -292,6 +337,7 @@ fn serve(
         drain_pinned,
         broker_args: broker_args.to_vec(),
         early_broker,
+        follow,
     };
     match daemon::serve(run) {
         Ok(()) => ExitCode::SUCCESS,
@@ -301,6 +347,49 @@ fn serve(
             ExitCode::FAILURE
         }
     }
+}
+
+/// `nsproxy __generate`: the man pages or shell completions, from the one
+/// command-line definition above, so they cannot drift from it.
+fn generate(what: Generated, dir: &std::path::Path) -> ExitCode {
+    let written = match what {
+        Generated::Man => clap_mangen::generate_to(Cli::command(), dir),
+        Generated::Completions => {
+            use clap_complete::Shell;
+            let mut cmd = without_hidden_subcommands(Cli::command());
+            [Shell::Bash, Shell::Zsh, Shell::Fish]
+                .into_iter()
+                .try_for_each(|shell| {
+                    clap_complete::generate_to(shell, &mut cmd, "nsproxy", dir).map(drop)
+                })
+        }
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nsproxy: cannot write into {}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The command without its hidden subcommands (`__broker`, `__generate`):
+/// clap_complete would offer them on Tab (clap_mangen leaves them out itself).
+fn without_hidden_subcommands(cmd: clap::Command) -> clap::Command {
+    let visible: Vec<clap::Command> = cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .cloned()
+        .collect();
+    let mut out = clap::Command::new(env!("CARGO_BIN_NAME"))
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(cmd.get_arguments().cloned())
+        .subcommands(visible)
+        .subcommand_required(true);
+    if let Some(about) = cmd.get_about() {
+        out = out.about(about.clone());
+    }
+    out
 }
 
 fn show_syscalls() -> ExitCode {
@@ -387,6 +476,13 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
                 &locations,
                 &unwatchable,
             ));
+            let routing = routing_of(&switcher, &config::check::client_source_namespaces(&config));
+            let found = config::check::routing_findings(&config, &locations, &routing);
+            report.routing = found
+                .iter()
+                .filter(|f| f.severity == config::check::Severity::Warning)
+                .count();
+            report.findings.extend(found);
             report
         }
         Err(e) => {
@@ -432,6 +528,30 @@ fn check(path: &std::path::Path, strict: bool) -> ExitCode {
         report.summary(config.rules.len())
     );
     ExitCode::SUCCESS
+}
+
+/// The policy routing of each namespace in `refs` (those of the rules with
+/// `upstream_source = "client"`), read over a netlink socket made there;
+/// a namespace that cannot be looked up is left out (it has a finding of
+/// its own).
+fn routing_of(
+    switcher: &Switcher,
+    refs: &[NsRef],
+) -> std::collections::HashMap<NsRef, Result<nsproxy::netns::routing::Routing, String>> {
+    use nsproxy::netns::routing::{Routing, netlink_spec};
+    let mut out = std::collections::HashMap::new();
+    for r in refs {
+        let Ok(id) = switcher.resolve_blocking(r) else {
+            continue;
+        };
+        let read = switcher
+            .socket_blocking(id, netlink_spec())
+            .map_err(|e| e.to_string())
+            .and_then(|s| Routing::of(&s).map_err(|e| e.to_string()));
+        switcher.release(id);
+        out.insert(r.clone(), read);
+    }
+    out
 }
 
 /// Looks references up in batches (one trip to the namespace thread per

@@ -88,6 +88,12 @@ const SERIES: &[Series] = &[
         |c| c.upstream_socket_exhausted,
     ),
     (
+        "nsproxy_upstream_source_failed_total",
+        "counter",
+        "upstream_source = \"client\": TCP connections and UDP sessions that failed because their upstream socket could not come from the client's address (a 4-tuple already in use there, an address family mismatch).",
+        |c| c.upstream_source_failed,
+    ),
+    (
         "nsproxy_bytes_in_total",
         "counter",
         "Bytes from clients to the upstream.",

@@ -154,6 +154,8 @@ pub struct Counters {
     pub client_gone_connecting: u64,
     #[serde(default)]
     pub upstream_socket_exhausted: u64,
+    #[serde(default)]
+    pub upstream_source_failed: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub datagrams_in: u64,
@@ -181,6 +183,7 @@ impl Counters {
         match s {
             BindingStats::Tcp(t) => Counters {
                 half_close_timeouts: t.half_close_timeouts.load(Relaxed),
+                upstream_source_failed: t.upstream_source_failed.load(Relaxed),
                 ..Counters::from_conn(&t.conn)
             },
             BindingStats::Sctp(s) => Counters {
@@ -221,6 +224,7 @@ impl Counters {
             sessions_active: s.sessions_active.load(Relaxed),
             sessions_expired: s.sessions_expired.load(Relaxed),
             sessions_failed: s.sessions_failed.load(Relaxed),
+            upstream_source_failed: s.upstream_source_failed.load(Relaxed),
             dropped_at_cap: s.dropped_at_cap.load(Relaxed),
             dropped_queue_full: s.dropped_queue_full.load(Relaxed),
             dropped_by_kernel: s.dropped_by_kernel.load(Relaxed),

@@ -310,3 +310,52 @@ fn forward_rejects_bad_specs_with_the_argument_named() {
     );
     assert!(err.contains("argument 2 (\"tcp:127.0.0.1:1=[::1]:2@pid:zero\"): rule forward-2: `upstream_netns`: \"pid:zero\" is not a valid pid"), "{err}");
 }
+
+/// The Debian package's man pages and completions
+/// (`scripts/package-deb.sh`): one page per visible subcommand, none for
+/// the hidden ones, and completions that do not offer them either.
+#[test]
+fn generate_writes_man_pages_and_completions_without_hidden_subcommands() {
+    let dir = TempDir::new();
+    let d = dir.0.to_str().unwrap();
+    let (code, _, err) = run_cli(&["__generate", "man", d]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run_cli(&["__generate", "completions", d]);
+    assert_eq!(code, 0, "{err}");
+    let mut names: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "_nsproxy",
+            "nsproxy-check.1",
+            "nsproxy-forward.1",
+            "nsproxy-reload.1",
+            "nsproxy-run.1",
+            "nsproxy-status.1",
+            "nsproxy.1",
+            "nsproxy.bash",
+            "nsproxy.fish",
+        ]
+    );
+    let run = std::fs::read_to_string(format!("{d}/nsproxy-run.1")).unwrap();
+    assert!(run.contains(r"\fB\-\-config\fR"), "{run}");
+    assert!(run.contains("The TOML config file"), "{run}");
+    for f in ["_nsproxy", "nsproxy.bash", "nsproxy.fish"] {
+        let text = std::fs::read_to_string(format!("{d}/{f}")).unwrap();
+        assert!(text.contains("forward"), "{f} has no `forward`");
+        assert!(
+            !text.contains("__broker") && !text.contains("__generate"),
+            "{f} offers a hidden subcommand"
+        );
+    }
+    let (code, _, err) = run_cli(&["__generate", "man", "/nonexistent/nsproxy-test"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot write into /nonexistent/nsproxy-test: No such file or directory"),
+        "{err}"
+    );
+}

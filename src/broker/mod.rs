@@ -602,6 +602,8 @@ impl Broker {
             domain: socket.domain().map_err(|e| io(&e))?,
             ty: socket.r#type().map_err(|e| io(&e))?,
             protocol: socket.protocol().map_err(|e| io(&e))?,
+            // Only listening sockets are bound here, never transparent.
+            transparent: false,
         };
         let cookie = fdpass::netns_cookie(socket.as_fd()).map_err(|e| io(&e))?;
         let Some(&ns) = self.cookies.get(&cookie) else {

@@ -91,7 +91,12 @@ pub fn describe(spec: &SocketSpec) -> String {
         Some(libc::IPPROTO_SCTP) => "SCTP".to_owned(),
         Some(p) => format!("protocol {p}"),
     };
-    format!("{proto}/{domain} {ty}")
+    let transparent = if spec.transparent {
+        " (IP_TRANSPARENT)"
+    } else {
+        ""
+    };
+    format!("{proto}/{domain} {ty}{transparent}")
 }
 
 fn unspecified(v6: bool) -> SocketAddr {
@@ -107,11 +112,11 @@ impl RulePolicy {
         let (listen, upstream) = match rule.protocol {
             RuleProtocol::Tcp => (
                 SocketSpec::tcp(&rule.listen),
-                SocketSpec::tcp(&rule.upstream),
+                crate::proxy::upstream_spec(rule),
             ),
             RuleProtocol::Udp => (
                 SocketSpec::udp(&rule.listen),
-                SocketSpec::udp(&rule.upstream),
+                crate::proxy::upstream_spec(rule),
             ),
             RuleProtocol::Sctp => {
                 // As the SCTP relay picks its upstream socket's family.
@@ -174,7 +179,9 @@ impl Policy {
     /// The capabilities making this policy's sockets needs, beyond
     /// CAP_SYS_ADMIN for `setns`: CAP_NET_BIND_SERVICE when a rule listens
     /// on a port below 1024, CAP_SYS_PTRACE when a rule names a namespace
-    /// by `pid:N` (opening another user's `/proc/N/ns/net` needs it).
+    /// by `pid:N` (opening another user's `/proc/N/ns/net` needs it),
+    /// CAP_NET_ADMIN when a rule has `upstream_source = "client"` (for
+    /// `IP_TRANSPARENT`).
     pub fn capabilities(&self) -> Vec<crate::privsep::Cap> {
         use crate::privsep::Cap;
         let mut caps = vec![Cap::SysAdmin];
@@ -194,6 +201,10 @@ impl Policy {
         });
         if by_pid {
             caps.push(Cap::SysPtrace);
+        }
+        if self.rules.iter().any(|r| r.upstream.transparent) {
+            // IP_TRANSPARENT, for upstream_source = "client".
+            caps.push(Cap::NetAdmin);
         }
         caps
     }
@@ -493,6 +504,36 @@ mod tests {
         assert!(
             p.capabilities()
                 .contains(&crate::privsep::Cap::NetBindService)
+        );
+    }
+
+    #[test]
+    fn transparent_upstream_sockets_only_for_client_source_rules_with_net_admin() {
+        use crate::privsep::Cap;
+        let toml = |source: &str| {
+            format!(
+                "[[proxy]]\nname = \"t\"\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:8000\"\nnetns = [\"ns1\"]\nupstream = \"10.0.0.1:80\"\nupstream_netns = \"up\"\n{source}\n"
+            )
+        };
+        let plain = Policy::from_config(&parse_toml(&toml(""), "t.toml").unwrap());
+        let client = Policy::from_config(
+            &parse_toml(&toml("upstream_source = \"client\""), "t.toml").unwrap(),
+        );
+        assert!(!plain.capabilities().contains(&Cap::NetAdmin));
+        assert!(client.capabilities().contains(&Cap::NetAdmin));
+        let mut res = Resolved::default();
+        res.insert(A, r("up"));
+        let tcp4 = SocketSpec::tcp(&"10.0.0.1:80".parse().unwrap());
+        assert_eq!(
+            client.allows_socket(&res, A, &tcp4.transparent(true)),
+            Ok(())
+        );
+        assert!(client.allows_socket(&res, A, &tcp4).is_err());
+        assert_eq!(plain.allows_socket(&res, A, &tcp4), Ok(()));
+        assert!(
+            plain
+                .allows_socket(&res, A, &tcp4.transparent(true))
+                .is_err()
         );
     }
 

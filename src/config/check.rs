@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use super::{Config, RuleLocations};
+use crate::netns::routing::Routing;
 use crate::netns::{NsError, NsId, NsRef};
 
 /// How much a finding matters.
@@ -63,6 +64,9 @@ pub struct NsReport {
     pub ranges: usize,
     /// The ports of those ranges, together.
     pub range_ports: usize,
+    /// How many of the warnings are [`routing_findings`]' (which are not
+    /// about listening).
+    pub routing: usize,
 }
 
 impl NsReport {
@@ -89,10 +93,16 @@ impl NsReport {
                 self.from_patterns, self.patterns
             ));
         }
-        let warnings = self.count(Severity::Warning);
+        let warnings = self.count(Severity::Warning) - self.routing;
         if warnings > 0 {
             s.push_str(&format!(
                 ", {warnings} namespace warning(s): those bindings do not listen now (each warning says when they will)"
+            ));
+        }
+        if self.routing > 0 {
+            s.push_str(&format!(
+                ", {} routing warning(s): upstream_source = \"client\" replies would not come back (each warning gives the commands)",
+                self.routing
             ));
         }
         let notes = self.count(Severity::Note);
@@ -480,6 +490,98 @@ pub fn unwatchable_findings(
         });
     }
     out
+}
+
+/// The distinct upstream namespaces of the rules with `upstream_source =
+/// "client"`, whose policy routing [`routing_findings`] judges.
+pub fn client_source_namespaces(config: &Config) -> Vec<NsRef> {
+    let mut out: Vec<NsRef> = Vec::new();
+    for rule in config
+        .rules
+        .iter()
+        .filter(|r| r.upstream_source.is_client())
+    {
+        if !out.contains(&rule.upstream_netns) {
+            out.push(rule.upstream_netns.clone());
+        }
+    }
+    out
+}
+
+/// A warning, at its `upstream_source`'s namespace entry, for each rule
+/// with `upstream_source = "client"` whose upstream namespace lacks the
+/// policy routing for its upstream's family (see
+/// [`crate::netns::routing`]), with the commands that add it; a note where
+/// the routing could not be read. `routing` holds what each namespace of
+/// [`client_source_namespaces`] has; one missing from it (not found, say:
+/// already a finding of its own) is passed over.
+pub fn routing_findings(
+    config: &Config,
+    locations: &[RuleLocations],
+    routing: &HashMap<NsRef, Result<Routing, String>>,
+) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (i, rule) in config.rules.iter().enumerate() {
+        if !rule.upstream_source.is_client() {
+            continue;
+        }
+        let Some(has) = routing.get(&rule.upstream_netns) else {
+            continue;
+        };
+        let location = locations
+            .get(i)
+            .and_then(|l| l.upstream_netns.as_ref())
+            .unwrap_or(&rule.origin)
+            .clone();
+        let (severity, message) = match has {
+            Err(e) => (
+                Severity::Note,
+                format!(
+                    "cannot read the policy routing of namespace \"{}\" ({e}): upstream_source = \"client\" needs it (see the README's \"The client's address at the upstream\")",
+                    rule.upstream_netns
+                ),
+            ),
+            Ok(r) if r.v4 && rule.upstream.is_ipv4() || r.v6 && rule.upstream.is_ipv6() => {
+                continue;
+            }
+            Ok(_) => (Severity::Warning, missing_routing(rule)),
+        };
+        out.push(Finding {
+            severity,
+            location,
+            rule: rule.name.clone(),
+            key: "upstream_netns".into(),
+            message,
+        });
+    }
+    out
+}
+
+/// The warning for a rule whose upstream namespace has no policy routing
+/// for its family, with the commands (run as root) that add it.
+fn missing_routing(rule: &super::Rule) -> String {
+    let ns = &rule.upstream_netns;
+    let ip = match ns {
+        NsRef::Host => "ip".to_owned(),
+        NsRef::Named(n) => format!("ip -n {n}"),
+        NsRef::Path(p) => format!("nsenter --net={} ip", p.display()),
+        NsRef::Pid(pid) => format!("nsenter --net=/proc/{pid}/ns/net ip"),
+        NsRef::Glob(_) => "ip".to_owned(),
+    };
+    let (six, any) = if rule.upstream.is_ipv6() {
+        (" -6", "::/0")
+    } else {
+        ("", "0.0.0.0/0")
+    };
+    let family = if rule.upstream.is_ipv6() {
+        "IPv6"
+    } else {
+        "IPv4"
+    };
+    format!(
+        "upstream_source = \"client\": namespace \"{ns}\" has no {family} policy routing that delivers replies to client addresses locally (an `ip rule` looking up a table with a `local` default route), so the upstream's replies would not reach nsproxy and its connections would time out; add it with `{ip}{six} rule add from {} lookup 100` and `{ip}{six} route add local {any} dev lo table 100`",
+        rule.upstream.ip()
+    )
 }
 
 #[cfg(test)]

@@ -170,6 +170,10 @@ pub struct Rule {
     /// telling it the client's address, the address the client connected
     /// to and (v2) the listen namespace. `None`: no header.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// TCP, UDP: the source address of upstream connections (sessions):
+    /// nsproxy's own in `upstream_netns`, or the client's (bound with
+    /// `IP_TRANSPARENT`).
+    pub upstream_source: UpstreamSource,
     /// UDP: a client's session ends after this long without a datagram in
     /// either direction.
     pub udp_idle_timeout: Duration,
@@ -233,6 +237,7 @@ impl Rule {
             backlog: conn.backlog,
             max_connections: conn.max_connections,
             proxy_protocol: tcp.proxy_protocol,
+            upstream_source: tcp.upstream_source,
             udp_idle_timeout: udp.udp_idle_timeout,
             idle_timeout: conn.idle_timeout,
             half_close_timeout: tcp.half_close_timeout,
@@ -279,6 +284,37 @@ impl fmt::Display for ProxyProtocol {
         f.write_str(match self {
             ProxyProtocol::V1 => "v1",
             ProxyProtocol::V2 => "v2",
+        })
+    }
+}
+
+/// `upstream_source`: which address upstream connections and sessions come
+/// from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamSource {
+    /// nsproxy's own address in `upstream_netns`, as the kernel picks it
+    /// (the default).
+    #[default]
+    Proxy,
+    /// The client's address and port: the upstream socket is made with
+    /// `IP_TRANSPARENT` (`IPV6_TRANSPARENT`) and bound to them before it
+    /// connects. Replies reach it only through policy routing in the
+    /// upstream namespace (see the README).
+    Client,
+}
+
+impl UpstreamSource {
+    /// Whether upstream sockets are bound to the client's address.
+    pub fn is_client(self) -> bool {
+        self == UpstreamSource::Client
+    }
+}
+
+impl fmt::Display for UpstreamSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UpstreamSource::Proxy => "proxy",
+            UpstreamSource::Client => "client",
         })
     }
 }

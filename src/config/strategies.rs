@@ -8,7 +8,8 @@ use proptest::prelude::*;
 
 use super::{
     ConnSettings, Keepalive, MAX_CONNECTIONS, MAX_UDP_SESSIONS, OnDelete, Protocol, ProxyProtocol,
-    Rule, SctpSettings, Settings, TcpSettings, UdpSettings, check_sctp_listen_addrs,
+    Rule, SctpSettings, Settings, TcpSettings, UdpSettings, UpstreamSource,
+    check_sctp_listen_addrs,
 };
 use crate::netns::NsRef;
 use crate::sctp::Streams;
@@ -93,23 +94,30 @@ fn tcp() -> impl Strategy<Value = TcpSettings> {
         ]),
         prop::option::of(seconds()),
         prop::option::of(keepalive),
+        source(),
     )
         .prop_map(
-            |(proxy_protocol, half_close_timeout, tcp_keepalive)| TcpSettings {
+            |(proxy_protocol, half_close_timeout, tcp_keepalive, upstream_source)| TcpSettings {
                 proxy_protocol,
                 half_close_timeout,
                 tcp_keepalive,
+                upstream_source,
             },
         )
 }
 
 fn udp() -> impl Strategy<Value = UdpSettings> {
-    (seconds(), 1usize..=MAX_UDP_SESSIONS).prop_map(|(udp_idle_timeout, udp_max_sessions)| {
-        UdpSettings {
+    (seconds(), 1usize..=MAX_UDP_SESSIONS, source()).prop_map(
+        |(udp_idle_timeout, udp_max_sessions, upstream_source)| UdpSettings {
             udp_idle_timeout,
             udp_max_sessions,
-        }
-    })
+            upstream_source,
+        },
+    )
+}
+
+fn source() -> impl Strategy<Value = UpstreamSource> {
+    prop_oneof![Just(UpstreamSource::Proxy), Just(UpstreamSource::Client)]
 }
 
 fn sctp() -> impl Strategy<Value = SctpSettings> {

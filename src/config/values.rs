@@ -7,7 +7,7 @@ use std::time::Duration;
 
 pub(crate) use super::ports::check_range;
 use super::ports::parse_ports;
-use super::{OnDelete, Problem, Protocol, ProxyProtocol, Rule};
+use super::{OnDelete, Problem, Protocol, ProxyProtocol, Rule, UpstreamSource};
 use crate::netns::NsRef;
 
 pub(crate) fn check_name(s: &str) -> Result<String, String> {
@@ -148,6 +148,16 @@ pub(crate) fn check_proxy_protocol(s: &str) -> Result<ProxyProtocol, String> {
         "v2" => Ok(ProxyProtocol::V2),
         _ => Err(format!(
             "invalid proxy_protocol \"{s}\": expected \"v1\" (text) or \"v2\" (binary, with the namespace)"
+        )),
+    }
+}
+
+pub(crate) fn check_upstream_source(s: &str) -> Result<UpstreamSource, String> {
+    match s {
+        "proxy" => Ok(UpstreamSource::Proxy),
+        "client" => Ok(UpstreamSource::Client),
+        _ => Err(format!(
+            "invalid upstream_source \"{s}\": expected \"proxy\" (nsproxy's own address, the default) or \"client\" (the client's address and port, with IP_TRANSPARENT)"
         )),
     }
 }

@@ -21,8 +21,10 @@ use crate::netns::{NsRef, SocketFactory, Switcher};
 use crate::status::BindingState;
 use crate::{broker, control, metrics, privsep, runtime, systemd};
 
+mod follow;
 mod plan;
 
+pub use follow::Fingerprint;
 pub use plan::{DEFAULT_USER, Plan, Single, plan};
 
 /// How `nsproxy run` or `forward` was asked to serve.
@@ -37,6 +39,10 @@ pub struct Run {
     /// A socket broker started before the config was parsed
     /// ([`start_broker_early`]), used if the plan is split.
     pub early_broker: Option<std::io::Result<broker::BrokerChild>>,
+    /// `--watch-config`: the config file is followed (its directory is
+    /// watched, and a changed text reloaded), and
+    /// this is the text the config was parsed from.
+    pub follow: Option<Fingerprint>,
 }
 
 /// Starts the socket broker of `nsproxy run --config PATH` before the relay
@@ -141,6 +147,8 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
         // Bound while nsproxy may still: the socket is made by, and
         // belongs to, the user who started it.
         let mut interfaces = Interfaces::bind(&run.config).await;
+        // Watched while privileged: a watch is checked when it is made.
+        let follower = follow_config(&run);
         if let Err(e) = systemd::connect() {
             warn!("cannot connect to systemd's notification socket: {e}");
         }
@@ -166,6 +174,7 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
         // (and liveness "alive") however long the start takes.
         let health = Arc::new(metrics::Health::starting());
         interfaces.serve_metrics(&health);
+        let reader = switcher.clone();
         let started = start(run.config, switcher, options, &mut signals).await;
         let (server, ready, reload_when_started) = match started {
             Ok(Some(s)) => s,
@@ -180,6 +189,9 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
         };
         health.ready(server.commands());
         interfaces.serve_control(&server);
+        if let (Some(f), Some(loaded)) = (follower, run.follow) {
+            tokio::spawn(f.run(loaded, reader, server.commands()));
+        }
         info!("{ready}");
         if let Err(e) = systemd::notify("READY=1") {
             warn!("cannot notify systemd: {e}");
@@ -265,6 +277,23 @@ async fn until_stopped(
     }
     crate::proxy::cut_drain_short();
     Some(pid)
+}
+
+/// The watches of `--watch-config`, or `None` (not asked for, or the
+/// directory cannot be watched: said, and SIGHUP still reloads).
+fn follow_config(run: &Run) -> Option<follow::Follower> {
+    run.follow?;
+    let path = run.source.path()?;
+    match follow::Follower::watch(&path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            warn!(
+                "--watch-config: {e}; {} is not followed: reload it with SIGHUP or `nsproxy reload`",
+                path.display()
+            );
+            None
+        }
+    }
 }
 
 /// Where sockets come from, as planned: the namespace thread of this

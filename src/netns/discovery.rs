@@ -499,12 +499,18 @@ impl Discovery {
     /// were (unmounted, or another one mounted on them).
     fn recheck(&mut self, i: usize) {
         let dir = &self.dirs[i];
-        let changed: Vec<String> = dir
-            .known
-            .iter()
-            .filter(|(n, id)| dir.by_path(n) && !same_file(&dir.path.join(n), id))
-            .map(|(n, _)| n.clone())
-            .collect();
+        // Without path patterns nothing here is followed by path: skip the
+        // walk over every known name, which made following N additions to
+        // /run/netns cost N walks of up to N names.
+        let changed: Vec<String> = if dir.patterns.is_empty() {
+            Vec::new()
+        } else {
+            dir.known
+                .iter()
+                .filter(|(n, id)| dir.by_path(n) && !same_file(&dir.path.join(n), id))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
         for name in changed {
             self.removed(i, &name);
             self.created(i, name);

@@ -27,6 +27,7 @@ mod factory;
 mod nsfs;
 mod reference;
 mod remote;
+pub mod routing;
 mod switcher;
 
 use std::collections::HashMap;
@@ -53,6 +54,10 @@ pub struct SocketSpec {
     pub domain: Domain,
     pub ty: Type,
     pub protocol: Option<Protocol>,
+    /// Made with `IP_TRANSPARENT` (`IPV6_TRANSPARENT`) set, so that it may
+    /// bind a client's address (`upstream_source = "client"`). Set where the
+    /// socket is made, as it needs CAP_NET_ADMIN: split, by the broker.
+    pub transparent: bool,
 }
 
 impl SocketSpec {
@@ -62,6 +67,7 @@ impl SocketSpec {
             domain: Domain::for_address(*addr),
             ty: Type::STREAM,
             protocol: Some(Protocol::TCP),
+            transparent: false,
         }
     }
 
@@ -71,6 +77,16 @@ impl SocketSpec {
             domain: Domain::for_address(*addr),
             ty: Type::DGRAM,
             protocol: Some(Protocol::UDP),
+            transparent: false,
+        }
+    }
+
+    /// The same kind of socket, made with `IP_TRANSPARENT` (see
+    /// [`SocketSpec::transparent`]) when `on`.
+    pub fn transparent(self, on: bool) -> Self {
+        SocketSpec {
+            transparent: on,
+            ..self
         }
     }
 
@@ -81,6 +97,7 @@ impl SocketSpec {
             domain: Domain::for_address(*addr),
             ty: Type::STREAM,
             protocol: Some(Protocol::from(libc::IPPROTO_SCTP)),
+            transparent: false,
         }
     }
 }
@@ -133,6 +150,12 @@ pub enum NsError {
         crate::sys::fd_exhaustion_hint(source)
     )]
     Socket { ns: NsId, source: io::Error },
+    /// `IP_TRANSPARENT` refused (`upstream_source = "client"`).
+    #[error(
+        "cannot set IP_TRANSPARENT on an upstream socket in namespace {ns}: {source}{}",
+        transparent_hint(source)
+    )]
+    Transparent { ns: NsId, source: io::Error },
     #[error("\"{reference}\" is a pattern over namespace files, not one namespace")]
     Pattern { reference: NsRef },
     #[error("namespace {ns} is not open (resolve a reference to it first)")]
@@ -150,8 +173,22 @@ pub enum NsError {
 /// `socket(2)` on the calling thread, with the flags every nsproxy socket gets.
 pub(crate) fn socket_here(ns: NsId, spec: SocketSpec) -> Result<Socket, NsError> {
     // socket2 adds SOCK_CLOEXEC itself.
-    Socket::new(spec.domain, spec.ty.nonblocking(), spec.protocol)
-        .map_err(|source| NsError::Socket { ns, source })
+    let socket = Socket::new(spec.domain, spec.ty.nonblocking(), spec.protocol)
+        .map_err(|source| NsError::Socket { ns, source })?;
+    if spec.transparent {
+        use std::os::fd::AsFd;
+        crate::sys::set_transparent(socket.as_fd(), spec.domain == Domain::IPV6)
+            .map_err(|source| NsError::Transparent { ns, source })?;
+    }
+    Ok(socket)
+}
+
+fn transparent_hint(e: &io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::EPERM) {
+        " (upstream_source = \"client\" needs CAP_NET_ADMIN over the user namespace that owns the upstream namespace; split, the socket broker keeps it only when the config it started with has such a rule: restart nsproxy after adding the first one)"
+    } else {
+        ""
+    }
 }
 
 fn not_found_hint(r: &NsRef) -> String {
@@ -209,8 +246,8 @@ pub(crate) struct Pool {
     slots: Mutex<HashMap<PoolKey, Slot>>,
 }
 
-/// (namespace, domain, type, protocol)
-type PoolKey = (NsId, i32, i32, i32);
+/// (namespace, domain, type, protocol, transparent)
+type PoolKey = (NsId, i32, i32, i32, bool);
 
 #[derive(Debug, Default)]
 pub(crate) struct Slot {
@@ -230,6 +267,7 @@ fn pool_key(ns: NsId, spec: &SocketSpec) -> PoolKey {
         i32::from(spec.domain),
         i32::from(spec.ty),
         spec.protocol.map_or(0, i32::from),
+        spec.transparent,
     )
 }
 
@@ -401,7 +439,7 @@ impl Switcher {
     /// first polled, so that many requests made before awaiting any of them
     /// reach the namespace thread together and share its switches.
     pub fn socket(&self, ns: NsId, spec: SocketSpec) -> SocketFuture {
-        if ns == self.home {
+        if self.here(ns, &spec) {
             return SocketFuture::made(socket_here(ns, spec));
         }
         let (reply, rx) = oneshot::channel();
@@ -417,7 +455,7 @@ impl Switcher {
     /// ready socket while the pool refills in the background. The pool is
     /// dropped with [`Switcher::release`], so it never keeps a namespace alive.
     pub fn pooled_socket(&self, ns: NsId, spec: SocketSpec) -> SocketFuture {
-        if ns == self.home || !pool_enabled() {
+        if self.here(ns, &spec) || !pool_enabled() {
             return self.socket(ns, spec);
         }
         let ready = {
@@ -444,12 +482,19 @@ impl Switcher {
 
     /// Like [`Switcher::socket`], for callers outside an async runtime.
     pub fn socket_blocking(&self, ns: NsId, spec: SocketSpec) -> Result<Socket, NsError> {
-        if ns == self.home {
+        if self.here(ns, &spec) {
             return socket_here(ns, spec);
         }
         let (reply, rx) = oneshot::channel();
         self.send(switcher::Request::Socket { ns, spec, reply })?;
         rx.blocking_recv().map_err(|_| NsError::Stopped)?
+    }
+
+    /// Whether a socket of `spec` in `ns` is made on the calling thread: one
+    /// of the home namespace, unless it needs a privilege a relay without
+    /// one lacks (`IP_TRANSPARENT`), which the broker then sets.
+    fn here(&self, ns: NsId, spec: &SocketSpec) -> bool {
+        ns == self.home && !(spec.transparent && self.remote.is_some())
     }
 
     /// Closes the cached fd of `ns`, so that the kernel can free the namespace

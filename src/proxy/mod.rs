@@ -14,6 +14,7 @@ mod proxy_header;
 mod relay;
 mod report;
 pub mod sctp;
+pub(crate) mod source;
 mod splice;
 mod stats;
 pub mod tcp;
@@ -21,6 +22,7 @@ mod timeout;
 mod trim;
 pub mod udp;
 
+pub(crate) use source::upstream_spec;
 pub use stats::{BindingStats, ConnStats, SctpStats, TcpStats, UdpStats};
 
 use std::io;

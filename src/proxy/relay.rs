@@ -171,6 +171,10 @@ pub(crate) enum ConnectError {
     Connect(Protocol, io::Error, Duration),
     #[error("no answer within {0:?} (connect_timeout)")]
     Timeout(Duration),
+    /// `upstream_source = "client"`: the upstream socket could not come
+    /// from the client's address.
+    #[error("{0}")]
+    Source(#[from] super::source::SourceError),
     /// Not a failure of the upstream: the client reset (aborted) meanwhile.
     #[error("the client went away ({0}) after {1:?}")]
     ClientGone(io::Error, Duration),

@@ -121,6 +121,12 @@ pub struct TcpStats {
     pub conn: ConnStats,
     /// Half-closed connections closed by `half_close_timeout`.
     pub half_close_timeouts: AtomicU64,
+    /// `upstream_source = "client"`: connections reset because their
+    /// upstream socket could not come from the client's address (another
+    /// connection in the upstream namespace has that address, port and
+    /// upstream; an address family the upstream's is not). Also counted in
+    /// `connect_failed`.
+    pub upstream_source_failed: AtomicU64,
 }
 
 /// A UDP binding's counters. Every datagram nsproxy drops is counted in
@@ -147,6 +153,11 @@ pub struct UdpStats {
     /// be created or connected; the datagrams waiting for it are counted in
     /// `send_errors`.
     pub sessions_failed: AtomicU64,
+    /// `upstream_source = "client"`: sessions that failed because their
+    /// upstream socket could not be bound to the client's address (another
+    /// session in the upstream namespace has it; an address family the
+    /// upstream's is not). Also counted in `sessions_failed`.
+    pub upstream_source_failed: AtomicU64,
     /// Datagrams from new clients dropped because the binding already had
     /// `udp_max_sessions` sessions.
     pub dropped_at_cap: AtomicU64,

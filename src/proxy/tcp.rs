@@ -24,7 +24,7 @@ use super::relay::{
 };
 use super::splice::Pipe;
 use super::timeout::{Activity, Expired};
-use super::{Binding, ListenError, Served, accept, proxy_header};
+use super::{Binding, ListenError, Served, accept, proxy_header, source};
 use crate::config::{Protocol, ProxyProtocol};
 use crate::netns::SocketSpec;
 
@@ -89,7 +89,7 @@ pub(crate) async fn serve(
             // Asked for now, before the accept loop takes another client:
             // out of fds, it pauses at once and the clients after this one
             // wait in the backlog (see `Early::ask`).
-            let first = Early::ask(&b, SocketSpec::tcp(&b.rule.upstream));
+            let first = Early::ask(&b, super::upstream_spec(&b.rule));
             handle(b, client, peer, first, inherited).instrument(span)
         },
     )
@@ -145,7 +145,7 @@ async fn handle(
     let upstream = {
         // Should the connection be cut meanwhile, the client is reset.
         let cut = Cut::new(&b, &client, None, &moved);
-        let r = connect(&b, &client, first).await;
+        let r = connect(&b, &client, peer, first).await;
         cut.disarm();
         match r {
             Ok(s) => s,
@@ -161,6 +161,9 @@ async fn handle(
             }
             Err(e) => {
                 stats.conn.connect_failed.fetch_add(1, Relaxed);
+                if matches!(e, ConnectError::Source(_)) {
+                    stats.upstream_source_failed.fetch_add(1, Relaxed);
+                }
                 warn!("upstream connect failed: {e}; resetting the client connection");
                 reset(&client);
                 return;
@@ -308,16 +311,35 @@ async fn send_proxy_header(
 /// Connects upstream within `connect_timeout`, unless `client` resets
 /// first; out of fds or memory for the upstream socket, it waits and tries
 /// again within the same limit (see [`relay::upstream_socket`]).
-async fn connect(b: &Binding, client: &TcpStream, first: Early) -> Result<TcpStream, ConnectError> {
+///
+/// With `upstream_source = "client"`, the socket is bound to `peer` (the
+/// client's address and port) first; that failing, or the connect finding
+/// the 4-tuple taken, is a [`ConnectError::Source`].
+async fn connect(
+    b: &Binding,
+    client: &TcpStream,
+    peer: SocketAddr,
+    first: Early,
+) -> Result<TcpStream, ConnectError> {
     let to = b.rule.upstream;
+    let spec = super::upstream_spec(&b.rule);
     let attempt = async {
         let started = tokio::time::Instant::now();
-        let socket = relay::upstream_socket(b, SocketSpec::tcp(&to), Some(first)).await?;
+        let socket = relay::upstream_socket(b, spec, Some(first)).await?;
+        if spec.transparent {
+            source::bind(&socket, peer, to, Protocol::Tcp)?;
+        }
         let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
-        socket
-            .connect(to)
-            .await
-            .map_err(|e| ConnectError::Connect(Protocol::Tcp, e, started.elapsed()))
+        socket.connect(to).await.map_err(|e| {
+            match spec
+                .transparent
+                .then(|| source::in_use_at_connect(&e, peer, to))
+                .flatten()
+            {
+                Some(clash) => ConnectError::Source(clash),
+                None => ConnectError::Connect(Protocol::Tcp, e, started.elapsed()),
+            }
+        })
     };
     relay::connect_within(
         b.rule.connect_timeout,

@@ -11,7 +11,8 @@
 //! logic that uses them stays where its concern is.
 //!
 //! - this file: process-wide settings (the open-file limit, the monotonic
-//!   clock, the allocator's free memory and heap in use).
+//!   clock, the allocator's free memory and heap in use), and
+//!   `IP_TRANSPARENT`/`IPV6_TRANSPARENT` on a socket.
 //! - [`cmsg`]: control messages, walked out of a receive and laid out for a
 //!   send.
 //! - [`fdpass`]: fds over a unix `SOCK_SEQPACKET` pair (`SCM_RIGHTS`), for
@@ -42,6 +43,7 @@ pub(crate) mod splice;
 pub(crate) mod udp;
 
 use std::io;
+use std::os::fd::BorrowedFd;
 
 /// Most open files nsproxy asks for: what systemd gives services as their
 /// hard limit. Enough for 10,000 namespaces with a few listeners each and
@@ -185,4 +187,19 @@ pub(crate) fn mkfifo(path: &std::path::Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Sets `IP_TRANSPARENT` (`v6`: `IPV6_TRANSPARENT`) on a socket, so that it
+/// may bind an address that is not one of its namespace's (the client's,
+/// for `upstream_source = "client"`). Needs CAP_NET_ADMIN or CAP_NET_RAW
+/// over the user namespace owning the socket's network namespace, now: the
+/// kernel checks at this call only.
+pub(crate) fn set_transparent(fd: BorrowedFd<'_>, v6: bool) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    let (level, name) = if v6 {
+        (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
+    } else {
+        (libc::SOL_IP, libc::IP_TRANSPARENT)
+    };
+    sctp::setsockopt(fd, level, name, &on)
 }

@@ -75,6 +75,9 @@ pub struct Spec {
     pub ty: i32,
     /// 0: the default protocol of the type.
     pub protocol: i32,
+    /// `IP_TRANSPARENT` set on it (absent: not).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transparent: bool,
 }
 
 impl From<SocketSpec> for Spec {
@@ -83,6 +86,7 @@ impl From<SocketSpec> for Spec {
             domain: s.domain.into(),
             ty: s.ty.into(),
             protocol: s.protocol.map_or(0, i32::from),
+            transparent: s.transparent,
         }
     }
 }
@@ -93,6 +97,7 @@ impl From<Spec> for SocketSpec {
             domain: Domain::from(s.domain),
             ty: Type::from(s.ty),
             protocol: (s.protocol != 0).then(|| Protocol::from(s.protocol)),
+            transparent: s.transparent,
         }
     }
 }
@@ -264,6 +269,10 @@ pub enum WireError {
         ns: Ns,
         error: WireIo,
     },
+    Transparent {
+        ns: Ns,
+        error: WireIo,
+    },
     Pattern {
         reference: String,
     },
@@ -340,6 +349,10 @@ impl From<&NsError> for WireError {
                 error: source.into(),
             },
             NsError::Socket { ns, source } => WireError::Socket {
+                ns: (*ns).into(),
+                error: source.into(),
+            },
+            NsError::Transparent { ns, source } => WireError::Transparent {
                 ns: (*ns).into(),
                 error: source.into(),
             },
@@ -443,6 +456,10 @@ impl WireError {
                 source: error.into(),
             },
             WireError::Socket { ns, error } => NsError::Socket {
+                ns: ns.into(),
+                source: error.into(),
+            },
+            WireError::Transparent { ns, error } => NsError::Transparent {
                 ns: ns.into(),
                 source: error.into(),
             },

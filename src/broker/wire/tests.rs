@@ -7,11 +7,14 @@ fn ns() -> impl Strategy<Value = Ns> {
 }
 
 fn spec() -> impl Strategy<Value = Spec> {
-    (any::<i32>(), any::<i32>(), any::<i32>()).prop_map(|(domain, ty, protocol)| Spec {
-        domain,
-        ty,
-        protocol,
-    })
+    (any::<i32>(), any::<i32>(), any::<i32>(), any::<bool>()).prop_map(
+        |(domain, ty, protocol, transparent)| Spec {
+            domain,
+            ty,
+            protocol,
+            transparent,
+        },
+    )
 }
 
 pub(crate) fn op() -> impl Strategy<Value = Op> {

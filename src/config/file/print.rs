@@ -37,6 +37,10 @@ fn value(rule: &Rule, key: &str) -> Option<String> {
         "max_connections" => rule.max_connections?.to_string(),
         "idle_timeout" => off(rule.idle_timeout),
         "proxy_protocol" => format!("\"{}\"", rule.proxy_protocol?),
+        "upstream_source" => match rule.upstream_source {
+            crate::config::UpstreamSource::Proxy => return None,
+            source => format!("\"{source}\""),
+        },
         "half_close_timeout" => off(rule.half_close_timeout),
         "tcp_keepalive" => rule.tcp_keepalive.map_or("false".into(), |k| {
             format!(
@@ -125,6 +129,7 @@ fn sample(key: &str) -> String {
     );
     r.max_connections = Some(1);
     r.proxy_protocol = Some(crate::config::ProxyProtocol::V1);
+    r.upstream_source = crate::config::UpstreamSource::Client;
     value(&r, key).unwrap()
 }
 

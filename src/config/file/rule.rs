@@ -14,9 +14,9 @@ use super::{ReadRule, RuleLocations};
 use crate::config::settings::refusal;
 use crate::config::{
     ConnSettings, MAX_CONNECTIONS, MAX_UDP_SESSIONS, OnDelete, PortRange, Protocol, Rule,
-    SctpSettings, Settings, TcpSettings, UdpSettings, check_listen_ports, check_name,
-    check_on_delete, check_protocol, check_proxy_protocol, check_range, check_sctp_listen_addrs,
-    check_upstream_netns, check_upstream_ports,
+    SctpSettings, Settings, TcpSettings, UdpSettings, UpstreamSource, check_listen_ports,
+    check_name, check_on_delete, check_protocol, check_proxy_protocol, check_range,
+    check_sctp_listen_addrs, check_upstream_netns, check_upstream_ports, check_upstream_source,
 };
 use crate::netns::NsRef;
 
@@ -34,6 +34,7 @@ pub(super) const RULE_KEYS: &[&str] = &[
     "backlog",
     "max_connections",
     "proxy_protocol",
+    "upstream_source",
     "udp_idle_timeout",
     "udp_max_sessions",
     "idle_timeout",
@@ -87,8 +88,10 @@ impl Cx<'_> {
         // Every group is read whatever the protocol, so that each value is
         // checked even where the key is refused or the protocol is wrong.
         let conn = self.conn_settings(t, rule);
-        let tcp = self.tcp_settings(t, rule);
-        let udp = self.udp_settings(t, rule);
+        // In two groups (TCP's and UDP's): read, and any problem told, once.
+        let source = self.upstream_source(t, rule, UpstreamSource::default());
+        let tcp = self.tcp_settings(t, rule, source);
+        let udp = self.udp_settings(t, rule, source);
         let sctp = self.sctp_settings(t, rule, c.listen);
         if let Some(protocol) = c.protocol {
             self.refuse_other_protocols_keys(t, rule, protocol);
@@ -226,7 +229,12 @@ impl Cx<'_> {
         })
     }
 
-    fn tcp_settings(&mut self, t: &DeTable<'_>, rule: Option<&str>) -> Option<TcpSettings> {
+    fn tcp_settings(
+        &mut self,
+        t: &DeTable<'_>,
+        rule: Option<&str>,
+        upstream_source: Option<UpstreamSource>,
+    ) -> Option<TcpSettings> {
         let d = TcpSettings::default();
         let proxy_protocol = self.key_or(t, "proxy_protocol", d.proxy_protocol, |cx, v| {
             cx.checked(v, rule, "proxy_protocol", check_proxy_protocol)
@@ -243,10 +251,16 @@ impl Cx<'_> {
             proxy_protocol: proxy_protocol?,
             half_close_timeout: half_close_timeout?,
             tcp_keepalive: tcp_keepalive?,
+            upstream_source: upstream_source?,
         })
     }
 
-    fn udp_settings(&mut self, t: &DeTable<'_>, rule: Option<&str>) -> Option<UdpSettings> {
+    fn udp_settings(
+        &mut self,
+        t: &DeTable<'_>,
+        rule: Option<&str>,
+        upstream_source: Option<UpstreamSource>,
+    ) -> Option<UdpSettings> {
         let d = UdpSettings::default();
         let udp_idle_timeout = self.key_or(t, "udp_idle_timeout", d.udp_idle_timeout, |cx, v| {
             cx.duration(v, rule, "udp_idle_timeout")
@@ -258,6 +272,19 @@ impl Cx<'_> {
         Some(UdpSettings {
             udp_idle_timeout: udp_idle_timeout?,
             udp_max_sessions: udp_max_sessions?,
+            upstream_source: upstream_source?,
+        })
+    }
+
+    /// `upstream_source`, which TCP and UDP rules both take.
+    fn upstream_source(
+        &mut self,
+        t: &DeTable<'_>,
+        rule: Option<&str>,
+        default: UpstreamSource,
+    ) -> Option<UpstreamSource> {
+        self.key_or(t, "upstream_source", default, |cx, v| {
+            cx.checked(v, rule, "upstream_source", check_upstream_source)
         })
     }
 

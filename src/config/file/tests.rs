@@ -55,7 +55,7 @@ fn unknown_keys_are_named_with_their_line() {
         problems(&text),
         vec![
             "t.toml:3:1: unknown key `wrokers` (expected one of: workers, control_socket, metrics_listen, drain_timeout, user, proxy)",
-            "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog, max_connections, proxy_protocol, udp_idle_timeout, udp_max_sessions, idle_timeout, half_close_timeout, tcp_keepalive, on_netns_delete, sctp_streams, sctp_listen_addrs, sctp_upstream_addrs, sctp_source_addrs)",
+            "t.toml:11:1: rule hello: unknown key `listen_port` (expected one of: name, protocol, listen, netns, upstream, upstream_netns, connect_timeout, backlog, max_connections, proxy_protocol, upstream_source, udp_idle_timeout, udp_max_sessions, idle_timeout, half_close_timeout, tcp_keepalive, on_netns_delete, sctp_streams, sctp_listen_addrs, sctp_upstream_addrs, sctp_source_addrs)",
         ]
     );
 }
@@ -264,6 +264,37 @@ fn proxy_protocol_on_tcp_rules() {
         problems(&with("\"v2\"").replace("\"tcp\"", "\"sctp\"")),
         vec![
             "t.toml:10:18: rule hello: `proxy_protocol`: only applies to tcp rules, and this rule is sctp (nsproxy sends PROXY protocol headers on TCP connections only): remove it"
+        ]
+    );
+}
+
+#[test]
+fn upstream_source_on_tcp_and_udp_rules_only() {
+    assert_eq!(
+        parse_toml(GOOD, "t.toml").unwrap().rules[0].upstream_source,
+        UpstreamSource::Proxy
+    );
+    let with = |v: &str| {
+        GOOD.replace(
+            "upstream_netns = \"host\"",
+            &format!("upstream_netns = \"host\"\nupstream_source = {v}"),
+        )
+    };
+    for protocol in ["tcp", "udp"] {
+        let text = with("\"client\"").replace("\"tcp\"", &format!("\"{protocol}\""));
+        let r = &parse_toml(&text, "t.toml").unwrap().rules[0];
+        assert_eq!(r.upstream_source, UpstreamSource::Client, "{protocol}");
+    }
+    assert_eq!(
+        problems(&with("\"nsproxy\"")),
+        vec![
+            "t.toml:10:19: rule hello: `upstream_source`: invalid upstream_source \"nsproxy\": expected \"proxy\" (nsproxy's own address, the default) or \"client\" (the client's address and port, with IP_TRANSPARENT)"
+        ]
+    );
+    assert_eq!(
+        problems(&with("\"client\"").replace("\"tcp\"", "\"sctp\"")),
+        vec![
+            "t.toml:10:19: rule hello: `upstream_source`: only applies to tcp and udp rules, and this rule is sctp (Linux SCTP has no IP_TRANSPARENT: an association cannot be bound to the client's address): remove it"
         ]
     );
 }

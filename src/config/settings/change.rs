@@ -89,6 +89,7 @@ impl Rule {
             backlog: _,
             max_connections: _,
             proxy_protocol: _,
+            upstream_source: _,
             udp_idle_timeout: _,
             idle_timeout: _,
             half_close_timeout: _,

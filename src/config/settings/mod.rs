@@ -25,6 +25,7 @@
 //! | `backlog`, `sctp_streams`, `sctp_listen_addrs` | identity | set on the listening socket when it is made |
 //! | `connect_timeout`, `sctp_upstream_addrs`, `sctp_source_addrs` | identity | read by the relay from the rule the binding was opened with |
 //! | `udp_idle_timeout`, `udp_max_sessions` | identity | likewise, by the UDP session table |
+//! | `upstream_source` | identity | decides the kind of upstream socket (made with `IP_TRANSPARENT`, bound to the client) |
 //! | `on_netns_delete` | identity | as the reload has always had it; the server reads it from its entry's rule when a namespace goes, so it could become tuning |
 //! | `max_connections`, `idle_timeout`, `proxy_protocol`, `half_close_timeout`, `tcp_keepalive` | tuning | the binding keeps them in atomics that the accept loop and open connections read again ([`Tuning`]) |
 //! | `netns`, `origin` | neither | a binding is one entry of `netns`; `origin` is where the rule is written |
@@ -40,7 +41,7 @@ pub use change::Tuning;
 use super::{
     DEFAULT_BACKLOG, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HALF_CLOSE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_SCTP_STREAMS, DEFAULT_TCP_KEEPALIVE, DEFAULT_UDP_IDLE_TIMEOUT,
-    DEFAULT_UDP_MAX_SESSIONS, Keepalive, Protocol, ProxyProtocol, Rule,
+    DEFAULT_UDP_MAX_SESSIONS, Keepalive, Protocol, ProxyProtocol, Rule, UpstreamSource,
 };
 use crate::sctp::Streams;
 
@@ -146,6 +147,8 @@ settings! {
         pub half_close_timeout: Option<Duration> => tuning, "only TCP has half-closed connections";
         /// Keepalive probes on both legs; `None`: off.
         pub tcp_keepalive: Option<Keepalive> => tuning, "keepalive probes are TCP's";
+        /// Whose address upstream connections come from.
+        pub upstream_source: UpstreamSource => identity, "Linux SCTP has no IP_TRANSPARENT: an association cannot be bound to the client's address";
     }
 }
 
@@ -156,6 +159,8 @@ settings! {
         pub udp_idle_timeout: Duration => identity, "connections and associations have idle_timeout";
         /// Most sessions at once per namespace.
         pub udp_max_sessions: usize => identity, "connections and associations are capped with max_connections";
+        /// Whose address upstream sessions come from.
+        pub upstream_source: UpstreamSource => identity, "Linux SCTP has no IP_TRANSPARENT: an association cannot be bound to the client's address";
     }
 }
 
@@ -190,6 +195,7 @@ impl Default for TcpSettings {
             proxy_protocol: None,
             half_close_timeout: Some(DEFAULT_HALF_CLOSE_TIMEOUT),
             tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
+            upstream_source: UpstreamSource::Proxy,
         }
     }
 }
@@ -199,6 +205,7 @@ impl Default for UdpSettings {
         UdpSettings {
             udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
             udp_max_sessions: DEFAULT_UDP_MAX_SESSIONS,
+            upstream_source: UpstreamSource::Proxy,
         }
     }
 }
@@ -342,11 +349,37 @@ impl Protocol {
 
     /// Whether a rule of this protocol takes the per-protocol key `key`.
     pub fn takes(self, key: &str) -> bool {
-        Settings::defaults(self)
-            .keys()
-            .iter()
-            .any(|k| k.name == key)
+        protocol_keys(self).iter().any(|k| k.name == key)
     }
+}
+
+/// The keys of a protocol's groups, listed once: the front end asks for
+/// every key of every rule, and a list per question made loading a
+/// generated config of thousands of rules spend a fifth of its time here.
+fn protocol_keys(protocol: Protocol) -> &'static [&'static SettingKey] {
+    static KEYS: std::sync::OnceLock<[Vec<&'static SettingKey>; 3]> = std::sync::OnceLock::new();
+    let all = KEYS.get_or_init(|| Protocol::ALL.map(|p| Settings::defaults(p).keys()));
+    let i = Protocol::ALL
+        .iter()
+        .position(|p| *p == protocol)
+        .expect("Protocol::ALL lists every protocol");
+    &all[i]
+}
+
+/// [`all_keys`], made once.
+fn key_table() -> &'static [&'static SettingKey] {
+    static TABLE: std::sync::OnceLock<Vec<&'static SettingKey>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut keys: Vec<&'static SettingKey> = Vec::new();
+        for p in Protocol::ALL {
+            for k in protocol_keys(p) {
+                if !keys.iter().any(|seen| seen.name == k.name) {
+                    keys.push(k);
+                }
+            }
+        }
+        keys
+    })
 }
 
 /// A per-protocol key written in a rule of a protocol without it.
@@ -377,22 +410,14 @@ impl std::error::Error for Refusal {}
 /// Every per-protocol key, each once, in the order of [`Protocol::ALL`]'s
 /// groups.
 pub fn all_keys() -> Vec<&'static SettingKey> {
-    let mut keys: Vec<&'static SettingKey> = Vec::new();
-    for p in Protocol::ALL {
-        for k in Settings::defaults(p).keys() {
-            if !keys.iter().any(|seen| seen.name == k.name) {
-                keys.push(k);
-            }
-        }
-    }
-    keys
+    key_table().to_vec()
 }
 
 /// Whether a rule of `protocol` refuses `key`, and why: `Err` for a key of
 /// another protocol's group. Keys of no group (the ones every rule has, and
 /// unknown ones) are the front end's to judge, and pass here.
 pub fn refusal(protocol: Protocol, key: &str) -> Result<(), Refusal> {
-    let Some(setting) = all_keys().into_iter().find(|k| k.name == key) else {
+    let Some(setting) = key_table().iter().copied().find(|k| k.name == key) else {
         return Ok(());
     };
     if protocol.takes(key) {

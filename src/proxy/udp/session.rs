@@ -17,9 +17,11 @@ use super::{
     BATCH, Datagram, Link, POOL, ReplyFrom, SLOTS, Shared, Warn, dropped_truncated, forget,
     kernel_dropped, udp_sys,
 };
-use crate::netns::{NsError, SocketSpec};
-use crate::proxy::Binding;
+use crate::config::Protocol;
+use crate::netns::NsError;
 use crate::proxy::relay::{Active, canonical};
+use crate::proxy::source::{self, SourceError};
+use crate::proxy::{Binding, upstream_spec};
 
 /// Why a session could not get its upstream socket.
 #[derive(Debug, thiserror::Error)]
@@ -30,14 +32,21 @@ enum UpstreamError {
     Connect { to: SocketAddr, source: io::Error },
     #[error("cannot register the upstream socket: {0}")]
     Register(io::Error),
+    /// `upstream_source = "client"`: it could not be bound to the client's
+    /// address.
+    #[error("{0}")]
+    Source(#[from] SourceError),
 }
 
-async fn open_upstream(b: &Binding) -> Result<UdpSocket, UpstreamError> {
+/// The session's upstream socket, connected to the upstream; with
+/// `upstream_source = "client"`, bound to `peer` (the client) first.
+async fn open_upstream(b: &Binding, peer: SocketAddr) -> Result<UdpSocket, UpstreamError> {
     let to = b.rule.upstream;
-    let socket = b
-        .sockets
-        .pooled_socket(b.upstream_ns, SocketSpec::udp(&to))
-        .await?;
+    let spec = upstream_spec(&b.rule);
+    let socket = b.sockets.pooled_socket(b.upstream_ns, spec).await?;
+    if spec.transparent {
+        source::bind(&socket, peer, to, Protocol::Udp)?;
+    }
     if let Err(e) = udp_sys::enable_drop_count(socket.as_fd()) {
         debug!(upstream = %to, "cannot count the kernel's drops (SO_RXQ_OVFL): {e}");
     }
@@ -77,7 +86,7 @@ impl Session {
     /// `udp_idle_timeout` or its listener closes its queue `rx`.
     pub(super) async fn run(self, mut rx: mpsc::Receiver<Datagram>) {
         let started = Instant::now();
-        let upstream = match open_upstream(&self.shared.b).await {
+        let upstream = match open_upstream(&self.shared.b, self.peer).await {
             Ok(s) => Arc::new(s),
             Err(e) => return self.failed(rx, &e),
         };
@@ -106,6 +115,9 @@ impl Session {
     fn failed(&self, mut rx: mpsc::Receiver<Datagram>, e: &UpstreamError) {
         let shared = &self.shared;
         shared.stats.sessions_failed.fetch_add(1, Relaxed);
+        if matches!(e, UpstreamError::Source(_)) {
+            shared.stats.upstream_source_failed.fetch_add(1, Relaxed);
+        }
         forget(&mut shared.lock_sessions(), self.peer, self.id);
         rx.close();
         let mut lost = 0;
