@@ -84,6 +84,7 @@ impl Health {
         self.state.send_modify(|s| s.phase = Phase::Draining);
     }
 
+    /// Where the daemon is now.
     pub fn phase(&self) -> Phase {
         self.state.borrow().phase
     }
