@@ -4,8 +4,10 @@
 //!
 //! The steps, in order: raise the fd limit; start where sockets come from
 //! (the namespace thread); build the runtime; bind the control socket and
-//! the metrics listener; start the server (signals are heard meanwhile);
-//! serve the interfaces and tell systemd; then reload on SIGHUP until a
+//! the metrics listener; serve the metrics listener (its readiness probe
+//! says "starting"); start the server (signals are heard meanwhile);
+//! serve the control API, mark the daemon ready and tell systemd; then
+//! reload on SIGHUP until a
 //! stop signal, and drain.
 
 use std::path::PathBuf;
