@@ -7,8 +7,7 @@
 //! the metrics listener; serve the metrics listener (its readiness probe
 //! says "starting"); start the server (signals are heard meanwhile);
 //! serve the control API, mark the daemon ready and tell systemd; then
-//! reload on SIGHUP until a
-//! stop signal, and drain.
+//! reload on SIGHUP until a stop signal, and drain.
 
 use std::path::PathBuf;
 use std::sync::Arc;
