@@ -255,6 +255,29 @@ mod tests {
         );
     }
 
+    /// Requests that overlap share one render; once nobody holds it, the
+    /// next request renders again (an idle daemon keeps no copy).
+    #[tokio::test]
+    async fn overlapping_requests_share_one_render() {
+        let cache = Cache::default();
+        let renders = std::sync::atomic::AtomicUsize::new(0);
+        let render = || async {
+            let n = renders.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(format!("render {n}").into_bytes())
+        };
+        let first = cache.get(render()).await.unwrap();
+        let second = cache.get(render()).await.unwrap();
+        assert_eq!(
+            (&first[..], &second[..]),
+            (&b"render 0"[..], &b"render 0"[..])
+        );
+        assert_eq!(first.as_ptr(), second.as_ptr(), "one buffer, not a copy");
+        drop((first, second));
+        assert_eq!(&cache.get(render()).await.unwrap()[..], b"render 1");
+        let failed = cache.get(async { Err("no counters") }).await;
+        assert_eq!(failed, Err("no counters"));
+    }
+
     /// The text between `<tag>` and `</tag>`: the page has one of each.
     fn inline<'a>(tag: &str) -> &'a str {
         let open = format!("<{tag}>");
