@@ -37,6 +37,9 @@
 //! - [`control`]: the HTTP/JSON control API on a unix socket, and its client.
 //! - [`metrics`]: Prometheus text exposition.
 //! - [`systemd`]: readiness notifications (`sd_notify`).
+//! - [`takeover`]: upgrading without an outage: a new process takes the
+//!   running one's listening sockets over its control socket (`SCM_RIGHTS`)
+//!   and the old one drains and exits.
 //!
 //! - [`daemon`]: `nsproxy run` and `forward` from a parsed config to exit:
 //!   where sockets come from, the runtime, the control socket and metrics
@@ -66,3 +69,4 @@ pub mod sctp;
 pub mod status;
 mod sys;
 pub mod systemd;
+pub mod takeover;

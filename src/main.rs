@@ -55,6 +55,12 @@ enum Command {
         /// default nobody; "root" keeps one privileged process).
         #[arg(long)]
         user: Option<String>,
+        /// Take the listening sockets over from the nsproxy running on the
+        /// same control socket, then make it drain and exit (an upgrade or
+        /// restart without refusing a connection); without one running,
+        /// start afresh.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Show every rule in every namespace of the running daemon.
     Status {
@@ -180,6 +186,7 @@ fn main() -> ExitCode {
             drain_timeout,
             control_socket,
             user,
+            takeover,
         } => {
             // Before the parse, so that the broker's start overlaps it.
             let early = daemon::start_broker_early(&config, user.as_deref(), &broker_args);
@@ -190,7 +197,8 @@ fn main() -> ExitCode {
                     c.control_socket = control_socket.or(c.control_socket);
                     c.user = user.or(c.user);
                     let pinned = drain_timeout.is_some();
-                    serve(c, daemon::Source::File(config), pinned, &broker_args, early)
+                    let source = daemon::Source::File(config);
+                    serve(c, source, pinned, &broker_args, early, takeover)
                 }
                 Err(e) => {
                     eprintln!("nsproxy: {}: {e}", config.display());
@@ -213,7 +221,14 @@ fn main() -> ExitCode {
                 c.drain_timeout = drain_timeout;
                 c.control_socket = control_socket;
                 c.user = user;
-                serve(c, daemon::Source::Forward(specs), true, &broker_args, None)
+                serve(
+                    c,
+                    daemon::Source::Forward(specs),
+                    true,
+                    &broker_args,
+                    None,
+                    false,
+                )
             }
             Err(e) => {
                 eprintln!("nsproxy: {e}\n(syntax: {FORWARD_SYNTAX}; see nsproxy forward --help)");
@@ -281,6 +296,7 @@ fn serve(
     drain_pinned: bool,
     broker_args: &[OsString],
     early_broker: Option<std::io::Result<nsproxy::broker::BrokerChild>>,
+    takeover: bool,
 ) -> ExitCode {
     if let Some(Err(e)) = config.user.as_deref().map(config::check_user) {
         eprintln!("nsproxy: --user: {e}");
@@ -292,6 +308,7 @@ fn serve(
         drain_pinned,
         broker_args: broker_args.to_vec(),
         early_broker,
+        takeover,
     };
     match daemon::serve(run) {
         Ok(()) => ExitCode::SUCCESS,

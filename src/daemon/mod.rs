@@ -37,6 +37,9 @@ pub struct Run {
     /// A socket broker started before the config was parsed
     /// ([`start_broker_early`]), used if the plan is split.
     pub early_broker: Option<std::io::Result<broker::BrokerChild>>,
+    /// `--takeover`: take the listening sockets of the nsproxy running on
+    /// the same control socket, then tell it to drain and exit.
+    pub takeover: bool,
 }
 
 /// Starts the socket broker of `nsproxy run --config PATH` before the relay
@@ -138,9 +141,14 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
     info!(workers, home = %switcher.home(), pid = std::process::id(), "nsproxy {} starting", env!("CARGO_PKG_VERSION"));
     let broker = switcher.broker().cloned();
     let served = rt.block_on(async {
+        // Before anything binds: the old process holds the ports.
+        let mut taken = match run.takeover {
+            true => take_over(&run.config).await?,
+            false => None,
+        };
         // Bound while nsproxy may still: the socket is made by, and
         // belongs to, the user who started it.
-        let mut interfaces = Interfaces::bind(&run.config).await;
+        let mut interfaces = Interfaces::bind(&run.config, taken.as_mut()).await;
         if let Err(e) = systemd::connect() {
             warn!("cannot connect to systemd's notification socket: {e}");
         }
@@ -159,6 +167,7 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
             config_path: run.source.path(),
             workers,
             drain_pinned: run.drain_pinned,
+            inherited: taken.as_ref().map(|t| t.inherited.clone()),
             ..Options::default()
         };
         let mut signals = Signals::new().context("cannot install signal handlers")?;
@@ -174,21 +183,44 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
                 return Err(e);
             }
         };
-        interfaces.serve(&server);
+        let (handed_tx, mut handed) = tokio::sync::mpsc::unbounded_channel();
+        interfaces.serve(&server, handed_tx);
         info!("{ready}");
+        if let Some(t) = taken {
+            let from = t.from;
+            if let Err(e) = t.ready() {
+                warn!("cannot tell pid {from} that this process serves: {e}; it serves on too until stopped");
+            }
+        }
         if let Err(e) = systemd::notify("READY=1") {
             warn!("cannot notify systemd: {e}");
         }
         if reload_when_started {
             request_reload(&server);
         }
-        let lost_broker =
-            until_stopped(&server, &mut signals, broker.as_ref(), drain_timeout).await;
+        let stopped = until_stopped(
+            &server,
+            &mut signals,
+            broker.as_ref(),
+            &mut handed,
+            drain_timeout,
+        )
+        .await;
+        if let Stopped::TakenOver(_) = stopped {
+            // The new process serves the control socket and metrics now.
+            interfaces.hand_off();
+        }
         drain(server, &mut signals).await;
         interfaces.remove_socket();
-        match lost_broker {
-            Some(pid) => anyhow::bail!("stopped: the socket broker (pid {pid}) died"),
-            None => {
+        match stopped {
+            Stopped::BrokerLost(pid) => {
+                anyhow::bail!("stopped: the socket broker (pid {pid}) died")
+            }
+            Stopped::TakenOver(pid) => {
+                info!("stopped: pid {pid} took over");
+                Ok(())
+            }
+            Stopped::Signal => {
                 info!("stopped");
                 Ok(())
             }
@@ -207,16 +239,27 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
     served
 }
 
-/// Serves, reloading on SIGHUP, until a stop signal (`None`) or the socket
-/// broker's death (its pid): then, still answering status and metrics
-/// (which say the broker is gone), open connections get `drain_timeout`
-/// to finish before what is left is cut.
+/// Why [`until_stopped`] returned.
+enum Stopped {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// A new nsproxy (this pid) took the sockets over and serves them.
+    TakenOver(u32),
+    /// The socket broker (this pid) died.
+    BrokerLost(u32),
+}
+
+/// Serves, reloading on SIGHUP, until a stop signal, a takeover that is
+/// done (`handed`), or the socket broker's death: then, still answering
+/// status and metrics (which say the broker is gone), open connections get
+/// `drain_timeout` to finish before what is left is cut.
 async fn until_stopped(
     server: &Server,
     signals: &mut Signals,
     broker: Option<&crate::netns::BrokerLink>,
+    handed: &mut tokio::sync::mpsc::UnboundedReceiver<u32>,
     drain_timeout: std::time::Duration,
-) -> Option<u32> {
+) -> Stopped {
     let broker_gone = async {
         match broker {
             Some(link) => link.gone().await,
@@ -233,9 +276,13 @@ async fn until_stopped(
                 }
                 Signal::Stop(name) => {
                     info!("{name} received");
-                    return None;
+                    return Stopped::Signal;
                 }
             },
+            Some(pid) = handed.recv() => {
+                info!(pid, "pid {pid} took over: no new connections here; open ones get up to {drain_timeout:?} (drain_timeout), then this process exits");
+                return Stopped::TakenOver(pid);
+            }
             () = &mut broker_gone => break broker.map_or(0, |b| b.pid()),
         }
     };
@@ -250,7 +297,40 @@ async fn until_stopped(
         },
     }
     crate::proxy::cut_drain_short();
-    Some(pid)
+    Stopped::BrokerLost(pid)
+}
+
+/// `--takeover`: the sockets of the nsproxy on this config's control
+/// socket. None running there: a warning, and a fresh start (so that a
+/// first start with `--takeover` works); one running that refuses or
+/// fails: an error (it serves on).
+async fn take_over(config: &Config) -> anyhow::Result<Option<crate::takeover::Taken>> {
+    let Some(path) = control_socket_path(config) else {
+        return Err(crate::takeover::TakeoverError::NoControlSocket.into());
+    };
+    match crate::takeover::take(&path).await {
+        Ok(Some(t)) => Ok(Some(t)),
+        Ok(None) => {
+            warn!(
+                "--takeover: no nsproxy runs with control socket {}: starting afresh",
+                path.display()
+            );
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "cannot take over from the nsproxy on {} (it keeps serving)",
+            path.display()
+        ))),
+    }
+}
+
+/// The control socket's path; `None` when the API is off.
+fn control_socket_path(config: &Config) -> Option<PathBuf> {
+    match &config.control_socket {
+        Some(p) if p.as_os_str().is_empty() => None,
+        Some(p) => Some(p.clone()),
+        None => Some(PathBuf::from(control::DEFAULT_SOCKET)),
+    }
 }
 
 /// Where sockets come from, as planned: the namespace thread of this
@@ -441,25 +521,34 @@ struct Interfaces {
     /// nsproxy, read before any privilege is given up.
     peers: control::Peers,
     metrics: Option<TcpListener>,
+    /// The tasks serving both, stopped when another process takes them over.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Interfaces {
-    async fn bind(config: &Config) -> Interfaces {
-        let socket_path = match &config.control_socket {
-            Some(p) if p.as_os_str().is_empty() => None,
-            Some(p) => Some(p.clone()),
-            None => Some(PathBuf::from(control::DEFAULT_SOCKET)),
-        };
+    /// Binds the control socket and the metrics listener, or takes those
+    /// of the process `taken` over from when they are the same.
+    async fn bind(config: &Config, mut taken: Option<&mut crate::takeover::Taken>) -> Interfaces {
         let (mut control, mut control_path) = (None, None);
-        if let Some(p) = socket_path {
-            match control::bind(&p).await {
+        if let Some(p) = control_socket_path(config) {
+            let inherited = taken.as_mut().and_then(|t| t.control_listener(&p));
+            let bound = match inherited {
+                Some(l) => Ok(l),
+                None => control::bind(&p).await,
+            };
+            match bound {
                 Ok(l) => (control, control_path) = (Some(l), Some(p)),
                 Err(e) => error!("{e}; the control API (nsproxy status, nsproxy reload) is off"),
             }
         }
         let mut metrics = None;
         if let Some(addr) = config.metrics_listen {
-            match metrics::bind(addr).await {
+            let inherited = taken.as_mut().and_then(|t| t.metrics_listener(addr));
+            let bound = match inherited {
+                Some(l) => Ok(l),
+                None => metrics::bind(addr).await,
+            };
+            match bound {
                 Ok(l) => metrics = Some(l),
                 Err(e) => error!("{e}; metrics are off"),
             }
@@ -469,30 +558,67 @@ impl Interfaces {
             control_path,
             peers: control::Peers::starting_user(),
             metrics,
+            tasks: Vec::new(),
         }
     }
 
-    /// Serves both on the server's commands.
-    fn serve(&mut self, server: &Server) {
+    /// Serves both on the server's commands; a takeover that is done is
+    /// told to `handed`.
+    fn serve(&mut self, server: &Server, handed: tokio::sync::mpsc::UnboundedSender<u32>) {
+        use std::os::fd::AsFd;
         let http_stats = Arc::new(control::HttpStats::default());
+        let copy = |fd: std::os::fd::BorrowedFd<'_>| match fd.try_clone_to_owned() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                warn!("cannot copy a listener's fd for a later takeover: {e}");
+                None
+            }
+        };
+        let control_fd = self.control.as_ref().and_then(|l| copy(l.as_fd()));
+        let metrics = self.metrics.as_ref().and_then(|l| {
+            let addr = l.local_addr().ok()?;
+            Some((addr, copy(l.as_fd())?))
+        });
+        let giver = crate::takeover::Giver::new(
+            server.handover(),
+            self.control_path.clone().zip(control_fd),
+            metrics,
+            self.peers.clone(),
+            handed,
+        );
         if let (Some(l), Some(p)) = (self.control.take(), &self.control_path) {
             info!("control API on {}", p.display());
             let limits = control::Limits::CONTROL;
             let peers = self.peers.clone();
-            tokio::spawn(control::serve(
+            self.tasks.push(tokio::spawn(control::serve_with(
                 l,
                 server.commands(),
                 limits,
                 http_stats.clone(),
                 peers,
-            ));
+                Some(Arc::new(giver)),
+            )));
         }
         if let Some(l) = self.metrics.take() {
             let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
             info!("metrics on http://{addr}/metrics");
             let limits = control::Limits::METRICS;
-            tokio::spawn(metrics::serve(l, server.commands(), limits, http_stats));
+            self.tasks.push(tokio::spawn(metrics::serve(
+                l,
+                server.commands(),
+                limits,
+                http_stats,
+            )));
         }
+    }
+
+    /// Another process serves the control socket and metrics from now on:
+    /// this one stops answering, and leaves the socket file in place.
+    fn hand_off(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.control_path = None;
     }
 
     fn remove_socket(&self) {

@@ -330,6 +330,57 @@ pub(crate) fn take_inherited_seqpacket(raw: RawFd) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The inode of the file `fd` refers to (a socket's inode number): with
+/// the fd number, what tells one socket from another that got the same
+/// number after the first was closed ([`dup_if_same`]).
+pub(crate) fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: stat is plain data; all-zero is a valid value to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one `stat` into the live `st`.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_ino)
+}
+
+/// A new fd (close-on-exec) for the file that fd number `raw` refers to,
+/// if `raw` is open and still the file of inode `ino` (fd numbers are
+/// reused once closed: another file under the same number is not taken).
+pub(crate) fn dup_if_same(raw: RawFd, ino: u64) -> Option<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC makes a new fd for whatever `raw` refers to,
+    // or fails (EBADF); it changes nothing about `raw` itself.
+    let new = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return None;
+    }
+    // SAFETY: a new fd, owned only here.
+    let fd = unsafe { OwnedFd::from_raw_fd(new) };
+    use std::os::fd::AsFd;
+    (inode(fd.as_fd()).ok() == Some(ino)).then_some(fd)
+}
+
+/// The pid and uid of the process at the other end of unix socket `fd`
+/// (`SO_PEERCRED`, as they were when the peer connected).
+pub(crate) fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    // SAFETY: ucred is plain data; all-zero is a valid value to overwrite.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into the live `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((cred.pid as u32, cred.uid))
+}
+
 /// Drops capability `cap` from the calling thread's effective set only
 /// (capabilities are per thread), so that a test can act as a relay
 /// without privileges on one thread while the rest of the process keeps
@@ -405,6 +456,21 @@ mod tests {
         drop(a);
         let r = recv(b.as_fd(), &mut buf, 1, false).unwrap();
         assert_eq!((r.len, r.fds.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_dup_is_taken_only_of_the_same_file() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let ino = inode(a.as_fd()).unwrap();
+        assert_ne!(ino, inode(b.as_fd()).unwrap());
+        let d = dup_if_same(a.as_raw_fd(), ino).unwrap();
+        assert_eq!(inode(d.as_fd()).unwrap(), ino);
+        assert!(dup_if_same(b.as_raw_fd(), ino).is_none());
+        let (pid, uid) = peer_cred(a.as_fd()).unwrap();
+        assert_eq!(
+            (pid, uid),
+            (std::process::id(), crate::privsep::effective_uid())
+        );
     }
 
     #[test]

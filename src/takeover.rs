@@ -1,0 +1,615 @@
+//! Upgrading without an outage: a new nsproxy takes the running one's
+//! listening sockets over, serves them, and the old one drains and exits.
+//!
+//! A listening socket is one kernel object however many processes hold an
+//! fd of it: connections queued in its backlog belong to it, not to a
+//! process. So if the old process hands a copy of each fd to the new one
+//! and only then stops calling accept, no client is refused and none is
+//! queued on a socket that goes away. The steps:
+//!
+//! 1. `nsproxy run --takeover` asks the running daemon `POST /takeover` on
+//!    its control socket (so the same SO_PEERCRED check admits it). The
+//!    answer names a one-off abstract unix socket, `@nsproxy-takeover-PID-
+//!    RANDOM`, known only to the admitted client, on which the old process
+//!    accepts one `SOCK_SEQPACKET` connection, checks its peer again, and
+//!    sends a [`Header`] then its sockets, at most 64 fds a message
+//!    (`SCM_RIGHTS`), each described by a [`Handed`]: the binding's rule,
+//!    namespace (the reference and its identity), protocol and addresses;
+//!    and its control socket and metrics listener.
+//! 2. The new process opens its bindings as usual, except that a binding
+//!    with a handed socket of the same protocol, namespace and listen
+//!    address takes that socket ([`Inherited::take`]) after checking it
+//!    itself: its protocol, that it listens, its real address
+//!    (`getsockname`) and its namespace (`SO_NETNS_COOKIE`, compared with a
+//!    socket made in the binding's namespace). Sockets no binding takes are
+//!    closed. The control socket and the metrics listener are taken if the
+//!    new config names the same path and address.
+//! 3. Ready, the new process sends `ready`; the old one stops accepting
+//!    everywhere (without closing anything the new one holds: its fds are
+//!    its own), lets open connections drain for `drain_timeout`, and exits
+//!    0 without removing the control socket's file, now the new one's.
+//!
+//! If the new process goes before step 3, the old one sees its connection
+//! close and serves on as if nothing happened.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, SockAddr, Socket, Type};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::config::Protocol;
+use crate::control::{ControlError, Peers};
+use crate::netns::{NsId, SocketSpec};
+use crate::proxy::{Binding, Listener};
+use crate::sys::fdpass;
+
+/// How long the old process waits for the new one to connect to the
+/// one-off socket, and each side for the other's next message while the
+/// sockets are handed.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest message of a handover: a header, or the descriptions of
+/// [`fdpass::MAX_FDS`] sockets.
+const MAX_MESSAGE: usize = 256 * 1024;
+
+/// What the new process is told first.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Header {
+    /// The old process.
+    pub pid: u32,
+    /// Its version (for the log).
+    pub version: String,
+    /// How many sockets follow, in messages of at most 64.
+    pub sockets: usize,
+}
+
+/// One socket handed over, as the old process describes it; the new one
+/// checks the socket itself before using it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Handed {
+    /// A binding's listening socket.
+    Binding {
+        rule: String,
+        /// The namespace reference as written in the config.
+        netns: String,
+        /// The namespace's identity (nsfs device and inode).
+        ns_dev: u64,
+        ns_ino: u64,
+        /// `tcp`, `udp` or `sctp`.
+        protocol: String,
+        /// The listen address the rule names (port 0 stays 0).
+        listen: SocketAddr,
+        /// The address it is bound to.
+        local: SocketAddr,
+    },
+    /// The control API's unix listener.
+    Control { path: PathBuf },
+    /// The metrics endpoint's TCP listener.
+    Metrics { local: SocketAddr },
+}
+
+impl std::fmt::Display for Handed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handed::Binding {
+                rule,
+                netns,
+                protocol,
+                local,
+                ..
+            } => write!(f, "rule \"{rule}\" in \"{netns}\" ({protocol} {local})"),
+            Handed::Control { path } => write!(f, "the control socket {}", path.display()),
+            Handed::Metrics { local } => write!(f, "the metrics listener on {local}"),
+        }
+    }
+}
+
+/// The answer to `POST /takeover`: where to fetch the sockets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Offer {
+    /// The one-off socket, `@` for the abstract namespace.
+    pub socket: String,
+    /// The old process.
+    pub pid: u32,
+}
+
+/// Why a takeover could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    #[error("--takeover: {0}")]
+    Control(#[from] ControlError),
+    #[error("--takeover: the running nsproxy's handover socket {socket}: {source}")]
+    Io { socket: String, source: io::Error },
+    #[error("--takeover: the running nsproxy (pid {pid}) sent {what}")]
+    Protocol { pid: u32, what: String },
+    #[error(
+        "--takeover needs the running nsproxy's control socket, and control_socket is \"\" (off)"
+    )]
+    NoControlSocket,
+}
+
+// ---- the old process ----
+
+/// The old process's side: offers its sockets to an admitted client, and
+/// says when the one that took them serves.
+pub struct Giver {
+    /// Dups of the control and metrics listeners (the tasks serving them
+    /// own the originals).
+    control: Option<(PathBuf, OwnedFd)>,
+    metrics: Option<(SocketAddr, OwnedFd)>,
+    peers: Peers,
+    /// A takeover is under way: another is refused until it ends.
+    busy: Arc<AtomicBool>,
+    /// Gets the pid of the process that took over, once it serves.
+    done: mpsc::UnboundedSender<u32>,
+    sockets: crate::lifecycle::Handover,
+}
+
+impl Giver {
+    /// `done` hears the new process's pid once it serves.
+    pub fn new(
+        sockets: crate::lifecycle::Handover,
+        control: Option<(PathBuf, OwnedFd)>,
+        metrics: Option<(SocketAddr, OwnedFd)>,
+        peers: Peers,
+        done: mpsc::UnboundedSender<u32>,
+    ) -> Giver {
+        Giver {
+            control,
+            metrics,
+            peers,
+            busy: Arc::default(),
+            done,
+            sockets,
+        }
+    }
+
+    /// Starts a handover: copies of every listening socket wait on a
+    /// one-off socket (its name is the answer) for one admitted peer.
+    pub async fn offer(&self) -> Result<Offer, String> {
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return Err("a takeover is already under way".into());
+        }
+        match self.start().await {
+            Ok(o) => Ok(o),
+            Err(e) => {
+                self.busy.store(false, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+
+    async fn start(&self) -> Result<Offer, String> {
+        let mut sockets = self.sockets.listening().await;
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| format!("cannot copy a fd: {e}"));
+        if let Some((path, fd)) = &self.control {
+            sockets.push((Handed::Control { path: path.clone() }, dup(fd)?));
+        }
+        if let Some((local, fd)) = &self.metrics {
+            sockets.push((Handed::Metrics { local: *local }, dup(fd)?));
+        }
+        let pid = std::process::id();
+        let name = format!("nsproxy-takeover-{pid}-{:016x}", random());
+        let listener = (|| {
+            let s = Socket::new(Domain::UNIX, Type::SEQPACKET.cloexec(), None)?;
+            s.bind(&SockAddr::unix(format!("\0{name}"))?)?;
+            s.listen(1)?;
+            // Bounds accept(2) too.
+            s.set_read_timeout(Some(HANDOVER_TIMEOUT))?;
+            io::Result::Ok(s)
+        })()
+        .map_err(|e| format!("cannot make the handover socket: {e}"))?;
+        let job = Give {
+            listener,
+            sockets,
+            peers: self.peers.clone(),
+            busy: self.busy.clone(),
+            done: self.done.clone(),
+        };
+        std::thread::Builder::new()
+            .name("nsproxy-handover".into())
+            .spawn(move || job.run())
+            .map_err(|e| format!("cannot start the handover thread: {e}"))?;
+        Ok(Offer {
+            socket: format!("@{name}"),
+            pid,
+        })
+    }
+}
+
+/// 64 random bits (from the OS-seeded hasher keys std draws per map).
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
+}
+
+/// One handover, on a thread of its own: its waits are blocking calls.
+struct Give {
+    listener: Socket,
+    sockets: Vec<(Handed, OwnedFd)>,
+    peers: Peers,
+    busy: Arc<AtomicBool>,
+    done: mpsc::UnboundedSender<u32>,
+}
+
+impl Give {
+    fn run(self) {
+        match self.hand() {
+            Ok(Some(pid)) => {
+                info!(
+                    pid,
+                    "pid {pid} took over {} socket(s) and serves them",
+                    self.sockets_len()
+                );
+                let _ = self.done.send(pid);
+                // Busy for good: this process is on its way out.
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => warn!("takeover abandoned: {e}; serving on"),
+        }
+        self.busy.store(false, Ordering::SeqCst);
+    }
+
+    fn sockets_len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// `Some(pid)` once the peer said it serves; `None` when it went first.
+    fn hand(&self) -> Result<Option<u32>, String> {
+        let (conn, _) = self.listener.accept().map_err(|e| {
+            format!("no process fetched the sockets within {HANDOVER_TIMEOUT:?} ({e})")
+        })?;
+        let (pid, uid) = fdpass::peer_cred(conn.as_fd())
+            .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+        self.peers
+            .admit(Some(uid))
+            .map_err(|why| format!("pid {pid}: {why}"))?;
+        let _ = conn.set_write_timeout(Some(HANDOVER_TIMEOUT));
+        let header = Header {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            sockets: self.sockets.len(),
+        };
+        let send = |bytes: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]| {
+            fdpass::send(conn.as_fd(), bytes, fds, false)
+                .map_err(|e| format!("sending to pid {pid}: {e}"))
+        };
+        send(&json(&header), &[])?;
+        for chunk in self.sockets.chunks(fdpass::MAX_FDS) {
+            let described: Vec<&Handed> = chunk.iter().map(|(h, _)| h).collect();
+            let fds: Vec<_> = chunk.iter().map(|(_, fd)| fd.as_fd()).collect();
+            send(&json(&described), &fds)?;
+        }
+        info!(
+            pid,
+            "handed {} socket(s) to pid {pid}; serving until it is ready",
+            self.sockets.len()
+        );
+        // As long as it takes the new process to open its bindings.
+        let _ = conn.set_read_timeout(None);
+        let mut buf = [0u8; 64];
+        match fdpass::recv(conn.as_fd(), &mut buf, 0, false) {
+            Ok(r) if &buf[..r.len] == b"ready" => Ok(Some(pid)),
+            Ok(r) if r.len == 0 => {
+                warn!(
+                    pid,
+                    "pid {pid} went before it served the sockets it took: serving on"
+                );
+                Ok(None)
+            }
+            Ok(_) => Err(format!("pid {pid} sent something other than \"ready\"")),
+            Err(e) => Err(format!("waiting for pid {pid}: {e}")),
+        }
+    }
+}
+
+fn json(v: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(v).expect("plain data serializes")
+}
+
+// ---- the new process ----
+
+/// What the new process got from the old one.
+pub struct Taken {
+    /// The old process.
+    pub from: u32,
+    /// The bindings' sockets, for the server to take.
+    pub inherited: Arc<Inherited>,
+    control: Option<(PathBuf, OwnedFd)>,
+    metrics: Option<(SocketAddr, OwnedFd)>,
+    /// The connection to the old process, for `ready`.
+    link: Socket,
+}
+
+/// Fetches the listening sockets of the nsproxy whose control socket is
+/// `control`. `Ok(None)`: no nsproxy runs there (no socket, or a stale one).
+pub async fn take(control: &Path) -> Result<Option<Taken>, TakeoverError> {
+    let offer = match crate::control::takeover(control).await {
+        Ok(o) => o,
+        Err(ControlError::NotRunning(_) | ControlError::Stale(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let io = |source| TakeoverError::Io {
+        socket: offer.socket.clone(),
+        source,
+    };
+    let name = offer.socket.strip_prefix('@').unwrap_or(&offer.socket);
+    let link = Socket::new(Domain::UNIX, Type::SEQPACKET.cloexec(), None).map_err(io)?;
+    link.connect(&SockAddr::unix(format!("\0{name}")).map_err(io)?)
+        .map_err(io)?;
+    link.set_read_timeout(Some(HANDOVER_TIMEOUT)).map_err(io)?;
+    // Blocking reads, on the thread starting the daemon: nothing else is
+    // served yet.
+    let pid = offer.pid;
+    let bad = |what: String| TakeoverError::Protocol { pid, what };
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let r = fdpass::recv(link.as_fd(), &mut buf, 0, false).map_err(io)?;
+    let header: Header = serde_json::from_slice(&buf[..r.len])
+        .map_err(|e| bad(format!("a header that does not parse: {e}")))?;
+    let mut handed = Vec::with_capacity(header.sockets);
+    while handed.len() < header.sockets {
+        let r = fdpass::recv(link.as_fd(), &mut buf, fdpass::MAX_FDS, false).map_err(io)?;
+        if r.len == 0 {
+            return Err(bad(format!(
+                "{} of {} sockets, then closed",
+                handed.len(),
+                header.sockets
+            )));
+        }
+        let described: Vec<Handed> = serde_json::from_slice(&buf[..r.len])
+            .map_err(|e| bad(format!("a description that does not parse: {e}")))?;
+        if r.truncated || r.ctrunc || described.len() != r.fds.len() {
+            return Err(bad(format!(
+                "{} fds for {} sockets (out of fds? see ulimit -n)",
+                r.fds.len(),
+                described.len()
+            )));
+        }
+        handed.extend(described.into_iter().zip(r.fds));
+    }
+    info!(
+        pid,
+        "took {} socket(s) over from nsproxy {} (pid {pid})",
+        handed.len(),
+        header.version
+    );
+    let (mut control, mut metrics, mut bindings) = (None, None, Vec::new());
+    for (h, fd) in handed {
+        match h {
+            Handed::Control { path } => control = Some((path, fd)),
+            Handed::Metrics { local } => metrics = Some((local, fd)),
+            b => bindings.push((b, fd)),
+        }
+    }
+    Ok(Some(Taken {
+        from: pid,
+        inherited: Arc::new(Inherited::new(bindings)),
+        control,
+        metrics,
+        link,
+    }))
+}
+
+impl Taken {
+    /// The old control listener, if it is the one at `path`.
+    pub fn control_listener(&mut self, path: &Path) -> Option<tokio::net::UnixListener> {
+        let (at, _) = self.control.as_ref()?;
+        if at != path {
+            return None;
+        }
+        let (_, fd) = self.control.take()?;
+        let l = std::os::unix::net::UnixListener::from(fd);
+        l.set_nonblocking(true).ok()?;
+        tokio::net::UnixListener::from_std(l).ok()
+    }
+
+    /// The old metrics listener, if it is bound to `addr`.
+    pub fn metrics_listener(&mut self, addr: SocketAddr) -> Option<tokio::net::TcpListener> {
+        if self.metrics.as_ref()?.0 != addr {
+            return None;
+        }
+        let (_, fd) = self.metrics.take()?;
+        let l = std::net::TcpListener::from(fd);
+        l.set_nonblocking(true).ok()?;
+        tokio::net::TcpListener::from_std(l).ok()
+    }
+
+    /// Tells the old process this one serves: it stops accepting, drains
+    /// and exits. The sockets no binding took are closed first.
+    pub fn ready(self) -> io::Result<()> {
+        let (adopted, left) = self.inherited.finish();
+        for what in &left {
+            info!(
+                "not in this config, closed: {what} (the old process's copy closes when it exits)"
+            );
+        }
+        info!(
+            from = self.from,
+            adopted,
+            closed = left.len(),
+            "serving {adopted} listening socket(s) taken over from pid {}; telling it to drain and exit",
+            self.from
+        );
+        fdpass::send(self.link.as_fd(), b"ready", &[], false).map(drop)
+    }
+}
+
+/// Where a handed socket may be used: the protocol, namespace and listen
+/// address of the binding.
+type Key = (Protocol, NsId, SocketAddr);
+
+/// The bindings' sockets handed over, until bindings take them.
+pub struct Inherited {
+    sockets: Mutex<HashMap<Key, (Handed, OwnedFd)>>,
+    /// Descriptions not understood (a protocol this version does not know).
+    unknown: Mutex<Vec<String>>,
+    /// Each namespace's cookie (`None`: the kernel has no SO_NETNS_COOKIE).
+    cookies: tokio::sync::Mutex<HashMap<NsId, Option<u64>>>,
+    adopted: AtomicUsize,
+}
+
+impl std::fmt::Debug for Inherited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inherited")
+            .field("adopted", &self.adopted.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inherited {
+    fn new(handed: Vec<(Handed, OwnedFd)>) -> Inherited {
+        let (mut sockets, mut unknown) = (HashMap::new(), Vec::new());
+        for (h, fd) in handed {
+            let Handed::Binding {
+                protocol,
+                ns_dev,
+                ns_ino,
+                listen,
+                ..
+            } = &h
+            else {
+                continue;
+            };
+            let protocol = match protocol.as_str() {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                "sctp" => Protocol::Sctp,
+                _ => {
+                    unknown.push(h.to_string());
+                    continue;
+                }
+            };
+            let ns = NsId {
+                dev: *ns_dev,
+                ino: *ns_ino,
+            };
+            sockets.insert((protocol, ns, *listen), (h, fd));
+        }
+        Inherited {
+            sockets: Mutex::new(sockets),
+            unknown: Mutex::new(unknown),
+            cookies: tokio::sync::Mutex::default(),
+            adopted: AtomicUsize::new(0),
+        }
+    }
+
+    /// The handed socket for `b`, checked, if there is one: `Some(Err)`
+    /// says why it was refused (it is closed).
+    pub(crate) async fn take(&self, b: &Binding) -> Option<Result<Listener, String>> {
+        let key = (b.rule.protocol, b.ns, b.rule.listen);
+        let (handed, fd) = lock(&self.sockets).remove(&key)?;
+        let adopted = match self.cookie(b).await {
+            Ok(cookie) => Listener::adopt(b, fd, cookie),
+            Err(e) => Err(e),
+        };
+        Some(match adopted {
+            Ok(l) => {
+                self.adopted.fetch_add(1, Ordering::Relaxed);
+                Ok(l)
+            }
+            Err(why) => Err(format!("the old process's {handed}: {why}")),
+        })
+    }
+
+    /// The cookie of `b`'s namespace, from a socket made there.
+    async fn cookie(&self, b: &Binding) -> Result<Option<u64>, String> {
+        let mut cookies = self.cookies.lock().await;
+        if let Some(c) = cookies.get(&b.ns) {
+            return Ok(*c);
+        }
+        let addr = b.rule.listen;
+        let spec = match b.rule.protocol {
+            Protocol::Tcp => SocketSpec::tcp(&addr),
+            Protocol::Udp => SocketSpec::udp(&addr),
+            Protocol::Sctp => SocketSpec::sctp(&addr),
+        };
+        let probe = b
+            .sockets
+            .socket(b.ns, spec)
+            .await
+            .map_err(|e| format!("cannot check its namespace: {e}"))?;
+        let cookie = match fdpass::netns_cookie(probe.as_fd()) {
+            Ok(c) => Some(c),
+            // Before Linux 5.14: the namespace is the one the old process
+            // says (it is root or the user who started nsproxy).
+            Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => None,
+            Err(e) => return Err(format!("cannot read its namespace's cookie: {e}")),
+        };
+        cookies.insert(b.ns, cookie);
+        Ok(cookie)
+    }
+
+    /// How many sockets bindings took, and what was left (now closed).
+    pub fn finish(&self) -> (usize, Vec<String>) {
+        let left = std::mem::take(&mut *lock(&self.sockets));
+        let mut out: Vec<String> = left.values().map(|(h, _)| h.to_string()).collect();
+        out.append(&mut lock(&self.unknown));
+        out.sort();
+        (self.adopted.load(Ordering::Relaxed), out)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_description_reads_back_as_written() {
+        let h = Handed::Binding {
+            rule: "web".into(),
+            netns: "ns1".into(),
+            ns_dev: 4,
+            ns_ino: 4026532000,
+            protocol: "tcp".into(),
+            listen: "127.0.0.1:80".parse().unwrap(),
+            local: "127.0.0.1:80".parse().unwrap(),
+        };
+        let text = serde_json::to_string(&[&h]).unwrap();
+        assert!(text.contains("\"kind\":\"binding\""), "{text}");
+        let back: Vec<Handed> = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, std::slice::from_ref(&h));
+        assert_eq!(h.to_string(), "rule \"web\" in \"ns1\" (tcp 127.0.0.1:80)");
+    }
+
+    #[test]
+    fn sockets_no_binding_took_are_reported_and_closed() {
+        let (a, b) = fdpass::seqpacket_pair().unwrap();
+        let binding = |protocol: &str| Handed::Binding {
+            rule: "r".into(),
+            netns: "n".into(),
+            ns_dev: 1,
+            ns_ino: 2,
+            protocol: protocol.into(),
+            listen: "127.0.0.1:1".parse().unwrap(),
+            local: "127.0.0.1:1".parse().unwrap(),
+        };
+        let pool = Inherited::new(vec![(binding("udp"), a), (binding("quic"), b)]);
+        let (adopted, left) = pool.finish();
+        assert_eq!(adopted, 0);
+        assert_eq!(
+            left,
+            [
+                "rule \"r\" in \"n\" (quic 127.0.0.1:1)",
+                "rule \"r\" in \"n\" (udp 127.0.0.1:1)"
+            ]
+        );
+        assert!(pool.finish().1.is_empty());
+    }
+}
