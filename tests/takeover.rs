@@ -1,0 +1,260 @@
+//! Upgrading without an outage: `nsproxy run --takeover` started while a
+//! daemon runs takes its listening sockets, and the old one drains and
+//! exits 0; clients see no refusal and no reset across the swap.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The most short connections one stream makes (it stops earlier when
+/// told), and the longest it runs.
+const MAX_SHORT: usize = 20_000;
+const STREAM_TIME: Duration = Duration::from_secs(90);
+
+/// Short connections to `addr` in `ns`, one after another, each sending a
+/// line and expecting it echoed, until `stop` (or the bounds above).
+/// Counts into `done`; returns what failed.
+fn short_stream(
+    ns: &TestNs,
+    addr: &str,
+    stop: &AtomicBool,
+    done: &AtomicUsize,
+    seed: usize,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let start = Instant::now();
+    for i in 0..MAX_SHORT {
+        if stop.load(Ordering::Relaxed) || start.elapsed() > STREAM_TIME {
+            break;
+        }
+        let line = format!("short {seed}-{i}\n");
+        let got = ns.tcp_connect(addr).and_then(|mut c| {
+            c.write_all(line.as_bytes())?;
+            c.shutdown(std::net::Shutdown::Write)?;
+            read_all(&mut c)
+        });
+        match got {
+            Ok(b) if b == line.as_bytes() => {}
+            Ok(b) => failures.push(format!("#{i}: echoed {} of {} bytes", b.len(), line.len())),
+            Err(e) => failures.push(format!("#{i}: {e}")),
+        }
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    failures
+}
+
+/// One long connection streaming `chunk`-sized pieces and checking each
+/// echo, until `swapped` is set and `after` more pieces have gone through.
+/// Returns the bytes that came back intact.
+fn long_stream(ns: &TestNs, addr: &str, swapped: &AtomicBool, seed: u64) -> Result<u64, String> {
+    const CHUNK: usize = 4096;
+    const AFTER: usize = 50;
+    let mut c = ns.tcp_connect(addr).map_err(|e| e.to_string())?;
+    let (mut sent, mut after) = (0u64, 0);
+    let start = Instant::now();
+    for i in 0.. {
+        if swapped.load(Ordering::Relaxed) {
+            after += 1;
+            if after > AFTER {
+                break;
+            }
+        }
+        if start.elapsed() > STREAM_TIME {
+            return Err("the swap never came".into());
+        }
+        let data = random_bytes(CHUNK, seed + i);
+        c.write_all(&data).map_err(|e| format!("write #{i}: {e}"))?;
+        let mut back = vec![0u8; CHUNK];
+        c.read_exact(&mut back)
+            .map_err(|e| format!("read #{i}: {e}"))?;
+        if back != data {
+            return Err(format!("chunk #{i} came back changed"));
+        }
+        sent += CHUNK as u64;
+        // Pacing: a few hundred chunks a second, so the swap falls mid-stream.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    c.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let rest = read_all(&mut c).map_err(|e| format!("closing: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!("{} bytes more than sent", rest.len()));
+    }
+    Ok(sent)
+}
+
+/// Waits (bounded) until `n` has reached `at_least`.
+fn until_count(n: &AtomicUsize, at_least: usize, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while n.load(Ordering::Relaxed) < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {at_least} within {WAIT:?}",
+            n.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_takeover_under_a_stream_of_connections_refuses_and_resets_none() {
+    as_root(|| {
+        const ADDR: &str = "127.0.0.1:7000";
+        let mut s = Scenario::with(&["a"])
+            .tcp_echo("host", "127.0.0.1:9000")
+            .head("drain_timeout = \"60s\"\nmetrics_listen = \"127.0.0.1:0\"")
+            .rule(
+                tcp("echo")
+                    .listen(ADDR)
+                    .netns(["a"])
+                    .upstream_in("host", "127.0.0.1:9000"),
+            )
+            .start();
+        let old_pid = s.pid();
+        let (stop, swapped) = (AtomicBool::new(false), AtomicBool::new(false));
+        let done = AtomicUsize::new(0);
+        // A handle of its own, so that the daemon may be waited for while
+        // the clients use the namespace; the scenario still removes it.
+        let ns = TestNs::adopt(s.ns("a").name());
+        let ns = &ns;
+        let (stop, swapped, done) = (&stop, &swapped, &done);
+        let (short, long, new, old_exit) = std::thread::scope(|scope| {
+            let short: Vec<_> = (0..2)
+                .map(|seed| scope.spawn(move || short_stream(ns, ADDR, stop, done, seed)))
+                .collect();
+            let long: Vec<_> = (0..3)
+                .map(|seed| scope.spawn(move || long_stream(ns, ADDR, swapped, seed * 1_000_000)))
+                .collect();
+            until_count(done, 500, "short connections before the swap");
+            let args = s.same_config_args();
+            let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+            args.push("--takeover");
+            let new = Daemon::command(s.host(), &args);
+            new.wait_ready();
+            // The old one has been told; it no longer accepts.
+            s.wait_log("took over: no new connections here");
+            swapped.store(true, Ordering::Relaxed);
+            let long: Vec<_> = long.into_iter().map(|h| h.join().unwrap()).collect();
+            // The long connections were its last: it exits now.
+            let old_exit = s.wait_exit_here();
+            let after = done.load(Ordering::Relaxed);
+            until_count(done, after + 500, "short connections after the swap");
+            stop.store(true, Ordering::Relaxed);
+            let short: Vec<String> = short
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect();
+            (short, long, new, old_exit)
+        });
+        let total = done.load(Ordering::Relaxed);
+        assert!(
+            short.is_empty(),
+            "{} of {total} short connections failed: {:?}\nnew log:\n{}",
+            short.len(),
+            &short[..short.len().min(10)],
+            new.log()
+        );
+        for (i, l) in long.iter().enumerate() {
+            match l {
+                Ok(bytes) => assert!(*bytes > 0, "long connection {i} sent nothing"),
+                Err(e) => panic!("long connection {i}: {e}\nold log:\n{}", old_exit.1),
+            }
+        }
+        let (status, old_log) = old_exit;
+        assert!(status.success(), "the old daemon exited {status}:\n{old_log}");
+        assert!(old_log.contains("stopped: pid"), "{old_log}");
+        assert!(
+            !old_log.contains("still open when its closing listener's drain timeout ran out"),
+            "{old_log}"
+        );
+        let new_log = new.log();
+        assert!(
+            new_log.contains("serving 1 listening socket(s) taken over from pid"),
+            "{new_log}"
+        );
+        assert!(!new_log.contains("not taking"), "{new_log}");
+        assert!(new_log.contains(&format!("(pid {old_pid})")), "{new_log}");
+        // The new one serves, and answers on the same control socket.
+        let mut c = s.ns("a").tcp_connect(ADDR).unwrap();
+        c.write_all(b"after\n").unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(read_all(&mut c).unwrap(), b"after\n");
+        let (code, out, err) = run_cli(&["status", "--control-socket", s.control_socket()]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains("listening"), "{out}");
+        let status = new.terminate();
+        assert!(status.success(), "the new daemon exited {status}");
+        eprintln!("{total} short connections, 0 failed; 3 long ones kept every byte");
+    })
+}
+
+#[test]
+fn a_takeover_with_no_daemon_running_starts_afresh() {
+    as_root(|| {
+        let s = Scenario::with(&["a"])
+            .tcp_hello("host", "127.0.0.1:9000", "hi\n")
+            .rule(
+                tcp("hi")
+                    .listen("127.0.0.1:7001")
+                    .netns(["a"])
+                    .upstream_in("host", "127.0.0.1:9000"),
+            )
+            .args(&["--takeover"])
+            .start();
+        let log = s.wait_log("starting afresh");
+        assert!(log.contains("--takeover: no nsproxy runs with control socket"), "{log}");
+        let mut c = s.ns("a").tcp_connect("127.0.0.1:7001").unwrap();
+        assert_eq!(read_all(&mut c).unwrap(), b"hi\n");
+        s.stop();
+    })
+}
+
+#[test]
+fn a_takeover_a_running_daemon_refuses_is_an_error_and_it_serves_on() {
+    as_root(|| {
+        let s = Scenario::with(&["a"])
+            .tcp_hello("host", "127.0.0.1:9000", "hi\n")
+            .rule(
+                tcp("hi")
+                    .listen("127.0.0.1:7002")
+                    .netns(["a"])
+                    .upstream_in("host", "127.0.0.1:9000"),
+            )
+            .start();
+        // Someone else holds the one takeover a daemon serves at a time.
+        let (code, out, err) = run_cli_with_body(s.control_socket());
+        assert_eq!(code, 0, "{out}{err}");
+        let args = s.same_config_args();
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.push("--takeover");
+        let (status, log) = Daemon::command(s.host(), &args).wait_exit();
+        assert!(!status.success(), "{log}");
+        assert!(
+            log.contains("cannot take over from the nsproxy on")
+                && log.contains("a takeover is already under way"),
+            "{log}"
+        );
+        // The running one serves on.
+        let mut c = s.ns("a").tcp_connect("127.0.0.1:7002").unwrap();
+        assert_eq!(read_all(&mut c).unwrap(), b"hi\n");
+        s.stop();
+    })
+}
+
+/// `POST /takeover` by hand (curl-like, over the unix socket): starts a
+/// handover nobody fetches.
+fn run_cli_with_body(socket: &str) -> (i32, String, String) {
+    use std::os::unix::net::UnixStream;
+    let mut c = UnixStream::connect(socket).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(b"POST /takeover HTTP/1.1\r\nHost: nsproxy\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    let ok = answer.starts_with("HTTP/1.1 200");
+    (if ok { 0 } else { 1 }, answer, String::new())
+}
