@@ -188,6 +188,11 @@ fn main() -> ExitCode {
             user,
             takeover,
         } => {
+            // Before any child starts: the fds systemd passed (its fd store)
+            // are made close-on-exec, so that the broker inherits none.
+            if let Err(e) = nsproxy::systemd::claim_listen_fds() {
+                tracing::warn!("LISTEN_FDS: {e}");
+            }
             // Before the parse, so that the broker's start overlaps it.
             let early = daemon::start_broker_early(&config, user.as_deref(), &broker_args);
             match config::load(&config) {

@@ -330,8 +330,12 @@ pub struct Taken {
     pub inherited: Arc<Inherited>,
     control: Option<(PathBuf, OwnedFd)>,
     metrics: Option<(SocketAddr, OwnedFd)>,
-    /// The connection to the old process, for `ready`.
-    link: Socket,
+    /// The connection to the old process, for `ready`; `None` when the
+    /// sockets came from systemd's fd store.
+    link: Option<Socket>,
+    /// The fd store's names of what came from it, removed from it once
+    /// this process serves (it keeps nothing while nsproxy runs).
+    stored: Vec<String>,
 }
 
 /// Fetches the listening sockets of the nsproxy whose control socket is
@@ -399,8 +403,122 @@ pub async fn take(control: &Path) -> Result<Option<Taken>, TakeoverError> {
         inherited: Arc::new(Inherited::new(bindings)),
         control,
         metrics,
-        link,
+        link: Some(link),
+        stored: Vec::new(),
     }))
+}
+
+/// What systemd's fd store gave this process at start (`LISTEN_FDS`, see
+/// [`crate::systemd::claim_listen_fds`]), if anything: the sockets a
+/// previous nsproxy of this service stored as it stopped ([`store`]).
+pub fn from_fd_store(passed: Vec<(String, OwnedFd)>) -> Option<Taken> {
+    if passed.is_empty() {
+        return None;
+    }
+    let stored = passed.iter().map(|(n, _)| n.clone()).collect();
+    let (mut metrics, mut bindings, mut unknown) = (None, Vec::new(), Vec::new());
+    for (name, fd) in passed {
+        match parse_fd_name(&name) {
+            Some(Handed::Metrics { local }) => metrics = Some((local, fd)),
+            Some(b @ Handed::Binding { .. }) => bindings.push((b, fd)),
+            _ => unknown.push(name),
+        }
+    }
+    if !unknown.is_empty() {
+        warn!(
+            "systemd passed fds nsproxy does not know, closed: {}",
+            unknown.join(", ")
+        );
+    }
+    info!(
+        "took {} socket(s) over from systemd's fd store",
+        bindings.len() + usize::from(metrics.is_some())
+    );
+    Some(Taken {
+        from: 0,
+        inherited: Arc::new(Inherited::new(bindings)),
+        control: None,
+        metrics,
+        link: None,
+        stored,
+    })
+}
+
+/// Before this process stops under systemd with an fd store
+/// (`FileDescriptorStoreMax=`): its listening sockets (and metrics
+/// listener) go to the store, so that they stay open, clients queuing in
+/// their backlogs, until the next nsproxy of the service takes them
+/// ([`from_fd_store`]). Returns how many were stored.
+pub async fn store(
+    sockets: &crate::lifecycle::Handover,
+    metrics: Option<(SocketAddr, std::os::fd::BorrowedFd<'_>)>,
+    max: usize,
+) -> io::Result<usize> {
+    let listening = sockets.listening().await;
+    let mut named: Vec<(String, std::os::fd::BorrowedFd<'_>)> = listening
+        .iter()
+        .filter_map(|(h, fd)| Some((fd_name(h)?, fd.as_fd())))
+        .collect();
+    if let Some((local, fd)) = metrics {
+        named.push((fd_name(&Handed::Metrics { local }).expect("named"), fd));
+    }
+    if named.len() > max {
+        warn!(
+            "{} listening sockets, and systemd's fd store keeps at most {max} (FileDescriptorStoreMax=): only the first {max} stay open across the restart",
+            named.len()
+        );
+        named.truncate(max);
+    }
+    crate::systemd::store_fds(&named)
+}
+
+/// The fd store's name of a handed socket (`FDNAME=`: at most 255
+/// characters, no `:`): `b_PROTOCOL_NSDEV_NSINO_IP_PORT` with the rule's
+/// listen address (an IPv6 address's `:` as `-`), or `metrics_IP_PORT`.
+/// The control socket is not stored: `RuntimeDirectory=` removes its file
+/// when the service stops.
+pub fn fd_name(h: &Handed) -> Option<String> {
+    let addr = |a: &SocketAddr| format!("{}_{}", a.ip().to_string().replace(':', "-"), a.port());
+    match h {
+        Handed::Binding {
+            protocol,
+            ns_dev,
+            ns_ino,
+            listen,
+            ..
+        } => Some(format!("b_{protocol}_{ns_dev}_{ns_ino}_{}", addr(listen))),
+        Handed::Metrics { local } => Some(format!("metrics_{}", addr(local))),
+        Handed::Control { .. } => None,
+    }
+}
+
+/// The socket an fd store name describes ([`fd_name`]).
+pub fn parse_fd_name(name: &str) -> Option<Handed> {
+    let parts: Vec<&str> = name.split('_').collect();
+    let addr = |ip: &str, port: &str| -> Option<SocketAddr> {
+        Some(SocketAddr::new(
+            ip.replace('-', ":").parse().ok()?,
+            port.parse().ok()?,
+        ))
+    };
+    match parts.as_slice() {
+        ["b", protocol, dev, ino, ip, port] => {
+            let listen = addr(ip, port)?;
+            Some(Handed::Binding {
+                rule: String::new(),
+                netns: format!("namespace {dev}:{ino}"),
+                ns_dev: dev.parse().ok()?,
+                ns_ino: ino.parse().ok()?,
+                protocol: (*protocol).to_owned(),
+                listen,
+                local: listen,
+            })
+        }
+        ["metrics", ip, port] => Some(Handed::Metrics {
+            local: addr(ip, port)?,
+        }),
+        _ => None,
+    }
 }
 
 impl Taken {
@@ -428,7 +546,8 @@ impl Taken {
     }
 
     /// Tells the old process this one serves: it stops accepting, drains
-    /// and exits. The sockets no binding took are closed first.
+    /// and exits (with the fd store: empties the store). The sockets no
+    /// binding took are closed first.
     pub fn ready(self) -> io::Result<()> {
         let (adopted, left) = self.inherited.finish();
         for what in &left {
@@ -436,6 +555,14 @@ impl Taken {
                 "not in this config, closed: {what} (the old process's copy closes when it exits)"
             );
         }
+        let Some(link) = &self.link else {
+            info!(
+                adopted,
+                closed = left.len(),
+                "serving {adopted} listening socket(s) taken over from systemd's fd store; emptying it"
+            );
+            return crate::systemd::remove_fds(self.stored.iter().map(String::as_str));
+        };
         info!(
             from = self.from,
             adopted,
@@ -443,7 +570,7 @@ impl Taken {
             "serving {adopted} listening socket(s) taken over from pid {}; telling it to drain and exit",
             self.from
         );
-        fdpass::send(self.link.as_fd(), b"ready", &[], false).map(drop)
+        fdpass::send(link.as_fd(), b"ready", &[], false).map(drop)
     }
 }
 
@@ -586,6 +713,46 @@ mod tests {
         let back: Vec<Handed> = serde_json::from_str(&text).unwrap();
         assert_eq!(back, std::slice::from_ref(&h));
         assert_eq!(h.to_string(), "rule \"web\" in \"ns1\" (tcp 127.0.0.1:80)");
+    }
+
+    #[test]
+    fn an_fd_store_name_reads_back_as_the_socket_it_names() {
+        for listen in ["127.0.0.1:80", "[::]:8000", "[fe80::1]:0"] {
+            let h = Handed::Binding {
+                rule: "web".into(),
+                netns: "ns1".into(),
+                ns_dev: 4,
+                ns_ino: 4026532000,
+                protocol: "udp".into(),
+                listen: listen.parse().unwrap(),
+                local: listen.parse().unwrap(),
+            };
+            let name = fd_name(&h).unwrap();
+            assert!(!name.contains(':') && name.len() <= 255, "{name}");
+            let Some(Handed::Binding {
+                protocol,
+                ns_dev,
+                ns_ino,
+                listen: back,
+                ..
+            }) = parse_fd_name(&name)
+            else {
+                panic!("{name} does not parse");
+            };
+            assert_eq!((protocol.as_str(), ns_dev, ns_ino), ("udp", 4, 4026532000));
+            assert_eq!(back, listen.parse().unwrap());
+        }
+        let m = Handed::Metrics {
+            local: "127.0.0.1:9100".parse().unwrap(),
+        };
+        assert_eq!(fd_name(&m).unwrap(), "metrics_127.0.0.1_9100");
+        assert_eq!(parse_fd_name("metrics_127.0.0.1_9100"), Some(m));
+        let c = Handed::Control {
+            path: "/run/x".into(),
+        };
+        assert_eq!(fd_name(&c), None);
+        assert_eq!(parse_fd_name("stored"), None);
+        assert_eq!(parse_fd_name("b_tcp_1_2_notanip_80"), None);
     }
 
     #[test]

@@ -129,7 +129,7 @@ fn a_takeover_under_a_stream_of_connections_refuses_and_resets_none() {
             let long: Vec<_> = (0..3)
                 .map(|seed| scope.spawn(move || long_stream(ns, ADDR, swapped, seed * 1_000_000)))
                 .collect();
-            until_count(done, 500, "short connections before the swap");
+            until_count(done, 1000, "short connections before the swap");
             let args = s.same_config_args();
             let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
             args.push("--takeover");
@@ -142,12 +142,9 @@ fn a_takeover_under_a_stream_of_connections_refuses_and_resets_none() {
             // The long connections were its last: it exits now.
             let old_exit = s.wait_exit_here();
             let after = done.load(Ordering::Relaxed);
-            until_count(done, after + 500, "short connections after the swap");
+            until_count(done, after + 1500, "short connections after the swap");
             stop.store(true, Ordering::Relaxed);
-            let short: Vec<String> = short
-                .into_iter()
-                .flat_map(|h| h.join().unwrap())
-                .collect();
+            let short: Vec<String> = short.into_iter().flat_map(|h| h.join().unwrap()).collect();
             (short, long, new, old_exit)
         });
         let total = done.load(Ordering::Relaxed);
@@ -165,7 +162,10 @@ fn a_takeover_under_a_stream_of_connections_refuses_and_resets_none() {
             }
         }
         let (status, old_log) = old_exit;
-        assert!(status.success(), "the old daemon exited {status}:\n{old_log}");
+        assert!(
+            status.success(),
+            "the old daemon exited {status}:\n{old_log}"
+        );
         assert!(old_log.contains("stopped: pid"), "{old_log}");
         assert!(
             !old_log.contains("still open when its closing listener's drain timeout ran out"),
@@ -206,7 +206,10 @@ fn a_takeover_with_no_daemon_running_starts_afresh() {
             .args(&["--takeover"])
             .start();
         let log = s.wait_log("starting afresh");
-        assert!(log.contains("--takeover: no nsproxy runs with control socket"), "{log}");
+        assert!(
+            log.contains("--takeover: no nsproxy runs with control socket"),
+            "{log}"
+        );
         let mut c = s.ns("a").tcp_connect("127.0.0.1:7001").unwrap();
         assert_eq!(read_all(&mut c).unwrap(), b"hi\n");
         s.stop();

@@ -8,6 +8,7 @@
 //! serve the interfaces and tell systemd; then reload on SIGHUP until a
 //! stop signal, and drain.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -142,10 +143,16 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
     let broker = switcher.broker().cloned();
     let served = rt.block_on(async {
         // Before anything binds: the old process holds the ports.
+        let passed = systemd::take_listen_fds();
         let mut taken = match run.takeover {
             true => take_over(&run.config).await?,
             false => None,
         };
+        if taken.is_none() {
+            // What the previous nsproxy of this service left in systemd's
+            // fd store as it stopped (see `Stopped::Signal` below).
+            taken = crate::takeover::from_fd_store(passed);
+        }
         // Bound while nsproxy may still: the socket is made by, and
         // belongs to, the user who started it.
         let mut interfaces = Interfaces::bind(&run.config, taken.as_mut()).await;
@@ -206,9 +213,21 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
             drain_timeout,
         )
         .await;
-        if let Stopped::TakenOver(_) = stopped {
+        match stopped {
             // The new process serves the control socket and metrics now.
-            interfaces.hand_off();
+            Stopped::TakenOver(_) => interfaces.hand_off(),
+            Stopped::Signal => {
+                if let Some(max) = systemd::fd_store_max() {
+                    // Before anything stops accepting: the listeners stay
+                    // open in the store, for the next start to take.
+                    let metrics = interfaces.metrics_copy.as_ref().map(|(a, fd)| (*a, fd.as_fd()));
+                    match crate::takeover::store(&server.handover(), metrics, max).await {
+                        Ok(n) => info!("{n} listening socket(s) kept in systemd's fd store for the next start"),
+                        Err(e) => warn!("cannot keep the listening sockets in systemd's fd store: {e}; the next start opens new ones (clients are refused meanwhile)"),
+                    }
+                }
+            }
+            Stopped::BrokerLost(_) => {}
         }
         drain(server, &mut signals).await;
         interfaces.remove_socket();
@@ -523,6 +542,8 @@ struct Interfaces {
     metrics: Option<TcpListener>,
     /// The tasks serving both, stopped when another process takes them over.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// A copy of the metrics listener, for systemd's fd store at stop.
+    metrics_copy: Option<(std::net::SocketAddr, std::os::fd::OwnedFd)>,
 }
 
 impl Interfaces {
@@ -559,13 +580,13 @@ impl Interfaces {
             peers: control::Peers::starting_user(),
             metrics,
             tasks: Vec::new(),
+            metrics_copy: None,
         }
     }
 
     /// Serves both on the server's commands; a takeover that is done is
     /// told to `handed`.
     fn serve(&mut self, server: &Server, handed: tokio::sync::mpsc::UnboundedSender<u32>) {
-        use std::os::fd::AsFd;
         let http_stats = Arc::new(control::HttpStats::default());
         let copy = |fd: std::os::fd::BorrowedFd<'_>| match fd.try_clone_to_owned() {
             Ok(fd) => Some(fd),
@@ -579,6 +600,9 @@ impl Interfaces {
             let addr = l.local_addr().ok()?;
             Some((addr, copy(l.as_fd())?))
         });
+        self.metrics_copy = metrics
+            .as_ref()
+            .and_then(|(a, fd)| Some((*a, copy(fd.as_fd())?)));
         let giver = crate::takeover::Giver::new(
             server.handover(),
             self.control_path.clone().zip(control_fd),
