@@ -181,6 +181,15 @@ fn barrier(s: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// The service manager's end of a notification: one message read from
+/// the notification socket `socket`, and the fds it carried (`FDSTORE=1`,
+/// `BARRIER=1`), for whatever stands in for systemd (the tests do).
+pub fn receive_notification(socket: &UnixDatagram) -> io::Result<(String, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; 4096];
+    let r = crate::sys::fdpass::recv(socket.as_fd(), &mut buf, crate::sys::fdpass::MAX_FDS, false)?;
+    Ok((String::from_utf8_lossy(&buf[..r.len]).into_owned(), r.fds))
+}
+
 /// `RELOADING=1` with the CLOCK_MONOTONIC timestamp that systemd 253+
 /// (`Type=notify-reload`) expects.
 pub fn reloading_message() -> String {

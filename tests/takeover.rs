@@ -5,7 +5,10 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -260,4 +263,200 @@ fn run_cli_with_body(socket: &str) -> (i32, String, String) {
     c.read_to_string(&mut answer).unwrap();
     let ok = answer.starts_with("HTTP/1.1 200");
     (if ok { 0 } else { 1 }, answer, String::new())
+}
+
+/// Stands in for systemd's notification socket and fd store: keeps the fds
+/// of `FDSTORE=1` by their `FDNAME=`, drops those `FDSTOREREMOVE=1` names,
+/// and answers `BARRIER=1` (by closing the fd it carried), until dropped.
+struct FakeSystemd {
+    path: std::path::PathBuf,
+    state: Arc<Mutex<StoreState>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: TempDir,
+}
+
+#[derive(Default)]
+struct StoreState {
+    stored: Vec<(String, OwnedFd)>,
+    /// Every message, in order.
+    messages: Vec<String>,
+}
+
+impl FakeSystemd {
+    fn new() -> FakeSystemd {
+        let dir = TempDir::new();
+        let path = dir.0.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let state = Arc::new(Mutex::new(StoreState::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !sp.load(Ordering::Relaxed) {
+                let Ok((text, fds)) = nsproxy::systemd::receive_notification(&socket) else {
+                    continue;
+                };
+                let mut st = st.lock().unwrap();
+                let field = |k: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(k))
+                        .map(str::to_owned)
+                };
+                if text.lines().any(|l| l == "FDSTORE=1") {
+                    let name = field("FDNAME=").unwrap_or_default();
+                    st.stored
+                        .extend(fds.into_iter().map(|fd| (name.clone(), fd)));
+                } else if text.lines().any(|l| l == "FDSTOREREMOVE=1") {
+                    let name = field("FDNAME=").unwrap_or_default();
+                    st.stored.retain(|(n, _)| *n != name);
+                }
+                // BARRIER=1: its fd is dropped here, which is the answer.
+                st.messages.push(text);
+            }
+        });
+        FakeSystemd {
+            path,
+            state,
+            stop,
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    fn path(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+
+    fn stored_names(&self) -> Vec<String> {
+        let st = self.state.lock().unwrap();
+        st.stored.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    fn messages(&self) -> Vec<String> {
+        self.state.lock().unwrap().messages.clone()
+    }
+
+    /// Starts `nsproxy ARGS` in `host` as systemd starts a service with an
+    /// fd store: the stored fds at 3, 4, ... (`LISTEN_FDS`,
+    /// `LISTEN_FDNAMES`, `LISTEN_PID` of the process itself), and the
+    /// notification socket.
+    fn start_service(&self, host: &TestNs, args: &[&str]) -> Daemon {
+        let st = self.state.lock().unwrap();
+        let n = st.stored.len();
+        let raw: Vec<i32> = st.stored.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+        let names: Vec<&str> = st.stored.iter().map(|(n, _)| n.as_str()).collect();
+        let join = |v: Vec<String>| v.join(" ");
+        // Out of the way first (an fd may already be 3 or 4), then in place.
+        let script = format!(
+            "exec {}; exec {}; exec {} {}; LISTEN_FDS={n} LISTEN_FDNAMES={} NOTIFY_SOCKET={} FDSTORE=16 LISTEN_PID=$$ exec \"$0\" \"$@\"",
+            join((0..n).map(|i| format!("{}<&{}", 100 + i, raw[i])).collect()),
+            join(raw.iter().map(|fd| format!("{fd}<&-")).collect()),
+            join((0..n).map(|i| format!("{}<&{}", 3 + i, 100 + i)).collect()),
+            join((0..n).map(|i| format!("{}<&-", 100 + i)).collect()),
+            names.join(":"),
+            self.path(),
+        );
+        // Inherited only by this child: close-on-exec again right after.
+        let inherit = |on: bool| {
+            for (_, fd) in &st.stored {
+                socket2::SockRef::from(fd).set_cloexec(!on).unwrap();
+            }
+        };
+        inherit(true);
+        let d = Daemon::wrapped(host, &["bash", "-c", &script], args);
+        inherit(false);
+        d
+    }
+}
+
+impl Drop for FakeSystemd {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_restart_through_systemds_fd_store_refuses_and_resets_none() {
+    as_root(|| {
+        const ADDR: &str = "127.0.0.1:7003";
+        let systemd = FakeSystemd::new();
+        let mut s = Scenario::with(&["a"])
+            .tcp_echo("host", "127.0.0.1:9000")
+            .rule(
+                tcp("echo")
+                    .listen(ADDR)
+                    .netns(["a"])
+                    .upstream_in("host", "127.0.0.1:9000"),
+            )
+            .env("NOTIFY_SOCKET", systemd.path())
+            .env("FDSTORE", "16")
+            .start();
+        let ns = TestNs::adopt(s.ns("a").name());
+        let ns = &ns;
+        let (stop, done) = (&AtomicBool::new(false), &AtomicUsize::new(0));
+        let (short, new, old_exit) = std::thread::scope(|scope| {
+            let short: Vec<_> = (0..2)
+                .map(|seed| scope.spawn(move || short_stream(ns, ADDR, stop, done, seed)))
+                .collect();
+            until_count(done, 1000, "short connections before the restart");
+            // `systemctl restart`: stop (SIGTERM), then start again.
+            s.signal("TERM");
+            let old_exit = s.wait_exit_here();
+            let stored = systemd.stored_names();
+            assert_eq!(stored.len(), 1, "{stored:?}\n{}", old_exit.1);
+            let args = s.same_config_args();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let new = systemd.start_service(s.host(), &args);
+            new.wait_ready();
+            new.wait_until("the store is emptied", || systemd.stored_names().is_empty());
+            let after = done.load(Ordering::Relaxed);
+            until_count(done, after + 1500, "short connections after the restart");
+            stop.store(true, Ordering::Relaxed);
+            let short: Vec<String> = short.into_iter().flat_map(|h| h.join().unwrap()).collect();
+            (short, new, old_exit)
+        });
+        let total = done.load(Ordering::Relaxed);
+        assert!(
+            short.is_empty(),
+            "{} of {total} short connections failed: {:?}\nnew log:\n{}",
+            short.len(),
+            &short[..short.len().min(10)],
+            new.log()
+        );
+        let (status, old_log) = old_exit;
+        assert!(
+            status.success(),
+            "the old daemon exited {status}:\n{old_log}"
+        );
+        assert!(
+            old_log.contains("1 listening socket(s) kept in systemd's fd store"),
+            "{old_log}"
+        );
+        let messages = systemd.messages();
+        assert!(
+            messages.iter().any(
+                |m| m.starts_with("FDSTORE=1\nFDNAME=b_tcp_") && m.ends_with("_127.0.0.1_7003")
+            ),
+            "{messages:?}"
+        );
+        let new_log = new.log();
+        assert!(
+            new_log.contains("serving 1 listening socket(s) taken over from systemd's fd store"),
+            "{new_log}"
+        );
+        assert!(!new_log.contains("not taking"), "{new_log}");
+        let mut c = ns.tcp_connect(ADDR).unwrap();
+        c.write_all(b"after\n").unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(read_all(&mut c).unwrap(), b"after\n");
+        let status = new.terminate();
+        assert!(status.success(), "the new daemon exited {status}");
+        eprintln!("{total} short connections across a restart through the fd store, 0 failed");
+    })
 }
