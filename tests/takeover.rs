@@ -109,6 +109,7 @@ fn a_takeover_under_a_stream_of_connections_refuses_and_resets_none() {
         const ADDR: &str = "127.0.0.1:7000";
         let mut s = Scenario::with(&["a"])
             .tcp_echo("host", "127.0.0.1:9000")
+            .udp_echo("host", "127.0.0.1:9001")
             .head("drain_timeout = \"60s\"\nmetrics_listen = \"127.0.0.1:0\"")
             .rule(
                 tcp("echo")
@@ -116,7 +117,17 @@ fn a_takeover_under_a_stream_of_connections_refuses_and_resets_none() {
                     .netns(["a"])
                     .upstream_in("host", "127.0.0.1:9000"),
             )
+            .rule(
+                tcp("echo-udp")
+                    .protocol("udp")
+                    .listen(ADDR)
+                    .netns(["a"])
+                    .upstream_in("host", "127.0.0.1:9001"),
+            )
             .start();
+        // A UDP client with a session in the old process.
+        let udp = s.ns("a").udp_client(ADDR);
+        assert_eq!(udp_round_trip(&udp, b"before").unwrap(), b"before");
         let old_pid = s.pid();
         let (stop, swapped) = (AtomicBool::new(false), AtomicBool::new(false));
         let done = AtomicUsize::new(0);
@@ -176,7 +187,7 @@ fn a_takeover_under_a_stream_of_connections_refuses_and_resets_none() {
         );
         let new_log = new.log();
         assert!(
-            new_log.contains("serving 1 listening socket(s) taken over from pid"),
+            new_log.contains("serving 2 listening socket(s) taken over from pid"),
             "{new_log}"
         );
         assert!(!new_log.contains("not taking"), "{new_log}");
@@ -186,6 +197,8 @@ fn a_takeover_under_a_stream_of_connections_refuses_and_resets_none() {
         c.write_all(b"after\n").unwrap();
         c.shutdown(std::net::Shutdown::Write).unwrap();
         assert_eq!(read_all(&mut c).unwrap(), b"after\n");
+        // The same UDP client: its session starts afresh in the new process.
+        assert_eq!(udp_round_trip(&udp, b"after").unwrap(), b"after");
         let (code, out, err) = run_cli(&["status", "--control-socket", s.control_socket()]);
         assert_eq!(code, 0, "{out}{err}");
         assert!(out.contains("listening"), "{out}");
