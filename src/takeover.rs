@@ -18,7 +18,7 @@
 //!    and its control socket and metrics listener.
 //! 2. The new process opens its bindings as usual, except that a binding
 //!    with a handed socket of the same protocol, namespace and listen
-//!    address takes that socket ([`Inherited::take`]) after checking it
+//!    address takes that socket (`Inherited::take`) after checking it
 //!    itself: its protocol, that it listens, its real address
 //!    (`getsockname`) and its namespace (`SO_NETNS_COOKIE`, compared with a
 //!    socket made in the binding's namespace). Sockets no binding takes are
