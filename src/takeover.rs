@@ -288,7 +288,7 @@ impl Give {
                 .map_err(|e| format!("sending to pid {pid}: {e}"))
         };
         send(&json(&header), &[])?;
-        for chunk in self.sockets.chunks(fdpass::MAX_FDS) {
+        for chunk in chunks(&self.sockets) {
             let described: Vec<&Handed> = chunk.iter().map(|(h, _)| h).collect();
             let fds: Vec<_> = chunk.iter().map(|(_, fd)| fd.as_fd()).collect();
             send(&json(&described), &fds)?;
@@ -315,6 +315,29 @@ impl Give {
         }
     }
 }
+
+/// The sockets in messages of at most [`fdpass::MAX_FDS`] fds and about
+/// [`CHUNK_BYTES`] of descriptions (long rule names or paths), well within
+/// a unix socket's send buffer.
+fn chunks(sockets: &[(Handed, OwnedFd)]) -> Vec<&[(Handed, OwnedFd)]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (h, _)) in sockets.iter().enumerate() {
+        let len = json(h).len() + 1;
+        if i > start && (i - start == fdpass::MAX_FDS || bytes + len > CHUNK_BYTES) {
+            out.push(&sockets[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += len;
+    }
+    if start < sockets.len() {
+        out.push(&sockets[start..]);
+    }
+    out
+}
+
+/// See [`chunks`]; a single description may be longer (it goes alone).
+const CHUNK_BYTES: usize = 64 * 1024;
 
 fn json(v: &impl Serialize) -> Vec<u8> {
     serde_json::to_vec(v).expect("plain data serializes")
@@ -534,9 +557,11 @@ impl Taken {
         tokio::net::UnixListener::from_std(l).ok()
     }
 
-    /// The old metrics listener, if it is bound to `addr`.
+    /// The old metrics listener, if it is bound to `addr` (any port of
+    /// its address when `addr`'s port is 0).
     pub fn metrics_listener(&mut self, addr: SocketAddr) -> Option<tokio::net::TcpListener> {
-        if self.metrics.as_ref()?.0 != addr {
+        let local = self.metrics.as_ref()?.0;
+        if local != addr && (addr.port() != 0 || local.ip() != addr.ip()) {
             return None;
         }
         let (_, fd) = self.metrics.take()?;
@@ -753,6 +778,30 @@ mod tests {
         assert_eq!(fd_name(&c), None);
         assert_eq!(parse_fd_name("stored"), None);
         assert_eq!(parse_fd_name("b_tcp_1_2_notanip_80"), None);
+    }
+
+    #[test]
+    fn messages_hold_at_most_64_fds_and_a_bounded_text() {
+        let handed = |rule: String| {
+            let (a, _) = fdpass::seqpacket_pair().unwrap();
+            let h = Handed::Binding {
+                rule,
+                netns: "n".into(),
+                ns_dev: 1,
+                ns_ino: 2,
+                protocol: "tcp".into(),
+                listen: "127.0.0.1:1".parse().unwrap(),
+                local: "127.0.0.1:1".parse().unwrap(),
+            };
+            (h, a)
+        };
+        let short: Vec<_> = (0..130).map(|i| handed(format!("r{i}"))).collect();
+        let sizes: Vec<usize> = chunks(&short).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [64, 64, 2]);
+        let long: Vec<_> = (0..10).map(|_| handed("x".repeat(20_000))).collect();
+        let sizes: Vec<usize> = chunks(&long).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [3, 3, 3, 1]);
+        assert!(chunks(&[]).is_empty());
     }
 
     #[test]

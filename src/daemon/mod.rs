@@ -215,14 +215,20 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
         .await;
         match stopped {
             // The new process serves the control socket and metrics now.
-            Stopped::TakenOver(_) => interfaces.hand_off(),
+            Stopped::TakenOver(_) => {
+                interfaces.hand_off();
+                crate::proxy::listeners_live_on();
+            }
             Stopped::Signal => {
                 if let Some(max) = systemd::fd_store_max() {
                     // Before anything stops accepting: the listeners stay
                     // open in the store, for the next start to take.
                     let metrics = interfaces.metrics_copy.as_ref().map(|(a, fd)| (*a, fd.as_fd()));
                     match crate::takeover::store(&server.handover(), metrics, max).await {
-                        Ok(n) => info!("{n} listening socket(s) kept in systemd's fd store for the next start"),
+                        Ok(n) => {
+                            info!("{n} listening socket(s) kept in systemd's fd store for the next start");
+                            crate::proxy::listeners_live_on();
+                        }
                         Err(e) => warn!("cannot keep the listening sockets in systemd's fd store: {e}; the next start opens new ones (clients are refused meanwhile)"),
                     }
                 }

@@ -307,6 +307,11 @@ fn take_backlog<L, H, F>(
     H: Fn(Arc<Binding>, L::Conn, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
+    if super::backlog_is_kept() {
+        // The socket lives on (a takeover, the fd store): its next holder
+        // accepts them.
+        return;
+    }
     let room = match b.stop.mode() {
         Some(StopMode::Close) => 0,
         _ => b

@@ -203,6 +203,22 @@ pub fn cuts() -> (u64, u64) {
 /// timeout its listener's stop mode would suggest.
 static DRAIN_CUT_SHORT: AtomicBool = AtomicBool::new(false);
 
+/// Set when the listening sockets live on after this process closes them:
+/// a new nsproxy took them over, or systemd's fd store keeps them.
+static LISTENERS_LIVE_ON: AtomicBool = AtomicBool::new(false);
+
+/// Marks the listening sockets as living on elsewhere (a takeover, the fd
+/// store): a closing listener then leaves the clients in its backlog to
+/// whoever holds the socket next, instead of taking or resetting them.
+pub fn listeners_live_on() {
+    LISTENERS_LIVE_ON.store(true, Ordering::Relaxed);
+}
+
+/// Whether [`listeners_live_on`] was called.
+pub(crate) fn backlog_is_kept() -> bool {
+    LISTENERS_LIVE_ON.load(Ordering::Relaxed)
+}
+
 /// Marks the shutdown's drain as ended early by the operator, for the close
 /// lines of the connections it cuts.
 pub fn cut_drain_short() {
