@@ -105,7 +105,19 @@ fn until_count(n: &AtomicUsize, at_least: usize, what: &str) {
 
 #[test]
 fn a_takeover_under_a_stream_of_connections_refuses_and_resets_none() {
-    as_root(|| {
+    // Split (as root by default): the relays, unprivileged, hand and take.
+    as_root(|| swap_under_load("nobody"))
+}
+
+#[test]
+fn a_takeover_of_a_single_process_daemon_refuses_and_resets_none() {
+    as_root(|| swap_under_load("root"))
+}
+
+/// A swap under a stream of short connections and three long ones, both
+/// daemons relaying as `user`.
+fn swap_under_load(user: &str) {
+    {
         const ADDR: &str = "127.0.0.1:7000";
         let mut s = Scenario::with(&["a"])
             .tcp_echo("host", "127.0.0.1:9000")
@@ -124,7 +136,14 @@ fn a_takeover_under_a_stream_of_connections_refuses_and_resets_none() {
                     .netns(["a"])
                     .upstream_in("host", "127.0.0.1:9001"),
             )
+            .args(&["--user", user])
             .start();
+        assert_eq!(
+            s.ready_log().contains("relay running as"),
+            user != "root",
+            "{}",
+            s.ready_log()
+        );
         // A UDP client with a session in the old process.
         let udp = s.ns("a").udp_client(ADDR);
         assert_eq!(udp_round_trip(&udp, b"before").unwrap(), b"before");
@@ -146,7 +165,7 @@ fn a_takeover_under_a_stream_of_connections_refuses_and_resets_none() {
             until_count(done, 1000, "short connections before the swap");
             let args = s.same_config_args();
             let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-            args.push("--takeover");
+            args.extend(["--takeover", "--user", user]);
             let new = Daemon::command(s.host(), &args);
             new.wait_ready();
             // The old one has been told; it no longer accepts.
@@ -205,6 +224,65 @@ fn a_takeover_under_a_stream_of_connections_refuses_and_resets_none() {
         let status = new.terminate();
         assert!(status.success(), "the new daemon exited {status}");
         eprintln!("{total} short connections, 0 failed; 3 long ones kept every byte");
+    }
+}
+
+#[test]
+fn a_new_process_that_fails_before_it_serves_leaves_the_old_one_serving() {
+    as_root(|| {
+        const ADDR: &str = "127.0.0.1:7004";
+        let s = Scenario::with(&["a"])
+            .tcp_hello("host", "127.0.0.1:9000", "hi\n")
+            .rule(
+                tcp("hi")
+                    .listen(ADDR)
+                    .netns(["a"])
+                    .upstream_in("host", "127.0.0.1:9000"),
+            )
+            .start();
+        // It takes the sockets, then has nothing it can listen on: its
+        // only rule names the namespace of a process that does not exist.
+        let dir = TempDir::new();
+        let bad = dir.file(
+            "bad.toml",
+            &config(
+                &tcp("gone")
+                    .listen(ADDR)
+                    .netns(["pid:2147483646"])
+                    .upstream_in("host", "127.0.0.1:9000")
+                    .to_string(),
+            ),
+        );
+        let args = [
+            "run",
+            "--config",
+            bad.to_str().unwrap(),
+            "--control-socket",
+            s.control_socket(),
+            "--takeover",
+        ];
+        let (status, log) = Daemon::command(s.host(), &args).wait_exit();
+        assert!(!status.success(), "{log}");
+        assert!(log.contains("socket(s) over from nsproxy"), "{log}");
+        assert!(log.contains("no listener could be started"), "{log}");
+        s.wait_log("went before it served the sockets it took: serving on");
+        let mut c = s.ns("a").tcp_connect(ADDR).unwrap();
+        assert_eq!(read_all(&mut c).unwrap(), b"hi\n");
+        // And it may be taken over again.
+        let args = s.same_config_args();
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.push("--takeover");
+        let new = Daemon::command(s.host(), &args);
+        new.wait_ready();
+        let (status, old_log) = {
+            let mut s = s;
+            let r = s.wait_exit_here();
+            let mut c = s.ns("a").tcp_connect(ADDR).unwrap();
+            assert_eq!(read_all(&mut c).unwrap(), b"hi\n");
+            drop(new);
+            r
+        };
+        assert!(status.success(), "{old_log}");
     })
 }
 
