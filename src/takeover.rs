@@ -136,6 +136,10 @@ pub enum TakeoverError {
         "--takeover needs the running nsproxy's control socket, and control_socket is \"\" (off)"
     )]
     NoControlSocket,
+    #[error(
+        "--takeover: the running nsproxy offers no takeover (a version before it); stop it and start this one"
+    )]
+    NotOffered,
 }
 
 // ---- the old process ----
@@ -251,7 +255,7 @@ impl Give {
                 info!(
                     pid,
                     "pid {pid} took over {} socket(s) and serves them",
-                    self.sockets_len()
+                    self.sockets.len()
                 );
                 let _ = self.done.send(pid);
                 // Busy for good: this process is on its way out.
@@ -261,10 +265,6 @@ impl Give {
             Err(e) => warn!("takeover abandoned: {e}; serving on"),
         }
         self.busy.store(false, Ordering::SeqCst);
-    }
-
-    fn sockets_len(&self) -> usize {
-        self.sockets.len()
     }
 
     /// `Some(pid)` once the peer said it serves; `None` when it went first.
@@ -367,6 +367,7 @@ pub async fn take(control: &Path) -> Result<Option<Taken>, TakeoverError> {
     let offer = match crate::control::takeover(control).await {
         Ok(o) => o,
         Err(ControlError::NotRunning(_) | ControlError::Stale(_)) => return Ok(None),
+        Err(ControlError::Refused { status: 404, .. }) => return Err(TakeoverError::NotOffered),
         Err(e) => return Err(e.into()),
     };
     let io = |source| TakeoverError::Io {

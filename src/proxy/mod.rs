@@ -208,8 +208,9 @@ static DRAIN_CUT_SHORT: AtomicBool = AtomicBool::new(false);
 static LISTENERS_LIVE_ON: AtomicBool = AtomicBool::new(false);
 
 /// Marks the listening sockets as living on elsewhere (a takeover, the fd
-/// store): a closing listener then leaves the clients in its backlog to
-/// whoever holds the socket next, instead of taking or resetting them.
+/// store): a closing listener then takes from its backlog only the
+/// clients `max_connections` leaves room for, and leaves the rest to
+/// whoever holds the socket next instead of resetting them.
 pub fn listeners_live_on() {
     LISTENERS_LIVE_ON.store(true, Ordering::Relaxed);
 }
