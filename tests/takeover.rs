@@ -260,12 +260,18 @@ fn a_new_process_that_fails_before_it_serves_leaves_the_old_one_serving() {
             "--control-socket",
             s.control_socket(),
             "--takeover",
+            // One process, root: it could remove the socket file.
+            "--user",
+            "root",
         ];
         let (status, log) = Daemon::command(s.host(), &args).wait_exit();
         assert!(!status.success(), "{log}");
         assert!(log.contains("socket(s) over from nsproxy"), "{log}");
         assert!(log.contains("no listener could be started"), "{log}");
         s.wait_log("went before it served the sockets it took: serving on");
+        // The old one's control socket is still there, and answers.
+        let (code, out, err) = run_cli(&["status", "--control-socket", s.control_socket()]);
+        assert_eq!(code, 0, "{out}{err}");
         let mut c = s.ns("a").tcp_connect(ADDR).unwrap();
         assert_eq!(read_all(&mut c).unwrap(), b"hi\n");
         // And it may be taken over again.

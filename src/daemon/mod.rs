@@ -198,6 +198,8 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
             if let Err(e) = t.ready() {
                 warn!("cannot tell pid {from} that this process serves: {e}; it serves on too until stopped");
             }
+            // Ours now: the old process leaves the file when it exits.
+            interfaces.control_adopted = false;
         }
         if let Err(e) = systemd::notify("READY=1") {
             warn!("cannot notify systemd: {e}");
@@ -550,15 +552,19 @@ struct Interfaces {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// A copy of the metrics listener, for systemd's fd store at stop.
     metrics_copy: Option<(std::net::SocketAddr, std::os::fd::OwnedFd)>,
+    /// The control socket was taken over and the old process still owns
+    /// its file: not removed should this process stop before it serves.
+    control_adopted: bool,
 }
 
 impl Interfaces {
     /// Binds the control socket and the metrics listener, or takes those
     /// of the process `taken` over from when they are the same.
     async fn bind(config: &Config, mut taken: Option<&mut crate::takeover::Taken>) -> Interfaces {
-        let (mut control, mut control_path) = (None, None);
+        let (mut control, mut control_path, mut control_adopted) = (None, None, false);
         if let Some(p) = control_socket_path(config) {
             let inherited = taken.as_mut().and_then(|t| t.control_listener(&p));
+            let adopted = inherited.is_some();
             let bound = match inherited {
                 Some(l) => Ok(l),
                 None => control::bind(&p).await,
@@ -567,6 +573,7 @@ impl Interfaces {
                 Ok(l) => (control, control_path) = (Some(l), Some(p)),
                 Err(e) => error!("{e}; the control API (nsproxy status, nsproxy reload) is off"),
             }
+            control_adopted = adopted;
         }
         let mut metrics = None;
         if let Some(addr) = config.metrics_listen {
@@ -587,6 +594,7 @@ impl Interfaces {
             metrics,
             tasks: Vec::new(),
             metrics_copy: None,
+            control_adopted,
         }
     }
 
@@ -652,6 +660,9 @@ impl Interfaces {
     }
 
     fn remove_socket(&self) {
+        if self.control_adopted {
+            return;
+        }
         if let Some(p) = &self.control_path {
             let _ = std::fs::remove_file(p);
         }
