@@ -152,6 +152,9 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
             // What the previous nsproxy of this service left in systemd's
             // fd store as it stopped (see `Stopped::Signal` below).
             taken = crate::takeover::from_fd_store(passed);
+        } else if !passed.is_empty() {
+            warn!("--takeover took the running nsproxy's sockets: the {} fd(s) systemd passed are closed and removed from its store", passed.len());
+            let _ = systemd::remove_fds(passed.iter().map(|(n, _)| n.as_str()));
         }
         // Bound while nsproxy may still: the socket is made by, and
         // belongs to, the user who started it.
