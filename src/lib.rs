@@ -38,6 +38,9 @@
 //! - [`metrics`]: Prometheus text exposition, and the rest of the metrics
 //!   listener: the status page, the status JSON and the health probes.
 //! - [`systemd`]: readiness notifications (`sd_notify`).
+//! - [`takeover`]: upgrading without an outage: a new process takes the
+//!   running one's listening sockets over its control socket (`SCM_RIGHTS`)
+//!   and the old one drains and exits.
 //!
 //! - [`daemon`]: `nsproxy run` and `forward` from a parsed config to exit:
 //!   where sockets come from, the runtime, the control socket and metrics
@@ -67,3 +70,4 @@ pub mod sctp;
 pub mod status;
 mod sys;
 pub mod systemd;
+pub mod takeover;

@@ -61,6 +61,12 @@ enum Command {
         /// would (for a Kubernetes ConfigMap; off by default).
         #[arg(long)]
         watch_config: bool,
+        /// Take the listening sockets over from the nsproxy running on the
+        /// same control socket, then make it drain and exit (an upgrade or
+        /// restart without refusing a connection); without one running,
+        /// start afresh.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Show every rule in every namespace of the running daemon.
     Status {
@@ -211,7 +217,13 @@ fn main() -> ExitCode {
             control_socket,
             user,
             watch_config,
+            takeover,
         } => {
+            // Before any child starts: the fds systemd passed (its fd store)
+            // are made close-on-exec, so that the broker inherits none.
+            if let Err(e) = nsproxy::systemd::claim_listen_fds() {
+                tracing::warn!("LISTEN_FDS: {e}");
+            }
             // Before the parse, so that the broker's start overlaps it.
             let early = daemon::start_broker_early(&config, user.as_deref(), &broker_args);
             let text = config::read_text(&config);
@@ -227,7 +239,7 @@ fn main() -> ExitCode {
                     c.user = user.or(c.user);
                     let pinned = drain_timeout.is_some();
                     let source = daemon::Source::File(config);
-                    serve(c, source, pinned, &broker_args, early, follow)
+                    serve(c, source, pinned, &broker_args, early, follow, takeover)
                 }
                 Err(e) => {
                     eprintln!("nsproxy: {}: {e}", config.display());
@@ -257,6 +269,7 @@ fn main() -> ExitCode {
                     &broker_args,
                     None,
                     None,
+                    false,
                 )
             }
             Err(e) => {
@@ -326,6 +339,7 @@ fn serve(
     broker_args: &[OsString],
     early_broker: Option<std::io::Result<nsproxy::broker::BrokerChild>>,
     follow: Option<daemon::Fingerprint>,
+    takeover: bool,
 ) -> ExitCode {
     if let Some(Err(e)) = config.user.as_deref().map(config::check_user) {
         eprintln!("nsproxy: --user: {e}");
@@ -338,6 +352,7 @@ fn serve(
         broker_args: broker_args.to_vec(),
         early_broker,
         follow,
+        takeover,
     };
     match daemon::serve(run) {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /status` | [`Status`] as JSON |
 //! | `POST /reload` | [`ReloadReport`] as JSON, or 400 with `{"error": "..."}` when the new config is invalid (the old one keeps serving) |
+//! | `POST /takeover` | an [`Offer`](crate::takeover::Offer): where a new nsproxy fetches this one's listening sockets (see [`crate::takeover`]); 409 when one is under way, 404 when not offered |
 //!
 //! Another method on these paths is answered 405 with `Allow`, another path
 //! 404, a malformed request 400; [`Limits`] says what a client may take.
@@ -234,6 +235,18 @@ pub async fn serve(
     stats: Arc<HttpStats>,
     peers: Peers,
 ) {
+    serve_with(listener, commands, limits, stats, peers, None).await;
+}
+
+/// [`serve`], also answering `POST /takeover` with `giver`.
+pub async fn serve_with(
+    listener: UnixListener,
+    commands: mpsc::Sender<Command>,
+    limits: Limits,
+    stats: Arc<HttpStats>,
+    peers: Peers,
+    giver: Option<Arc<crate::takeover::Giver>>,
+) {
     let listener = Checked {
         inner: listener,
         peers,
@@ -242,8 +255,9 @@ pub async fn serve(
     };
     let handler = move |req: Request<Incoming>| {
         let commands = commands.clone();
+        let giver = giver.clone();
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-        async move { route(&method, &path, &commands).await }
+        async move { route(&method, &path, &commands, giver.as_deref()).await }
     };
     http::serve(listener, Endpoint::Control, limits, stats, REFUSAL, handler).await;
 }
@@ -256,7 +270,12 @@ fn error(status: StatusCode, message: &str) -> Answer {
     json(status, serde_json::json!({ "error": message }).to_string())
 }
 
-async fn route(method: &Method, path: &str, commands: &mpsc::Sender<Command>) -> Answer {
+async fn route(
+    method: &Method,
+    path: &str,
+    commands: &mpsc::Sender<Command>,
+    giver: Option<&crate::takeover::Giver>,
+) -> Answer {
     let gone = || {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -289,7 +308,17 @@ async fn route(method: &Method, path: &str, commands: &mpsc::Sender<Command>) ->
                 Err(_) => gone(),
             }
         }
-        ("/status" | "/reload", _) => {
+        ("/takeover", &Method::POST) => match giver {
+            Some(g) => match g.offer().await {
+                Ok(offer) => encode(serde_json::to_string(&offer)),
+                Err(e) => error(StatusCode::CONFLICT, &e),
+            },
+            None => error(
+                StatusCode::NOT_FOUND,
+                "this nsproxy offers no takeover (not started as a daemon)",
+            ),
+        },
+        ("/status" | "/reload" | "/takeover", _) => {
             let allow = if path == "/status" { "GET" } else { "POST" };
             http::not_allowed(
                 allow,
@@ -302,7 +331,7 @@ async fn route(method: &Method, path: &str, commands: &mpsc::Sender<Command>) ->
         }
         _ => error(
             StatusCode::NOT_FOUND,
-            "unknown path: GET /status, POST /reload",
+            "unknown path: GET /status, POST /reload, POST /takeover",
         ),
     }
 }
@@ -348,6 +377,12 @@ pub async fn status(path: &Path) -> Result<Status, ControlError> {
 /// Client: `POST /reload`.
 pub async fn reload(path: &Path) -> Result<ReloadReport, ControlError> {
     let body = call(path, Method::POST, "/reload").await?;
+    serde_json::from_str(&body).map_err(|e| ControlError::Decode(e.to_string()))
+}
+
+/// Client: `POST /takeover` (see [`crate::takeover::take`]).
+pub async fn takeover(path: &Path) -> Result<crate::takeover::Offer, ControlError> {
+    let body = call(path, Method::POST, "/takeover").await?;
     serde_json::from_str(&body).map_err(|e| ControlError::Decode(e.to_string()))
 }
 

@@ -9,23 +9,26 @@
 //! serve the control API, mark the daemon ready and tell systemd; then
 //! reload on SIGHUP until a stop signal, and drain.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::net::{TcpListener, UnixListener};
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config};
 use crate::lifecycle::{Command, Options, Server};
 use crate::netns::{NsRef, SocketFactory, Switcher};
 use crate::status::BindingState;
-use crate::{broker, control, metrics, privsep, runtime, systemd};
+use crate::{broker, metrics, privsep, runtime, systemd};
 
 mod follow;
+mod interfaces;
 mod plan;
 
 pub use follow::Fingerprint;
+use interfaces::{Interfaces, control_socket_path};
+
 pub use plan::{DEFAULT_USER, Plan, Single, plan};
 
 /// How `nsproxy run` or `forward` was asked to serve.
@@ -44,6 +47,9 @@ pub struct Run {
     /// watched, and a changed text reloaded), and
     /// this is the text the config was parsed from.
     pub follow: Option<Fingerprint>,
+    /// `--takeover`: take the listening sockets of the nsproxy running on
+    /// the same control socket, then tell it to drain and exit.
+    pub takeover: bool,
 }
 
 /// Starts the socket broker of `nsproxy run --config PATH` before the relay
@@ -145,9 +151,23 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
     info!(workers, home = %switcher.home(), pid = std::process::id(), "nsproxy {} starting", env!("CARGO_PKG_VERSION"));
     let broker = switcher.broker().cloned();
     let served = rt.block_on(async {
+        // Before anything binds: the old process holds the ports.
+        let passed = systemd::take_listen_fds();
+        let mut taken = match run.takeover {
+            true => take_over(&run.config).await?,
+            false => None,
+        };
+        if taken.is_none() {
+            // What the previous nsproxy of this service left in systemd's
+            // fd store as it stopped (see `Stopped::Signal` below).
+            taken = crate::takeover::from_fd_store(passed);
+        } else if !passed.is_empty() {
+            warn!("--takeover took the running nsproxy's sockets: the {} fd(s) systemd passed are closed and removed from its store", passed.len());
+            let _ = systemd::remove_fds(passed.iter().map(|(n, _)| n.as_str()));
+        }
         // Bound while nsproxy may still: the socket is made by, and
         // belongs to, the user who started it.
-        let mut interfaces = Interfaces::bind(&run.config).await;
+        let mut interfaces = Interfaces::bind(&run.config, taken.as_mut()).await;
         // Watched while privileged: a watch is checked when it is made.
         let follower = follow_config(&run);
         if let Err(e) = systemd::connect() {
@@ -168,6 +188,7 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
             config_path: run.source.path(),
             workers,
             drain_pinned: run.drain_pinned,
+            inherited: taken.as_ref().map(|t| t.inherited.clone()),
             ..Options::default()
         };
         let mut signals = Signals::new().context("cannot install signal handlers")?;
@@ -189,31 +210,69 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
             }
         };
         health.ready(server.commands());
-        interfaces.serve_control(&server);
+        let (handed_tx, mut handed) = tokio::sync::mpsc::unbounded_channel();
+        interfaces.serve_control(&server, handed_tx);
         if let (Some(f), Some(loaded)) = (follower, run.follow) {
             tokio::spawn(f.run(loaded, reader, server.commands()));
         }
         info!("{ready}");
+        if let Some(t) = taken {
+            let from = t.from;
+            if let Err(e) = t.ready() {
+                warn!("cannot tell pid {from} that this process serves: {e}; it serves on too until stopped");
+            }
+            // Ours now: the old process leaves the file when it exits.
+            interfaces.control_adopted = false;
+        }
         if let Err(e) = systemd::notify("READY=1") {
             warn!("cannot notify systemd: {e}");
         }
         if reload_when_started {
             request_reload(&server);
         }
-        let lost_broker = until_stopped(
+        let stopped = until_stopped(
             &server,
             &mut signals,
             broker.as_ref(),
+            &mut handed,
             drain_timeout,
             &health,
         )
         .await;
         health.draining();
+        match stopped {
+            // The new process serves the control socket and metrics now.
+            Stopped::TakenOver(_) => {
+                interfaces.hand_off();
+                crate::proxy::listeners_live_on();
+            }
+            Stopped::Signal => {
+                if let Some(max) = systemd::fd_store_max() {
+                    // Before anything stops accepting: the listeners stay
+                    // open in the store, for the next start to take.
+                    let metrics = interfaces.metrics_copy.as_ref().map(|(a, fd)| (*a, fd.as_fd()));
+                    match crate::takeover::store(&server.handover(), metrics, max).await {
+                        Ok(n) => {
+                            info!("{n} listening socket(s) kept in systemd's fd store for the next start");
+                            crate::proxy::listeners_live_on();
+                        }
+                        Err(e) => warn!("cannot keep the listening sockets in systemd's fd store: {e}; the next start opens new ones (clients are refused meanwhile)"),
+                    }
+                }
+            }
+            Stopped::BrokerLost(_) => {}
+        }
         drain(server, &mut signals).await;
         interfaces.remove_socket();
-        match lost_broker {
-            Some(pid) => anyhow::bail!("stopped: the socket broker (pid {pid}) died"),
-            None => {
+        match stopped {
+            Stopped::BrokerLost(pid) => {
+                anyhow::bail!("stopped: the socket broker (pid {pid}) died")
+            }
+            Stopped::TakenOver(pid) => {
+                info!("stopped: pid {pid} took over");
+                Ok(())
+            }
+            Stopped::Signal => {
                 info!("stopped");
                 Ok(())
             }
@@ -232,17 +291,28 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
     served
 }
 
-/// Serves, reloading on SIGHUP, until a stop signal (`None`) or the socket
-/// broker's death (its pid): then, still answering status and metrics
-/// (which say the broker is gone), open connections get `drain_timeout`
-/// to finish before what is left is cut.
+/// Why [`until_stopped`] returned.
+enum Stopped {
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// A new nsproxy (this pid) took the sockets over and serves them.
+    TakenOver(u32),
+    /// The socket broker (this pid) died.
+    BrokerLost(u32),
+}
+
+/// Serves, reloading on SIGHUP, until a stop signal, a takeover that is
+/// done (`handed`), or the socket broker's death: then, still answering
+/// status and metrics (which say the broker is gone), open connections get
+/// `drain_timeout` to finish before what is left is cut.
 async fn until_stopped(
     server: &Server,
     signals: &mut Signals,
     broker: Option<&crate::netns::BrokerLink>,
+    handed: &mut tokio::sync::mpsc::UnboundedReceiver<u32>,
     drain_timeout: std::time::Duration,
     health: &metrics::Health,
-) -> Option<u32> {
+) -> Stopped {
     let broker_gone = async {
         match broker {
             Some(link) => link.gone().await,
@@ -259,9 +329,13 @@ async fn until_stopped(
                 }
                 Signal::Stop(name) => {
                     info!("{name} received");
-                    return None;
+                    return Stopped::Signal;
                 }
             },
+            Some(pid) = handed.recv() => {
+                info!(pid, "pid {pid} took over: no new connections here; open ones get up to {drain_timeout:?} (drain_timeout), then this process exits");
+                return Stopped::TakenOver(pid);
+            }
             () = &mut broker_gone => break broker.map_or(0, |b| b.pid()),
         }
     };
@@ -277,7 +351,31 @@ async fn until_stopped(
         },
     }
     crate::proxy::cut_drain_short();
-    Some(pid)
+    Stopped::BrokerLost(pid)
+}
+
+/// `--takeover`: the sockets of the nsproxy on this config's control
+/// socket. None running there: a warning, and a fresh start (so that a
+/// first start with `--takeover` works); one running that refuses or
+/// fails: an error (it serves on).
+async fn take_over(config: &Config) -> anyhow::Result<Option<crate::takeover::Taken>> {
+    let Some(path) = control_socket_path(config) else {
+        return Err(crate::takeover::TakeoverError::NoControlSocket.into());
+    };
+    match crate::takeover::take(&path).await {
+        Ok(Some(t)) => Ok(Some(t)),
+        Ok(None) => {
+            warn!(
+                "--takeover: no nsproxy runs with control socket {}: starting afresh",
+                path.display()
+            );
+            Ok(None)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "cannot take over from the nsproxy on {} (it keeps serving)",
+            path.display()
+        ))),
+    }
 }
 
 /// The watches of `--watch-config`, or `None` (not asked for, or the
@@ -471,85 +569,6 @@ async fn drain(server: Server, signals: &mut Signals) {
                 crate::proxy::cut_drain_short();
                 break;
             },
-        }
-    }
-}
-
-/// The operator's interfaces: bound before the server starts (and before
-/// any privilege is given up), served once it has.
-struct Interfaces {
-    control: Option<UnixListener>,
-    /// Removed at exit.
-    control_path: Option<PathBuf>,
-    /// Who may use the control socket: root and the user who started
-    /// nsproxy, read before any privilege is given up.
-    peers: control::Peers,
-    metrics: Option<TcpListener>,
-    /// Both endpoints' counters (the metrics show the control API's too).
-    http_stats: Arc<control::HttpStats>,
-}
-
-impl Interfaces {
-    async fn bind(config: &Config) -> Interfaces {
-        let socket_path = match &config.control_socket {
-            Some(p) if p.as_os_str().is_empty() => None,
-            Some(p) => Some(p.clone()),
-            None => Some(PathBuf::from(control::DEFAULT_SOCKET)),
-        };
-        let (mut control, mut control_path) = (None, None);
-        if let Some(p) = socket_path {
-            match control::bind(&p).await {
-                Ok(l) => (control, control_path) = (Some(l), Some(p)),
-                Err(e) => error!("{e}; the control API (nsproxy status, nsproxy reload) is off"),
-            }
-        }
-        let mut metrics = None;
-        if let Some(addr) = config.metrics_listen {
-            match metrics::bind(addr).await {
-                Ok(l) => metrics = Some(l),
-                Err(e) => error!("{e}; metrics are off"),
-            }
-        }
-        Interfaces {
-            control,
-            control_path,
-            peers: control::Peers::starting_user(),
-            metrics,
-            http_stats: Arc::default(),
-        }
-    }
-
-    /// Serves the metrics listener, which follows the daemon's `health`
-    /// (its probes answer before the server exists).
-    fn serve_metrics(&mut self, health: &Arc<metrics::Health>) {
-        if let Some(l) = self.metrics.take() {
-            let addr = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            info!("metrics on http://{addr}/metrics, status page on http://{addr}/");
-            let limits = control::Limits::METRICS;
-            let stats = self.http_stats.clone();
-            tokio::spawn(metrics::serve(l, health.clone(), limits, stats));
-        }
-    }
-
-    /// Serves the control API on the server's commands.
-    fn serve_control(&mut self, server: &Server) {
-        if let (Some(l), Some(p)) = (self.control.take(), &self.control_path) {
-            info!("control API on {}", p.display());
-            let limits = control::Limits::CONTROL;
-            let peers = self.peers.clone();
-            tokio::spawn(control::serve(
-                l,
-                server.commands(),
-                limits,
-                self.http_stats.clone(),
-                peers,
-            ));
-        }
-    }
-
-    fn remove_socket(&self) {
-        if let Some(p) = &self.control_path {
-            let _ = std::fs::remove_file(p);
         }
     }
 }

@@ -284,9 +284,10 @@ impl Supervisor {
         ));
         self.by_ns.insert((Slot::of(rule), ns), netns.clone());
         let b = binding.clone();
+        let inherited = self.options.inherited.clone();
         let task = chunk
             .pending
-            .spawn(async move { open_listener(&b, replacing).await });
+            .spawn(async move { open_listener(&b, replacing, inherited.as_deref()).await });
         chunk.tasks.insert(task.id(), binding);
         State::Opening
     }
@@ -342,13 +343,18 @@ impl Supervisor {
                     "listening");
                 // Parked until the first client: most listeners of a large
                 // deployment stay idle, and then cost no task.
+                let fd = {
+                    use std::os::fd::{AsFd, AsRawFd};
+                    let ino = crate::sys::fdpass::inode(listener.as_fd()).unwrap_or(0);
+                    (listener.as_fd().as_raw_fd(), ino)
+                };
                 self.parking.park(binding.clone(), listener);
                 let live = Live {
                     binding,
                     parking: self.parking.clone(),
                 };
                 if let Some(e) = self.entries.get_mut(&key) {
-                    e.state = State::Listening { live, local };
+                    e.state = State::Listening { live, local, fd };
                 }
                 return;
             }
@@ -410,9 +416,28 @@ fn address_not_there(e: &ListenError) -> bool {
     matches!(e, ListenError::Bind { source, .. } if source.raw_os_error() == Some(libc::EADDRNOTAVAIL))
 }
 
-/// Opens a listener; when replacing a binding of the same address, waits
-/// (bounded) for the old listener to be closed by its task.
-async fn open_listener(b: &Binding, replacing: bool) -> Result<Listener, ListenError> {
+/// Opens a listener, or takes the one handed over for it (`inherited`);
+/// when replacing a binding of the same address, waits (bounded) for the
+/// old listener to be closed by its task.
+async fn open_listener(
+    b: &Binding,
+    replacing: bool,
+    inherited: Option<&crate::takeover::Inherited>,
+) -> Result<Listener, ListenError> {
+    if let Some(taking) = inherited.map(|i| i.take(b)) {
+        match taking.await {
+            Some(Ok(l)) => {
+                tracing::debug!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                    "taken over from the old process: its queued clients are served here");
+                return Ok(l);
+            }
+            Some(Err(why)) => {
+                warn!(rule = %b.rule.name, netns = %b.netns, listen = %b.rule.listen,
+                    "not taking {why}; making a new socket (which fails while the old process holds the port)");
+            }
+            None => {}
+        }
+    }
     let mut tries = 0;
     loop {
         match Listener::open(b).await {

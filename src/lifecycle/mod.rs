@@ -79,6 +79,10 @@ pub struct Options {
     /// `drain` was given on the command line: a reload whose file changes
     /// `drain_timeout` keeps it (and says so).
     pub drain_pinned: bool,
+    /// Listening sockets taken over from the nsproxy this one replaces
+    /// (`--takeover`): a binding uses the one of its protocol, namespace
+    /// and listen address instead of making a socket.
+    pub inherited: Option<Arc<crate::takeover::Inherited>>,
 }
 
 impl Default for Options {
@@ -90,6 +94,7 @@ impl Default for Options {
             workers: crate::runtime::default_workers(),
             park_after: DEFAULT_PARK_AFTER,
             drain_pinned: false,
+            inherited: None,
         }
     }
 }
@@ -132,6 +137,8 @@ enum Control {
     Apply(Config, ReloadReply),
     Bindings(oneshot::Sender<Vec<Arc<Binding>>>),
     Shutdown(oneshot::Sender<()>),
+    /// Copies of every listening socket, for a takeover.
+    Handover(oneshot::Sender<Vec<(crate::takeover::Handed, std::os::fd::OwnedFd)>>),
     /// The config file, read and parsed by a task of its own (see
     /// `Supervisor::request_reload`), for the reloads waiting on it.
     Parsed(Result<Config, ReloadError>, Vec<ReloadReply>),
@@ -215,6 +222,12 @@ impl Server {
         rx.await.unwrap_or_default()
     }
 
+    /// A handle that asks for copies of the listening sockets (for a
+    /// takeover, [`crate::takeover::Giver`]).
+    pub fn handover(&self) -> Handover {
+        Handover(self.control.clone())
+    }
+
     /// Applies `config`, or re-reads the config file when `None`. An invalid
     /// config changes nothing and is returned as the error.
     pub async fn reload(&self, config: Option<Config>) -> Result<ReloadReport, ReloadError> {
@@ -240,6 +253,22 @@ impl Server {
     }
 }
 
+/// Asks a running [`Server`] for copies of its listening sockets.
+#[derive(Clone)]
+pub struct Handover(mpsc::Sender<Control>);
+
+impl Handover {
+    /// A copy of each listening binding's socket, described; empty once
+    /// the server has stopped.
+    pub async fn listening(&self) -> Vec<(crate::takeover::Handed, std::os::fd::OwnedFd)> {
+        let (tx, rx) = oneshot::channel();
+        if self.0.send(Control::Handover(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
 struct Entry {
     rule: Arc<Rule>,
     netns: NsRef,
@@ -250,6 +279,10 @@ enum State {
     Listening {
         live: Live,
         local: SocketAddr,
+        /// The listener's fd number and socket inode: whoever holds the
+        /// socket (the parking set or a serve task), a takeover copies it
+        /// by these ([`crate::sys::fdpass::dup_if_same`]).
+        fd: (std::os::fd::RawFd, u64),
     },
     Waiting(WaitReason),
     Failed(FailReason),
@@ -352,6 +385,7 @@ impl Supervisor {
                     }
                     Some(Control::Parsed(result, replies)) => self.parsed(result, replies).await,
                     Some(Control::Bindings(reply)) => { let _ = reply.send(self.live_bindings()); }
+                    Some(Control::Handover(reply)) => { let _ = reply.send(self.handover()); }
                     Some(Control::Shutdown(reply)) => {
                         self.shutdown().await;
                         let _ = reply.send(());
@@ -592,6 +626,33 @@ impl Supervisor {
             }
         };
         self.act(reconcile::lost(&key, cause)).await;
+    }
+
+    /// A copy of every listening socket, described for a takeover.
+    fn handover(&self) -> Vec<(crate::takeover::Handed, std::os::fd::OwnedFd)> {
+        let mut out = Vec::new();
+        for e in self.entries.values() {
+            let State::Listening { live, local, fd } = &e.state else {
+                continue;
+            };
+            let b = &live.binding;
+            let Some(copy) = crate::sys::fdpass::dup_if_same(fd.0, fd.1) else {
+                warn!(rule = %b.rule.name, netns = %b.netns,
+                    "takeover: the listener is being replaced (its socket is gone); not handed over");
+                continue;
+            };
+            let handed = crate::takeover::Handed::Binding {
+                rule: b.rule.name.clone(),
+                netns: b.netns.to_string(),
+                ns_dev: b.ns.dev,
+                ns_ino: b.ns.ino,
+                protocol: b.rule.protocol.to_string(),
+                listen: b.rule.listen,
+                local: *local,
+            };
+            out.push((handed, copy));
+        }
+        out
     }
 
     async fn shutdown(&mut self) {

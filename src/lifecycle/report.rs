@@ -80,7 +80,7 @@ impl fmt::Display for CloseWhy {
 fn describe(state: &State) -> (BindingState, Option<String>, Option<String>, Counters) {
     let quiet = |s, why: String| (s, Some(why), None, Counters::default());
     match state {
-        State::Listening { live, local } => (
+        State::Listening { live, local, .. } => (
             BindingState::Listening,
             None,
             Some(local.to_string()),

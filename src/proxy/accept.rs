@@ -307,6 +307,9 @@ fn take_backlog<L, H, F>(
     H: Fn(Arc<Binding>, L::Conn, SocketAddr) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
+    // The socket lives on (a takeover, the fd store): what does not fit
+    // is left queued for its next holder, not reset.
+    let kept = super::backlog_is_kept();
     let room = match b.stop.mode() {
         Some(StopMode::Close) => 0,
         _ => b
@@ -318,6 +321,9 @@ fn take_backlog<L, H, F>(
     // Bounded: the backlog holds at most `backlog` (the kernel may allow
     // one more); clients still arriving are not chased.
     for _ in 0..=b.rule.backlog {
+        if kept && taken as usize >= room {
+            break;
+        }
         match listener.accept_queued() {
             Ok((conn, peer)) if (taken as usize) < room => {
                 taken += 1;

@@ -205,6 +205,23 @@ pub fn cuts() -> (u64, u64) {
 /// timeout its listener's stop mode would suggest.
 static DRAIN_CUT_SHORT: AtomicBool = AtomicBool::new(false);
 
+/// Set when the listening sockets live on after this process closes them:
+/// a new nsproxy took them over, or systemd's fd store keeps them.
+static LISTENERS_LIVE_ON: AtomicBool = AtomicBool::new(false);
+
+/// Marks the listening sockets as living on elsewhere (a takeover, the fd
+/// store): a closing listener then takes from its backlog only the
+/// clients `max_connections` leaves room for, and leaves the rest to
+/// whoever holds the socket next instead of resetting them.
+pub fn listeners_live_on() {
+    LISTENERS_LIVE_ON.store(true, Ordering::Relaxed);
+}
+
+/// Whether [`listeners_live_on`] was called.
+pub(crate) fn backlog_is_kept() -> bool {
+    LISTENERS_LIVE_ON.load(Ordering::Relaxed)
+}
+
 /// Marks the shutdown's drain as ended early by the operator, for the close
 /// lines of the connections it cuts.
 pub fn cut_drain_short() {
@@ -426,6 +443,69 @@ impl Listener {
             }
         };
         opened.instrument(b.span()).await
+    }
+
+    /// A listening socket another nsproxy made for the same binding (a
+    /// takeover), checked before it is served: of `b`'s protocol, listening
+    /// (TCP, SCTP), bound to `b`'s listen address (any port when the rule
+    /// says 0), and in the namespace whose cookie is `netns_cookie` (`None`
+    /// when this kernel has no `SO_NETNS_COOKIE`). Its backlog is set to the
+    /// rule's, the rest of its options are the old process's.
+    pub(crate) fn adopt(
+        b: &Binding,
+        fd: std::os::fd::OwnedFd,
+        netns_cookie: Option<u64>,
+    ) -> Result<Listener, String> {
+        use socket2::{Socket, Type};
+        let socket = Socket::from(fd);
+        let (ty, proto) = match b.rule.protocol {
+            Protocol::Tcp => (Type::STREAM, libc::IPPROTO_TCP),
+            Protocol::Udp => (Type::DGRAM, libc::IPPROTO_UDP),
+            Protocol::Sctp => (Type::STREAM, libc::IPPROTO_SCTP),
+        };
+        let err = |what: &str, e: io::Error| format!("cannot read its {what}: {e}");
+        let got_ty = socket.r#type().map_err(|e| err("type", e))?;
+        let got_proto = socket.protocol().map_err(|e| err("protocol", e))?;
+        if got_ty != ty || got_proto.map(i32::from) != Some(proto) {
+            return Err(format!(
+                "it is not a {} socket ({got_ty:?}, protocol {got_proto:?})",
+                b.rule.protocol
+            ));
+        }
+        let local = socket
+            .local_addr()
+            .map_err(|e| err("address", e))?
+            .as_socket()
+            .ok_or("it is not an IP socket")?;
+        let want = b.rule.listen;
+        if local.ip() != want.ip() || (want.port() != 0 && local.port() != want.port()) {
+            return Err(format!("it is bound to {local}, not {want}"));
+        }
+        if b.rule.protocol != Protocol::Udp && !socket.is_listener().map_err(|e| err("state", e))? {
+            return Err("it is not listening".into());
+        }
+        if let Some(cookie) = netns_cookie {
+            let got = crate::sys::fdpass::netns_cookie(std::os::fd::AsFd::as_fd(&socket))
+                .map_err(|e| err("namespace", e))?;
+            if got != cookie {
+                return Err(format!("it is in another namespace than \"{}\"", b.netns));
+            }
+        }
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| format!("cannot make it non-blocking: {e}"))?;
+        Ok(match b.rule.protocol {
+            Protocol::Tcp => {
+                // listen(2) again only sets the backlog: queued clients stay.
+                let _ = socket.listen(b.rule.backlog.min(i32::MAX as u32) as i32);
+                Listener::Tcp(socket.into())
+            }
+            Protocol::Udp => Listener::Udp {
+                socket: socket.into(),
+                kernel_drops: 0,
+            },
+            Protocol::Sctp => Listener::Sctp(socket),
+        })
     }
 
     /// The address actually bound (the real port when the rule said 0).

@@ -330,6 +330,129 @@ pub(crate) fn take_inherited_seqpacket(raw: RawFd) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The inode of the file `fd` refers to (a socket's inode number): with
+/// the fd number, what tells one socket from another that got the same
+/// number after the first was closed ([`dup_if_same`]).
+pub(crate) fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: stat is plain data; all-zero is a valid value to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one `stat` into the live `st`.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_ino)
+}
+
+/// A new fd (close-on-exec) for the file that fd number `raw` refers to,
+/// if `raw` is open and still the file of inode `ino` (fd numbers are
+/// reused once closed: another file under the same number is not taken).
+pub(crate) fn dup_if_same(raw: RawFd, ino: u64) -> Option<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC makes a new fd for whatever `raw` refers to,
+    // or fails (EBADF); it changes nothing about `raw` itself.
+    let new = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return None;
+    }
+    // SAFETY: a new fd, owned only here.
+    let fd = unsafe { OwnedFd::from_raw_fd(new) };
+    use std::os::fd::AsFd;
+    (inode(fd.as_fd()).ok() == Some(ino)).then_some(fd)
+}
+
+/// The pid and uid of the process at the other end of unix socket `fd`
+/// (`SO_PEERCRED`, as they were when the peer connected).
+pub(crate) fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    // SAFETY: ucred is plain data; all-zero is a valid value to overwrite.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into the live `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((cred.pid as u32, cred.uid))
+}
+
+/// Takes ownership of fd `raw`, passed by the service manager
+/// (`LISTEN_FDS`), after checking that it is open and a socket; it is made
+/// close-on-exec, so that no child (the socket broker) inherits it.
+pub(crate) fn take_inherited_socket(raw: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only reads the flags of fd `raw`, if it is open.
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut ty: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `ty` and `len` are valid and writable, of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd `raw` is open (F_GETFD succeeded), a socket, and was
+    // handed to this process to own; nothing else in it refers to it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: F_SETFD on an fd owned here.
+    if unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// `pipe2(O_CLOEXEC)`: (read end, write end).
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a writable array of two ints, as pipe2 needs.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded: both fds are new and owned only here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Waits up to `timeout` for the other end of pipe `fd` to be closed by
+/// everyone (or data to come); false on timeout.
+pub(crate) fn wait_hangup(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: one live, writable pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r > 0 {
+            return Ok(true);
+        }
+        if r == 0 {
+            return Ok(false);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Drops capability `cap` from the calling thread's effective set only
 /// (capabilities are per thread), so that a test can act as a relay
 /// without privileges on one thread while the rest of the process keeps
@@ -405,6 +528,21 @@ mod tests {
         drop(a);
         let r = recv(b.as_fd(), &mut buf, 1, false).unwrap();
         assert_eq!((r.len, r.fds.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_dup_is_taken_only_of_the_same_file() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let ino = inode(a.as_fd()).unwrap();
+        assert_ne!(ino, inode(b.as_fd()).unwrap());
+        let d = dup_if_same(a.as_raw_fd(), ino).unwrap();
+        assert_eq!(inode(d.as_fd()).unwrap(), ino);
+        assert!(dup_if_same(b.as_raw_fd(), ino).is_none());
+        let (pid, uid) = peer_cred(a.as_fd()).unwrap();
+        assert_eq!(
+            (pid, uid),
+            (std::process::id(), crate::privsep::effective_uid())
+        );
     }
 
     #[test]

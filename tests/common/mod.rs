@@ -423,6 +423,18 @@ impl Daemon {
         self.child.as_ref().unwrap().id()
     }
 
+    /// The daemon's config file and control socket as arguments, for
+    /// another `nsproxy run` that takes this one over.
+    pub fn same_config_args(&self) -> Vec<String> {
+        vec![
+            "run".into(),
+            "--config".into(),
+            self.config_path().display().to_string(),
+            "--control-socket".into(),
+            self.control_socket().into(),
+        ]
+    }
+
     /// The daemon and its children (the socket broker when it runs split).
     pub fn pids(&self) -> Vec<u32> {
         let pid = self.pid();
@@ -518,6 +530,15 @@ impl Daemon {
             .args(["-TERM", &child.id().to_string()])
             .status();
         wait_exit(&mut child)
+    }
+
+    /// Waits (bounded) for the process to exit by itself, keeping the
+    /// guard (and what it holds, such as the config's directory).
+    pub fn wait_exit_here(&mut self) -> (std::process::ExitStatus, String) {
+        let child = self.child.as_mut().expect("not waited for yet");
+        let status = wait_exit(child);
+        self.child = None;
+        (status, self.log())
     }
 
     /// Waits (bounded) for the process to exit by itself.

@@ -16,7 +16,7 @@
 
 #![allow(dead_code)]
 
-use std::ops::Deref;
+use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 
 // The SCTP tests include this file in their own harness, which has its own
@@ -279,6 +279,14 @@ impl Running {
         let (status, log) = self.daemon.wait_exit();
         assert!(status.success(), "{log}");
         log
+    }
+}
+
+/// Waiting for the daemon in place ([`Daemon::wait_exit_here`]) keeps the
+/// namespaces, which another daemon may serve by then.
+impl DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Daemon {
+        &mut self.daemon
     }
 }
 
