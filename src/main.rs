@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use nsproxy::config::{self, Config, FORWARD_SYNTAX};
+use nsproxy::lifecycle::Pinned;
 use nsproxy::netns::{NsRef, Switcher};
 use nsproxy::{control, daemon, runtime, status};
 use tracing::error;
@@ -233,11 +234,15 @@ fn main() -> ExitCode {
             };
             match text.and_then(|t| config::parse_toml(&t, &config.display().to_string())) {
                 Ok(mut c) => {
+                    let pinned = Pinned {
+                        drain: drain_timeout.is_some(),
+                        workers: workers.is_some(),
+                        control_socket: control_socket.is_some(),
+                    };
                     c.workers = workers.or(c.workers);
                     c.drain_timeout = drain_timeout.or(c.drain_timeout);
                     c.control_socket = control_socket.or(c.control_socket);
                     c.user = user.or(c.user);
-                    let pinned = drain_timeout.is_some();
                     let source = daemon::Source::File(config);
                     serve(c, source, pinned, &broker_args, early, follow, takeover)
                 }
@@ -265,7 +270,12 @@ fn main() -> ExitCode {
                 serve(
                     c,
                     daemon::Source::Forward(specs),
-                    true,
+                    // No reload: nothing to keep from a file.
+                    Pinned {
+                        drain: true,
+                        workers: true,
+                        control_socket: true,
+                    },
                     &broker_args,
                     None,
                     None,
@@ -335,7 +345,7 @@ fn init_logging(format: LogFormat, level: &str) {
 fn serve(
     config: Config,
     source: daemon::Source,
-    drain_pinned: bool,
+    pinned: Pinned,
     broker_args: &[OsString],
     early_broker: Option<std::io::Result<nsproxy::broker::BrokerChild>>,
     follow: Option<daemon::Fingerprint>,
@@ -348,7 +358,7 @@ fn serve(
     let run = daemon::Run {
         config,
         source,
-        drain_pinned,
+        pinned,
         broker_args: broker_args.to_vec(),
         early_broker,
         follow,

@@ -253,16 +253,20 @@ fn drain_timeout_on_the_command_line_outranks_the_file_at_every_reload() {
     let (host, a) = (TestNs::new("h"), TestNs::new("a"));
     echo_server(host.tcp_listen("127.0.0.1:9000"));
     let keep = tcp_rule("keep", "127.0.0.1:7001", &[a.name()], "host");
-    let d = Daemon::run(&host, &keep, &["--drain-timeout", "1s"]);
+    let d = Daemon::run(&host, &keep, &["--drain-timeout", "1s", "--workers", "2"]);
     d.wait_ready();
-    // The file names no drain_timeout: nothing to warn about.
+    // The file names no drain_timeout nor workers, and the fixture's
+    // --control-socket is none of its business: nothing to warn about.
     let out = reload(&d);
     assert!(out.starts_with("reloaded:"), "{out}");
-    assert!(
-        !d.log().contains("in the file is not applied"),
-        "{}",
-        d.log()
-    );
+    let log = d.log();
+    assert!(!log.contains("in the file is not applied"), "{log}");
+    assert!(!log.contains("takes effect at the next restart"), "{log}");
+    assert!(!log.contains("take effect at the next restart"), "{log}");
+    // A file that asks for other workers is told it does not get them.
+    std::fs::write(d.config_path(), format!("workers = 3\n{keep}")).unwrap();
+    reload(&d);
+    d.wait_log("`workers` = 3 in the file is not applied: --workers on the command line keeps it");
     // It asks for another: said at this reload and the next, and the
     // command line's value stays.
     std::fs::write(d.config_path(), format!("drain_timeout = \"7s\"\n{keep}")).unwrap();

@@ -36,8 +36,8 @@ pub use plan::{DEFAULT_USER, Plan, Single, plan};
 pub struct Run {
     pub config: Config,
     pub source: Source,
-    /// The drain timeout was given on the command line: a reload keeps it.
-    pub drain_pinned: bool,
+    /// What the command line gave instead of the file: a reload keeps it.
+    pub pinned: crate::lifecycle::Pinned,
     /// Given to the socket broker, when there is one (logging options).
     pub broker_args: Vec<std::ffi::OsString>,
     /// A socket broker started before the config was parsed
@@ -187,7 +187,7 @@ pub fn serve(mut run: Run) -> anyhow::Result<()> {
             drain: drain_timeout,
             config_path: run.source.path(),
             workers,
-            drain_pinned: run.drain_pinned,
+            pinned: run.pinned,
             inherited: taken.as_ref().map(|t| t.inherited.clone()),
             ..Options::default()
         };

@@ -76,13 +76,22 @@ pub struct Options {
     /// task ends and it is parked (an idle listener costs no task; the
     /// next client wakes it).
     pub park_after: Duration,
-    /// `drain` was given on the command line: a reload whose file changes
-    /// `drain_timeout` keeps it (and says so).
-    pub drain_pinned: bool,
+    /// Settings given on the command line, which a reload of the file
+    /// keeps (and says so when the file asks for another value).
+    pub pinned: Pinned,
     /// Listening sockets taken over from the nsproxy this one replaces
     /// (`--takeover`): a binding uses the one of its protocol, namespace
     /// and listen address instead of making a socket.
     pub inherited: Option<Arc<crate::takeover::Inherited>>,
+}
+
+/// Which of the file's settings the command line overrides (`--drain-timeout`,
+/// `--workers`, `--control-socket`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pinned {
+    pub drain: bool,
+    pub workers: bool,
+    pub control_socket: bool,
 }
 
 impl Default for Options {
@@ -93,7 +102,7 @@ impl Default for Options {
             netns_dir: PathBuf::from(NETNS_RUN_DIR),
             workers: crate::runtime::default_workers(),
             park_after: DEFAULT_PARK_AFTER,
-            drain_pinned: false,
+            pinned: Pinned::default(),
             inherited: None,
         }
     }
@@ -551,6 +560,29 @@ impl Supervisor {
     /// The settings of `new` that are not bindings: warns about those that
     /// need a restart, and applies (or pins) the drain timeout.
     fn take_settings(&mut self, new: &mut Config) {
+        // The command line's values are the running ones: the file's are
+        // not compared with them (every reload would say they changed).
+        if self.options.pinned.workers {
+            if let Some(file) = new.workers.filter(|w| Some(*w) != self.config.workers) {
+                warn!(
+                    "`workers` = {file} in the file is not applied: --workers on the command line keeps it"
+                );
+            }
+            new.workers = self.config.workers;
+        }
+        if self.options.pinned.control_socket {
+            if let Some(file) = new
+                .control_socket
+                .as_ref()
+                .filter(|p| Some(*p) != self.config.control_socket.as_ref())
+            {
+                warn!(
+                    "`control_socket` {} in the file is not applied: --control-socket on the command line keeps it",
+                    file.display()
+                );
+            }
+            new.control_socket = self.config.control_socket.clone();
+        }
         if !self.rules.is_empty() {
             if new.workers != self.config.workers {
                 warn!("`workers` changed: takes effect at the next restart");
@@ -563,7 +595,7 @@ impl Supervisor {
                 );
             }
         }
-        if self.options.drain_pinned {
+        if self.options.pinned.drain {
             // The running value is the command line's, not the file's: say
             // so whenever the file asks for another (not only when it
             // changed, which cannot be told from here).
