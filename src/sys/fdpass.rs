@@ -294,6 +294,13 @@ pub(crate) fn pass_fd_as(cmd: &mut std::process::Command, fd: BorrowedFd<'_>, ta
 /// number cannot make this process own an fd something else owns); it is
 /// made close-on-exec.
 pub(crate) fn take_inherited_seqpacket(raw: RawFd) -> io::Result<OwnedFd> {
+    take_inherited(raw, Some((libc::SOCK_SEQPACKET, "SOCK_SEQPACKET")))
+}
+
+/// Takes ownership of inherited fd `raw` once it is known to be an open
+/// socket (of type `want`, when given: its value and name), and makes it close-on-exec, so
+/// that no child (the socket broker) inherits it.
+fn take_inherited(raw: RawFd, want: Option<(libc::c_int, &str)>) -> io::Result<OwnedFd> {
     // SAFETY: F_GETFD only reads the flags of fd `raw`, if it is open.
     let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
     if flags < 0 {
@@ -314,14 +321,14 @@ pub(crate) fn take_inherited_seqpacket(raw: RawFd) -> io::Result<OwnedFd> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    if ty != libc::SOCK_SEQPACKET {
+    if let Some((_, name)) = want.filter(|(w, _)| *w != ty) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("fd {raw} is not a SOCK_SEQPACKET socket"),
+            format!("fd {raw} is not a {name} socket"),
         ));
     }
-    // SAFETY: fd `raw` is open (F_GETFD succeeded) and was handed to this
-    // process to own; nothing else in it refers to it.
+    // SAFETY: fd `raw` is open (F_GETFD succeeded), a socket, and was
+    // handed to this process to own; nothing else in it refers to it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     // SAFETY: F_SETFD on an fd owned here.
     if unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
@@ -385,34 +392,7 @@ pub(crate) fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
 /// (`LISTEN_FDS`), after checking that it is open and a socket; it is made
 /// close-on-exec, so that no child (the socket broker) inherits it.
 pub(crate) fn take_inherited_socket(raw: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_GETFD only reads the flags of fd `raw`, if it is open.
-    let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut ty: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `ty` and `len` are valid and writable, of the sizes given.
-    let r = unsafe {
-        libc::getsockopt(
-            raw,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd `raw` is open (F_GETFD succeeded), a socket, and was
-    // handed to this process to own; nothing else in it refers to it.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: F_SETFD on an fd owned here.
-    if unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
+    take_inherited(raw, None)
 }
 
 /// `pipe2(O_CLOEXEC)`: (read end, write end).
