@@ -23,20 +23,6 @@ fn rule(name: &str, netns: &[&str], upstream: &str, upstream_netns: &str, extra:
     )
 }
 
-/// The counters of the binding of `rule` in `ns`, from `status --json`.
-fn counters(d: &Daemon, rule: &str, ns: &str) -> serde_json::Value {
-    let (code, out, err) = d.cli(&["status", "--json"]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["bindings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["rule"] == rule && b["netns"] == ns)
-        .unwrap_or_else(|| panic!("no binding of {rule} in {ns}: {out}"))["counters"]
-        .clone()
-}
-
 /// Reads until the stream ends; the error kind it ended with (`None`: a
 /// clean EOF), within a generous bound.
 fn end_of(c: &mut std::net::TcpStream) -> Option<ErrorKind> {
@@ -107,7 +93,7 @@ fn idle_timeout_resets_both_legs_and_is_counted() {
         let log = d.wait_log("idle for 1s (idle_timeout)");
         let line = log.lines().find(|l| l.contains("idle_timeout")).unwrap();
         assert!(line.contains("\"bytes_from_client\":5"), "{line}");
-        assert_eq!(counters(&d, "idle", a.name())["idle_timeouts"], 1);
+        assert_eq!(d.counters("idle", a.name())["idle_timeouts"], 1);
     })
 }
 
@@ -141,7 +127,7 @@ fn half_close_timeout_ends_a_connection_left_half_open() {
         assert_eq!(end_of(&mut c), Some(ErrorKind::ConnectionReset));
         let log = d.wait_log("half_close_timeout");
         assert!(log.contains("half-closed and silent for 1s"), "{log}");
-        let n = counters(&d, "hc", a.name());
+        let n = d.counters("hc", a.name());
         assert_eq!(
             (
                 n["half_close_timeouts"].as_u64(),
@@ -375,7 +361,7 @@ fn out_of_fds_with_the_upstream_at_home_clients_wait_instead_of_reset() {
             .filter_map(|t| t.join().unwrap().err())
             .collect();
         assert!(failed.is_empty(), "{failed:?}\n{}", d.log());
-        let n = counters(&d, "fd", a.name());
+        let n = d.counters("fd", a.name());
         assert_eq!(n["connect_failed"], 0, "{n}");
         let log = d.log();
         let warnings = log
@@ -466,7 +452,7 @@ fn a_connect_is_abandoned_when_its_client_resets() {
         // Data first does not matter: the reset does.
         c.write_all(b"early bytes").unwrap();
         d.wait_until("the binding accepted the client", || {
-            counters(&d, "slow", a.name())["connections_accepted"] == 1
+            d.counters("slow", a.name())["connections_accepted"] == 1
         });
         // The client gives up with a reset.
         socket2::SockRef::from(&c)
@@ -476,7 +462,7 @@ fn a_connect_is_abandoned_when_its_client_resets() {
         let started = Instant::now();
         d.wait_log("while the upstream connect was under way");
         assert!(started.elapsed() < Duration::from_secs(20));
-        let n = counters(&d, "slow", a.name());
+        let n = d.counters("slow", a.name());
         assert_eq!(
             (
                 n["client_gone_connecting"].as_u64(),
@@ -512,7 +498,7 @@ fn a_reload_applies_new_timeouts_to_open_connections_in_place() {
         );
         // The open connection takes the new limit without being reopened.
         assert_eq!(end_of(&mut c), Some(ErrorKind::ConnectionReset));
-        assert_eq!(counters(&d, "tuned", a.name())["idle_timeouts"], 1);
+        assert_eq!(d.counters("tuned", a.name())["idle_timeouts"], 1);
         let log = d.log();
         assert!(
             log.contains(

@@ -165,24 +165,10 @@ fn echo_once(c: &mut TcpStream, msg: &[u8]) {
     assert_eq!(got, msg);
 }
 
-/// The counters of rule `rule`'s binding in namespace `ns`.
-fn counters(d: &Daemon, rule: &str, ns: &str) -> serde_json::Value {
-    let (code, out, err) = d.cli(&["status", "--json"]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["bindings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["rule"] == rule && b["netns"] == ns)
-        .unwrap_or_else(|| panic!("no binding of {rule} in {ns}: {out}"))["counters"]
-        .clone()
-}
-
 /// Waits (bounded) until `counter` of the binding reads `want`.
 fn wait_counter(d: &Daemon, rule: &str, ns: &str, counter: &str, want: u64) {
     d.wait_until(&format!("{counter} = {want} in {rule}@{ns}"), || {
-        counters(d, rule, ns)[counter] == want
+        d.counters(rule, ns)[counter] == want
     });
 }
 
@@ -297,8 +283,8 @@ fn the_same_client_address_in_two_namespaces_fails_the_second_alone() {
         // exactly one connection fails.
         assert_reset(tcp_from(b, from, &format!("{CLIENT4}:7000")));
         wait_counter(&s, "t", b.name(), "upstream_source_failed", 1);
-        assert_eq!(counters(&s, "t", b.name())["connect_failed"], 1);
-        assert_eq!(counters(&s, "t", a.name())["upstream_source_failed"], 0);
+        assert_eq!(s.counters("t", b.name())["connect_failed"], 1);
+        assert_eq!(s.counters("t", a.name())["upstream_source_failed"], 0);
         echo_once(&mut first, b"the first is unaffected");
         s.wait_log("are in use in the upstream namespace already");
 
@@ -312,7 +298,7 @@ fn the_same_client_address_in_two_namespaces_fails_the_second_alone() {
         c2.connect(format!("{CLIENT4}:7001")).unwrap();
         c2.send(b"two").unwrap();
         wait_counter(&s, "u", b.name(), "upstream_source_failed", 1);
-        assert_eq!(counters(&s, "u", b.name())["sessions_failed"], 1);
+        assert_eq!(s.counters("u", b.name())["sessions_failed"], 1);
         let got = udp_round_trip(&c1, b"again").unwrap();
         assert_eq!(String::from_utf8(got).unwrap(), format!("{me} again"));
 

@@ -423,6 +423,20 @@ impl Daemon {
         self.child.as_ref().unwrap().id()
     }
 
+    /// The counters of the binding of `rule` in `ns`, from `status --json`.
+    pub fn counters(&self, rule: &str, ns: &str) -> serde_json::Value {
+        let (code, out, err) = self.cli(&["status", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["bindings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["rule"] == rule && b["netns"] == ns)
+            .unwrap_or_else(|| panic!("no binding of {rule} in {ns}: {out}"))["counters"]
+            .clone()
+    }
+
     /// The daemon's config file and control socket as arguments, for
     /// another `nsproxy run` that takes this one over.
     pub fn same_config_args(&self) -> Vec<String> {
