@@ -209,26 +209,34 @@ fn keepalive_is_set_on_both_legs() {
         echo(&mut c, b"ping");
         let mut plain = a.tcp_connect("127.0.0.1:7001").unwrap();
         echo(&mut plain, b"ping");
-        let (mut client_legs, mut upstream_legs) = (0, 0);
-        for (fd, local, peer) in daemon_tcp_sockets(d.pid()) {
-            let s = socket2::SockRef::from(&fd);
-            let on = s.keepalive().unwrap();
-            match (local.port(), peer.port()) {
-                (7000, _) => client_legs += 1,
-                (7001, _) => {
-                    assert!(!on, "tcp_keepalive = false, yet keepalive on {local}");
-                    continue;
+        // The client leg has its listener's keepalive from the start; the
+        // upstream leg gets its own once the connection has lived a second
+        // (short connections never pay for the syscalls).
+        let legs = || {
+            let (mut client_legs, mut upstream_legs) = (0, 0);
+            for (fd, local, peer) in daemon_tcp_sockets(d.pid()) {
+                let s = socket2::SockRef::from(&fd);
+                let on = s.keepalive().unwrap();
+                match (local.port(), peer.port()) {
+                    (7000, _) => client_legs += 1,
+                    (7001, _) => {
+                        assert!(!on, "tcp_keepalive = false, yet keepalive on {local}");
+                        continue;
+                    }
+                    (_, 9000) if on => upstream_legs += 1,
+                    (_, 9000) => continue, // the other rule's, or not set yet
+                    _ => continue,
                 }
-                (_, 9000) if on => upstream_legs += 1,
-                (_, 9000) => continue, // the other rule's upstream leg
-                _ => continue,
+                assert!(on, "no keepalive on {local} -> {peer}");
+                assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(42));
+                assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(7));
+                assert_eq!(s.tcp_keepalive_retries().unwrap(), 3);
             }
-            assert!(on, "no keepalive on {local} -> {peer}");
-            assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(42));
-            assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(7));
-            assert_eq!(s.tcp_keepalive_retries().unwrap(), 3);
-        }
-        assert_eq!((client_legs, upstream_legs), (1, 1));
+            (client_legs, upstream_legs)
+        };
+        d.wait_until("keepalive on both legs of the connection", || {
+            legs() == (1, 1)
+        });
     })
 }
 
@@ -548,24 +556,23 @@ fn a_reload_changes_the_keepalive_of_new_connections_on_both_legs() {
         };
         let mut first = a.tcp_connect("127.0.0.1:7000").unwrap();
         echo(&mut first, b"one");
-        assert_eq!(legs(&d), [(false, Some(42)), (true, Some(42))]);
+        // Keepalive that is not the listener's is set once a connection has
+        // lived a second: polled for.
+        d.wait_until("keepalive 42s on both legs", || {
+            legs(&d) == [(false, Some(42)), (true, Some(42))]
+        });
         drop(first);
         for (extra, want) in [(ka(50), Some(50)), ("tcp_keepalive = false".into(), None)] {
             std::fs::write(d.config_path(), config(&rule(&extra))).unwrap();
             let (code, _, err) = d.cli(&["reload"]);
             assert_eq!(code, 0, "{err}");
-            // The earlier connection is gone once only the new one's legs remain.
             let mut c = a.tcp_connect("127.0.0.1:7000").unwrap();
             echo(&mut c, b"two");
-            let mut seen = Vec::new();
-            for _ in 0..200 {
-                seen = legs(&d);
-                if seen.len() == 2 {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            assert_eq!(seen, [(false, want), (true, want)], "after {extra}");
+            // The earlier connection is gone once only the new one's legs
+            // remain, with the new setting.
+            d.wait_until(&format!("both legs as {extra} says"), || {
+                legs(&d) == [(false, want), (true, want)]
+            });
             drop(c);
         }
     })

@@ -323,6 +323,11 @@ impl End {
     }
 }
 
+/// How long a connection lives before it does what only long connections
+/// need ([`both_ways`]'s `settle`): short ones, most of request/reply
+/// traffic, never pay for it.
+pub(crate) const SETTLE_AFTER: Duration = Duration::from_secs(1);
+
 /// Runs both directions of a relay until both are done, one fails, or a
 /// limit of the binding (read again after every event, so that a reload
 /// applies) runs out for `activity`: `idle_timeout`, and, if the protocol
@@ -331,23 +336,39 @@ impl End {
 /// reload), never per chunk; the caller resets both legs on an error or
 /// expiry. The directions are pinned by the caller, so that the
 /// connection's task holds each once (see [`connect_within`]).
+///
+/// A connection that lives [`SETTLE_AFTER`] runs `settle` then (TCP sets
+/// keepalive on its legs), and only from then on is it woken by a reload:
+/// one younger reads the new limits at that mark, at most a second late.
+/// Both are syscalls or a shared lock per connection that a short
+/// connection would pay for nothing.
 pub(crate) async fn both_ways(
     b: &Binding,
     activity: &Activity,
     half_close: bool,
     mut up: Pin<&mut impl Future<Output = Dir>>,
     mut down: Pin<&mut impl Future<Output = Dir>>,
+    settle: impl FnOnce(),
 ) -> End {
     let (mut up_done, mut down_done) = (false, false);
-    let timer = tokio::time::sleep_until(activity.start());
+    let mut settle = Some(settle);
+    let settle_at = activity.start() + SETTLE_AFTER;
+    let timer = tokio::time::sleep_until(settle_at);
     tokio::pin!(timer);
     loop {
+        if settle.is_some() && Instant::now() >= settle_at {
+            if let Some(f) = settle.take() {
+                f();
+            }
+        }
         // Made before the limits are read, so that a reload changing them
         // in between still wakes this (a `Notified` hears `notify_waiters`
-        // from the moment it exists).
+        // from the moment it exists); polled, which takes the binding's
+        // lock, only once settled.
         let woken = b.stop.woken();
         let half = half_close && (up_done || down_done);
-        if let Some(why) = idle_check(timer.as_mut(), activity, half, b, half_close) {
+        let wake_by = settle.is_some().then_some(settle_at);
+        if let Some(why) = idle_check(timer.as_mut(), activity, half, b, half_close, wake_by) {
             return End::Expired(why);
         }
         // `None`: the timer or a reload, for the limits to be read again.
@@ -361,7 +382,7 @@ pub(crate) async fn both_ways(
                 Some(d)
             }
             () = &mut timer => None,
-            () = woken => None,
+            () = woken, if settle.is_none() => None,
         };
         if let Some(Dir::Failed(what, e)) = dir {
             return End::Failed(what, e);
@@ -373,24 +394,27 @@ pub(crate) async fn both_ways(
 }
 
 /// Whether the connection last active per `activity` has outlived a limit
-/// of `b`; if not, sets `timer` for when it next could.
+/// of `b`; if not, sets `timer` for when it next could, or for `wake_by`
+/// if that is sooner.
 fn idle_check(
     timer: Pin<&mut Sleep>,
     activity: &Activity,
     half: bool,
     b: &Binding,
     half_close: bool,
+    wake_by: Option<Instant>,
 ) -> Option<Expired> {
     let now = Instant::now();
     let mut limits = b.timeouts();
     if !half_close {
         limits.half_close = None;
     }
-    match timeout::check(now, activity.last(), half, limits) {
+    let at = match timeout::check(now, activity.last(), half, limits) {
         Verdict::Expired(why) => return Some(why),
-        Verdict::WakeAt(t) => timer.reset(t),
-        Verdict::Never => timer.reset(timeout::far_future(now)),
-    }
+        Verdict::WakeAt(t) => t,
+        Verdict::Never => timeout::far_future(now),
+    };
+    timer.reset(wake_by.map_or(at, |w| w.min(at)));
     None
 }
 
@@ -576,6 +600,7 @@ mod tests {
             true,
             pin!(failed),
             pin!(std::future::pending()),
+            || {},
         )
         .await;
         let words = Words {
@@ -587,7 +612,7 @@ mod tests {
             "client read failed: boom; the other side was reset"
         );
         let done = || async { Dir::Done };
-        let end = both_ways(&b, &activity, true, pin!(done()), pin!(done())).await;
+        let end = both_ways(&b, &activity, true, pin!(done()), pin!(done()), || {}).await;
         assert!(matches!(end, End::Closed), "{end:?}");
     }
 }

@@ -508,6 +508,7 @@ async fn relay(
         false,
         std::pin::pin!(to_upstream),
         std::pin::pin!(to_client),
+        || {},
     )
     .await
 }

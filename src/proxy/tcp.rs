@@ -185,24 +185,31 @@ async fn handle(
             return;
         }
     }
-    // The client leg has its listener's options, unless they differ from
-    // what this connection needs (a reload changed the keepalive since).
+    // The client leg has its listener's TCP_NODELAY; the upstream leg
+    // needs its own, at once, as Nagle would hold back the second of two
+    // small writes.
     if !inherited.nodelay {
         let _ = client.set_nodelay(true);
     }
     let _ = upstream.set_nodelay(true);
-    let legs = [
-        ("client", &client, keepalive != inherited.keepalive),
-        ("upstream", &upstream, keepalive.is_some()),
-    ];
-    for (leg, s, needed) in legs {
-        if needed {
-            if let Err(e) = set_keepalive(SockRef::from(s), keepalive) {
-                debug!("cannot set keepalive on the {leg} leg: {e}");
+    // Keepalive only matters to a connection that lives: set once it has
+    // for a second (four setsockopt(2) calls on the upstream leg, which
+    // most short connections would make for nothing). The client leg has
+    // its listener's, unless a reload changed the keepalive since.
+    let settle = || {
+        let legs = [
+            ("client", &client, keepalive != inherited.keepalive),
+            ("upstream", &upstream, keepalive.is_some()),
+        ];
+        for (leg, s, needed) in legs {
+            if needed {
+                if let Err(e) = set_keepalive(SockRef::from(s), keepalive) {
+                    debug!("cannot set keepalive on the {leg} leg: {e}");
+                }
             }
         }
-    }
-    let end = relay(&b, &client, &upstream, &moved).await;
+    };
+    let end = relay(&b, &client, &upstream, &moved, settle).await;
     cut.disarm();
     match &end {
         End::Closed => {}
@@ -455,8 +462,10 @@ enum Step {
     /// The source ended.
     Eof,
     /// Bytes were read; what `to` did not take at once is held here
-    /// (empty, unallocated, when it took them all) until written.
-    Read(Vec<u8>),
+    /// (empty, unallocated, when it took them all) until written. `last`:
+    /// they were the last, the source's FIN is already in (see
+    /// [`fin_follows`]).
+    Read { rest: Vec<u8>, last: bool },
 }
 
 /// Reads what `from` has into the thread's scratch buffer and writes as
@@ -464,6 +473,12 @@ enum Step {
 /// cannot take now get a buffer of their own. Synchronous, so the borrow of
 /// the scratch buffer never spans an await (another task of this thread
 /// uses it meanwhile).
+///
+/// Bytes that are the source's last go with `MSG_MORE`, so that the FIN
+/// passed on right after rides in the same segment (as HAProxy does): in
+/// request/reply traffic, the reply and its end are one packet to the
+/// client instead of two, and the read that would only return EOF is
+/// never made.
 fn forward(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<Step, PumpError> {
     SCRATCH.with_borrow_mut(|buf| {
         let n = read_draining(from, buf).map_err(PumpError::Read)?;
@@ -471,14 +486,39 @@ fn forward(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<Step, PumpE
             return Ok(Step::Eof);
         }
         c.activity.touch();
-        let k = match to.try_write(&buf[..n]) {
+        let last = n < buf.len() && fin_follows(from);
+        let flags = if last { libc::MSG_MORE } else { 0 };
+        let k = match to.try_io(Interest::WRITABLE, || {
+            SockRef::from(to).send_with_flags(&buf[..n], flags)
+        }) {
             Ok(k) => k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(PumpError::Write(e)),
         };
         c.add(k);
-        Ok(Step::Read(buf[k..n].to_vec()))
+        Ok(Step::Read {
+            rest: buf[k..n].to_vec(),
+            last,
+        })
     })
+}
+
+/// Whether the peer's FIN is already in, right after a read drained
+/// `from` (a short read, see [`read_draining`]): the reactor saw the end
+/// of the stream (EPOLLRDHUP) and no data since, nor an error. A FIN is
+/// taken in sequence, after every byte before it, so the drained socket
+/// has nothing left but the end. Asks the reactor's readiness, not the
+/// socket: no syscall.
+fn fin_follows(from: &TcpStream) -> bool {
+    use std::task::{Context, Poll, Waker};
+    let ready = std::pin::pin!(from.ready(Interest::READABLE));
+    match ready.poll(&mut Context::from_waker(Waker::noop())) {
+        // (`is_readable` also holds for a closed read side: the bit itself.)
+        Poll::Ready(Ok(r)) => {
+            r.is_read_closed() && (r & tokio::io::Ready::READABLE).is_empty() && !r.is_error()
+        }
+        _ => false,
+    }
 }
 
 /// Reads from `from` into `buf`. A read that did not fill `buf` emptied
@@ -515,14 +555,14 @@ async fn copy_pump(
 ) -> Result<Copied, PumpError> {
     while c.moved.load(Relaxed) < limit {
         from.readable().await.map_err(PumpError::Read)?;
-        let rest = match forward(from, to, c) {
+        let (rest, last) = match forward(from, to, c) {
             Err(PumpError::Read(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
             Ok(Step::Eof) => {
                 pass_fin(to, c).map_err(PumpError::Write)?;
                 return Ok(Copied::Eof);
             }
-            Ok(Step::Read(rest)) => rest,
+            Ok(Step::Read { rest, last }) => (rest, last),
         };
         let mut data = &rest[..];
         while !data.is_empty() {
@@ -535,6 +575,11 @@ async fn copy_pump(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(PumpError::Write(e)),
             }
+        }
+        if last {
+            // Also what sends the bytes held back by MSG_MORE.
+            pass_fin(to, c).map_err(PumpError::Write)?;
+            return Ok(Copied::Eof);
         }
     }
     Ok(Copied::Limit)
@@ -606,7 +651,13 @@ fn pass_fin(to: &TcpStream, c: Count<'_>) -> io::Result<()> {
 /// limit ran out (the caller resets both legs then). Bytes are added to
 /// the binding's counters as they move, so that counters of long
 /// connections are live.
-async fn relay(b: &Binding, client: &TcpStream, upstream: &TcpStream, moved: &Moved) -> End {
+async fn relay(
+    b: &Binding,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    moved: &Moved,
+    settle: impl FnOnce(),
+) -> End {
     let activity = &moved.activity;
     let totals = b.stats.conn();
     let up_count = Count {
@@ -641,7 +692,15 @@ async fn relay(b: &Binding, client: &TcpStream, upstream: &TcpStream, moved: &Mo
             Err(PumpError::Write(e)) => Dir::Failed("client write failed", e),
         }
     };
-    relay::both_ways(b, activity, true, std::pin::pin!(up), std::pin::pin!(down)).await
+    relay::both_ways(
+        b,
+        activity,
+        true,
+        std::pin::pin!(up),
+        std::pin::pin!(down),
+        settle,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -656,6 +715,32 @@ mod tests {
         (far, near)
     }
 
+    /// A FIN already in when a read drains the socket is seen without a
+    /// read of its own; data or no FIN after the read is not taken for it.
+    #[tokio::test]
+    async fn a_fin_behind_the_last_bytes_is_seen_without_reading() {
+        use tokio::io::AsyncWriteExt;
+        let (mut far, near) = pair().await;
+        let mut buf = vec![0u8; BUF_SIZE];
+        far.write_all(b"partial").await.unwrap();
+        near.readable().await.unwrap();
+        assert_eq!(read_draining(&near, &mut buf).unwrap(), 7);
+        assert!(!fin_follows(&near), "no FIN was sent");
+        far.write_all(b"last").await.unwrap();
+        far.shutdown().await.unwrap();
+        // Both are in before the read.
+        loop {
+            near.readable().await.unwrap();
+            let r = near.ready(Interest::READABLE).await.unwrap();
+            if r.is_read_closed() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(read_draining(&near, &mut buf).unwrap(), 4);
+        assert!(fin_follows(&near));
+    }
+
     /// With paused time: a silent connection ends at `idle_timeout`; once
     /// half-closed, at the shorter `half_close_timeout` of silence.
     #[tokio::test(start_paused = true)]
@@ -666,7 +751,7 @@ mod tests {
         let (_upstream_far, upstream) = pair().await;
         let moved = Moved::new();
         let t0 = tokio::time::Instant::now();
-        let end = relay(&b, &client, &upstream, &moved).await;
+        let end = relay(&b, &client, &upstream, &moved, || {}).await;
         assert!(
             matches!(end, End::Expired(Expired::Idle(d)) if d == Duration::from_secs(30)),
             "{end:?}"
@@ -680,7 +765,7 @@ mod tests {
         SockRef::from(&client_far)
             .shutdown(std::net::Shutdown::Write)
             .unwrap();
-        let relayed = relay(&b, &client, &upstream, &moved);
+        let relayed = relay(&b, &client, &upstream, &moved, || {});
         let fin_seen = async {
             // The FIN is passed on, and then nothing more moves.
             let mut buf = [0u8; 8];
