@@ -19,7 +19,6 @@ use tracing::{error, info, warn};
 use crate::config::{self, Config};
 use crate::lifecycle::{Command, Options, Server};
 use crate::netns::{NsRef, SocketFactory, Switcher};
-use crate::status::BindingState;
 use crate::{broker, metrics, privsep, runtime, systemd};
 
 mod follow;
@@ -535,23 +534,20 @@ async fn start(
             },
         }
     };
-    let st = server.status().await;
-    let count = |state: BindingState| st.bindings.iter().filter(|b| b.state == state).count();
-    let (listening, waiting, failed) = (
-        count(BindingState::Listening),
-        count(BindingState::Waiting),
-        count(BindingState::Failed),
-    );
+    let crate::lifecycle::Tally {
+        bindings,
+        listening,
+        waiting,
+        failed,
+    } = server.tally().await;
     if listening == 0 && waiting == 0 && !has_pattern {
         server.shutdown().await;
         anyhow::bail!(
-            "no listener could be started ({} binding(s) failed; see the errors above)",
-            st.bindings.len()
+            "no listener could be started ({bindings} binding(s) failed; see the errors above)"
         );
     }
     let ready = format!(
-        "ready: {listening} of {} binding(s) listening, {waiting} waiting for their namespace, {failed} failed, across {rules} rule(s)",
-        st.bindings.len()
+        "ready: {listening} of {bindings} binding(s) listening, {waiting} waiting for their namespace, {failed} failed, across {rules} rule(s)"
     );
     Ok(Some((server, ready, reload_when_started)))
 }

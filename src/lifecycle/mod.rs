@@ -44,6 +44,7 @@ use tracing::{error, info, warn};
 
 use self::desired::{Key, Slot};
 use self::reconcile::{FailReason, Phase, View, WaitReason};
+pub use self::report::Tally;
 use crate::config::{self, Config, Rule};
 use crate::netns::discovery::{Discovery, NsEvent};
 use crate::netns::{Leases, NETNS_RUN_DIR, NsId, NsRef, SocketFactory};
@@ -145,6 +146,7 @@ pub struct Server {
 enum Control {
     Apply(Config, ReloadReply),
     Bindings(oneshot::Sender<Vec<Arc<Binding>>>),
+    Tally(oneshot::Sender<report::Tally>),
     Shutdown(oneshot::Sender<()>),
     /// Copies of every listening socket, for a takeover.
     Handover(oneshot::Sender<Vec<(crate::takeover::Handed, std::os::fd::OwnedFd)>>),
@@ -220,6 +222,15 @@ impl Server {
         let _ = self.commands.send(Command::Status(tx)).await;
         rx.await
             .expect("the server task answers while the Server exists")
+    }
+
+    /// How many bindings are in each state: what [`Server::status`] would
+    /// count, without a report per binding (the start-up's `ready:` line,
+    /// at thousands of bindings).
+    pub async fn tally(&self) -> report::Tally {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.control.send(Control::Tally(tx)).await;
+        rx.await.unwrap_or_default()
     }
 
     /// The bindings that are listening, in the order of [`Server::status`],
@@ -394,6 +405,7 @@ impl Supervisor {
                     }
                     Some(Control::Parsed(result, replies)) => self.parsed(result, replies).await,
                     Some(Control::Bindings(reply)) => { let _ = reply.send(self.live_bindings()); }
+                    Some(Control::Tally(reply)) => { let _ = reply.send(self.tally()); }
                     Some(Control::Handover(reply)) => { let _ = reply.send(self.handover()); }
                     Some(Control::Shutdown(reply)) => {
                         self.shutdown().await;

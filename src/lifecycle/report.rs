@@ -119,7 +119,33 @@ fn report(e: &Entry) -> BindingReport {
     }
 }
 
+/// How many bindings are in each state ([`Server::tally`](super::Server::tally)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub bindings: usize,
+    pub listening: usize,
+    /// Waiting for their namespace (or still opening).
+    pub waiting: usize,
+    pub failed: usize,
+}
+
 impl Supervisor {
+    pub(super) fn tally(&self) -> Tally {
+        let mut t = Tally {
+            bindings: self.entries.len(),
+            ..Tally::default()
+        };
+        for e in self.entries.values() {
+            match &e.state {
+                State::Listening { .. } => t.listening += 1,
+                State::Waiting(_) | State::Opening => t.waiting += 1,
+                State::Failed(_) => t.failed += 1,
+                State::SameAs(_) => {}
+            }
+        }
+        t
+    }
+
     pub(super) fn live_bindings(&self) -> Vec<Arc<Binding>> {
         self.sorted_entries()
             .into_iter()

@@ -631,8 +631,10 @@ impl Discovery {
     }
 }
 
+/// Which namespace a followed file is now, if it is one (see
+/// [`nsfs::peek_netns`]: no fd, two calls).
 fn netns_id(path: &Path) -> Option<NsId> {
-    nsfs::open_netns(path).ok().map(|(_, id)| id)
+    nsfs::peek_netns(path).ok()
 }
 
 /// Whether `path` is still the file of namespace `id` (a `stat`, no open).

@@ -72,6 +72,30 @@ pub(crate) fn open_netns(path: &Path) -> Result<(File, NsId), Problem> {
     Ok((file, id))
 }
 
+/// Which namespace the file at `path` is, without opening it: a `stat` and
+/// a `statfs` of the path, where [`open_netns`] takes nine calls and two
+/// fds (it proves the kind, which needs an open fd). For discovery, which
+/// only tracks which namespace a followed name is now: the namespace
+/// thread opens it with every check when a rule uses it, and says what is
+/// wrong then (a namespace of another kind is refused there, by name).
+pub(crate) fn peek_netns(path: &Path) -> Result<NsId, Problem> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Problem::Missing,
+        _ => Problem::Open(e),
+    })?;
+    if let Some(kind) = not_a_file(meta.file_type()) {
+        return Err(Problem::NotAFile(kind));
+    }
+    let f_type = sys::path_fs_type(path).map_err(Problem::Inspect)?;
+    if f_type != NSFS_MAGIC {
+        return Err(Problem::NotNsfs(f_type));
+    }
+    Ok(NsId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
+}
+
 /// Opens the file `probe` (an `O_PATH` fd) refers to for reading. Through
 /// `/proc/self/fd` it is that very file; without /proc, the path again,
 /// non-blocking (the caller compares identities).
@@ -188,6 +212,27 @@ mod tests {
         ));
         assert!(matches!(
             open_netns(Path::new("/dev/null")),
+            Err(Problem::NotAFile("a device"))
+        ));
+    }
+
+    /// Discovery's look without an open: the same identity, the same
+    /// refusals, but for the kind (told when the file is opened).
+    #[test]
+    fn a_peek_names_the_namespace_an_open_proves() {
+        let own = Path::new("/proc/self/ns/net");
+        assert_eq!(peek_netns(own).unwrap(), open_netns(own).unwrap().1);
+        assert!(peek_netns(Path::new("/proc/self/ns/uts")).is_ok());
+        assert!(matches!(
+            peek_netns(Path::new("/proc/self/status")),
+            Err(Problem::NotNsfs(_))
+        ));
+        assert!(matches!(
+            peek_netns(Path::new("/nonexistent/nsproxy")),
+            Err(Problem::Missing)
+        ));
+        assert!(matches!(
+            peek_netns(Path::new("/dev/null")),
             Err(Problem::NotAFile("a device"))
         ));
     }

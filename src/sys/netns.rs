@@ -44,6 +44,24 @@ pub(crate) fn fs_type(fd: BorrowedFd<'_>) -> io::Result<i64> {
     Ok(f_type)
 }
 
+/// `statfs.f_type` of the file system `path` is on (the file it names,
+/// symlinks followed), without opening it.
+pub(crate) fn path_fs_type(path: &std::path::Path) -> io::Result<i64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call and `st`
+    // points to writable memory of the right size.
+    if unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded, so it filled the struct.
+    #[allow(clippy::unnecessary_cast)]
+    let f_type = unsafe { st.assume_init() }.f_type as i64;
+    Ok(f_type)
+}
+
 /// The kind of namespace an nsfs file is (`NS_GET_NSTYPE`): one of the
 /// `CLONE_NEW*` flags. Refuses an `O_PATH` fd (EBADF).
 pub(crate) fn ns_type(fd: BorrowedFd<'_>) -> io::Result<libc::c_int> {
