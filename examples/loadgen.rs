@@ -713,7 +713,9 @@ fn probe(
         if Instant::now() >= deadline {
             break;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Short: start-up is timed by the first probe that answers, and a
+        // refused connect costs microseconds.
+        std::thread::sleep(Duration::from_millis(2));
     }
     println!(
         "{}",
