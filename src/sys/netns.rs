@@ -31,17 +31,9 @@ pub(crate) fn setns_net(ns: BorrowedFd<'_>) -> io::Result<()> {
 /// `statfs.f_type` of the file system `fd` is on. Accepts an `O_PATH` fd,
 /// so the file system is known before the file's own open runs.
 pub(crate) fn fs_type(fd: BorrowedFd<'_>) -> io::Result<i64> {
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: `fd` is open for the duration of the call (borrowed) and `st`
     // points to writable memory of the right size.
-    if unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fstatfs succeeded, so it filled the struct.
-    // (`f_type` is i64 on x86_64 but narrower elsewhere, hence the cast.)
-    #[allow(clippy::unnecessary_cast)]
-    let f_type = unsafe { st.assume_init() }.f_type as i64;
-    Ok(f_type)
+    f_type_of(|st| unsafe { libc::fstatfs(fd.as_raw_fd(), st) })
 }
 
 /// `statfs.f_type` of the file system `path` is on (the file it names,
@@ -50,13 +42,19 @@ pub(crate) fn path_fs_type(path: &std::path::Path) -> io::Result<i64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: `c` is a NUL-terminated path that outlives the call and `st`
     // points to writable memory of the right size.
-    if unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+    f_type_of(|st| unsafe { libc::statfs(c.as_ptr(), st) })
+}
+
+/// `f_type` of the struct `call` (statfs or fstatfs) fills, or its error.
+fn f_type_of(call: impl FnOnce(*mut libc::statfs) -> libc::c_int) -> io::Result<i64> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    if call(st.as_mut_ptr()) != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: statfs succeeded, so it filled the struct.
+    // SAFETY: the call succeeded, so it filled the struct.
+    // (`f_type` is i64 on x86_64 but narrower elsewhere, hence the cast.)
     #[allow(clippy::unnecessary_cast)]
     let f_type = unsafe { st.assume_init() }.f_type as i64;
     Ok(f_type)
