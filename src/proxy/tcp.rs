@@ -505,17 +505,25 @@ fn forward(from: &TcpStream, to: &TcpStream, c: Count<'_>) -> Result<Step, PumpE
 
 /// Whether the peer's FIN is already in, right after a read drained
 /// `from` (a short read, see [`read_draining`]): the reactor saw the end
-/// of the stream (EPOLLRDHUP) and no data since, nor an error. A FIN is
-/// taken in sequence, after every byte before it, so the drained socket
-/// has nothing left but the end. Asks the reactor's readiness, not the
-/// socket: no syscall.
+/// of the stream (EPOLLRDHUP) and no data since, and neither an error nor
+/// a hang-up, which a reset brings (EPOLLERR, EPOLLHUP: the reset is then
+/// read as one, and the client reset in turn). A FIN is taken in sequence,
+/// after every byte before it, so the drained socket has nothing left but
+/// the end. Asks the reactor's readiness, not the socket: no syscall. The
+/// interest includes WRITABLE so that the poll returns at once (a
+/// connected socket is writable) and the ERROR bit is not masked out.
 fn fin_follows(from: &TcpStream) -> bool {
     use std::task::{Context, Poll, Waker};
-    let ready = std::pin::pin!(from.ready(Interest::READABLE));
+    use tokio::io::Ready;
+    let all = Interest::READABLE | Interest::WRITABLE | Interest::ERROR;
+    let ready = std::pin::pin!(from.ready(all));
     match ready.poll(&mut Context::from_waker(Waker::noop())) {
         // (`is_readable` also holds for a closed read side: the bit itself.)
         Poll::Ready(Ok(r)) => {
-            r.is_read_closed() && (r & tokio::io::Ready::READABLE).is_empty() && !r.is_error()
+            r.is_read_closed()
+                && (r & Ready::READABLE).is_empty()
+                && !r.is_error()
+                && !r.is_write_closed()
         }
         _ => false,
     }
@@ -739,6 +747,34 @@ mod tests {
         }
         assert_eq!(read_draining(&near, &mut buf).unwrap(), 4);
         assert!(fin_follows(&near));
+    }
+
+    /// Bytes followed by a reset (a peer killed with unread data) are not
+    /// taken for a clean end: the reset must reach the client as one.
+    #[tokio::test]
+    async fn a_reset_behind_the_last_bytes_is_no_fin() {
+        use tokio::io::AsyncWriteExt;
+        let (mut far, near) = pair().await;
+        let mut buf = vec![0u8; BUF_SIZE];
+        far.write_all(b"partial").await.unwrap();
+        SockRef::from(&far)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(far);
+        loop {
+            near.readable().await.unwrap();
+            let r = near.ready(Interest::READABLE).await.unwrap();
+            if r.is_read_closed() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        // The reset discards what was not read: the read may fail at once.
+        match read_draining(&near, &mut buf) {
+            Ok(n) => assert!(n <= 7),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
+        }
+        assert!(!fin_follows(&near), "a reset is not a FIN");
     }
 
     /// With paused time: a silent connection ends at `idle_timeout`; once
