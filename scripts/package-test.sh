@@ -232,10 +232,16 @@ base="$cache/$suite-minbase-$include.tar"
 mkdir -p "$cache"
 exec 9>"$cache/lock"
 flock 9
+# mmdebstrap picks its output's format from the name, and "NAME.tar.tmp.PID"
+# made it a directory: one left there by that is removed (a plain root tree,
+# nothing mounted in it; --one-file-system all the same).
+if [ -d "$base" ]; then
+    rm -rf --one-file-system "$base"
+fi
 if [ ! -s "$base" ]; then
     echo "package-test: making the base root $base (mmdebstrap, once)"
-    mmdebstrap --variant=minbase --include="$include" "$suite" "$base.tmp.$$" ||
-        { rm -f "$base.tmp.$$"; echo "package-test: mmdebstrap failed" >&2; exit 1; }
+    mmdebstrap --variant=minbase --format=tar --include="$include" "$suite" "$base.tmp.$$" ||
+        { rm -rf --one-file-system "$base.tmp.$$"; echo "package-test: mmdebstrap failed" >&2; exit 1; }
     mv "$base.tmp.$$" "$base"
 fi
 flock -u 9
