@@ -75,24 +75,32 @@ impl fmt::Display for CloseWhy {
     }
 }
 
+/// The name `status` gives a state (an opening binding counts as waiting).
+fn state_name(state: &State) -> BindingState {
+    match state {
+        State::Listening { .. } => BindingState::Listening,
+        State::Waiting(_) | State::Opening => BindingState::Waiting,
+        State::Failed(_) => BindingState::Failed,
+        State::SameAs(_) => BindingState::SameNamespace,
+    }
+}
+
 /// A state as `status` reports it: its name, why (when not listening), the
 /// bound address and the counters.
 fn describe(state: &State) -> (BindingState, Option<String>, Option<String>, Counters) {
-    let quiet = |s, why: String| (s, Some(why), None, Counters::default());
+    let name = state_name(state);
+    let quiet = |why: String| (name, Some(why), None, Counters::default());
     match state {
         State::Listening { live, local, .. } => (
-            BindingState::Listening,
+            name,
             None,
             Some(local.to_string()),
             Counters::from_stats(&live.binding.stats),
         ),
-        State::Waiting(why) => quiet(BindingState::Waiting, why.to_string()),
-        State::Failed(why) => quiet(BindingState::Failed, why.to_string()),
-        State::SameAs(other) => quiet(
-            BindingState::SameNamespace,
-            format!("same namespace as \"{other}\", served there"),
-        ),
-        State::Opening => quiet(BindingState::Waiting, "opening".to_owned()),
+        State::Waiting(why) => quiet(why.to_string()),
+        State::Failed(why) => quiet(why.to_string()),
+        State::SameAs(other) => quiet(format!("same namespace as \"{other}\", served there")),
+        State::Opening => quiet("opening".to_owned()),
     }
 }
 
@@ -119,7 +127,8 @@ fn report(e: &Entry) -> BindingReport {
     }
 }
 
-/// How many bindings are in each state ([`Server::tally`](super::Server::tally)).
+/// How many bindings are in each state, named as `status` names them
+/// ([`Server::tally`](super::Server::tally)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tally {
     pub bindings: usize,
@@ -136,11 +145,11 @@ impl Supervisor {
             ..Tally::default()
         };
         for e in self.entries.values() {
-            match &e.state {
-                State::Listening { .. } => t.listening += 1,
-                State::Waiting(_) | State::Opening => t.waiting += 1,
-                State::Failed(_) => t.failed += 1,
-                State::SameAs(_) => {}
+            match state_name(&e.state) {
+                BindingState::Listening => t.listening += 1,
+                BindingState::Waiting => t.waiting += 1,
+                BindingState::Failed => t.failed += 1,
+                BindingState::SameNamespace => {}
             }
         }
         t

@@ -723,6 +723,18 @@ mod tests {
         (far, near)
     }
 
+    /// Waits (bounded) until the reactor has seen `s`'s peer end its side.
+    async fn until_read_closed(s: &TcpStream) {
+        let seen = async {
+            while !s.ready(Interest::READABLE).await.unwrap().is_read_closed() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), seen)
+            .await
+            .expect("the peer's end seen within 5 s");
+    }
+
     /// A FIN already in when a read drains the socket is seen without a
     /// read of its own; data or no FIN after the read is not taken for it.
     #[tokio::test]
@@ -737,14 +749,7 @@ mod tests {
         far.write_all(b"last").await.unwrap();
         far.shutdown().await.unwrap();
         // Both are in before the read.
-        loop {
-            near.readable().await.unwrap();
-            let r = near.ready(Interest::READABLE).await.unwrap();
-            if r.is_read_closed() {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
+        until_read_closed(&near).await;
         assert_eq!(read_draining(&near, &mut buf).unwrap(), 4);
         assert!(fin_follows(&near));
     }
@@ -761,14 +766,7 @@ mod tests {
             .set_linger(Some(Duration::ZERO))
             .unwrap();
         drop(far);
-        loop {
-            near.readable().await.unwrap();
-            let r = near.ready(Interest::READABLE).await.unwrap();
-            if r.is_read_closed() {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
+        until_read_closed(&near).await;
         // The reset discards what was not read: the read may fail at once.
         match read_draining(&near, &mut buf) {
             Ok(n) => assert!(n <= 7),
