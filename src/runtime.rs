@@ -31,3 +31,19 @@ pub use crate::sys::NofileLimit;
 pub fn raise_fd_limit() -> io::Result<NofileLimit> {
     crate::sys::raise_nofile_limit()
 }
+
+/// Most fds [`presize_fd_table`] makes room for: 512 KiB of kernel memory
+/// for the table, and room for tens of thousands of connections before it
+/// must grow again.
+pub const FD_TABLE_PRESIZE: u64 = 65_536;
+
+/// Grows the process's fd table now to hold `fds` descriptors (at most
+/// [`FD_TABLE_PRESIZE`]). Call it while the process has one thread, before
+/// the runtime starts: growing the table later, with several threads,
+/// stalls the thread that opens the fd for an RCU grace period at each
+/// doubling (tens of milliseconds; five of them in a start-up with 2,000
+/// listeners, and one in a worker accepting a connection whenever the
+/// number of open fds passes a power of two).
+pub fn presize_fd_table(fds: u64) -> io::Result<()> {
+    crate::sys::presize_fd_table(fds.min(FD_TABLE_PRESIZE))
+}

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{self, Config};
 use crate::lifecycle::{Command, Options, Server};
@@ -488,7 +488,16 @@ impl Split {
 }
 
 fn raise_fd_limit() {
-    match runtime::raise_fd_limit() {
+    let limit = runtime::raise_fd_limit();
+    // Still one thread here (the runtime and the namespace thread start
+    // later), so the table grows without waiting; see presize_fd_table.
+    let soft = limit.as_ref().map_or(1024, |l| l.soft);
+    if let Err(e) = runtime::presize_fd_table(soft) {
+        debug!(
+            "cannot make room for {soft} fds ahead of time: {e}; the fd table grows as fds are opened"
+        );
+    }
+    match limit {
         Ok(l) if l.capped_by_hard => warn!(
             "open file limit: {} (the hard limit, which nsproxy may not raise: each listener, connection leg and UDP session is an fd; raise it with LimitNOFILE= or `ulimit -Hn` for large setups)",
             l.soft
