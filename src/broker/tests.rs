@@ -476,7 +476,7 @@ fn a_relay_without_the_privilege_gets_its_low_port_bound_by_the_broker() {
                     Arc::new(sw.clone()),
                     None,
                 );
-                let got = crate::proxy::tcp::listen(&b).await;
+                let got = crate::proxy::tcp::listen(&b, crate::proxy::Listener::ask(&b)).await;
                 if through_broker {
                     let l = got.unwrap();
                     assert_eq!(l.local_addr().unwrap().port(), 80);

@@ -15,7 +15,7 @@ use super::reconcile::{
 };
 use super::{Entry, Live, State, Supervisor, leases};
 use crate::config::Rule;
-use crate::netns::{NsError, NsId, NsRef};
+use crate::netns::{NsError, NsId, NsRef, SocketFuture};
 use crate::proxy::{Binding, ListenError, Listener, StopMode};
 
 /// Most namespaces a chunk of openings resolves (and holds an fd of) at
@@ -34,6 +34,9 @@ struct Chunk {
     /// Which binding each open task makes a listener for (a panicking task
     /// returns nothing to tell).
     tasks: HashMap<Id, Arc<Binding>>,
+    /// The bindings decided to open, each with whether it replaces one of
+    /// its address, until their tasks start (`Supervisor::start_tasks`).
+    starting: Vec<(Arc<Binding>, bool)>,
 }
 
 /// How many of `opening` (sorted so that a namespace's bindings are
@@ -200,10 +203,12 @@ impl Supervisor {
             retried,
             pending: JoinSet::new(),
             tasks: HashMap::new(),
+            starting: Vec::new(),
         };
         for o in opening {
             self.start_open(o, &mut chunk);
         }
+        self.start_tasks(&mut chunk);
         while let Some(done) = chunk.pending.join_next_with_id().await {
             let (id, result) = match done {
                 Ok((id, listener)) => (id, listener.map_err(OpenError::Listen)),
@@ -283,13 +288,42 @@ impl Supervisor {
             Some(lease),
         ));
         self.by_ns.insert((Slot::of(rule), ns), netns.clone());
-        let b = binding.clone();
-        let inherited = self.options.inherited.clone();
-        let task = chunk
-            .pending
-            .spawn(async move { open_listener(&b, replacing, inherited.as_deref()).await });
-        chunk.tasks.insert(task.id(), binding);
+        chunk.starting.push((binding, replacing));
         State::Opening
+    }
+
+    /// Starts the open tasks of the bindings `chunk` decided to open. Their
+    /// sockets are asked for here, all at once, rather than by each task
+    /// when it first runs: the requests then reach the namespace thread
+    /// (and the broker) in a few large messages, not a round trip per
+    /// listener, which was most of a start-up with thousands of rules. Not
+    /// when taking over: the old process's listeners are used instead.
+    fn start_tasks(&mut self, chunk: &mut Chunk) {
+        let starting = std::mem::take(&mut chunk.starting);
+        let inherited = self.options.inherited.clone();
+        let asked = match inherited {
+            None => {
+                let asks: Vec<_> = starting.iter().map(|(b, _)| Listener::spec(b)).collect();
+                // A factory that panics making a socket here (one of the
+                // home namespace is made on the calling thread) must not
+                // take the supervisor down: then each task asks for its
+                // own, and the panic fails that binding alone.
+                let sockets = &self.sockets;
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sockets.sockets(&asks)))
+                    .unwrap_or_default()
+            }
+            Some(_) => Vec::new(),
+        };
+        let mut sockets = asked.into_iter().map(Some);
+        for (binding, replacing) in starting {
+            let socket = sockets.next().flatten();
+            let b = binding.clone();
+            let inherited = inherited.clone();
+            let task = chunk.pending.spawn(async move {
+                open_listener(&b, socket, replacing, inherited.as_deref()).await
+            });
+            chunk.tasks.insert(task.id(), binding);
+        }
     }
 
     /// Makes the binding of `rule` under reference `loser` give way to
@@ -416,11 +450,13 @@ fn address_not_there(e: &ListenError) -> bool {
     matches!(e, ListenError::Bind { source, .. } if source.raw_os_error() == Some(libc::EADDRNOTAVAIL))
 }
 
-/// Opens a listener, or takes the one handed over for it (`inherited`);
-/// when replacing a binding of the same address, waits (bounded) for the
-/// old listener to be closed by its task.
+/// Opens a listener (on `socket` when its socket was asked for already), or
+/// takes the one handed over for it (`inherited`); when replacing a binding
+/// of the same address, waits (bounded) for the old listener to be closed by
+/// its task.
 async fn open_listener(
     b: &Binding,
+    mut socket: Option<SocketFuture>,
     replacing: bool,
     inherited: Option<&crate::takeover::Inherited>,
 ) -> Result<Listener, ListenError> {
@@ -440,7 +476,8 @@ async fn open_listener(
     }
     let mut tries = 0;
     loop {
-        match Listener::open(b).await {
+        let asked = socket.take().unwrap_or_else(|| Listener::ask(b));
+        match Listener::open(b, asked).await {
             Err(ListenError::Bind { source, .. })
                 if replacing && tries < 100 && source.raw_os_error() == Some(libc::EADDRINUSE) =>
             {

@@ -102,6 +102,13 @@ pub trait SocketFactory: Send + Sync + fmt::Debug {
     fn resolve_many<'a>(&'a self, references: &'a [NsRef]) -> ResolveFuture<'a>;
     /// A new socket in `ns` (resolved earlier); see [`Switcher::socket`].
     fn socket(&self, ns: NsId, spec: SocketSpec) -> SocketFuture;
+    /// [`SocketFactory::socket`] for each of `asks`, asked for together;
+    /// see [`Switcher::sockets`].
+    fn sockets(&self, asks: &[(NsId, SocketSpec)]) -> Vec<SocketFuture> {
+        asks.iter()
+            .map(|&(ns, spec)| self.socket(ns, spec))
+            .collect()
+    }
     /// A socket made ahead of time in `ns`, for upstream connections; see
     /// [`Switcher::pooled_socket`].
     fn pooled_socket(&self, ns: NsId, spec: SocketSpec) -> SocketFuture;
@@ -156,6 +163,10 @@ impl SocketFactory for Switcher {
 
     fn socket(&self, ns: NsId, spec: SocketSpec) -> SocketFuture {
         Switcher::socket(self, ns, spec)
+    }
+
+    fn sockets(&self, asks: &[(NsId, SocketSpec)]) -> Vec<SocketFuture> {
+        Switcher::sockets(self, asks)
     }
 
     fn pooled_socket(&self, ns: NsId, spec: SocketSpec) -> SocketFuture {

@@ -400,13 +400,14 @@ impl Switcher {
             .iter()
             .map(|reference| {
                 let (reply, rx) = oneshot::channel();
-                self.send(switcher::Request::Resolve {
+                self.queue(switcher::Request::Resolve {
                     reference: reference.clone(),
                     reply,
                 })
                 .map(|()| rx)
             })
             .collect();
+        self.ring();
         let mut out = Vec::with_capacity(queued.len());
         for q in queued {
             out.push(match q {
@@ -447,6 +448,28 @@ impl Switcher {
             Ok(()) => SocketFuture::queued(rx),
             Err(e) => SocketFuture::made(Err(e)),
         }
+    }
+
+    /// Like [`Switcher::socket`] for each of `asks`, in order; the requests
+    /// reach the namespace thread together (it is woken once, after the
+    /// last), so they travel in as few messages as fit, and share its
+    /// switches.
+    pub fn sockets(&self, asks: &[(NsId, SocketSpec)]) -> Vec<SocketFuture> {
+        let futures = asks
+            .iter()
+            .map(|&(ns, spec)| {
+                if self.here(ns, &spec) {
+                    return SocketFuture::made(socket_here(ns, spec));
+                }
+                let (reply, rx) = oneshot::channel();
+                match self.queue(switcher::Request::Socket { ns, spec, reply }) {
+                    Ok(()) => SocketFuture::queued(rx),
+                    Err(e) => SocketFuture::made(Err(e)),
+                }
+            })
+            .collect();
+        self.ring();
+        futures
     }
 
     /// Like [`Switcher::socket`], but from a pool of sockets made ahead of
@@ -509,10 +532,22 @@ impl Switcher {
     }
 
     fn send(&self, req: switcher::Request) -> Result<(), NsError> {
-        self.tx.send(req).map_err(|_| NsError::Stopped)?;
+        self.queue(req)?;
+        self.ring();
+        Ok(())
+    }
+
+    /// Queues a request without waking the thread that forwards requests
+    /// to the broker: [`Switcher::ring`] does, once for many.
+    fn queue(&self, req: switcher::Request) -> Result<(), NsError> {
+        self.tx.send(req).map_err(|_| NsError::Stopped)
+    }
+
+    /// Wakes the forwarding thread for what was queued (the namespace
+    /// thread of an unsplit process wakes on the channel itself).
+    fn ring(&self) {
         if let Some(r) = &self.remote {
             r.wake.0.ring();
         }
-        Ok(())
     }
 }

@@ -37,7 +37,7 @@ use tracing::Instrument;
 use crate::config::{Keepalive, Protocol, ProxyProtocol, Rule};
 #[cfg(any(test, doc))]
 use crate::netns::Switcher;
-use crate::netns::{Lease, NsError, NsId, NsRef, SocketFactory};
+use crate::netns::{Lease, NsError, NsId, NsRef, SocketFactory, SocketFuture, SocketSpec};
 
 // `Loss` is for the lifecycle, which tells a panicked binding (failed) from
 // a lost listener (opened again).
@@ -430,16 +430,36 @@ impl AsFd for Listener {
 }
 
 impl Listener {
-    /// Creates, binds and (TCP) listens on the socket for `b` in its namespace.
-    pub(crate) async fn open(b: &Binding) -> Result<Listener, ListenError> {
+    /// The socket `b`'s listener is made from: where and of what kind, for
+    /// asking many at once (`SocketFactory::sockets`).
+    pub(crate) fn spec(b: &Binding) -> (NsId, SocketSpec) {
+        let addr = b.rule.listen;
+        let spec = match b.rule.protocol {
+            Protocol::Tcp => SocketSpec::tcp(&addr),
+            Protocol::Udp => SocketSpec::udp(&addr),
+            Protocol::Sctp => SocketSpec::sctp(&addr),
+        };
+        (b.ns, spec)
+    }
+
+    /// Asks for the socket of `b`'s listener in its namespace, for
+    /// [`Listener::open`].
+    pub(crate) fn ask(b: &Binding) -> SocketFuture {
+        let (ns, spec) = Listener::spec(b);
+        b.sockets.socket(ns, spec)
+    }
+
+    /// Binds and (TCP, SCTP) listens on `socket`, asked for with
+    /// [`Listener::ask`].
+    pub(crate) async fn open(b: &Binding, socket: SocketFuture) -> Result<Listener, ListenError> {
         let opened = async {
             match b.rule.protocol {
-                Protocol::Tcp => tcp::listen(b).await.map(Listener::Tcp),
-                Protocol::Udp => udp::listen(b).await.map(|socket| Listener::Udp {
+                Protocol::Tcp => tcp::listen(b, socket).await.map(Listener::Tcp),
+                Protocol::Udp => udp::listen(b, socket).await.map(|socket| Listener::Udp {
                     socket,
                     kernel_drops: 0,
                 }),
-                Protocol::Sctp => sctp::listen(b).await.map(Listener::Sctp),
+                Protocol::Sctp => sctp::listen(b, socket).await.map(Listener::Sctp),
             }
         };
         opened.instrument(b.span()).await

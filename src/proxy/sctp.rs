@@ -43,7 +43,7 @@ use super::relay::{
 use super::timeout::Activity;
 use super::{Binding, ListenError, Served, accept};
 use crate::config::{Protocol, Rule};
-use crate::netns::{NsError, SocketSpec};
+use crate::netns::{NsError, SocketFuture, SocketSpec};
 use crate::sctp::{self, AssocState, Events, Notification, Reassembler, Received, SndInfo};
 
 /// How SCTP's close lines word the end of a relay.
@@ -116,13 +116,9 @@ fn in_family(addr: SocketAddr, v6: bool) -> SocketAddr {
 /// Creates the listening socket for `binding` in its namespace: bound to
 /// `listen` plus any `sctp_listen_addrs` (multi-homing), with the rule's
 /// stream counts.
-pub(crate) async fn listen(b: &Binding) -> Result<Socket, ListenError> {
+pub(crate) async fn listen(b: &Binding, socket: SocketFuture) -> Result<Socket, ListenError> {
     let addr = b.rule.listen;
-    let socket = b
-        .sockets
-        .socket(b.ns, SocketSpec::sctp(&addr))
-        .await
-        .map_err(socket_error)?;
+    let socket = socket.await.map_err(socket_error)?;
     let at = |source: io::Error| ListenError::Socket { addr, source };
     socket.set_reuse_address(true).map_err(at)?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {

@@ -26,7 +26,7 @@ use super::splice::Pipe;
 use super::timeout::{Activity, Expired};
 use super::{Binding, ListenError, Served, accept, proxy_header, source};
 use crate::config::{Protocol, ProxyProtocol};
-use crate::netns::SocketSpec;
+use crate::netns::SocketFuture;
 
 /// How TCP's close lines word the end of a relay.
 const WORDS: Words = Words {
@@ -38,9 +38,12 @@ const WORDS: Words = Words {
 const BUF_SIZE: usize = 32 * 1024;
 
 /// Creates the listening socket for `binding` in its namespace.
-pub(crate) async fn listen(b: &Binding) -> Result<std::net::TcpListener, ListenError> {
+pub(crate) async fn listen(
+    b: &Binding,
+    socket: SocketFuture,
+) -> Result<std::net::TcpListener, ListenError> {
     let addr = b.rule.listen;
-    let socket = b.sockets.socket(b.ns, SocketSpec::tcp(&addr)).await?;
+    let socket = socket.await?;
     let at = |source: io::Error| ListenError::Socket { addr, source };
     socket.set_reuse_address(true).map_err(at)?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
@@ -714,6 +717,7 @@ async fn relay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netns::SocketSpec;
 
     /// Two ends of a loopback connection: (the far peer, nsproxy's end).
     async fn pair() -> (TcpStream, TcpStream) {

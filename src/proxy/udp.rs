@@ -79,7 +79,7 @@ use tracing::{Instrument, debug, error, info};
 use super::relay::{Active, Gauge, IdleCheck, LISTENER_BACKOFF, canonical, conn_span, pause};
 use super::report::{Kind, Reporter};
 use super::{Binding, ListenError, Served, StopMode, UdpStats, catch};
-use crate::netns::SocketSpec;
+use crate::netns::SocketFuture;
 use crate::sys::udp::{self as udp_sys, BATCH, RecvBatch, ReplyFrom};
 
 mod session;
@@ -122,9 +122,12 @@ const _: () = assert!(QUEUE_BYTES >= RECV_BUF && QUEUE_BYTES >= QUEUE_LEN * POOL
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// Creates the listening socket for `b` in its namespace.
-pub(crate) async fn listen(b: &Binding) -> Result<std::net::UdpSocket, ListenError> {
+pub(crate) async fn listen(
+    b: &Binding,
+    socket: SocketFuture,
+) -> Result<std::net::UdpSocket, ListenError> {
     let addr = b.rule.listen;
-    let socket = b.sockets.socket(b.ns, SocketSpec::udp(&addr)).await?;
+    let socket = socket.await?;
     let at = |source: io::Error| ListenError::Socket { addr, source };
     // No SO_REUSEADDR: on UDP it would let a second socket share the port
     // and take some of its datagrams, instead of failing with "in use".
