@@ -440,12 +440,26 @@ impl Broker {
             },
             Op::Refill { ns, spec, n } => self.refill(ns.into(), spec.into(), n),
             Op::Sockets { items } => self.sockets(items),
+            Op::Release { ns } if ns.len() > wire::MAX_RELEASE => {
+                let why = format!(
+                    "a release of {} namespaces at once (at most {})",
+                    ns.len(),
+                    wire::MAX_RELEASE
+                );
+                self.refuse(|r| &r.policy, "a release", &why);
+                (
+                    Outcome::Failed(WireError::Refused { reason: why }),
+                    Vec::new(),
+                )
+            }
             Op::Release { ns } => {
-                let ns: NsId = ns.into();
-                self.thread.release(ns);
-                self.resolved.release(ns);
-                if let Some(cookie) = self.cookie_known.remove(&ns) {
-                    self.cookies.remove(&cookie);
+                for ns in ns {
+                    let ns: NsId = ns.into();
+                    self.thread.release(ns);
+                    self.resolved.release(ns);
+                    if let Some(cookie) = self.cookie_known.remove(&ns) {
+                        self.cookies.remove(&cookie);
+                    }
                 }
                 (Outcome::Released, Vec::new())
             }

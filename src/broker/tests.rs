@@ -263,7 +263,11 @@ fn the_broker_serves_only_its_policy_and_survives_bad_input() {
     // The same address with a socket of the host namespace: refused.
     let (r, _) = call_raw(&fd, &bytes, &[s.as_fd()]);
     assert!(refused(&r).contains("host"), "{r:?}");
-    let (r, _) = call(&fd, 11, Op::Release { ns });
+    // More namespaces than a release may carry: refused, none released.
+    let too_many = vec![ns; wire::MAX_RELEASE + 1];
+    let (r, _) = call(&fd, 14, Op::Release { ns: too_many });
+    assert!(refused(&r).contains("at most"), "{r:?}");
+    let (r, _) = call(&fd, 11, Op::Release { ns: vec![ns] });
     assert_eq!(r.outcome, Outcome::Released);
     let (r, _) = call(&fd, 12, Op::Socket { ns, spec: tcp6 });
     assert!(refused(&r).contains("not resolved"), "{r:?}");

@@ -311,7 +311,18 @@ impl Forwarder {
                     self.queue(op, None, Waiting::Refill { ns, spec, pool });
                 }
                 Request::Release { ns } => {
-                    self.queue(Op::Release { ns: ns.into() }, None, Waiting::Release);
+                    // Consecutive ones go together: a start-up gives back
+                    // the fds of every namespace it only listens in at once.
+                    let mut all = vec![ns.into()];
+                    while all.len() < wire::MAX_RELEASE
+                        && matches!(batch.peek(), Some(Request::Release { .. }))
+                    {
+                        let Some(Request::Release { ns }) = batch.next() else {
+                            unreachable!("peeked")
+                        };
+                        all.push(ns.into());
+                    }
+                    self.queue(Op::Release { ns: all }, None, Waiting::Release);
                 }
                 Request::Bind {
                     socket,

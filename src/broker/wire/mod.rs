@@ -8,7 +8,7 @@
 //! | `Socket { ns, spec }`           | 0   | `Socket`                                  | 1         |
 //! | `Refill { ns, spec, n ≤ 64 }`   | 0   | `Refilled { made, error }`                | `made`    |
 //! | `Sockets { items ≤ 64 }`        | 0   | `Sockets([None or Some(error), ...])`     | the `None`s, in order |
-//! | `Release { ns }`                | 0   | `Released`                                | 0         |
+//! | `Release { ns: [..] ≤ 1024 }`   | 0   | `Released`                                | 0         |
 //! | `Bind { addrs }`                | 1   | `Bound`                                   | 0         |
 //! | `ReadConfig`                    | 0   | `Config { len }`                          | 1 (sealed memfd: the text) |
 //! | anything, failed or refused     |     | `Failed(error)`                           | 0         |
@@ -42,6 +42,9 @@ use crate::netns::{Domain, NsError, NsId, NsRef, Protocol, SocketSpec, Type};
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Most sockets one `Refill` asks for.
 pub const MAX_REFILL: u32 = 64;
+/// Most namespaces one `Release` gives back (about 40 bytes each: the
+/// message stays well inside [`MAX_MESSAGE`]).
+pub const MAX_RELEASE: usize = 1024;
 
 /// A namespace's identity on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -129,8 +132,10 @@ pub enum Op {
     Sockets {
         items: Vec<(Ns, Spec)>,
     },
+    /// Namespaces given back together (after a start-up, the fds of the
+    /// thousands it only listens in): one message.
     Release {
-        ns: Ns,
+        ns: Vec<Ns>,
     },
     Bind {
         addrs: Vec<SocketAddr>,

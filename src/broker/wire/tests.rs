@@ -24,7 +24,7 @@ pub(crate) fn op() -> impl Strategy<Value = Op> {
         (ns(), spec(), 0..=MAX_REFILL).prop_map(|(ns, spec, n)| Op::Refill { ns, spec, n }),
         prop::collection::vec((ns(), spec()), 0..=MAX_REFILL as usize)
             .prop_map(|items| Op::Sockets { items }),
-        ns().prop_map(|ns| Op::Release { ns }),
+        prop::collection::vec(ns(), 0..16).prop_map(|ns| Op::Release { ns }),
         prop::collection::vec(any::<SocketAddr>(), 0..4).prop_map(|mut addrs| {
             // Text form: an IPv6 address's flow label is not part of it
             // (nor of any address a config names); its scope id is
