@@ -440,14 +440,11 @@ impl Switcher {
     /// first polled, so that many requests made before awaiting any of them
     /// reach the namespace thread together and share its switches.
     pub fn socket(&self, ns: NsId, spec: SocketSpec) -> SocketFuture {
-        if self.here(ns, &spec) {
-            return SocketFuture::made(socket_here(ns, spec));
+        let (socket, queued) = self.socket_unrung(ns, spec);
+        if queued {
+            self.ring();
         }
-        let (reply, rx) = oneshot::channel();
-        match self.send(switcher::Request::Socket { ns, spec, reply }) {
-            Ok(()) => SocketFuture::queued(rx),
-            Err(e) => SocketFuture::made(Err(e)),
-        }
+        socket
     }
 
     /// Like [`Switcher::socket`] for each of `asks`, in order; the requests
@@ -455,21 +452,33 @@ impl Switcher {
     /// last), so they travel in as few messages as fit, and share its
     /// switches.
     pub fn sockets(&self, asks: &[(NsId, SocketSpec)]) -> Vec<SocketFuture> {
+        let mut any = false;
         let futures = asks
             .iter()
             .map(|&(ns, spec)| {
-                if self.here(ns, &spec) {
-                    return SocketFuture::made(socket_here(ns, spec));
-                }
-                let (reply, rx) = oneshot::channel();
-                match self.queue(switcher::Request::Socket { ns, spec, reply }) {
-                    Ok(()) => SocketFuture::queued(rx),
-                    Err(e) => SocketFuture::made(Err(e)),
-                }
+                let (socket, queued) = self.socket_unrung(ns, spec);
+                any |= queued;
+                socket
             })
             .collect();
-        self.ring();
+        if any {
+            self.ring();
+        }
         futures
+    }
+
+    /// [`Switcher::socket`] without waking the forwarding thread; whether
+    /// a request was queued for it (a socket of the home namespace is made
+    /// here, and needs no wake-up).
+    fn socket_unrung(&self, ns: NsId, spec: SocketSpec) -> (SocketFuture, bool) {
+        if self.here(ns, &spec) {
+            return (SocketFuture::made(socket_here(ns, spec)), false);
+        }
+        let (reply, rx) = oneshot::channel();
+        match self.queue(switcher::Request::Socket { ns, spec, reply }) {
+            Ok(()) => (SocketFuture::queued(rx), true),
+            Err(e) => (SocketFuture::made(Err(e)), false),
+        }
     }
 
     /// Like [`Switcher::socket`], but from a pool of sockets made ahead of
