@@ -154,6 +154,32 @@ fn user_root_keeps_one_privileged_process() {
 }
 
 #[test]
+fn a_stop_that_signals_the_whole_group_is_orderly() {
+    as_root(|| {
+        let mut s = Scenario::with(&["a", "b"])
+            .tcp_echo("b", "127.0.0.1:9000")
+            .rule(a_to_b())
+            .start();
+        let mut c = s.ns("a").tcp_connect_when_ready("127.0.0.1:7000");
+        echo_once(&mut c, b"before");
+        let broker = broker_of(&s);
+        // As `systemctl stop` (KillMode=control-group) or Ctrl-C do: the
+        // broker is signalled too, here first.
+        for pid in [broker, s.pid()] {
+            let ok = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        let (status, log) = s.wait_exit_here();
+        assert!(status.success(), "exited {status}:\n{log}");
+        assert!(!log.contains("is gone"), "{log}");
+        assert!(!log.contains("broker exited"), "{log}");
+    })
+}
+
+#[test]
 fn the_broker_killed_the_relay_drains_and_exits_non_zero() {
     as_root(|| {
         let s = Scenario::with(&["a", "b"])

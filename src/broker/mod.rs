@@ -152,6 +152,14 @@ pub fn run_broker(fd: OwnedFd, source: PolicySource) -> ExitCode {
     if let Err(e) = fdpass::set_parent_death_signal(libc::SIGKILL) {
         warn!("cannot ask to end with the relay (PR_SET_PDEATHSIG): {e}");
     }
+    // Dying with the group's SIGTERM, it would leave the relay's orderly
+    // stop (draining connections) without its sockets and log an error at
+    // every `systemctl stop`.
+    if let Err(e) = fdpass::ignore_stop_signals() {
+        warn!(
+            "cannot ignore SIGTERM and SIGINT (a stop signalling the whole group ends the broker first): {e}"
+        );
+    }
     // Each resolved namespace is an fd held here.
     if let Err(e) = crate::runtime::raise_fd_limit() {
         warn!("cannot raise the open file limit: {e}");

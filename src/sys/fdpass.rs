@@ -191,6 +191,21 @@ pub(crate) fn set_parent_death_signal(sig: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes SIGTERM, SIGINT and SIGHUP do nothing to this process: for the
+/// broker, whose life is the relay's socket. A service manager stopping
+/// the service, or Ctrl-C at a terminal, signals the whole group; the relay
+/// then stops in order, and the broker exits when its socket closes.
+pub(crate) fn ignore_stop_signals() -> io::Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: SIG_IGN installs no handler; it changes only this
+        // process's disposition of `sig`.
+        if unsafe { libc::signal(sig, libc::SIG_IGN) } == libc::SIG_ERR {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// The pid of this process's parent.
 pub(crate) fn parent_pid() -> u32 {
     // SAFETY: getppid takes nothing and cannot fail.
