@@ -297,26 +297,54 @@ impl Supervisor {
     /// when it first runs: the requests then reach the namespace thread
     /// (and the broker) in a few large messages, not a round trip per
     /// listener, which was most of a start-up with thousands of rules. Not
-    /// when taking over: the old process's listeners are used instead.
+    /// for a listener the old process handed over (taking over, or the fd
+    /// store after a restart): that one is used instead.
     fn start_tasks(&mut self, chunk: &mut Chunk) {
-        let starting = std::mem::take(&mut chunk.starting);
         let inherited = self.options.inherited.clone();
-        let asked = match inherited {
-            None => {
-                let asks: Vec<_> = starting.iter().map(|(b, _)| Listener::spec(b)).collect();
-                // A factory that panics making a socket here (one of the
-                // home namespace is made on the calling thread) must not
-                // take the supervisor down: then each task asks for its
-                // own, and the panic fails that binding alone.
-                let sockets = &self.sockets;
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sockets.sockets(&asks)))
-                    .unwrap_or_default()
+        let mut starting = std::mem::take(&mut chunk.starting);
+        // A binding demoted by a later one of the same chunk (a second
+        // reference to its namespace) would only bind the port its winner
+        // wants.
+        starting.retain(|(b, _)| {
+            matches!(
+                self.entries.get(&desired::key(&b.rule, b.netns.clone())),
+                Some(Entry {
+                    state: State::Opening,
+                    ..
+                })
+            )
+        });
+        let wanted: Vec<bool> = starting
+            .iter()
+            .map(|(b, _)| inherited.as_ref().is_none_or(|i| !i.holds(b)))
+            .collect();
+        let asks: Vec<_> = starting
+            .iter()
+            .zip(&wanted)
+            .filter(|(_, w)| **w)
+            .map(|((b, _), _)| Listener::spec(b))
+            .collect();
+        // A factory that panics making a socket here (one of the home
+        // namespace is made on the calling thread) must not take the
+        // supervisor down: then each task asks for its own, and the panic
+        // fails that binding alone.
+        let sockets = &self.sockets;
+        let asked = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            sockets.sockets(&asks)
+        })) {
+            Ok(asked) => asked,
+            Err(panic) => {
+                error!(
+                    "making {} listener socket(s) at once panicked ({}); each binding asks for its own",
+                    asks.len(),
+                    crate::proxy::catch::message(&*panic)
+                );
+                Vec::new()
             }
-            Some(_) => Vec::new(),
         };
-        let mut sockets = asked.into_iter().map(Some);
-        for (binding, replacing) in starting {
-            let socket = sockets.next().flatten();
+        let mut asked = asked.into_iter();
+        for ((binding, replacing), wanted) in starting.into_iter().zip(wanted) {
+            let socket = if wanted { asked.next() } else { None };
             let b = binding.clone();
             let inherited = inherited.clone();
             let task = chunk.pending.spawn(async move {

@@ -38,7 +38,7 @@ pub(crate) fn panicked(e: tokio::task::JoinError) -> Option<String> {
 }
 
 /// What `panic!` was given: a `&str` or a `String`, else a placeholder.
-fn message(payload: &(dyn Any + Send)) -> String {
+pub(crate) fn message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::{HANDOVER_TIMEOUT, Handed, Header, MAX_MESSAGE, TakeoverError, lock, parse_fd_name};
 use crate::config::Protocol;
 use crate::control::ControlError;
-use crate::netns::{NsId, SocketSpec};
+use crate::netns::NsId;
 use crate::proxy::{Binding, Listener};
 use crate::sys::fdpass;
 
@@ -257,6 +257,11 @@ impl Inherited {
         }
     }
 
+    /// Whether a socket for `b` was handed over (and not taken yet).
+    pub(crate) fn holds(&self, b: &Binding) -> bool {
+        lock(&self.sockets).contains_key(&(b.rule.protocol, b.ns, b.rule.listen))
+    }
+
     /// The handed socket for `b`, checked, if there is one: `Some(Err)`
     /// says why it was refused (it is closed).
     pub(crate) async fn take(&self, b: &Binding) -> Option<Result<Listener, String>> {
@@ -281,12 +286,7 @@ impl Inherited {
         if let Some(c) = cookies.get(&b.ns) {
             return Ok(*c);
         }
-        let addr = b.rule.listen;
-        let spec = match b.rule.protocol {
-            Protocol::Tcp => SocketSpec::tcp(&addr),
-            Protocol::Udp => SocketSpec::udp(&addr),
-            Protocol::Sctp => SocketSpec::sctp(&addr),
-        };
+        let (_, spec) = Listener::spec(b);
         let probe = b
             .sockets
             .socket(b.ns, spec)
