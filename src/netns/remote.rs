@@ -70,7 +70,8 @@ enum Waiting {
         spec: SocketSpec,
         pool: Arc<Pool>,
     },
-    Release,
+    /// How many namespaces the release gives back.
+    Release(usize),
     Bind(oneshot::Sender<io::Result<()>>),
     ReadConfig(oneshot::Sender<io::Result<String>>),
 }
@@ -99,7 +100,16 @@ impl Waiting {
             }
             // The slot stays "refilling": nothing could refill it anyway,
             // and callers fall back to asking (and are told).
-            Waiting::Refill { .. } | Waiting::Release => {}
+            Waiting::Refill { .. } => {}
+            // The broker keeps those namespaces open (a leak until it
+            // exits), which only the log can tell; a broker that is gone
+            // holds nothing and was reported already.
+            Waiting::Release(n) => match e() {
+                NsError::BrokerGone { .. } => {}
+                e => warn!(
+                    "{n} namespace(s) not released by the socket broker, which keeps them open: {e}"
+                ),
+            },
             Waiting::Bind(r) => {
                 let _ = r.send(Err(io::Error::other(e().to_string())));
             }
@@ -322,7 +332,8 @@ impl Forwarder {
                         };
                         all.push(ns.into());
                     }
-                    self.queue(Op::Release { ns: all }, None, Waiting::Release);
+                    let n = all.len();
+                    self.queue(Op::Release { ns: all }, None, Waiting::Release(n));
                 }
                 Request::Bind {
                     socket,
@@ -482,7 +493,7 @@ impl Forwarder {
             (Waiting::Refill { ns, spec, pool }, Outcome::Refilled { .. }) => {
                 pool.refilled(ns, &spec, fds.collect());
             }
-            (Waiting::Release, Outcome::Released) => {}
+            (Waiting::Release(_), Outcome::Released) => {}
             (Waiting::Bind(r), Outcome::Bound) => {
                 let _ = r.send(Ok(()));
             }
