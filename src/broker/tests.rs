@@ -263,11 +263,21 @@ fn the_broker_serves_only_its_policy_and_survives_bad_input() {
     // The same address with a socket of the host namespace: refused.
     let (r, _) = call_raw(&fd, &bytes, &[s.as_fd()]);
     assert!(refused(&r).contains("host"), "{r:?}");
-    // More namespaces than a release may carry: refused, none released.
+    // More namespaces than a release may carry: refused, none released
+    // (a socket there is still made).
     let too_many = vec![ns; wire::MAX_RELEASE + 1];
     let (r, _) = call(&fd, 14, Op::Release { ns: too_many });
     assert!(refused(&r).contains("at most"), "{r:?}");
-    let (r, _) = call(&fd, 11, Op::Release { ns: vec![ns] });
+    let (r, _) = call(&fd, 15, Op::Socket { ns, spec: tcp6 });
+    assert_eq!(r.outcome, Outcome::Socket, "{r:?}");
+    // As many as it may carry: released.
+    let (r, _) = call(
+        &fd,
+        11,
+        Op::Release {
+            ns: vec![ns; wire::MAX_RELEASE],
+        },
+    );
     assert_eq!(r.outcome, Outcome::Released);
     let (r, _) = call(&fd, 12, Op::Socket { ns, spec: tcp6 });
     assert!(refused(&r).contains("not resolved"), "{r:?}");

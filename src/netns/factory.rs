@@ -102,8 +102,9 @@ pub trait SocketFactory: Send + Sync + fmt::Debug {
     fn resolve_many<'a>(&'a self, references: &'a [NsRef]) -> ResolveFuture<'a>;
     /// A new socket in `ns` (resolved earlier); see [`Switcher::socket`].
     fn socket(&self, ns: NsId, spec: SocketSpec) -> SocketFuture;
-    /// [`SocketFactory::socket`] for each of `asks`, asked for together;
-    /// see [`Switcher::sockets`].
+    /// [`SocketFactory::socket`] for each of `asks`. One at a time unless
+    /// an implementation batches them ([`Switcher::sockets`] does: one
+    /// wake-up of the namespace thread, few broker messages).
     fn sockets(&self, asks: &[(NsId, SocketSpec)]) -> Vec<SocketFuture> {
         asks.iter()
             .map(|&(ns, spec)| self.socket(ns, spec))

@@ -113,8 +113,8 @@ fn in_family(addr: SocketAddr, v6: bool) -> SocketAddr {
     }
 }
 
-/// Creates the listening socket for `binding` in its namespace: bound to
-/// `listen` plus any `sctp_listen_addrs` (multi-homing), with the rule's
+/// Binds `socket` (asked for in `b`'s namespace) and listens on it: bound
+/// to `listen` plus any `sctp_listen_addrs` (multi-homing), with the rule's
 /// stream counts.
 pub(crate) async fn listen(b: &Binding, socket: SocketFuture) -> Result<Socket, ListenError> {
     let addr = b.rule.listen;

@@ -37,7 +37,8 @@ const WORDS: Words = Words {
 /// Size of the per-thread buffer every read goes into (see [`copy_pump`]).
 const BUF_SIZE: usize = 32 * 1024;
 
-/// Creates the listening socket for `binding` in its namespace.
+/// Binds `socket` (asked for in `b`'s namespace) to `b`'s address and
+/// listens on it.
 pub(crate) async fn listen(
     b: &Binding,
     socket: SocketFuture,

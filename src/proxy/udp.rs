@@ -121,7 +121,7 @@ const _: () = assert!(QUEUE_BYTES >= RECV_BUF && QUEUE_BYTES >= QUEUE_LEN * POOL
 /// How long sessions get at shutdown to finish the send they are in.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
-/// Creates the listening socket for `b` in its namespace.
+/// Binds `socket` (asked for in `b`'s namespace) to `b`'s address.
 pub(crate) async fn listen(
     b: &Binding,
     socket: SocketFuture,

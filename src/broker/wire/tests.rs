@@ -175,3 +175,21 @@ fn specs_and_namespaces_convert_both_ways() {
     let id = NsId { dev: 4, ino: 9 };
     assert_eq!(NsId::from(Ns::from(id)), id);
 }
+
+#[test]
+fn the_largest_release_fits_in_one_message() {
+    let worst = Request {
+        id: u64::MAX,
+        op: Op::Release {
+            ns: vec![
+                Ns {
+                    dev: u64::MAX,
+                    ino: u64::MAX,
+                };
+                MAX_RELEASE
+            ],
+        },
+    };
+    let bytes = encode_request(&worst).expect("within MAX_MESSAGE");
+    assert_eq!(decode_request(&bytes).unwrap(), worst);
+}
