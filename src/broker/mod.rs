@@ -157,7 +157,7 @@ pub fn run_broker(fd: OwnedFd, source: PolicySource) -> ExitCode {
     // every `systemctl stop`.
     if let Err(e) = fdpass::ignore_stop_signals() {
         warn!(
-            "cannot ignore SIGTERM and SIGINT (a stop signalling the whole group ends the broker first): {e}"
+            "cannot ignore SIGTERM, SIGINT and SIGHUP (a stop signalling the whole group ends the broker first): {e}"
         );
     }
     // Each resolved namespace is an fd held here.

@@ -87,8 +87,9 @@ pub(crate) fn open_netns(path: &Path) -> Result<(File, NsId), Problem> {
 
 /// Which namespace the file at `path` is, without opening it: a `stat` and
 /// a `statfs` of the path, where [`open_netns`] takes seven calls (nine
-/// for a file without a `/proc/self/fd` path to reopen) and two fds (it proves the kind, which needs an open fd). For discovery, which
-/// only tracks which namespace a followed name is now: the namespace
+/// for a file without a `/proc/self/fd` path to reopen) and two fds (it
+/// proves the kind, which needs an open fd). For discovery, which only
+/// tracks which namespace a followed name is now: the namespace
 /// thread opens it with every check when a rule uses it, and says what is
 /// wrong then (a namespace of another kind is refused there, by name).
 pub(crate) fn peek_netns(path: &Path) -> Result<NsId, Problem> {

@@ -259,14 +259,18 @@ impl Inherited {
 
     /// Whether a socket for `b` was handed over (and not taken yet).
     pub(crate) fn holds(&self, b: &Binding) -> bool {
-        lock(&self.sockets).contains_key(&(b.rule.protocol, b.ns, b.rule.listen))
+        lock(&self.sockets).contains_key(&Inherited::key(b))
+    }
+
+    /// What a handed socket is found by: what a binding listens on, where.
+    fn key(b: &Binding) -> (Protocol, NsId, SocketAddr) {
+        (b.rule.protocol, b.ns, b.rule.listen)
     }
 
     /// The handed socket for `b`, checked, if there is one: `Some(Err)`
     /// says why it was refused (it is closed).
     pub(crate) async fn take(&self, b: &Binding) -> Option<Result<Listener, String>> {
-        let key = (b.rule.protocol, b.ns, b.rule.listen);
-        let (handed, fd) = lock(&self.sockets).remove(&key)?;
+        let (handed, fd) = lock(&self.sockets).remove(&Inherited::key(b))?;
         let adopted = match self.cookie(b).await {
             Ok(cookie) => Listener::adopt(b, fd, cookie),
             Err(e) => Err(e),
