@@ -166,37 +166,12 @@ pub(super) fn spawn(
     fd: OwnedFd,
     pid: u32,
 ) -> io::Result<(mpsc::Sender<Request>, Arc<Wake>, BrokerLink)> {
-    let poll = Poll::new()?;
-    let raw = fd.as_raw_fd();
-    poll.registry().register(
-        &mut SourceFd(&raw),
-        SOCKET,
-        Interest::READABLE | Interest::WRITABLE,
-    )?;
-    // Shared with the thread: closing the eventfd while its last wake is
-    // still unread would drop that wake from the epoll set.
-    let waker = Arc::new(Wake {
-        waker: Waker::new(poll.registry(), WAKE)?,
-        rung: AtomicBool::new(false),
-    });
-    let (tx, rx) = mpsc::channel();
-    let (gone_tx, gone_rx) = watch::channel(false);
-    let mut fwd = Forwarder {
-        fd,
-        pid,
-        poll,
-        rx,
-        out: VecDeque::new(),
-        pending: VecDeque::new(),
-        next_id: 1,
-        gone: gone_tx,
-        buf: vec![0; wire::MAX_MESSAGE + 1],
-        wake: waker.clone(),
-    };
+    let (mut fwd, tx, link) = Forwarder::new(fd, pid)?;
+    let waker = fwd.wake.clone();
     std::thread::Builder::new()
         .name("nsproxy-netns".into())
         .spawn(move || fwd.run())?;
-    Ok((tx, waker, BrokerLink { pid, gone: gone_rx }))
+    Ok((tx, waker, link))
 }
 
 struct Forwarder {
@@ -214,6 +189,39 @@ struct Forwarder {
 }
 
 impl Forwarder {
+    /// A forwarder on the broker's socket `fd`, and the channel that feeds
+    /// it; its thread is not started.
+    fn new(fd: OwnedFd, pid: u32) -> io::Result<(Forwarder, mpsc::Sender<Request>, BrokerLink)> {
+        let poll = Poll::new()?;
+        let raw = fd.as_raw_fd();
+        poll.registry().register(
+            &mut SourceFd(&raw),
+            SOCKET,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        // Shared with the thread: closing the eventfd while its last wake is
+        // still unread would drop that wake from the epoll set.
+        let wake = Arc::new(Wake {
+            waker: Waker::new(poll.registry(), WAKE)?,
+            rung: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::channel();
+        let (gone_tx, gone_rx) = watch::channel(false);
+        let fwd = Forwarder {
+            fd,
+            pid,
+            poll,
+            rx,
+            out: VecDeque::new(),
+            pending: VecDeque::new(),
+            next_id: 1,
+            gone: gone_tx,
+            buf: vec![0; wire::MAX_MESSAGE + 1],
+            wake,
+        };
+        Ok((fwd, tx, BrokerLink { pid, gone: gone_rx }))
+    }
+
     fn is_gone(&self) -> bool {
         *self.gone.borrow()
     }
@@ -545,4 +553,100 @@ fn read_text(fd: Option<Socket>, len: u64) -> io::Result<String> {
         )));
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::wire::Ns;
+
+    /// What the relay sent, read from the broker's end of the socket.
+    fn sent_to_broker(broker: &OwnedFd) -> Vec<wire::Request> {
+        let mut buf = vec![0; wire::MAX_MESSAGE + 1];
+        let mut sent = Vec::new();
+        // Bounded: more messages than this would be a bug of its own.
+        for _ in 0..64 {
+            match fdpass::recv(broker.as_fd(), &mut buf, 0, true) {
+                Ok(got) => {
+                    assert!(!got.truncated, "a request longer than MAX_MESSAGE");
+                    sent.push(wire::decode_request(&buf[..got.len]).expect("a request"));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return sent,
+                Err(e) => panic!("reading the relay's requests: {e}"),
+            }
+        }
+        panic!("the relay sent more than 64 messages");
+    }
+
+    /// A start-up gives back the namespaces it only listens in as one run
+    /// of releases; the forwarder sends a run as few messages as
+    /// MAX_RELEASE allows, and anything asked between releases ends the
+    /// run, so that it is sent (and answered) in its place.
+    #[test]
+    fn consecutive_releases_travel_together_up_to_the_limit() {
+        let (relay_end, broker_end) = fdpass::seqpacket_pair().expect("socketpair");
+        let (mut fwd, tx, _link) = Forwarder::new(relay_end, 1).expect("forwarder");
+        let ns = |ino: u64| NsId { dev: 4, ino };
+        let first_run = (0..wire::MAX_RELEASE as u64 + 1).map(|i| 4_000_000 + i);
+        let second_run = [9_000_001, 9_000_002];
+        for ino in first_run.clone() {
+            tx.send(Request::Release { ns: ns(ino) }).unwrap();
+        }
+        let (reply, asked) = oneshot::channel();
+        let spec = SocketSpec::udp(&"127.0.0.1:9".parse().unwrap());
+        tx.send(Request::Socket {
+            ns: ns(7),
+            spec,
+            reply,
+        })
+        .unwrap();
+        for ino in second_run {
+            tx.send(Request::Release { ns: ns(ino) }).unwrap();
+        }
+
+        assert!(fwd.drain_channel(), "the channel is still open");
+        fwd.flush();
+        let sent = sent_to_broker(&broker_end);
+        let shapes: Vec<String> = sent
+            .iter()
+            .map(|r| match &r.op {
+                Op::Release { ns } => format!("release of {}", ns.len()),
+                op => op.name().to_owned(),
+            })
+            .collect();
+        assert_eq!(
+            shapes,
+            ["release of 1024", "release of 1", "socket", "release of 2"]
+        );
+        let released: Vec<Ns> = sent
+            .iter()
+            .filter_map(|r| match &r.op {
+                Op::Release { ns } => Some(ns.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let expected: Vec<Ns> = first_run.chain(second_run).map(|i| ns(i).into()).collect();
+        assert_eq!(released, expected, "each namespace once, in order");
+
+        // The broker answers in order; the socket reaches the one who asked
+        // for it, between the releases' answers.
+        let made = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket to hand over");
+        for r in &sent {
+            let (outcome, fds) = match r.op {
+                Op::Socket { .. } => (Outcome::Socket, vec![made.as_fd()]),
+                _ => (Outcome::Released, vec![]),
+            };
+            let bytes = wire::encode_reply(&wire::Reply { id: r.id, outcome }).unwrap();
+            fdpass::send(broker_end.as_fd(), &bytes, &fds, true).expect("reply");
+        }
+        fwd.receive();
+        assert!(fwd.pending.is_empty(), "every request answered");
+        let got = asked.blocking_recv().expect("answered").expect("a socket");
+        assert_eq!(
+            got.local_addr().unwrap().as_socket(),
+            Some(made.local_addr().unwrap()),
+            "the socket the broker sent"
+        );
+    }
 }
