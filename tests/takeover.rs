@@ -348,6 +348,74 @@ fn a_takeover_a_running_daemon_refuses_is_an_error_and_it_serves_on() {
     })
 }
 
+/// A takeover is also how a new config meets the sockets of the old: the
+/// rule both share is served on the socket taken over, a rule only the new
+/// config has gets a listener of its own, and after the swap a reload opens
+/// listeners as any other does (the relay asks the broker for them again).
+#[test]
+fn a_takeover_whose_config_adds_a_rule_serves_both_and_reloads_after() {
+    as_root(|| {
+        const KEPT: &str = "127.0.0.1:7006";
+        const ADDED: &str = "127.0.0.1:7007";
+        const LATER: &str = "127.0.0.1:7008";
+        let kept = tcp("kept")
+            .listen(KEPT)
+            .netns(["a"])
+            .upstream_in("host", "127.0.0.1:9000");
+        let added = tcp("added")
+            .listen(ADDED)
+            .netns(["b"])
+            .upstream_in("host", "127.0.0.1:9001");
+        let later = tcp("later")
+            .listen(LATER)
+            .netns(["a", "b"])
+            .upstream_in("host", "127.0.0.1:9002");
+        let mut s = Scenario::with(&["a", "b"])
+            .tcp_hello("host", "127.0.0.1:9000", "kept\n")
+            .tcp_hello("host", "127.0.0.1:9001", "added\n")
+            .tcp_hello("host", "127.0.0.1:9002", "later\n")
+            .rule(kept.clone())
+            .start();
+        let hello = |s: &Running, tag: &str, addr: &str| {
+            let mut c = s.ns(tag).tcp_connect(addr).unwrap();
+            String::from_utf8(read_all(&mut c).unwrap()).unwrap()
+        };
+        assert_eq!(hello(&s, "a", KEPT), "kept\n");
+        let old_pid = s.pid();
+        s.write_config(&[kept.clone(), added.clone()]);
+        let args = s.same_config_args();
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.push("--takeover");
+        let new = Daemon::command(s.host(), &args);
+        let new_log = new.wait_ready();
+        let (status, old_log) = s.wait_exit_here();
+        assert!(
+            status.success(),
+            "the old daemon exited {status}:\n{old_log}"
+        );
+        assert!(
+            new_log.contains(&format!(
+                "serving 1 listening socket(s) taken over from pid {old_pid}"
+            )),
+            "{new_log}"
+        );
+        assert!(!new_log.contains("not taking"), "{new_log}");
+        assert_eq!(hello(&s, "a", KEPT), "kept\n");
+        assert_eq!(hello(&s, "b", ADDED), "added\n");
+
+        s.write_config(&[kept.clone(), added.clone(), later]);
+        let (code, out, err) = run_cli(&["reload", "--control-socket", s.control_socket()]);
+        assert_eq!(code, 0, "{out}{err}\n{}", new.log());
+        for tag in ["a", "b"] {
+            assert_eq!(hello(&s, tag, LATER), "later\n", "in {tag}");
+        }
+        assert_eq!(hello(&s, "a", KEPT), "kept\n");
+        assert_eq!(hello(&s, "b", ADDED), "added\n");
+        let status = new.terminate();
+        assert!(status.success(), "the new daemon exited {status}");
+    })
+}
+
 /// `POST /takeover` by hand (curl-like, over the unix socket): starts a
 /// handover nobody fetches.
 fn run_cli_with_body(socket: &str) -> (i32, String, String) {
