@@ -761,6 +761,9 @@ def w_udp1(h, px, dur):
         "sent_kpps": sent / j["end"]["sum_sent"]["seconds"] / 1e3,
         "rx_kpps": recv / rcv["seconds"] / 1e3 if rcv["seconds"] else 0.0,
         "loss_pct": pct(sent - recv),
+        # What the proxy's listening socket took in: the proxy's CPU went on these, whether the
+        # server's socket then had room for them or not.
+        "taken_in": sent - drops[h.cli] if proxied else None,
         # Counted over the whole client namespace / server namespace: nothing else sends UDP there.
         "loss_before_proxy_pct": pct(drops[h.cli]) if proxied else None,
         "loss_at_server_pct": pct(drops[h.srv]),
@@ -1032,6 +1035,7 @@ PLOT_KEYS = {"tcp1_gbps", "tcp4_gbps", "rr_cps", "rr_p99", "udpmax_kpps", "udp50
 # The proxy-CPU table's columns: workload, title.
 CPU_COLS = [("tcp1", "CPU ms per GiB (1 stream)"), ("tcp4", "CPU ms per GiB (4 streams)"), ("rr", "CPU ms per 1k conns"),
             ("udpmax", "CPU ms per M datagrams (max rate)"), ("udp1", "CPU µs per datagram (1 flow, iperf3)"),
+            ("udp1:in", "the same, per datagram taken in (delivered or not)"),
             ("host-rr", "host -> ns: CPU ms per 1k conns"), ("host-tcp1", "host -> ns: CPU ms per GiB")]
 
 
@@ -1097,7 +1101,9 @@ def write_markdown(path, meta, proxies, table, cpu, mem, scale, na, measured=Tru
              "reaped per-connection children) per unit of work, median over repetitions; peak RSS = the largest "
              "sum of VmHWM over the proxy's processes seen during the run.")
     L.append("")
-    cols = [(w, t) for w, t in CPU_COLS if w in meta.get("workloads", [w for w, _ in CPU_COLS])]
+    # A column "workload:variant" is another figure of that workload.
+    known = meta.get("workloads", [w.split(":")[0] for w, _ in CPU_COLS])
+    cols = [(w, t) for w, t in CPU_COLS if w.split(":")[0] in known]
     L.append("| proxy | " + " | ".join(t for _, t in cols) + " | peak RSS (MiB) | processes / threads at rest |")
     L.append("|---|" + "---|" * (len(cols) + 2))
     for p in proxies:
@@ -1487,6 +1493,9 @@ def report(out, logs, meta, raw, mem, scale):
         for wl in workloads:
             vals = [r.get("cpu_ms_per_unit") for r in raw if r["proxy"] == p and r["workload"] == wl and r.get("cpu_ms_per_unit") is not None]
             cpu[p][wl] = summarize(vals)
+        if "udp1" in workloads:
+            vals = [r["cpu_us_per_taken_in"] for r in raw if r["proxy"] == p and "cpu_us_per_taken_in" in r]
+            cpu[p]["udp1:in"] = summarize(vals)
     ok = {(r["proxy"], r["workload"]) for r in raw if r["result"]}
     na = {(r["proxy"], r["workload"]): r["error"] for r in raw if not r["result"] and (r["proxy"], r["workload"]) not in ok}
 
@@ -1748,6 +1757,8 @@ def main():
                         rec["cpu_s"] = (c1 - c0) / HZ
                         rec["cpu_ms_per_unit"] = 1000 * rec["cpu_s"] / units if units else None
                         rec["unit"] = unit
+                        if wl == "udp1" and res.get("taken_in"):
+                            rec["cpu_us_per_taken_in"] = 1e6 * rec["cpu_s"] / res["taken_in"]
                     if res is None:
                         na[(name, wl)] = err
                     raw.append(rec)
