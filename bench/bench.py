@@ -40,7 +40,7 @@ LOCAL = "127.0.0.1"
 SRV_PORTS = {"iperf": 5201, "rr": 5300, "udp": 5400, "hold": 5500}
 # What each workload's client connects to (a key of Proxy.ports).
 WORKLOAD_KIND = {"tcp1": "iperf", "tcp4": "iperf", "rr": "rr", "udpmax": "udp", "udp50k": "udp",
-                 "udp1": "udp-iperf", "host-rr": "h-rr", "host-tcp1": "h-iperf", "idle": "hold"}
+                 "udp1": "udp-iperf", "udp1w": "udp-iperf", "host-rr": "h-rr", "host-tcp1": "h-iperf", "idle": "hold"}
 HOST_WORKLOADS = ("host-rr", "host-tcp1")
 PROXY_BASE = {"nsproxy": 11000, "haproxy": 12000, "socat": 13000, "nginx": 14000,
               "nsproxy-copy": 15000, "nsproxy-nopool": 16000, "nsproxy-before": 17000}
@@ -63,7 +63,7 @@ SCALE_TCP_UPSTREAM = 5300  # the request/reply server
 SCALE_UDP_UPSTREAM = 5401  # a UDP echo server, for the probes
 
 ALL_PROXIES = ["direct", "nsproxy", "haproxy", "pasta", "socat", "nginx"]
-ALL_WORKLOADS = ["tcp1", "tcp4", "rr", "udpmax", "udp50k", "udp1", "host-rr", "host-tcp1", "idle"]
+ALL_WORKLOADS = ["tcp1", "tcp4", "rr", "udpmax", "udp50k", "udp1", "udp1w", "host-rr", "host-tcp1", "idle"]
 
 
 def log(msg):
@@ -726,8 +726,14 @@ def udp_snmp(h, ns):
     return {k: int(v) for k, v in zip(rows[0], rows[1])}
 
 
-def w_udp1(h, px, dur):
-    """One UDP flow at full rate, as a user tries it first: iperf3 -u -l 64 -b 0, one client socket.
+# udp1w: the same flow with iperf3's socket buffers at 4 MiB (`-w`), within this VM's
+# net.core.rmem_max: how much of udp1's loss is the server's default buffer.
+UDP1W_BUFFER = "4M"
+
+
+def w_udp1(h, px, dur, window=None):
+    """One UDP flow at full rate, as a user tries it first: iperf3 -u -l 64 -b 0, one client socket
+    (with `window`, iperf3 -w: both ends' socket buffers).
     Received = what the iperf3 server counted (sum_received: highest sequence seen minus the gaps).
     Where the rest went: RcvbufErrors in the client namespace are datagrams the proxy's listening
     socket had no room for (lost before the proxy); in the server namespace, at the iperf3 server."""
@@ -737,7 +743,7 @@ def w_udp1(h, px, dur):
     st0 = px.status(h)
     backlog0 = softnet_drops()
     r = h.run(["iperf3", "-c", LOCAL, "-p", str(port), "-u", "-l", "64", "-b", "0", "-t", str(dur), "-J",
-               "--connect-timeout", "3000"], ns=px.ns, timeout=dur + 30)
+               "--connect-timeout", "3000"] + (["-w", window] if window else []), ns=px.ns, timeout=dur + 30)
     backlog = softnet_drops() - backlog0
     after = {ns: udp_snmp(h, ns) for ns in (h.cli, h.srv)}
     st1 = px.status(h)
@@ -946,6 +952,8 @@ def run_workload(h, px, wl, dur, udp_rate, idle_conns=2000):
         return None, why or "not set up in this harness"
     if wl == "udp1":
         return w_udp1(h, px, dur)
+    if wl == "udp1w":
+        return w_udp1(h, px, dur, window=UDP1W_BUFFER)
     if wl == "host-rr":
         return w_rr(h, px, dur, port=px.ports["h-rr"], ns=px.hns)
     if wl == "host-tcp1":
@@ -978,7 +986,7 @@ def work_units(wl, res):
         return res["bytes"] / 2**30, "GiB"
     if wl in ("rr", "host-rr"):
         return res["conns"] / 1e3, "1k conns"
-    if wl == "udp1":
+    if wl in ("udp1", "udp1w"):
         return res["received"] / 1e3, "1k datagrams"  # ms per 1k = µs per datagram
     if wl == "idle":
         return None, None
@@ -1011,6 +1019,9 @@ METRICS = [
     ("udp1_loss_px", "udp1", "loss_in_proxy_pct", "UDP 1 flow: taken in by the proxy, not sent on", "%", False),
     ("udp1_qfull", "udp1", "dropped_queue_full_pct", "UDP 1 flow: of which nsproxy's own count, session queue full", "%", False),
     ("udp1_loss_bl", "udp1", "loss_backlog_pct", "UDP 1 flow: input backlog drops (softnet_stat, machine-wide)", "%", False),
+    ("udp1w_kpps", "udp1w", "rx_kpps", "UDP 1 flow, iperf3 -w 4M (socket buffers 4 MiB): received", "kpps", True),
+    ("udp1w_loss", "udp1w", "loss_pct", "UDP 1 flow, -w 4M: loss (sent - received)", "%", False),
+    ("udp1w_loss_srv", "udp1w", "loss_at_server_pct", "UDP 1 flow, -w 4M: lost at the server", "%", False),
     ("hrr_cps", "host-rr", "cps", "host -> ns: new TCP conns/s (64 B req/reply, 8 concurrent)", "conn/s", True),
     ("hrr_p50", "host-rr", "p50_ms", "host -> ns: conn+req+reply latency p50", "ms", False),
     ("hrr_p99", "host-rr", "p99_ms", "host -> ns: conn+req+reply latency p99", "ms", False),
@@ -1027,7 +1038,7 @@ METRICS = [
     ("bulk_kmem", "idle", "bulk_kmem_kib", "one bulk connection: kernel socket buffers during the transfer (whole path)", "KiB", False),
 ]
 # Cells with no ratio to direct: losses, and what direct has no value for.
-NO_RATIO = {"udp50k_loss", "udp1_loss", "udp1_loss_pre", "udp1_loss_srv", "udp1_loss_px", "udp1_qfull", "udp1_loss_bl", "idle_rss", "idle_heap", "idle_fds",
+NO_RATIO = {"udp50k_loss", "udp1_loss", "udp1w_loss", "udp1w_loss_srv", "udp1_loss_pre", "udp1_loss_srv", "udp1_loss_px", "udp1_qfull", "udp1_loss_bl", "idle_rss", "idle_heap", "idle_fds",
             "idle_kmem", "bulk_fds", "bulk_pipes", "pipes_rest", "bulk_kmem"}
 # What the plot shows (the rest is in the tables): one panel each.
 PLOT_KEYS = {"tcp1_gbps", "tcp4_gbps", "rr_cps", "rr_p99", "udpmax_kpps", "udp50k_loss", "udp1_kpps", "udp1_loss",
@@ -1036,6 +1047,7 @@ PLOT_KEYS = {"tcp1_gbps", "tcp4_gbps", "rr_cps", "rr_p99", "udpmax_kpps", "udp50
 CPU_COLS = [("tcp1", "CPU ms per GiB (1 stream)"), ("tcp4", "CPU ms per GiB (4 streams)"), ("rr", "CPU ms per 1k conns"),
             ("udpmax", "CPU ms per M datagrams (max rate)"), ("udp1", "CPU µs per datagram (1 flow, iperf3)"),
             ("udp1:in", "the same, per datagram taken in (delivered or not)"),
+            ("udp1w", "CPU µs per datagram (1 flow, iperf3 -w 4M)"),
             ("host-rr", "host -> ns: CPU ms per 1k conns"), ("host-tcp1", "host -> ns: CPU ms per GiB")]
 
 
