@@ -39,7 +39,7 @@ LOCAL = "127.0.0.1"
 # Ports inside the namespaces (all on 127.0.0.1).
 SRV_PORTS = {"iperf": 5201, "rr": 5300, "udp": 5400, "hold": 5500}
 # What each workload's client connects to (a key of Proxy.ports).
-WORKLOAD_KIND = {"tcp1": "iperf", "tcp4": "iperf", "rr": "rr", "udpmax": "udp", "udp50k": "udp",
+WORKLOAD_KIND = {"tcp1": "iperf", "tcp4": "iperf", "rr": "rr", "udpmax": "udp", "udpmany": "udp", "udp50k": "udp",
                  "udp1": "udp-iperf", "udp1w": "udp-iperf", "host-rr": "h-rr", "host-tcp1": "h-iperf", "idle": "hold"}
 HOST_WORKLOADS = ("host-rr", "host-tcp1")
 PROXY_BASE = {"nsproxy": 11000, "haproxy": 12000, "socat": 13000, "nginx": 14000,
@@ -63,7 +63,7 @@ SCALE_TCP_UPSTREAM = 5300  # the request/reply server
 SCALE_UDP_UPSTREAM = 5401  # a UDP echo server, for the probes
 
 ALL_PROXIES = ["direct", "nsproxy", "haproxy", "pasta", "socat", "nginx"]
-ALL_WORKLOADS = ["tcp1", "tcp4", "rr", "udpmax", "udp50k", "udp1", "udp1w", "host-rr", "host-tcp1", "idle"]
+ALL_WORKLOADS = ["tcp1", "tcp4", "rr", "udpmax", "udpmany", "udp50k", "udp1", "udp1w", "host-rr", "host-tcp1", "idle"]
 
 
 def log(msg):
@@ -679,7 +679,12 @@ def w_rr(h, px, dur, port=None, ns=False):
     return {"cps": j["conns_per_s"], "p50_ms": j["p50_us"] / 1000, "p99_ms": j["p99_us"] / 1000, "conns": j["conns"], "errors": j["errors"]}, None
 
 
-def w_udp(h, px, dur, rate):
+# udpmany: as udpmax, from this many client sockets (flows) sent from in turn, so that no two
+# datagrams in a row share a flow: a proxy's batches and sessions at their worst.
+UDPMANY_FLOWS = 64
+
+
+def w_udp(h, px, dur, rate, flows=1):
     port = px.ports["udp"]
     sink = h.spawn(
         "udp-sink",
@@ -692,7 +697,8 @@ def w_udp(h, px, dur, rate):
         if b"listening" not in first:
             return None, "UDP sink did not start"
         r = h.run(
-            [h.loadgen, "udp-flood", "--target", f"{LOCAL}:{port}", "--size", "64", "--rate", str(rate), "--duration", f"{dur}s"],
+            [h.loadgen, "udp-flood", "--target", f"{LOCAL}:{port}", "--size", "64", "--rate", str(rate), "--duration", f"{dur}s",
+             "--flows", str(flows)],
             ns=px.ns,
             timeout=dur + 30,
         )
@@ -977,6 +983,8 @@ def run_workload(h, px, wl, dur, udp_rate, idle_conns=2000):
         return w_rr(h, px, dur)
     if wl == "udpmax":
         return w_udp(h, px, dur, 0)
+    if wl == "udpmany":
+        return w_udp(h, px, dur, 0, flows=UDPMANY_FLOWS)
     return w_udp(h, px, dur, udp_rate)
 
 
@@ -1011,6 +1019,7 @@ METRICS = [
     ("rr_p50", "rr", "p50_ms", "conn+req+reply latency p50", "ms", False),
     ("rr_p99", "rr", "p99_ms", "conn+req+reply latency p99", "ms", False),
     ("udpmax_kpps", "udpmax", "rx_kpps", "UDP 64 B, max offered: received", "kpps", True),
+    ("udpmany_kpps", "udpmany", "rx_kpps", f"UDP 64 B, {UDPMANY_FLOWS} flows in turn, max offered: received", "kpps", True),
     ("udp50k_loss", "udp50k", "loss_pct", "UDP 64 B at 50k pps offered: loss", "%", False),
     ("udp1_kpps", "udp1", "rx_kpps", "UDP 1 flow, iperf3 -u -l 64 -b 0: received", "kpps", True),
     ("udp1_loss", "udp1", "loss_pct", "UDP 1 flow: loss (sent - received)", "%", False),
@@ -1045,7 +1054,7 @@ PLOT_KEYS = {"tcp1_gbps", "tcp4_gbps", "rr_cps", "rr_p99", "udpmax_kpps", "udp50
              "hrr_cps", "hrr_p99", "htcp1_gbps", "idle_rss", "idle_fds", "bulk_fds"}
 # The proxy-CPU table's columns: workload, title.
 CPU_COLS = [("tcp1", "CPU ms per GiB (1 stream)"), ("tcp4", "CPU ms per GiB (4 streams)"), ("rr", "CPU ms per 1k conns"),
-            ("udpmax", "CPU ms per M datagrams (max rate)"), ("udp1", "CPU µs per datagram (1 flow, iperf3)"),
+            ("udpmax", "CPU ms per M datagrams (max rate)"), ("udpmany", f"CPU ms per M datagrams ({UDPMANY_FLOWS} flows)"), ("udp1", "CPU µs per datagram (1 flow, iperf3)"),
             ("udp1:in", "the same, per datagram taken in (delivered or not)"),
             ("udp1w", "CPU µs per datagram (1 flow, iperf3 -w 4M)"),
             ("host-rr", "host -> ns: CPU ms per 1k conns"), ("host-tcp1", "host -> ns: CPU ms per GiB")]

@@ -80,6 +80,10 @@ enum Mode {
         rate: u64,
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         duration: Duration,
+        /// Client sockets (flows, each its own source port), sent from in
+        /// turn: one datagram each, so that no two in a row share a flow.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=4096))]
+        flows: u16,
     },
     /// Count (sink) or echo datagrams.
     UdpServer {
@@ -192,7 +196,8 @@ fn main() -> ExitCode {
             size,
             rate,
             duration,
-        } => udp_flood(target, size, rate, duration),
+            flows,
+        } => udp_flood(target, size, rate, duration, flows),
         Mode::UdpServer {
             listen,
             mode,
@@ -424,9 +429,15 @@ fn udp_flood(
     size: usize,
     rate: u64,
     duration: Duration,
+    flows: u16,
 ) -> std::io::Result<ExitCode> {
-    let s = udp_socket_for(&target)?;
-    s.connect(target)?;
+    let socks = (0..flows)
+        .map(|_| {
+            let s = udp_socket_for(&target)?;
+            s.connect(target)?;
+            Ok(s)
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
     let buf = vec![b'u'; size.clamp(1, 65_507)];
     let start = Instant::now();
     let mut sent: u64 = 0;
@@ -449,6 +460,7 @@ fn udp_flood(
             continue;
         }
         for _ in 0..owed {
+            let s = &socks[(sent + errors) as usize % socks.len()];
             match s.send(&buf) {
                 Ok(_) => sent += 1,
                 Err(e) => {
@@ -471,6 +483,7 @@ fn udp_flood(
         "target": target.to_string(),
         "size": size,
         "rate": rate,
+        "flows": flows,
         "sent": sent,
         "send_errors": errors,
         "first_error": first_error,
