@@ -90,6 +90,16 @@ fn long_stream(ns: &TestNs, addr: &str, swapped: &AtomicBool, seed: u64) -> Resu
     Ok(sent)
 }
 
+/// `nsproxy run --takeover` with the config file and control socket of the
+/// daemon `s` runs, and `extra` arguments.
+fn takeover(s: &Running, extra: &[&str]) -> Daemon {
+    let args = s.same_config_args();
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.push("--takeover");
+    args.extend(extra);
+    Daemon::command(s.host(), &args)
+}
+
 /// Waits (bounded) until `n` has reached `at_least`.
 fn until_count(n: &AtomicUsize, at_least: usize, what: &str) {
     let deadline = Instant::now() + WAIT;
@@ -163,10 +173,7 @@ fn swap_under_load(user: &str) {
                 .map(|seed| scope.spawn(move || long_stream(ns, ADDR, swapped, seed * 1_000_000)))
                 .collect();
             until_count(done, 1000, "short connections before the swap");
-            let args = s.same_config_args();
-            let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-            args.extend(["--takeover", "--user", user]);
-            let new = Daemon::command(s.host(), &args);
+            let new = takeover(&s, &["--user", user]);
             new.wait_ready();
             // The old one has been told; it no longer accepts.
             s.wait_log("took over: no new connections here");
@@ -275,10 +282,7 @@ fn a_new_process_that_fails_before_it_serves_leaves_the_old_one_serving() {
         let mut c = s.ns("a").tcp_connect(ADDR).unwrap();
         assert_eq!(read_all(&mut c).unwrap(), b"hi\n");
         // And it may be taken over again.
-        let args = s.same_config_args();
-        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-        args.push("--takeover");
-        let new = Daemon::command(s.host(), &args);
+        let new = takeover(&s, &[]);
         new.wait_ready();
         let (status, old_log) = {
             let mut s = s;
@@ -331,10 +335,7 @@ fn a_takeover_a_running_daemon_refuses_is_an_error_and_it_serves_on() {
         // Someone else holds the one takeover a daemon serves at a time.
         let (code, out, err) = run_cli_with_body(s.control_socket());
         assert_eq!(code, 0, "{out}{err}");
-        let args = s.same_config_args();
-        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-        args.push("--takeover");
-        let (status, log) = Daemon::command(s.host(), &args).wait_exit();
+        let (status, log) = takeover(&s, &[]).wait_exit();
         assert!(!status.success(), "{log}");
         assert!(
             log.contains("cannot take over from the nsproxy on")
@@ -384,10 +385,7 @@ fn a_takeover_whose_config_adds_a_rule_serves_both_and_reloads_after() {
         assert_eq!(hello(&s, "a", KEPT), "kept\n");
         let old_pid = s.pid();
         s.write_config(&[kept.clone(), added.clone()]);
-        let args = s.same_config_args();
-        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-        args.push("--takeover");
-        let new = Daemon::command(s.host(), &args);
+        let new = takeover(&s, &[]);
         new.wait_ready();
         let (status, old_log) = s.wait_exit_here();
         // Logged as it tells the old one to go, which may be just after
